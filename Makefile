@@ -1,0 +1,39 @@
+# shardplane: `make demo` runs the main job, `make test` the suite, `make lint` the gates.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint fmt up clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/shardplane demo --once
+
+up: $(STAMP)
+	$(VENV)/bin/shardplane up
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -ra --runslow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m basedpyright
+
+fmt: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,3 @@
+"""The bus contract shared by every shardplane component: ids, subjects, messages, streams."""
+
+SCHEMA_VERSION = 1

@@ -1,0 +1,314 @@
+"""Every message that crosses a process boundary, as frozen msgspec Structs.
+
+Evolution is additive: every field added after v1 must be optional with a default, so old
+readers and writers keep working. ``v`` is the schema version the writer spoke.
+Readers ignore unknown fields on telemetry (newer agents), but a ``PlacementRequest`` forbids
+them, because there an unknown field is almost always a typo a user should hear about.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from bus import SCHEMA_VERSION
+
+Token = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$", description="NATS subject token")]
+DeviceRef = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}/[0-9]{1,4}$")]
+Bytes = Annotated[int, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0)]
+Index = Annotated[int, Meta(ge=0, le=4095)]
+Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
+NonNeg = Annotated[float, Meta(ge=0.0)]
+Celsius = Annotated[float, Meta(ge=-60.0, le=200.0)]
+Timestamp = Annotated[float, Meta(ge=0.0)]
+Version = Annotated[int, Meta(ge=1)]
+Layer = Annotated[int, Meta(ge=0)]
+
+
+class Frozen(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
+    pass
+
+
+# --- telemetry -------------------------------------------------------------------------------
+
+
+class NvLink(Frozen):
+    link: Count
+    peer_pci_bus_id: str | None = None
+    peer_uuid: str | None = None
+    gbps: NonNeg | None = None
+
+
+class DeviceSample(Frozen):
+    """One reading of one GPU. Every measured field is optional on its own: a field the
+    driver cannot report is None for that sample, never a reason to drop the sample."""
+
+    node: Token
+    index: Index
+    uuid: Annotated[str, Meta(min_length=1, max_length=128)]
+    seq: Count
+    ts: Timestamp
+    v: Version = SCHEMA_VERSION
+    present: bool = True  # False: the device was lost (fell off the bus, vanished)
+    vendor: Literal["nvidia", "amd", "sim", "cpu"] = "sim"
+    name: str | None = None
+    pci_bus_id: str | None = None
+    memory_total_bytes: Bytes | None = None
+    memory_used_bytes: Bytes | None = None
+    memory_free_bytes: Bytes | None = None
+    utilization_gpu_pct: Percent | None = None
+    utilization_memory_pct: Percent | None = None
+    temperature_c: Celsius | None = None
+    power_w: NonNeg | None = None
+    power_limit_w: NonNeg | None = None
+    sm_clock_mhz: NonNeg | None = None
+    sm_clock_max_mhz: NonNeg | None = None
+    memory_clock_mhz: NonNeg | None = None
+    memory_clock_max_mhz: NonNeg | None = None
+    memory_bus_width_bits: Count | None = None
+    bandwidth_gbps: NonNeg | None = None  # theoretical peak memory bandwidth, GB/s
+    tflops: NonNeg | None = None  # dense fp16/bf16, where known
+    throttle_reasons: tuple[str, ...] = ()
+    ecc_uncorrected: Count | None = None
+    xid_errors: Count | None = None
+    nvlinks: tuple[NvLink, ...] = ()
+    pcie_gen: Count | None = None
+    pcie_width: Count | None = None
+    unsupported: tuple[str, ...] = ()  # fields the backend could not read this time
+
+
+class NetInterface(Frozen):
+    name: str
+    speed_mbps: NonNeg | None = None
+
+
+class NetLink(Frozen):
+    """A network path from this node to a peer node, as configured or measured."""
+
+    peer: Token
+    gbps: NonNeg
+    latency_ms: NonNeg = 0.0
+
+
+class NodeHeartbeat(Frozen):
+    node: Token
+    seq: Count
+    ts: Timestamp
+    v: Version = SCHEMA_VERSION
+    online: bool = True  # False in the last heartbeat of a graceful shutdown
+    hostname: str = ""
+    agent_version: str = ""
+    cpu_count: Count | None = None
+    host_memory_bytes: Bytes | None = None
+    interfaces: tuple[NetInterface, ...] = ()
+    links: tuple[NetLink, ...] = ()
+    interconnect: str | None = None  # "nvlink", "xgmi", "pcie"
+    backend: str = "none"
+    skipped: dict[str, str] = {}  # backend -> why it was not used
+    device_count: Count = 0
+    interval_s: NonNeg = 2.0
+
+
+# --- placement -------------------------------------------------------------------------------
+
+
+class ModelCard(Frozen):
+    """A transformer's architecture, enough to compute every byte the planner needs."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    layers: Annotated[int, Meta(ge=1, le=4096)]
+    hidden: Annotated[int, Meta(ge=1)]
+    intermediate: Annotated[int, Meta(ge=1)]
+    heads: Annotated[int, Meta(ge=1)]
+    kv_heads: Annotated[int, Meta(ge=1)]
+    vocab: Annotated[int, Meta(ge=1)]
+    head_dim: Annotated[int, Meta(ge=1)] | None = None
+    tied_embeddings: bool = False
+    bytes_per_param: Annotated[float, Meta(gt=0.0, le=8.0)] = 2.0
+    kv_bytes_per_elem: Annotated[float, Meta(gt=0.0, le=8.0)] = 2.0
+    experts: Annotated[int, Meta(ge=1)] = 1
+    experts_per_token: Annotated[int, Meta(ge=1)] = 1
+    moe_intermediate: Annotated[int, Meta(ge=1)] | None = None
+    attention_bias: bool = False
+    params_b: NonNeg | None = None  # published parameter count, billions (documentation)
+
+
+Objective = Literal["throughput", "latency"]
+
+
+class PlacementRequest(Frozen, forbid_unknown_fields=True):
+    model: str | ModelCard
+    context_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 8192
+    batch: Annotated[int, Meta(ge=1, le=4096)] = 1
+    objective: Objective = "throughput"
+    instance_id: Token | None = None
+    dry_run: bool = False
+    memory_headroom: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.1
+    exclude_nodes: tuple[Token, ...] = ()
+    max_stages: Annotated[int, Meta(ge=1)] | None = None
+    time_limit_s: Annotated[float, Meta(gt=0.0, le=60.0)] | None = None
+    v: Version = SCHEMA_VERSION
+
+
+class Stage(Frozen):
+    node: Token
+    device: DeviceRef
+    gpu: str
+    layer_start: Layer
+    layer_end: Layer
+    weight_bytes: Bytes
+    kv_bytes: Bytes
+    bandwidth_gbps: NonNeg
+    stage_ms: NonNeg
+    hop_ms: NonNeg
+    memory_bytes: Bytes = 0  # weights + kv + workspace held on the device
+    free_bytes: Bytes = 0  # free memory the device reported when planned
+    embeddings: bool = False
+    head: bool = False
+
+
+class Excluded(Frozen):
+    device: str
+    reason: str
+
+
+ErrorCode = Literal[
+    "invalid_request",
+    "unknown_model",
+    "no_devices",
+    "insufficient_memory",
+    "timeout",
+    "conflict",
+    "internal",
+]
+
+
+class ErrorInfo(Frozen):
+    code: ErrorCode
+    message: str
+
+
+class PlacementReply(Frozen):
+    ok: bool
+    instance_id: str | None = None
+    generation: Count = 0
+    model: str | None = None
+    solver: str | None = None
+    status: str | None = None
+    solve_ms: NonNeg = 0.0
+    bottleneck_ms: NonNeg = 0.0
+    lower_bound_ms: NonNeg = 0.0
+    tokens_per_s: NonNeg = 0.0
+    objective: Objective = "throughput"
+    context_tokens: Count = 0
+    batch: Count = 0
+    dry_run: bool = False
+    stages: tuple[Stage, ...] = ()
+    excluded: tuple[Excluded, ...] = ()
+    error: ErrorInfo | None = None
+    v: Version = SCHEMA_VERSION
+
+
+class ShardAssignment(Frozen):
+    """Desired state for one stage of one instance at one generation.
+
+    ``release=True`` says this node holds nothing of the instance at this generation (its
+    layers moved elsewhere, or the instance was removed): unload whatever it had.
+    """
+
+    instance_id: Token
+    generation: Annotated[int, Meta(ge=1)]
+    node: Token
+    model: str  # catalog name or "hf:<dir>"
+    stage: Count = 0
+    stage_count: Annotated[int, Meta(ge=1)] = 1
+    device: DeviceRef | None = None
+    layer_start: Layer = 0
+    layer_end: Layer = 0
+    layers_total: Count = 0
+    weight_bytes: Bytes = 0
+    kv_bytes: Bytes = 0
+    memory_bytes: Bytes = 0
+    embeddings: bool = False
+    head: bool = False
+    release: bool = False
+    ts: Timestamp = 0.0
+    v: Version = SCHEMA_VERSION
+
+
+ShardState = Literal["pending", "loading", "loaded", "reserved", "failed", "unloaded"]
+
+
+class ShardStatus(Frozen):
+    instance_id: Token
+    generation: Annotated[int, Meta(ge=1)]
+    node: Token
+    stage: Count
+    state: ShardState
+    seq: Count
+    ts: Timestamp
+    device: DeviceRef | None = None
+    bytes_loaded: Bytes = 0
+    load_ms: NonNeg = 0.0
+    where: str | None = None  # "cuda:0", "host"
+    reason: str | None = None
+    tensors: Count = 0
+    v: Version = SCHEMA_VERSION
+
+
+# --- materialised state in the cluster_state KV bucket ----------------------------------------
+
+
+class DeviceState(Frozen):
+    """Value of ``devices.<node>.<index>``: the newest sample plus liveness."""
+
+    sample: DeviceSample
+    online: bool
+    last_seen: Timestamp
+    offline_reason: str | None = None
+    v: Version = SCHEMA_VERSION
+
+
+class NodeState(Frozen):
+    """Value of ``nodes.<node>``."""
+
+    heartbeat: NodeHeartbeat
+    online: bool
+    last_seen: Timestamp
+    offline_reason: str | None = None
+    v: Version = SCHEMA_VERSION
+
+
+class StageState(Frozen):
+    stage: Count
+    node: Token
+    device: DeviceRef | None
+    layer_start: Layer
+    layer_end: Layer
+    weight_bytes: Bytes = 0
+    memory_bytes: Bytes = 0
+    state: ShardState = "pending"
+    reason: str | None = None
+    bytes_loaded: Bytes = 0
+    load_ms: NonNeg = 0.0
+    where: str | None = None
+    status_seq: Count = 0
+
+
+InstanceOverall = Literal["pending", "loading", "loaded", "reserved", "degraded", "failed", "released"]
+
+
+class InstanceState(Frozen):
+    """Value of ``instances.<id>``: the newest generation's assignment with each stage's status."""
+
+    instance_id: Token
+    model: str
+    generation: Annotated[int, Meta(ge=1)]
+    stage_count: Annotated[int, Meta(ge=1)]
+    stages: tuple[StageState, ...]
+    state: InstanceOverall
+    updated: Timestamp
+    v: Version = SCHEMA_VERSION

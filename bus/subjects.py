@@ -1,0 +1,43 @@
+"""Subject and KV-key builders: the only place subject strings are spelled."""
+
+from __future__ import annotations
+
+TELEMETRY_GPU = "telemetry.gpu"
+TELEMETRY_NODE = "telemetry.node"
+PLACEMENT_REQUEST = "placement.request"
+PLACEMENT_ASSIGNED = "placement.assigned"
+SHARD_STATUS = "shard.status"
+DEADLETTER = "deadletter"
+
+
+def gpu_sample(node: str, index: int) -> str:
+    return f"{TELEMETRY_GPU}.{node}.{index}"
+
+
+def node_heartbeat(node: str) -> str:
+    return f"{TELEMETRY_NODE}.{node}"
+
+
+def assigned(node: str) -> str:
+    return f"{PLACEMENT_ASSIGNED}.{node}"
+
+
+def shard_status(node: str, instance: str) -> str:
+    return f"{SHARD_STATUS}.{node}.{instance}"
+
+
+def deadletter(source_subject: str) -> str:
+    return f"{DEADLETTER}.{source_subject}"
+
+
+# KV keys in the cluster_state bucket (written by the projector only).
+def device_key(node: str, index: int) -> str:
+    return f"devices.{node}.{index}"
+
+
+def node_key(node: str) -> str:
+    return f"nodes.{node}"
+
+
+def instance_key(instance: str) -> str:
+    return f"instances.{instance}"

