@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint fmt up clean
+.PHONY: demo test test-all lint fmt up clean install
+DEMO_ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/shardplane demo --once
+	$(VENV)/bin/shardplane demo $(DEMO_ARGS)
 
 up: $(STAMP)
 	$(VENV)/bin/shardplane up

@@ -20,7 +20,9 @@ class InvalidId(ValueError):
 
 def node_id(value: str) -> NodeId:
     if not _TOKEN.match(value):
-        raise InvalidId(f"node id {value!r} is not a subject token (lowercase [a-z0-9_-], 1-64 chars)")
+        raise InvalidId(
+            f"node id {value!r} is not a subject token (lowercase [a-z0-9_-], 1-64 chars)"
+        )
     return NodeId(value)
 
 

@@ -35,14 +35,14 @@ class Frozen(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
 # --- telemetry -------------------------------------------------------------------------------
 
 
-class NvLink(Frozen):
+class NvLink(Frozen, frozen=True):
     link: Count
     peer_pci_bus_id: str | None = None
     peer_uuid: str | None = None
     gbps: NonNeg | None = None
 
 
-class DeviceSample(Frozen):
+class DeviceSample(Frozen, frozen=True):
     """One reading of one GPU. Every measured field is optional on its own: a field the
     driver cannot report is None for that sample, never a reason to drop the sample."""
 
@@ -80,12 +80,12 @@ class DeviceSample(Frozen):
     unsupported: tuple[str, ...] = ()  # fields the backend could not read this time
 
 
-class NetInterface(Frozen):
+class NetInterface(Frozen, frozen=True):
     name: str
     speed_mbps: NonNeg | None = None
 
 
-class NetLink(Frozen):
+class NetLink(Frozen, frozen=True):
     """A network path from this node to a peer node, as configured or measured."""
 
     peer: Token
@@ -93,7 +93,7 @@ class NetLink(Frozen):
     latency_ms: NonNeg = 0.0
 
 
-class NodeHeartbeat(Frozen):
+class NodeHeartbeat(Frozen, frozen=True):
     node: Token
     seq: Count
     ts: Timestamp
@@ -115,7 +115,7 @@ class NodeHeartbeat(Frozen):
 # --- placement -------------------------------------------------------------------------------
 
 
-class ModelCard(Frozen):
+class ModelCard(Frozen, frozen=True):
     """A transformer's architecture, enough to compute every byte the planner needs."""
 
     name: Annotated[str, Meta(min_length=1, max_length=128)]
@@ -139,7 +139,7 @@ class ModelCard(Frozen):
 Objective = Literal["throughput", "latency"]
 
 
-class PlacementRequest(Frozen, forbid_unknown_fields=True):
+class PlacementRequest(Frozen, frozen=True, forbid_unknown_fields=True):
     model: str | ModelCard
     context_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 8192
     batch: Annotated[int, Meta(ge=1, le=4096)] = 1
@@ -153,7 +153,7 @@ class PlacementRequest(Frozen, forbid_unknown_fields=True):
     v: Version = SCHEMA_VERSION
 
 
-class Stage(Frozen):
+class Stage(Frozen, frozen=True):
     node: Token
     device: DeviceRef
     gpu: str
@@ -170,7 +170,7 @@ class Stage(Frozen):
     head: bool = False
 
 
-class Excluded(Frozen):
+class Excluded(Frozen, frozen=True):
     device: str
     reason: str
 
@@ -186,12 +186,12 @@ ErrorCode = Literal[
 ]
 
 
-class ErrorInfo(Frozen):
+class ErrorInfo(Frozen, frozen=True):
     code: ErrorCode
     message: str
 
 
-class PlacementReply(Frozen):
+class PlacementReply(Frozen, frozen=True):
     ok: bool
     instance_id: str | None = None
     generation: Count = 0
@@ -212,7 +212,7 @@ class PlacementReply(Frozen):
     v: Version = SCHEMA_VERSION
 
 
-class ShardAssignment(Frozen):
+class ShardAssignment(Frozen, frozen=True):
     """Desired state for one stage of one instance at one generation.
 
     ``release=True`` says this node holds nothing of the instance at this generation (its
@@ -242,7 +242,7 @@ class ShardAssignment(Frozen):
 ShardState = Literal["pending", "loading", "loaded", "reserved", "failed", "unloaded"]
 
 
-class ShardStatus(Frozen):
+class ShardStatus(Frozen, frozen=True):
     instance_id: Token
     generation: Annotated[int, Meta(ge=1)]
     node: Token
@@ -262,7 +262,7 @@ class ShardStatus(Frozen):
 # --- materialised state in the cluster_state KV bucket ----------------------------------------
 
 
-class DeviceState(Frozen):
+class DeviceState(Frozen, frozen=True):
     """Value of ``devices.<node>.<index>``: the newest sample plus liveness."""
 
     sample: DeviceSample
@@ -272,7 +272,7 @@ class DeviceState(Frozen):
     v: Version = SCHEMA_VERSION
 
 
-class NodeState(Frozen):
+class NodeState(Frozen, frozen=True):
     """Value of ``nodes.<node>``."""
 
     heartbeat: NodeHeartbeat
@@ -282,7 +282,7 @@ class NodeState(Frozen):
     v: Version = SCHEMA_VERSION
 
 
-class StageState(Frozen):
+class StageState(Frozen, frozen=True):
     stage: Count
     node: Token
     device: DeviceRef | None
@@ -298,10 +298,12 @@ class StageState(Frozen):
     status_seq: Count = 0
 
 
-InstanceOverall = Literal["pending", "loading", "loaded", "reserved", "degraded", "failed", "released"]
+InstanceOverall = Literal[
+    "pending", "loading", "loaded", "reserved", "degraded", "failed", "released"
+]
 
 
-class InstanceState(Frozen):
+class InstanceState(Frozen, frozen=True):
     """Value of ``instances.<id>``: the newest generation's assignment with each stage's status."""
 
     instance_id: Token

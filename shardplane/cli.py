@@ -26,7 +26,9 @@ SUBCOMMANDS = (
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats-url", default=None, help="NATS server (default: $NATS_URL or nats://127.0.0.1:4222)")
+    p.add_argument(
+        "--nats-url", default=None, help="NATS server (default: $NATS_URL or nats://127.0.0.1:4222)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -48,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet(p)
     p.add_argument("--api-host", default="127.0.0.1")
     p.add_argument("--api-port", type=int, default=8080)
-    p.add_argument("--no-agents", action="store_true", help="run no agents (real nodes run their own)")
+    p.add_argument(
+        "--no-agents", action="store_true", help="run no agents (real nodes run their own)"
+    )
     p.add_argument("--interval", type=float, default=None, help="agent sample interval, seconds")
 
     p = sub.add_parser("nats", help="run the embedded nats-server (JetStream) in the foreground")
@@ -61,14 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _fleet(p)
     p.add_argument("--node", default=None, help="node id (default: from the hostname)")
-    p.add_argument("--interval", type=float, default=None, help="sample interval, seconds (default 2)")
+    p.add_argument(
+        "--interval", type=float, default=None, help="sample interval, seconds (default 2)"
+    )
     p.add_argument("--cpu-device", action="store_true", help="expose host RAM as a CPU device")
     p.add_argument("--no-temperature", action="store_true", help="do not read temperatures")
     p.add_argument("--no-power", action="store_true", help="do not read power")
 
     p = sub.add_parser("projector", help="materialise cluster state into the KV bucket")
     _common(p)
-    p.add_argument("--ttl", type=float, default=None, help="seconds without a sample before offline")
+    p.add_argument(
+        "--ttl", type=float, default=None, help="seconds without a sample before offline"
+    )
 
     p = sub.add_parser("planner", help="answer placement.request with CP-SAT plans")
     _common(p)
@@ -130,10 +138,13 @@ def _run_bench(name: str, quick: bool, args: Sequence[str]) -> int:
         if exc.name != module_name:
             raise
         available = sorted(
-            p.stem.replace("_", "-") for p in (Path(__file__).resolve().parent.parent / "bench").glob("*.py")
+            p.stem.replace("_", "-")
+            for p in (Path(__file__).resolve().parent.parent / "bench").glob("*.py")
             if not p.stem.startswith("_")
         )
-        print(f"no benchmark {name!r}; available: {', '.join(available) or 'none'}", file=sys.stderr)
+        print(
+            f"no benchmark {name!r}; available: {', '.join(available) or 'none'}", file=sys.stderr
+        )
         return 2
     main: Callable[..., int | None] = module.main
     return int(main(quick=quick, argv=list(args)) or 0)
@@ -169,4 +180,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -45,11 +45,6 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def _component(name: str, url: str, stop: asyncio.Event) -> Client:
-    nc = await connect(url, name=f"shardplane-{name}")
-    return nc
-
-
 def _fleet_path(args: argparse.Namespace, default: Path | None) -> Path | None:
     fleet: Path | None = getattr(args, "fleet", None)
     return fleet or default
@@ -94,7 +89,11 @@ async def run_services(
     if projector:
         from projector.service import run_projector
 
-        tasks.append(asyncio.create_task(run("projector", lambda c: run_projector(c, stop=stop, ttl_s=ttl_s))))
+        tasks.append(
+            asyncio.create_task(
+                run("projector", lambda c: run_projector(c, stop=stop, ttl_s=ttl_s))
+            )
+        )
     if planner:
         from planner.service import run_planner
 
@@ -103,14 +102,18 @@ async def run_services(
         from api.server import run_api
 
         tasks.append(
-            asyncio.create_task(run("api", lambda c: run_api(c, stop=stop, host=api_host, port=api_port)))
+            asyncio.create_task(
+                run("api", lambda c: run_api(c, stop=stop, host=api_host, port=api_port))
+            )
         )
     if fleet is not None:
         from agents.service import run_agents
 
         tasks.append(
             asyncio.create_task(
-                run("agents", lambda c: run_agents(c, stop=stop, fleet=fleet, interval_s=interval_s))
+                run(
+                    "agents", lambda c: run_agents(c, stop=stop, fleet=fleet, interval_s=interval_s)
+                )
             )
         )
     return tasks
@@ -131,7 +134,9 @@ async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
     if server is None:
         yield nats_url(url)
         return
-    log.info("no NATS at %s; starting the embedded nats-server (store %s)", server.url, server.store_dir)
+    log.info(
+        "no NATS at %s; starting the embedded nats-server (store %s)", server.url, server.store_dir
+    )
     async with server:
         yield server.url
 
@@ -143,10 +148,17 @@ def up(args: argparse.Namespace) -> int:
         async with _nats_for(args.nats_url) as url:
             fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
             tasks = await run_services(
-                url, stop, fleet=fleet, api_host=args.api_host, api_port=args.api_port,
+                url,
+                stop,
+                fleet=fleet,
+                api_host=args.api_host,
+                api_port=args.api_port,
                 interval_s=args.interval,
             )
-            print(f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/", flush=True)
+            print(
+                f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/",
+                flush=True,
+            )
             return await _until_stopped(tasks, stop)
 
     return asyncio.run(main())
@@ -160,7 +172,10 @@ def nats_server(args: argparse.Namespace) -> int:
         monitor_port=args.monitor_port,
     )
     server.start()
-    print(f"nats-server (JetStream) on {server.url}, monitoring http://127.0.0.1:{args.monitor_port}/, store {args.store}", flush=True)
+    print(
+        f"nats-server (JetStream) on {server.url}, monitoring http://127.0.0.1:{args.monitor_port}/, store {args.store}",
+        flush=True,
+    )
     try:
         assert server.proc is not None
         server.proc.wait()
@@ -249,7 +264,9 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-async def request_placement(nc: Client, body: dict[str, Any], timeout: float = 30.0) -> PlacementReply:
+async def request_placement(
+    nc: Client, body: dict[str, Any], timeout: float = 30.0
+) -> PlacementReply:
     msg = await nc.request(subjects.PLACEMENT_REQUEST, json.dumps(body).encode(), timeout=timeout)
     return codec.decode(PlacementReply, msg.data, "json")
 
@@ -312,14 +329,18 @@ def _devices_table(devices: list[DeviceState]) -> str:
             d.sample.name or "?",
             "online" if d.online else f"OFFLINE ({d.offline_reason or 'silent'})",
             f"{(d.sample.memory_free_bytes or 0) / gib:.1f}/{(d.sample.memory_total_bytes or 0) / gib:.1f}",
-            f"{d.sample.utilization_gpu_pct:.0f}" if d.sample.utilization_gpu_pct is not None else "-",
+            f"{d.sample.utilization_gpu_pct:.0f}"
+            if d.sample.utilization_gpu_pct is not None
+            else "-",
             f"{d.sample.temperature_c:.0f}" if d.sample.temperature_c is not None else "-",
             f"{d.sample.power_w:.0f}" if d.sample.power_w is not None else "-",
             f"{d.sample.bandwidth_gbps:.0f}" if d.sample.bandwidth_gbps is not None else "-",
         )
         for d in devices
     ]
-    return render.table(("device", "GPU", "status", "free/total GiB", "util %", "temp C", "power W", "GB/s"), rows)
+    return render.table(
+        ("device", "GPU", "status", "free/total GiB", "util %", "temp C", "power W", "GB/s"), rows
+    )
 
 
 def status(args: argparse.Namespace) -> int:
@@ -330,11 +351,16 @@ def status(args: argparse.Namespace) -> int:
         finally:
             await nc.close()
         if args.json:
-            print(json.dumps({
-                "devices": [msgspec.to_builtins(d) for d in devices],
-                "nodes": [msgspec.to_builtins(n) for n in nodes],
-                "instances": [msgspec.to_builtins(i) for i in instances],
-            }, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "devices": [msgspec.to_builtins(d) for d in devices],
+                        "nodes": [msgspec.to_builtins(n) for n in nodes],
+                        "instances": [msgspec.to_builtins(i) for i in instances],
+                    },
+                    indent=2,
+                )
+            )
             return 0
         print(f"{len(nodes)} nodes, {len(devices)} devices, {len(instances)} instances\n")
         print(_devices_table(devices))
@@ -399,7 +425,9 @@ def demo(args: argparse.Namespace) -> int:
         assert fleet is not None
         expected = fleet_device_count(fleet)
         async with _nats_for(args.nats_url) as url:
-            tasks = await run_services(url, stop, fleet=fleet, api_port=args.api_port, interval_s=args.interval)
+            tasks = await run_services(
+                url, stop, fleet=fleet, api_port=args.api_port, interval_s=args.interval
+            )
             nc = await connect(url, name="shardplane-demo")
             try:
                 seen = await wait_for_devices(nc, expected, timeout=30)
@@ -414,12 +442,17 @@ def demo(args: argparse.Namespace) -> int:
                             if seen_states.get(s.stage) != s.state:
                                 seen_states[s.stage] = s.state
                                 extra = f" ({s.reason})" if s.reason else ""
-                                print(f"  stage {s.stage} on {s.device}: {s.state}{extra}", flush=True)
+                                print(
+                                    f"  stage {s.stage} on {s.device}: {s.state}{extra}", flush=True
+                                )
 
                     final = await follow_instance(nc, reply.instance_id, 30.0, changed)
                     if final is not None:
                         print(f"instance {final.instance_id}: {final.state}")
-                print(f"dashboard: http://127.0.0.1:{args.api_port}/   (ready in {time.monotonic() - started:.1f} s)", flush=True)
+                print(
+                    f"dashboard: http://127.0.0.1:{args.api_port}/   (ready in {time.monotonic() - started:.1f} s)",
+                    flush=True,
+                )
             finally:
                 await nc.close()
             if args.once:

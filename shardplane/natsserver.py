@@ -48,7 +48,9 @@ def reachable(url: str, timeout: float = 0.5) -> bool:
     first = url.split(",")[0].strip()
     parsed = urlparse(first if "://" in first else f"nats://{first}")
     try:
-        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout):
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout
+        ):
             return True
     except OSError:
         return False
@@ -183,4 +185,6 @@ def embedded_for(url: str | None) -> NatsServer | None:
         port = parsed.port or 4222
     elif reachable("nats://127.0.0.1:4222"):
         return None
-    return NatsServer(port=port, store_dir=Path("data") / "nats", config=default_config(), monitor_port=8222)
+    return NatsServer(
+        port=port, store_dir=Path("data") / "nats", config=default_config(), monitor_port=8222
+    )

@@ -39,9 +39,13 @@ def placement(reply: PlacementReply) -> str:
         f"{reply.model}  instance={reply.instance_id}  generation={reply.generation}  "
         f"solver={reply.solver} ({reply.status}, {reply.solve_ms:.1f} ms)"
     )
-    body = table(("stage", "node", "device", "GPU", "layers", "n", "GiB", "est. ms", "hop ms"), rows)
+    body = table(
+        ("stage", "node", "device", "GPU", "layers", "n", "GiB", "est. ms", "hop ms"), rows
+    )
     gap = (
-        (reply.bottleneck_ms / reply.lower_bound_ms - 1.0) * 100.0 if reply.lower_bound_ms > 0 else 0.0
+        (reply.bottleneck_ms / reply.lower_bound_ms - 1.0) * 100.0
+        if reply.lower_bound_ms > 0
+        else 0.0
     )
     foot = (
         f"bottleneck {reply.bottleneck_ms:.2f} ms/token -> {reply.tokens_per_s:.1f} tokens/s "
@@ -65,5 +69,7 @@ def instance(state: InstanceState) -> str:
         )
         for s in state.stages
     ]
-    body = table(("stage", "node", "device", "layers", "state", "GiB loaded", "where", "reason"), rows)
+    body = table(
+        ("stage", "node", "device", "layers", "state", "GiB loaded", "where", "reason"), rows
+    )
     return f"instance {state.instance_id} ({state.model}) generation {state.generation}: {state.state}\n{body}"

@@ -88,11 +88,23 @@ REPLY = PlacementReply(
     excluded=(Excluded(device="rig-c/0", reason="offline"),),
 )
 ASSIGNMENT = ShardAssignment(
-    instance_id="inst-1", generation=1, node="rig-a", model="llama-3.1-70b", device="rig-a/0",
-    layer_start=0, layer_end=40, layers_total=80,
+    instance_id="inst-1",
+    generation=1,
+    node="rig-a",
+    model="llama-3.1-70b",
+    device="rig-a/0",
+    layer_start=0,
+    layer_end=40,
+    layers_total=80,
 )
 STATUS = ShardStatus(
-    instance_id="inst-1", generation=1, node="rig-a", stage=0, state="loaded", seq=3, ts=1.7e9,
+    instance_id="inst-1",
+    generation=1,
+    node="rig-a",
+    stage=0,
+    state="loaded",
+    seq=3,
+    ts=1.7e9,
     bytes_loaded=100,
 )
 EXAMPLES: list[msgspec.Struct] = [
@@ -187,7 +199,9 @@ def test_request_rejects_unknown_fields_so_typos_are_heard() -> None:
 
 def test_request_constraints() -> None:
     assert "context_tokens" in _bad(PlacementRequest, {"model": "x", "context_tokens": 0}, "json")
-    assert "memory_headroom" in _bad(PlacementRequest, {"model": "x", "memory_headroom": 1.5}, "json")
+    assert "memory_headroom" in _bad(
+        PlacementRequest, {"model": "x", "memory_headroom": 1.5}, "json"
+    )
     assert "objective" in _bad(PlacementRequest, {"model": "x", "objective": "speed"}, "json")
     assert "instance_id" in _bad(PlacementRequest, {"model": "x", "instance_id": "a b"}, "json")
     assert "model" in _bad(PlacementRequest, {"context_tokens": 5}, "json")
@@ -195,7 +209,12 @@ def test_request_constraints() -> None:
 
 def test_request_defaults_from_minimal_json() -> None:
     req = codec.decode(PlacementRequest, b'{"model": "llama-3.1-70b"}', "json")
-    assert (req.context_tokens, req.batch, req.objective, req.dry_run) == (8192, 1, "throughput", False)
+    assert (req.context_tokens, req.batch, req.objective, req.dry_run) == (
+        8192,
+        1,
+        "throughput",
+        False,
+    )
     assert req.memory_headroom == pytest.approx(0.1)
 
 

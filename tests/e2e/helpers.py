@@ -1,0 +1,107 @@
+"""Shared plumbing for end-to-end tests: the real components on a real NATS server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from nats.aio.client import Client
+
+from bus import codec
+from bus.messages import DeviceState, InstanceState, PlacementReply, Stage
+from bus.streams import cluster_state
+from shardplane.commands import run_services
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_FLEET = ROOT / "fleets" / "demo.toml"
+
+
+@contextlib.asynccontextmanager
+async def running(
+    url: str,
+    *,
+    fleet: Path | None = DEMO_FLEET,
+    api: bool = False,
+    api_port: int = 0,
+    interval_s: float = 0.5,
+) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    tasks = await run_services(
+        url, stop, fleet=fleet, api=api, api_port=api_port, interval_s=interval_s
+    )
+    try:
+        yield stop
+    finally:
+        stop.set()
+        done, pending = await asyncio.wait(tasks, timeout=15)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+
+
+async def device_states(nc: Client) -> dict[str, DeviceState]:
+    kv = await cluster_state(nc.jetstream())
+    out: dict[str, DeviceState] = {}
+    try:
+        keys = await kv.keys()
+    except Exception:
+        return out
+    for key in keys:
+        if key.startswith("devices."):
+            entry = await kv.get(key)
+            if entry.value:
+                state = codec.decode(DeviceState, entry.value)
+                out[f"{state.sample.node}/{state.sample.index}"] = state
+    return out
+
+
+async def wait_devices(nc: Client, expected: int, timeout: float = 30.0) -> dict[str, DeviceState]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    states: dict[str, DeviceState] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        states = await device_states(nc)
+        if len(states) >= expected and all(s.online for s in states.values()):
+            return states
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"only {len(states)}/{expected} devices reached the KV in {timeout}s")
+
+
+async def wait_instance(
+    nc: Client, instance: str, settled: set[str], timeout: float = 30.0
+) -> InstanceState:
+    kv = await cluster_state(nc.jetstream())
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: InstanceState | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(Exception):
+            entry = await kv.get(f"instances.{instance}")
+            if entry.value:
+                last = codec.decode(InstanceState, entry.value)
+                if all(s.state in settled for s in last.stages):
+                    return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"instance {instance} did not settle in {timeout}s; last state: {last}")
+
+
+def assert_valid_plan(reply: PlacementReply, layers: int, devices: dict[str, DeviceState]) -> None:
+    """Contiguous [start, end) ranges covering every layer once, each within its device's memory."""
+    assert reply.ok, reply.error
+    stages: tuple[Stage, ...] = reply.stages
+    assert stages, "a plan with no stages"
+    assert stages[0].layer_start == 0
+    assert stages[-1].layer_end == layers
+    for before, after in itertools.pairwise(stages):
+        assert before.layer_end == after.layer_start, (before, after)
+    for stage in stages:
+        assert stage.layer_end > stage.layer_start
+        state = devices[stage.device]
+        free = state.sample.memory_free_bytes
+        assert free is not None
+        held = stage.memory_bytes or stage.weight_bytes + stage.kv_bytes
+        assert held <= free, f"{stage.device}: stage holds {held} bytes, device has {free} free"
+    assert len({s.device for s in stages}) == len(stages), "a device used twice"

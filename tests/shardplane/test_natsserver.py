@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+from shardplane.natsserver import NatsServer, embedded_for, free_port, reachable, server_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_wheel_binary_is_new_enough() -> None:
+    out = subprocess.run(
+        [str(server_binary()), "--version"], capture_output=True, text=True, check=True
+    )
+    major, minor = (int(x) for x in out.stdout.strip().split("v")[-1].split(".")[:2])
+    assert (major, minor) >= (2, 11), out.stdout
+
+
+async def test_embedded_server_starts_with_jetstream_and_stops_cleanly(tmp_path: Path) -> None:
+    server = NatsServer(
+        store_dir=tmp_path / "store", config=ROOT / "nats.conf", monitor_port=free_port()
+    )
+    async with server:
+        assert reachable(server.url)
+        nc = await nats.connect(server.url)
+        info = await nc.jetstream().account_info()
+        assert info.limits is not None
+        await nc.close()
+        # A URL that answers is used as is: nothing new gets started.
+        assert embedded_for(server.url) is None
+        proc = server.proc
+        assert proc is not None
+    assert proc.poll() == 0, "SIGTERM must end the server cleanly"
+    assert not reachable(server.url)
+    assert (tmp_path / "store" / "jetstream").is_dir()
+
+
+def test_unreachable_url_gets_an_embedded_server_on_its_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    monkeypatch.delenv("NATS_URL", raising=False)
+    server = embedded_for(f"nats://127.0.0.1:{port}")
+    assert server is not None and server.port == port
+
+
+def test_shardplane_nats_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port, monitor = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shardplane.cli",
+            "nats",
+            "--port",
+            str(port),
+            "--store",
+            str(tmp_path / "s"),
+            "--monitor-port",
+            str(monitor),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not reachable(f"nats://127.0.0.1:{port}"):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "shardplane nats never accepted connections"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) in (0, 130)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not reachable(f"nats://127.0.0.1:{port}")
