@@ -20,11 +20,19 @@ def nats_url(url: str | None = None) -> str:
 
 
 async def connect(url: str | None = None, name: str = "shardplane", **overrides: Any) -> Client:
+    client: list[Client] = []
+
+    def closing() -> bool:
+        return bool(client) and (client[0].is_closed or client[0].is_draining)
+
     async def on_error(exc: Exception) -> None:
-        log.warning("nats (%s): %s", name, exc)
+        if not closing():
+            log.warning("nats (%s): %s", name, exc)
 
     async def on_disconnected() -> None:
-        log.info("nats (%s): disconnected; reconnecting", name)
+        # nats-py calls this on a deliberate close too; only a lost connection is news.
+        if not closing():
+            log.info("nats (%s): disconnected; reconnecting", name)
 
     async def on_reconnected() -> None:
         log.info("nats (%s): reconnected", name)
@@ -49,4 +57,6 @@ async def connect(url: str | None = None, name: str = "shardplane", **overrides:
     if token := os.environ.get("NATS_TOKEN"):
         options["token"] = token
     options.update(overrides)
-    return await nats.connect(**options)
+    nc = await nats.connect(**options)
+    client.append(nc)
+    return nc

@@ -78,6 +78,9 @@ class DeviceSample(Frozen, frozen=True):
     pcie_gen: Count | None = None
     pcie_width: Count | None = None
     unsupported: tuple[str, ...] = ()  # fields the backend could not read this time
+    # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
+    # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
+    epoch: Timestamp = 0.0
 
 
 class NetInterface(Frozen, frozen=True):
@@ -110,6 +113,13 @@ class NodeHeartbeat(Frozen, frozen=True):
     skipped: dict[str, str] = {}  # backend -> why it was not used
     device_count: Count = 0
     interval_s: NonNeg = 2.0
+    # The path to any peer not listed in ``links`` (a fleet's network default, or this host's
+    # fastest interface): big fleets list only their special links. Gbit/s, like NetLink.gbps.
+    default_link_gbps: NonNeg | None = None
+    default_link_latency_ms: NonNeg | None = None
+    # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
+    # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
+    epoch: Timestamp = 0.0
 
 
 # --- placement -------------------------------------------------------------------------------
@@ -257,6 +267,9 @@ class ShardStatus(Frozen, frozen=True):
     reason: str | None = None
     tensors: Count = 0
     v: Version = SCHEMA_VERSION
+    # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
+    # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
+    epoch: Timestamp = 0.0
 
 
 # --- materialised state in the cluster_state KV bucket ----------------------------------------
@@ -270,6 +283,9 @@ class DeviceState(Frozen, frozen=True):
     last_seen: Timestamp
     offline_reason: str | None = None
     v: Version = SCHEMA_VERSION
+    # Stream time of the node's graceful-shutdown heartbeat, when one is newer than this
+    # device's last sample (then the device is offline until a later sample arrives).
+    shutdown_at: Timestamp | None = None
 
 
 class NodeState(Frozen, frozen=True):
@@ -280,6 +296,9 @@ class NodeState(Frozen, frozen=True):
     last_seen: Timestamp
     offline_reason: str | None = None
     v: Version = SCHEMA_VERSION
+    # Stream time of the latest graceful-shutdown heartbeat (kept after the node is back, so a
+    # device sample older than it still reads as "node shut down").
+    shutdown_at: Timestamp | None = None
 
 
 class StageState(Frozen, frozen=True):
@@ -296,6 +315,8 @@ class StageState(Frozen, frozen=True):
     load_ms: NonNeg = 0.0
     where: str | None = None
     status_seq: Count = 0
+    status_epoch: Timestamp = 0.0
+    status_ts: Timestamp | None = None  # None: no status reported yet
 
 
 InstanceOverall = Literal[
@@ -314,3 +335,5 @@ class InstanceState(Frozen, frozen=True):
     state: InstanceOverall
     updated: Timestamp
     v: Version = SCHEMA_VERSION
+    # Nodes told by a release=True assignment of this generation to hold nothing.
+    released_nodes: tuple[Token, ...] = ()

@@ -17,9 +17,11 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 
 from bus import codec, subjects
 from bus.connect import connect, nats_url
+from bus.ids import slug
 from bus.messages import (
     DeviceState,
     InstanceState,
@@ -372,21 +374,39 @@ def status(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-async def wait_for_devices(nc: Client, expected: int, timeout: float) -> int:
-    """Poll the KV until the projector has materialised ``expected`` online devices."""
+async def wait_for_devices(nc: Client, expected: int, timeout: float, since: float = 0.0) -> int:
+    """Poll the KV until ``expected`` devices are online with a sample newer than ``since``
+    (a store kept from an earlier run still holds the old samples)."""
     kv = await cluster_state(nc.jetstream())
     deadline = time.monotonic() + timeout
-    seen = 0
+    fresh = 0
     while time.monotonic() < deadline:
         try:
             keys = [k for k in await kv.keys() if k.startswith("devices.")]
         except Exception:
             keys = []
-        seen = len(keys)
-        if seen >= expected:
-            return seen
+        fresh = 0
+        for key in keys:
+            entry = await kv.get(key)
+            if entry.value is not None:
+                state = codec.decode(DeviceState, entry.value)
+                fresh += state.online and state.sample.ts >= since
+        if fresh >= expected:
+            return fresh
         await asyncio.sleep(0.2)
-    return seen
+    return fresh
+
+
+async def request_with_retry(nc: Client, body: dict[str, Any], timeout: float) -> PlacementReply:
+    """The planner may still be subscribing when the demo asks: retry 'no responders' briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await request_placement(nc, body, timeout)
+        except NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 SETTLED = {"loaded", "reserved", "failed"}
@@ -430,9 +450,15 @@ def demo(args: argparse.Namespace) -> int:
             )
             nc = await connect(url, name="shardplane-demo")
             try:
-                seen = await wait_for_devices(nc, expected, timeout=30)
+                seen = await wait_for_devices(nc, expected, timeout=30, since=time.time() - 1.0)
                 print(f"fleet {fleet.name}: {seen}/{expected} devices reporting", flush=True)
-                reply = await request_placement(nc, {"model": args.model, "context_tokens": 8192})
+                # A fixed id keeps repeated demos idempotent instead of reserving again each run.
+                body = {
+                    "model": args.model,
+                    "context_tokens": 8192,
+                    "instance_id": "demo-" + slug(args.model, 40),
+                }
+                reply = await request_with_retry(nc, body, 30.0)
                 print(render.placement(reply), flush=True)
                 if reply.ok and reply.instance_id:
                     seen_states: dict[int, str] = {}

@@ -1,0 +1,466 @@
+"""The shard worker: consumes ``placement.assigned.<node>``, holds what the newest plan says, and
+reports the truth on ``shard.status.<node>.<instance>``.
+
+Shape: a thin async shell around pure logic. ``agents.reconcile`` folds assignments into desired
+state and diffs it against what is held; ``agents.loader`` reads exactly a stage's tensors. This
+module only moves messages and runs the actions.
+
+Delivery and restarts:
+- A durable pull consumer (``worker-<node>``) is the cursor through the node's assignments, so
+  anything published while the worker was down is delivered when it returns.
+- A restarted process holds nothing, yet the durable consumer will not redeliver what the
+  previous incarnation acked. So on start, if the durable already has acks, the worker first
+  replays the node's whole assignment history (a short-lived ephemeral consumer) to rebuild
+  desired state. Folding is idempotent, which is why messages are acked as soon as they are
+  folded, and why redelivered duplicates are harmless.
+- Loads run in a thread (``asyncio.to_thread``), so the event loop, and with it the agent's
+  telemetry on the same loop, keeps running while gigabytes are copied. An in-flight load that a
+  newer plan no longer wants is cancelled between chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from agents import reconcile as rc
+from agents.loader import (
+    LoadCancelled,
+    LoadedShard,
+    LoadError,
+    StageSpec,
+    checkpoint_dir,
+    load_stage,
+)
+from bus import codec, streams, subjects
+from bus.messages import ShardAssignment, ShardState, ShardStatus
+
+log = logging.getLogger(__name__)
+
+HoldMemory = Callable[[int, int], None]
+
+FETCH_BATCH = 64
+FETCH_TIMEOUT_S = 1.0
+PUBLISH_ATTEMPTS = 6
+
+
+def durable_name(node: str) -> str:
+    return f"worker-{node}"
+
+
+def device_index(assignment: ShardAssignment) -> int:
+    """The device's index from ``<node>/<index>``; a stage without a device is on device 0."""
+    if assignment.device is None:
+        return 0
+    return int(assignment.device.rpartition("/")[2])
+
+
+def spec_of(assignment: ShardAssignment) -> StageSpec:
+    return StageSpec(
+        layer_start=assignment.layer_start,
+        layer_end=assignment.layer_end,
+        embeddings=assignment.embeddings,
+        head=assignment.head,
+    )
+
+
+class Worker:
+    """One node's worker. ``run_worker`` is the entry point; tests use the class to look at
+    what a worker holds (``shards``: key -> tensors actually in memory)."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        node: str,
+        hold_memory: HoldMemory | None = None,
+        use_cuda: bool = True,
+        read_limit_bps: float | None = None,
+        memory_limit: int | None = None,
+    ) -> None:
+        self.nc = nc
+        self.node = node
+        self.hold_memory = hold_memory
+        self.use_cuda = use_cuda
+        self.read_limit_bps = read_limit_bps
+        self.memory_limit = memory_limit
+        self.desired: dict[str, rc.Desired] = {}
+        self.held: dict[rc.ShardKey, rc.Held] = {}
+        self.shards: dict[rc.ShardKey, LoadedShard] = {}
+        # Readers order statuses by (epoch, seq, ts): seq restarts at 0 with each incarnation,
+        # the epoch (start time) tells incarnations apart.
+        self.epoch = time.time()
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self._inflight: tuple[ShardAssignment, threading.Event] | None = None
+
+    # --- public view ------------------------------------------------------------------------
+
+    def tensor_names(self) -> dict[rc.ShardKey, list[str]]:
+        return {key: shard.names() for key, shard in self.shards.items()}
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        js = self.nc.jetstream()
+        await self._ensure_streams(js)
+        subject = subjects.assigned(self.node)
+        await self._rebuild(js, subject)
+        sub = await js.pull_subscribe(
+            subject,
+            durable=durable_name(self.node),
+            stream=streams.PLACEMENTS,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=30.0,
+                max_ack_pending=1000,
+                description=f"shard worker of {self.node}",
+            ),
+        )
+        self._changed.set()  # reconcile the rebuilt state once, even with nothing new
+        reconciler = asyncio.create_task(self._reconcile_loop(stop))
+        try:
+            await self._fetch_loop(js, sub, stop)
+        finally:
+            stop_wait = asyncio.ensure_future(stop.wait())
+            if self._inflight is not None:
+                self._inflight[1].set()
+            self._changed.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reconciler, timeout=30)
+            stop_wait.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            await self._release_all("worker stopped")
+
+    async def _ensure_streams(self, js: JetStreamContext) -> None:
+        # Provisioning per worker is wasteful in a fleet of thousands; only do it when missing.
+        try:
+            await js.stream_info(streams.PLACEMENTS)
+            await js.stream_info(streams.SHARDS)
+        except NotFoundError:
+            await streams.provision(js)
+
+    async def _rebuild(self, js: JetStreamContext, subject: str) -> None:
+        """Replay the node's assignment history when an earlier incarnation already acked some."""
+        try:
+            info = await js.consumer_info(streams.PLACEMENTS, durable_name(self.node))
+        except NotFoundError:
+            return  # first start: the new durable delivers everything from the beginning
+        if info.ack_floor is None or not info.ack_floor.stream_seq:
+            return
+        sub = await js.pull_subscribe(
+            subject,
+            stream=streams.PLACEMENTS,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=30.0,
+                mem_storage=True,
+            ),
+        )
+        try:
+            pending = (await sub.consumer_info()).num_pending or 0
+            count = 0
+            while pending > 0:
+                try:
+                    msgs = await sub.fetch(min(pending, 256), timeout=2.0)
+                except nats.errors.TimeoutError:
+                    break
+                for msg in msgs:
+                    assignment = self._decode(msg)
+                    if assignment is not None:
+                        self.desired = rc.fold(self.desired, assignment)
+                    count += 1
+                pending = msgs[-1].metadata.num_pending if msgs else 0
+            log.info("worker %s: rebuilt desired state from %d assignments", self.node, count)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(streams.PLACEMENTS, sub._consumer)  # pyright: ignore[reportPrivateUsage]
+
+    async def _fetch_loop(
+        self, js: JetStreamContext, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
+    ) -> None:
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                fetch = asyncio.ensure_future(sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S))
+                await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    # Stopping: messages this fetch would have taken are redelivered later.
+                    fetch.cancel()
+                    with contextlib.suppress(BaseException):
+                        await fetch
+                    break
+                try:
+                    msgs = fetch.result()
+                except nats.errors.TimeoutError:
+                    continue
+                except Exception as exc:  # connection trouble: the client reconnects by itself
+                    log.warning("worker %s: fetch failed (%s); retrying", self.node, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    assignment = self._decode(msg)
+                    if assignment is None:
+                        await self._deadletter(js, msg)
+                        continue
+                    self.desired = rc.fold(self.desired, assignment)
+                    with contextlib.suppress(Exception):
+                        await msg.ack()
+                self._cancel_superseded()
+                self._changed.set()
+        finally:
+            stopped.cancel()
+
+    def _decode(self, msg: Msg) -> ShardAssignment | None:
+        try:
+            assignment = codec.decode(ShardAssignment, msg.data)
+        except codec.DecodeError as exc:
+            log.warning(
+                "worker %s: dropping invalid assignment on %s: %s", self.node, msg.subject, exc
+            )
+            return None
+        if assignment.node != self.node:
+            log.warning(
+                "worker %s: dropping assignment for node %s delivered on %s",
+                self.node,
+                assignment.node,
+                msg.subject,
+            )
+            return None
+        return assignment
+
+    async def _deadletter(self, js: JetStreamContext, msg: Msg) -> None:
+        """Park an undecodable assignment on deadletter.<subject> and terminate it."""
+        with contextlib.suppress(Exception):
+            await js.publish(
+                subjects.deadletter(msg.subject),
+                msg.data,
+                headers={"Shardplane-Reason": f"invalid ShardAssignment for worker {self.node}"},
+                timeout=2.0,
+            )
+        with contextlib.suppress(Exception):
+            await msg.term()
+
+    def _cancel_superseded(self) -> None:
+        if self._inflight is None:
+            return
+        assignment, cancel = self._inflight
+        if rc.superseded(self.desired, assignment):
+            cancel.set()
+
+    async def _reconcile_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            if stop.is_set():
+                return
+            for action in rc.reconcile(self.desired, self.held):
+                if stop.is_set():
+                    return
+                try:
+                    await self._apply(action)
+                except Exception:
+                    log.exception("worker %s: %s failed", self.node, type(action).__name__)
+                if self._changed.is_set():
+                    break  # the plan changed meanwhile: recompute before doing stale work
+
+    # --- actions ----------------------------------------------------------------------------
+
+    async def _apply(self, action: rc.Action) -> None:
+        match action:
+            case rc.Unload(held=held, reason=reason):
+                await self._unload(held, reason)
+            case rc.Adopt(old=old, assignment=assignment):
+                await self._adopt(old, assignment)
+            case rc.Reserve(assignment=assignment):
+                await self._reserve(assignment)
+            case rc.Load(assignment=assignment):
+                await self._load(assignment)
+
+    def _hold(self, assignment: ShardAssignment, delta: int) -> None:
+        if self.hold_memory is not None and delta:
+            try:
+                self.hold_memory(device_index(assignment), delta)
+            except Exception:
+                log.exception("worker %s: hold_memory(%+d) failed", self.node, delta)
+
+    async def _unload(self, held: rc.Held, reason: str) -> None:
+        key = held.key
+        self.held.pop(key, None)
+        shard = self.shards.pop(key, None)
+        if shard is not None:
+            shard.release()
+        self._hold(held.assignment, -held.held_bytes)
+        if held.state != "failed":
+            await self._status(held.assignment, "unloaded", reason=reason)
+
+    async def _adopt(self, old: rc.ShardKey, assignment: ShardAssignment) -> None:
+        previous = self.held.pop(old)
+        shard = self.shards.pop(old, None)
+        key = rc.ShardKey(assignment.instance_id, assignment.stage)
+        new_bytes = rc.hold_bytes(assignment)
+        self._hold(assignment, new_bytes - previous.held_bytes)
+        self.held[key] = rc.Held(assignment=assignment, state=previous.state, held_bytes=new_bytes)
+        if shard is not None:
+            self.shards[key] = shard
+            await self._status(
+                assignment,
+                "loaded",
+                bytes_loaded=shard.nbytes,
+                load_ms=shard.load_ms,
+                where=shard.where,
+                tensors=len(shard.tensors),
+            )
+        else:
+            await self._status(assignment, previous.state)
+
+    async def _reserve(self, assignment: ShardAssignment) -> None:
+        # A catalog model has no weights here: hold its memory, read nothing, and say so.
+        amount = rc.hold_bytes(assignment)
+        self._hold(assignment, amount)
+        key = rc.ShardKey(assignment.instance_id, assignment.stage)
+        self.held[key] = rc.Held(assignment=assignment, state="reserved", held_bytes=amount)
+        await self._status(assignment, "reserved")
+
+    async def _load(self, assignment: ShardAssignment) -> None:
+        key = rc.ShardKey(assignment.instance_id, assignment.stage)
+        await self._status(assignment, "loading")
+        amount = rc.hold_bytes(assignment)
+        self._hold(assignment, amount)
+        cancel = threading.Event()
+        self._inflight = (assignment, cancel)
+        try:
+            shard = await asyncio.to_thread(
+                load_stage,
+                checkpoint_dir(assignment.model),
+                spec_of(assignment),
+                # 0 means the plan carried no figure (older planner): nothing to check against.
+                expected_bytes=assignment.weight_bytes or None,
+                device_index=device_index(assignment),
+                use_cuda=self.use_cuda,
+                memory_limit=self.memory_limit,
+                read_limit_bps=self.read_limit_bps,
+                cancel=cancel,
+            )
+        except LoadCancelled:
+            self._hold(assignment, -amount)
+            await self._status(assignment, "unloaded", reason="load cancelled: no longer assigned")
+            return
+        except LoadError as exc:
+            self._hold(assignment, -amount)
+            self.held[key] = rc.Held(assignment=assignment, state="failed")
+            log.warning(
+                "worker %s: %s stage %d failed: %s",
+                self.node,
+                assignment.instance_id,
+                assignment.stage,
+                exc,
+            )
+            await self._status(assignment, "failed", reason=str(exc))
+            return
+        except Exception as exc:  # a bug or an environment surprise: still report it
+            self._hold(assignment, -amount)
+            self.held[key] = rc.Held(assignment=assignment, state="failed")
+            log.exception("worker %s: load crashed", self.node)
+            await self._status(assignment, "failed", reason=f"internal error: {exc!r}")
+            return
+        finally:
+            self._inflight = None
+        self.shards[key] = shard
+        self.held[key] = rc.Held(assignment=assignment, state="loaded", held_bytes=amount)
+        log.info(
+            "worker %s: %s stage %d loaded %d bytes in %.0f ms on %s",
+            self.node,
+            assignment.instance_id,
+            assignment.stage,
+            shard.nbytes,
+            shard.load_ms,
+            shard.where,
+        )
+        await self._status(
+            assignment,
+            "loaded",
+            bytes_loaded=shard.nbytes,
+            load_ms=shard.load_ms,
+            where=shard.where,
+            tensors=len(shard.tensors),
+        )
+
+    async def _release_all(self, reason: str) -> None:
+        """On a graceful stop the memory goes with the process: say so, best effort."""
+        for held in list(self.held.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._unload(held, reason), timeout=2.0)
+
+    # --- status -----------------------------------------------------------------------------
+
+    async def _status(self, assignment: ShardAssignment, state: ShardState, **fields: Any) -> None:
+        self._seq += 1
+        status = ShardStatus(
+            instance_id=assignment.instance_id,
+            generation=assignment.generation,
+            node=self.node,
+            stage=assignment.stage,
+            state=state,
+            seq=self._seq,
+            ts=time.time(),
+            epoch=self.epoch,
+            device=assignment.device,
+            **fields,
+        )
+        await publish_status(self.nc.jetstream(), status)
+
+
+async def publish_status(js: JetStreamContext, status: ShardStatus) -> None:
+    """Publish to SHARDS, retrying with the same Nats-Msg-Id (nats-py does not retry a publish
+    that got no stream answer; the id makes a retry that did land a no-op)."""
+    subject = subjects.shard_status(status.node, status.instance_id)
+    data = codec.encode(status)
+    # The epoch is in the id because seq restarts with each incarnation, and a restarted worker's
+    # statuses must not be dropped as duplicates of its predecessor's.
+    msg_id = f"{status.node}.{status.instance_id}.{status.epoch:.6f}.{status.seq}"
+    delay = 0.1
+    for attempt in range(PUBLISH_ATTEMPTS):
+        try:
+            await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=2.0)
+            return
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            if attempt == PUBLISH_ATTEMPTS - 1:
+                log.warning(
+                    "status %s on %s not stored after %d attempts: %s",
+                    status.state,
+                    subject,
+                    PUBLISH_ATTEMPTS,
+                    exc,
+                )
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def run_worker(
+    nc: Client,
+    *,
+    node: str,
+    stop: asyncio.Event,
+    hold_memory: HoldMemory | None = None,
+) -> None:
+    """Run the shard worker of ``node`` on ``nc`` until ``stop`` is set."""
+    await Worker(nc, node=node, hold_memory=hold_memory).run(stop)

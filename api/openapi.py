@@ -1,0 +1,314 @@
+"""The OpenAPI 3.1 description of the API, served at ``/api/openapi.json``.
+
+The bus types' schemas come from msgspec, so they cannot drift from the contract; the API's
+own views (a KV value flattened) are described as the bus type plus the fields the API adds.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from bus.messages import (
+    DeviceSample,
+    ErrorInfo,
+    InstanceState,
+    NodeHeartbeat,
+    PlacementReply,
+    PlacementRequest,
+)
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERROR = _json(_ref("ApiError"), "error; `error.field` names the offending field")
+
+
+def _get(
+    summary: str,
+    schema: Schema,
+    *,
+    params: list[Schema] | None = None,
+    errors: tuple[int, ...] = (400,),
+) -> Schema:
+    op: Schema = {"summary": summary, "responses": {"200": _json(schema, "OK")}}
+    for status in errors:
+        op["responses"][str(status)] = ERROR
+    if params:
+        op["parameters"] = params
+    return {"get": op}
+
+
+def _param(
+    name: str, where: str, description: str, required: bool = False, enum: list[str] | None = None
+) -> Schema:
+    schema: Schema = {"type": "string"}
+    if enum:
+        schema["enum"] = enum
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "description": description,
+        "schema": schema,
+    }
+
+
+def _list(name: str, item: Schema) -> Schema:
+    return {
+        "type": "object",
+        "required": ["count", "revision", name],
+        "properties": {
+            "count": {"type": "integer"},
+            "revision": {"type": "integer", "description": "newest KV revision in the cache"},
+            name: {"type": "array", "items": item},
+        },
+    }
+
+
+LIVENESS: Schema = {
+    "id": {"type": "string"},
+    "status": {"enum": ["online", "offline"]},
+    "online": {"type": "boolean"},
+    "last_seen": {"type": "number", "description": "unix time of the newest sample"},
+    "offline_reason": {"type": ["string", "null"]},
+    "revision": {"type": "integer", "description": "KV revision of this entry"},
+}
+
+
+def _components() -> Schema:
+    _, bus = msgspec.json.schema_components(
+        [DeviceSample, NodeHeartbeat, InstanceState, PlacementRequest, PlacementReply, ErrorInfo],
+        ref_template="#/components/schemas/{name}",
+    )
+    schemas: Schema = dict(bus)
+    schemas["DeviceView"] = {
+        "description": "a DeviceSample flattened, plus liveness (`id` is `<node>/<index>`)",
+        "allOf": [_ref("DeviceSample"), {"type": "object", "properties": LIVENESS}],
+    }
+    schemas["NodeView"] = {
+        "description": "a NodeHeartbeat flattened, plus liveness and sums over its devices",
+        "allOf": [
+            _ref("NodeHeartbeat"),
+            {
+                "type": "object",
+                "properties": {
+                    **LIVENESS,
+                    "heartbeat": {
+                        "type": "boolean",
+                        "description": "false: devices seen, no heartbeat yet",
+                    },
+                    "devices": {"type": "array", "items": {"type": "string"}},
+                    "devices_online": {"type": "integer"},
+                    "memory_total_bytes": {"type": "integer"},
+                    "memory_used_bytes": {"type": "integer"},
+                    "memory_free_bytes": {"type": "integer"},
+                    "power_w": {"type": "number"},
+                },
+            },
+        ],
+    }
+    schemas["PlacementView"] = {
+        "description": "an InstanceState (the newest generation, each stage's status)",
+        "allOf": [
+            _ref("InstanceState"),
+            {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "layers_total": {"type": "integer"},
+                    "devices": {"type": "array", "items": {"type": ["string", "null"]}},
+                    "revision": {"type": "integer"},
+                },
+            },
+        ],
+    }
+    schemas["Link"] = {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["nvlink", "pcie", "network"]},
+            "a": {"type": "string", "description": "device id (nvlink, pcie) or node id (network)"},
+            "b": {"type": "string"},
+            "node": {"type": ["string", "null"], "description": "the host, for same-host links"},
+            "links": {"type": "integer", "description": "lanes (nvlink)"},
+            "gbit_s": {"type": ["number", "null"], "description": "speed, Gbit/s"},
+            "gbytes_s": {"type": ["number", "null"], "description": "the same speed, GB/s"},
+            "latency_ms": {"type": ["number", "null"]},
+            "peer_known": {
+                "type": "boolean",
+                "description": "network: the peer node is in the state",
+            },
+        },
+    }
+    schemas["Topology"] = {
+        "type": "object",
+        "properties": {
+            "nodes": {"type": "array", "items": {"type": "object"}},
+            "devices": {"type": "array", "items": {"type": "object"}},
+            "links": {"type": "array", "items": _ref("Link")},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "revision": {"type": "integer"},
+        },
+    }
+    schemas["History"] = {
+        "type": "object",
+        "properties": {
+            "points": {"type": "integer", "description": "ring size per device"},
+            "devices": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "description": "oldest first: t (unix s), util (%), mem_used (bytes), temp (C), power (W)",
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": {"type": ["number", "null"]},
+                    },
+                },
+            },
+        },
+    }
+    schemas["ApiError"] = {
+        "type": "object",
+        "required": ["ok", "error"],
+        "properties": {
+            "ok": {"const": False},
+            "error": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "field": {"type": ["string", "null"]},
+                },
+            },
+        },
+    }
+    return schemas
+
+
+def document() -> Schema:
+    place_responses: Schema = {
+        "200": _json(_ref("PlacementReply"), "placed (the planner's reply as is)"),
+        "400": _json(
+            {"oneOf": [_ref("ApiError"), _ref("PlacementReply")]},
+            "invalid request (field named) or the planner's invalid_request",
+        ),
+        "404": _json(_ref("PlacementReply"), "unknown_model"),
+        "409": _json(_ref("PlacementReply"), "no_devices, insufficient_memory or conflict"),
+        "500": _json(_ref("PlacementReply"), "the planner's internal error"),
+        "502": ERROR,
+        "503": _json(_ref("ApiError"), "no planner answers placement.request"),
+        "504": _json(_ref("ApiError"), "the planner did not answer in time (or its timeout)"),
+    }
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "shardplane status API",
+            "version": "1",
+            "description": "The cluster state (devices, nodes, placements) from the cluster_state "
+            "KV bucket, live events, Prometheus metrics, and placement requests to the planner.",
+        },
+        "paths": {
+            "/api/gpu/devices": _get(
+                "every device with its newest figures and liveness",
+                _list("devices", _ref("DeviceView")),
+                params=[
+                    _param("node", "query", "only this node's devices"),
+                    _param(
+                        "status",
+                        "query",
+                        "only online or offline devices",
+                        enum=["online", "offline"],
+                    ),
+                ],
+            ),
+            "/api/gpu/devices/{node}/{index}": _get(
+                "one device",
+                _ref("DeviceView"),
+                params=[
+                    _param("node", "path", "node id", True),
+                    _param("index", "path", "device index", True),
+                ],
+                errors=(400, 404),
+            ),
+            "/api/gpu/history": _get(
+                "the last minutes of each device's figures, for charts",
+                _ref("History"),
+                params=[_param("device", "query", "one device, `<node>/<index>`")],
+                errors=(400, 404),
+            ),
+            "/api/gpu/topology": _get(
+                "nodes, devices and links (NVLink pairs, same-host PCIe, network)", _ref("Topology")
+            ),
+            "/api/nodes": _get("every node with its devices", _list("nodes", _ref("NodeView"))),
+            "/api/placements": {
+                **_get("every placed instance", _list("placements", _ref("PlacementView"))),
+                "post": {
+                    "summary": "place a model: the body is forwarded over placement.request",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("PlacementRequest")}},
+                    },
+                    "responses": place_responses,
+                },
+            },
+            "/api/placements/{id}": _get(
+                "one placed instance",
+                _ref("PlacementView"),
+                params=[_param("id", "path", "instance id", True)],
+                errors=(400, 404),
+            ),
+            "/api/events": {
+                "get": {
+                    "summary": "server-sent events: `hello`, then one `device`/`node`/`instance` "
+                    "event per KV change ({kind, op: put|delete, key, id, revision, value}), "
+                    "`resync` when the client must reload the lists",
+                    "parameters": [
+                        _param("kinds", "query", "comma-separated subset of device,node,instance")
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "an event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        "400": ERROR,
+                    },
+                }
+            },
+            "/healthz": _get("the process is alive", {"type": "object"}, errors=()),
+            "/readyz": {
+                "get": {
+                    "summary": "NATS connected, the KV readable, the cache loaded",
+                    "responses": {
+                        "200": _json({"type": "object"}, "ready"),
+                        "503": _json({"type": "object"}, "not ready; `problems` says why"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text format: DCGM exporter names and labels for GPU "
+                    "figures (gpu, UUID, pci_bus_id, device, modelName, Hostname) plus node, "
+                    "and shardplane_* families for liveness, placements and stages",
+                    "responses": {"200": {"description": "OK", "content": text}},
+                }
+            },
+            "/api/openapi.json": _get("this document", {"type": "object"}, errors=()),
+        },
+        "components": {"schemas": _components()},
+    }
+
+
+@functools.cache
+def document_bytes() -> bytes:
+    return msgspec.json.encode(document())

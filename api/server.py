@@ -1,0 +1,583 @@
+"""The aiohttp application: thin handlers over :class:`api.state.ClusterCache`.
+
+One background task watches the whole ``cluster_state`` bucket and applies every entry to the
+cache; the handlers only read the cache (or forward a placement request over NATS). Server-sent
+events fan each change out to every connected browser through a bounded queue per client, so
+one slow client can never hold up the watch or the other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import BadRequestError, NotFoundError
+
+from api import openapi
+from api.errors import ApiError, request_error
+from api.state import KINDS, Change, ClusterCache, sse_event
+from bus import subjects
+from bus.ids import TOKEN_PATTERN
+from bus.messages import PlacementReply, PlacementRequest
+from bus.streams import CLUSTER_STATE, provision
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+# The planner's error codes and the HTTP status a client should see for each. Fleet-state
+# failures (nothing fits, no devices, a concurrent placement won) are 409: the request was
+# well formed, the cluster's current state is what said no.
+ERROR_STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "unknown_model": 404,
+    "no_devices": 409,
+    "insufficient_memory": 409,
+    "conflict": 409,
+    "timeout": 504,
+    "internal": 500,
+}
+
+_request_decoder = msgspec.json.Decoder(PlacementRequest)
+_reply_decoder = msgspec.json.Decoder(PlacementReply)
+_json = msgspec.json.Encoder()
+_TOKEN = re.compile(TOKEN_PATTERN)
+
+
+@dataclass(eq=False)  # identity semantics: each connection is its own subscriber
+class Subscriber:
+    kinds: frozenset[str]
+    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=20_000))
+    lagged: bool = False
+
+
+class Hub:
+    """Fan-out of encoded events to SSE clients. A client whose queue fills (it reads slower
+    than the cluster changes) gets its backlog dropped and one ``resync`` event, telling it to
+    reload the lists, instead of unbounded memory on the server."""
+
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.sent = 0
+        self.dropped = 0
+
+    def publish(self, kind: str, event: bytes) -> None:
+        for sub in self.subscribers:
+            if kind not in sub.kinds and kind != "resync":
+                continue
+            try:
+                sub.queue.put_nowait(event)
+                self.sent += 1
+            except asyncio.QueueFull:
+                self.dropped += sub.queue.qsize()
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait(sse_event("resync", b'{"reason":"client too slow"}'))
+                sub.lagged = True
+
+    def close_all(self) -> None:
+        for sub in self.subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(b"")  # the empty event ends the stream
+
+
+@dataclass
+class ApiState:
+    nc: Client
+    cache: ClusterCache
+    hub: Hub
+    request_timeout_s: float
+    started: float = field(default_factory=time.time)
+    synced: asyncio.Event = field(default_factory=asyncio.Event)
+    watch_restarts: int = 0
+    watch_error: str | None = None
+    placement_requests: Counter[str] = field(default_factory=lambda: Counter[str]())
+    watch_task: asyncio.Task[None] | None = None
+
+
+STATE_KEY = web.AppKey("shardplane_api", ApiState)
+
+
+# --- the watch ------------------------------------------------------------------------------
+
+
+async def _bucket(state: ApiState) -> Any:
+    js = state.nc.jetstream()
+    try:
+        return await js.key_value(CLUSTER_STATE)
+    except (NotFoundError, BadRequestError):
+        # The API may start before anything provisioned the bus; provisioning is idempotent.
+        await provision(js)
+        return await js.key_value(CLUSTER_STATE)
+
+
+def _publish(state: ApiState, change: Change | None) -> None:
+    if change is not None:
+        state.hub.publish(change.kind, change.event)
+
+
+async def watch_cluster_state(state: ApiState) -> None:
+    """Apply every change of the bucket to the cache, forever; re-watch after any failure.
+
+    A fresh watch replays the newest value of every key, so after a restart the cache is
+    reconciled: keys that vanished meanwhile are dropped, and clients are told to resync."""
+    first = True
+    while True:
+        watcher: Any = None
+        try:
+            kv = await _bucket(state)
+            watcher = await kv.watchall()
+            seen: set[str] = set()
+            initial = True
+            async for entry in watcher:
+                if entry is None:
+                    if initial:
+                        initial = False
+                        for change in state.cache.forget_missing(seen):
+                            _publish(state, change)
+                        state.cache.ready = True
+                        state.synced.set()
+                        state.watch_error = None
+                        if not first:
+                            state.hub.publish(
+                                "resync", sse_event("resync", b'{"reason":"rewatch"}')
+                            )
+                        first = False
+                    continue
+                key = str(entry.key)
+                if initial:
+                    seen.add(key)
+                deleted = entry.operation in ("DEL", "PURGE")
+                _publish(
+                    state, state.cache.apply(key, entry.value, int(entry.revision or 0), deleted)
+                )
+            raise ConnectionError("the watch ended")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            state.watch_restarts += 1
+            state.watch_error = f"{type(exc).__name__}: {exc}"
+            log.warning("cluster_state watch failed (%s); watching again", state.watch_error)
+            await asyncio.sleep(min(5.0, 0.2 * state.watch_restarts))
+        finally:
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _json_response(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=JSON)
+
+
+def _check_query(request: web.Request, allowed: frozenset[str]) -> None:
+    for name in request.query:
+        if name not in allowed:
+            hint = (
+                f"; allowed: {', '.join(sorted(allowed))}"
+                if allowed
+                else "; this endpoint takes none"
+            )
+            raise ApiError(400, "invalid_request", f"unknown query parameter `{name}`{hint}", name)
+
+
+def _state(request: web.Request) -> ApiState:
+    return request.app[STATE_KEY]
+
+
+async def _synced(state: ApiState, timeout: float = 5.0) -> None:
+    # Right after start the first watch may still be replaying the bucket; wait briefly so a
+    # client never sees a half-empty fleet, but never hang a request on a dead bus.
+    if not state.synced.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.synced.wait(), timeout)
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state = _state(request)
+    return web.json_response({"ok": True, "uptime_s": round(time.time() - state.started, 3)})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = _state(request)
+    problems: list[str] = []
+    if not state.nc.is_connected:
+        problems.append("NATS is not connected")
+    else:
+        try:
+            kv = await state.nc.jetstream().key_value(CLUSTER_STATE)
+            await asyncio.wait_for(kv.status(), 2.0)
+        except Exception as exc:
+            problems.append(
+                f"KV bucket {CLUSTER_STATE} is not readable: {type(exc).__name__}: {exc}"
+            )
+    if not state.cache.ready:
+        problems.append("the cluster_state watch has not delivered the bucket yet")
+    if state.watch_error:
+        problems.append(f"the cluster_state watch failed: {state.watch_error}")
+    body = {
+        "ready": not problems,
+        "problems": problems,
+        "nats_connected": state.nc.is_connected,
+        "revision": state.cache.revision,
+        "devices": len(state.cache.views["device"]),
+    }
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+async def devices(request: web.Request) -> web.Response:
+    _check_query(request, frozenset({"node", "status"}))
+    state = _state(request)
+    await _synced(state)
+    node, status = request.query.get("node"), request.query.get("status")
+    if status is not None and status not in ("online", "offline"):
+        raise ApiError(400, "invalid_request", "`status` must be online or offline", "status")
+    if node is None and status is None:
+        return _json_response(state.cache.devices_body())
+    cache = state.cache
+    keys = [
+        k
+        for k in cache.sorted_keys("device")
+        if (node is None or cache.views["device"][k]["node"] == node)
+        and (status is None or cache.views["device"][k]["status"] == status)
+    ]
+    head = f'{{"count":{len(keys)},"revision":{cache.revision},"devices":['.encode()
+    return _json_response(head + b",".join(cache.json["device"][k] for k in keys) + b"]}")
+
+
+async def device(request: web.Request) -> web.Response:
+    _check_query(request, frozenset())
+    state = _state(request)
+    await _synced(state)
+    node, index = request.match_info["node"], request.match_info["index"]
+    if not index.isdigit():
+        raise ApiError(
+            400, "invalid_request", "`index` must be a device index (0, 1, ...)", "index"
+        )
+    body = state.cache.device_json(node, int(index))
+    if body is None:
+        raise ApiError(404, "not_found", f"no device {node}/{index}", "id")
+    return _json_response(body)
+
+
+async def history(request: web.Request) -> web.Response:
+    _check_query(request, frozenset({"device"}))
+    state = _state(request)
+    await _synced(state)
+    wanted = request.query.get("device")
+    cache = state.cache
+    out: dict[str, Any] = {}
+    if wanted is not None:
+        node, _, index = wanted.rpartition("/")
+        key = f"devices.{node}.{index}"
+        series = cache.history.series(key) if index.isdigit() else None
+        if series is None:
+            raise ApiError(404, "not_found", f"no history for device {wanted!r}", "device")
+        out[wanted] = series
+    else:
+        for key in cache.sorted_keys("device"):
+            series = cache.history.series(key)
+            if series is not None:
+                out[str(cache.views["device"][key]["id"])] = series
+    return _json_response(_json.encode({"points": cache.history.points, "devices": out}))
+
+
+async def topology(request: web.Request) -> web.Response:
+    _check_query(request, frozenset())
+    state = _state(request)
+    await _synced(state)
+    return _json_response(state.cache.topology_body())
+
+
+async def nodes(request: web.Request) -> web.Response:
+    _check_query(request, frozenset())
+    state = _state(request)
+    await _synced(state)
+    return _json_response(state.cache.nodes_body())
+
+
+async def placements(request: web.Request) -> web.Response:
+    _check_query(request, frozenset())
+    state = _state(request)
+    await _synced(state)
+    return _json_response(state.cache.placements_body())
+
+
+async def placement(request: web.Request) -> web.Response:
+    _check_query(request, frozenset())
+    state = _state(request)
+    await _synced(state)
+    ident = request.match_info["id"]
+    if not _TOKEN.match(ident):
+        raise ApiError(
+            400,
+            "invalid_request",
+            "`id` must be an instance id (lowercase [a-z0-9_-], 1-64 chars)",
+            "id",
+        )
+    body = state.cache.instance_json(ident)
+    if body is None:
+        raise ApiError(404, "not_found", f"no placement {ident!r}", "id")
+    return _json_response(body)
+
+
+async def place(request: web.Request) -> web.Response:
+    """Validate the PlacementRequest here (so a typo gets a 400 naming the field without a
+    round trip), then forward the client's JSON as is and return the planner's reply as is."""
+    _check_query(request, frozenset())
+    state = _state(request)
+    raw = await request.read()
+    try:
+        parsed = _request_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        state.placement_requests["invalid_request"] += 1
+        raise request_error(exc, raw) from None
+    timeout = state.request_timeout_s
+    if parsed.time_limit_s is not None:
+        timeout = max(timeout, parsed.time_limit_s + 10.0)
+    try:
+        msg = await state.nc.request(subjects.PLACEMENT_REQUEST, raw, timeout=timeout)
+    except NoRespondersError:
+        state.placement_requests["unavailable"] += 1
+        raise ApiError(
+            503,
+            "unavailable",
+            "no planner answers placement.request; is `shardplane planner` running?",
+        ) from None
+    except NatsTimeoutError:
+        state.placement_requests["timeout"] += 1
+        raise ApiError(
+            504, "timeout", f"the planner did not answer within {timeout:.0f} s"
+        ) from None
+    try:
+        reply = _reply_decoder.decode(msg.data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        state.placement_requests["bad_reply"] += 1
+        raise ApiError(
+            502, "internal", f"the planner's reply is not a PlacementReply: {exc}"
+        ) from None
+    if reply.ok:
+        state.placement_requests["ok"] += 1
+        return _json_response(msg.data, 200)
+    code = reply.error.code if reply.error is not None else "internal"
+    state.placement_requests[code] += 1
+    return _json_response(msg.data, ERROR_STATUS.get(code, 500))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one event per KV change (``device``, ``node``, ``instance``, each
+    with ``op`` put/delete and the same view the lists return), ``resync`` when a client must
+    reload, and a comment every 15 s so proxies keep the connection open."""
+    _check_query(request, frozenset({"kinds"}))
+    state = _state(request)
+    kinds: frozenset[str] = frozenset(KINDS)
+    if "kinds" in request.query:
+        asked = {k.strip() for k in request.query["kinds"].split(",") if k.strip()}
+        unknown = sorted(asked - set(KINDS))
+        if unknown or not asked:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"`kinds` takes {', '.join(KINDS)}; got {unknown or 'nothing'}",
+                "kinds",
+            )
+        kinds = frozenset(asked)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        }
+    )
+    await response.prepare(request)
+    sub = Subscriber(kinds)
+    state.hub.subscribers.add(sub)
+    try:
+        hello = _json.encode({"revision": state.cache.revision, "kinds": sorted(kinds)})
+        await response.write(b"retry: 2000\n" + sse_event("hello", hello))
+        while True:
+            try:
+                first = await asyncio.wait_for(sub.queue.get(), 15.0)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if not first:
+                break
+            # Batch what has queued up into one write: at thousands of changes per second a
+            # write per event would cost more than the events themselves.
+            batch = [first]
+            while not sub.queue.empty() and len(batch) < 512:
+                item = sub.queue.get_nowait()
+                if not item:
+                    await response.write(b"".join(batch))
+                    return response
+                batch.append(item)
+            await response.write(b"".join(batch))
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        state.hub.subscribers.discard(sub)
+    return response
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    _check_query(request, frozenset())
+    state = _state(request)
+    await _synced(state)
+    cache = state.cache
+    own = [
+        "# HELP shardplane_api_sse_clients Server-sent event clients connected.",
+        "# TYPE shardplane_api_sse_clients gauge",
+        f"shardplane_api_sse_clients {len(state.hub.subscribers)}",
+        "# HELP shardplane_api_kv_updates_total cluster_state changes applied to the cache.",
+        "# TYPE shardplane_api_kv_updates_total counter",
+        f"shardplane_api_kv_updates_total {cache.updates}",
+        "# HELP shardplane_api_kv_invalid_total cluster_state values that failed to decode.",
+        "# TYPE shardplane_api_kv_invalid_total counter",
+        f"shardplane_api_kv_invalid_total {cache.invalid}",
+        "# HELP shardplane_api_kv_revision Newest cluster_state revision the cache holds.",
+        "# TYPE shardplane_api_kv_revision gauge",
+        f"shardplane_api_kv_revision {cache.revision}",
+        "# HELP shardplane_api_watch_restarts_total Times the cluster_state watch was restarted.",
+        "# TYPE shardplane_api_watch_restarts_total counter",
+        f"shardplane_api_watch_restarts_total {state.watch_restarts}",
+        "# HELP shardplane_api_placement_requests_total POST /api/placements by outcome.",
+        "# TYPE shardplane_api_placement_requests_total counter",
+        *(
+            f'shardplane_api_placement_requests_total{{outcome="{k}"}} {v}'
+            for k, v in sorted(state.placement_requests.items())
+        ),
+    ]
+    body = cache.metrics_body() + ("\n".join(own) + "\n").encode()
+    return web.Response(body=body, headers={"Content-Type": PROMETHEUS})
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return _json_response(openapi.document_bytes())
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+# --- the application ------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error a client can cause answers JSON naming what was wrong; anything else is a
+    500 with the error logged, never a dropped connection or a dead server."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.Response(body=exc.body(), status=exc.status, content_type=JSON)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status, "invalid_request"
+        )
+        body = ApiError(exc.status, code, exc.reason).body()
+        return web.Response(body=body, status=exc.status, content_type=JSON, headers=_allow(exc))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        body = ApiError(500, "internal", f"{type(exc).__name__}: {exc}").body()
+        return web.Response(body=body, status=500, content_type=JSON)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def make_app(
+    nc: Client, *, request_timeout_s: float = 30.0, history_points: int = 120
+) -> web.Application:
+    """The whole API on one NATS connection; the watch runs while the app runs."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
+    state = ApiState(
+        nc=nc, cache=ClusterCache(history_points), hub=Hub(), request_timeout_s=request_timeout_s
+    )
+    app[STATE_KEY] = state
+
+    async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
+        state.watch_task = asyncio.create_task(watch_cluster_state(state), name="api-watch")
+        # Serve only once the bucket is loaded (or 10 s passed): a first request should see
+        # the whole fleet, and /readyz tells the truth either way.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.synced.wait(), 10.0)
+        yield
+        state.watch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await state.watch_task
+
+    async def on_shutdown(app: web.Application) -> None:
+        state.hub.close_all()
+
+    app.cleanup_ctx.append(watch_ctx)
+    app.on_shutdown.append(on_shutdown)
+    r = app.router
+    r.add_get("/", index)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_handler)
+    r.add_get("/api/openapi.json", openapi_handler)
+    r.add_get("/api/gpu/devices", devices)
+    r.add_get("/api/gpu/devices/{node}/{index}", device)
+    r.add_get("/api/gpu/history", history)
+    r.add_get("/api/gpu/topology", topology)
+    r.add_get("/api/nodes", nodes)
+    r.add_get("/api/placements", placements)
+    r.add_post("/api/placements", place)
+    r.add_get("/api/placements/{id}", placement)
+    r.add_get("/api/events", events)
+    r.add_static("/static/", STATIC_DIR, show_index=False)
+    return app
+
+
+async def start_app(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, str]:
+    """Start ``app`` on ``host:port`` (0 picks a free port); returns the runner and base URL."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound: Any = runner.addresses[0]
+    return runner, f"http://{host}:{int(bound[1])}"
+
+
+async def run_api(
+    nc: Client, *, stop: asyncio.Event, host: str = "127.0.0.1", port: int = 8080
+) -> None:
+    """Serve until ``stop`` is set, then close clients (SSE streams included) and return."""
+    runner, url = await start_app(make_app(nc), host, port)
+    log.info("status API and dashboard on %s/", url)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

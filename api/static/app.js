@@ -1,0 +1,513 @@
+// shardplane dashboard. Plain ES2020, no build step, nothing fetched from outside this server.
+// State lives in maps keyed like the KV (devices by "<node>/<index>", nodes, instances by id);
+// the lists come from the REST endpoints and every change after that from /api/events, applied
+// only when its revision is newer than what we hold (events and list loads may overlap).
+"use strict";
+
+const MAX_ROWS = 400; // rows drawn in the fleet table; the filter narrows larger fleets
+const HISTORY_WINDOW_S = 300; // the sparklines show the last five minutes
+const HISTORY_POINTS = 150;
+const PALETTE = ["#58a6ff", "#3fb970", "#f0883e", "#bc8cff", "#e5534b", "#39c5cf", "#d29922",
+  "#ff7eb6", "#a5d6ff", "#7ee787", "#ffa657", "#d2a8ff", "#ffdf5d", "#56d4dd", "#f778ba"];
+
+const state = {
+  devices: new Map(), nodes: new Map(), instances: new Map(), topology: null,
+  history: new Map(), revision: 0, filter: "",
+};
+const dirty = { rows: new Set(), table: false, topology: false, placements: false, summary: false };
+
+// --- small helpers ------------------------------------------------------------------------
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "style") el.style.cssText = v;
+    else if (k.startsWith("data-")) el.setAttribute(k, v);
+    else el[k] = v;
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+const SVG = "http://www.w3.org/2000/svg";
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) if (v !== null && v !== undefined) el.setAttribute(k, v);
+  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+const GIB = 1024 ** 3;
+const gib = (b) => (b === null || b === undefined ? "–" : (b / GIB).toFixed(b >= 100 * GIB ? 0 : 1));
+const num = (v, digits = 0) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+function ago(ts) {
+  if (!ts) return "never";
+  const s = Math.max(0, Date.now() / 1000 - ts);
+  return s < 90 ? `${s.toFixed(0)} s ago` : s < 5400 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
+}
+function deviceOrder(a, b) {
+  return a.node < b.node ? -1 : a.node > b.node ? 1 : a.index - b.index;
+}
+let colorIndex = null; // device id -> position in the fleet; rebuilt when devices come or go
+function colorOf(deviceId) {
+  // Colours follow the fleet's order, so the same GPU has the same colour in the topology,
+  // the fleet table and every placement.
+  if (!colorIndex) {
+    const ids = [...state.devices.values()].sort(deviceOrder).map((d) => d.id);
+    colorIndex = new Map(ids.map((id, i) => [id, i]));
+  }
+  const i = colorIndex.get(deviceId);
+  if (i !== undefined) return PALETTE[i % PALETTE.length];
+  let hsh = 0;
+  for (const ch of String(deviceId)) hsh = (hsh * 31 + ch.charCodeAt(0)) >>> 0;
+  return PALETTE[hsh % PALETTE.length];
+}
+async function getJSON(path) {
+  const r = await fetch(path, { headers: { Accept: "application/json" } });
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+  return r.json();
+}
+
+// --- loading and live events --------------------------------------------------------------
+function putIfNewer(map, id, value) {
+  const held = map.get(id);
+  if (held && held.revision > value.revision) return false;
+  map.set(id, value);
+  return true;
+}
+
+function pushHistory(dev) {
+  let hist = state.history.get(dev.id);
+  if (!hist) { hist = { t: [], util: [], mem: [], temp: [] }; state.history.set(dev.id, hist); }
+  const t = dev.ts || dev.last_seen;
+  if (hist.t.length && hist.t[hist.t.length - 1] >= t) return;
+  hist.t.push(t);
+  hist.util.push(dev.utilization_gpu_pct ?? null);
+  hist.mem.push(dev.memory_total_bytes ? (100 * (dev.memory_used_bytes ?? 0)) / dev.memory_total_bytes : null);
+  hist.temp.push(dev.temperature_c ?? null);
+  while (hist.t.length > HISTORY_POINTS) for (const k of Object.keys(hist)) hist[k].shift();
+}
+
+async function loadAll() {
+  const [devs, nodes, placements, topo] = await Promise.all([
+    getJSON("/api/gpu/devices"), getJSON("/api/nodes"), getJSON("/api/placements"), getJSON("/api/gpu/topology"),
+  ]);
+  state.devices.clear(); state.nodes.clear(); state.instances.clear();
+  for (const d of devs.devices) state.devices.set(d.id, d);
+  for (const n of nodes.nodes) state.nodes.set(n.id, n);
+  for (const p of placements.placements) state.instances.set(p.id, p);
+  state.topology = topo;
+  state.revision = Math.max(devs.revision, nodes.revision, placements.revision);
+  if (state.devices.size <= MAX_ROWS) {
+    try {
+      const hist = await getJSON("/api/gpu/history");
+      for (const [id, series] of Object.entries(hist.devices)) {
+        const dev = state.devices.get(id);
+        const total = dev ? dev.memory_total_bytes : null;
+        state.history.set(id, {
+          t: series.t, util: series.util, temp: series.temp,
+          mem: series.mem_used.map((m) => (total && m !== null ? (100 * m) / total : null)),
+        });
+      }
+    } catch (e) { console.warn("history", e); }
+  }
+  for (const d of state.devices.values()) pushHistory(d);
+  colorIndex = null;
+  dirty.table = dirty.topology = dirty.placements = dirty.summary = true;
+  schedule();
+}
+
+let topoTimer = null;
+function refreshTopologySoon() {
+  // The topology changes rarely (a device or link appears, a node goes offline): refetch it
+  // at most once a second instead of rebuilding it in the browser on every sample.
+  if (topoTimer) return;
+  topoTimer = setTimeout(async () => {
+    topoTimer = null;
+    try { state.topology = await getJSON("/api/gpu/topology"); dirty.topology = true; schedule(); } catch (e) { console.warn(e); }
+  }, 1000);
+}
+
+function applyEvent(ev) {
+  const msg = JSON.parse(ev.data);
+  state.revision = Math.max(state.revision, msg.revision);
+  if (msg.kind === "device") {
+    if (msg.op === "delete") { state.devices.delete(msg.id); dirty.table = true; refreshTopologySoon(); }
+    else {
+      const before = state.devices.get(msg.id);
+      if (!putIfNewer(state.devices, msg.id, msg.value)) return;
+      pushHistory(msg.value);
+      if (!before) dirty.table = true; else dirty.rows.add(msg.id);
+      if (!before || before.status !== msg.value.status) refreshTopologySoon();
+    }
+  } else if (msg.kind === "node") {
+    if (msg.op === "delete") state.nodes.delete(msg.id);
+    else if (!putIfNewer(state.nodes, msg.id, msg.value)) return;
+    refreshTopologySoon();
+  } else if (msg.kind === "instance") {
+    if (msg.op === "delete") state.instances.delete(msg.id);
+    else if (!putIfNewer(state.instances, msg.id, msg.value)) return;
+    dirty.placements = true;
+  }
+  dirty.summary = true;
+  schedule();
+}
+
+function connect() {
+  const conn = document.getElementById("conn");
+  const es = new EventSource("/api/events");
+  for (const kind of ["device", "node", "instance"]) es.addEventListener(kind, applyEvent);
+  // hello comes first on every (re)connection: load the lists after it, so no change made
+  // between the load and the subscription is lost.
+  es.addEventListener("hello", () => {
+    conn.textContent = "live"; conn.className = "conn conn-live";
+    loadAll().catch((e) => console.warn("load", e));
+  });
+  es.addEventListener("resync", () => loadAll().catch((e) => console.warn("load", e)));
+  es.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn conn-down"; };
+}
+
+// --- rendering ----------------------------------------------------------------------------
+let scheduled = false;
+function schedule() {
+  if (scheduled) return;
+  scheduled = true;
+  requestAnimationFrame(() => { scheduled = false; render(); });
+}
+
+function render() {
+  if (dirty.summary) { renderSummary(); dirty.summary = false; }
+  if (dirty.table) { renderTable(); dirty.table = false; dirty.rows.clear(); }
+  else if (dirty.rows.size) { for (const id of dirty.rows) updateRow(id); dirty.rows.clear(); }
+  if (dirty.topology) { renderTopology(); dirty.topology = false; }
+  if (dirty.placements) { renderPlacements(); dirty.placements = false; }
+}
+
+function renderSummary() {
+  const devs = [...state.devices.values()];
+  const online = devs.filter((d) => d.status === "online").length;
+  const nodesOnline = [...state.nodes.values()].filter((n) => n.online).length;
+  const total = devs.reduce((a, d) => a + (d.memory_total_bytes || 0), 0);
+  const free = devs.reduce((a, d) => a + (d.status === "online" ? d.memory_free_bytes || 0 : 0), 0);
+  const el = document.getElementById("summary");
+  el.replaceChildren(
+    h("b", {}, `${nodesOnline}/${state.nodes.size}`), " nodes online · ",
+    h("b", {}, `${online}/${devs.length}`), " GPUs online · ",
+    h("b", {}, `${gib(free)} / ${gib(total)} GiB`), " free · ",
+    h("b", {}, state.instances.size), " placements · revision ", state.revision,
+  );
+}
+
+function matches(d) {
+  if (!state.filter) return true;
+  const hay = `${d.id} ${d.name || ""} ${d.status} ${d.vendor || ""}`.toLowerCase();
+  return state.filter.split(/\s+/).every((w) => hay.includes(w));
+}
+
+const rows = new Map(); // device id -> {tr, cells...}
+
+function renderTable() {
+  colorIndex = null;
+  const body = document.getElementById("fleet-body");
+  const devs = [...state.devices.values()].filter(matches).sort(deviceOrder);
+  rows.clear();
+  const frag = document.createDocumentFragment();
+  for (const d of devs.slice(0, MAX_ROWS)) {
+    const row = {
+      tr: h("tr", { "data-device-id": d.id }),
+      status: h("td", { class: "status" }),
+      mem: h("td", { class: "mem" }),
+      util: h("td", { class: "util num" }),
+      temp: h("td", { class: "temp num" }),
+      power: h("td", { class: "power num" }),
+      canvas: h("canvas", { class: "spark", width: 180, height: 30 }),
+    };
+    const swatch = h("i", { style: `display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:6px;background:${colorOf(d.id)}` });
+    row.tr.append(
+      h("td", { class: "id" }, swatch, d.id),
+      h("td", { class: "gpu", title: d.uuid }, d.name || "?"),
+      row.status, row.mem, row.util, row.temp, row.power, h("td", {}, row.canvas),
+    );
+    rows.set(d.id, row);
+    fillRow(d, row);
+    frag.append(row.tr);
+  }
+  body.replaceChildren(frag);
+  if (!devs.length) body.append(h("tr", {}, h("td", { colSpan: 8, class: "empty" }, state.devices.size ? "no device matches the filter" : "no devices reporting yet")));
+  const more = document.getElementById("fleet-more");
+  more.hidden = devs.length <= MAX_ROWS;
+  more.textContent = `showing ${MAX_ROWS} of ${devs.length} devices; narrow with the filter`;
+  document.getElementById("fleet-hint").textContent = `${state.devices.size} devices`;
+}
+
+function updateRow(id) {
+  const d = state.devices.get(id);
+  const row = rows.get(id);
+  if (!d || !row) { if (d && matches(d) && rows.size < MAX_ROWS) dirty.table = true; return; }
+  fillRow(d, row);
+}
+
+function fillRow(d, row) {
+  row.tr.className = d.status;
+  row.status.replaceChildren(
+    h("span", { class: `badge b-${d.status}`, title: d.offline_reason || `last seen ${ago(d.last_seen)}` }, d.status),
+    d.status === "offline" && d.offline_reason ? h("span", { class: "hint" }, d.offline_reason) : null,
+  );
+  const total = d.memory_total_bytes, used = d.memory_used_bytes;
+  const pct = total ? Math.min(100, (100 * (used || 0)) / total) : 0;
+  row.mem.replaceChildren(h("div", { class: "bar", title: `${gib(d.memory_free_bytes)} GiB free` },
+    h("span", { style: `width:${pct.toFixed(1)}%` }), h("em", {}, `${gib(used)} / ${gib(total)} GiB`)));
+  const util = d.utilization_gpu_pct;
+  row.util.replaceChildren(h("div", { class: "bar ubar" }, h("span", { style: `width:${util ?? 0}%` }), h("em", {}, util === null || util === undefined ? "–" : `${num(util)} %`)));
+  row.temp.textContent = d.temperature_c === null || d.temperature_c === undefined ? "–" : `${num(d.temperature_c)} °C`;
+  row.temp.classList.toggle("hot", (d.temperature_c ?? 0) >= 85);
+  row.power.textContent = d.power_w === null || d.power_w === undefined ? "–" : `${num(d.power_w)}${d.power_limit_w ? ` / ${num(d.power_limit_w)}` : ""} W`;
+  drawSpark(row.canvas, state.history.get(d.id));
+}
+
+function drawSpark(canvas, hist) {
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height;
+  ctx.clearRect(0, 0, W, H);
+  if (!hist || !hist.t.length) return;
+  const now = Math.max(Date.now() / 1000, hist.t[hist.t.length - 1]);
+  const x = (t) => W - ((now - t) / HISTORY_WINDOW_S) * W;
+  const line = (values, max, color, fill) => {
+    ctx.beginPath();
+    let started = false, firstX = 0, lastX = 0;
+    for (let i = 0; i < hist.t.length; i++) {
+      const v = values[i];
+      if (v === null || v === undefined || hist.t[i] < now - HISTORY_WINDOW_S) continue;
+      const px = x(hist.t[i]), py = H - 2 - (Math.min(v, max) / max) * (H - 4);
+      if (!started) { ctx.moveTo(px, py); started = true; firstX = px; } else ctx.lineTo(px, py);
+      lastX = px;
+    }
+    if (!started) return;
+    if (fill) {
+      ctx.lineTo(lastX, H); ctx.lineTo(firstX, H); ctx.closePath();
+      ctx.fillStyle = fill; ctx.fill();
+    } else { ctx.strokeStyle = color; ctx.lineWidth = 1.5; ctx.stroke(); }
+  };
+  line(hist.mem, 100, null, "rgba(188,140,255,0.28)");
+  line(hist.temp, 100, "#f0883e");
+  line(hist.util, 100, "#58a6ff");
+}
+
+// The topology: nodes as boxes on a grid, GPUs inside each box (filled by memory in use),
+// NVLink pairs as green arcs above the GPUs, the host's PCIe as a bus under them, and network
+// links between boxes labelled with speed and latency.
+function renderTopology() {
+  const el = document.getElementById("topology");
+  let topo = state.topology;
+  if (!topo || !topo.nodes.length) { el.replaceChildren(h("p", { class: "empty" }, "no nodes yet")); return; }
+  const MAX_NODES = 48; // beyond this the drawing stops being readable; the API has them all
+  if (topo.nodes.length > MAX_NODES) {
+    topo = { ...topo, nodes: topo.nodes.slice(0, MAX_NODES) };
+  }
+  const GPU_W = 62, GPU_H = 46, GAP = 10, PAD = 14, HEAD = 34, BUS = 26;
+  const maxGpus = Math.max(1, ...topo.nodes.map((n) => n.devices.length));
+  const perRow = Math.min(maxGpus, 8);
+  const boxW = Math.max(170, PAD * 2 + perRow * GPU_W + (perRow - 1) * GAP);
+  const gpuRows = Math.ceil(maxGpus / perRow);
+  const boxH = HEAD + gpuRows * (GPU_H + GAP) + BUS + PAD;
+  const cols = Math.max(1, Math.min(topo.nodes.length, Math.ceil(Math.sqrt(topo.nodes.length * 1.6))));
+  const CG = 90, RG = 70;
+  const W = cols * boxW + (cols - 1) * CG + 40;
+  const rowsN = Math.ceil(topo.nodes.length / cols);
+  const H = rowsN * boxH + (rowsN - 1) * RG + 40;
+  const svg = s("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "cluster topology" });
+  const boxes = new Map(), gpus = new Map();
+  topo.nodes.forEach((n, i) => {
+    const bx = 20 + (i % cols) * (boxW + CG), by = 20 + Math.floor(i / cols) * (boxH + RG);
+    boxes.set(n.id, { x: bx, y: by, w: boxW, h: boxH });
+    n.devices.forEach((id, j) => {
+      gpus.set(id, { x: bx + PAD + (j % perRow) * (GPU_W + GAP), y: by + HEAD + Math.floor(j / perRow) * (GPU_H + GAP) });
+    });
+  });
+  const devById = new Map(topo.devices.map((d) => [d.id, d]));
+  const netLayer = s("g", {}), boxLayer = s("g", {}), linkLayer = s("g", {});
+  for (const link of topo.links) {
+    if (link.kind !== "network") continue;
+    const a = boxes.get(link.a), b = boxes.get(link.b);
+    if (!a || !b) continue;
+    const ax = a.x + a.w / 2, ay = a.y + a.h / 2, bx = b.x + b.w / 2, by = b.y + b.h / 2;
+    const wdt = Math.max(1.2, Math.min(6, Math.log10((link.gbit_s || 1) + 1) * 2.2));
+    netLayer.append(s("line", { x1: ax, y1: ay, x2: bx, y2: by, stroke: "#58a6ff", "stroke-width": wdt, "stroke-opacity": 0.55, class: "net-link" }));
+    const label = `${num(link.gbit_s, link.gbit_s < 10 ? 1 : 0)} Gb/s · ${num(link.latency_ms, 2)} ms`;
+    const mx = (ax + bx) / 2, my = (ay + by) / 2;
+    netLayer.append(s("rect", { x: mx - 58, y: my - 9, width: 116, height: 17, rx: 8, fill: "#0f1419", stroke: "#263241" }));
+    netLayer.append(s("text", { x: mx, y: my + 4, "text-anchor": "middle", fill: "#a5d6ff", "font-size": 11 }, label));
+  }
+  for (const n of topo.nodes) {
+    const b = boxes.get(n.id);
+    const g = s("g", { class: "node", "data-node": n.id });
+    g.append(s("rect", { x: b.x, y: b.y, width: b.w, height: b.h, rx: 8, fill: "#161d25", stroke: n.online ? "#3fb970" : "#e5534b", "stroke-width": 1.5 }));
+    g.append(s("text", { x: b.x + 10, y: b.y + 20, fill: "#d8e0e8", "font-size": 13, "font-weight": 600 }, n.id));
+    g.append(s("text", { x: b.x + b.w - 10, y: b.y + 20, fill: n.online ? "#3fb970" : "#e5534b", "font-size": 11, "text-anchor": "end" }, `${n.online ? "online" : "offline"}${n.interconnect ? ` · ${n.interconnect}` : ""}`));
+    if (n.devices.length > 1) {
+      const first = gpus.get(n.devices[0]), last = gpus.get(n.devices[n.devices.length - 1]);
+      const busY = b.y + b.h - PAD - 6;
+      const pcie = topo.links.filter((l) => l.kind === "pcie" && l.node === n.id && l.gbytes_s);
+      const speed = pcie.length ? Math.min(...pcie.map((l) => l.gbytes_s)) : null;
+      g.append(s("line", { x1: first.x + 6, y1: busY, x2: last.x + GPU_W - 6, y2: busY, stroke: "#8394a6", "stroke-width": 2, class: "pcie-bus" }));
+      for (const id of n.devices) {
+        const p = gpus.get(id);
+        if (p.y + GPU_H + GAP > busY) g.append(s("line", { x1: p.x + GPU_W / 2, y1: p.y + GPU_H, x2: p.x + GPU_W / 2, y2: busY, stroke: "#8394a6", "stroke-width": 1 }));
+      }
+      g.append(s("text", { x: b.x + b.w - 10, y: busY - 4, fill: "#8394a6", "font-size": 10, "text-anchor": "end" }, `PCIe${speed ? ` ${num(speed)} GB/s` : ""}`));
+    }
+    for (const id of n.devices) {
+      const p = gpus.get(id), d = devById.get(id) || {}, live = state.devices.get(id) || d;
+      const used = live.memory_total_bytes ? (live.memory_used_bytes || 0) / live.memory_total_bytes : 0;
+      const gg = s("g", { class: "gpu", "data-device-id": id });
+      gg.append(s("title", {}, `${id} · ${d.name || "?"} · ${gib(live.memory_total_bytes)} GiB · ${d.status}`));
+      gg.append(s("rect", { x: p.x, y: p.y, width: GPU_W, height: GPU_H, rx: 4, fill: "#0b1016", stroke: colorOf(id), "stroke-width": d.online ? 2 : 1, "stroke-dasharray": d.online ? null : "3 2" }));
+      gg.append(s("rect", { x: p.x + 2, y: p.y + GPU_H - 2 - (GPU_H - 4) * used, width: GPU_W - 4, height: (GPU_H - 4) * used, fill: colorOf(id), "fill-opacity": 0.25 }));
+      gg.append(s("text", { x: p.x + GPU_W / 2, y: p.y + 16, "text-anchor": "middle", fill: "#d8e0e8", "font-size": 11, "font-weight": 600 }, `#${d.index}`));
+      const short = String(d.name || "?").replace(/^(NVIDIA|AMD)\s+/i, "").replace(/GeForce\s+/i, "").slice(0, 10);
+      gg.append(s("text", { x: p.x + GPU_W / 2, y: p.y + 29, "text-anchor": "middle", fill: "#8394a6", "font-size": 9 }, short));
+      gg.append(s("text", { x: p.x + GPU_W / 2, y: p.y + 41, "text-anchor": "middle", fill: "#8394a6", "font-size": 9 }, `${gib(live.memory_total_bytes)} GiB`));
+      g.append(gg);
+    }
+    boxLayer.append(g);
+  }
+  for (const link of topo.links) {
+    if (link.kind !== "nvlink") continue;
+    const a = gpus.get(link.a), b = gpus.get(link.b);
+    if (!a || !b) continue;
+    const ax = a.x + GPU_W / 2, bx = b.x + GPU_W / 2, top = Math.min(a.y, b.y);
+    const lift = 12 + Math.min(10, Math.abs(bx - ax) / 20);
+    linkLayer.append(s("path", { d: `M${ax},${a.y} C${ax},${top - lift} ${bx},${top - lift} ${bx},${b.y}`, fill: "none", stroke: "#3fb970", "stroke-width": 3, class: "nvlink" },
+      s("title", {}, `NVLink ${link.a} ↔ ${link.b}: ${link.links} link(s)${link.gbytes_s ? `, ${num(link.gbytes_s)} GB/s` : ""}`)));
+  }
+  svg.append(netLayer, boxLayer, linkLayer);
+  el.replaceChildren(svg);
+  const c = topo.counts || {};
+  const shown = state.topology.nodes.length > topo.nodes.length ? ` (first ${topo.nodes.length} drawn)` : "";
+  document.getElementById("topology-hint").textContent = `${state.topology.nodes.length} nodes${shown} · ${c.nvlink || 0} NVLink · ${c.pcie || 0} PCIe · ${c.network || 0} network links`;
+}
+
+// A plan as the model's layers laid along its pipeline: one cell per layer, coloured by the
+// device that holds it, and under it one block per stage with its device, range and status.
+function planView(stages, layersTotal) {
+  const total = layersTotal || Math.max(0, ...stages.map((st) => st.layer_end));
+  const strip = h("div", { class: "layers", title: `${total} layers` });
+  const perStage = h("div", { class: "stages" });
+  for (const st of stages) {
+    const color = colorOf(st.device);
+    const n = st.layer_end - st.layer_start;
+    const status = st.state || "planned";
+    for (let l = st.layer_start; l < st.layer_end; l++) {
+      strip.append(h("i", { class: status, style: `background:${color}`, title: `layer ${l} · ${st.device} · ${status}` }));
+    }
+    perStage.append(h("div", { style: `flex:${Math.max(n, 0.001)};border-color:${color}`, "data-stage": st.stage ?? "", "data-device-id": st.device || "" },
+      h("b", {}, `${st.device || st.node}`),
+      h("span", {}, `L${st.layer_start}–${st.layer_end} `),
+      st.state ? h("span", { class: `st st-${st.state}` }, st.state) : (st.gpu ? h("span", {}, st.gpu) : null),
+      st.reason ? h("span", { title: st.reason }, ` ${st.reason}`) : null,
+    ));
+  }
+  return h("div", { class: "plan" }, strip, perStage);
+}
+
+function renderPlacements() {
+  const el = document.getElementById("placements");
+  const list = [...state.instances.values()].sort((a, b) => (a.id < b.id ? -1 : 1));
+  document.getElementById("placements-hint").textContent = `${list.length} instance${list.length === 1 ? "" : "s"}`;
+  if (!list.length) { el.replaceChildren(h("p", { class: "empty" }, "nothing placed yet: use the form below")); return; }
+  el.replaceChildren(...list.map((inst) => h("div", { class: "placement", "data-instance-id": inst.id },
+    h("h3", {}, inst.id, h("span", { class: `st st-${inst.state}` }, inst.state),
+      h("span", { class: "meta" }, `${inst.model} · generation ${inst.generation} · ${inst.stage_count} stage${inst.stage_count === 1 ? "" : "s"} · ${inst.layers_total} layers · updated ${ago(inst.updated)}`)),
+    planView(inst.stages, inst.layers_total),
+  )));
+}
+
+// --- the placement form -------------------------------------------------------------------
+const ERROR_WORDS = {
+  invalid_request: "the request is not valid",
+  unknown_model: "the planner does not know this model",
+  no_devices: "no devices are available to place it on",
+  insufficient_memory: "the fleet does not have enough free memory for it",
+  conflict: "another placement took the memory first; try again",
+  timeout: "the planner took too long",
+  unavailable: "no planner is running",
+  internal: "the planner failed",
+};
+
+function formBody(form) {
+  const f = new FormData(form);
+  let model = String(f.get("model") || "").trim();
+  if (model.startsWith("{")) model = JSON.parse(model); // an inline model card
+  const body = { model };
+  const ints = ["context_tokens", "batch", "max_stages"];
+  for (const k of ints) { const v = String(f.get(k) || "").trim(); if (v) body[k] = Number(v); }
+  const head = String(f.get("memory_headroom") || "").trim();
+  if (head) body.memory_headroom = Number(head);
+  body.objective = f.get("objective");
+  body.dry_run = f.get("dry_run") === "on";
+  const excl = String(f.get("exclude_nodes") || "").split(/[\s,]+/).filter(Boolean);
+  if (excl.length) body.exclude_nodes = excl;
+  const iid = String(f.get("instance_id") || "").trim();
+  if (iid) body.instance_id = iid;
+  return body;
+}
+
+function showReply(status, reply) {
+  const out = document.getElementById("place-result");
+  if (!reply || typeof reply !== "object") { out.replaceChildren(h("p", { class: "err" }, `HTTP ${status}: the API's answer was not JSON`)); return; }
+  if (!reply.ok) {
+    const err = reply.error || {};
+    const words = ERROR_WORDS[err.code] || "the placement failed";
+    out.replaceChildren(
+      h("p", { class: "err", "data-error-code": err.code || "" }, `Not placed: ${words}.`),
+      h("p", {}, err.message || "", err.field ? h("span", { class: "hint" }, ` (field: ${err.field})`) : null),
+      h("p", { class: "hint" }, `HTTP ${status} · code ${err.code || "?"}`),
+    );
+    return;
+  }
+  const stages = reply.stages || [];
+  const layers = Math.max(0, ...stages.map((st) => st.layer_end));
+  out.replaceChildren(
+    h("p", { class: "ok", "data-instance-id": reply.instance_id || "" },
+      `${reply.dry_run ? "Planned (dry run)" : "Placed"} ${reply.model} as ${reply.instance_id} (generation ${reply.generation}) on ${stages.length} stage${stages.length === 1 ? "" : "s"}.`),
+    h("p", {}, `${num(reply.tokens_per_s, 1)} tokens/s · bottleneck ${num(reply.bottleneck_ms, 2)} ms (lower bound ${num(reply.lower_bound_ms, 2)} ms) · ${reply.solver} ${reply.status} in ${num(reply.solve_ms, 1)} ms`),
+    h("div", { id: "reply-plan" }, planView(stages, layers)),
+    h("table", {},
+      h("thead", {}, h("tr", {}, ...["stage", "device", "GPU", "layers", "weights GiB", "KV GiB", "stage ms", "hop ms"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, ...stages.map((st, i) => h("tr", {},
+        h("td", {}, i), h("td", {}, st.device), h("td", {}, st.gpu), h("td", {}, `${st.layer_start}–${st.layer_end}`),
+        h("td", { class: "num" }, gib(st.weight_bytes)), h("td", { class: "num" }, gib(st.kv_bytes)),
+        h("td", { class: "num" }, num(st.stage_ms, 3)), h("td", { class: "num" }, num(st.hop_ms, 3)))))),
+  );
+}
+
+async function submitPlacement(ev) {
+  ev.preventDefault();
+  const form = ev.target, button = document.getElementById("f-submit");
+  const out = document.getElementById("place-result");
+  let body;
+  try { body = formBody(form); } catch (e) {
+    out.replaceChildren(h("p", { class: "err" }, `The model card is not valid JSON: ${e.message}`));
+    return;
+  }
+  button.disabled = true;
+  out.replaceChildren(h("p", { class: "hint" }, `asking the planner to place ${typeof body.model === "string" ? body.model : body.model.name}…`));
+  try {
+    const r = await fetch("/api/placements", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    let reply = null;
+    try { reply = await r.json(); } catch (e) { reply = null; }
+    showReply(r.status, reply);
+  } catch (e) {
+    out.replaceChildren(h("p", { class: "err" }, `Could not reach the API: ${e.message}`));
+  } finally { button.disabled = false; }
+}
+
+document.getElementById("place-form").addEventListener("submit", submitPlacement);
+document.getElementById("filter").addEventListener("input", (ev) => {
+  state.filter = ev.target.value.trim().toLowerCase(); dirty.table = true; schedule();
+});
+// Sparklines scroll with time even when a device is quiet.
+setInterval(() => { for (const [id, row] of rows) drawSpark(row.canvas, state.history.get(id)); }, 5000);
+connect();

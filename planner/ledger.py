@@ -1,0 +1,133 @@
+"""The memory ledger: what every placed instance was promised, in the KV bucket
+``placement_ledger``, so memory promised to one instance is never promised to another — also
+with many concurrent requests and several planner processes.
+
+One key, ``reservations``, holds every instance's promise, so a plan that touches several
+devices commits atomically with one compare-and-set (``kv.update(last=revision)``). A planner
+that loses the race re-reads, re-checks its plan against the winner's promises and retries or
+replans. Each committed plan's reply is kept under ``plans.<instance_id>`` so a repeated
+request with the same ``instance_id`` answers the same plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import msgspec
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
+
+RESERVATIONS_KEY = "reservations"
+MATERIALISED = frozenset({"loaded", "reserved"})  # a worker holds the memory: telemetry shows it
+DROPPED = frozenset({"released", "failed"})  # an instance that holds nothing any more
+
+
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    generation: int
+    model: str
+    fingerprint: str
+    devices: dict[str, int]  # device ref -> bytes promised
+    nodes: tuple[str, ...]
+    ts: float = 0.0
+
+
+class LedgerDoc(msgspec.Struct, frozen=True, kw_only=True):
+    instances: dict[str, LedgerEntry] = {}
+    v: int = 1
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(LedgerDoc)
+_reply_dec = msgspec.msgpack.Decoder(PlacementReply)
+
+
+def fingerprint(req: PlacementRequest) -> str:
+    """What makes two requests for one instance the same plan (everything but the id, dry_run
+    and the time limit)."""
+    model = req.model if isinstance(req.model, str) else msgspec.json.encode(req.model).decode()
+    key = msgspec.json.encode([
+        model, req.context_tokens, req.batch, req.objective, req.memory_headroom,
+        sorted(req.exclude_nodes), req.max_stages,
+    ])
+    return hashlib.sha256(key).hexdigest()[:24]
+
+
+def promised_bytes(
+    doc: LedgerDoc,
+    *,
+    exclude_instance: str | None,
+    instances: Mapping[str, InstanceState],
+    devices: Mapping[str, DeviceState],
+) -> dict[str, int]:
+    """Bytes promised per device that the devices' telemetry does not show yet.
+
+    A stage whose worker reports it loaded (or reserved) at the promised generation, in a status
+    older than the device's newest sample, is already inside the reported free memory, so it is
+    not subtracted twice. Instances released or failed hold nothing. ``exclude_instance`` is the
+    instance being re-placed: its old promise is what the new plan replaces.
+    """
+    out: dict[str, int] = {}
+    for inst_id, entry in doc.instances.items():
+        if inst_id == exclude_instance:
+            continue
+        state = instances.get(inst_id)
+        if state is not None and state.generation >= entry.generation and state.state in DROPPED:
+            continue
+        loaded: set[str] = set()
+        if state is not None and state.generation == entry.generation:
+            for st in state.stages:
+                if st.device and st.state in MATERIALISED:
+                    dev = devices.get(st.device)
+                    if dev is not None and dev.sample.ts > state.updated:
+                        loaded.add(st.device)
+        for ref, nbytes in entry.devices.items():
+            if ref not in loaded:
+                out[ref] = out.get(ref, 0) + nbytes
+    return out
+
+
+def encode_doc(doc: LedgerDoc) -> bytes:
+    return _enc.encode(doc)
+
+
+def decode_doc(data: bytes | None) -> LedgerDoc:
+    if not data:
+        return LedgerDoc()
+    return _dec.decode(data)
+
+
+async def read(kv: KeyValue) -> tuple[LedgerDoc, int]:
+    """The ledger and its revision (0: the key does not exist yet)."""
+    try:
+        entry = await kv.get(RESERVATIONS_KEY)
+    except (KeyNotFoundError, KeyDeletedError):
+        return LedgerDoc(), 0
+    return decode_doc(entry.value), entry.revision or 0
+
+
+async def commit(kv: KeyValue, doc: LedgerDoc, revision: int) -> int:
+    """Compare-and-set; raises KeyWrongLastSequenceError when someone committed first."""
+    data = encode_doc(doc)
+    if revision == 0:
+        return await kv.create(RESERVATIONS_KEY, data)
+    return await kv.update(RESERVATIONS_KEY, data, last=revision)
+
+
+def plan_key(instance_id: str) -> str:
+    return f"plans.{instance_id}"
+
+
+async def stored_reply(kv: KeyValue, instance_id: str) -> PlacementReply | None:
+    try:
+        entry = await kv.get(plan_key(instance_id))
+    except (KeyNotFoundError, KeyDeletedError):
+        return None
+    if not entry.value:
+        return None
+    try:
+        return _reply_dec.decode(entry.value)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None

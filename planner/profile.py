@@ -1,0 +1,115 @@
+"""A model's byte profile: every byte the cost model needs, per layer.
+
+A ``ModelProfile`` is what the planner actually plans with. It comes either from a ``ModelCard``
+(architecture arithmetic, :func:`profile_from_card`) or from a checkpoint's safetensors headers
+(exact sizes, :mod:`planner.hf`), so layers may differ in size and the planner uses the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bus.messages import ModelCard
+
+ACTIVATION_BYTES_PER_ELEM = 2  # hidden states cross a stage boundary in fp16/bf16
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    """Bytes of one model, per layer. All figures are bytes (ints) unless stated.
+
+    ``layer_bytes[i]``: weights of layer ``i`` held in memory.
+    ``layer_expert_bytes[i]``: the part of ``layer_bytes[i]`` that is routed experts (MoE);
+    a decode step reads only the experts its tokens were routed to, see :meth:`read_bytes`.
+    ``kv_bytes_per_token[i]``: K and V cache bytes of layer ``i`` for one token of one sequence.
+    ``embed_bytes``: input embedding table (first stage); ``head_bytes``: output head plus final
+    norm (last stage). With tied embeddings the last stage still needs the matrix, so
+    ``head_bytes`` is its size even when the checkpoint stores it once.
+    """
+
+    name: str
+    layer_bytes: tuple[int, ...]
+    kv_bytes_per_token: tuple[int, ...]
+    embed_bytes: int
+    head_bytes: int
+    hidden: int
+    layer_expert_bytes: tuple[int, ...] = ()
+    experts: int = 1
+    experts_per_token: int = 1
+    params: int = 0  # parameters counted once (tied embeddings once)
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @property
+    def activation_bytes_per_token(self) -> int:
+        return self.hidden * ACTIVATION_BYTES_PER_ELEM
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes
+
+    def expert_read_fraction(self, batch: int) -> float:
+        """Expected share of a layer's experts one decode step of ``batch`` tokens touches:
+        1 - (1 - k/E)^batch for top-k routing over E experts (uniform routing)."""
+        if self.experts <= 1:
+            return 1.0
+        k = min(self.experts_per_token, self.experts) / self.experts
+        return 1.0 - (1.0 - k) ** batch
+
+    def read_bytes(self, batch: int) -> tuple[int, ...]:
+        """Weight bytes each layer reads per decode step (dense: all of it; MoE: the routed
+        experts only)."""
+        if not self.layer_expert_bytes or self.experts <= 1:
+            return self.layer_bytes
+        frac = self.expert_read_fraction(batch)
+        return tuple(
+            total - experts + round(experts * frac)
+            for total, experts in zip(self.layer_bytes, self.layer_expert_bytes, strict=True)
+        )
+
+
+def card_layer_params(card: ModelCard) -> tuple[int, int]:
+    """(parameters of one transformer layer, of which routed-expert parameters)."""
+    head_dim = card.head_dim or card.hidden // card.heads
+    q = card.hidden * card.heads * head_dim
+    kv = 2 * card.hidden * card.kv_heads * head_dim
+    o = card.heads * head_dim * card.hidden
+    bias = (card.heads + 2 * card.kv_heads) * head_dim if card.attention_bias else 0
+    norms = 2 * card.hidden
+    if card.experts > 1:
+        inter = card.moe_intermediate or card.intermediate
+        experts = card.experts * 3 * card.hidden * inter
+        router = card.hidden * card.experts
+        return q + kv + o + bias + norms + experts + router, experts
+    return q + kv + o + bias + norms + 3 * card.hidden * card.intermediate, 0
+
+
+def card_params(card: ModelCard) -> int:
+    """Total parameters as published: layers + embeddings + final norm + untied head."""
+    per_layer, _ = card_layer_params(card)
+    embed = card.vocab * card.hidden
+    head = 0 if card.tied_embeddings else card.vocab * card.hidden
+    return card.layers * per_layer + embed + head + card.hidden
+
+
+def profile_from_card(card: ModelCard) -> ModelProfile:
+    """Bytes from architecture arithmetic; every layer of a card has the same size."""
+    per_layer, expert_params = card_layer_params(card)
+    head_dim = card.head_dim or card.hidden // card.heads
+    bpp = card.bytes_per_param
+    layer = round(per_layer * bpp)
+    kv = round(2 * card.kv_heads * head_dim * card.kv_bytes_per_elem)
+    return ModelProfile(
+        name=card.name,
+        layer_bytes=(layer,) * card.layers,
+        kv_bytes_per_token=(kv,) * card.layers,
+        embed_bytes=round(card.vocab * card.hidden * bpp),
+        head_bytes=round((card.vocab * card.hidden + card.hidden) * bpp),
+        hidden=card.hidden,
+        layer_expert_bytes=(round(expert_params * bpp),) * card.layers if expert_params else (),
+        experts=card.experts,
+        experts_per_token=card.experts_per_token,
+        params=card_params(card),
+    )

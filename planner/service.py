@@ -1,0 +1,355 @@
+"""The planner service: answers ``placement.request`` through the NATS service API.
+
+A thin async shell: a watch-fed cache of the ``cluster_state`` KV bucket (no scan per request),
+the memory ledger's compare-and-set loop, and JetStream publishes of the assignments. Planning
+itself is pure (``planner.plan``) and runs in a worker thread, so PING/INFO/STATS and the cache
+keep flowing while CP-SAT works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request
+
+from bus import codec, subjects
+from bus.codec import DecodeError, Encoding
+from bus.ids import slug
+from bus.messages import (
+    DeviceState,
+    ErrorInfo,
+    Excluded,
+    InstanceState,
+    NodeState,
+    PlacementReply,
+    PlacementRequest,
+    ShardAssignment,
+)
+from bus.streams import CLUSTER_STATE, LEDGER, provision
+from planner import ledger
+from planner.catalog import UnknownModel, resolve
+from planner.cost import Problem
+from planner.fleet import Fleet, build_fleet
+from planner.hf import CheckpointError
+from planner.plan import Outcome, PlanError, plan
+from planner.profile import ModelProfile
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "shardplane-planner"
+SERVICE_VERSION = "0.1.0"
+MAX_COMMIT_ATTEMPTS = 50
+PUBLISH_ATTEMPTS = 5
+
+ERROR_STATUS = {
+    "invalid_request": "400",
+    "unknown_model": "404",
+    "conflict": "409",
+    "insufficient_memory": "507",
+    "no_devices": "503",
+    "timeout": "504",
+    "internal": "500",
+}
+
+
+@dataclass
+class StateCache:
+    """The newest value of every ``cluster_state`` key, kept current by a KV watch."""
+
+    devices: dict[str, DeviceState] = field(default_factory=dict[str, DeviceState])  # by device ref
+    nodes: dict[str, NodeState] = field(default_factory=dict[str, NodeState])
+    instances: dict[str, InstanceState] = field(default_factory=dict[str, InstanceState])
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    revision: int = 0
+
+    def apply(self, key: str, value: bytes | None, revision: int, deleted: bool) -> None:
+        """Fold one KV entry in; idempotent (a watch may repeat entries)."""
+        self.revision = max(self.revision, revision)
+        kind, _, rest = key.partition(".")
+        try:
+            if kind == "devices":
+                node, _, index = rest.rpartition(".")
+                ref = f"{node}/{index}"
+                if deleted or not value:
+                    self.devices.pop(ref, None)
+                else:
+                    self.devices[ref] = codec.decode(DeviceState, value)
+            elif kind == "nodes":
+                if deleted or not value:
+                    self.nodes.pop(rest, None)
+                else:
+                    self.nodes[rest] = codec.decode(NodeState, value)
+            elif kind == "instances":
+                if deleted or not value:
+                    self.instances.pop(rest, None)
+                else:
+                    self.instances[rest] = codec.decode(InstanceState, value)
+        except DecodeError as exc:  # one bad value must not blind the planner to the rest
+            log.warning("cluster_state %s: %s", key, exc)
+
+    async def follow(self, kv: KeyValue, stop: asyncio.Event) -> None:
+        watcher = await kv.watchall()
+        try:
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except NatsTimeoutError:
+                    continue
+                if entry is None:  # initial values delivered
+                    self.ready.set()
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                self.apply(entry.key, entry.value, entry.revision or 0, deleted)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+
+def _error(code: str, message: str) -> PlacementReply:
+    return PlacementReply(ok=False, error=ErrorInfo(code=code, message=message))  # type: ignore[arg-type]
+
+
+def _model_name(req: PlacementRequest) -> str:
+    return req.model if isinstance(req.model, str) else req.model.name
+
+
+def new_instance_id(model: str) -> str:
+    base = slug(model.removeprefix("hf:").rstrip("/").rsplit("/", 1)[-1], limit=48)
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+class Planner:
+    """Request handling; one instance per service (tests drive ``handle`` directly too)."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, cache: StateCache, ledger_kv: KeyValue) -> None:
+        self.nc = nc
+        self.js = js
+        self.cache = cache
+        self.ledger_kv = ledger_kv
+        self._profiles: dict[str, ModelProfile] = {}
+
+    # -- I/O helpers ---------------------------------------------------------------------------
+
+    async def _profile(self, req: PlacementRequest) -> ModelProfile:
+        if isinstance(req.model, str) and not req.model.startswith("hf:"):
+            if (hit := self._profiles.get(req.model)) is None:
+                hit = resolve(req.model)
+                self._profiles[req.model] = hit
+            return hit
+        # Checkpoints are read from disk (headers only); keep that off the event loop.
+        return await asyncio.to_thread(resolve, req.model)
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        """JetStream publish with our own retries: nats-py does not retry a publish that got
+        no answer, and the same Nats-Msg-Id makes a retry safe."""
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0)
+                return
+            except (NoRespondersError, NatsTimeoutError):
+                if attempt + 1 == PUBLISH_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+
+    def _fleet(self, req: PlacementRequest, promised: dict[str, int]) -> Fleet:
+        return build_fleet(
+            self.cache.devices.values(), self.cache.nodes,
+            exclude_nodes=req.exclude_nodes, promised=promised,
+        )
+
+    # -- the request ---------------------------------------------------------------------------
+
+    async def handle(self, req: PlacementRequest) -> PlacementReply:
+        """Plan (and unless dry_run reserve and publish) one request; never raises."""
+        try:
+            return await self._handle(req)
+        except PlanError as exc:
+            return _error(exc.code, exc.message)
+        except UnknownModel as exc:
+            return _error("unknown_model", str(exc))
+        except CheckpointError as exc:
+            return _error("invalid_request", str(exc))
+        except Exception as exc:  # the planner must outlive any one bad request
+            log.exception("placement request failed")
+            return _error("internal", f"{type(exc).__name__}: {exc}")
+
+    async def _handle(self, req: PlacementRequest) -> PlacementReply:
+        if not self.cache.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.cache.ready.wait(), timeout=5.0)
+        profile = await self._profile(req)
+        if not self.cache.devices:
+            raise PlanError("no_devices", "no devices in cluster_state (is the projector running and are agents reporting?)")
+        model = _model_name(req)
+        fp = ledger.fingerprint(req)
+        instance_id = req.instance_id or new_instance_id(model)
+
+        for _attempt in range(MAX_COMMIT_ATTEMPTS):
+            doc, revision = await ledger.read(self.ledger_kv)
+            previous = doc.instances.get(instance_id) if req.instance_id else None
+            if previous is not None and previous.fingerprint == fp and not req.dry_run:
+                same = await self._same_plan(instance_id, previous)
+                if same is not None:
+                    return same
+            promised = ledger.promised_bytes(
+                doc, exclude_instance=instance_id if previous is not None else None,
+                instances=self.cache.instances, devices=self.cache.devices,
+            )
+            fleet = self._fleet(req, promised)
+            problem = Problem(
+                profile=profile, fleet=fleet, context_tokens=req.context_tokens, batch=req.batch,
+                headroom=req.memory_headroom, objective=req.objective, max_stages=req.max_stages,
+            )
+            try:
+                outcome = await asyncio.to_thread(plan, problem, time_limit_s=req.time_limit_s)
+            except PlanError as exc:
+                if fleet.excluded:
+                    exc.message += "; excluded: " + ", ".join(f"{d} ({r})" for d, r in fleet.excluded[:8])
+                raise
+            generation = (previous.generation + 1) if previous is not None else 1
+            reply = self._reply(req, instance_id, generation, model, outcome, fleet)
+            if req.dry_run:
+                return msgspec.structs.replace(reply, generation=0)
+            entry = ledger.LedgerEntry(
+                generation=generation, model=model, fingerprint=fp,
+                devices=_promise(outcome), nodes=tuple(dict.fromkeys(s.node for s in outcome.stages)),
+                ts=time.time(),
+            )
+            instances = dict(doc.instances)
+            instances[instance_id] = entry
+            try:
+                await ledger.commit(self.ledger_kv, ledger.LedgerDoc(instances=instances), revision)
+            except KeyWrongLastSequenceError:
+                # Another planner committed first: plan again against its promises.
+                await asyncio.sleep(secrets.randbelow(5) / 1000.0)
+                continue
+            await self.ledger_kv.put(ledger.plan_key(instance_id), codec.encode(reply))
+            await self._assign(reply, previous)
+            return reply
+        raise PlanError("conflict", f"the ledger changed under {MAX_COMMIT_ATTEMPTS} attempts in a row; retry")
+
+    async def _same_plan(self, instance_id: str, previous: ledger.LedgerEntry) -> PlacementReply | None:
+        """The stored reply of an unchanged instance whose devices are all still usable."""
+        stored = await ledger.stored_reply(self.ledger_kv, instance_id)
+        if stored is None or stored.generation != previous.generation:
+            return None
+        for s in stored.stages:
+            state = self.cache.devices.get(s.device)
+            if state is None or not state.online or not state.sample.present:
+                return None
+        return stored
+
+    def _reply(self, req: PlacementRequest, instance_id: str, generation: int, model: str,
+               outcome: Outcome, fleet: Fleet) -> PlacementReply:
+        ev = outcome.evaluation
+        return PlacementReply(
+            ok=True, instance_id=instance_id, generation=generation, model=model,
+            solver=outcome.solver, status=outcome.status, solve_ms=round(outcome.solve_ms, 3),
+            bottleneck_ms=ev.bottleneck_ms, lower_bound_ms=outcome.lower_bound_ms,
+            tokens_per_s=(req.batch * 1000.0 / ev.bottleneck_ms) if ev.bottleneck_ms > 0 else 0.0,
+            objective=req.objective, context_tokens=req.context_tokens, batch=req.batch,
+            dry_run=req.dry_run, stages=outcome.stages,
+            excluded=tuple(Excluded(device=d, reason=r) for d, r in fleet.excluded),
+        )
+
+    async def _assign(self, reply: PlacementReply, previous: ledger.LedgerEntry | None) -> None:
+        assert reply.instance_id is not None and reply.model is not None
+        now = time.time()
+        count = len(reply.stages)
+        total = reply.stages[-1].layer_end if reply.stages else 0
+        jobs: list[Any] = []
+        for i, s in enumerate(reply.stages):
+            msg = ShardAssignment(
+                instance_id=reply.instance_id, generation=reply.generation, node=s.node,
+                model=reply.model, stage=i, stage_count=count, device=s.device,
+                layer_start=s.layer_start, layer_end=s.layer_end, layers_total=total,
+                weight_bytes=s.weight_bytes, kv_bytes=s.kv_bytes, memory_bytes=s.memory_bytes,
+                embeddings=s.embeddings, head=s.head, ts=now,
+            )
+            jobs.append(self._publish(subjects.assigned(s.node), codec.encode(msg),
+                                      f"{reply.instance_id}-g{reply.generation}-s{i}"))
+        if previous is not None:
+            holding = {s.node for s in reply.stages}
+            for node in previous.nodes:
+                if node in holding:
+                    continue
+                msg = ShardAssignment(
+                    instance_id=reply.instance_id, generation=reply.generation, node=node,
+                    model=reply.model, stage_count=count, layers_total=total, release=True, ts=now,
+                )
+                jobs.append(self._publish(subjects.assigned(node), codec.encode(msg),
+                                          f"{reply.instance_id}-g{reply.generation}-release-{node}"))
+        await asyncio.gather(*jobs)
+
+    # -- the wire ------------------------------------------------------------------------------
+
+    async def on_request(self, request: Request) -> None:
+        data = request.data
+        headers = request.headers or {}
+        encoding = codec.sniff_encoding(data, headers.get("Content-Type"))
+        try:
+            req = codec.decode(PlacementRequest, data, encoding)
+        except DecodeError as exc:
+            reply = _error("invalid_request", str(exc))
+        else:
+            reply = await self.handle(req)
+        body = codec.encode(reply, encoding)
+        if reply.ok or reply.error is None:
+            await request.respond(body)
+        else:
+            await request.respond_error(ERROR_STATUS.get(reply.error.code, "500"),
+                                        f"{reply.error.code}: {reply.error.message}"[:1024], data=body)
+
+
+def _promise(outcome: Outcome) -> dict[str, int]:
+    return {s.device: s.memory_bytes for s in outcome.stages}
+
+
+async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], asyncio.Event]:
+    """Provision, start the cache and the service; returns what ``run_planner`` tears down."""
+    js = nc.jetstream()
+    await provision(js)
+    state_kv = await js.key_value(CLUSTER_STATE)
+    ledger_kv = await js.key_value(LEDGER)
+    cache = StateCache()
+    halt = asyncio.Event()
+    follower = asyncio.create_task(cache.follow(state_kv, halt))
+    planner = Planner(nc, js, cache, ledger_kv)
+    service = await add_service(
+        nc, name=SERVICE_NAME, version=SERVICE_VERSION,
+        description="places LLM shards on the GPU fleet (CP-SAT)",
+        metadata={"subject": subjects.PLACEMENT_REQUEST, "encodings": "json,msgpack"},
+    )
+    await service.add_endpoint(
+        name="request", subject=subjects.PLACEMENT_REQUEST, handler=planner.on_request, metadata={},
+    )
+    return planner, service, follower, halt
+
+
+async def run_planner(nc: Client, *, stop: asyncio.Event) -> None:
+    """Serve ``placement.request`` until ``stop`` is set."""
+    planner, service, follower, halt = await start_planner(nc)
+    del planner
+    log.info("planner serving %s", subjects.PLACEMENT_REQUEST)
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await service.stop()
+        halt.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(follower, timeout=3.0)

@@ -1,0 +1,49 @@
+"""``python -m projector``: one projector process (what the crash tests SIGKILL)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from bus.connect import connect
+from projector.service import ProjectorConfig, run_projector
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m projector", description=__doc__)
+    parser.add_argument("--nats-url", default=None)
+    parser.add_argument("--ttl", type=float, default=None, help="liveness TTL, seconds")
+    parser.add_argument("--ack-wait", type=float, default=ProjectorConfig.ack_wait_s)
+    parser.add_argument("--lease-ttl", type=float, default=ProjectorConfig.lease_ttl_s)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+    )
+    config = ProjectorConfig(ttl_s=args.ttl, ack_wait_s=args.ack_wait, lease_ttl_s=args.lease_ttl)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        nc = await connect(args.nats_url, name="shardplane-projector")
+        try:
+            await run_projector(nc, stop=stop, config=config)
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The projector's cache of the ``cluster_state`` bucket and its compare-and-set writer.
+
+Every write is conditional on the revision the cache holds for the key
+(``Nats-Expected-Last-Subject-Sequence``): if anything else wrote the key since (a replica that
+still believed it was leader, an operator), the write fails instead of overwriting, the key is
+re-read, and the caller re-applies its events on the fresh value. Writes of one round are
+pipelined (all published, then all acknowledgements awaited), which is what makes a batch of
+a thousand keys cost one round trip instead of a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import msgspec
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, Header, PubAck
+from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
+
+from bus.messages import DeviceState, InstanceState, NodeState
+from bus.streams import CLUSTER_STATE
+from projector.reducer import Value, View
+
+log = logging.getLogger(__name__)
+
+KV_STREAM = f"KV_{CLUSTER_STATE}"
+KV_PREFIX = f"$KV.{CLUSTER_STATE}."
+WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS: dict[
+    str,
+    msgspec.msgpack.Decoder[DeviceState]
+    | msgspec.msgpack.Decoder[NodeState]
+    | msgspec.msgpack.Decoder[InstanceState],
+] = {
+    "devices": msgspec.msgpack.Decoder(DeviceState),
+    "nodes": msgspec.msgpack.Decoder(NodeState),
+    "instances": msgspec.msgpack.Decoder(InstanceState),
+}
+
+
+class WriteError(RuntimeError):
+    """A write round failed for a reason other than a revision conflict (no stream answer,
+    timeout): nothing may be acknowledged; the caller refreshes ``keys`` and retries."""
+
+    def __init__(self, message: str, keys: list[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+def decode_value(key: str, data: bytes) -> Value | None:
+    """The stored value, or None when it is missing or unreadable (then the next write for the
+    key replaces it, still conditional on its revision)."""
+    decoder = _DECODERS.get(key.split(".", 1)[0])
+    if decoder is None or not data:
+        return None
+    try:
+        return decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        log.warning("unreadable value under %s; it will be replaced", key)
+        return None
+
+
+def _deleted(headers: dict[str, str] | None) -> bool:
+    # KV-Operation is DEL or PURGE on a tombstone; a value carries no such header.
+    return bool(headers and headers.get("KV-Operation"))
+
+
+def encode_value(value: Value) -> bytes:
+    return _ENCODER.encode(value)
+
+
+class Cache(View):
+    """A :class:`View` of the bucket plus the revision of every key (0: never written)."""
+
+    __slots__ = ("revisions",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.revisions: dict[str, int] = {}
+
+    def revision(self, key: str) -> int:
+        return self.revisions.get(key, 0)
+
+    def store(self, key: str, value: Value | None, revision: int) -> None:
+        self.revisions[key] = revision
+        if value is not None:
+            self.set(key, value)
+        else:
+            self.discard(key)
+
+
+class Overlay:
+    """A view of ``base`` with a batch's pending changes on top; the reducer reads it while a
+    batch is applied, so the batch's updates to one key coalesce into one write."""
+
+    __slots__ = ("_base", "_devices", "changes")
+
+    def __init__(self, base: View) -> None:
+        self._base = base
+        self.changes: dict[str, Value] = {}
+        self._devices: dict[str, set[str]] = {}
+
+    def get(self, key: str) -> Value | None:
+        value = self.changes.get(key)
+        return value if value is not None else self._base.get(key)
+
+    def set(self, key: str, value: Value) -> None:
+        self.changes[key] = value
+        if isinstance(value, DeviceState) and key not in self._base:
+            self._devices.setdefault(value.sample.node, set()).add(key)
+
+    def update(self, values: Mapping[str, Value]) -> None:
+        for key, value in values.items():
+            self.set(key, value)
+
+    def device_keys(self, node: str) -> list[str]:
+        return sorted({*self._base.device_keys(node), *self._devices.get(node, ())})
+
+    def items(self) -> Iterator[tuple[str, Value]]:
+        for key, value in self._base.items():
+            yield key, self.changes.get(key, value)
+        for key, value in self.changes.items():
+            if key not in self._base:
+                yield key, value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.changes or key in self._base
+
+    def __len__(self) -> int:
+        return len(self._base) + sum(1 for k in self.changes if k not in self._base)
+
+    def pending(self) -> dict[str, Value]:
+        """The changes that differ from the base (a key can change and change back)."""
+        return {k: v for k, v in self.changes.items() if self._base.get(k) != v}
+
+
+@dataclass(slots=True)
+class WriteResult:
+    written: int
+    conflicts: list[str]
+
+
+class Store:
+    def __init__(self, js: JetStreamContext, timeout_s: float = 10.0) -> None:
+        self.js = js
+        self.timeout_s = timeout_s
+        self.cache = Cache()
+
+    async def load(self) -> int:
+        """Read every key's newest value and revision into a fresh cache (on taking the lead:
+        the previous leader, or an operator, may have written since this process last looked)."""
+        cache = Cache()
+        try:
+            info = await self.js.stream_info(KV_STREAM)
+        except NotFoundError:
+            self.cache = cache
+            return 0
+        if info.state.messages:
+            sub = await self.js.subscribe(
+                f"{KV_PREFIX}>",
+                stream=KV_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            )
+            try:
+                pending = 1
+                while pending:
+                    msg = await sub.next_msg(timeout=self.timeout_s)
+                    meta = msg.metadata
+                    key = msg.subject[len(KV_PREFIX) :]
+                    deleted = _deleted(msg.headers)
+                    value = None if deleted else decode_value(key, msg.data)
+                    cache.store(key, value, meta.sequence.stream)
+                    pending = meta.num_pending
+            finally:
+                await sub.unsubscribe()
+        self.cache = cache
+        return len(cache.revisions)
+
+    async def refresh(self, keys: list[str]) -> None:
+        """Re-read ``keys`` after a conflict: the newest value and revision from the server."""
+        for key in keys:
+            try:
+                msg = await self.js.get_msg(KV_STREAM, subject=KV_PREFIX + key, direct=True)
+            except (NotFoundError, KeyNotFoundError):
+                self.cache.store(key, None, 0)
+                continue
+            deleted = _deleted(msg.headers)  # pyright: ignore[reportUnknownArgumentType]
+            value = None if deleted else decode_value(key, msg.data or b"")
+            self.cache.store(key, value, msg.seq or 0)
+
+    async def write(self, values: Mapping[str, Value]) -> WriteResult:
+        """Pipelined compare-and-set writes; stored ones update the cache, conflicting keys
+        are returned for :meth:`refresh`. Raises WriteError when a write got no answer."""
+        if not values:
+            return WriteResult(0, [])
+        cache = self.cache
+        keys = list(values)
+        futures: list[asyncio.Future[object]] = []
+        for key in keys:
+            headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(cache.revision(key))}
+            future = await self.js.publish_async(
+                KV_PREFIX + key, encode_value(values[key]), headers=headers
+            )
+            futures.append(future)  # pyright: ignore[reportArgumentType]
+        done, pending = await asyncio.wait(futures, timeout=self.timeout_s)
+        for future in pending:
+            future.cancel()
+        conflicts: list[str] = []
+        failure: BaseException | None = None
+        written = 0
+        for key, future in zip(keys, futures, strict=True):
+            if future not in done or future.cancelled():
+                failure = failure or NatsTimeoutError()
+                continue
+            exc = future.exception()
+            if exc is None:
+                ack: PubAck = future.result()  # pyright: ignore[reportAssignmentType]
+                cache.store(key, values[key], ack.seq)
+                written += 1
+            elif isinstance(exc, APIError) and exc.err_code in WRONG_LAST_SEQUENCE:
+                conflicts.append(key)
+            else:
+                failure = failure or exc
+        if failure is not None:
+            # The unanswered keys may or may not be stored; their cached revisions are stale
+            # either way, so re-read them before the round is retried.
+            unanswered = [
+                key
+                for key, future in zip(keys, futures, strict=True)
+                if future not in done or future.cancelled() or future.exception() is not None
+            ]
+            raise WriteError(
+                f"{len(unanswered)} of {len(keys)} writes failed: {failure!r}", unanswered
+            )
+        return WriteResult(written, conflicts)

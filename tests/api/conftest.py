@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from api.server import make_app, start_app
+from bus.streams import cluster_state
+from tests.api.fleet import write_fleet
+
+
+@pytest.fixture
+async def kv(js: JetStreamContext) -> KeyValue:
+    return await cluster_state(js)
+
+
+@pytest.fixture
+async def fleet_kv(kv: KeyValue) -> KeyValue:
+    await write_fleet(kv)
+    return kv
+
+
+@pytest.fixture
+async def api_url(nc: Client, fleet_kv: KeyValue) -> AsyncIterator[str]:
+    """The real API on a free port, watching the real bucket the fleet was written to."""
+    runner, url = await start_app(make_app(nc, request_timeout_s=20.0))
+    yield url
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def planner(nats_url: str, js: JetStreamContext) -> AsyncIterator[None]:
+    """The real planner service on its own connection, as ``shardplane up`` runs it."""
+    from planner.service import run_planner
+
+    client = await nats.connect(nats_url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_planner(client, stop=stop))
+    # The planner answers once its micro service is registered; wait for $SRV.PING to list it.
+    for _ in range(100):
+        with contextlib.suppress(Exception):
+            await client.request("$SRV.PING", b"", timeout=0.2)
+            break
+        await asyncio.sleep(0.05)
+    yield
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await client.drain()

@@ -1,0 +1,78 @@
+"""The dashboard in a real headless Chromium: every device shown, a value changing live, the
+placement form answered and drawn. Skips, saying why, only where no Chromium is installed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from nats.js.kv import KeyValue
+
+from tests.api.fleet import FLEET, put_device
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def chromium_path() -> str | None:
+    for candidate in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if Path(candidate).exists():
+            return candidate
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, planner: None) -> None:
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium installed (Debian: apt-get install -y chromium)")
+    from playwright.async_api import async_playwright, expect
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1500, "height": 1400})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(api_url + "/")
+            # Every simulated device has its row, and the stream is live.
+            for gpu in FLEET:
+                await expect(page.locator(f'#fleet-body tr[data-device-id="{gpu.node}/{gpu.index}"]')).to_be_visible()
+            await expect(page.locator("#conn")).to_have_text("live")
+            await expect(page.locator("#topology svg g.gpu")).to_have_count(len(FLEET))
+            await expect(page.locator("#topology svg .nvlink")).to_have_count(1)
+
+            # A value changes in the KV; the page shows it without a reload.
+            gpu = FLEET[1]
+            row = page.locator(f'#fleet-body tr[data-device-id="{gpu.node}/{gpu.index}"]')
+            await expect(row.locator("td.temp")).to_have_text("45 °C")
+            await put_device(fleet_kv, gpu, seq=2, temperature_c=88.0, utilization_gpu_pct=93.0)
+            await expect(row.locator("td.temp")).to_have_text("88 °C", timeout=5000)
+            await expect(row.locator("td.util")).to_contain_text("93 %")
+
+            # An unknown model: the reply is shown in words, not as a crash.
+            await page.fill("#f-model", "no-such-model")
+            await page.click("#f-submit")
+            await expect(page.locator("#place-result .err")).to_contain_text("does not know this model")
+
+            # A real placement through the real planner, drawn layer by layer.
+            await page.fill("#f-model", "llama-3.1-8b")
+            await page.click("#f-submit")
+            result = page.locator("#place-result")
+            await expect(result.locator(".ok")).to_contain_text("Placed llama-3.1-8b", timeout=20000)
+            await expect(result.locator("#reply-plan .layers > i")).to_have_count(32)
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            await browser.close()

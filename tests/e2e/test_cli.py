@@ -1,0 +1,100 @@
+"""The commands people type, run as processes against a real NATS server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from shardplane.natsserver import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(url: str) -> dict[str, str]:
+    return {**os.environ, "NATS_URL": url, "PYTHONUNBUFFERED": "1"}
+
+
+def _shardplane(*args: str) -> list[str]:
+    return [sys.executable, "-m", "shardplane.cli", *args]
+
+
+def test_demo_once_prints_the_placement_table_and_exits(tmp_path: Path) -> None:
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        api_port = free_port()
+        started = time.monotonic()
+        out = subprocess.run(
+            _shardplane("demo", "--once", "--api-port", str(api_port), "--interval", "0.5"),
+            cwd=ROOT,
+            env=_env(server.url),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = out.stdout
+        assert "llama-3.1-70b" in text
+        for column in ("stage", "node", "device", "GPU", "layers", "GiB", "est. ms"):
+            assert column in text, f"column {column!r} missing from:\n{text}"
+        assert "reserved" in text, text
+        assert f"http://127.0.0.1:{api_port}/" in text
+        assert elapsed < 60, f"demo took {elapsed:.1f}s"
+
+        # The state outlives the demo in NATS: `shardplane status` reads it back.
+        status = subprocess.run(
+            _shardplane("status", "--json"),
+            cwd=ROOT,
+            env=_env(server.url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        state = json.loads(status.stdout)
+        assert len(state["devices"]) >= 6
+        assert state["instances"], "the demo's instance is in the KV"
+
+
+def test_up_serves_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        api_port = free_port()
+        proc = subprocess.Popen(
+            _shardplane("up", "--api-port", str(api_port), "--interval", "0.5"),
+            cwd=ROOT,
+            env=_env(server.url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            devices: list[object] = []
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{api_port}/api/gpu/devices", timeout=2
+                    ) as resp:
+                        body = json.loads(resp.read())
+                        devices = body["devices"] if isinstance(body, dict) else body
+                        if len(devices) >= 6:
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.3)
+            assert len(devices) >= 6, devices
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/healthz", timeout=2) as resp:
+                assert resp.status == 200
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(30)
+            assert code == 0, proc.stdout.read() if proc.stdout else ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -1,0 +1,133 @@
+"""The planner service end to end through a real NATS server (KV standing in for the projector)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from bus import codec
+from bus.messages import PlacementReply, ShardAssignment
+from bus.streams import PLACEMENTS
+from planner.service import run_planner
+from tests.planner.fleetkit import DEMO, device_state, publish_fleet, put_device
+
+
+@contextlib.asynccontextmanager
+async def planner_running(url: str) -> AsyncIterator[None]:
+    client = await nats.connect(url)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_planner(client, stop=stop))
+    try:
+        # Wait until the service answers PING (it provisions and starts its watch first).
+        for _ in range(100):
+            try:
+                await client.request("$SRV.PING.shardplane-planner", b"", timeout=0.2)
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+        await client.close()
+
+
+async def ask(nc: Client, body: dict[str, object], timeout: float = 20.0) -> PlacementReply:
+    msg = await nc.request("placement.request", json.dumps(body).encode(), timeout=timeout)
+    return codec.decode(PlacementReply, msg.data, "json")
+
+
+async def test_places_70b_on_demo_fleet_with_cp_sat_optimal(nats_url: str, nc: Client, js: JetStreamContext) -> None:
+    await publish_fleet(js, DEMO)
+    async with planner_running(nats_url):
+        reply = await ask(nc, {"model": "llama-3.1-70b", "context_tokens": 8192, "instance_id": "demo-70b"})
+        assert reply.ok, reply.error
+        assert reply.stages[0].layer_start == 0 and reply.stages[-1].layer_end == 80
+        assert reply.generation == 1
+        assert reply.bottleneck_ms >= reply.lower_bound_ms > 0
+        # One assignment per stage on placement.assigned.<node>, in the PLACEMENTS stream.
+        info = await js.stream_info(PLACEMENTS)
+        assert info.state.messages == len(reply.stages)
+        sub = await js.pull_subscribe("placement.assigned.>", durable="t", stream=PLACEMENTS)
+        msgs = await sub.fetch(len(reply.stages), timeout=2)
+        got = sorted((codec.decode(ShardAssignment, m.data) for m in msgs), key=lambda a: a.stage)
+        assert [(a.layer_start, a.layer_end) for a in got] == [(s.layer_start, s.layer_end) for s in reply.stages]
+        assert all(a.generation == 1 and not a.release for a in got)
+        # Idempotent: the same id answers the same plan, publishing nothing new.
+        again = await ask(nc, {"model": "llama-3.1-70b", "context_tokens": 8192, "instance_id": "demo-70b"})
+        assert again.stages == reply.stages and again.generation == 1
+        assert (await js.stream_info(PLACEMENTS)).state.messages == len(reply.stages)
+
+
+async def test_msgpack_in_msgpack_out_and_errors_in_kind(nats_url: str, nc: Client, js: JetStreamContext) -> None:
+    await publish_fleet(js, DEMO)
+    async with planner_running(nats_url):
+        msg = await nc.request("placement.request", msgspec.msgpack.encode({"model": "llama-3.1-8b", "dry_run": True}), timeout=20)
+        reply = codec.decode(PlacementReply, msg.data, "msgpack")
+        assert reply.ok and reply.dry_run and reply.generation == 0
+        msg = await nc.request("placement.request", b'{"model": "gpt-17"}', timeout=5)
+        body = json.loads(msg.data)
+        assert body["ok"] is False and body["error"]["code"] == "unknown_model"
+        assert msg.headers and msg.headers.get("Nats-Service-Error-Code") == "404"
+        msg = await nc.request("placement.request", b'{"model": "llama-3.1-8b", "contxt": 5}', timeout=5)
+        assert json.loads(msg.data)["error"]["code"] == "invalid_request"
+        assert "contxt" in json.loads(msg.data)["error"]["message"]
+        msg = await nc.request("placement.request", b"\x93\x01", timeout=5)  # msgpack, wrong shape
+        assert codec.decode(PlacementReply, msg.data, "msgpack").error is not None
+        # Too big for the fleet: the message carries numbers.
+        too_big = await ask(nc, {"model": "llama-3.1-405b", "context_tokens": 131072})
+        assert too_big.error is not None and too_big.error.code == "insufficient_memory"
+        assert "GiB" in too_big.error.message and "rig-" in too_big.error.message
+        # The service API lists the planner.
+        info = json.loads((await nc.request("$SRV.INFO.shardplane-planner", b"", timeout=2)).data)
+        assert info["name"] == "shardplane-planner" and info["endpoints"][0]["subject"] == "placement.request"
+        assert info["metadata"] is not None and info["endpoints"][0]["metadata"] == {}
+        stats = json.loads((await nc.request("$SRV.STATS.shardplane-planner", b"", timeout=2)).data)
+        assert stats["endpoints"][0]["num_requests"] >= 4
+
+
+async def test_offline_device_excluded_with_reason_and_release_on_move(nats_url: str, nc: Client, js: JetStreamContext) -> None:
+    await publish_fleet(js, DEMO)
+    async with planner_running(nats_url):
+        first = await ask(nc, {"model": "llama-3.1-8b", "instance_id": "small", "max_stages": 1})
+        assert first.ok and len(first.stages) == 1
+        holder = first.stages[0]
+        node, index = holder.device.split("/")
+        await put_device(js, device_state(node, int(index), holder.gpu.replace("NVIDIA ", ""), online=False)
+                         if False else device_state(node, int(index), _key(holder.gpu), online=False))
+        await asyncio.sleep(0.3)
+        second = await ask(nc, {"model": "llama-3.1-8b", "instance_id": "small", "max_stages": 1})
+        assert second.ok and second.generation == 2
+        assert second.stages[0].device != holder.device
+        assert any(e.device == holder.device and "offline" in e.reason for e in second.excluded)
+        if second.stages[0].node != holder.node:
+            sub = await js.pull_subscribe(f"placement.assigned.{holder.node}", durable="r", stream=PLACEMENTS)
+            msgs = await sub.fetch(10, timeout=2)
+            releases = [a for a in (codec.decode(ShardAssignment, m.data) for m in msgs) if a.release]
+            assert releases and releases[0].generation == 2
+
+
+def _key(gpu_name: str) -> str:
+    from bus.gpus import gpu_spec
+
+    spec = gpu_spec(gpu_name)
+    assert spec is not None
+    return spec.key
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"{}", b'{"model": 5}'])
+async def test_bad_requests_never_stop_the_planner(nats_url: str, nc: Client, js: JetStreamContext, body: bytes) -> None:
+    await publish_fleet(js, DEMO)
+    async with planner_running(nats_url):
+        msg = await nc.request("placement.request", body, timeout=5)
+        assert b"invalid_request" in msg.data
+        ok = await ask(nc, {"model": "llama-3.2-1b", "dry_run": True})
+        assert ok.ok

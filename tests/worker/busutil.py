@@ -1,0 +1,134 @@
+"""Bus plumbing for the worker tests: publish assignments, watch statuses, run workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from agents.loader import StageSpec, stage_bytes
+from agents.worker import Worker
+from bus import codec, subjects
+from bus.messages import ShardAssignment, ShardStatus
+
+_ids = itertools.count()
+
+
+async def assign(js: JetStreamContext, assignment: ShardAssignment) -> None:
+    await js.publish(
+        subjects.assigned(assignment.node),
+        codec.encode(assignment),
+        headers={"Nats-Msg-Id": f"test-{next(_ids)}"},
+    )
+
+
+def stage(
+    root: Path,
+    instance: str,
+    generation: int,
+    node: str,
+    index: int,
+    count: int,
+    start: int,
+    end: int,
+    layers: int,
+    *,
+    device: int = 0,
+) -> ShardAssignment:
+    """A ShardAssignment for an hf: checkpoint with weight_bytes computed from its headers, the
+    way the planner does."""
+    spec = StageSpec(start, end, embeddings=start == 0, head=end == layers)
+    return ShardAssignment(
+        instance_id=instance,
+        generation=generation,
+        node=node,
+        model=f"hf:{root}",
+        stage=index,
+        stage_count=count,
+        device=f"{node}/{device}",
+        layer_start=start,
+        layer_end=end,
+        layers_total=layers,
+        weight_bytes=stage_bytes(root, spec),
+        embeddings=spec.embeddings,
+        head=spec.head,
+    )
+
+
+class StatusLog:
+    """Every ShardStatus on the bus from subscription on, in arrival order."""
+
+    def __init__(self) -> None:
+        self.items: list[ShardStatus] = []
+        self._changed = asyncio.Event()
+        self._sub: Subscription | None = None
+
+    async def start(self, nc: Client) -> StatusLog:
+        async def on(msg: Msg) -> None:
+            self.items.append(codec.decode(ShardStatus, msg.data))
+            self._changed.set()
+
+        self._sub = await nc.subscribe(f"{subjects.SHARD_STATUS}.>", cb=on)
+        return self
+
+    def of(self, instance: str, generation: int | None = None) -> list[ShardStatus]:
+        return [
+            s
+            for s in self.items
+            if s.instance_id == instance and (generation is None or s.generation == generation)
+        ]
+
+    def latest(self, instance: str, generation: int) -> dict[int, ShardStatus]:
+        out: dict[int, ShardStatus] = {}
+        for s in self.of(instance, generation):
+            out[s.stage] = s
+        return out
+
+    async def wait(
+        self, what: str, predicate: Callable[[StatusLog], bool], timeout: float = 20.0
+    ) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate(self):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                tail = "\n".join(repr(s) for s in self.items[-12:])
+                raise AssertionError(f"timed out waiting for {what}; last statuses:\n{tail}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.5))
+
+    async def settled(
+        self, instance: str, generation: int, stages: int, states: tuple[str, ...] = ("loaded",)
+    ) -> dict[int, ShardStatus]:
+        def done(log: StatusLog) -> bool:
+            latest = log.latest(instance, generation)
+            return len(latest) == stages and all(
+                s.state in (*states, "failed") for s in latest.values()
+            )
+
+        await self.wait(f"{instance} generation {generation} to settle", done)
+        return self.latest(instance, generation)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def workers(nc: Client, nodes: list[str], **options: object) -> AsyncIterator[dict[str, Worker]]:
+    """Run one Worker per node on ``nc``; stop them all on exit."""
+    stop = asyncio.Event()
+    running = {n: Worker(nc, node=n, use_cuda=False, **options) for n in nodes}  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(w.run(stop)) for w in running.values()]
+    try:
+        yield running
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)

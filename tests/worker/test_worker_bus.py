@@ -1,0 +1,258 @@
+"""Workers over a real NATS server, fed ShardAssignments on placement.assigned.<node> the way the
+planner publishes them, reporting ShardStatus on shard.status.<node>.<instance>."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from agents import reconcile as rc
+from agents.worker import Worker
+from bus import codec, subjects
+from bus.messages import DeviceSample, ShardAssignment
+from tests.worker import ckpt
+from tests.worker.busutil import StatusLog, assign, stage, workers
+
+LAYERS = 6
+NODES = ["n1", "n2", "n3"]
+SPLIT = [(0, 2), (2, 3), (3, 6)]  # unequal stages over unequal layers
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    root = tmp_path / "tiny"
+    ckpt.write(root, layers=LAYERS, shards=3)
+    return root
+
+
+def plan(root: Path, instance: str, generation: int, split: list[tuple[int, int]], nodes: list[str]) -> list[ShardAssignment]:
+    return [
+        stage(root, instance, generation, node, i, len(split), a, b, LAYERS)
+        for i, ((a, b), node) in enumerate(zip(split, nodes, strict=True))
+    ]
+
+
+def expected_names(a: int, b: int) -> list[str]:
+    names = ckpt.layer_names(a, b)
+    if a == 0:
+        names.add("model.embed_tokens.weight")
+    if b == LAYERS:
+        names |= {"model.norm.weight", "lm_head.weight"}
+    return sorted(names)
+
+
+def held_names(worker: Worker) -> list[str]:
+    return sorted(n for names in worker.tensor_names().values() for n in names)
+
+
+async def test_every_stage_loads_exactly_its_layers(nc: Client, js: JetStreamContext, model: Path) -> None:
+    log = await StatusLog().start(nc)
+    async with workers(nc, NODES) as running:
+        stages = plan(model, "tiny", 1, SPLIT, NODES)
+        for s in stages:
+            await assign(js, s)
+        final = await log.settled("tiny", 1, len(SPLIT))
+        for s in stages:
+            status = final[s.stage]
+            assert status.state == "loaded", status
+            assert status.bytes_loaded == s.weight_bytes
+            assert status.where == "host" and status.tensors == len(expected_names(s.layer_start, s.layer_end))
+            assert status.load_ms > 0
+            assert held_names(running[s.node]) == expected_names(s.layer_start, s.layer_end)
+        # loading came before loaded, per stage, with rising seq
+        for s in stages:
+            states = [x.state for x in log.of("tiny", 1) if x.stage == s.stage]
+            assert states == ["loading", "loaded"]
+    await log.stop()
+
+
+async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
+    nc: Client, js: JetStreamContext, model: Path, tmp_path: Path
+) -> None:
+    # Two more copies of the checkpoint: one loses a shard file, one has a truncated shard.
+    missing, truncated = tmp_path / "missing", tmp_path / "truncated"
+    shutil.copytree(model, missing)
+    shutil.copytree(model, truncated)
+    good = plan(model, "good", 1, SPLIT, NODES)
+    lost = plan(missing, "lost", 1, SPLIT, NODES)
+    cut = plan(truncated, "cut", 1, SPLIT, NODES)
+    # The files go bad after planning, as they do in life.
+    (missing / "model-00003-of-00003.safetensors").unlink()
+    third = truncated / "model-00003-of-00003.safetensors"
+    with third.open("r+b") as f:
+        f.truncate(third.stat().st_size - 64)
+    garbled = plan(model, "garbled", 1, [(0, 6)], ["n1"])
+    log = await StatusLog().start(nc)
+    async with workers(nc, NODES) as running:
+        for s in [*good, *lost, *cut]:
+            await assign(js, s)
+        # A plan whose bytes disagree with the files.
+        await assign(js, ShardAssignment(**{**codec.to_builtins(garbled[0]), "weight_bytes": 12345}))
+        ok = await log.settled("good", 1, 3)
+        assert all(s.state == "loaded" for s in ok.values()), ok
+        lost_final = await log.settled("lost", 1, 3)
+        cut_final = await log.settled("cut", 1, 3)
+        bad = await log.settled("garbled", 1, 1)
+        assert lost_final[0].state == cut_final[0].state == "loaded"  # stage 0 needs no third file
+        assert lost_final[2].state == "failed"
+        assert lost_final[2].reason is not None
+        assert "file missing: shard file model-00003-of-00003.safetensors" in lost_final[2].reason
+        assert cut_final[2].state == "failed"
+        assert cut_final[2].reason is not None and "file truncated: tensor" in cut_final[2].reason
+        assert "bytes" in cut_final[2].reason
+        assert bad[0].state == "failed" and bad[0].reason is not None
+        assert "byte mismatch" in bad[0].reason and "weight_bytes=12345" in bad[0].reason
+        # The good instance is still exactly where it was on every node.
+        for s in good:
+            key = rc.ShardKey("good", s.stage)
+            assert sorted(running[s.node].tensor_names()[key]) == expected_names(s.layer_start, s.layer_end)
+    await log.stop()
+
+
+async def test_new_generation_moves_layers_and_release_unloads(
+    nc: Client, js: JetStreamContext, model: Path
+) -> None:
+    log = await StatusLog().start(nc)
+    async with workers(nc, NODES) as running:
+        for s in plan(model, "m", 1, SPLIT, NODES):
+            await assign(js, s)
+        await log.settled("m", 1, 3)
+        # Generation 2: n3 leaves, n1 and n2 take its layers; n3 gets a release.
+        gen2 = plan(model, "m", 2, [(0, 4), (4, 6)], ["n1", "n2"])
+        for s in gen2:
+            await assign(js, s)
+        await assign(js, ShardAssignment(instance_id="m", generation=2, node="n3", model=f"hf:{model}", release=True, stage_count=2))
+        final = await log.settled("m", 2, 2)
+        assert [final[i].state for i in (0, 1)] == ["loaded", "loaded"]
+        assert [final[i].bytes_loaded for i in (0, 1)] == [s.weight_bytes for s in gen2]
+        await log.wait(
+            "all generation-1 stages unloaded",
+            lambda lg: {s.stage for s in lg.of("m", 1) if s.state == "unloaded"} == {0, 1, 2},
+        )
+        assert held_names(running["n1"]) == expected_names(0, 4)
+        assert held_names(running["n2"]) == expected_names(4, 6)
+        assert held_names(running["n3"]) == []
+        unload_reasons = {s.reason for s in log.of("m", 1) if s.state == "unloaded"}
+        assert unload_reasons == {"replaced by generation 2", "released at generation 2"}
+    await log.stop()
+
+
+async def test_duplicates_and_stale_generations_are_harmless(
+    nc: Client, js: JetStreamContext, model: Path
+) -> None:
+    log = await StatusLog().start(nc)
+    async with workers(nc, ["n1"]) as running:
+        new = stage(model, "d", 2, "n1", 0, 1, 0, LAYERS, LAYERS)
+        old = stage(model, "d", 1, "n1", 0, 2, 0, 3, LAYERS)
+        for a in (new, new, old, new):
+            await assign(js, a)
+        await log.settled("d", 2, 1)
+        await asyncio.sleep(1.5)  # time for any (wrong) extra work to show
+        assert [s.state for s in log.of("d")] == ["loading", "loaded"]
+        assert held_names(running["n1"]) == expected_names(0, LAYERS)
+    await log.stop()
+
+
+async def test_assignment_published_while_down_is_applied_on_return(
+    nc: Client, js: JetStreamContext, model: Path
+) -> None:
+    log = await StatusLog().start(nc)
+    async with workers(nc, ["n1"]):
+        first = stage(model, "r", 1, "n1", 0, 1, 0, LAYERS, LAYERS)
+        await assign(js, first)
+        await log.settled("r", 1, 1)
+    # Down: the worker said it let go, and meanwhile a new plan arrives, plus another instance.
+    assert log.of("r", 1)[-1].state == "unloaded"
+    moved = stage(model, "r", 2, "n1", 0, 2, 0, 3, LAYERS)
+    other = stage(model, "s", 1, "n1", 0, 1, 0, LAYERS, LAYERS)
+    await assign(js, moved)
+    await assign(js, other)
+    async with workers(nc, ["n1"]) as running:
+        assert (await log.settled("r", 2, 1))[0].state == "loaded"
+        assert (await log.settled("s", 1, 1))[0].state == "loaded"
+        assert sorted(running["n1"].tensor_names()) == [rc.ShardKey("r", 0), rc.ShardKey("s", 0)]
+        assert running["n1"].tensor_names()[rc.ShardKey("r", 0)] == expected_names(0, 3)
+    # Down again with nothing new: on return it reloads what the acked history says it holds.
+    before = len(log.of("s", 1))
+    async with workers(nc, ["n1"]) as running:
+        await log.wait("s reloaded", lambda lg: [x.state for x in lg.of("s", 1)[before:]] == ["loading", "loaded"])
+        assert sorted(running["n1"].tensor_names()) == [rc.ShardKey("r", 0), rc.ShardKey("s", 0)]
+    await log.stop()
+
+
+async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamContext) -> None:
+    held: list[tuple[int, int]] = []
+    log = await StatusLog().start(nc)
+    stop = asyncio.Event()
+    worker = Worker(nc, node="n1", hold_memory=lambda i, d: held.append((i, d)), use_cuda=False)
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        a = ShardAssignment(
+            instance_id="cat", generation=1, node="n1", model="llama-3.1-70b", device="n1/1",
+            layer_start=0, layer_end=40, weight_bytes=5 * 2**30, kv_bytes=2**30, memory_bytes=7 * 2**30,
+        )
+        await assign(js, a)
+        final = await log.settled("cat", 1, 1, states=("reserved",))
+        assert final[0].state == "reserved" and final[0].bytes_loaded == 0 and final[0].tensors == 0
+        assert held == [(1, 7 * 2**30)]
+        await assign(js, ShardAssignment(instance_id="cat", generation=2, node="n1", model="llama-3.1-70b", release=True))
+        await log.wait("released", lambda lg: lg.of("cat", 1)[-1].state == "unloaded")
+        assert held == [(1, 7 * 2**30), (1, -7 * 2**30)]
+        assert worker.tensor_names() == {}
+    finally:
+        stop.set()
+        await task
+    await log.stop()
+
+
+async def test_telemetry_keeps_flowing_while_a_shard_loads(
+    nc: Client, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """A load runs in a thread: samples published on the same event loop keep their interval."""
+    root = tmp_path / "wide"
+    ckpt.write(root, layers=4, hidden=256, vocab=512, intermediate=1024, grow=256)
+    interval = 0.05
+    arrivals: list[float] = []
+
+    async def on_sample(msg: Msg) -> None:
+        arrivals.append(time.time())
+
+    sub = await nc.subscribe(subjects.gpu_sample("n1", 0), cb=on_sample)
+    stop = asyncio.Event()
+
+    async def telemetry() -> None:  # stands in for the collector on the agent's loop
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            sample = DeviceSample(node="n1", index=0, uuid="GPU-sim", seq=seq, ts=time.time())
+            await nc.publish(subjects.gpu_sample("n1", 0), codec.encode(sample))
+            await asyncio.sleep(interval)
+
+    log = await StatusLog().start(nc)
+    a = stage(root, "slow", 1, "n1", 0, 1, 0, 4, 4)
+    # Throttled so the load lasts ~1.5 s: long enough that a blocked loop would show.
+    worker = Worker(nc, node="n1", use_cuda=False, read_limit_bps=a.weight_bytes / 1.5)
+    tasks = [asyncio.create_task(telemetry()), asyncio.create_task(worker.run(stop))]
+    try:
+        await assign(js, a)
+        final = await log.settled("slow", 1, 1)
+        assert final[0].state == "loaded" and final[0].load_ms > 1000
+        # The load's own window, in wall-clock time, from the status the worker published.
+        ended = final[0].ts
+        started = ended - final[0].load_ms / 1000.0
+        during = [t for t in arrivals if started <= t <= ended]
+        gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+        assert len(during) >= (ended - started) / interval * 0.5, (len(during), ended - started)
+        assert max(gaps) < 0.5, max(gaps)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await sub.unsubscribe()
+        await log.stop()
