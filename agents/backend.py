@@ -69,11 +69,13 @@ class LogOnce:
         self._log = logger
         self._seen: set[tuple[object, ...]] = set()
 
-    def __call__(self, key: tuple[object, ...], message: str, *args: object) -> None:
+    def __call__(
+        self, key: tuple[object, ...], message: str, *args: object, level: int = logging.WARNING
+    ) -> None:
         if key in self._seen:
             return
         self._seen.add(key)
-        self._log.warning(message, *args)
+        self._log.log(level, message, *args)
 
     def forget(self, key: tuple[object, ...]) -> None:
         self._seen.discard(key)

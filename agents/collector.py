@@ -67,6 +67,9 @@ class NodeCollector:
     seqs: dict[int, int] = field(default_factory=dict[int, int])
     heartbeat_seq: int = 0
     ticks: int = 0
+    threaded: bool = False  # real hardware: read in a worker thread (see tick_async)
+    skipped_cycles: int = 0
+    _reading: asyncio.Future[list[DeviceSample]] | None = None
     read_errors: int = 0
     _last_error: str | None = None
 
@@ -119,8 +122,33 @@ class NodeCollector:
     def tick(self, ts: float | None = None) -> int:
         """Read once and offer every message; returns how many were offered."""
         ts = time.time() if ts is None else ts
+        return self.offer_samples(ts, self.read(ts))
+
+    async def tick_async(self) -> int:
+        """``tick``, with a real backend's read in a worker thread: an NVML or SMI call can hang
+        on a sick GPU, and that must not freeze publishing, the worker or shutdown. While one
+        read is stuck no second one is started (threads would pile up); the cycle is skipped."""
+        ts = time.time()
+        if not self.threaded:
+            return self.tick(ts)
+        if self._reading is not None and not self._reading.done():
+            self.skipped_cycles += 1
+            return 0
+        self._reading = asyncio.ensure_future(asyncio.to_thread(self.read, ts))
+        done, _ = await asyncio.wait((self._reading,), timeout=max(5.0, 2 * self.config.interval_s))
+        if not done:
+            self.skipped_cycles += 1
+            log.warning(
+                "%s: reading the %s backend is taking over %.0f s",
+                self.node,
+                self.backend.name,
+                max(5.0, 2 * self.config.interval_s),
+            )
+            return 0
+        return self.offer_samples(ts, self._reading.result())
+
+    def offer_samples(self, ts: float, samples: list[DeviceSample]) -> int:
         self.ticks += 1
-        samples = self.read(ts)
         silenced: Callable[[], bool] | None = getattr(self.backend, "silenced", None)
         if silenced is not None and silenced():
             return 0  # a simulated node gone silent: it reads (its clock runs) but says nothing
@@ -174,7 +202,10 @@ async def run_collectors(
     while not stop.is_set():
         group = groups[k % slots]
         for c in group:
-            c.tick()
+            if c.threaded:
+                await c.tick_async()
+            else:
+                c.tick()
         k += 1
         due = start + k * step
         now = clock()

@@ -251,20 +251,29 @@ def load(path: Path) -> Fleet:
     return parse(text, str(path))
 
 
-def peer_links(fleet: Fleet, node: str, limit: int = 64) -> tuple[tuple[str, float, float], ...]:
+LinkTable = dict[str, dict[str, tuple[float, float]]]
+LIST_ALL_PEERS_UP_TO = 64
+
+
+def link_table(fleet: Fleet) -> LinkTable:
+    """node -> peer -> (Gbit/s, latency ms) of the listed links, both directions, built once
+    (scanning the link list per node would be quadratic in a big fleet)."""
+    table: LinkTable = {}
+    for link in fleet.links:
+        table.setdefault(link.a, {})[link.b] = (link.gbps, link.latency_ms)
+        table.setdefault(link.b, {})[link.a] = (link.gbps, link.latency_ms)
+    return table
+
+
+def peer_links(
+    fleet: Fleet, node: str, table: LinkTable | None = None
+) -> tuple[tuple[str, float, float], ...]:
     """(peer, Gbit/s, latency ms) for every link of ``node``: the listed ones, plus the network
     default to every other node while the fleet is small enough that listing them all is cheap
-    (above ``limit`` nodes the heartbeat carries only the listed links and the defaults)."""
+    (above 64 nodes the heartbeat carries only the listed links, and the default separately)."""
     out: dict[str, tuple[float, float]] = {}
-    if len(fleet.nodes) <= limit:
-        for other in fleet.nodes:
-            if other.name != node:
-                out[other.name] = (
-                    fleet.network.default_gbps,
-                    fleet.network.default_latency_ms,
-                )
-    for link in fleet.links:
-        if node in (link.a, link.b):
-            peer = link.b if link.a == node else link.a
-            out[peer] = (link.gbps, link.latency_ms)
+    if len(fleet.nodes) <= LIST_ALL_PEERS_UP_TO:
+        default = (fleet.network.default_gbps, fleet.network.default_latency_ms)
+        out = {other.name: default for other in fleet.nodes if other.name != node}
+    out.update((table if table is not None else link_table(fleet)).get(node, {}))
     return tuple((peer, gbps, lat) for peer, (gbps, lat) in sorted(out.items()))

@@ -280,13 +280,16 @@ class NvmlBackend:
         except self.lib.error_type as exc:
             if self.lib.error_code(exc) == self.lib.lost_code:
                 raise GpuLost(str(exc)) from exc
-            reason = (
-                "not supported"
-                if self.lib.error_code(exc) == self.lib.not_supported_code
-                else str(exc)
-            )
+            unsupported = self.lib.error_code(exc) == self.lib.not_supported_code
+            reason = "not supported" if unsupported else str(exc)
+            # NotSupported is a fact about the hardware (no ECC on a GeForce), not a fault.
             self._once(
-                (dev.index, field, reason), "nvml: device %d: %s: %s", dev.index, field, reason
+                (dev.index, field, reason),
+                "nvml: device %d: %s: %s",
+                dev.index,
+                field,
+                reason,
+                level=logging.INFO if unsupported else logging.WARNING,
             )
         except Exception as exc:  # a binding quirk must cost one field, not the sample
             self._once(

@@ -82,12 +82,7 @@ def sim_collectors(
         raise ValueError(f"node {only!r} is not in the fleet file")
     collectors: list[NodeCollector] = []
     sims: dict[str, SimNode] = {}
-    # Links are symmetric; index them once (a per-node scan would be quadratic at scale).
-    listed: dict[str, dict[str, tuple[float, float]]] = {}
-    for link in fleet.links:
-        listed.setdefault(link.a, {})[link.b] = (link.gbps, link.latency_ms)
-        listed.setdefault(link.b, {})[link.a] = (link.gbps, link.latency_ms)
-    everyone = len(fleet.nodes) <= 64
+    table = fleet_mod.link_table(fleet)
     net = fleet.network
     for spec in specs:
         sim = SimNode(spec, fleet)
@@ -100,18 +95,9 @@ def sim_collectors(
                     spec.name, spec.host_memory_bytes, spec.cpu_bandwidth_gbps, spec.cpu_count
                 ),
             )
-        peers: dict[str, tuple[float, float]] = {}
-        if everyone:
-            peers = {
-                o.name: (net.default_gbps, net.default_latency_ms)
-                for o in fleet.nodes
-                if o.name != spec.name
-            }
-        peers.update(listed.get(spec.name, {}))
-        links = tuple(
-            NetLink(peer=p, gbps=g, latency_ms=lat) for p, (g, lat) in sorted(peers.items())
-        )
-        nic_gbps = max([net.default_gbps, *(g for g, _ in peers.values())])
+        peers = fleet_mod.peer_links(fleet, spec.name, table)
+        links = tuple(NetLink(peer=p, gbps=g, latency_ms=lat) for p, g, lat in peers)
+        nic_gbps = max([net.default_gbps, *(g for _, g, _ in peers)])
         host = HostInfo(
             hostname=spec.name,
             cpu_count=spec.cpu_count,
@@ -160,6 +146,7 @@ def host_collector(
         boot=boot_id(epoch),
         epoch=epoch,
         skipped=selection.skipped,
+        threaded=selection.backend.name in ("nvml", "rocm"),
         default_link_gbps=fastest_gbps(host.interfaces),
     )
 

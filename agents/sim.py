@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from agents.fleet import NODE_FAULTS, FaultKind, FaultSpec, Fleet, SimGpu, SimNodeSpec
+from agents.fleet import NODE_FAULTS, FaultKind, Fleet, SimGpu, SimNodeSpec
 from bus.gpus import GpuSpec
 from bus.messages import DeviceSample, NvLink
 
@@ -417,7 +417,3 @@ def sim_nodes(fleet: Fleet, only: str | None = None) -> list[SimNode]:
             f"node {only!r} is not in the fleet (it has {', '.join(n.name for n in fleet.nodes[:10])}...)"
         )
     return nodes
-
-
-def scheduled_faults(fleet: Fleet, node: str) -> list[FaultSpec]:
-    return [f for f in fleet.faults if f.node == node]

@@ -9,7 +9,7 @@ Delivery and restarts:
 - A durable pull consumer (``worker-<node>``) is the cursor through the node's assignments, so
   anything published while the worker was down is delivered when it returns.
 - A restarted process holds nothing, yet the durable consumer will not redeliver what the
-  previous incarnation acked. So on start, if the durable already has acks, the worker first
+  previous incarnation acked. So on start, if the durable delivered anything before, the worker first
   replays the node's whole assignment history (a short-lived ephemeral consumer) to rebuild
   desired state. Folding is idempotent, which is why messages are acked as soon as they are
   folded, and why redelivered duplicates are harmless.
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 HoldMemory = Callable[[int, int], None]
 
 FETCH_BATCH = 64
-FETCH_TIMEOUT_S = 1.0
+FETCH_TIMEOUT_S = 5.0
 PUBLISH_ATTEMPTS = 6
 
 
@@ -160,7 +160,9 @@ class Worker:
             info = await js.consumer_info(streams.PLACEMENTS, durable_name(self.node))
         except NotFoundError:
             return  # first start: the new durable delivers everything from the beginning
-        if info.ack_floor is None or not info.ack_floor.stream_seq:
+        # Anything delivered before (acked, or sent to a fetch that died with the old process)
+        # may never come again through the durable: replay the history.
+        if info.delivered is None or not info.delivered.stream_seq:
             return
         sub = await js.pull_subscribe(
             subject,

@@ -91,24 +91,26 @@ def pack(problem: Problem, order: Sequence[Device], limit_ms: float, t: Tables) 
 def best_for_order(problem: Problem, order: Sequence[Device], t: Tables | None = None,
                    rel_tol: float = 1e-7) -> tuple[StagePlan, ...] | None:
     """The minimum-bottleneck plan for a fixed device order (binary search on the bottleneck,
-    with :func:`pack` as the exact feasibility test). Devices may be left unused."""
+    with :func:`pack` as the feasibility test). Devices may be left unused; a plan only counts
+    when its evaluated bottleneck (hops to the devices actually next) is within the limit."""
     t = t or Tables(problem)
     if not order:
         return None
-    hi_plan = pack(problem, order, math.inf, t)
-    if hi_plan is None:
+    best = pack(problem, order, math.inf, t)
+    if best is None:
         return None
-    hi = evaluate(problem, hi_plan, t).bottleneck_ms
+    hi = evaluate(problem, best, t).bottleneck_ms
     lo = t.read(0, t.L) / (sum(d.bandwidth_gbps for d in order) * 1e6)
-    best = hi_plan
-    while hi - lo > rel_tol * hi:
+    for _ in range(80):  # bisection: 80 halvings is far below float resolution
+        if hi - lo <= rel_tol * hi:
+            break
         mid = (lo + hi) / 2
         plan = pack(problem, order, mid, t)
-        if plan is None:
-            lo = mid
+        value = evaluate(problem, plan, t).bottleneck_ms if plan is not None else math.inf
+        if value <= mid * (1 + 1e-12):
+            best, hi = plan, value
         else:
-            best = plan
-            hi = evaluate(problem, plan, t).bottleneck_ms
+            lo = mid
     return best
 
 

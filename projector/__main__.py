@@ -13,20 +13,35 @@ from collections.abc import Sequence
 from bus.connect import connect
 from projector.service import ProjectorConfig, run_projector
 
+DEFAULTS = ProjectorConfig()
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projector", description=__doc__)
     parser.add_argument("--nats-url", default=None)
     parser.add_argument("--ttl", type=float, default=None, help="liveness TTL, seconds")
-    parser.add_argument("--ack-wait", type=float, default=ProjectorConfig.ack_wait_s)
-    parser.add_argument("--lease-ttl", type=float, default=ProjectorConfig.lease_ttl_s)
+    parser.add_argument("--ack-wait", type=float, default=DEFAULTS.ack_wait_s)
+    parser.add_argument("--lease-ttl", type=float, default=DEFAULTS.lease_ttl_s)
+    # Tuning knobs, for benchmarks and tests (the defaults are what production runs).
+    parser.add_argument("--fetch-batch", type=int, default=DEFAULTS.fetch_batch)
+    parser.add_argument("--max-round", type=int, default=DEFAULTS.max_round)
+    parser.add_argument("--queue-batches", type=int, default=DEFAULTS.queue_batches)
+    parser.add_argument("--no-pipeline", action="store_true", help="write one key at a time")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
     )
-    config = ProjectorConfig(ttl_s=args.ttl, ack_wait_s=args.ack_wait, lease_ttl_s=args.lease_ttl)
+    config = ProjectorConfig(
+        ttl_s=args.ttl,
+        ack_wait_s=args.ack_wait,
+        lease_ttl_s=args.lease_ttl,
+        fetch_batch=args.fetch_batch,
+        max_round=args.max_round,
+        queue_batches=args.queue_batches,
+        pipeline_writes=not args.no_pipeline,
+    )
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -62,6 +62,10 @@ class Lease:
         if self._kv is None:
             try:
                 self._kv = await self.js.key_value(LEASE_BUCKET)
+                # Every replica must time the lease the way the bucket expires it.
+                ttl = (await self._kv.status()).ttl
+                if ttl:
+                    self.ttl_s = ttl
             except (NotFoundError, BadRequestError):
                 self._kv = await self.js.create_key_value(
                     KeyValueConfig(

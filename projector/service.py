@@ -70,6 +70,7 @@ class ProjectorConfig:
     defer_delay_s: float = 0.25
     max_defers: int = 240  # a status whose assignment never comes is dead-lettered (~1 min)
     write_timeout_s: float = 10.0
+    pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
 
 
 @dataclass(slots=True)
@@ -123,7 +124,9 @@ class Projector:
         self.js: JetStreamContext = nc.jetstream()
         self.config = config or ProjectorConfig()
         self.liveness = Liveness(self.config.ttl_s)
-        self.store = Store(self.js, timeout_s=self.config.write_timeout_s)
+        self.store = Store(
+            self.js, timeout_s=self.config.write_timeout_s, pipeline=self.config.pipeline_writes
+        )
         self.lease = Lease(self.js, ttl_s=self.config.lease_ttl_s)
         self.stats = ProjectorStats()
         self.leading = asyncio.Event()

@@ -147,9 +147,12 @@ class WriteResult:
 
 
 class Store:
-    def __init__(self, js: JetStreamContext, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, js: JetStreamContext, timeout_s: float = 10.0, pipeline: bool = True
+    ) -> None:
         self.js = js
         self.timeout_s = timeout_s
+        self.pipeline = pipeline
         self.cache = Cache()
 
     async def load(self) -> int:
@@ -209,6 +212,8 @@ class Store:
                 KV_PREFIX + key, encode_value(values[key]), headers=headers
             )
             futures.append(future)  # pyright: ignore[reportArgumentType]
+            if not self.pipeline:
+                await asyncio.wait([future], timeout=self.timeout_s)
         done, pending = await asyncio.wait(futures, timeout=self.timeout_s)
         for future in pending:
             future.cancel()

@@ -10,7 +10,6 @@ import logging
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -53,8 +52,9 @@ def _fleet_path(args: argparse.Namespace, default: Path | None) -> Path | None:
 
 
 def fleet_device_count(path: Path) -> int:
-    data = tomllib.loads(path.read_text())
-    return sum(int(g.get("count", 1)) for n in data.get("nodes", []) for g in n.get("gpus", []))
+    from agents.fleet import load
+
+    return load(path).device_count()
 
 
 async def run_services(

@@ -251,10 +251,10 @@ function updateRow(id) {
 
 function fillRow(d, row) {
   row.tr.className = d.status;
-  row.status.replaceChildren(
+  row.status.replaceChildren(h("span", {},
     h("span", { class: `badge b-${d.status}`, title: d.offline_reason || `last seen ${ago(d.last_seen)}` }, d.status),
     d.status === "offline" && d.offline_reason ? h("span", { class: "hint" }, d.offline_reason) : null,
-  );
+  ));
   const total = d.memory_total_bytes, used = d.memory_used_bytes;
   const pct = total ? Math.min(100, (100 * (used || 0)) / total) : 0;
   row.mem.replaceChildren(h("div", { class: "bar", title: `${gib(d.memory_free_bytes)} GiB free` },
@@ -285,6 +285,7 @@ function drawSpark(canvas, hist) {
       lastX = px;
     }
     if (!started) return;
+    if (firstX === lastX && !fill) { ctx.fillStyle = color; ctx.fillRect(lastX - 2, 2, 2, H - 4); return; }
     if (fill) {
       ctx.lineTo(lastX, H); ctx.lineTo(firstX, H); ctx.closePath();
       ctx.fillStyle = fill; ctx.fill();
@@ -306,18 +307,19 @@ function renderTopology() {
   if (topo.nodes.length > MAX_NODES) {
     topo = { ...topo, nodes: topo.nodes.slice(0, MAX_NODES) };
   }
-  const GPU_W = 62, GPU_H = 46, GAP = 10, PAD = 14, HEAD = 34, BUS = 26;
+  const GPU_W = 62, GPU_H = 46, GAP = 10, PAD = 14, HEAD = 44, BUS = 26;
   const maxGpus = Math.max(1, ...topo.nodes.map((n) => n.devices.length));
   const perRow = Math.min(maxGpus, 8);
   const boxW = Math.max(170, PAD * 2 + perRow * GPU_W + (perRow - 1) * GAP);
   const gpuRows = Math.ceil(maxGpus / perRow);
   const boxH = HEAD + gpuRows * (GPU_H + GAP) + BUS + PAD;
-  const cols = Math.max(1, Math.min(topo.nodes.length, Math.ceil(Math.sqrt(topo.nodes.length * 1.6))));
-  const CG = 90, RG = 70;
+  const cols = Math.max(1, Math.min(topo.nodes.length, Math.ceil(Math.sqrt(topo.nodes.length * 2.5))));
+  const CG = 140, RG = 70;
   const W = cols * boxW + (cols - 1) * CG + 40;
   const rowsN = Math.ceil(topo.nodes.length / cols);
   const H = rowsN * boxH + (rowsN - 1) * RG + 40;
-  const svg = s("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "cluster topology" });
+  // Scales down to the panel's width (never up), so the whole cluster is always in view.
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "cluster topology", style: `width:100%;max-width:${W}px;height:auto` });
   const boxes = new Map(), gpus = new Map();
   topo.nodes.forEach((n, i) => {
     const bx = 20 + (i % cols) * (boxW + CG), by = 20 + Math.floor(i / cols) * (boxH + RG);

@@ -211,3 +211,21 @@ async def test_rides_out_a_server_restart(tmp_path: Path) -> None:
     finally:
         await nc.close()
         await asyncio.to_thread(server.cleanup)
+
+
+@pytest.mark.slow
+async def test_thousands_of_simulated_nodes_in_one_process(
+    tmp_path: Path, nc: Client, js: JetStreamContext
+) -> None:
+    fleet = tmp_path / "big.toml"
+    fleet.write_text(
+        'seed = 5\n[[nodes]]\nname = "s"\ncount = 2000\ngpus = [{ model = "A10", count = 4 }]\n'
+    )
+    t0 = time.process_time()
+    async with agents(nc, fleet=fleet, interval_s=2.0, workers=False):
+        await asyncio.sleep(6.5)
+    cpu = time.process_time() - t0
+    info = await js.stream_info(TELEMETRY)
+    # at least 2-3 full cycles of 2000 heartbeats and 8000 samples (noisy shared machine)
+    assert info.state.messages >= 2 * 10_000, info.state.messages
+    assert cpu < 6.5, f"{cpu:.1f} s of CPU for 6.5 s of 2000 nodes"

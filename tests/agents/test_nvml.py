@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import pynvml
 import pytest
+from nats.aio.client import Client
 
+from agents.collector import CollectorConfig, NodeCollector
 from agents.factory import select_backend
+from agents.hostinfo import this_host
 from agents.nvml import open_nvml, reason_names
+from agents.publisher import Publisher
 from bus import codec
 from bus.messages import DeviceSample
-from tests.agents.fakenvml import FakeGpu, FakeNvml
+from tests.agents.fakenvml import FakeGpu, FakeHandle, FakeNvml
 
 
 def _two_linked() -> list[FakeGpu]:
@@ -77,7 +83,7 @@ def test_not_supported_empties_one_field_and_is_logged_once(
         mem_max=10501,
     )
     FakeNvml([gpu]).install(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="agents.nvml"):
+    with caplog.at_level(logging.INFO, logger="agents.nvml"):
         backend = open_nvml("rig-b")
         first = backend.read(1.0)[0]
         second = backend.read(3.0)[0]
@@ -167,3 +173,43 @@ def test_nvml_is_chosen_first_when_it_sees_gpus(monkeypatch: pytest.MonkeyPatch)
     FakeNvml([FakeGpu("GPU-a")]).install(monkeypatch)
     selection = select_backend("n")
     assert selection.backend.name == "nvml" and "nvml" not in selection.skipped
+
+
+async def test_a_slow_nvml_call_does_not_freeze_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, nc: Client
+) -> None:
+    fake = FakeNvml([FakeGpu("GPU-a")])
+    fake.install(monkeypatch)
+    backend = open_nvml("n")
+    fast = fake.nvmlDeviceGetUtilizationRates
+
+    def slow(h: FakeHandle) -> object:
+        time.sleep(0.3)  # a sick GPU: NVML takes its time
+        return fast(h)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", slow)
+    publisher = Publisher(nc)
+    collector = NodeCollector(
+        node="n",
+        backend=backend,
+        host=this_host(),
+        publisher=publisher,
+        config=CollectorConfig(),
+        boot="b",
+        threaded=True,
+    )
+    beats = 0
+
+    async def heartbeat() -> None:
+        nonlocal beats
+        while True:
+            beats += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(heartbeat())
+    try:
+        offered = await collector.tick_async()
+    finally:
+        ticker.cancel()
+    assert offered == 2 and publisher.pending == 2  # one sample, one heartbeat
+    assert beats >= 10  # the loop kept running while NVML was busy

@@ -98,7 +98,9 @@ def heartbeat(node: str, seq: int, **fields: object) -> NodeHeartbeat:
     return NodeHeartbeat(node=node, seq=seq, ts=time.time(), **fields)  # pyright: ignore[reportArgumentType]
 
 
-def assignment(instance_id: str, generation: int, node: str, stage: int, count: int, **fields: object) -> ShardAssignment:
+def assignment(
+    instance_id: str, generation: int, node: str, stage: int, count: int, **fields: object
+) -> ShardAssignment:
     return ShardAssignment(
         instance_id=instance_id,
         generation=generation,
@@ -114,7 +116,9 @@ def assignment(instance_id: str, generation: int, node: str, stage: int, count: 
     )
 
 
-def status(instance_id: str, generation: int, node: str, stage: int, state: str, seq: int, **fields: object) -> ShardStatus:
+def status(
+    instance_id: str, generation: int, node: str, stage: int, state: str, seq: int, **fields: object
+) -> ShardStatus:
     return ShardStatus(
         instance_id=instance_id,
         generation=generation,

@@ -86,7 +86,7 @@ def device_history(draw: st.DrawFn) -> list[Timed]:
             present=draw(st.booleans()),
             memory_free_bytes=draw(st.integers(0, 2**40)),
         )
-        out.append((sample, 990.0 + i * 0.1))
+        out.append((sample, 995.0 + i * 0.1))
     return out
 
 
@@ -99,7 +99,7 @@ def shuffled_with_duplicates(draw: st.DrawFn, events: list[Timed]) -> list[Timed
 # --- devices ----------------------------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(data=st.data(), history=device_history())
 def test_any_order_of_a_devices_samples_ends_at_its_highest_sequence_sample(
     data: st.DataObject, history: list[Timed]
@@ -138,7 +138,7 @@ def node_history(draw: st.DrawFn) -> list[Timed]:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(data=st.data(), history=node_history())
 def test_any_order_of_a_nodes_heartbeats_and_samples_ends_in_the_same_state(
     data: st.DataObject, history: list[Timed]
@@ -246,7 +246,7 @@ INSTANCE_HISTORY: list[Timed] = [
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(events=shuffled_with_duplicates(INSTANCE_HISTORY))
 def test_any_order_of_assignments_and_statuses_ends_at_the_newest_generation(
     events: list[Timed],

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+import msgspec
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import codec, subjects
+from bus.streams import DEADLETTER
+from projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
 from tests.projector.helpers import (
     assignment,
     device,
@@ -16,7 +23,6 @@ from tests.projector.helpers import (
     status,
     until,
 )
-from nats.aio.client import Client
 
 
 async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
@@ -26,7 +32,9 @@ async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
         for seq in range(5):
             await js.publish(subjects.gpu_sample("rig-a", 0), codec.encode(sample("rig-a", 0, seq)))
         await js.publish(subjects.node_heartbeat("rig-a"), codec.encode(heartbeat("rig-a", 1)))
-        state = await until(lambda: device(nc, "rig-a", 0), lambda s: s is not None and s.sample.seq == 4)
+        state = await until(
+            lambda: device(nc, "rig-a", 0), lambda s: s is not None and s.sample.seq == 4
+        )
         assert state is not None and state.online
         node = await until(lambda: node_state(nc, "rig-a"), lambda s: s is not None)
         assert node is not None and node.online
@@ -48,4 +56,152 @@ async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
             subjects.shard_status("rig-b", "inst"),
             codec.encode(status("inst", 1, "rig-b", 1, "loaded", 1)),
         )
-        inst = await until(lambda: instance(nc, "inst"), lambda s: s is not None and s.state == "loaded")
+        inst = await until(
+            lambda: instance(nc, "inst"), lambda s: s is not None and s.state == "loaded"
+        )
+
+
+async def _dead_letters(js: JetStreamContext) -> list[tuple[str, dict[str, str], bytes]]:
+    out: list[tuple[str, dict[str, str], bytes]] = []
+    info = await js.stream_info(DEADLETTER)
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(DEADLETTER, seq)
+        out.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
+    return out
+
+
+async def test_garbage_on_every_subject_is_dead_lettered_and_valid_traffic_flows(
+    nats_url: str, nc: Client, js: JetStreamContext
+) -> None:
+    bad_sample = msgspec.msgpack.encode(
+        {"node": "rig-a", "index": 0, "uuid": "", "seq": -1, "ts": 1}
+    )
+    poison: list[tuple[str, bytes, str]] = [
+        (subjects.gpu_sample("rig-a", 0), b"\xc1\xff not msgpack", "invalid payload"),
+        (subjects.gpu_sample("rig-a", 0), bad_sample, "invalid payload"),
+        (subjects.gpu_sample("rig-a", 0), b"", "empty payload"),
+        (subjects.gpu_sample("rig-a", 0), codec.encode(sample("rig-b", 0, 1)), "subject names"),
+        (subjects.node_heartbeat("rig-a"), b"{}", "invalid payload"),
+        (
+            subjects.node_heartbeat("rig-a"),
+            msgspec.msgpack.encode({"node": "rig-a"}),
+            "invalid payload",
+        ),
+        ("telemetry.gpu.rig-a", codec.encode(sample("rig-a", 0, 1)), "unexpected subject"),
+        (subjects.assigned("rig-a"), b"\x00", "invalid payload"),
+        (
+            subjects.assigned("rig-a"),
+            codec.encode(assignment("inst", 1, "rig-a", 3, 2)),
+            "out of range",
+        ),
+        (
+            subjects.shard_status("rig-a", "inst"),
+            msgspec.msgpack.encode([1, 2, 3]),
+            "invalid payload",
+        ),
+        (
+            subjects.shard_status("rig-a", "inst"),
+            msgspec.msgpack.encode({"instance_id": "inst", "generation": 0}),
+            "invalid payload",
+        ),
+    ]
+    async with projector(nats_url) as runner:
+        for seq, (subject, data, _) in enumerate(poison):
+            await js.publish(subjects.gpu_sample("rig-a", 1), codec.encode(sample("rig-a", 1, seq)))
+            await js.publish(subject, data)
+        await js.publish(
+            subjects.assigned("rig-a"), codec.encode(assignment("inst", 1, "rig-a", 0, 1))
+        )
+        # A status from the wrong node: valid schema, contradicts the assignment.
+        await js.publish(
+            subjects.shard_status("rig-z", "inst"),
+            codec.encode(status("inst", 1, "rig-z", 0, "loaded", 1)),
+        )
+        await js.publish(
+            subjects.shard_status("rig-a", "inst"),
+            codec.encode(status("inst", 1, "rig-a", 0, "loaded", 1)),
+        )
+        await js.publish(subjects.gpu_sample("rig-a", 1), codec.encode(sample("rig-a", 1, 99)))
+
+        await until(lambda: device(nc, "rig-a", 1), lambda s: s is not None and s.sample.seq == 99)
+        inst = await until(
+            lambda: instance(nc, "inst"), lambda s: s is not None and s.state == "loaded"
+        )
+        assert inst is not None
+        letters = await until(lambda: _dead_letters(js), lambda d: len(d) == len(poison) + 1)
+        assert runner.stats.deadlettered == len(poison) + 1
+
+    expected = [(f"deadletter.{s}", data, why) for s, data, why in poison]
+    expected.append(
+        (f"deadletter.{subjects.shard_status('rig-z', 'inst')}", b"", "assigned to rig-a")
+    )
+    # Streams are consumed independently, so match letters to poison regardless of order.
+    remaining = list(letters)
+    for want_subject, want_data, why in expected:
+        match = next(
+            (
+                letter
+                for letter in remaining
+                if letter[0] == want_subject
+                and why in letter[1][REASON_HEADER]
+                and (not want_data or letter[2] == want_data)
+            ),
+            None,
+        )
+        assert match is not None, (want_subject, why, remaining)
+        assert match[1][SOURCE_SUBJECT_HEADER] == want_subject.removeprefix("deadletter.")
+        remaining.remove(match)
+    # Terminated, not waiting for redelivery: nothing is left pending on any consumer.
+    for stream, durable in CONSUMERS.items():
+        info = await js.consumer_info(stream, durable)
+        assert info.num_ack_pending == 0 and info.num_pending == 0, (stream, info)
+
+
+async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_back(
+    nats_url: str, nc: Client, js: JetStreamContext
+) -> None:
+    interval = 0.4  # TTL defaults to 3 intervals: 1.2 s
+
+    async def beat(seq: int) -> None:
+        await js.publish(
+            subjects.node_heartbeat("quiet"),
+            codec.encode(heartbeat("quiet", seq, interval_s=interval)),
+        )
+        await js.publish(subjects.gpu_sample("quiet", 0), codec.encode(sample("quiet", 0, seq)))
+
+    async with projector(nats_url):
+        for seq in range(4):
+            await beat(seq)
+            await asyncio.sleep(interval)
+        state = await until(lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online)
+        silent_since = time.monotonic()
+        node = await until(
+            lambda: node_state(nc, "quiet"), lambda s: s is not None and not s.online, timeout=10
+        )
+        gone = await until(
+            lambda: device(nc, "quiet", 0), lambda s: s is not None and not s.online, timeout=10
+        )
+        took = time.monotonic() - silent_since
+        assert took <= 3 * interval + interval + 0.3, took
+        assert node is not None and node.offline_reason == "no heartbeat for 1.2s"
+        assert gone is not None and gone.offline_reason == "no telemetry for 1.2s"
+        assert state is not None and gone.last_seen >= state.last_seen
+
+        await beat(10)
+        back = await until(
+            lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online, timeout=5
+        )
+        assert back is not None and back.sample.seq == 10
+        node = await until(
+            lambda: node_state(nc, "quiet"), lambda s: s is not None and s.online, timeout=5
+        )
+
+        # A graceful shutdown: node and devices offline at once, no TTL wait.
+        await js.publish(
+            subjects.node_heartbeat("quiet"),
+            codec.encode(heartbeat("quiet", 11, interval_s=interval, online=False)),
+        )
+        gone = await until(
+            lambda: device(nc, "quiet", 0), lambda s: s is not None and not s.online, timeout=1
+        )
+        assert gone is not None and gone.offline_reason == "node shut down"

@@ -105,7 +105,12 @@ class StatusLog:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.5))
 
     async def settled(
-        self, instance: str, generation: int, stages: int, states: tuple[str, ...] = ("loaded",)
+        self,
+        instance: str,
+        generation: int,
+        stages: int,
+        states: tuple[str, ...] = ("loaded",),
+        timeout: float = 20.0,
     ) -> dict[int, ShardStatus]:
         def done(log: StatusLog) -> bool:
             latest = log.latest(instance, generation)
@@ -113,7 +118,7 @@ class StatusLog:
                 s.state in (*states, "failed") for s in latest.values()
             )
 
-        await self.wait(f"{instance} generation {generation} to settle", done)
+        await self.wait(f"{instance} generation {generation} to settle", done, timeout)
         return self.latest(instance, generation)
 
     async def stop(self) -> None:
@@ -122,7 +127,9 @@ class StatusLog:
 
 
 @contextlib.asynccontextmanager
-async def workers(nc: Client, nodes: list[str], **options: object) -> AsyncIterator[dict[str, Worker]]:
+async def workers(
+    nc: Client, nodes: list[str], **options: object
+) -> AsyncIterator[dict[str, Worker]]:
     """Run one Worker per node on ``nc``; stop them all on exit."""
     stop = asyncio.Event()
     running = {n: Worker(nc, node=n, use_cuda=False, **options) for n in nodes}  # type: ignore[arg-type]

@@ -118,7 +118,9 @@ def test_plan_bytes_must_match_exactly(tmp_path: Path) -> None:
     layers_only = exact - data["model.embed_tokens.weight"].nbytes
     load_stage(root, spec, expected_bytes=exact, use_cuda=False)
     load_stage(root, spec, expected_bytes=layers_only, use_cuda=False)  # embeddings flagged apart
-    with pytest.raises(LoadError, match=rf"byte mismatch: the headers give {exact} bytes.*weight_bytes={exact + 2}"):
+    with pytest.raises(
+        LoadError, match=rf"byte mismatch: the headers give {exact} bytes.*weight_bytes={exact + 2}"
+    ):
         load_stage(root, spec, expected_bytes=exact + 2, use_cuda=False)
 
 
@@ -154,7 +156,9 @@ def test_missing_shard_file_fails_only_stages_that_need_it(tmp_path: Path) -> No
     ckpt.write(root, layers=6, shards=3)
     (root / "model-00003-of-00003.safetensors").unlink()
     load_stage(root, StageSpec(0, 2, embeddings=True), use_cuda=False)
-    with pytest.raises(LoadError, match=r"file missing: shard file model-00003-of-00003\.safetensors"):
+    with pytest.raises(
+        LoadError, match=r"file missing: shard file model-00003-of-00003\.safetensors"
+    ):
         load_stage(root, StageSpec(3, 6, head=True), use_cuda=False)
 
 

@@ -41,7 +41,10 @@ def held(assignment: ShardAssignment, state: rc.HeldState = "loaded") -> dict[rc
 def test_new_assignment_loads_catalog_reserves() -> None:
     desired = rc.fold_all({}, [a(1), a(1, inst="cat", model="llama-3.1-70b")])
     actions = rc.reconcile(desired, {})
-    assert actions == [rc.Reserve(assignment=a(1, inst="cat", model="llama-3.1-70b")), rc.Load(assignment=a(1))]
+    assert actions == [
+        rc.Reserve(assignment=a(1, inst="cat", model="llama-3.1-70b")),
+        rc.Load(assignment=a(1)),
+    ]
 
 
 def test_duplicates_and_stale_generations_change_nothing() -> None:

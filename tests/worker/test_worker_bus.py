@@ -4,6 +4,7 @@ planner publishes them, reporting ShardStatus on shard.status.<node>.<instance>.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ def model(tmp_path: Path) -> Path:
     return root
 
 
-def plan(root: Path, instance: str, generation: int, split: list[tuple[int, int]], nodes: list[str]) -> list[ShardAssignment]:
+def plan(
+    root: Path, instance: str, generation: int, split: list[tuple[int, int]], nodes: list[str]
+) -> list[ShardAssignment]:
     return [
         stage(root, instance, generation, node, i, len(split), a, b, LAYERS)
         for i, ((a, b), node) in enumerate(zip(split, nodes, strict=True))
@@ -52,7 +55,9 @@ def held_names(worker: Worker) -> list[str]:
     return sorted(n for names in worker.tensor_names().values() for n in names)
 
 
-async def test_every_stage_loads_exactly_its_layers(nc: Client, js: JetStreamContext, model: Path) -> None:
+async def test_every_stage_loads_exactly_its_layers(
+    nc: Client, js: JetStreamContext, model: Path
+) -> None:
     log = await StatusLog().start(nc)
     async with workers(nc, NODES) as running:
         stages = plan(model, "tiny", 1, SPLIT, NODES)
@@ -63,7 +68,9 @@ async def test_every_stage_loads_exactly_its_layers(nc: Client, js: JetStreamCon
             status = final[s.stage]
             assert status.state == "loaded", status
             assert status.bytes_loaded == s.weight_bytes
-            assert status.where == "host" and status.tensors == len(expected_names(s.layer_start, s.layer_end))
+            assert status.where == "host" and status.tensors == len(
+                expected_names(s.layer_start, s.layer_end)
+            )
             assert status.load_ms > 0
             assert held_names(running[s.node]) == expected_names(s.layer_start, s.layer_end)
         # loading came before loaded, per stage, with rising seq
@@ -94,7 +101,9 @@ async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
         for s in [*good, *lost, *cut]:
             await assign(js, s)
         # A plan whose bytes disagree with the files.
-        await assign(js, ShardAssignment(**{**codec.to_builtins(garbled[0]), "weight_bytes": 12345}))
+        await assign(
+            js, ShardAssignment(**{**codec.to_builtins(garbled[0]), "weight_bytes": 12345})
+        )
         ok = await log.settled("good", 1, 3)
         assert all(s.state == "loaded" for s in ok.values()), ok
         lost_final = await log.settled("lost", 1, 3)
@@ -112,7 +121,9 @@ async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
         # The good instance is still exactly where it was on every node.
         for s in good:
             key = rc.ShardKey("good", s.stage)
-            assert sorted(running[s.node].tensor_names()[key]) == expected_names(s.layer_start, s.layer_end)
+            assert sorted(running[s.node].tensor_names()[key]) == expected_names(
+                s.layer_start, s.layer_end
+            )
     await log.stop()
 
 
@@ -128,7 +139,17 @@ async def test_new_generation_moves_layers_and_release_unloads(
         gen2 = plan(model, "m", 2, [(0, 4), (4, 6)], ["n1", "n2"])
         for s in gen2:
             await assign(js, s)
-        await assign(js, ShardAssignment(instance_id="m", generation=2, node="n3", model=f"hf:{model}", release=True, stage_count=2))
+        await assign(
+            js,
+            ShardAssignment(
+                instance_id="m",
+                generation=2,
+                node="n3",
+                model=f"hf:{model}",
+                release=True,
+                stage_count=2,
+            ),
+        )
         final = await log.settled("m", 2, 2)
         assert [final[i].state for i in (0, 1)] == ["loaded", "loaded"]
         assert [final[i].bytes_loaded for i in (0, 1)] == [s.weight_bytes for s in gen2]
@@ -164,6 +185,11 @@ async def test_assignment_published_while_down_is_applied_on_return(
     nc: Client, js: JetStreamContext, model: Path
 ) -> None:
     log = await StatusLog().start(nc)
+    async with workers(nc, ["n2"]):
+        pass  # n2's durable exists but has never delivered anything
+    await assign(js, stage(model, "q", 1, "n2", 0, 1, 0, LAYERS, LAYERS))
+    async with workers(nc, ["n2"]):
+        assert (await log.settled("q", 1, 1, timeout=5.0))[0].state == "loaded"
     async with workers(nc, ["n1"]):
         first = stage(model, "r", 1, "n1", 0, 1, 0, LAYERS, LAYERS)
         await assign(js, first)
@@ -182,7 +208,10 @@ async def test_assignment_published_while_down_is_applied_on_return(
     # Down again with nothing new: on return it reloads what the acked history says it holds.
     before = len(log.of("s", 1))
     async with workers(nc, ["n1"]) as running:
-        await log.wait("s reloaded", lambda lg: [x.state for x in lg.of("s", 1)[before:]] == ["loading", "loaded"])
+        await log.wait(
+            "s reloaded",
+            lambda lg: [x.state for x in lg.of("s", 1)[before:]] == ["loading", "loaded"],
+        )
         assert sorted(running["n1"].tensor_names()) == [rc.ShardKey("r", 0), rc.ShardKey("s", 0)]
     await log.stop()
 
@@ -195,14 +224,27 @@ async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamC
     task = asyncio.create_task(worker.run(stop))
     try:
         a = ShardAssignment(
-            instance_id="cat", generation=1, node="n1", model="llama-3.1-70b", device="n1/1",
-            layer_start=0, layer_end=40, weight_bytes=5 * 2**30, kv_bytes=2**30, memory_bytes=7 * 2**30,
+            instance_id="cat",
+            generation=1,
+            node="n1",
+            model="llama-3.1-70b",
+            device="n1/1",
+            layer_start=0,
+            layer_end=40,
+            weight_bytes=5 * 2**30,
+            kv_bytes=2**30,
+            memory_bytes=7 * 2**30,
         )
         await assign(js, a)
         final = await log.settled("cat", 1, 1, states=("reserved",))
         assert final[0].state == "reserved" and final[0].bytes_loaded == 0 and final[0].tensors == 0
         assert held == [(1, 7 * 2**30)]
-        await assign(js, ShardAssignment(instance_id="cat", generation=2, node="n1", model="llama-3.1-70b", release=True))
+        await assign(
+            js,
+            ShardAssignment(
+                instance_id="cat", generation=2, node="n1", model="llama-3.1-70b", release=True
+            ),
+        )
         await log.wait("released", lambda lg: lg.of("cat", 1)[-1].state == "unloaded")
         assert held == [(1, 7 * 2**30), (1, -7 * 2**30)]
         assert worker.tensor_names() == {}
@@ -248,7 +290,7 @@ async def test_telemetry_keeps_flowing_while_a_shard_loads(
         ended = final[0].ts
         started = ended - final[0].load_ms / 1000.0
         during = [t for t in arrivals if started <= t <= ended]
-        gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(during)]
         assert len(during) >= (ended - started) / interval * 0.5, (len(during), ended - started)
         assert max(gaps) < 0.5, max(gaps)
     finally:

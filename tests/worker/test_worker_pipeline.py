@@ -1,0 +1,208 @@
+"""The whole path with the real components: simulated heterogeneous fleet (agents) -> projector
+-> planner (placement.request with an hf: checkpoint) -> placement.assigned.<node> -> workers
+-> shard.status -> projector -> KV. The tiny model is forced across several devices by filling
+each device so that little more than the planner's per-stage workspace stays free."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from agents.loader import StageSpec, stage_bytes
+from agents.worker import Worker
+from bus import codec, subjects
+from bus.gpus import gpu_spec
+from bus.messages import DeviceState, InstanceState, PlacementReply
+from bus.streams import cluster_state
+from tests.worker import ckpt
+
+pytest.importorskip("planner.service")
+pytest.importorskip("projector.service")
+pytest.importorskip("agents.service")
+
+from agents.service import run_agents
+from planner.cost import WORKSPACE_BYTES
+from planner.service import run_planner
+from projector.service import run_projector
+
+NODES = {"w-a": "RTX-3060-12GB", "w-b": "P40", "w-c": "T4", "w-d": "A10"}
+LAYERS = 8
+SPARE = 7 * 1024**2  # weight bytes each device can take beyond the workspace: ~40% of the model
+
+
+def fleet_file(path: Path) -> Path:
+    lines = ["seed = 3", "interval_s = 0.2", ""]
+    for node, gpu in NODES.items():
+        lines += ["[[nodes]]", f'name = "{node}"', f'gpus = [{{ model = "{gpu}" }}]', ""]
+    for node, gpu in NODES.items():
+        spec = gpu_spec(gpu)
+        assert spec is not None
+        free = WORKSPACE_BYTES + SPARE
+        fraction = 1.0 - free / spec.memory_bytes
+        lines += [
+            "[[faults]]",
+            "at_s = 0.0",
+            f'node = "{node}"',
+            "device = 0",
+            'kind = "fill"',
+            f"fraction = {fraction!r}",
+            "",
+        ]
+    path.write_text("\n".join(lines))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def pipeline(url: str, fleet: Path) -> AsyncIterator[dict[str, Worker]]:
+    """Projector, planner and simulated agents (telemetry only) each on their own connection,
+    plus one Worker per node whose held tensors the test can look at."""
+    stop = asyncio.Event()
+    clients: list[Client] = []
+
+    async def on_own_connection(body: Callable[[Client], Awaitable[None]]) -> None:
+        client = await nats.connect(url)
+        clients.append(client)
+        await body(client)
+
+    worker_nc = await nats.connect(url)
+    clients.append(worker_nc)
+    workers = {n: Worker(worker_nc, node=n, use_cuda=False) for n in NODES}
+    tasks = [
+        asyncio.create_task(on_own_connection(lambda c: run_projector(c, stop=stop))),
+        asyncio.create_task(on_own_connection(lambda c: run_planner(c, stop=stop))),
+        asyncio.create_task(
+            on_own_connection(
+                lambda c: run_agents(c, stop=stop, fleet=fleet, interval_s=0.2, workers=False)
+            )
+        ),
+        *(asyncio.create_task(w.run(stop)) for w in workers.values()),
+    ]
+    try:
+        yield workers
+    finally:
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=20)
+        for task in pending:
+            task.cancel()
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def wait_filled_devices(nc: Client, timeout: float = 20.0) -> None:
+    kv = await cluster_state(nc.jetstream())
+    deadline = asyncio.get_running_loop().time() + timeout
+    want = WORKSPACE_BYTES + SPARE
+    while True:
+        free: dict[str, int | None] = {}
+        for node in NODES:
+            with contextlib.suppress(Exception):
+                entry = await kv.get(subjects.device_key(node, 0))
+                if entry.value:
+                    state = codec.decode(DeviceState, entry.value)
+                    free[node] = state.sample.memory_free_bytes if state.online else None
+        if len(free) == len(NODES) and all(
+            f is not None and abs(f - want) < 2**20 for f in free.values()
+        ):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"devices not reporting the filled state: {free}")
+        await asyncio.sleep(0.2)
+
+
+async def place(nc: Client, body: dict[str, object]) -> PlacementReply:
+    msg = await nc.request("placement.request", json.dumps(body).encode(), timeout=20)
+    reply = codec.decode(PlacementReply, msg.data, "json")
+    assert reply.ok, reply.error
+    return reply
+
+
+async def wait_instance(
+    nc: Client, instance: str, generation: int, timeout: float = 30.0
+) -> InstanceState:
+    kv = await cluster_state(nc.jetstream())
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: InstanceState | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(Exception):
+            entry = await kv.get(subjects.instance_key(instance))
+            if entry.value:
+                last = codec.decode(InstanceState, entry.value)
+                if last.generation == generation and last.state in ("loaded", "failed", "degraded"):
+                    return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"instance {instance} generation {generation} did not settle: {last}")
+
+
+def names_for(start: int, end: int) -> list[str]:
+    names = ckpt.layer_names(start, end)
+    if start == 0:
+        names.add("model.embed_tokens.weight")
+    if end == LAYERS:
+        names |= {"model.norm.weight", "lm_head.weight"}
+    return sorted(names)
+
+
+def held(worker: Worker) -> list[str]:
+    return sorted(n for names in worker.tensor_names().values() for n in names)
+
+
+async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
+    nats_url: str, nc: Client, js: JetStreamContext, tmp_path: Path
+) -> None:
+    model = tmp_path / "tiny-llama"
+    ckpt.write(model, layers=LAYERS, shards=2, hidden=256, vocab=2048, intermediate=512, grow=128)
+    fleet = fleet_file(tmp_path / "fleet.toml")
+    async with pipeline(nats_url, fleet) as workers:
+        await wait_filled_devices(nc)
+        request: dict[str, object] = {
+            "model": f"hf:{model}",
+            "instance_id": "tiny",
+            "context_tokens": 16,
+            "memory_headroom": 0.0,
+        }
+        reply = await place(nc, request)
+        assert len(reply.stages) >= 3, reply.stages  # the fill forces a split
+        state = await wait_instance(nc, "tiny", reply.generation)
+        assert state.state == "loaded", state
+        for planned, st in zip(reply.stages, state.stages, strict=True):
+            spec = StageSpec(
+                planned.layer_start, planned.layer_end, planned.embeddings, planned.head
+            )
+            exact = stage_bytes(model, spec)
+            assert st.state == "loaded" and st.where == "host"
+            assert st.bytes_loaded == exact, (st, planned)
+            # The plan's weight_bytes is this exact figure (or its layers' part, when the
+            # embeddings/head are flagged separately).
+            layers_only = stage_bytes(model, StageSpec(planned.layer_start, planned.layer_end))
+            assert planned.weight_bytes in (exact, layers_only)
+        by_node: dict[str, list[str]] = {n: [] for n in NODES}
+        for s in reply.stages:
+            by_node[s.node] += names_for(s.layer_start, s.layer_end)
+        for node, worker in workers.items():
+            assert held(worker) == sorted(by_node[node]), node
+
+        # Re-plan without one of the nodes: its layers move, it gets a release and unloads.
+        gone = reply.stages[0].node
+        moved = await place(nc, {**request, "exclude_nodes": [gone]})
+        assert moved.generation == reply.generation + 1
+        assert gone not in {s.node for s in moved.stages}
+        state = await wait_instance(nc, "tiny", moved.generation)
+        assert state.state == "loaded", state
+        by_node = {n: [] for n in NODES}
+        for s in moved.stages:
+            by_node[s.node] += names_for(s.layer_start, s.layer_end)
+        for _ in range(50):  # the released node's unload may trail the others' loads a little
+            if not workers[gone].tensor_names():
+                break
+            await asyncio.sleep(0.1)
+        for node, worker in workers.items():
+            assert held(worker) == sorted(by_node[node]), node
