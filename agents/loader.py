@@ -6,6 +6,13 @@ tied embeddings the head *is* ``model.embed_tokens.weight``). Headers come first
 little-endian length + JSON), so every size and offset is known and checked before a data byte is
 touched; then each contiguous run of wanted bytes is memory-mapped and copied once into a single
 host buffer (numpy), or moved to the GPU with torch when CUDA is available (optional extra).
+``read_mode="pread"`` reads the same runs with positional reads instead of a mapping (faster from
+a cold page cache on the VMs measured; see bench/shard_load.py). Large runs are copied by a few
+threads, which overlaps the page faults and copies that make up most of a host load.
+
+How fast, and why not faster: on this kind of VM a host load is bounded by faulting in fresh
+memory (the copy must land somewhere the worker keeps), which a raw read into a reused buffer
+never pays; ``shardplane bench shard-load`` prints both baselines.
 
 Errors are ``LoadError`` with a message that names the file, tensor, layer and numbers, because
 that message travels to the operator verbatim in ``ShardStatus.reason``.
@@ -17,6 +24,7 @@ per-stage ``weight_bytes`` from the same headers with the same selection rule
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -26,9 +34,10 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 import numpy as np
@@ -36,6 +45,7 @@ import numpy.typing as npt
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 CHUNK_BYTES = 64 * 1024 * 1024  # copy granularity: cancellation and rate-limit checkpoints
+PARALLEL_CHUNK = 16 * 1024 * 1024  # per-thread chunk when copying with several threads
 PAGE = mmap.ALLOCATIONGRANULARITY
 
 # safetensors dtype -> (numpy dtype used to hold the raw bytes, bytes per element). Types numpy
@@ -72,6 +82,9 @@ HEAD_NAMES = ("lm_head.",)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+ReadMode = Literal["mmap", "pread"]
 
 
 class LoadError(Exception):
@@ -419,6 +432,10 @@ class LoadedShard:
         self._buffer = None
 
 
+def default_copy_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def host_buffer(nbytes: int) -> npt.NDArray[np.uint8]:
     """One writable host buffer for a whole stage.
 
@@ -489,6 +506,8 @@ def load_stage(
     read_limit_bps: float | None = None,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    copy_threads: int | None = None,
+    read_mode: ReadMode = "mmap",
 ) -> LoadedShard:
     """Read exactly the stage's tensors into memory. Blocking: call it in a thread.
 
@@ -497,6 +516,11 @@ def load_stage(
     caps the bytes this load may take (default: the host's available memory).
     ``read_limit_bps`` throttles the copy (operators use it so a load does not starve a serving
     process's I/O; tests use it to make a load last). ``cancel`` is polled between chunks.
+    ``copy_threads`` copies with that many threads (default: up to 4, by CPU count).
+    ``read_mode``: ``mmap`` (map each run of tensors, copy out of the mapping) or ``pread``
+    (positional reads straight into the stage buffer); both read only the stage's bytes. With
+    ``mmap`` a file truncated *during* the copy (after the size check) raises SIGBUS, which
+    ``pread`` turns into a LoadError; ``pread`` was also faster from a cold page cache here.
     """
     started = time.perf_counter()
     ckpt = Checkpoint.open(root)
@@ -510,8 +534,12 @@ def load_stage(
     check_plan_bytes(refs, spec, expected_bytes)
     cuda = _cuda_device(device_index) if use_cuda else None
     if cuda is not None:
+        # The stage is staged whole in host memory, then copied to the device in one go: simple
+        # and fast enough; a chunked copy through a pinned buffer would bound the host memory.
         free, _ = _torch().cuda.mem_get_info(cuda)
-        limit = int(free) if memory_limit is None else min(int(free), memory_limit)
+        limit = min(int(free), host_available_bytes())
+        if memory_limit is not None:
+            limit = min(limit, memory_limit)
         where = str(cuda)
     else:
         limit = host_available_bytes() if memory_limit is None else memory_limit
@@ -529,11 +557,16 @@ def load_stage(
         ) from None
     offsets: dict[str, int] = {}
     copied = 0
-    for run in _runs(refs):
-        path = ckpt.root / run[0].file
-        copied = _copy_run(
-            path, run, buffer, offsets, copied, total, read_limit_bps, started, cancel, on_progress
-        )
+    threads = copy_threads if copy_threads is not None else default_copy_threads()
+    with (
+        ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() as pool
+    ):
+        for run in _runs(refs):
+            path = ckpt.root / run[0].file
+            copied = _copy_run(
+                path, run, buffer, offsets, copied, total, read_limit_bps, started, cancel,
+                on_progress, pool, read_mode,
+            )  # fmt: skip
     if copied != total:
         raise LoadError(
             f"byte mismatch: copied {copied} bytes of {where_desc}, the headers give {total}"
@@ -545,7 +578,7 @@ def load_stage(
         tensors[ref.name] = buffer[start : start + ref.nbytes].view(np_dtype).reshape(ref.shape)
     held: Any = buffer
     if cuda is not None:
-        tensors, held = _to_cuda(tensors, refs, buffer, cuda, total, where)
+        tensors, held = _to_cuda(offsets, refs, buffer, cuda, total, where)
     return LoadedShard(
         tensors=tensors,
         nbytes=copied,
@@ -566,8 +599,13 @@ def _copy_run(
     started: float,
     cancel: threading.Event | None,
     on_progress: Callable[[int, int], None] | None,
+    pool: ThreadPoolExecutor | None = None,
+    read_mode: ReadMode = "mmap",
 ) -> int:
-    """Map one contiguous run of tensors and copy it into ``buffer`` at ``copied``."""
+    """Read one contiguous run of tensors into ``buffer`` at ``copied``; returns the new fill.
+
+    ``mmap``: map the run and copy out of the mapping. ``pread``: positional reads straight into
+    the buffer. Both read exactly the run's bytes (plus the partial page before it, for mmap)."""
     begin, end = run[0].begin, run[-1].end
     aligned = begin - begin % PAGE  # mmap offsets must be page aligned
     try:
@@ -581,48 +619,113 @@ def _copy_run(
                 f"file truncated: tensor {run[-1].name} in {path.name} ends at byte {end} "
                 f"but the file is {size} bytes"
             )
-        if end == begin:
-            for ref in run:
-                offsets[ref.name] = copied
+        for ref in run:
+            offsets[ref.name] = copied + (ref.begin - begin)
+        run_bytes = end - begin
+        if run_bytes == 0:
             return copied
-        with mmap.mmap(fd, end - aligned, prot=mmap.PROT_READ, offset=aligned) as mm:
+        dst = buffer[copied : copied + run_bytes]
+        if read_mode == "pread":
+            view = dst.data
+
+            def read(at: int, stop: int) -> None:
+                while at < stop:
+                    n = os.preadv(fd, [view[at:stop]], begin + at)
+                    if n <= 0:
+                        raise LoadError(
+                            f"file truncated: {path.name} ended at byte {begin + at} while "
+                            f"reading tensor bytes up to {end}"
+                        )
+                    at += n
+
+            _drive(
+                read, run_bytes, copied, total, pool, read_limit_bps, started, cancel, on_progress
+            )
+            return copied + run_bytes
+        mm = mmap.mmap(fd, end - aligned, prot=mmap.PROT_READ, offset=aligned)
+        try:
             # Sequential hint: the kernel reads ahead aggressively and drops pages behind.
             if hasattr(mm, "madvise"):
                 mm.madvise(mmap.MADV_SEQUENTIAL)
-            src = np.frombuffer(mm, dtype=np.uint8)
-            try:
-                pos = begin - aligned
-                for ref in run:
-                    offsets[ref.name] = copied + (ref.begin - begin)
-                run_bytes = end - begin
-                done = 0
-                while done < run_bytes:
-                    if cancel is not None and cancel.is_set():
-                        raise LoadCancelled("load cancelled")
-                    n = min(CHUNK_BYTES, run_bytes - done)
-                    dst = buffer[copied + done : copied + done + n]
-                    np.copyto(dst, src[pos + done : pos + done + n])
-                    done += n
-                    if on_progress is not None:
-                        on_progress(copied + done, total)
-                    if read_limit_bps:
-                        ahead = (copied + done) / read_limit_bps - (time.perf_counter() - started)
-                        if ahead > 0:
-                            if cancel is not None:
-                                cancel.wait(ahead)
-                            else:
-                                time.sleep(ahead)
-            finally:
-                del src  # the mapping cannot close while a view exports it
-        return copied + (end - begin)
+            src = np.frombuffer(mm, dtype=np.uint8)[begin - aligned :]
+            copy = _copier(dst, src)
+            del src
+            _drive(
+                copy, run_bytes, copied, total, pool, read_limit_bps, started, cancel, on_progress
+            )
+            del copy
+        finally:
+            # On an error a traceback may still reference a view of the mapping; then it is
+            # unmapped when that goes, not here.
+            with contextlib.suppress(BufferError):
+                mm.close()
+        return copied + run_bytes
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
 
 
+def _copier(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> Callable[[int, int], None]:
+    def copy(at: int, stop: int) -> None:
+        np.copyto(dst[at:stop], src[at:stop])
+
+    return copy
+
+
+def _drive(
+    step: Callable[[int, int], None],
+    n: int,
+    copied: int,
+    total: int,
+    pool: ThreadPoolExecutor | None,
+    read_limit_bps: float | None,
+    started: float,
+    cancel: threading.Event | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """Run ``step(at, end)`` over [0, n) in chunks: in turn across the pool's threads, or one
+    after the other when throttled (or without a pool), checking ``cancel`` between chunks.
+
+    Why threads: a host load is page faults (file pages, fresh destination pages) and memcpy;
+    numpy and the read syscalls release the GIL, so two or more threads overlap them. Each thread
+    walks its own interleaved chunks, so the kernel still sees sequential access per thread."""
+    if pool is not None and read_limit_bps is None and n > PARALLEL_CHUNK:
+        workers = pool._max_workers  # pyright: ignore[reportPrivateUsage]
+        stride = PARALLEL_CHUNK * workers
+
+        def work(first: int) -> None:
+            for at in range(first, n, stride):
+                if cancel is not None and cancel.is_set():
+                    raise LoadCancelled("load cancelled")
+                step(at, min(at + PARALLEL_CHUNK, n))
+
+        futures = [pool.submit(work, i * PARALLEL_CHUNK) for i in range(workers)]
+        for future in futures:
+            future.result()  # re-raises LoadCancelled / LoadError / OSError from a thread
+        if on_progress is not None:
+            on_progress(copied + n, total)
+        return
+    done = 0
+    while done < n:
+        if cancel is not None and cancel.is_set():
+            raise LoadCancelled("load cancelled")
+        chunk = min(CHUNK_BYTES, n - done)
+        step(done, done + chunk)
+        done += chunk
+        if on_progress is not None:
+            on_progress(copied + done, total)
+        if read_limit_bps:
+            ahead = (copied + done) / read_limit_bps - (time.perf_counter() - started)
+            if ahead > 0:
+                if cancel is not None:
+                    cancel.wait(ahead)
+                else:
+                    time.sleep(ahead)
+
+
 def _to_cuda(
-    host: dict[str, Any],
+    offsets: dict[str, int],
     refs: list[TensorRef],
     buffer: npt.NDArray[np.uint8],
     device: Any,
@@ -651,7 +754,7 @@ def _to_cuda(
         ) from None
     out: dict[str, Any] = {}
     for ref in refs:
-        start = int(host[ref.name].ctypes.data - buffer.ctypes.data) if ref.nbytes else 0
+        start = offsets[ref.name]
         part = flat[start : start + ref.nbytes]
         dtype = torch_dtypes.get(ref.dtype)
         out[ref.name] = (part.view(dtype) if dtype is not None else part).reshape(ref.shape)

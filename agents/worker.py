@@ -9,9 +9,9 @@ Delivery and restarts:
 - A durable pull consumer (``worker-<node>``) is the cursor through the node's assignments, so
   anything published while the worker was down is delivered when it returns.
 - A restarted process holds nothing, yet the durable consumer will not redeliver what the
-  previous incarnation acked. So on start, if the durable delivered anything before, the worker first
-  replays the node's whole assignment history (a short-lived ephemeral consumer) to rebuild
-  desired state. Folding is idempotent, which is why messages are acked as soon as they are
+  previous incarnation acked. So on start, if the durable delivered anything before, the worker
+  first replays the node's whole assignment history (a short-lived ephemeral consumer) to
+  rebuild desired state. Folding is idempotent, which is why messages are acked as soon as they are
   folded, and why redelivered duplicates are harmless.
 - Loads run in a thread (``asyncio.to_thread``), so the event loop, and with it the agent's
   telemetry on the same loop, keeps running while gigabytes are copied. An in-flight load that a
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,13 +34,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from agents import reconcile as rc
 from agents.loader import (
     LoadCancelled,
     LoadedShard,
     LoadError,
+    ReadMode,
     StageSpec,
     checkpoint_dir,
     load_stage,
@@ -52,8 +54,10 @@ log = logging.getLogger(__name__)
 HoldMemory = Callable[[int, int], None]
 
 FETCH_BATCH = 64
-FETCH_TIMEOUT_S = 5.0
+FETCH_TIMEOUT_S = 2.0  # long poll; stopping does not wait for it (raced with stop)
 PUBLISH_ATTEMPTS = 6
+LOAD_LIMIT_ENV = "SHARDPLANE_LOAD_LIMIT_MBPS"
+READ_MODE_ENV = "SHARDPLANE_LOAD_READ"
 
 
 def durable_name(node: str) -> str:
@@ -89,6 +93,7 @@ class Worker:
         use_cuda: bool = True,
         read_limit_bps: float | None = None,
         memory_limit: int | None = None,
+        read_mode: ReadMode = "mmap",
     ) -> None:
         self.nc = nc
         self.node = node
@@ -96,6 +101,7 @@ class Worker:
         self.use_cuda = use_cuda
         self.read_limit_bps = read_limit_bps
         self.memory_limit = memory_limit
+        self.read_mode: ReadMode = read_mode
         self.desired: dict[str, rc.Desired] = {}
         self.held: dict[rc.ShardKey, rc.Held] = {}
         self.shards: dict[rc.ShardKey, LoadedShard] = {}
@@ -105,6 +111,7 @@ class Worker:
         self._seq = 0
         self._changed = asyncio.Event()
         self._inflight: tuple[ShardAssignment, threading.Event] | None = None
+        self._sub: Any = None  # the durable pull subscription (JetStreamContext.PullSubscription)
 
     # --- public view ------------------------------------------------------------------------
 
@@ -118,7 +125,24 @@ class Worker:
         await self._ensure_streams(js)
         subject = subjects.assigned(self.node)
         await self._rebuild(js, subject)
-        sub = await js.pull_subscribe(
+        self._sub = await self._subscribe(js, subject)
+        self._changed.set()  # reconcile the rebuilt state once, even with nothing new
+        reconciler = asyncio.create_task(self._reconcile_loop(stop))
+        try:
+            await self._fetch_loop(js, subject, stop)
+        finally:
+            if self._inflight is not None:
+                self._inflight[1].set()  # abandon an in-flight load between two chunks
+            self._changed.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reconciler, timeout=30)
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            await self._release_all("worker stopped")
+
+    async def _subscribe(self, js: JetStreamContext, subject: str) -> Any:
+        # The config applies only when the durable is created; an existing one is reused as is.
+        return await js.pull_subscribe(
             subject,
             durable=durable_name(self.node),
             stream=streams.PLACEMENTS,
@@ -130,21 +154,6 @@ class Worker:
                 description=f"shard worker of {self.node}",
             ),
         )
-        self._changed.set()  # reconcile the rebuilt state once, even with nothing new
-        reconciler = asyncio.create_task(self._reconcile_loop(stop))
-        try:
-            await self._fetch_loop(js, sub, stop)
-        finally:
-            stop_wait = asyncio.ensure_future(stop.wait())
-            if self._inflight is not None:
-                self._inflight[1].set()
-            self._changed.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(reconciler, timeout=30)
-            stop_wait.cancel()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            await self._release_all("worker stopped")
 
     async def _ensure_streams(self, js: JetStreamContext) -> None:
         # Provisioning per worker is wasteful in a fleet of thousands; only do it when missing.
@@ -195,13 +204,12 @@ class Worker:
             with contextlib.suppress(Exception):
                 await js.delete_consumer(streams.PLACEMENTS, sub._consumer)  # pyright: ignore[reportPrivateUsage]
 
-    async def _fetch_loop(
-        self, js: JetStreamContext, sub: JetStreamContext.PullSubscription, stop: asyncio.Event
-    ) -> None:
+    async def _fetch_loop(self, js: JetStreamContext, subject: str, stop: asyncio.Event) -> None:
         stopped = asyncio.ensure_future(stop.wait())
+        failures = 0
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S))
+                fetch = asyncio.ensure_future(self._sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S))
                 await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
                     # Stopping: messages this fetch would have taken are redelivered later.
@@ -213,10 +221,23 @@ class Worker:
                     msgs = fetch.result()
                 except nats.errors.TimeoutError:
                     continue
-                except Exception as exc:  # connection trouble: the client reconnects by itself
-                    log.warning("worker %s: fetch failed (%s); retrying", self.node, exc)
-                    await asyncio.sleep(0.5)
+                except Exception as exc:
+                    # Connection trouble (the client reconnects by itself) or the durable was
+                    # deleted (stream re-provisioned): after a few failures, subscribe again.
+                    failures += 1
+                    log.warning("worker %s: fetch failed (%r); retrying", self.node, exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=min(5.0, 0.2 * failures))
+                    # 503/404 on a fetch: the consumer is most likely gone; otherwise give a
+                    # reconnect a few tries first.
+                    gone = isinstance(exc, ServiceUnavailableError | NotFoundError)
+                    if (gone or failures >= 3) and not stop.is_set():
+                        with contextlib.suppress(Exception):
+                            await self._ensure_streams(js)
+                            self._sub = await self._subscribe(js, subject)
+                            failures = 0
                     continue
+                failures = 0
                 for msg in msgs:
                     assignment = self._decode(msg)
                     if assignment is None:
@@ -360,6 +381,7 @@ class Worker:
                 memory_limit=self.memory_limit,
                 read_limit_bps=self.read_limit_bps,
                 cancel=cancel,
+                read_mode=self.read_mode,
             )
         except LoadCancelled:
             self._hold(assignment, -amount)
@@ -464,5 +486,41 @@ async def run_worker(
     stop: asyncio.Event,
     hold_memory: HoldMemory | None = None,
 ) -> None:
-    """Run the shard worker of ``node`` on ``nc`` until ``stop`` is set."""
-    await Worker(nc, node=node, hold_memory=hold_memory).run(stop)
+    """Run the shard worker of ``node`` on ``nc`` until ``stop`` is set.
+
+    ``SHARDPLANE_LOAD_LIMIT_MBPS`` (MB/s), when set, throttles shard loads, so that loading a
+    new plan does not starve a serving process on the same host of disk bandwidth.
+    ``SHARDPLANE_LOAD_READ=pread`` reads tensors with positional reads instead of a memory map
+    (see ``agents.loader.load_stage``)."""
+    await Worker(
+        nc,
+        node=node,
+        hold_memory=hold_memory,
+        read_limit_bps=load_limit_from_env(),
+        read_mode=read_mode_from_env(),
+    ).run(stop)
+
+
+def read_mode_from_env() -> ReadMode:
+    raw = os.environ.get(READ_MODE_ENV, "").strip().lower()
+    if raw in ("", "mmap"):
+        return "mmap"
+    if raw == "pread":
+        return "pread"
+    log.warning("%s=%r is neither mmap nor pread; using mmap", READ_MODE_ENV, raw)
+    return "mmap"
+
+
+def load_limit_from_env() -> float | None:
+    raw = os.environ.get(LOAD_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        mbps = float(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number of MB/s; loads are not throttled", LOAD_LIMIT_ENV, raw)
+        return None
+    if mbps <= 0:
+        log.warning("%s=%r must be positive; loads are not throttled", LOAD_LIMIT_ENV, raw)
+        return None
+    return mbps * 1e6

@@ -49,6 +49,16 @@ def field_of(message: str) -> str | None:
     return path or None
 
 
+def _choices(field: str) -> str:
+    """The allowed values of a top-level enum field, from the contract's own schema."""
+    schema = msgspec.json.schema(PlacementRequest)
+    defs = schema.get("$defs", {})
+    ref = str(schema.get("$ref", "")).rsplit("/", 1)[-1]
+    prop = defs.get(ref, {}).get("properties", {}).get(field, {})
+    values = prop.get("enum")
+    return f"; allowed: {', '.join(map(str, values))}" if values else ""
+
+
 def _suggest(name: str) -> str:
     fields = PlacementRequest.__struct_fields__
     close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
@@ -67,4 +77,6 @@ def request_error(exc: msgspec.ValidationError | msgspec.DecodeError, raw: bytes
     field = field_of(message)
     if field is not None and "unknown field" in message and "." not in field:
         message += _suggest(field)
+    elif field is not None and message.startswith("Invalid enum value"):
+        message += _choices(field)
     return ApiError(400, "invalid_request", f"invalid PlacementRequest: {message}", field)

@@ -244,7 +244,12 @@ def document() -> Schema:
             "/api/gpu/history": _get(
                 "the last minutes of each device's figures, for charts",
                 _ref("History"),
-                params=[_param("device", "query", "one device, `<node>/<index>`")],
+                params=[
+                    _param("device", "query", "one device, `<node>/<index>`"),
+                    _param(
+                        "node", "query", "one node's devices (a filter is needed above 512 devices)"
+                    ),
+                ],
                 errors=(400, 404),
             ),
             "/api/gpu/topology": _get(

@@ -15,7 +15,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -39,6 +39,41 @@ KINDS: tuple[Kind, ...] = ("device", "node", "instance")
 PREFIX: dict[str, Kind] = {"devices.": "device", "nodes.": "node", "instances.": "instance"}
 
 _json = msgspec.json.Encoder()
+_json_decode = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class DeviceBrief(NamedTuple):
+    """What the API needs of a device besides its JSON: sort keys, liveness, the sums.
+
+    A tuple of plain values is not tracked by Python's cycle collector, where a dict view per
+    device (8,000 of them, replaced every few seconds) made each full collection pause the
+    event loop for ~40 ms; the full view lives on as its encoded JSON only."""
+
+    id: str
+    node: str
+    gpu: int  # the device index ("index" would shadow tuple.index)
+    status: str
+    online: bool
+    last_seen: float
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_free_bytes: int
+    power_w: float
+
+    @classmethod
+    def of(cls, view: View) -> DeviceBrief:
+        return cls(
+            str(view["id"]),
+            str(view["node"]),
+            int(view["index"]),
+            str(view["status"]),
+            bool(view["online"]),
+            float(view["last_seen"]),
+            int(view.get("memory_total_bytes") or 0),
+            int(view.get("memory_used_bytes") or 0),
+            int(view.get("memory_free_bytes") or 0),
+            float(view.get("power_w") or 0.0),
+        )
 
 
 def kind_of(key: str) -> Kind | None:
@@ -50,14 +85,25 @@ def kind_of(key: str) -> Kind | None:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One applied KV change, with its server-sent event already encoded."""
+    """One applied KV change; its server-sent event is encoded only when someone listens."""
 
     kind: Kind
     op: Literal["put", "delete"]
     key: str
     id: str
     revision: int
-    event: bytes
+    value: bytes  # the view's JSON, b"null" for a delete
+
+    def event(self) -> bytes:
+        data = (
+            (
+                f'{{"kind":"{self.kind}","op":"{self.op}","key":{_json.encode(self.key).decode()},'
+                f'"id":{_json.encode(self.id).decode()},"revision":{self.revision},"value":'
+            ).encode()
+            + self.value
+            + b"}"
+        )
+        return sse_event(self.kind, data, self.revision)
 
 
 def sse_event(kind: str, data: bytes, event_id: int | None = None) -> bytes:
@@ -68,12 +114,12 @@ def sse_event(kind: str, data: bytes, event_id: int | None = None) -> bytes:
 class History:
     """The last ``points`` samples of each device's live figures, for the dashboard's charts.
 
-    float32 rings (time relative to a base) keep 8,000 devices x 120 points under 20 MB, where
+    float32 rings (time relative to a base) keep 8,000 devices x 150 points (5 minutes at 2 s) near 24 MB, where
     a deque of tuples would take five times that."""
 
     FIELDS = ("t", "util", "mem_used", "temp", "power")
 
-    def __init__(self, points: int = 120) -> None:
+    def __init__(self, points: int = 150) -> None:
         self.points = points
         self.base = time.time()
         self._rings: dict[str, array[float]] = {}
@@ -83,8 +129,8 @@ class History:
 
     def record(self, key: str, view: View) -> None:
         ts = float(view.get("ts") or 0.0)
-        if self._last_ts.get(key) == ts:
-            return  # the same sample again (a liveness-only update)
+        if ts <= self._last_ts.get(key, float("-inf")):
+            return  # the same sample again (a liveness-only update), or an older one replayed
         self._last_ts[key] = ts
         ring = self._rings.get(key)
         if ring is None:
@@ -101,7 +147,7 @@ class History:
             _num(view.get("power_w"), nan),
         )
         at = self._next[key] * len(self.FIELDS)
-        ring[at : at + len(self.FIELDS)] = array("f", row)
+        ring[at], ring[at + 1], ring[at + 2], ring[at + 3], ring[at + 4] = row
         self._next[key] = (self._next[key] + 1) % self.points
         self._count[key] = min(self._count[key] + 1, self.points)
 
@@ -137,8 +183,10 @@ def _num(value: Any, default: float) -> float:
 
 
 class ClusterCache:
-    def __init__(self, history_points: int = 120) -> None:
+    def __init__(self, history_points: int = 150) -> None:
+        # Nodes and instances as views (few); devices as briefs plus JSON (see DeviceBrief).
         self.views: dict[Kind, dict[str, View]] = {k: {} for k in KINDS}
+        self.briefs: dict[str, DeviceBrief] = {}
         self.json: dict[Kind, dict[str, bytes]] = {k: {} for k in KINDS}
         self.revisions: dict[str, int] = {}
         self.revision = 0  # highest KV revision applied
@@ -149,6 +197,8 @@ class ClusterCache:
         self.history = History(history_points)
         self._node_devices: dict[str, set[str]] = {}
         self._hostnames: dict[str, str] = {}
+        self._labels: dict[str, tuple[tuple[Any, ...], str, str]] = {}
+        self._metrics_stale: set[str] = set()  # devices whose lines are not formatted yet
         self._topo_sigs: dict[str, tuple[Any, ...]] = {}
         self._sorted: dict[Kind, list[str] | None] = {k: None for k in KINDS}
         self._bodies: dict[str, bytes] = {}
@@ -177,8 +227,11 @@ class ClusterCache:
         self.revisions[key] = revision
         self.updates += 1
         encoded = _json.encode(view)
-        is_new = key not in self.views[kind]
-        self.views[kind][key] = view
+        is_new = key not in self.json[kind]
+        if kind == "device":
+            self.briefs[key] = DeviceBrief.of(view)
+        else:
+            self.views[kind][key] = view
         self.json[kind][key] = encoded
         if is_new:
             self._sorted[kind] = None
@@ -197,7 +250,10 @@ class ClusterCache:
         if kind == "device":
             node = str(view["node"])
             self._node_devices.setdefault(node, set()).add(key)
-            self.metrics.set_device(key, metrics.device_lines(view, self._hostnames.get(node)))
+            # Lines are formatted at the next render, not here: a device sampled every 2 s
+            # is then formatted once per scrape (every 15-60 s), or never without Prometheus.
+            self._metrics_stale.add(key)
+            self.metrics.invalidate()
             self.history.record(key, view)
             self._bodies.pop("node", None)
             sig = topology_signature(view)
@@ -209,11 +265,8 @@ class ClusterCache:
             hostname = str(view.get("hostname") or "") or node
             if self._hostnames.get(node) != hostname:
                 self._hostnames[node] = hostname
-                # The device lines carry the Hostname label: re-render this node's devices.
-                for dev_key in self._node_devices.get(node, ()):
-                    dev = self.views["device"].get(dev_key)
-                    if dev is not None:
-                        self.metrics.set_device(dev_key, metrics.device_lines(dev, hostname))
+                # The device lines carry the Hostname label: format this node's devices again.
+                self._metrics_stale.update(self._node_devices.get(node, ()))
             self.metrics.set_node(key, metrics.node_lines(view))
             sig = (
                 view["status"],
@@ -227,27 +280,42 @@ class ClusterCache:
         else:
             self.metrics.set_instance(key, metrics.instance_lines(view))
 
+    def _set_device_metrics(self, key: str, view: View, hostname: str | None) -> None:
+        # Formatting the six DCGM labels is most of a line's cost and they almost never change:
+        # keep them per device and format again only when what they show changes.
+        inputs = metrics.label_inputs(view, hostname)
+        held = self._labels.get(key)
+        if held is None or held[0] != inputs:
+            held = (inputs, *metrics.device_labels(view, hostname))
+            self._labels[key] = held
+        self.metrics.set_device(key, metrics.device_lines(view, held[1], held[2]))
+
     def _delete(self, kind: Kind, key: str, revision: int) -> Change | None:
         self.revisions[key] = revision
+        raw = self.json[kind].pop(key, None)
         view = self.views[kind].pop(key, None)
-        self.json[kind].pop(key, None)
-        if view is None:
+        brief = self.briefs.pop(key, None)
+        if raw is None:
             return None
+        ident = brief.id if brief is not None else str(view["id"]) if view is not None else key
         self.updates += 1
         self._sorted[kind] = None
         self._bodies.pop(kind, None)
         self._bodies.pop("topology", None)
         self._topo_sigs.pop(key, None)
         if kind == "device":
-            self._node_devices.get(str(view["node"]), set()).discard(key)
+            if brief is not None:
+                self._node_devices.get(brief.node, set()).discard(key)
             self.metrics.drop_device(key)
+            self._metrics_stale.discard(key)
+            self._labels.pop(key, None)
             self.history.drop(key)
             self._bodies.pop("node", None)
         elif kind == "node":
             self.metrics.drop_node(key)
         else:
             self.metrics.drop_instance(key)
-        return self._change(kind, "delete", key, str(view["id"]), revision, b"null")
+        return self._change(kind, "delete", key, ident, revision, b"null")
 
     def _change(
         self,
@@ -258,21 +326,13 @@ class ClusterCache:
         revision: int,
         value: bytes,
     ) -> Change:
-        data = (
-            (
-                f'{{"kind":"{kind}","op":"{op}","key":{_json.encode(key).decode()},'
-                f'"id":{_json.encode(ident).decode()},"revision":{revision},"value":'
-            ).encode()
-            + value
-            + b"}"
-        )
-        return Change(kind, op, key, ident, revision, sse_event(kind, data, revision))
+        return Change(kind, op, key, ident, revision, value)
 
     def forget_missing(self, seen: set[str]) -> list[Change]:
         """After a re-watch: drop what vanished from the bucket while the watch was down."""
         changes: list[Change] = []
         for kind in KINDS:
-            for key in [k for k in self.views[kind] if k not in seen]:
+            for key in [k for k in self.json[kind] if k not in seen]:
                 change = self._delete(kind, key, self.revision)
                 if change is not None:
                     changes.append(change)
@@ -285,7 +345,8 @@ class ClusterCache:
         if keys is None:
             views = self.views[kind]
             if kind == "device":
-                keys = sorted(views, key=lambda k: (str(views[k]["node"]), int(views[k]["index"])))
+                briefs = self.briefs
+                keys = sorted(briefs, key=lambda k: (briefs[k].node, briefs[k].gpu))
             else:
                 keys = sorted(views, key=lambda k: str(views[k]["id"]))
             self._sorted[kind] = keys
@@ -308,7 +369,12 @@ class ClusterCache:
         return self._cached("device", build)
 
     def device_list(self) -> list[View]:
-        return [self.views["device"][k] for k in self.sorted_keys("device")]
+        """Full device views, decoded from their JSON (for the topology, rebuilt rarely)."""
+        parts = self.json["device"]
+        return [_json_decode(parts[k]) for k in self.sorted_keys("device")]
+
+    def device_briefs(self) -> list[DeviceBrief]:
+        return [self.briefs[k] for k in self.sorted_keys("device")]
 
     def node_list(self) -> list[View]:
         return [self.views["node"][k] for k in self.sorted_keys("node")]
@@ -318,7 +384,8 @@ class ClusterCache:
 
     def nodes_body(self) -> bytes:
         def build() -> bytes:
-            nodes = node_summaries(self.node_list(), self.device_list())
+            briefs = [{**b._asdict(), "index": b.gpu} for b in self.device_briefs()]
+            nodes = node_summaries(self.node_list(), briefs)
             return _json.encode({"count": len(nodes), "revision": self.revision, "nodes": nodes})
 
         return self._cached("node", build)
@@ -347,7 +414,7 @@ class ClusterCache:
         return self.json["device"].get(f"devices.{node}.{index}")
 
     def summary_metrics(self) -> str:
-        devices = Counter(str(v["status"]) for v in self.views["device"].values())
+        devices = Counter(b.status for b in self.briefs.values())
         nodes = Counter(str(v["status"]) for v in self.views["node"].values())
         instances = Counter(str(v["state"]) for v in self.views["instance"].values())
         for status in ("online", "offline"):
@@ -356,4 +423,12 @@ class ClusterCache:
         return metrics.summary_lines(devices, nodes, instances)
 
     def metrics_body(self) -> bytes:
+        if self._metrics_stale:
+            parts = self.json["device"]
+            for key in self._metrics_stale:
+                raw = parts.get(key)
+                if raw is not None:
+                    view = _json_decode(raw)
+                    self._set_device_metrics(key, view, self._hostnames.get(str(view["node"])))
+            self._metrics_stale.clear()
         return self.metrics.render(self.summary_metrics)

@@ -192,7 +192,14 @@ def build_topology(nodes: Iterable[View], devices: Iterable[View]) -> View:
         lanes = max(r[0] for r in reports.values())
         gbytes = max(r[1] for r in reports.values())
         links.append(
-            _link("nvlink", a, b, node_of[a] if node_of[a] == node_of[b] else None, lanes, gbytes or None)
+            _link(
+                "nvlink",
+                a,
+                b,
+                node_of[a] if node_of[a] == node_of[b] else None,
+                lanes,
+                gbytes or None,
+            )
         )
 
     dev_by_id = {str(d["id"]): d for d in devs}
@@ -204,7 +211,9 @@ def build_topology(nodes: Iterable[View], devices: Iterable[View]) -> View:
                 if (pa, pb) in nv:
                     continue
                 speeds = [s for s in (_pcie_gbytes(dev_by_id[a]), _pcie_gbytes(dev_by_id[b])) if s]
-                links.append(_link("pcie", pa, pb, str(node["id"]), 1, min(speeds) if speeds else None))
+                links.append(
+                    _link("pcie", pa, pb, str(node["id"]), 1, min(speeds) if speeds else None)
+                )
 
     known = {str(n["id"]) for n in node_list}
     net: dict[tuple[str, str], View] = {}
@@ -271,5 +280,9 @@ def topology_signature(device: Mapping[str, Any]) -> tuple[Any, ...]:
         device.get("pcie_gen"),
         device.get("pcie_width"),
         device.get("status"),
-        repr(device.get("nvlinks")),
+        # As a tuple of tuples of plain values, which the cycle collector leaves alone.
+        tuple(
+            (link.get("link"), link.get("peer_uuid"), link.get("peer_pci_bus_id"), link.get("gbps"))
+            for link in device.get("nvlinks") or ()
+        ),
     )

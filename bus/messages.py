@@ -220,6 +220,10 @@ class PlacementReply(Frozen, frozen=True):
     excluded: tuple[Excluded, ...] = ()
     error: ErrorInfo | None = None
     v: Version = SCHEMA_VERSION
+    # Added by the planner (additive): the proven distance to the best bound when the solver
+    # stopped at its time limit (0 when optimal), and that bound (>= lower_bound_ms).
+    gap_pct: NonNeg | None = None
+    bound_ms: NonNeg | None = None
 
 
 class ShardAssignment(Frozen, frozen=True):

@@ -2,27 +2,27 @@
 
 Decode is memory-bandwidth bound. For a stage on device ``d`` holding layers ``[a, b)``:
 
-    read_bytes  = Σ_{l∈[a,b)} read(l)                 weights read per decode step (MoE: routed
+    read_bytes  = sum_{l∈[a,b)} read(l)                 weights read per decode step (MoE: routed
                                                       experts only, see ModelProfile.read_bytes)
-                + Σ_{l∈[a,b)} kv(l) × context × batch  the KV cache each sequence reads
+                + sum_{l∈[a,b)} kv(l) x context x batch  the KV cache each sequence reads
                 + head_bytes  if b == L                the output head reads its whole matrix
-    stage_ms    = read_bytes / (bandwidth_gbps × 1e9) × 1e3
-    hop_ms      = activation_bytes × batch / link_bytes_per_s × 1e3 + link_latency_ms
+    stage_ms    = read_bytes / (bandwidth_gbps x 1e9) x 1e3
+    hop_ms      = activation_bytes x batch / link_bytes_per_s x 1e3 + link_latency_ms
                   (to the next stage; 0 after the last stage)
 
-    memory      = Σ weights(l) + Σ kv(l) × context × batch + WORKSPACE_BYTES
+    memory      = sum weights(l) + sum kv(l) x context x batch + WORKSPACE_BYTES
                 + embed_bytes if a == 0 + head_bytes if b == L
-                must be <= free − promised − headroom × total
+                must be <= free - promised - headroom x total
 
 ``bandwidth_gbps`` is the device's effective bandwidth (peak derated by utilisation and power
 throttling, see planner.fleet). One decode step moves ``batch`` tokens through every stage, so
 for throughput the pipeline runs at ``bottleneck_ms = max(stage_ms + hop_ms)`` per step,
-``tokens_per_s = batch × 1000 / bottleneck_ms``; for latency a token takes
-``Σ(stage_ms + hop_ms)``. The embedding lookup reads one row per token and is left out of
+``tokens_per_s = batch x 1000 / bottleneck_ms``; for latency a token takes
+``sum(stage_ms + hop_ms)``. The embedding lookup reads one row per token and is left out of
 ``read_bytes``; the sampled token's trip back to stage 0 is a few bytes and is left out too.
 
 ``lower_bound_ms`` (the fluid bound) spreads the total work over all candidate devices as if it
-were a fluid: total read bytes / Σ bandwidth, which no real split beats (throughput). For the
+were a fluid: total read bytes / sum bandwidth, which no real split beats (throughput). For the
 latency objective the bound is total read bytes / the fastest device's bandwidth.
 """
 
@@ -98,10 +98,38 @@ class Tables:
         self.K = problem.prefix_kv()
         self.embed = problem.profile.embed_bytes
         self.head = problem.profile.head_bytes
+        self.hop_bytes = problem.hop_bytes
+        self._hops: dict[tuple[str, str], float] = {}
+        # Equal layers (every catalog card) let the packer count layers with one division.
+        p = problem.profile
+        reads = p.read_bytes(problem.batch)
+        self.uniform = (
+            len(set(p.layer_bytes)) == 1
+            and len(set(reads)) == 1
+            and len(set(p.kv_bytes_per_token)) == 1
+        )
+        self.layer_read = reads[0] + p.kv_bytes_per_token[0] * problem.kv_tokens
+        self.layer_mem = p.layer_bytes[0] + p.kv_bytes_per_token[0] * problem.kv_tokens
+
+    def hop(self, a: Device, b: Device) -> float:
+        """hop_ms from a to b, memoised (links are looked up by name)."""
+        key = (a.ref, b.ref)
+        value = self._hops.get(key)
+        if value is None:
+            value = self.problem.fleet.link(a, b).hop_ms(self.hop_bytes)
+            self._hops[key] = value
+        return value
 
     def memory(self, a: int, b: int) -> int:
-        return (self.W[b] - self.W[a] + self.K[b] - self.K[a] + WORKSPACE_BYTES
-                + (self.embed if a == 0 else 0) + (self.head if b == self.L else 0))
+        return (
+            self.W[b]
+            - self.W[a]
+            + self.K[b]
+            - self.K[a]
+            + WORKSPACE_BYTES
+            + (self.embed if a == 0 else 0)
+            + (self.head if b == self.L else 0)
+        )
 
     def read(self, a: int, b: int) -> int:
         return self.R[b] - self.R[a] + self.K[b] - self.K[a] + (self.head if b == self.L else 0)
@@ -137,7 +165,9 @@ class Evaluation:
         return len({s.device.node for s in self.stages})
 
 
-def evaluate(problem: Problem, stages: tuple[StagePlan, ...], tables: Tables | None = None) -> Evaluation:
+def evaluate(
+    problem: Problem, stages: tuple[StagePlan, ...], tables: Tables | None = None
+) -> Evaluation:
     """Figures of a plan under the cost model (no validity checks beyond the memory fit)."""
     t = tables or Tables(problem)
     stage_ms: list[float] = []
@@ -149,7 +179,7 @@ def evaluate(problem: Problem, stages: tuple[StagePlan, ...], tables: Tables | N
     for i, s in enumerate(stages):
         a, b = s.layer_start, s.layer_end
         stage_ms.append(t.stage_ms(s.device, a, b))
-        hops.append(problem.hop_ms(s.device, stages[i + 1].device) if i + 1 < len(stages) else 0.0)
+        hops.append(t.hop(s.device, stages[i + 1].device) if i + 1 < len(stages) else 0.0)
         mem = t.memory(a, b)
         memory.append(mem)
         weights.append(t.W[b] - t.W[a])
@@ -157,13 +187,21 @@ def evaluate(problem: Problem, stages: tuple[StagePlan, ...], tables: Tables | N
         fits = fits and mem <= problem.usable(s.device)
     per = [x + h for x, h in zip(stage_ms, hops, strict=True)]
     return Evaluation(
-        stages=stages, stage_ms=tuple(stage_ms), hop_ms=tuple(hops), memory=tuple(memory),
-        weight_bytes=tuple(weights), kv_bytes=tuple(kvs),
-        bottleneck_ms=max(per) if per else 0.0, latency_ms=sum(per), fits=fits,
+        stages=stages,
+        stage_ms=tuple(stage_ms),
+        hop_ms=tuple(hops),
+        memory=tuple(memory),
+        weight_bytes=tuple(weights),
+        kv_bytes=tuple(kvs),
+        bottleneck_ms=max(per) if per else 0.0,
+        latency_ms=sum(per),
+        fits=fits,
     )
 
 
-def stages_from_counts(devices: list[Device] | tuple[Device, ...], counts: list[int] | tuple[int, ...]) -> tuple[StagePlan, ...]:
+def stages_from_counts(
+    devices: list[Device] | tuple[Device, ...], counts: list[int] | tuple[int, ...]
+) -> tuple[StagePlan, ...]:
     """Contiguous stages from per-device layer counts in pipeline order (zero counts dropped)."""
     out: list[StagePlan] = []
     start = 0

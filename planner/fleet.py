@@ -47,7 +47,7 @@ class Device:
 
     def usable_bytes(self, headroom: float) -> int:
         """Memory a new stage may take: free, less what the ledger promised and not yet loaded,
-        less ``headroom`` × total (the request's safety margin)."""
+        less ``headroom`` x total (the request's safety margin)."""
         return int(self.free_bytes - self.promised_bytes - headroom * self.total_bytes)
 
     def signature(self, headroom: float) -> tuple[str, float, int]:
@@ -74,11 +74,19 @@ class Fleet:
     def link(self, a: Device, b: Device) -> Link:
         """The path from device ``a`` to device ``b`` (the hop between consecutive stages)."""
         if a.node == b.node:
-            if (b.uuid and b.uuid in a.nvlink_peers) or (b.pci_bus_id and b.pci_bus_id in a.nvlink_peers) or (
-                a.uuid and a.uuid in b.nvlink_peers) or (a.pci_bus_id and a.pci_bus_id in b.nvlink_peers):
+            if (
+                (b.uuid and b.uuid in a.nvlink_peers)
+                or (b.pci_bus_id and b.pci_bus_id in a.nvlink_peers)
+                or (a.uuid and a.uuid in b.nvlink_peers)
+                or (a.pci_bus_id and a.pci_bus_id in b.nvlink_peers)
+            ):
                 return Link(NVLINK_GBYTES, NVLINK_LATENCY_MS)
             return Link(PCIE_GBYTES, PCIE_LATENCY_MS)
-        return self.node_links.get((a.node, b.node)) or self.node_links.get((b.node, a.node)) or self.default_link
+        return (
+            self.node_links.get((a.node, b.node))
+            or self.node_links.get((b.node, a.node))
+            or self.default_link
+        )
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -90,12 +98,15 @@ class Fleet:
 
 def peak_bandwidth(state: DeviceState) -> tuple[float | None, str]:
     """Peak memory bandwidth in GB/s and where it came from: the agent's figure, else NVML's
-    bus width × max memory clock × 2 (DDR) / 8, else the known-GPU table."""
+    bus width x max memory clock x 2 (DDR) / 8, else the known-GPU table."""
     s = state.sample
     if s.bandwidth_gbps:
         return s.bandwidth_gbps, "telemetry"
     if s.memory_bus_width_bits and s.memory_clock_max_mhz:
-        return s.memory_bus_width_bits * s.memory_clock_max_mhz * 2 / 8 / 1000.0, "bus width x clock"
+        return (
+            s.memory_bus_width_bits * s.memory_clock_max_mhz * 2 / 8 / 1000.0,
+            "bus width x clock",
+        )
     if s.name and (spec := gpu_spec(s.name)):
         return spec.bandwidth_gbps, "known-GPU table"
     return None, "unknown"
@@ -114,7 +125,9 @@ def _derate(state: DeviceState, peak: float) -> float:
     return peak * factor
 
 
-def _exclusion(state: DeviceState, node: NodeState | None, excluded_nodes: frozenset[str]) -> str | None:
+def _exclusion(
+    state: DeviceState, node: NodeState | None, excluded_nodes: frozenset[str]
+) -> str | None:
     s = state.sample
     if s.node in excluded_nodes:
         return "node excluded by the request (exclude_nodes)"
@@ -173,12 +186,22 @@ def build_fleet(
         peers = frozenset(
             p for link in s.nvlinks for p in (link.peer_uuid, link.peer_pci_bus_id) if p
         )
-        kept.append(Device(
-            ref=ref, node=s.node, index=s.index, gpu=s.name or s.vendor,
-            bandwidth_gbps=_derate(state, peak), peak_gbps=peak,
-            total_bytes=total, free_bytes=free, uuid=s.uuid, pci_bus_id=s.pci_bus_id or "",
-            nvlink_peers=peers, promised_bytes=int(promised.get(ref, 0)),
-        ))
+        kept.append(
+            Device(
+                ref=ref,
+                node=s.node,
+                index=s.index,
+                gpu=s.name or s.vendor,
+                bandwidth_gbps=_derate(state, peak),
+                peak_gbps=peak,
+                total_bytes=total,
+                free_bytes=free,
+                uuid=s.uuid,
+                pci_bus_id=s.pci_bus_id or "",
+                nvlink_peers=peers,
+                promised_bytes=int(promised.get(ref, 0)),
+            )
+        )
     links: dict[tuple[str, str], Link] = {}
     for name, node in nodes.items():
         for link in node.heartbeat.links:

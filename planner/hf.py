@@ -24,7 +24,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bus.messages import ModelCard
 from planner.profile import ModelProfile, card_params
@@ -34,14 +34,41 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
 
 DTYPE_BYTES: dict[str, float] = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-    "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F4": 0.5,
 }
-TORCH_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "float64": 8.0,
-                     "int8": 1.0, "uint8": 1.0, "float8_e4m3fn": 1.0}
+TORCH_DTYPE_BYTES = {
+    "float32": 4.0,
+    "float16": 2.0,
+    "bfloat16": 2.0,
+    "float64": 8.0,
+    "int8": 1.0,
+    "uint8": 1.0,
+    "float8_e4m3fn": 1.0,
+}
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-EMBED_NAMES = ("model.embed_tokens.", "embed_tokens.", "model.language_model.embed_tokens.", "transformer.wte.")
+EMBED_NAMES = (
+    "model.embed_tokens.",
+    "embed_tokens.",
+    "model.language_model.embed_tokens.",
+    "transformer.wte.",
+)
 NORM_NAMES = ("model.norm.", "norm.", "model.language_model.norm.", "transformer.ln_f.")
 HEAD_NAMES = ("lm_head.",)
 
@@ -93,7 +120,9 @@ def read_header(path: Path | str) -> dict[str, TensorInfo]:
                 raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{path}: header length {n} bytes is impossible for a {size}-byte file")
+                raise CheckpointError(
+                    f"{path}: header length {n} bytes is impossible for a {size}-byte file"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: {exc.strerror or exc}") from exc
@@ -115,26 +144,39 @@ def read_header(path: Path | str) -> dict[str, TensorInfo]:
 def _tensor(path: Path, name: str, meta: Any, base: int, size: int) -> TensorInfo:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: tensor {name!r} entry is not an object")
-    m: dict[str, Any] = meta  # pyright: ignore[reportUnknownVariableType]
-    dtype, shape, offsets = m.get("dtype"), m.get("shape"), m.get("data_offsets")
+    m = cast("dict[str, Any]", meta)
+    dtype: Any = m.get("dtype")
+    shape: Any = m.get("shape")
+    offsets: Any = m.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):  # pyright: ignore[reportUnknownVariableType]
+    dims = cast("list[Any]", shape) if isinstance(shape, list) else None
+    if dims is None or not all(isinstance(d, int) and d >= 0 for d in dims):
         raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2  # pyright: ignore[reportUnknownArgumentType]
-            or not all(isinstance(o, int) for o in offsets)):  # pyright: ignore[reportUnknownVariableType]
+    pair = cast("list[Any]", offsets) if isinstance(offsets, list) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(o, int) for o in pair):
         raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r}")
-    begin, end = int(offsets[0]), int(offsets[1])  # pyright: ignore[reportUnknownArgumentType]
+    begin, end = int(pair[0]), int(pair[1])
     if not 0 <= begin <= end or base + end > size:
-        raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}) fall outside the {size - base}-byte data")
-    dims: list[int] = shape  # pyright: ignore[reportUnknownVariableType]
+        raise CheckpointError(
+            f"{path}: tensor {name!r} offsets [{begin}, {end}) fall outside the {size - base}-byte data"
+        )
     count = 1
     for d in dims:
-        count *= d
+        count *= int(d)
     expected = count * DTYPE_BYTES[dtype]
     if dtype != "F4" and expected != end - begin:
-        raise CheckpointError(f"{path}: tensor {name!r} is {end - begin} bytes but {dtype}{dims} needs {expected:.0f}")
-    return TensorInfo(name=name, file=path, dtype=dtype, shape=tuple(dims), start=base + begin, end=base + end)
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {end - begin} bytes but {dtype}{dims} needs {expected:.0f}"
+        )
+    return TensorInfo(
+        name=name,
+        file=path,
+        dtype=dtype,
+        shape=tuple(int(d) for d in dims),
+        start=base + begin,
+        end=base + end,
+    )
 
 
 def checkpoint_tensors(directory: Path | str) -> dict[str, TensorInfo]:
@@ -143,22 +185,29 @@ def checkpoint_tensors(directory: Path | str) -> dict[str, TensorInfo]:
     index = d / INDEX_FILE
     if index.is_file():
         try:
-            data = json.loads(index.read_text())
+            data: Any = json.loads(index.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{index}: {exc}") from exc
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
+        raw_map: Any = (
+            cast("dict[str, Any]", data).get("weight_map") if isinstance(data, dict) else None
+        )
+        if not isinstance(raw_map, dict) or not raw_map:
             raise CheckpointError(f"{index}: no weight_map")
-        files = sorted({str(v) for v in weight_map.values()})  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+        weight_map = {str(k): str(v) for k, v in cast("dict[Any, Any]", raw_map).items()}
+        files = sorted(set(weight_map.values()))
         out: dict[str, TensorInfo] = {}
         for name in files:
             shard = d / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise CheckpointError(f"{index}: shard path {name!r} leaves the checkpoint directory")
+                raise CheckpointError(
+                    f"{index}: shard path {name!r} leaves the checkpoint directory"
+                )
             out.update(read_header(shard))
-        missing = [str(k) for k in weight_map if k not in out]  # pyright: ignore[reportUnknownVariableType]
+        missing = [k for k in weight_map if k not in out]
         if missing:
-            raise CheckpointError(f"{index}: {len(missing)} tensors listed but absent from the shards, e.g. {missing[0]!r}")
+            raise CheckpointError(
+                f"{index}: {len(missing)} tensors listed but absent from the shards, e.g. {missing[0]!r}"
+            )
         return out
     single = d / SINGLE_FILE
     if single.is_file():
@@ -263,8 +312,12 @@ def layout(tensors: dict[str, TensorInfo], *, layers: int, tied: bool) -> Layout
             raise CheckpointError("no lm_head.* tensor and tie_word_embeddings is false")
         head, head_tied = list(embed), True
     return Layout(
-        layers=tuple(tuple(by_layer[i]) for i in range(layers)), embeddings=tuple(embed),
-        norm=tuple(norm), head=tuple(head), head_tied=head_tied, other=tuple(other),
+        layers=tuple(tuple(by_layer[i]) for i in range(layers)),
+        embeddings=tuple(embed),
+        norm=tuple(norm),
+        head=tuple(head),
+        head_tied=head_tied,
+        other=tuple(other),
     )
 
 
@@ -278,7 +331,9 @@ def checkpoint_layout(directory: Path | str) -> Layout:
     )
 
 
-def tensors_for_stage(lay: Layout, layer_start: int, layer_end: int, *, embeddings: bool, head: bool) -> list[TensorInfo]:
+def tensors_for_stage(
+    lay: Layout, layer_start: int, layer_end: int, *, embeddings: bool, head: bool
+) -> list[TensorInfo]:
     """The tensors a stage holding layers ``[layer_start, layer_end)`` loads: its layers, plus
     the embeddings on the first stage and the final norm and head on the last (with tied
     embeddings the last stage loads the embedding matrix as its head)."""
@@ -302,9 +357,11 @@ def load_profile(directory: str | Path) -> ModelProfile:
     lay = layout(checkpoint_tensors(d), layers=card.layers, tied=card.tied_embeddings)
     head_dim = card.head_dim or card.hidden // card.heads
     kv = 2 * card.kv_heads * head_dim * 2  # fp16 KV cache
-    expert_bytes = tuple(
-        sum(t.nbytes for t in layer if ".experts." in t.name) for layer in lay.layers
-    ) if card.experts > 1 else ()
+    expert_bytes = (
+        tuple(sum(t.nbytes for t in layer if ".experts." in t.name) for layer in lay.layers)
+        if card.experts > 1
+        else ()
+    )
     return ModelProfile(
         name=name,
         layer_bytes=lay.layer_bytes(),

@@ -5,8 +5,9 @@ with many concurrent requests and several planner processes.
 One key, ``reservations``, holds every instance's promise, so a plan that touches several
 devices commits atomically with one compare-and-set (``kv.update(last=revision)``). A planner
 that loses the race re-reads, re-checks its plan against the winner's promises and retries or
-replans. Each committed plan's reply is kept under ``plans.<instance_id>`` so a repeated
-request with the same ``instance_id`` answers the same plan.
+replans. Each plan's reply is stored under its own key (``plans.<instance>.<generation>.<nonce>``)
+before the compare-and-set, and the winning ledger entry names it, so a repeated request with
+the same ``instance_id`` answers exactly the committed plan, even across planners.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     devices: dict[str, int]  # device ref -> bytes promised
     nodes: tuple[str, ...]
     ts: float = 0.0
+    plan_key: str = ""  # where this generation's reply is stored (written before the commit)
 
 
 class LedgerDoc(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,10 +50,17 @@ def fingerprint(req: PlacementRequest) -> str:
     """What makes two requests for one instance the same plan (everything but the id, dry_run
     and the time limit)."""
     model = req.model if isinstance(req.model, str) else msgspec.json.encode(req.model).decode()
-    key = msgspec.json.encode([
-        model, req.context_tokens, req.batch, req.objective, req.memory_headroom,
-        sorted(req.exclude_nodes), req.max_stages,
-    ])
+    key = msgspec.json.encode(
+        [
+            model,
+            req.context_tokens,
+            req.batch,
+            req.objective,
+            req.memory_headroom,
+            sorted(req.exclude_nodes),
+            req.max_stages,
+        ]
+    )
     return hashlib.sha256(key).hexdigest()[:24]
 
 
@@ -116,13 +125,17 @@ async def commit(kv: KeyValue, doc: LedgerDoc, revision: int) -> int:
     return await kv.update(RESERVATIONS_KEY, data, last=revision)
 
 
-def plan_key(instance_id: str) -> str:
-    return f"plans.{instance_id}"
+def plan_key(instance_id: str, generation: int, nonce: str) -> str:
+    """A key per attempt: two planners racing for one instance never overwrite each other's
+    reply; the ledger entry that wins the compare-and-set names the one that counts."""
+    return f"plans.{instance_id}.{generation}.{nonce}"
 
 
-async def stored_reply(kv: KeyValue, instance_id: str) -> PlacementReply | None:
+async def stored_reply(kv: KeyValue, key: str) -> PlacementReply | None:
+    if not key:
+        return None
     try:
-        entry = await kv.get(plan_key(instance_id))
+        entry = await kv.get(key)
     except (KeyNotFoundError, KeyDeletedError):
         return None
     if not entry.value:

@@ -23,11 +23,11 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from nats.micro import add_service
+from nats.micro import add_service  # pyright: ignore[reportUnknownVariableType]
 from nats.micro.request import Request
 
 from bus import codec, subjects
-from bus.codec import DecodeError, Encoding
+from bus.codec import DecodeError
 from bus.ids import slug
 from bus.messages import (
     DeviceState,
@@ -112,6 +112,8 @@ class StateCache:
                 if entry is None:  # initial values delivered
                     self.ready.set()
                     continue
+                if not isinstance(entry, KeyValue.Entry):
+                    break  # the watcher was stopped
                 deleted = entry.operation in ("DEL", "PURGE")
                 self.apply(entry.key, entry.value, entry.revision or 0, deleted)
         finally:
@@ -135,7 +137,9 @@ def new_instance_id(model: str) -> str:
 class Planner:
     """Request handling; one instance per service (tests drive ``handle`` directly too)."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, cache: StateCache, ledger_kv: KeyValue) -> None:
+    def __init__(
+        self, nc: Client, js: JetStreamContext, cache: StateCache, ledger_kv: KeyValue
+    ) -> None:
         self.nc = nc
         self.js = js
         self.cache = cache
@@ -158,7 +162,9 @@ class Planner:
         no answer, and the same Nats-Msg-Id makes a retry safe."""
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
-                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0)
+                await self.js.publish(
+                    subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0
+                )
                 return
             except (NoRespondersError, NatsTimeoutError):
                 if attempt + 1 == PUBLISH_ATTEMPTS:
@@ -167,8 +173,10 @@ class Planner:
 
     def _fleet(self, req: PlacementRequest, promised: dict[str, int]) -> Fleet:
         return build_fleet(
-            self.cache.devices.values(), self.cache.nodes,
-            exclude_nodes=req.exclude_nodes, promised=promised,
+            self.cache.devices.values(),
+            self.cache.nodes,
+            exclude_nodes=req.exclude_nodes,
+            promised=promised,
         )
 
     # -- the request ---------------------------------------------------------------------------
@@ -193,7 +201,10 @@ class Planner:
                 await asyncio.wait_for(self.cache.ready.wait(), timeout=5.0)
         profile = await self._profile(req)
         if not self.cache.devices:
-            raise PlanError("no_devices", "no devices in cluster_state (is the projector running and are agents reporting?)")
+            raise PlanError(
+                "no_devices",
+                "no devices in cluster_state (is the projector running and are agents reporting?)",
+            )
         model = _model_name(req)
         fp = ledger.fingerprint(req)
         instance_id = req.instance_id or new_instance_id(model)
@@ -202,49 +213,70 @@ class Planner:
             doc, revision = await ledger.read(self.ledger_kv)
             previous = doc.instances.get(instance_id) if req.instance_id else None
             if previous is not None and previous.fingerprint == fp and not req.dry_run:
-                same = await self._same_plan(instance_id, previous)
+                same = await self._same_plan(previous)
                 if same is not None:
                     return same
             promised = ledger.promised_bytes(
-                doc, exclude_instance=instance_id if previous is not None else None,
-                instances=self.cache.instances, devices=self.cache.devices,
+                doc,
+                exclude_instance=instance_id if previous is not None else None,
+                instances=self.cache.instances,
+                devices=self.cache.devices,
             )
             fleet = self._fleet(req, promised)
             problem = Problem(
-                profile=profile, fleet=fleet, context_tokens=req.context_tokens, batch=req.batch,
-                headroom=req.memory_headroom, objective=req.objective, max_stages=req.max_stages,
+                profile=profile,
+                fleet=fleet,
+                context_tokens=req.context_tokens,
+                batch=req.batch,
+                headroom=req.memory_headroom,
+                objective=req.objective,
+                max_stages=req.max_stages,
             )
             try:
                 outcome = await asyncio.to_thread(plan, problem, time_limit_s=req.time_limit_s)
             except PlanError as exc:
                 if fleet.excluded:
-                    exc.message += "; excluded: " + ", ".join(f"{d} ({r})" for d, r in fleet.excluded[:8])
+                    exc.message += "; excluded: " + ", ".join(
+                        f"{d} ({r})" for d, r in fleet.excluded[:8]
+                    )
                 raise
             generation = (previous.generation + 1) if previous is not None else 1
             reply = self._reply(req, instance_id, generation, model, outcome, fleet)
             if req.dry_run:
                 return msgspec.structs.replace(reply, generation=0)
+            key = ledger.plan_key(instance_id, generation, secrets.token_hex(4))
             entry = ledger.LedgerEntry(
-                generation=generation, model=model, fingerprint=fp,
-                devices=_promise(outcome), nodes=tuple(dict.fromkeys(s.node for s in outcome.stages)),
+                generation=generation,
+                model=model,
+                fingerprint=fp,
+                devices=_promise(outcome),
+                nodes=tuple(dict.fromkeys(s.node for s in outcome.stages)),
                 ts=time.time(),
+                plan_key=key,
             )
             instances = dict(doc.instances)
             instances[instance_id] = entry
+            await self.ledger_kv.put(key, codec.encode(reply))
             try:
                 await ledger.commit(self.ledger_kv, ledger.LedgerDoc(instances=instances), revision)
             except KeyWrongLastSequenceError:
                 # Another planner committed first: plan again against its promises.
+                with contextlib.suppress(Exception):
+                    await self.ledger_kv.purge(key)
                 await asyncio.sleep(secrets.randbelow(5) / 1000.0)
                 continue
-            await self.ledger_kv.put(ledger.plan_key(instance_id), codec.encode(reply))
+            if previous is not None and previous.plan_key:
+                with contextlib.suppress(Exception):
+                    await self.ledger_kv.purge(previous.plan_key)
             await self._assign(reply, previous)
             return reply
-        raise PlanError("conflict", f"the ledger changed under {MAX_COMMIT_ATTEMPTS} attempts in a row; retry")
+        raise PlanError(
+            "conflict", f"the ledger changed under {MAX_COMMIT_ATTEMPTS} attempts in a row; retry"
+        )
 
-    async def _same_plan(self, instance_id: str, previous: ledger.LedgerEntry) -> PlacementReply | None:
+    async def _same_plan(self, previous: ledger.LedgerEntry) -> PlacementReply | None:
         """The stored reply of an unchanged instance whose devices are all still usable."""
-        stored = await ledger.stored_reply(self.ledger_kv, instance_id)
+        stored = await ledger.stored_reply(self.ledger_kv, previous.plan_key)
         if stored is None or stored.generation != previous.generation:
             return None
         for s in stored.stages:
@@ -253,17 +285,35 @@ class Planner:
                 return None
         return stored
 
-    def _reply(self, req: PlacementRequest, instance_id: str, generation: int, model: str,
-               outcome: Outcome, fleet: Fleet) -> PlacementReply:
+    def _reply(
+        self,
+        req: PlacementRequest,
+        instance_id: str,
+        generation: int,
+        model: str,
+        outcome: Outcome,
+        fleet: Fleet,
+    ) -> PlacementReply:
         ev = outcome.evaluation
         return PlacementReply(
-            ok=True, instance_id=instance_id, generation=generation, model=model,
-            solver=outcome.solver, status=outcome.status, solve_ms=round(outcome.solve_ms, 3),
-            bottleneck_ms=ev.bottleneck_ms, lower_bound_ms=outcome.lower_bound_ms,
+            ok=True,
+            instance_id=instance_id,
+            generation=generation,
+            model=model,
+            solver=outcome.solver,
+            status=outcome.status,
+            solve_ms=round(outcome.solve_ms, 3),
+            bottleneck_ms=ev.bottleneck_ms,
+            lower_bound_ms=outcome.lower_bound_ms,
             tokens_per_s=(req.batch * 1000.0 / ev.bottleneck_ms) if ev.bottleneck_ms > 0 else 0.0,
-            objective=req.objective, context_tokens=req.context_tokens, batch=req.batch,
-            dry_run=req.dry_run, stages=outcome.stages,
+            objective=req.objective,
+            context_tokens=req.context_tokens,
+            batch=req.batch,
+            dry_run=req.dry_run,
+            stages=outcome.stages,
             excluded=tuple(Excluded(device=d, reason=r) for d, r in fleet.excluded),
+            gap_pct=outcome.gap_pct,
+            bound_ms=outcome.bound_ms,
         )
 
     async def _assign(self, reply: PlacementReply, previous: ledger.LedgerEntry | None) -> None:
@@ -274,25 +324,52 @@ class Planner:
         jobs: list[Any] = []
         for i, s in enumerate(reply.stages):
             msg = ShardAssignment(
-                instance_id=reply.instance_id, generation=reply.generation, node=s.node,
-                model=reply.model, stage=i, stage_count=count, device=s.device,
-                layer_start=s.layer_start, layer_end=s.layer_end, layers_total=total,
-                weight_bytes=s.weight_bytes, kv_bytes=s.kv_bytes, memory_bytes=s.memory_bytes,
-                embeddings=s.embeddings, head=s.head, ts=now,
+                instance_id=reply.instance_id,
+                generation=reply.generation,
+                node=s.node,
+                model=reply.model,
+                stage=i,
+                stage_count=count,
+                device=s.device,
+                layer_start=s.layer_start,
+                layer_end=s.layer_end,
+                layers_total=total,
+                weight_bytes=s.weight_bytes,
+                kv_bytes=s.kv_bytes,
+                memory_bytes=s.memory_bytes,
+                embeddings=s.embeddings,
+                head=s.head,
+                ts=now,
             )
-            jobs.append(self._publish(subjects.assigned(s.node), codec.encode(msg),
-                                      f"{reply.instance_id}-g{reply.generation}-s{i}"))
+            jobs.append(
+                self._publish(
+                    subjects.assigned(s.node),
+                    codec.encode(msg),
+                    f"{reply.instance_id}-g{reply.generation}-s{i}",
+                )
+            )
         if previous is not None:
             holding = {s.node for s in reply.stages}
             for node in previous.nodes:
                 if node in holding:
                     continue
                 msg = ShardAssignment(
-                    instance_id=reply.instance_id, generation=reply.generation, node=node,
-                    model=reply.model, stage_count=count, layers_total=total, release=True, ts=now,
+                    instance_id=reply.instance_id,
+                    generation=reply.generation,
+                    node=node,
+                    model=reply.model,
+                    stage_count=count,
+                    layers_total=total,
+                    release=True,
+                    ts=now,
                 )
-                jobs.append(self._publish(subjects.assigned(node), codec.encode(msg),
-                                          f"{reply.instance_id}-g{reply.generation}-release-{node}"))
+                jobs.append(
+                    self._publish(
+                        subjects.assigned(node),
+                        codec.encode(msg),
+                        f"{reply.instance_id}-g{reply.generation}-release-{node}",
+                    )
+                )
         await asyncio.gather(*jobs)
 
     # -- the wire ------------------------------------------------------------------------------
@@ -311,8 +388,11 @@ class Planner:
         if reply.ok or reply.error is None:
             await request.respond(body)
         else:
-            await request.respond_error(ERROR_STATUS.get(reply.error.code, "500"),
-                                        f"{reply.error.code}: {reply.error.message}"[:1024], data=body)
+            await request.respond_error(
+                ERROR_STATUS.get(reply.error.code, "500"),
+                f"{reply.error.code}: {reply.error.message}"[:1024],
+                data=body,
+            )
 
 
 def _promise(outcome: Outcome) -> dict[str, int]:
@@ -330,12 +410,17 @@ async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], a
     follower = asyncio.create_task(cache.follow(state_kv, halt))
     planner = Planner(nc, js, cache, ledger_kv)
     service = await add_service(
-        nc, name=SERVICE_NAME, version=SERVICE_VERSION,
+        nc,
+        name=SERVICE_NAME,
+        version=SERVICE_VERSION,
         description="places LLM shards on the GPU fleet (CP-SAT)",
         metadata={"subject": subjects.PLACEMENT_REQUEST, "encodings": "json,msgpack"},
     )
     await service.add_endpoint(
-        name="request", subject=subjects.PLACEMENT_REQUEST, handler=planner.on_request, metadata={},
+        name="request",
+        subject=subjects.PLACEMENT_REQUEST,
+        handler=planner.on_request,
+        metadata={},
     )
     return planner, service, follower, halt
 

@@ -27,7 +27,9 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= REL_TOL * max(1.0, abs(a), abs(b)) + 1e-9
 
 
-def check(problem: Problem, stages: Sequence[Stage], bottleneck_ms: float, latency_ms: float | None = None) -> None:
+def check(
+    problem: Problem, stages: Sequence[Stage], bottleneck_ms: float, latency_ms: float | None = None
+) -> None:
     """Raise InvalidPlan unless ``stages`` cover every layer once, contiguously, in order, on
     distinct candidate devices that have the memory, with figures matching the cost model."""
     p = problem.profile
@@ -69,14 +71,24 @@ def check(problem: Problem, stages: Sequence[Stage], bottleneck_ms: float, laten
             weights += p.layer_bytes[layer]
             kv += p.kv_bytes_per_token[layer] * problem.context_tokens * problem.batch
             read += reads[layer]
-        memory = weights + kv + WORKSPACE_BYTES + (p.embed_bytes if first else 0) + (p.head_bytes if last else 0)
+        memory = (
+            weights
+            + kv
+            + WORKSPACE_BYTES
+            + (p.embed_bytes if first else 0)
+            + (p.head_bytes if last else 0)
+        )
         read += kv + (p.head_bytes if last else 0)
         usable = problem.usable(dev)
         if memory > usable:
             errors.append(
                 f"stage {i}: {s.device} has {usable / GIB:.2f} GiB usable; stage needs {memory / GIB:.2f} GiB"
             )
-        if s.weight_bytes != weights or s.kv_bytes != kv or (s.memory_bytes and s.memory_bytes != memory):
+        if (
+            s.weight_bytes != weights
+            or s.kv_bytes != kv
+            or (s.memory_bytes and s.memory_bytes != memory)
+        ):
             errors.append(
                 f"stage {i}: bytes differ from the model (weights {s.weight_bytes} vs {weights}, "
                 f"kv {s.kv_bytes} vs {kv}, memory {s.memory_bytes} vs {memory})"
@@ -85,7 +97,9 @@ def check(problem: Problem, stages: Sequence[Stage], bottleneck_ms: float, laten
             errors.append(f"stage {i}: embeddings/head flags wrong ({s.embeddings}/{s.head})")
         stage_ms = read / (dev.bandwidth_gbps * 1e9) * 1e3
         if not _close(stage_ms, s.stage_ms) or not _close(s.bandwidth_gbps, dev.bandwidth_gbps):
-            errors.append(f"stage {i}: stage_ms {s.stage_ms:.6f} but the cost model gives {stage_ms:.6f}")
+            errors.append(
+                f"stage {i}: stage_ms {s.stage_ms:.6f} but the cost model gives {stage_ms:.6f}"
+            )
         if i + 1 < len(stages) and (nxt := by_ref.get(stages[i + 1].device)) is not None:
             link = problem.fleet.link(dev, nxt)
             hop = problem.hop_bytes / (link.gbytes_per_s * 1e9) * 1e3 + link.latency_ms
@@ -98,7 +112,9 @@ def check(problem: Problem, stages: Sequence[Stage], bottleneck_ms: float, laten
         errors.append(f"layers [{expected_start}, {L}) are not placed")
     if per_stage and not errors:
         if not _close(max(per_stage), bottleneck_ms):
-            errors.append(f"bottleneck_ms {bottleneck_ms:.6f} but the stages give {max(per_stage):.6f}")
+            errors.append(
+                f"bottleneck_ms {bottleneck_ms:.6f} but the stages give {max(per_stage):.6f}"
+            )
         if latency_ms is not None and not _close(sum(per_stage), latency_ms):
             errors.append(f"latency {latency_ms:.6f} but the stages give {sum(per_stage):.6f}")
     if errors:

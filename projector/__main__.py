@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Tuning knobs, for benchmarks and tests (the defaults are what production runs).
     parser.add_argument("--fetch-batch", type=int, default=DEFAULTS.fetch_batch)
     parser.add_argument("--max-round", type=int, default=DEFAULTS.max_round)
-    parser.add_argument("--queue-batches", type=int, default=DEFAULTS.queue_batches)
+    parser.add_argument("--max-ack-pending", type=int, default=DEFAULTS.max_ack_pending)
+    parser.add_argument("--nats-py-fetch", action="store_true", help="nats-py's fetch() loop")
     parser.add_argument("--no-pipeline", action="store_true", help="write one key at a time")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -39,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lease_ttl_s=args.lease_ttl,
         fetch_batch=args.fetch_batch,
         max_round=args.max_round,
-        queue_batches=args.queue_batches,
+        max_ack_pending=args.max_ack_pending,
+        lean_pull=not args.nats_py_fetch,
         pipeline_writes=not args.no_pipeline,
     )
 

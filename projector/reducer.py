@@ -485,10 +485,31 @@ def apply(view: StateView, event: Event, seen: float, now: float, liveness: Live
     return apply_status(view, event)
 
 
-def sweep(view: StateView, now: float, liveness: Liveness) -> dict[str, Value]:
-    """Re-evaluate every device's and node's ``online`` at ``now``: the TTL's only effect."""
+def expires_at(view: StateView, value: Value, liveness: Liveness) -> float | None:
+    """When ``value`` goes offline for silence if nothing newer arrives (None: it is offline
+    already, or not something that expires). The runner keeps these in a heap so a sweep
+    looks only at what is due instead of at every key."""
+    if isinstance(value, DeviceState):
+        if not value.online:
+            return None
+        node = view.get(subjects.node_key(value.sample.node))
+        return value.last_seen + liveness.ttl(node if isinstance(node, NodeState) else None)
+    if isinstance(value, NodeState):
+        return value.last_seen + liveness.ttl(value) if value.online else None
+    return None
+
+
+def sweep(
+    view: StateView, now: float, liveness: Liveness, keys: Iterable[str] | None = None
+) -> dict[str, Value]:
+    """Re-evaluate ``online`` at ``now`` for ``keys`` (default: every device and node): the
+    TTL's only effect."""
     changes: dict[str, Value] = {}
-    for key, value in view.items():
+    if keys is None:
+        candidates: Iterable[tuple[str, Value | None]] = view.items()
+    else:
+        candidates = ((key, view.get(key)) for key in keys)
+    for key, value in candidates:
         if isinstance(value, DeviceState):
             node = view.get(subjects.node_key(value.sample.node))
             ttl = liveness.ttl(node if isinstance(node, NodeState) else None)

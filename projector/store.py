@@ -10,26 +10,27 @@ a thousand keys cost one round trip instead of a thousand.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, Header, PubAck
-from nats.js.errors import APIError, KeyNotFoundError, NotFoundError
+from nats.js.api import DeliverPolicy, Header
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from bus.messages import DeviceState, InstanceState, NodeState
 from bus.streams import CLUSTER_STATE
 from projector.reducer import Value, View
+from projector.transport import WriteOutcome, Writer
 
 log = logging.getLogger(__name__)
 
 KV_STREAM = f"KV_{CLUSTER_STATE}"
 KV_PREFIX = f"$KV.{CLUSTER_STATE}."
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
+EXPECTED_LAST = Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODERS: dict[
@@ -148,9 +149,10 @@ class WriteResult:
 
 class Store:
     def __init__(
-        self, js: JetStreamContext, timeout_s: float = 10.0, pipeline: bool = True
+        self, nc: Client, js: JetStreamContext, timeout_s: float = 10.0, pipeline: bool = True
     ) -> None:
         self.js = js
+        self.writer = Writer(nc)
         self.timeout_s = timeout_s
         self.pipeline = pipeline
         self.cache = Cache()
@@ -204,44 +206,32 @@ class Store:
         if not values:
             return WriteResult(0, [])
         cache = self.cache
-        keys = list(values)
-        futures: list[asyncio.Future[object]] = []
-        for key in keys:
-            headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(cache.revision(key))}
-            future = await self.js.publish_async(
-                KV_PREFIX + key, encode_value(values[key]), headers=headers
+        messages = {
+            key: (
+                KV_PREFIX + key,
+                encode_value(value),
+                {EXPECTED_LAST: str(cache.revision(key))},
             )
-            futures.append(future)  # pyright: ignore[reportArgumentType]
-            if not self.pipeline:
-                await asyncio.wait([future], timeout=self.timeout_s)
-        done, pending = await asyncio.wait(futures, timeout=self.timeout_s)
-        for future in pending:
-            future.cancel()
-        conflicts: list[str] = []
-        failure: BaseException | None = None
-        written = 0
-        for key, future in zip(keys, futures, strict=True):
-            if future not in done or future.cancelled():
-                failure = failure or NatsTimeoutError()
-                continue
-            exc = future.exception()
-            if exc is None:
-                ack: PubAck = future.result()  # pyright: ignore[reportAssignmentType]
-                cache.store(key, values[key], ack.seq)
-                written += 1
-            elif isinstance(exc, APIError) and exc.err_code in WRONG_LAST_SEQUENCE:
-                conflicts.append(key)
-            else:
-                failure = failure or exc
-        if failure is not None:
-            # The unanswered keys may or may not be stored; their cached revisions are stale
-            # either way, so re-read them before the round is retried.
-            unanswered = [
-                key
-                for key, future in zip(keys, futures, strict=True)
-                if future not in done or future.cancelled() or future.exception() is not None
-            ]
+            for key, value in values.items()
+        }
+        if self.pipeline:
+            outcome = await self.writer.publish(messages, self.timeout_s)
+        else:
+            outcome = WriteOutcome({}, {})
+            for key, message in messages.items():
+                one = await self.writer.publish({key: message}, self.timeout_s)
+                outcome.stored.update(one.stored)
+                outcome.errors.update(one.errors)
+        for key, seq in outcome.stored.items():
+            cache.store(key, values[key], seq)
+        conflicts = [k for k, (code, _) in outcome.errors.items() if code in WRONG_LAST_SEQUENCE]
+        failed = {k: e for k, e in outcome.errors.items() if e[0] not in WRONG_LAST_SEQUENCE}
+        if failed:
+            # The failed keys may or may not be stored; their cached revisions are stale
+            # either way, so the caller re-reads them (and the conflicts) before retrying.
+            key, (code, text) = next(iter(failed.items()))
             raise WriteError(
-                f"{len(unanswered)} of {len(keys)} writes failed: {failure!r}", unanswered
+                f"{len(failed)} of {len(messages)} writes failed (e.g. {key}: {code} {text})",
+                [*failed, *conflicts],
             )
-        return WriteResult(written, conflicts)
+        return WriteResult(len(outcome.stored), conflicts)

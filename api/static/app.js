@@ -273,13 +273,16 @@ function drawSpark(canvas, hist) {
   ctx.clearRect(0, 0, W, H);
   if (!hist || !hist.t.length) return;
   const now = Math.max(Date.now() / 1000, hist.t[hist.t.length - 1]);
-  const x = (t) => W - ((now - t) / HISTORY_WINDOW_S) * W;
+  // The window grows with the history it has (at least a minute, at most five), so a page
+  // opened on a fresh fleet shows a readable chart rather than a sliver at the right edge.
+  const span = Math.min(HISTORY_WINDOW_S, Math.max(60, now - hist.t[0]));
+  const x = (t) => W - ((now - t) / span) * W;
   const line = (values, max, color, fill) => {
     ctx.beginPath();
     let started = false, firstX = 0, lastX = 0;
     for (let i = 0; i < hist.t.length; i++) {
       const v = values[i];
-      if (v === null || v === undefined || hist.t[i] < now - HISTORY_WINDOW_S) continue;
+      if (v === null || v === undefined || hist.t[i] < now - span) continue;
       const px = x(hist.t[i]), py = H - 2 - (Math.min(v, max) / max) * (H - 4);
       if (!started) { ctx.moveTo(px, py); started = true; firstX = px; } else ctx.lineTo(px, py);
       lastX = px;
@@ -313,7 +316,7 @@ function renderTopology() {
   const boxW = Math.max(170, PAD * 2 + perRow * GPU_W + (perRow - 1) * GAP);
   const gpuRows = Math.ceil(maxGpus / perRow);
   const boxH = HEAD + gpuRows * (GPU_H + GAP) + BUS + PAD;
-  const cols = Math.max(1, Math.min(topo.nodes.length, Math.ceil(Math.sqrt(topo.nodes.length * 2.5))));
+  const cols = Math.max(1, Math.min(topo.nodes.length, Math.ceil(Math.sqrt(topo.nodes.length))));
   const CG = 140, RG = 70;
   const W = cols * boxW + (cols - 1) * CG + 40;
   const rowsN = Math.ceil(topo.nodes.length / cols);

@@ -111,7 +111,9 @@ def sample(gpu: Gpu, *, seq: int = 1, ts: float | None = None, **figures: object
 
 def device_state(gpu: Gpu, *, online: bool = True, seq: int = 1, **figures: object) -> DeviceState:
     s = sample(gpu, seq=seq, **figures)
-    return DeviceState(sample=s, online=online, last_seen=s.ts, offline_reason=None if online else "silent")
+    return DeviceState(
+        sample=s, online=online, last_seen=s.ts, offline_reason=None if online else "silent"
+    )
 
 
 def node_state(node: str, *, online: bool = True) -> NodeState:
@@ -131,8 +133,12 @@ def node_state(node: str, *, online: bool = True) -> NodeState:
 
 def instance_state(instance_id: str = "llama-demo", state: str = "loading") -> InstanceState:
     stages = (
-        StageState(stage=0, node="rig-a", device="rig-a/0", layer_start=0, layer_end=50, state="loaded"),
-        StageState(stage=1, node="rig-d", device="rig-d/0", layer_start=50, layer_end=80, state="loading"),
+        StageState(
+            stage=0, node="rig-a", device="rig-a/0", layer_start=0, layer_end=50, state="loaded"
+        ),
+        StageState(
+            stage=1, node="rig-d", device="rig-d/0", layer_start=50, layer_end=80, state="loading"
+        ),
     )
     return InstanceState(
         instance_id=instance_id,
@@ -146,7 +152,9 @@ def instance_state(instance_id: str = "llama-demo", state: str = "loading") -> I
 
 
 async def put_device(kv: KeyValue, gpu: Gpu, **kwargs: object) -> int:
-    return await kv.put(subjects.device_key(gpu.node, gpu.index), codec.encode(device_state(gpu, **kwargs)))  # type: ignore[arg-type]
+    return await kv.put(
+        subjects.device_key(gpu.node, gpu.index), codec.encode(device_state(gpu, **kwargs))
+    )  # type: ignore[arg-type]
 
 
 async def write_fleet(kv: KeyValue) -> None:
@@ -154,3 +162,50 @@ async def write_fleet(kv: KeyValue) -> None:
         await kv.put(subjects.node_key(node), codec.encode(node_state(node)))
     for gpu in FLEET:
         await put_device(kv, gpu)
+
+
+async def write_history(kv: KeyValue, points: int = 40, step_s: float = 5.0) -> None:
+    """Older samples for every device, ending with one stamped now, so the dashboard's charts
+    have minutes of history to draw (the API keeps a ring per device)."""
+    import math
+
+    now = time.time()
+    for i in range(points + 1):
+        ts = now - (points - i) * step_s
+        for n, gpu in enumerate(FLEET):
+            wave = math.sin(i / 5.0 + n)
+            await put_device(
+                kv,
+                gpu,
+                seq=i + 1,
+                ts=ts,
+                utilization_gpu_pct=max(0.0, min(100.0, 45.0 + 40.0 * wave)),
+                temperature_c=50.0 + 12.0 * math.sin(i / 9.0 + n),
+                used_gib=gpu.total_gib * (0.25 + 0.15 * math.cos(i / 7.0 + n)),
+            )
+
+
+def instance_from_reply(reply: dict[str, object], states: tuple[str, ...]) -> InstanceState:
+    """What the projector would write for a placement reply, with the given stage states."""
+    stages_raw = reply["stages"]
+    assert isinstance(stages_raw, list)
+    stages = tuple(
+        StageState(
+            stage=i,
+            node=str(st["node"]),  # type: ignore[index]
+            device=str(st["device"]),  # type: ignore[index]
+            layer_start=int(st["layer_start"]),  # type: ignore[index]
+            layer_end=int(st["layer_end"]),  # type: ignore[index]
+            state=states[i % len(states)],  # type: ignore[arg-type]
+        )
+        for i, st in enumerate(stages_raw)  # type: ignore[arg-type]
+    )
+    return InstanceState(
+        instance_id=str(reply["instance_id"]),
+        model=str(reply["model"]),
+        generation=int(reply["generation"]),  # type: ignore[arg-type]
+        stage_count=len(stages),
+        stages=stages,
+        state="loading",
+        updated=time.time(),
+    )

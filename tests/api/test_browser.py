@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from nats.js.kv import KeyValue
 
-from tests.api.fleet import FLEET, put_device
+from bus import codec, subjects
+from tests.api.fleet import FLEET, instance_from_reply, put_device, write_history
 
 pytestmark = pytest.mark.browser
 
@@ -41,13 +42,20 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
+            # Minutes of history for the charts: the fixture's samples are stamped now, so they
+            # are removed first (the API drops a device's ring with its key).
+            for gpu in FLEET:
+                await fleet_kv.delete(subjects.device_key(gpu.node, gpu.index))
+            await write_history(fleet_kv)
             page = await browser.new_page(viewport={"width": 1500, "height": 1400})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             await page.goto(api_url + "/")
             # Every simulated device has its row, and the stream is live.
             for gpu in FLEET:
-                await expect(page.locator(f'#fleet-body tr[data-device-id="{gpu.node}/{gpu.index}"]')).to_be_visible()
+                await expect(
+                    page.locator(f'#fleet-body tr[data-device-id="{gpu.node}/{gpu.index}"]')
+                ).to_be_visible()
             await expect(page.locator("#conn")).to_have_text("live")
             await expect(page.locator("#topology svg g.gpu")).to_have_count(len(FLEET))
             await expect(page.locator("#topology svg .nvlink")).to_have_count(1)
@@ -55,7 +63,7 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
             # A value changes in the KV; the page shows it without a reload.
             gpu = FLEET[1]
             row = page.locator(f'#fleet-body tr[data-device-id="{gpu.node}/{gpu.index}"]')
-            await expect(row.locator("td.temp")).to_have_text("45 °C")
+            await expect(row.locator("td.temp")).not_to_have_text("88 °C")
             await put_device(fleet_kv, gpu, seq=2, temperature_c=88.0, utilization_gpu_pct=93.0)
             await expect(row.locator("td.temp")).to_have_text("88 °C", timeout=5000)
             await expect(row.locator("td.util")).to_contain_text("93 %")
@@ -63,14 +71,28 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
             # An unknown model: the reply is shown in words, not as a crash.
             await page.fill("#f-model", "no-such-model")
             await page.click("#f-submit")
-            await expect(page.locator("#place-result .err")).to_contain_text("does not know this model")
+            await expect(page.locator("#place-result .err")).to_contain_text(
+                "does not know this model"
+            )
 
             # A real placement through the real planner, drawn layer by layer.
             await page.fill("#f-model", "llama-3.1-8b")
-            await page.click("#f-submit")
+            async with page.expect_response("**/api/placements", timeout=30000) as answer:
+                await page.click("#f-submit")
+            reply = await (await answer.value).json()
+            assert reply["ok"], reply
             result = page.locator("#place-result")
-            await expect(result.locator(".ok")).to_contain_text("Placed llama-3.1-8b", timeout=20000)
+            await expect(result.locator(".ok")).to_contain_text("Placed llama-3.1-8b")
             await expect(result.locator("#reply-plan .layers > i")).to_have_count(32)
+
+            # The projector's view of that instance (written as the projector would): the
+            # placements panel draws it layer by layer with each stage's status.
+            inst = instance_from_reply(reply, ("loaded", "loading", "pending"))
+            await fleet_kv.put(subjects.instance_key(inst.instance_id), codec.encode(inst))
+            drawn = page.locator(f'#placements .placement[data-instance-id="{inst.instance_id}"]')
+            await expect(drawn.locator(".layers > i")).to_have_count(32)
+            await expect(drawn.locator(".stages > div")).to_have_count(len(inst.stages))
+            await expect(drawn.locator(".stages .st-loaded").first).to_be_visible()
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert not errors, errors

@@ -26,27 +26,53 @@ class NodeSpec:
     links: Sequence[tuple[str, float, float]] = ()  # (peer, Gbit/s, latency ms)
 
 
-def device_state(node: str, index: int, gpu: str, *, used_gib: float = 0.0, util_pct: float = 0.0,
-                 online: bool = True, peers: Sequence[str] = (), temperature_c: float = 55.0,
-                 throttle: tuple[str, ...] = ()) -> DeviceState:
+def device_state(
+    node: str,
+    index: int,
+    gpu: str,
+    *,
+    used_gib: float = 0.0,
+    util_pct: float = 0.0,
+    online: bool = True,
+    peers: Sequence[str] = (),
+    temperature_c: float = 55.0,
+    throttle: tuple[str, ...] = (),
+) -> DeviceState:
     spec = gpu_spec(gpu)
     assert spec is not None, gpu
     used = int(used_gib * GIB)
     sample = DeviceSample(
-        node=node, index=index, uuid=f"GPU-{node}-{index}", seq=1, ts=time.time(),
-        vendor="sim", name=spec.name, memory_total_bytes=spec.memory_bytes,
-        memory_used_bytes=used, memory_free_bytes=spec.memory_bytes - used,
-        utilization_gpu_pct=util_pct, temperature_c=temperature_c, bandwidth_gbps=spec.bandwidth_gbps,
-        tflops=spec.tflops, throttle_reasons=throttle,
+        node=node,
+        index=index,
+        uuid=f"GPU-{node}-{index}",
+        seq=1,
+        ts=time.time(),
+        vendor="sim",
+        name=spec.name,
+        memory_total_bytes=spec.memory_bytes,
+        memory_used_bytes=used,
+        memory_free_bytes=spec.memory_bytes - used,
+        utilization_gpu_pct=util_pct,
+        temperature_c=temperature_c,
+        bandwidth_gbps=spec.bandwidth_gbps,
+        tflops=spec.tflops,
+        throttle_reasons=throttle,
         nvlinks=tuple(NvLink(link=i, peer_uuid=p) for i, p in enumerate(peers)),
     )
-    return DeviceState(sample=sample, online=online, last_seen=time.time(),
-                       offline_reason=None if online else "no sample for 10 s")
+    return DeviceState(
+        sample=sample,
+        online=online,
+        last_seen=time.time(),
+        offline_reason=None if online else "no sample for 10 s",
+    )
 
 
 def node_state(spec: NodeSpec) -> NodeState:
     hb = NodeHeartbeat(
-        node=spec.name, seq=1, ts=time.time(), device_count=len(spec.gpus),
+        node=spec.name,
+        seq=1,
+        ts=time.time(),
+        device_count=len(spec.gpus),
         links=tuple(NetLink(peer=p, gbps=g, latency_ms=lat) for p, g, lat in spec.links),
         interconnect="nvlink" if spec.nvlink else "pcie",
     )
@@ -58,7 +84,9 @@ def states(nodes: Sequence[NodeSpec]) -> tuple[list[DeviceState], dict[str, Node
     for n in nodes:
         for i, gpu in enumerate(n.gpus):
             peers = [f"GPU-{n.name}-{j}" for j in range(len(n.gpus)) if j != i] if n.nvlink else []
-            devices.append(device_state(n.name, i, gpu, used_gib=n.used_gib, util_pct=n.util_pct, peers=peers))
+            devices.append(
+                device_state(n.name, i, gpu, used_gib=n.used_gib, util_pct=n.util_pct, peers=peers)
+            )
     return devices, {n.name: node_state(n) for n in nodes}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agents import reconcile as rc
 from bus.messages import ShardAssignment
 
@@ -100,3 +102,17 @@ def test_superseded_in_flight_load() -> None:
     assert not rc.superseded(desired, a(1, 0, 0, 4))
     assert rc.superseded(rc.fold(desired, a(2, 0, 0, 5)), a(1, 0, 0, 4))
     assert rc.superseded(rc.fold(desired, a(2, release=True)), a(1, 0, 0, 4))
+
+
+def test_worker_env_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.worker import load_limit_from_env, read_mode_from_env
+
+    monkeypatch.delenv("SHARDPLANE_LOAD_LIMIT_MBPS", raising=False)
+    monkeypatch.delenv("SHARDPLANE_LOAD_READ", raising=False)
+    assert load_limit_from_env() is None and read_mode_from_env() == "mmap"
+    monkeypatch.setenv("SHARDPLANE_LOAD_LIMIT_MBPS", "250")
+    monkeypatch.setenv("SHARDPLANE_LOAD_READ", "PREAD")
+    assert load_limit_from_env() == 250e6 and read_mode_from_env() == "pread"
+    monkeypatch.setenv("SHARDPLANE_LOAD_LIMIT_MBPS", "fast")
+    monkeypatch.setenv("SHARDPLANE_LOAD_READ", "dma")
+    assert load_limit_from_env() is None and read_mode_from_env() == "mmap"

@@ -298,3 +298,16 @@ async def test_telemetry_keeps_flowing_while_a_shard_loads(
         await asyncio.gather(*tasks)
         await sub.unsubscribe()
         await log.stop()
+
+
+async def test_worker_survives_its_durable_being_deleted(
+    nc: Client, js: JetStreamContext, model: Path
+) -> None:
+    log = await StatusLog().start(nc)
+    async with workers(nc, ["n1"]):
+        await asyncio.sleep(0.3)
+        await js.delete_consumer("PLACEMENTS", "worker-n1")
+        await asyncio.sleep(0.5)
+        await assign(js, stage(model, "z", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
+        assert (await log.settled("z", 1, 1, timeout=15.0))[0].state == "loaded"
+    await log.stop()

@@ -7,22 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from agents.loader import StageSpec, stage_bytes
 from agents.worker import Worker
 from bus import codec, subjects
 from bus.gpus import gpu_spec
-from bus.messages import DeviceState, InstanceState, PlacementReply
+from bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
 from bus.streams import cluster_state
 from tests.worker import ckpt
+from tests.worker.busutil import StatusLog, assign, stage
 
 pytest.importorskip("planner.service")
 pytest.importorskip("projector.service")
@@ -206,3 +211,58 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
             await asyncio.sleep(0.1)
         for node, worker in workers.items():
             assert held(worker) == sorted(by_node[node]), node
+
+
+async def test_agent_telemetry_keeps_its_interval_while_its_worker_loads(
+    nats_url: str,
+    nc: Client,
+    js: JetStreamContext,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The real agent service (collector + its worker on one event loop): samples keep their
+    interval during a load throttled to last ~1.5 s, and the simulated device reports the
+    shard's memory as used once it is loaded."""
+    root = tmp_path / "wide"
+    ckpt.write(root, layers=4, hidden=256, vocab=512, intermediate=1024, grow=256)
+    held = 4 * 1024**3
+    a = msgspec.structs.replace(stage(root, "slow", 1, "solo", 0, 1, 0, 4, 4), memory_bytes=held)
+    monkeypatch.setenv("SHARDPLANE_LOAD_LIMIT_MBPS", str(a.weight_bytes / 1.5 / 1e6))
+    fleet = tmp_path / "solo.toml"
+    fleet.write_text('interval_s = 0.1\n[[nodes]]\nname = "solo"\ngpus = [{ model = "A10" }]\n')
+    interval = 0.1
+    samples: list[tuple[float, int]] = []
+    first = asyncio.Event()
+
+    async def on_sample(msg: Msg) -> None:
+        sample = codec.decode(DeviceSample, msg.data)
+        samples.append((time.time(), sample.memory_used_bytes or 0))
+        first.set()
+
+    sub = await nc.subscribe(subjects.gpu_sample("solo", 0), cb=on_sample)
+    log = await StatusLog().start(nc)
+    stop = asyncio.Event()
+    agent_nc = await nats.connect(nats_url)
+    agent = asyncio.create_task(run_agents(agent_nc, stop=stop, fleet=fleet, interval_s=interval))
+    try:
+        await asyncio.wait_for(first.wait(), timeout=10)
+        await assign(js, a)
+        final = (await log.settled("slow", 1, 1))[0]
+        assert final.state == "loaded" and final.bytes_loaded == a.weight_bytes
+        assert final.load_ms > 1000, final
+        ended = final.ts
+        started = ended - final.load_ms / 1000.0
+        during = [t for t, _ in samples if started <= t <= ended]
+        gaps = [b - x for x, b in itertools.pairwise(during)]
+        assert len(during) >= (ended - started) / interval * 0.5, (len(during), ended - started)
+        assert max(gaps) < 0.5, max(gaps)
+        before = [m for t, m in samples if t < started]
+        await asyncio.sleep(3 * interval)
+        after = [m for t, m in samples if t > ended + interval]
+        assert after[-1] - before[-1] > 0.75 * held, (before[-1], after[-1])
+    finally:
+        stop.set()
+        await asyncio.wait_for(agent, timeout=20)
+        await agent_nc.close()
+        await sub.unsubscribe()
+        await log.stop()

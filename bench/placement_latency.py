@@ -1,0 +1,214 @@
+"""placement-latency: ``placement.request`` round trips over a real NATS server.
+
+An embedded nats-server, the planner in its own process (as deployed), synthetic heterogeneous
+fleets of 4, 16, 64 and 256 devices written into ``cluster_state`` (standing in for the
+projector), and models of 32-126 layers. Every timed request is a real placement: plan, ledger
+compare-and-set, stored reply, one JetStream publish per stage. Between requests the bench
+clears the ledger (untimed) so each request sees the same empty fleet. The floor is a raw NATS
+request-reply to an echo responder living in the planner's process, measured in the same run.
+
+Last line: JSON with ``p50_ms_16``, ``p99_ms_16``, ``p99_ms_256``, ``rtt_floor_p50_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from bus import codec, subjects
+from bus.messages import PlacementReply
+from bus.streams import CLUSTER_STATE, LEDGER, provision
+from planner.catalog import resolve
+from planner.fleet import build_fleet
+from planner.ledger import RESERVATIONS_KEY
+from planner.synthetic import random_hosts, states
+from shardplane.natsserver import NatsServer
+
+REPO = Path(__file__).resolve().parent.parent
+GPUS = (
+    "H100-SXM",
+    "A100-80GB",
+    "A100-40GB",
+    "L40S",
+    "A10",
+    "RTX-4090",
+    "RTX-3090",
+    "T4",
+    "V100-32GB",
+    "MI250X",
+)
+MODELS = ("llama-3.1-8b", "llama-3.1-70b", "qwen2.5-72b", "llama-3.1-405b-q4", "llama-3.1-405b")
+SIZES = (4, 16, 64, 256)
+
+PLANNER = """
+import asyncio, signal, sys, nats
+from planner.service import run_planner
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def echo(msg):
+        await msg.respond(msg.data)
+    await nc.subscribe("bench.echo", cb=echo)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await run_planner(nc, stop=stop)
+    await nc.close()
+asyncio.run(main())
+"""
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+async def _publish_fleet(js: JetStreamContext, size: int) -> tuple[list[str], list[str]]:
+    kv = await js.key_value(CLUSTER_STATE)
+    try:
+        for key in await kv.keys():
+            await kv.purge(key)
+    except Exception:  # an empty bucket has no keys
+        pass
+    hosts = random_hosts(size, seed=size, gpus=GPUS, prefix=f"s{size}n", fast_links=1)
+    devs, nodes = states(hosts)
+    for d in devs:
+        await kv.put(subjects.device_key(d.sample.node, d.sample.index), codec.encode(d))
+    for name, n in nodes.items():
+        await kv.put(subjects.node_key(name), codec.encode(n))
+    fleet = build_fleet(devs, nodes)
+    usable = sum(d.usable_bytes(0.1) for d in fleet.devices)
+    fitting = [m for m in MODELS if resolve(m).weight_bytes < 0.7 * usable]
+    # The smallest (32 layers) and the two largest that fit (80-126 layers), in turn.
+    models = list(dict.fromkeys([fitting[0], *fitting[-2:]]))
+    return models, [d.ref for d in fleet.devices]
+
+
+async def _ask(nc: Client, body: dict[str, object]) -> tuple[float, PlacementReply]:
+    data = json.dumps(body).encode()
+    t = time.perf_counter()
+    msg = await nc.request(subjects.PLACEMENT_REQUEST, data, timeout=30)
+    elapsed = (time.perf_counter() - t) * 1e3
+    return elapsed, codec.decode(PlacementReply, msg.data, "json")
+
+
+async def _run(quick: bool) -> int:
+    counts = {4: 20, 16: 60, 64: 15, 256: 10} if quick else {4: 50, 16: 200, 64: 50, 256: 30}
+    async with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await provision(js)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PLANNER, server.url, env=env, cwd=REPO
+        )
+        try:
+            for _ in range(200):
+                try:
+                    await nc.request("$SRV.PING.shardplane-planner", b"", timeout=0.2)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.05)
+            payload = b"x" * 200
+            for _ in range(50):
+                await nc.request("bench.echo", payload, timeout=2)
+            floor = []
+            for _ in range(300 if not quick else 150):
+                t = time.perf_counter()
+                await nc.request("bench.echo", payload, timeout=2)
+                floor.append((time.perf_counter() - t) * 1e3)
+            ledger_kv = await js.key_value(LEDGER)
+            results: dict[int, dict[str, object]] = {}
+            for size in SIZES:
+                models, refs = await _publish_fleet(js, size)
+                prefix = f"s{size}n"
+                # Wait for the planner's watch to see this fleet, and warm it up (ortools import).
+                for _ in range(100):
+                    _, reply = await _ask(nc, {"model": models[0], "dry_run": True})
+                    if reply.ok and all(s.node.startswith(prefix) for s in reply.stages):
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)
+                times: list[float] = []
+                plan_ms: list[float] = []
+                solvers: Counter[str] = Counter()
+                layers: set[int] = set()
+                for i in range(counts[size]):
+                    model = models[i % len(models)]
+                    ms, reply = await _ask(
+                        nc, {"model": model, "context_tokens": 8192, "instance_id": f"b{size}-{i}"}
+                    )
+                    if not reply.ok:
+                        raise RuntimeError(f"{size} devices, {model}: {reply.error}")
+                    times.append(ms)
+                    plan_ms.append(reply.solve_ms)
+                    solvers[f"{(reply.solver or '?').split(' ')[0]}/{reply.status}"] += 1
+                    layers.add(reply.stages[-1].layer_end)
+                    await ledger_kv.delete(
+                        RESERVATIONS_KEY
+                    )  # untimed: the next request sees an empty fleet
+                results[size] = {
+                    "devices": len(refs),
+                    "models": ",".join(models),
+                    "layers": sorted(layers),
+                    "n": len(times),
+                    "p50": statistics.median(times),
+                    "p90": _pct(times, 0.9),
+                    "p99": _pct(times, 0.99),
+                    "max": max(times),
+                    "solvers": dict(solvers),
+                    "plan_p50": statistics.median(plan_ms),
+                }
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), timeout=20)
+            await nc.close()
+
+    floor_p50 = statistics.median(floor)
+    print(
+        f"raw NATS request-reply (floor, same run, across processes): p50 {floor_p50:.3f} ms, "
+        f"p99 {_pct(floor, 0.99):.3f} ms"
+    )
+    print(
+        f"{'devices':>7} {'models':34} {'layers':>10} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'plan p50':>8} {'p50/floor':>9}  solver/status"
+    )
+    for r in results.values():
+        print(
+            f"{r['devices']:>7} {r['models']!s:34} {','.join(map(str, r['layers'])):>10} {r['n']:>4} "  # pyright: ignore[reportArgumentType, reportCallIssue]
+            f"{r['p50']:>8.1f} {r['p90']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f} {r['plan_p50']:>8.1f} "
+            f"{float(r['p50']) / floor_p50:>9.0f}  {r['solvers']}"
+        )  # pyright: ignore[reportArgumentType]
+    print("targets: p50 <= 50 ms and p99 <= 150 ms at 16 devices; p99 <= 1000 ms at 256 devices")
+    print(
+        json.dumps(
+            {
+                "p50_ms_16": round(float(results[16]["p50"]), 2),  # pyright: ignore[reportArgumentType]
+                "p99_ms_16": round(float(results[16]["p99"]), 2),  # pyright: ignore[reportArgumentType]
+                "p99_ms_256": round(float(results[256]["p99"]), 2),  # pyright: ignore[reportArgumentType]
+                "rtt_floor_p50_ms": round(floor_p50, 3),
+            }
+        )
+    )
+    return 0
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="shardplane bench placement-latency")
+    ap.add_argument(
+        "--quick", action="store_true", help=argparse.SUPPRESS
+    )  # REMAINDER may carry it
+    args = ap.parse_args(argv or [])
+    return asyncio.run(_run(quick or args.quick))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

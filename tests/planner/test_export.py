@@ -1,0 +1,68 @@
+"""Exports: vLLM's partition string and llama.cpp's split, checked against llama.cpp's rule."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bus.messages import PlacementReply, Stage
+from planner.export import export_plan, llamacpp_layers, llamacpp_tensor_split, vllm_partition
+
+
+def _reply(counts: list[int], nodes: list[str]) -> PlacementReply:
+    stages = []
+    start = 0
+    for i, (c, node) in enumerate(zip(counts, nodes, strict=True)):
+        stages.append(
+            Stage(
+                node=node,
+                device=f"{node}/{i % 2}",
+                gpu="NVIDIA A100-SXM4-80GB" if i else "AMD Instinct MI250X",
+                layer_start=start,
+                layer_end=start + c,
+                weight_bytes=1,
+                kv_bytes=1,
+                bandwidth_gbps=1.0,
+                stage_ms=1.0,
+                hop_ms=0.0,
+            )
+        )
+        start += c
+    return PlacementReply(
+        ok=True, instance_id="x", generation=1, model="llama-3.1-70b", stages=tuple(stages)
+    )
+
+
+def test_vllm_partition_is_counts_in_rank_order() -> None:
+    reply = _reply([24, 40, 16], ["a", "a", "b"])
+    assert vllm_partition(reply) == "24,40,16"
+    out = export_plan(reply, "vllm")
+    assert 'VLLM_PP_LAYER_PARTITION="24,40,16"' in out and "--pipeline-parallel-size 3" in out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_llamacpp_split_lands_exact_counts(seed: int) -> None:
+    rng = random.Random(seed)
+    k = rng.randint(1, 8)
+    counts = [rng.randint(1, 30) for _ in range(k)]
+    split = llamacpp_tensor_split(counts)
+    assert llamacpp_layers(split, sum(counts)) == counts
+
+
+def test_llamacpp_command() -> None:
+    out = export_plan(_reply([30, 50], ["a", "b"]), "llamacpp")
+    assert "-ngl 81" in out and "-ts 29.5,51.5" in out
+    assert "--device ROCm0,RPC[b:50053]" in out and "--rpc b:50053" in out
+    assert "rpc-server -H 0.0.0.0 -p 50053 -d CUDA1" in out
+
+
+def test_failed_reply_exports_the_reason() -> None:
+    from bus.messages import ErrorInfo
+
+    bad = PlacementReply(
+        ok=False, error=ErrorInfo(code="insufficient_memory", message="short by 3.1 GiB")
+    )
+    assert "short by 3.1 GiB" in export_plan(bad, "vllm")
+    with pytest.raises(ValueError, match="unknown export kind"):
+        export_plan(_reply([1], ["a"]), "tgi")

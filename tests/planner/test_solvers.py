@@ -1,0 +1,272 @@
+"""Cost model, exo's split, the packer, CP-SAT, the integer bound and the validator, checked
+against the exhaustive exact search on small fleets."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import msgspec
+import pytest
+
+from bus.messages import ModelCard
+from planner import validate
+from planner.bounds import integer_bound_ms
+from planner.catalog import resolve
+from planner.cost import (
+    WORKSPACE_BYTES,
+    Problem,
+    StagePlan,
+    Tables,
+    evaluate,
+    lower_bound_ms,
+    stages_from_counts,
+)
+from planner.exact import exact_plan
+from planner.fleet import Device, Fleet, Link, build_fleet
+from planner.greedy import allocate_layers_proportionally, greedy_plan, proportional_plan
+from planner.plan import PlanError, is_homogeneous, plan, to_stages
+from planner.profile import ModelProfile, profile_from_card
+from planner.synthetic import HostSpec, random_hosts, states
+
+GIB = 1024**3
+GPUS = [
+    "A100-80GB",
+    "RTX-4090",
+    "RTX-3090",
+    "L40S",
+    "A10",
+    "H100-SXM",
+    "MI250X",
+    "T4",
+    "V100-32GB",
+    "RTX-3060-12GB",
+]
+
+
+def _dev(ref: str, bw: float, gib: float) -> Device:
+    node, _, idx = ref.partition("/")
+    return Device(
+        ref=ref,
+        node=node,
+        index=int(idx),
+        gpu="g",
+        bandwidth_gbps=bw,
+        total_bytes=int(gib * GIB),
+        free_bytes=int(gib * GIB),
+    )
+
+
+def _tiny(layers: int = 4) -> ModelProfile:
+    # 1 GB layers, 0.5 GB embed/head, 1000 B of KV per token per layer, hidden 1000.
+    return ModelProfile(
+        name="t",
+        layer_bytes=(10**9,) * layers,
+        kv_bytes_per_token=(1000,) * layers,
+        embed_bytes=5 * 10**8,
+        head_bytes=5 * 10**8,
+        hidden=1000,
+    )
+
+
+def test_worked_example_of_the_cost_model() -> None:
+    """The README's worked example, by hand."""
+    a, b = _dev("a/0", 1000.0, 80), _dev("b/0", 500.0, 80)
+    fleet = Fleet(devices=(a, b), node_links={("a", "b"): Link(10.0 / 8, 0.2)})
+    p = Problem(_tiny(), fleet, context_tokens=1000, batch=2, headroom=0.0)
+    ev = evaluate(p, (StagePlan(a, 0, 3), StagePlan(b, 3, 4)))
+    # a: 3 GB weights + 3 layers x 1000 B x 1000 tokens x 2 = 3.006 GB at 1000 GB/s = 3.006 ms
+    assert ev.stage_ms[0] == pytest.approx(3.006)
+    # hop: 1000 hidden x 2 B x batch 2 = 4000 B over 1.25 GB/s = 0.0032 ms + 0.2 ms latency
+    assert ev.hop_ms[0] == pytest.approx(0.2032)
+    # b: 1 GB + 2 MB KV + 0.5 GB head at 500 GB/s = 3.004 ms; no hop after the last stage
+    assert ev.stage_ms[1] == pytest.approx(3.004)
+    assert ev.hop_ms[1] == 0.0
+    assert ev.bottleneck_ms == pytest.approx(3.2092)
+    assert ev.latency_ms == pytest.approx(3.006 + 0.2032 + 3.004)
+    # memory: weights + KV + workspace, + embeddings on the first stage, head on the last
+    assert ev.memory[0] == 3 * 10**9 + 6 * 10**6 + WORKSPACE_BYTES + 5 * 10**8
+    assert ev.memory[1] == 10**9 + 2 * 10**6 + WORKSPACE_BYTES + 5 * 10**8
+    # fluid bound: all bytes read per step over all bandwidth
+    assert lower_bound_ms(p) == pytest.approx((4e9 + 8e6 + 5e8) / 1500e9 * 1e3)
+
+
+def test_exo_rule_faithful() -> None:
+    assert allocate_layers_proportionally(10, [0.5, 0.3, 0.2]) == [5, 3, 2]
+    # largest remainder: 32 x (0.45, 0.35, 0.2) = 14.4, 11.2, 6.4 -> 14, 11, 6 + 1 to the 0.4s
+    assert allocate_layers_proportionally(32, [0.45, 0.35, 0.2]) == [15, 11, 6]
+    # a node left with 0 takes one from the node with the most
+    assert allocate_layers_proportionally(10, [0.97, 0.02, 0.01]) == [8, 1, 1]
+    assert sum(allocate_layers_proportionally(80, [80, 24, 24, 12, 24, 64, 64])) == 80
+
+
+def _random_problem(
+    seed: int, n: int, model: str = "llama-3.1-8b", ctx: int = 8192, objective: str = "throughput"
+) -> Problem:
+    rng = random.Random(seed)
+    hosts = random_hosts(
+        n, seed=seed, gpus=rng.sample(GPUS, 4), per_host=(1, 3), fast_links=1 if seed % 2 else 0
+    )
+    devs, nodes = states(hosts)
+    return Problem(resolve(model), build_fleet(devs, nodes), ctx, 1, objective=objective)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cp_sat_matches_exhaustive_search(seed: int) -> None:
+    model = ("llama-3.1-8b", "llama-3.1-70b-q4", "qwen2.5-7b")[seed % 3]
+    p = _random_problem(seed, 3 + seed % 3, model, ctx=(4096, 32768)[seed % 2])
+    exact = exact_plan(p)
+    assert exact is not None
+    best = evaluate(p, exact).bottleneck_ms
+    out = plan(p, time_limit_s=10.0)
+    assert out.evaluation.bottleneck_ms <= best * 1.01
+    assert out.status == "optimal"
+    assert out.evaluation.bottleneck_ms == pytest.approx(best, rel=1e-3)
+    # the integer bound never exceeds the optimum, the fluid bound never exceeds it
+    assert integer_bound_ms(p, best) <= best * (1 + 1e-9)
+    assert lower_bound_ms(p) <= best
+
+
+def test_latency_objective_matches_exhaustive_search() -> None:
+    p = _random_problem(11, 4, "llama-3.1-8b", objective="latency")
+    exact = exact_plan(p)
+    assert exact is not None
+    out = plan(p, time_limit_s=10.0)
+    assert out.evaluation.latency_ms == pytest.approx(evaluate(p, exact).latency_ms, rel=1e-3)
+
+
+def test_unequal_layers_use_real_sizes() -> None:
+    base = profile_from_card(
+        resolve("llama-3.1-8b")
+        and ModelCard(
+            name="x", layers=12, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000
+        )
+    )
+    sizes = tuple(b * (3 if i in (2, 3) else 1) for i, b in enumerate(base.layer_bytes))
+    prof = replace(base, layer_bytes=sizes)
+    devs, nodes = states(
+        [HostSpec("a", ("RTX-4090",)), HostSpec("b", ("RTX-3090",)), HostSpec("c", ("A10",))]
+    )
+    p = Problem(prof, build_fleet(devs, nodes), 4096, 1)
+    exact = exact_plan(p)
+    assert exact is not None
+    out = plan(p, time_limit_s=10.0)
+    assert out.evaluation.bottleneck_ms == pytest.approx(evaluate(p, exact).bottleneck_ms, rel=1e-3)
+    assert sum(s.weight_bytes for s in out.stages) == sum(sizes)
+
+
+def test_homogeneous_fleet_even_split_without_solver() -> None:
+    hosts = [HostSpec(f"h{i}", ("A100-80GB", "A100-80GB")) for i in range(2)]
+    devs, nodes = states(hosts)
+    p = Problem(resolve("llama-3.1-70b"), build_fleet(devs, nodes), 8192, 1)
+    assert is_homogeneous(p)
+    out = plan(p, use_solver=False)
+    assert out.solver == "even-split" and out.status == "optimal"
+    counts = [s.layer_end - s.layer_start for s in out.stages]
+    assert max(counts) - min(counts) <= 3  # even, but the head makes the last stage lighter
+    exact = exact_plan(p)
+    assert exact is not None
+    assert out.evaluation.bottleneck_ms == pytest.approx(evaluate(p, exact).bottleneck_ms, rel=1e-6)
+
+
+def test_homogeneous_equal_layers_no_head_is_literally_even() -> None:
+    prof = replace(_tiny(8), embed_bytes=0, head_bytes=0)
+    devs = tuple(_dev(f"n{i}/0", 1000.0, 80) for i in range(4))
+    p = Problem(prof, Fleet(devices=devs), 1000, 1)
+    out = plan(p)
+    assert out.solver == "even-split"
+    assert [s.layer_end - s.layer_start for s in out.stages] == [2, 2, 2, 2]
+
+
+def test_never_worse_than_proportional_and_feasible_where_it_is_not() -> None:
+    # A tight fleet: exo's memory split ignores the KV cache and the head and overflows.
+    devs, nodes = states(
+        [
+            HostSpec("a", ("RTX-4090",)),
+            HostSpec("b", ("RTX-3090",)),
+            HostSpec("c", ("RTX-3060-12GB",)),
+            HostSpec("d", ("A10",)),
+        ]
+    )
+    p = Problem(resolve("llama-3.1-8b"), build_fleet(devs, nodes), 131072, 1)
+    prop = proportional_plan(p)
+    out = plan(p)
+    ev = evaluate(p, prop)
+    if ev.fits:
+        assert out.evaluation.bottleneck_ms <= ev.bottleneck_ms
+    assert out.evaluation.fits
+
+
+def test_validator_rejects_bad_plans() -> None:
+    p = _random_problem(3, 3)
+    out = plan(p)
+    good = out.stages
+    validate.check(p, good, out.evaluation.bottleneck_ms)
+    gap = (msgspec.structs.replace(good[0], layer_end=good[0].layer_end - 1), *good[1:])
+    with pytest.raises(validate.InvalidPlan, match="starts at layer"):
+        validate.check(p, gap, out.evaluation.bottleneck_ms)
+    fudged = (msgspec.structs.replace(good[0], stage_ms=good[0].stage_ms * 0.5), *good[1:])
+    with pytest.raises(validate.InvalidPlan, match="cost model gives"):
+        validate.check(p, fudged, out.evaluation.bottleneck_ms)
+    with pytest.raises(validate.InvalidPlan, match="bottleneck_ms"):
+        validate.check(p, good, out.evaluation.bottleneck_ms * 0.9)
+    # One device holding everything: it does not fit, and the message has the numbers.
+    big = Problem(resolve("llama-3.1-70b"), p.fleet, 8192, 1)
+    one = evaluate(big, (StagePlan(big.devices[0], 0, big.layers),), Tables(big))
+    with pytest.raises(validate.InvalidPlan, match=r"GiB usable; stage needs \d+\.\d+ GiB"):
+        validate.check(big, to_stages(big, one), one.bottleneck_ms)
+
+
+def test_insufficient_memory_names_numbers() -> None:
+    devs, nodes = states([HostSpec("small", ("RTX-3060-12GB",))])
+    p = Problem(resolve("llama-3.1-70b"), build_fleet(devs, nodes), 8192, 1)
+    with pytest.raises(
+        PlanError, match=r"needs at least \d+\.\d GiB .*small/0 \d+\.\d GiB"
+    ) as info:
+        plan(p)
+    assert info.value.code == "insufficient_memory"
+
+
+def test_solver_time_limit_falls_back_or_reports_gap() -> None:
+    p = _random_problem(5, 16, "llama-3.1-70b")
+    out = plan(p, time_limit_s=0.01)
+    assert out.evaluation.fits
+    assert out.status in ("optimal", "feasible")
+    if out.status == "feasible":
+        assert out.gap_pct is not None and out.gap_pct >= 0
+
+
+def test_multi_gpu_hosts_use_every_gpu() -> None:
+    devs, nodes = states([HostSpec("big", ("RTX-4090",) * 4), HostSpec("other", ("A10",))])
+    p = Problem(resolve("llama-3.1-70b-q4"), build_fleet(devs, nodes), 8192, 1)
+    out = plan(p)
+    assert sum(1 for s in out.stages if s.node == "big") == 4
+    # devices of one node stay contiguous in the pipeline
+    nodes_seq = [s.node for s in out.stages]
+    assert nodes_seq == sorted(nodes_seq, key=nodes_seq.index)
+
+
+def test_greedy_plans_fit() -> None:
+    for seed in range(5):
+        p = _random_problem(seed, 8, "llama-3.1-70b")
+        g = greedy_plan(p)
+        if g is not None:
+            assert evaluate(p, g).fits
+            assert (
+                stages_from_counts([s.device for s in g], [s.layer_end - s.layer_start for s in g])
+                == g
+            )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_cp_sat_alone_without_hint_proves_the_optimum(seed: int) -> None:
+    from planner.solver import solve
+
+    p = _random_problem(seed, 4, "llama-3.1-8b", ctx=16384)
+    exact = exact_plan(p)
+    assert exact is not None
+    result = solve(p, hint=None, time_limit_s=20.0)
+    assert result.plan is not None and result.status == "optimal"
+    assert evaluate(p, result.plan).bottleneck_ms == pytest.approx(
+        evaluate(p, exact).bottleneck_ms, rel=1e-3
+    )
