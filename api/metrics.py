@@ -14,7 +14,7 @@ joined text is cached until the next change.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 MIB = 1024 * 1024
@@ -272,6 +272,7 @@ class MetricsBook:
         }
         self.node: dict[str, dict[str, str]] = {f[0]: {} for f in NODE_FAMILIES}
         self._text: bytes | None = None
+        self.version = 0  # bumped by every change, so a render knows whether it is current
         self.renders = 0
 
     @property
@@ -280,6 +281,7 @@ class MetricsBook:
 
     def invalidate(self) -> None:
         self._text = None
+        self.version += 1
 
     def set_device(self, key: str, lines: Mapping[str, bytes]) -> None:
         for name, per_key in self.device.items():
@@ -289,11 +291,13 @@ class MetricsBook:
             else:
                 per_key[key] = line
         self._text = None
+        self.version += 1
 
     def drop_device(self, key: str) -> None:
         for per_key in self.device.values():
             per_key.pop(key, None)
         self._text = None
+        self.version += 1
 
     def set_instance(self, key: str, lines: Mapping[str, list[str]]) -> None:
         for name, per_key in self.instance.items():
@@ -303,11 +307,13 @@ class MetricsBook:
             else:
                 per_key.pop(key, None)
         self._text = None
+        self.version += 1
 
     def drop_instance(self, key: str) -> None:
         for per_key in self.instance.values():
             per_key.pop(key, None)
         self._text = None
+        self.version += 1
 
     def set_node(self, key: str, lines: Mapping[str, str]) -> None:
         for name, per_key in self.node.items():
@@ -317,29 +323,40 @@ class MetricsBook:
             else:
                 per_key[key] = line
         self._text = None
+        self.version += 1
 
     def drop_node(self, key: str) -> None:
         for per_key in self.node.values():
             per_key.pop(key, None)
         self._text = None
+        self.version += 1
+
+    def parts(self, summary: Callable[[], str]) -> Iterator[bytes]:
+        """The scrape text, one family at a time (a caller can yield to its loop between)."""
+        yield summary().encode()
+        for name, help_text, kind in DEVICE_FAMILIES:
+            lines = self.device[name]
+            head = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode()
+            yield head + b"\n".join(lines.values()) + b"\n" if lines else head
+        text: list[str] = []
+        for name, help_text, kind in NODE_FAMILIES:
+            text.append(family_block(name, help_text, kind, self.node[name].values()))
+        for name, help_text, kind in (*INSTANCE_FAMILIES, *STAGE_FAMILIES):
+            grouped = (line for group in self.instance[name].values() for line in group)
+            text.append(family_block(name, help_text, kind, grouped))
+        yield "".join(text).encode()
+
+    def keep(self, text: bytes, version: int) -> None:
+        """Cache ``text`` as rendered at ``version``, unless something changed meanwhile."""
+        self.renders += 1
+        if version == self.version:
+            self._text = text
 
     def render(self, summary: Callable[[], str]) -> bytes:
         """The state part of a scrape, cached until the next change."""
         if self._text is None:
-            parts: list[bytes] = [summary().encode()]
-            for name, help_text, kind in DEVICE_FAMILIES:
-                lines = self.device[name]
-                parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode())
-                if lines:
-                    parts.append(b"\n".join(lines.values()))
-                    parts.append(b"\n")
-            text: list[str] = []
-            for name, help_text, kind in NODE_FAMILIES:
-                text.append(family_block(name, help_text, kind, self.node[name].values()))
-            for name, help_text, kind in (*INSTANCE_FAMILIES, *STAGE_FAMILIES):
-                grouped = (line for group in self.instance[name].values() for line in group)
-                text.append(family_block(name, help_text, kind, grouped))
-            parts.append("".join(text).encode())
-            self._text = b"".join(parts)
-            self.renders += 1
+            version = self.version
+            text = b"".join(self.parts(summary))
+            self.keep(text, version)
+            return text
         return self._text

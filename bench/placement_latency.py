@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -101,6 +102,19 @@ async def _ask(nc: Client, body: dict[str, object]) -> tuple[float, PlacementRep
     return elapsed, codec.decode(PlacementReply, msg.data, "json")
 
 
+@dataclass
+class SizeResult:
+    devices: int
+    models: str
+    layers: list[int]
+    times: list[float]
+    plan_ms: list[float]
+    solvers: dict[str, int]
+
+    def p(self, q: float) -> float:
+        return _pct(self.times, q)
+
+
 async def _run(quick: bool) -> int:
     counts = {4: 20, 16: 60, 64: 15, 256: 10} if quick else {4: 50, 16: 200, 64: 50, 256: 30}
     async with NatsServer() as server:
@@ -121,13 +135,13 @@ async def _run(quick: bool) -> int:
             payload = b"x" * 200
             for _ in range(50):
                 await nc.request("bench.echo", payload, timeout=2)
-            floor = []
+            floor: list[float] = []
             for _ in range(300 if not quick else 150):
                 t = time.perf_counter()
                 await nc.request("bench.echo", payload, timeout=2)
                 floor.append((time.perf_counter() - t) * 1e3)
             ledger_kv = await js.key_value(LEDGER)
-            results: dict[int, dict[str, object]] = {}
+            results: dict[int, SizeResult] = {}
             for size in SIZES:
                 models, refs = await _publish_fleet(js, size)
                 prefix = f"s{size}n"
@@ -153,21 +167,11 @@ async def _run(quick: bool) -> int:
                     plan_ms.append(reply.solve_ms)
                     solvers[f"{(reply.solver or '?').split(' ')[0]}/{reply.status}"] += 1
                     layers.add(reply.stages[-1].layer_end)
-                    await ledger_kv.delete(
-                        RESERVATIONS_KEY
-                    )  # untimed: the next request sees an empty fleet
-                results[size] = {
-                    "devices": len(refs),
-                    "models": ",".join(models),
-                    "layers": sorted(layers),
-                    "n": len(times),
-                    "p50": statistics.median(times),
-                    "p90": _pct(times, 0.9),
-                    "p99": _pct(times, 0.99),
-                    "max": max(times),
-                    "solvers": dict(solvers),
-                    "plan_p50": statistics.median(plan_ms),
-                }
+                    # Untimed: the next request sees an empty fleet again.
+                    await ledger_kv.delete(RESERVATIONS_KEY)
+                results[size] = SizeResult(
+                    len(refs), ",".join(models), sorted(layers), times, plan_ms, dict(solvers)
+                )
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), timeout=20)
@@ -182,18 +186,19 @@ async def _run(quick: bool) -> int:
         f"{'devices':>7} {'models':34} {'layers':>10} {'n':>4} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'plan p50':>8} {'p50/floor':>9}  solver/status"
     )
     for r in results.values():
+        p50 = r.p(0.5)
         print(
-            f"{r['devices']:>7} {r['models']!s:34} {','.join(map(str, r['layers'])):>10} {r['n']:>4} "  # pyright: ignore[reportArgumentType, reportCallIssue]
-            f"{r['p50']:>8.1f} {r['p90']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f} {r['plan_p50']:>8.1f} "
-            f"{float(r['p50']) / floor_p50:>9.0f}  {r['solvers']}"
-        )  # pyright: ignore[reportArgumentType]
+            f"{r.devices:>7} {r.models:34} {','.join(map(str, r.layers)):>10} {len(r.times):>4} "
+            f"{p50:>8.1f} {r.p(0.9):>8.1f} {r.p(0.99):>8.1f} {max(r.times):>8.1f} "
+            f"{statistics.median(r.plan_ms):>8.1f} {p50 / floor_p50:>9.0f}  {r.solvers}"
+        )
     print("targets: p50 <= 50 ms and p99 <= 150 ms at 16 devices; p99 <= 1000 ms at 256 devices")
     print(
         json.dumps(
             {
-                "p50_ms_16": round(float(results[16]["p50"]), 2),  # pyright: ignore[reportArgumentType]
-                "p99_ms_16": round(float(results[16]["p99"]), 2),  # pyright: ignore[reportArgumentType]
-                "p99_ms_256": round(float(results[256]["p99"]), 2),  # pyright: ignore[reportArgumentType]
+                "p50_ms_16": round(results[16].p(0.5), 2),
+                "p99_ms_16": round(results[16].p(0.99), 2),
+                "p99_ms_256": round(results[256].p(0.99), 2),
                 "rtt_floor_p50_ms": round(floor_p50, 3),
             }
         )

@@ -161,6 +161,9 @@ class PlacementRequest(Frozen, frozen=True, forbid_unknown_fields=True):
     max_stages: Annotated[int, Meta(ge=1)] | None = None
     time_limit_s: Annotated[float, Meta(gt=0.0, le=60.0)] | None = None
     v: Version = SCHEMA_VERSION
+    # Added by the planner (additive): "auto" picks the fastest method that proves its plan;
+    # "cp-sat" always runs the solver (audits, comparisons); "greedy" never does.
+    solver: Literal["auto", "cp-sat", "greedy"] = "auto"
 
 
 class Stage(Frozen, frozen=True):

@@ -47,8 +47,10 @@ class Device:
 
     def usable_bytes(self, headroom: float) -> int:
         """Memory a new stage may take: free, less what the ledger promised and not yet loaded,
-        less ``headroom`` x total (the request's safety margin)."""
-        return int(self.free_bytes - self.promised_bytes - headroom * self.total_bytes)
+        less ``headroom`` x total (the request's safety margin). A negative promise (memory the
+        instance being re-placed holds now) adds back, up to the device's total."""
+        free = min(self.total_bytes, self.free_bytes - self.promised_bytes)
+        return int(free - headroom * self.total_bytes)
 
     def signature(self, headroom: float) -> tuple[str, float, int]:
         """Devices with equal signatures are interchangeable (symmetry breaking, fast path)."""

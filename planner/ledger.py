@@ -59,6 +59,7 @@ def fingerprint(req: PlacementRequest) -> str:
             req.memory_headroom,
             sorted(req.exclude_nodes),
             req.max_stages,
+            req.solver,
         ]
     )
     return hashlib.sha256(key).hexdigest()[:24]
@@ -76,12 +77,11 @@ def promised_bytes(
     A stage whose worker reports it loaded (or reserved) at the promised generation, in a status
     older than the device's newest sample, is already inside the reported free memory, so it is
     not subtracted twice. Instances released or failed hold nothing. ``exclude_instance`` is the
-    instance being re-placed: its old promise is what the new plan replaces.
+    instance being re-placed: its old promise is what the new plan replaces, and what it has
+    already loaded is credited back (a negative entry), since the new generation releases it.
     """
     out: dict[str, int] = {}
     for inst_id, entry in doc.instances.items():
-        if inst_id == exclude_instance:
-            continue
         state = instances.get(inst_id)
         if state is not None and state.generation >= entry.generation and state.state in DROPPED:
             continue
@@ -93,7 +93,12 @@ def promised_bytes(
                     if dev is not None and dev.sample.ts > state.updated:
                         loaded.add(st.device)
         for ref, nbytes in entry.devices.items():
-            if ref not in loaded:
+            if inst_id == exclude_instance:
+                # Re-placing this instance: what its current generation holds comes back when
+                # the new generation replaces it, so the telemetry's "used" is credited back.
+                if ref in loaded:
+                    out[ref] = out.get(ref, 0) - nbytes
+            elif ref not in loaded:
                 out[ref] = out.get(ref, 0) + nbytes
     return out
 

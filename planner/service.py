@@ -54,6 +54,7 @@ SERVICE_NAME = "shardplane-planner"
 SERVICE_VERSION = "0.1.0"
 MAX_COMMIT_ATTEMPTS = 50
 PUBLISH_ATTEMPTS = 5
+PLAN_GRACE_S = 20.0  # beyond the solver's own time limit before a request answers "timeout"
 
 ERROR_STATUS = {
     "invalid_request": "400",
@@ -233,7 +234,19 @@ class Planner:
                 max_stages=req.max_stages,
             )
             try:
-                outcome = await asyncio.to_thread(plan, problem, time_limit_s=req.time_limit_s)
+                # The solver bounds itself; this only catches a planner stuck far beyond that.
+                outcome = await asyncio.wait_for(
+                    asyncio.to_thread(
+                        plan, problem, time_limit_s=req.time_limit_s, method=req.solver
+                    ),
+                    timeout=(req.time_limit_s or 2.0) + PLAN_GRACE_S,
+                )
+            except TimeoutError as exc:
+                raise PlanError(
+                    "timeout",
+                    f"planning {len(fleet.devices)} devices x {profile.layers} layers took over "
+                    f"{(req.time_limit_s or 2.0) + PLAN_GRACE_S:.0f} s",
+                ) from exc
             except PlanError as exc:
                 if fleet.excluded:
                     exc.message += "; excluded: " + ", ".join(
@@ -395,6 +408,10 @@ class Planner:
             )
 
 
+def _warm_solver() -> None:
+    import planner.solver  # noqa: F401  # pyright: ignore[reportUnusedImport]
+
+
 def _promise(outcome: Outcome) -> dict[str, int]:
     return {s.device: s.memory_bytes for s in outcome.stages}
 
@@ -416,6 +433,9 @@ async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], a
         description="places LLM shards on the GPU fleet (CP-SAT)",
         metadata={"subject": subjects.PLACEMENT_REQUEST, "encodings": "json,msgpack"},
     )
+    # Import ortools (about 0.25 s, more on a busy machine) in the background once the service
+    # answers, so start-up stays fast and the first heterogeneous request does not pay for it.
+    asyncio.get_running_loop().run_in_executor(None, _warm_solver)
     await service.add_endpoint(
         name="request",
         subject=subjects.PLACEMENT_REQUEST,

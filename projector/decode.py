@@ -7,8 +7,6 @@ state, so it is poison, not telemetry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
 
 from bus import subjects
@@ -26,8 +24,7 @@ _ASSIGNED = subjects.PLACEMENT_ASSIGNED.split(".")
 _STATUS_PREFIX = subjects.SHARD_STATUS.split(".")
 
 
-@dataclass(frozen=True, slots=True)
-class Poison:
+class Poison(msgspec.Struct, frozen=True):
     reason: str
 
 
@@ -77,8 +74,7 @@ def decode_event(subject: str, data: bytes) -> Event | Poison:
     return Poison(f"unexpected subject {subject!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class AckInfo:
+class AckInfo(msgspec.Struct, frozen=True):
     """What the JetStream ack subject says about a delivered message."""
 
     stream: str

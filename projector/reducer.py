@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from bus import subjects
 from bus.messages import (
     DeviceSample,
@@ -113,23 +115,20 @@ class View:
 # --- outcomes ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Changes:
+class Changes(msgspec.Struct, frozen=True):
     """Apply these values (each a join of the old value and the event). Empty: nothing new."""
 
     values: dict[str, Value]
 
 
-@dataclass(frozen=True, slots=True)
-class Defer:
+class Defer(msgspec.Struct, frozen=True):
     """The event is valid but cannot be applied yet (a status whose assignment has not been
     seen: PLACEMENTS and SHARDS are separate streams, so this order is normal). Retry later."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(msgspec.Struct, frozen=True):
     """Well-formed but contradicts the contract: dead-letter it with this reason."""
 
     reason: str
@@ -422,16 +421,18 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
             f"status for generation {status.generation} of {status.instance_id}; "
             f"assignments seen only up to {current.generation}"
         )
+    if status.node in current.released_nodes:
+        return NO_CHANGE  # e.g. "unloaded" from a node this generation released
     stage = next((s for s in current.stages if s.stage == status.stage), None)
     if stage is None:
-        if status.node in current.released_nodes:
-            return NO_CHANGE  # e.g. "unloaded" from a node this generation released
         return Defer(
             f"no assignment seen yet for stage {status.stage} of {status.instance_id} "
             f"generation {status.generation}"
         )
     if stage.node != status.node:
-        return Reject(
+        # Either nonsense or a node whose release for this generation has not arrived yet
+        # (another stream): wait for it; the runner dead-letters it if it never comes.
+        return Defer(
             f"status from node {status.node} for stage {status.stage} of "
             f"{status.instance_id}, which generation {status.generation} assigned to {stage.node}"
         )

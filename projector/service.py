@@ -84,6 +84,8 @@ class ProjectorConfig:
     defer_delay_s: float = 0.25
     max_defers: int = 240  # a status whose assignment never comes is dead-lettered (~1 min)
     write_timeout_s: float = 10.0
+    stats_interval_s: float = 60.0  # log the counters this often
+    slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
     pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
 
 
@@ -251,6 +253,7 @@ class Projector:
 
     async def _write_loop(self, inbox: Inbox, stop: asyncio.Event, lost: asyncio.Event) -> None:
         next_sweep = time.monotonic()
+        next_report = time.monotonic() + self.config.stats_interval_s
         stopping = asyncio.create_task(stop.wait())
         losing = asyncio.create_task(lost.wait())
         try:
@@ -272,6 +275,9 @@ class Projector:
                     await self.process(msgs, sweep_due=due)
                 if due:
                     next_sweep = time.monotonic() + self.config.sweep_interval_s
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + self.config.stats_interval_s
+                    log.info("projector stats: %s", self.stats.as_dict())
         finally:
             stopping.cancel()
             losing.cancel()
@@ -280,6 +286,8 @@ class Projector:
 
     async def process(self, msgs: list[Msg], *, sweep_due: bool = False) -> None:
         """Apply, write (until stored), then acknowledge ``msgs``."""
+        started = time.perf_counter()
+        write_s = 0.0
         items: list[_Item] = []
         for msg in msgs:
             decoded = decode_event(msg.subject, msg.data)
@@ -314,6 +322,7 @@ class Projector:
             if sweep_due:
                 overlay.update(sweep(overlay, now, self.liveness, due_keys))
             pending = overlay.pending()
+            write_started = time.perf_counter()
             try:
                 result = await self.store.write(pending)
             except WriteError as exc:
@@ -322,6 +331,7 @@ class Projector:
                 await asyncio.sleep(0.2)
                 await self.store.refresh(exc.keys)
                 continue
+            write_s += time.perf_counter() - write_started
             self.stats.writes += result.written
             self._track((k, v) for k, v in pending.items() if k not in result.conflicts)
             if not result.conflicts:
@@ -350,6 +360,15 @@ class Projector:
             self.stats.deferred += 1
             await item.msg.nak(delay=self.config.defer_delay_s)
         await ack_all(self.nc, [item.msg for item in applied])
+        took = time.perf_counter() - started
+        if took > self.config.slow_round_s:
+            log.info(
+                "slow round: %.0f ms for %d messages, %d writes (%.0f ms waiting for the KV)",
+                took * 1000,
+                len(msgs),
+                len(pending),
+                write_s * 1000,
+            )
 
     def _track(self, values: Iterable[tuple[str, Value]]) -> None:
         cache = self.store.cache

@@ -135,14 +135,22 @@ class Puller:
         self.subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._remaining = 0
         self._done = asyncio.Event()
+        self._failed = False
         self._sub: Subscription | None = None
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
         if headers and _STATUS in headers:
-            if headers[_STATUS] != _HEARTBEAT:
-                # 404 no messages, 408 request expired, 409 max waiting / leadership change:
-                # this request is over either way; the loop issues the next.
+            status = headers[_STATUS]
+            if status != _HEARTBEAT:
+                # 404 no messages / 408 expired: the request is over, issue the next at once.
+                # 409 (consumer deleted, leadership change, max waiting), 503 (no stream):
+                # also over, but back off instead of spinning on a consumer that is not there.
+                self._failed = status not in ("404", "408")
+                if self._failed:
+                    log.warning(
+                        "pull on %s: %s %s", self.subject, status, headers.get("Description", "")
+                    )
                 self._done.set()
             return
         self.inbox.put(msg)
@@ -159,6 +167,9 @@ class Puller:
         try:
             while True:
                 await self.inbox.room.wait()  # back-pressure: the writer is behind
+                if self._failed:
+                    self._failed = False
+                    await asyncio.sleep(0.5)
                 self._done.clear()
                 self._remaining = self.batch
                 try:

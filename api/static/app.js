@@ -195,7 +195,7 @@ function renderSummary() {
   el.replaceChildren(
     h("b", {}, `${nodesOnline}/${state.nodes.size}`), " nodes online · ",
     h("b", {}, `${online}/${devs.length}`), " GPUs online · ",
-    h("b", {}, `${gib(free)} / ${gib(total)} GiB`), " free · ",
+    h("b", {}, total >= 10 * 1024 * GIB ? `${(free / 1024 / GIB).toFixed(1)} / ${(total / 1024 / GIB).toFixed(1)} TiB` : `${gib(free)} / ${gib(total)} GiB`), " free · ",
     h("b", {}, state.instances.size), " placements · revision ", state.revision,
   );
 }
@@ -400,14 +400,15 @@ function planView(stages, layersTotal) {
   const total = layersTotal || Math.max(0, ...stages.map((st) => st.layer_end));
   const strip = h("div", { class: "layers", title: `${total} layers` });
   const perStage = h("div", { class: "stages" });
-  for (const st of stages) {
+  for (const [i, st] of stages.entries()) {
     const color = colorOf(st.device);
     const n = st.layer_end - st.layer_start;
     const status = st.state || "planned";
     for (let l = st.layer_start; l < st.layer_end; l++) {
       strip.append(h("i", { class: status, style: `background:${color}`, title: `layer ${l} · ${st.device} · ${status}` }));
     }
-    perStage.append(h("div", { style: `flex:${Math.max(n, 0.001)};border-color:${color}`, "data-stage": st.stage ?? "", "data-device-id": st.device || "" },
+    const tip = `stage ${st.stage ?? i} · ${st.device || st.node} · layers ${st.layer_start}–${st.layer_end} (${n})${st.state ? ` · ${st.state}` : ""}${st.reason ? ` · ${st.reason}` : ""}`;
+    perStage.append(h("div", { style: `flex:${Math.max(n, 0.001)};border-color:${color}`, title: tip, "data-stage": st.stage ?? i, "data-device-id": st.device || "" },
       h("b", {}, `${st.device || st.node}`),
       h("span", {}, `L${st.layer_start}–${st.layer_end} `),
       st.state ? h("span", { class: `st st-${st.state}` }, st.state) : (st.gpu ? h("span", {}, st.gpu) : null),

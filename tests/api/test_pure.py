@@ -151,6 +151,10 @@ def test_cache_is_idempotent_on_revision_and_skips_bad_values() -> None:
     assert cache.invalid == 1 and len(cache.briefs) == 1
     assert cache.apply("nodes.rig-a", codec.encode(node_state("rig-a")), 7) is not None
     assert b'Hostname="rig-a.lab"' in cache.metrics_body()  # a heartbeat relabels the devices
+    # A fresh watch's replay is the truth, even at lower revisions (a recreated bucket).
+    assert cache.apply("devices.rig-a.0", raw, 5, replay=True) is None  # the same entry
+    assert cache.apply("devices.rig-a.0", raw, 2, replay=True) is not None
+    assert cache.revisions["devices.rig-a.0"] == 2
     gone = cache.apply("devices.rig-a.0", None, 8, deleted=True)
     assert gone is not None and gone.op == "delete" and b'"value":null' in gone.event()
     assert cache.devices_body().startswith(b'{"count":0,')

@@ -214,3 +214,52 @@ def test_promised_bytes_skips_materialised_and_released() -> None:
     )
     # a's stage 0 is loaded and the device has reported since: telemetry already shows it.
     assert got == {"n/1": 5}
+
+
+def test_replacing_an_instance_credits_back_what_it_has_loaded() -> None:
+    from bus.messages import InstanceState, StageState
+    from planner.fleet import Device
+    from planner.synthetic import device_state
+
+    doc = ledger.LedgerDoc(
+        instances={
+            "a": ledger.LedgerEntry(
+                generation=1,
+                model="m",
+                fingerprint="f",
+                devices={"n/0": 10, "n/1": 5},
+                nodes=("n",),
+            ),
+        }
+    )
+    loaded = InstanceState(
+        instance_id="a",
+        model="m",
+        generation=1,
+        stage_count=2,
+        state="loaded",
+        updated=100.0,
+        stages=(
+            StageState(stage=0, node="n", device="n/0", layer_start=0, layer_end=1, state="loaded"),
+            StageState(
+                stage=1, node="n", device="n/1", layer_start=1, layer_end=2, state="pending"
+            ),
+        ),
+    )
+    devices = {
+        "n/0": device_state("n", 0, "A10", ts=200.0),
+        "n/1": device_state("n", 1, "A10", ts=200.0),
+    }
+    got = ledger.promised_bytes(doc, exclude_instance="a", instances={"a": loaded}, devices=devices)
+    assert got == {"n/0": -10}  # loaded: comes back; pending: never counted
+    dev = Device(
+        ref="n/0",
+        node="n",
+        index=0,
+        gpu="g",
+        bandwidth_gbps=1.0,
+        total_bytes=100,
+        free_bytes=95,
+        promised_bytes=-10,
+    )
+    assert dev.usable_bytes(0.0) == 100  # credited, but never beyond the device's total

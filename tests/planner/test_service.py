@@ -45,30 +45,24 @@ async def ask(nc: Client, body: dict[str, object], timeout: float = 20.0) -> Pla
     return codec.decode(PlacementReply, msg.data, "json")
 
 
-async def test_places_70b_on_demo_fleet_with_cp_sat_optimal(
+async def test_places_on_demo_fleet_with_cp_sat_optimal(
     nats_url: str, nc: Client, js: JetStreamContext
 ) -> None:
     await publish_fleet(js, DEMO)
     async with planner_running(nats_url):
+        # On the demo fleet the greedy plan for an 8B model at 32k does not meet the integer
+        # bound, so CP-SAT decides, and proves its plan optimal.
         body = {
-            "model": "llama-3.1-70b",
-            "context_tokens": 8192,
-            "instance_id": "demo-70b",
+            "model": "llama-3.1-8b",
+            "context_tokens": 32768,
+            "instance_id": "demo-8b",
             "time_limit_s": 20.0,
         }
         reply = await ask(nc, body)
         assert reply.ok, reply.error
-        # The demo fleet is heterogeneous and the greedy plan does not meet the integer bound,
-        # so CP-SAT decides, and proves its plan optimal.
         assert (reply.solver, reply.status) == ("cp-sat", "optimal")
         assert reply.gap_pct == 0.0
-        assert {s.node for s in reply.stages} == {
-            "rig-a",
-            "rig-b",
-            "rig-c",
-            "rig-d",
-        }  # every GPU of every host
-        assert reply.stages[0].layer_start == 0 and reply.stages[-1].layer_end == 80
+        assert reply.stages[0].layer_start == 0 and reply.stages[-1].layer_end == 32
         assert reply.generation == 1
         assert reply.bottleneck_ms >= reply.lower_bound_ms > 0
         # One assignment per stage on placement.assigned.<node>, in the PLACEMENTS stream.
@@ -81,10 +75,17 @@ async def test_places_70b_on_demo_fleet_with_cp_sat_optimal(
             (s.layer_start, s.layer_end) for s in reply.stages
         ]
         assert all(a.generation == 1 and not a.release for a in got)
+        assert [a.device for a in got] == [s.device for s in reply.stages]
         # Idempotent: the same id answers the same plan, publishing nothing new.
         again = await ask(nc, body)
         assert again.stages == reply.stages and again.generation == 1
         assert (await js.stream_info(PLACEMENTS)).state.messages == len(reply.stages)
+        # The 70B the demo places: every GPU of every host, proven optimal.
+        big = await ask(
+            nc, {"model": "llama-3.1-70b", "context_tokens": 8192, "time_limit_s": 20.0}
+        )
+        assert big.ok and big.status == "optimal", big.error
+        assert {s.node for s in big.stages} == {"rig-a", "rig-b", "rig-c", "rig-d"}
 
 
 async def test_msgpack_in_msgpack_out_and_errors_in_kind(

@@ -270,3 +270,50 @@ def test_cp_sat_alone_without_hint_proves_the_optimum(seed: int) -> None:
     assert evaluate(p, result.plan).bottleneck_ms == pytest.approx(
         evaluate(p, exact).bottleneck_ms, rel=1e-3
     )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_vectorised_bound_matches_reference(seed: int) -> None:
+    from planner.bounds import _Prep, _Vec, caps_reference  # pyright: ignore[reportPrivateUsage]
+
+    p = _random_problem(seed, 2 + seed * 2, ("llama-3.1-8b", "llama-3.1-70b-q4")[seed % 2])
+    pp = _Prep(p, Tables(p))
+    vec = _Vec(pp)
+    rng = random.Random(seed)
+    for _ in range(40):
+        T = rng.uniform(0.1, 60.0)
+        assert vec.caps(T) == caps_reference(pp, T), T
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [64, 256])
+def test_scale_plans_stay_fast_and_valid(devices: int) -> None:
+    import time
+
+    hosts = random_hosts(devices, seed=devices, gpus=GPUS, fast_links=1)
+    devs, nodes = states(hosts)
+    p = Problem(resolve("llama-3.1-405b-q4"), build_fleet(devs, nodes), 8192, 1)
+    started = time.perf_counter()
+    out = plan(p)
+    assert time.perf_counter() - started < 2.0
+    assert out.evaluation.fits and out.stages[-1].layer_end == 126
+    assert out.bound_ms is not None and out.evaluation.bottleneck_ms >= out.bound_ms
+
+
+def test_hot_and_offline_devices_are_excluded_with_reasons() -> None:
+    from planner.synthetic import device_state, node_state
+
+    hot = device_state("a", 0, "RTX-4090", temperature_c=95.0)
+    throttled = device_state("a", 1, "RTX-4090", throttle=("hw_thermal_slowdown",))
+    gone = device_state("b", 0, "A10", online=False)
+    fine = device_state("b", 1, "A10", util_pct=50.0)
+    fleet = build_fleet(
+        [hot, throttled, gone, fine],
+        {"a": node_state(HostSpec("a", ())), "b": node_state(HostSpec("b", ()))},
+        exclude_nodes=(),
+    )
+    reasons = dict(fleet.excluded)
+    assert "95 C" in reasons["a/0"] and "thermal" in reasons["a/1"] and "offline" in reasons["b/0"]
+    assert [d.ref for d in fleet.devices] == ["b/1"]
+    assert fleet.devices[0].bandwidth_gbps == pytest.approx(600.0 * 0.5)  # derated by utilisation
+    assert "exclude_nodes" in dict(build_fleet([fine], {}, exclude_nodes=["b"]).excluded)["b/1"]

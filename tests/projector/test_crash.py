@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -60,8 +61,9 @@ def reaped(procs: list[subprocess.Popen[bytes]]):  # pyright: ignore[reportUnkno
 class Publisher:
     """Simulated agents and workers; keeps the ground truth of what the stream stored."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, nodes: int = NODES) -> None:
         self.js = js
+        self.nodes = nodes
         self.last: dict[str, DeviceSample] = {}
         self.events: list[Event] = []
         self.seq = 0
@@ -69,7 +71,7 @@ class Publisher:
     async def round(self) -> None:
         self.seq += 1
         sends: list[tuple[str, msgspec.Struct]] = []
-        for n in range(NODES):
+        for n in range(self.nodes):
             node = f"node-{n}"
             sends.append((subjects.node_heartbeat(node), heartbeat(node, self.seq)))
             for i in range(GPUS):
@@ -78,13 +80,13 @@ class Publisher:
         if self.seq % 5 == 0:  # a re-placement now and then, with each stage reporting
             gen = self.seq // 5
             for stage in range(2):
-                node = f"node-{(gen + stage) % NODES}"
+                node = f"node-{(gen + stage) % self.nodes}"
                 sends.append((subjects.assigned(node), assignment("crash", gen, node, stage, 2)))
         if self.seq % 5 in (1, 2) and self.seq > 5:
             gen = self.seq // 5
             state = "loading" if self.seq % 5 == 1 else "loaded"
             for stage in range(2):
-                node = f"node-{(gen + stage) % NODES}"
+                node = f"node-{(gen + stage) % self.nodes}"
                 sends.append(
                     (
                         subjects.shard_status(node, "crash"),
@@ -131,8 +133,10 @@ def expected_instance(events: list[Event]) -> InstanceState | None:
 
 
 @contextlib.asynccontextmanager
-async def publishing(js: JetStreamContext, period: float = 0.1) -> AsyncIterator[Publisher]:
-    publisher = Publisher(js)
+async def publishing(
+    js: JetStreamContext, period: float = 0.1, nodes: int = NODES
+) -> AsyncIterator[Publisher]:
+    publisher = Publisher(js, nodes)
     done = asyncio.Event()
 
     async def loop() -> None:
@@ -151,12 +155,25 @@ async def publishing(js: JetStreamContext, period: float = 0.1) -> AsyncIterator
 async def test_sigkill_repeatedly_while_agents_publish_loses_nothing(
     nats_url: str, nc: Client, js: JetStreamContext, tmp_path: Path
 ) -> None:
+    await sigkill_run(nats_url, nc, js, tmp_path, kills=6, nodes=NODES)
+
+
+@pytest.mark.slow
+async def test_sigkill_twenty_times_on_a_bigger_fleet(
+    nats_url: str, nc: Client, js: JetStreamContext, tmp_path: Path
+) -> None:
+    await sigkill_run(nats_url, nc, js, tmp_path, kills=20, nodes=100)
+
+
+async def sigkill_run(
+    nats_url: str, nc: Client, js: JetStreamContext, tmp_path: Path, *, kills: int, nodes: int
+) -> None:
     log = tmp_path / "projector.log"
     procs: list[subprocess.Popen[bytes]] = []
     rng = random.Random(5)
     with reaped(procs):
-        async with publishing(js) as publisher:
-            for _ in range(6):
+        async with publishing(js, nodes=nodes) as publisher:
+            for _ in range(kills):
                 proc = spawn(nats_url, log)
                 procs.append(proc)
                 # Kill it once it leads, at a random point: loading the cache, in the middle
@@ -182,9 +199,9 @@ async def test_sigkill_repeatedly_while_agents_publish_loses_nothing(
     for key, want in publisher.last.items():
         state = msgspec.msgpack.decode(snapshot[key], type=DeviceState)
         assert state.sample == want, key
-    nodes = {k for k in snapshot if k.startswith("nodes.")}
-    assert nodes == {subjects.node_key(f"node-{n}") for n in range(NODES)}
-    for key in nodes:
+    node_keys = {k for k in snapshot if k.startswith("nodes.")}
+    assert node_keys == {subjects.node_key(f"node-{n}") for n in range(nodes)}
+    for key in node_keys:
         node = msgspec.msgpack.decode(snapshot[key], type=NodeState)
         assert node.heartbeat.seq == publisher.seq, key
     want = expected_instance(publisher.events)

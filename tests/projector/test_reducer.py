@@ -272,14 +272,17 @@ def test_a_newer_generation_replaces_the_old_one_and_old_statuses_are_ignored() 
     assert stale == Changes({})
 
 
-def test_a_status_before_its_assignment_is_deferred_and_a_wrong_node_is_rejected() -> None:
+def test_a_status_before_its_assignment_or_from_another_node_is_deferred() -> None:
     view = View()
     assert isinstance(apply(view, report(1, "a", 0, "loaded", 1), 1.0, NOW, LIVE), Defer)
     view = fold([(assign(1, "a", 0), 1.0)], view=view)
     assert isinstance(apply(view, report(1, "a", 1, "loaded", 1), 1.0, NOW, LIVE), Defer)
     assert isinstance(apply(view, report(2, "a", 0, "loaded", 1), 1.0, NOW, LIVE), Defer)
+    # A node the stage is not assigned to: maybe its release is still on the way.
     wrong = apply(view, report(1, "z", 0, "loaded", 1), 1.0, NOW, LIVE)
-    assert isinstance(wrong, Reject) and "assigned to a" in wrong.reason
+    assert isinstance(wrong, Defer) and "assigned to a" in wrong.reason
+    view = fold([(assign(1, "z", 0, release=True), 1.0)], view=view)
+    assert apply(view, report(1, "z", 0, "unloaded", 2), 1.0, NOW, LIVE) == Changes({})
     assert isinstance(apply(view, assign(1, "a", 5, count=2), 1.0, NOW, LIVE), Reject)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import msgspec
@@ -13,6 +14,7 @@ from bus import codec, subjects
 from bus.streams import DEADLETTER
 from projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
 from tests.projector.helpers import (
+    FAST,
     assignment,
     device,
     heartbeat,
@@ -105,14 +107,16 @@ async def test_garbage_on_every_subject_is_dead_lettered_and_valid_traffic_flows
             "invalid payload",
         ),
     ]
-    async with projector(nats_url) as runner:
+    # Statuses that cannot be applied are retried a few times, then dead-lettered.
+    config = dataclasses.replace(FAST, max_defers=3, defer_delay_s=0.1)
+    async with projector(nats_url, config) as runner:
         for seq, (subject, data, _) in enumerate(poison):
             await js.publish(subjects.gpu_sample("rig-a", 1), codec.encode(sample("rig-a", 1, seq)))
             await js.publish(subject, data)
         await js.publish(
             subjects.assigned("rig-a"), codec.encode(assignment("inst", 1, "rig-a", 0, 1))
         )
-        # A status from the wrong node: valid schema, contradicts the assignment.
+        # A status from a node the stage is not assigned to (and no release for it comes).
         await js.publish(
             subjects.shard_status("rig-z", "inst"),
             codec.encode(status("inst", 1, "rig-z", 0, "loaded", 1)),
