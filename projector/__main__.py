@@ -28,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-ack-pending", type=int, default=DEFAULTS.max_ack_pending)
     parser.add_argument("--nats-py-fetch", action="store_true", help="nats-py's fetch() loop")
     parser.add_argument("--no-pipeline", action="store_true", help="write one key at a time")
+    parser.add_argument(
+        "--no-batches", action="store_true", help="one PubAck per KV write, no atomic batches"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -43,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_ack_pending=args.max_ack_pending,
         lean_pull=not args.nats_py_fetch,
         pipeline_writes=not args.no_pipeline,
+        atomic_batches=not args.no_batches,
     )
 
     async def run() -> None:

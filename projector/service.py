@@ -49,6 +49,7 @@ from projector.reducer import (
     Liveness,
     Reject,
     Value,
+    View,
     apply,
     expires_at,
     sweep,
@@ -87,6 +88,7 @@ class ProjectorConfig:
     stats_interval_s: float = 60.0  # log the counters this often
     slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
     pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
+    atomic_batches: bool = True  # atomic batch writes where the server has them (2.12+)
 
 
 @dataclass(slots=True)
@@ -101,6 +103,11 @@ class ProjectorStats:
     deadlettered: int = 0
     sweeps: int = 0
     leaderships: int = 0
+    # Where the writer's time goes (seconds): applying, waiting for the KV's answers, acking.
+    apply_s: float = 0.0
+    write_wait_s: float = 0.0
+    ack_s: float = 0.0
+    idle_s: float = 0.0
     deadletter_reasons: dict[str, int] = field(default_factory=dict[str, int])
 
     def as_dict(self) -> dict[str, Any]:
@@ -115,6 +122,10 @@ class ProjectorStats:
             "deadlettered": self.deadlettered,
             "sweeps": self.sweeps,
             "leaderships": self.leaderships,
+            "apply_s": round(self.apply_s, 3),
+            "write_wait_s": round(self.write_wait_s, 3),
+            "ack_s": round(self.ack_s, 3),
+            "idle_s": round(self.idle_s, 3),
         }
 
 
@@ -130,6 +141,26 @@ class _Item:
     reason: str = ""
 
 
+@dataclass(slots=True)
+class _Round:
+    """Messages taken together: decoded, applied over a base view, written, settled."""
+
+    items: list[_Item]
+    sweep_due: bool
+    due_keys: list[str] | None
+    size: int
+    overlay: Overlay = field(init=False)
+    deferred: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
+    rejected: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
+    applied: list[_Item] = field(default_factory=list[_Item])
+
+
+async def _nak_quietly(msgs: Iterable[Msg]) -> None:
+    for msg in msgs:
+        with contextlib.suppress(Exception):
+            await msg.nak()
+
+
 def _header_safe(text: str, limit: int = 1024) -> str:
     return text.replace("\r", " ").replace("\n", " ")[:limit]
 
@@ -141,7 +172,11 @@ class Projector:
         self.config = config or ProjectorConfig()
         self.liveness = Liveness(self.config.ttl_s)
         self.store = Store(
-            nc, self.js, timeout_s=self.config.write_timeout_s, pipeline=self.config.pipeline_writes
+            nc,
+            self.js,
+            timeout_s=self.config.write_timeout_s,
+            pipeline=self.config.pipeline_writes,
+            batches=self.config.atomic_batches,
         )
         self.lease = Lease(self.js, ttl_s=self.config.lease_ttl_s)
         self.stats = ProjectorStats()
@@ -200,9 +235,7 @@ class Projector:
                     await task
             # Hand what was fetched but not applied straight back instead of letting it wait
             # out the ack wait (a standby takes over at once after a graceful stop).
-            for msg in inbox.drop_all():
-                with contextlib.suppress(Exception):
-                    await msg.nak()
+            await _nak_quietly(inbox.drop_all())
 
     async def _ensure_consumer(self, stream: str, durable: str) -> None:
         config = ConsumerConfig(
@@ -252,42 +285,76 @@ class Projector:
                 await sub.unsubscribe()
 
     async def _write_loop(self, inbox: Inbox, stop: asyncio.Event, lost: asyncio.Event) -> None:
+        """Rounds, two at a time: while one round's writes are with the server, the next is
+        decoded and applied on top of its values (the server stores and the projector computes
+        at the same time). The next round is written only once the one before it is stored
+        and acknowledged, so the order of writes and acks is what it would be one by one; if
+        the earlier round hit a conflict, the next is applied again on the fresh cache."""
         next_sweep = time.monotonic()
         next_report = time.monotonic() + self.config.stats_interval_s
         stopping = asyncio.create_task(stop.wait())
         losing = asyncio.create_task(lost.wait())
+        inflight: asyncio.Task[bool] | None = None
+        inflight_round: _Round | None = None
         try:
             while not stop.is_set():
                 if lost.is_set():
                     raise LeaseLost
+                if inflight is not None and inflight.done():
+                    inflight.result()  # a failed commit ends the leadership (redelivery)
+                    inflight = inflight_round = None
                 if not inbox.msgs:
                     wait = max(0.0, next_sweep - time.monotonic())
                     ready = asyncio.create_task(inbox.ready.wait())
-                    await asyncio.wait(
-                        {ready, stopping, losing}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                    )
+                    waits: set[asyncio.Future[Any]] = {ready, stopping, losing}
+                    if inflight is not None:
+                        waits.add(inflight)
+                    idle_from = time.perf_counter()
+                    await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    self.stats.idle_s += time.perf_counter() - idle_from
                     ready.cancel()
                     if stop.is_set():
                         break
                 msgs = inbox.take(self.config.max_round)
                 due = time.monotonic() >= next_sweep
                 if msgs or due:
-                    await self.process(msgs, sweep_due=due)
+                    base = inflight_round.overlay if inflight_round is not None else None
+                    round_ = self._prepare(msgs, due, base or self.store.cache)
+                    if inflight is not None:
+                        try:
+                            clean = await inflight
+                        except BaseException:
+                            await _nak_quietly(msgs)  # back at once, not after the ack wait
+                            raise
+                        inflight = inflight_round = None
+                        if clean:
+                            round_.overlay.rebase(self.store.cache)
+                        else:
+                            self._apply(round_, self.store.cache)
+                    inflight = asyncio.create_task(self._commit(round_))
+                    inflight_round = round_
                 if due:
                     next_sweep = time.monotonic() + self.config.sweep_interval_s
                 if time.monotonic() >= next_report:
                     next_report = time.monotonic() + self.config.stats_interval_s
                     log.info("projector stats: %s", self.stats.as_dict())
+            if inflight is not None:
+                await inflight  # a graceful stop finishes the round it started
         finally:
+            if inflight is not None and not inflight.done():
+                inflight.cancel()
+                with contextlib.suppress(BaseException):
+                    await inflight
             stopping.cancel()
             losing.cancel()
+            log.info("projector stats: %s", self.stats.as_dict())
 
     # --- one round ----------------------------------------------------------------------------
 
-    async def process(self, msgs: list[Msg], *, sweep_due: bool = False) -> None:
-        """Apply, write (until stored), then acknowledge ``msgs``."""
+    def _prepare(self, msgs: list[Msg], sweep_due: bool, base: View | Overlay) -> _Round:
+        """Decode ``msgs`` and apply them over ``base`` (the cache, or the values of the round
+        still being written, which the cache will hold once that round is stored)."""
         started = time.perf_counter()
-        write_s = 0.0
         items: list[_Item] = []
         for msg in msgs:
             decoded = decode_event(msg.subject, msg.data)
@@ -298,57 +365,77 @@ class Projector:
                 items.append(_Item(msg, info, decoded))
         self.stats.received += len(msgs)
         due_keys = self._due(time.time()) if sweep_due else None
+        round_ = _Round(items, sweep_due, due_keys, len(msgs))
+        self._apply(round_, base)
+        self.stats.apply_s += time.perf_counter() - started
+        return round_
 
+    def _apply(self, round_: _Round, base: View | Overlay) -> None:
+        now = time.time()
+        overlay = Overlay(base)
+        deferred: list[tuple[_Item, str]] = []
+        rejected: list[tuple[_Item, str]] = []
+        applied: list[_Item] = []
+        for item in round_.items:
+            if item.event is None:
+                continue
+            seen = item.info.timestamp if item.info is not None else now
+            outcome = apply(overlay, item.event, seen, now, self.liveness)
+            if isinstance(outcome, Changes):
+                overlay.update(outcome.values)
+                applied.append(item)
+            elif isinstance(outcome, Defer):
+                deferred.append((item, outcome.reason))
+            elif isinstance(outcome, Reject):  # pyright: ignore[reportUnnecessaryIsInstance]
+                rejected.append((item, outcome.reason))
+        if round_.sweep_due:
+            overlay.update(sweep(overlay, now, self.liveness, round_.due_keys))
+        round_.overlay = overlay
+        round_.deferred, round_.rejected, round_.applied = deferred, rejected, applied
+
+    async def _commit(self, round_: _Round) -> bool:
+        """Write the round's changes until stored, then settle its messages. True when it went
+        through as prepared (no conflict, no failed write): a round prepared on top of this
+        one is still valid."""
+        started = time.perf_counter()
+        write_s = 0.0
+        clean = True
         while True:
             if not self.lease.valid():
                 raise LeaseLost
-            now = time.time()
-            overlay = Overlay(self.store.cache)
-            deferred: list[tuple[_Item, str]] = []
-            rejected: list[tuple[_Item, str]] = []
-            applied: list[_Item] = []
-            for item in items:
-                if item.event is None:
-                    continue
-                seen = item.info.timestamp if item.info is not None else now
-                outcome = apply(overlay, item.event, seen, now, self.liveness)
-                if isinstance(outcome, Changes):
-                    overlay.update(outcome.values)
-                    applied.append(item)
-                elif isinstance(outcome, Defer):
-                    deferred.append((item, outcome.reason))
-                elif isinstance(outcome, Reject):  # pyright: ignore[reportUnnecessaryIsInstance]
-                    rejected.append((item, outcome.reason))
-            if sweep_due:
-                overlay.update(sweep(overlay, now, self.liveness, due_keys))
-            pending = overlay.pending()
+            pending = round_.overlay.pending()
             write_started = time.perf_counter()
             try:
                 result = await self.store.write(pending)
             except WriteError as exc:
+                clean = False
                 self.stats.write_errors += 1
                 log.warning("KV write round failed, retrying: %s", exc)
                 await asyncio.sleep(0.2)
                 await self.store.refresh(exc.keys)
+                self._apply(round_, self.store.cache)
                 continue
-            write_s += time.perf_counter() - write_started
+            finally:
+                write_s += time.perf_counter() - write_started
             self.stats.writes += result.written
             self._track((k, v) for k, v in pending.items() if k not in result.conflicts)
             if not result.conflicts:
                 break
             # Someone else wrote these keys: take their values and re-apply the round on top.
+            clean = False
             self.stats.conflicts += len(result.conflicts)
             await self.store.refresh(result.conflicts)
+            self._apply(round_, self.store.cache)
 
         self.stats.rounds += 1
-        if sweep_due:
+        if round_.sweep_due:
             self.stats.sweeps += 1
-        self.stats.applied += len(applied)
+        self.stats.applied += len(round_.applied)
 
-        dead: list[tuple[_Item, str]] = [(i, i.reason) for i in items if i.event is None]
-        dead += rejected
+        dead: list[tuple[_Item, str]] = [(i, i.reason) for i in round_.items if i.event is None]
+        dead += round_.rejected
         retry: list[_Item] = []
-        for item, reason in deferred:
+        for item, reason in round_.deferred:
             delivered = item.info.delivered if item.info is not None else 1
             if delivered >= self.config.max_defers:
                 dead.append((item, f"{reason} (gave up after {delivered} deliveries)"))
@@ -359,16 +446,20 @@ class Projector:
         for item in retry:
             self.stats.deferred += 1
             await item.msg.nak(delay=self.config.defer_delay_s)
-        await ack_all(self.nc, [item.msg for item in applied])
+        acking = time.perf_counter()
+        await ack_all(self.nc, [item.msg for item in round_.applied])
+        self.stats.ack_s += time.perf_counter() - acking
+        self.stats.write_wait_s += write_s
         took = time.perf_counter() - started
         if took > self.config.slow_round_s:
             log.info(
-                "slow round: %.0f ms for %d messages, %d writes (%.0f ms waiting for the KV)",
+                "slow commit: %.0f ms for %d messages, %d writes (%.0f ms waiting for the KV)",
                 took * 1000,
-                len(msgs),
+                round_.size,
                 len(pending),
                 write_s * 1000,
             )
+        return clean
 
     def _track(self, values: Iterable[tuple[str, Value]]) -> None:
         cache = self.store.cache

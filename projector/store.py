@@ -17,20 +17,19 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, Header
+from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from bus.messages import DeviceState, InstanceState, NodeState
-from bus.streams import CLUSTER_STATE
+from bus.streams import CLUSTER_STATE, allow_atomic_batches
 from projector.reducer import Value, View
-from projector.transport import WriteOutcome, Writer
+from projector.transport import Write, WriteOutcome, Writer
 
 log = logging.getLogger(__name__)
 
 KV_STREAM = f"KV_{CLUSTER_STATE}"
 KV_PREFIX = f"$KV.{CLUSTER_STATE}."
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
-EXPECTED_LAST = Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODERS: dict[
@@ -102,10 +101,15 @@ class Overlay:
 
     __slots__ = ("_base", "_devices", "changes")
 
-    def __init__(self, base: View) -> None:
+    def __init__(self, base: View | Overlay) -> None:
         self._base = base
         self.changes: dict[str, Value] = {}
         self._devices: dict[str, set[str]] = {}
+
+    def rebase(self, base: View | Overlay) -> None:
+        """Read through ``base`` from now on (the values underneath were stored: the cache
+        holds them now)."""
+        self._base = base
 
     def get(self, key: str) -> Value | None:
         value = self.changes.get(key)
@@ -149,12 +153,22 @@ class WriteResult:
 
 class Store:
     def __init__(
-        self, nc: Client, js: JetStreamContext, timeout_s: float = 10.0, pipeline: bool = True
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        timeout_s: float = 10.0,
+        pipeline: bool = True,
+        batches: bool = True,
     ) -> None:
+        self.nc = nc
         self.js = js
         self.writer = Writer(nc)
         self.timeout_s = timeout_s
         self.pipeline = pipeline
+        self.want_batches = batches and pipeline
+        self.batches = False  # decided in load(): the server must support them
+        self.batch_fallbacks = 0  # batches rejected and re-sent one message at a time
+        self._failed_batch_rounds = 0
         self.cache = Cache()
 
     async def load(self) -> int:
@@ -166,6 +180,9 @@ class Store:
         except NotFoundError:
             self.cache = cache
             return 0
+        if self.want_batches and not self.batches:
+            self.batches = await allow_atomic_batches(self.nc, KV_STREAM)
+            log.info("KV writes: %s", "atomic batches" if self.batches else "one PubAck each")
         if info.state.messages:
             sub = await self.js.subscribe(
                 f"{KV_PREFIX}>",
@@ -206,15 +223,15 @@ class Store:
         if not values:
             return WriteResult(0, [])
         cache = self.cache
+        revisions = cache.revisions
+        encode = _ENCODER.encode
         messages = {
-            key: (
-                KV_PREFIX + key,
-                encode_value(value),
-                {EXPECTED_LAST: str(cache.revision(key))},
-            )
+            key: (KV_PREFIX + key, encode(value), revisions.get(key, 0))
             for key, value in values.items()
         }
-        if self.pipeline:
+        if self.batches:
+            outcome = await self._write_batches(messages)
+        elif self.pipeline:
             outcome = await self.writer.publish(messages, self.timeout_s)
         else:
             outcome = WriteOutcome({}, {})
@@ -235,3 +252,26 @@ class Store:
                 [*failed, *conflicts],
             )
         return WriteResult(len(outcome.stored), conflicts)
+
+    async def _write_batches(self, messages: Mapping[str, Write]) -> WriteOutcome:
+        """Atomic batches; the keys of a rejected batch are re-sent one by one, which says
+        which of them conflicted (a rejected batch stored nothing, so the same expected
+        revisions still apply; a batch that timed out and was stored after all shows up
+        as conflicts, which the caller resolves by re-reading)."""
+        outcome = await self.writer.publish_batches(messages, self.timeout_s)
+        if not outcome.errors:
+            self._failed_batch_rounds = 0
+            return outcome
+        self.batch_fallbacks += 1
+        codes = {code for code, _ in outcome.errors.values()}
+        if codes.isdisjoint((0, *WRONG_LAST_SEQUENCE)):
+            # Rejected for something other than a conflict or a timeout (a limit, the setting
+            # removed by an operator): after a few rounds in a row, stop sending batches.
+            self._failed_batch_rounds += 1
+            if self._failed_batch_rounds >= 3:
+                self.batches = False
+                code, text = next(iter(outcome.errors.values()))
+                log.warning("atomic batches rejected (%s %s); writing one by one", code, text)
+        retry = {key: messages[key] for key in outcome.errors}
+        again = await self.writer.publish(retry, self.timeout_s)
+        return WriteOutcome({**outcome.stored, **again.stored}, again.errors)

@@ -1,0 +1,65 @@
+"""The projector's shortcuts into nats-py on a real server: direct subscriptions must see every
+message, in order, byte for byte, whether it takes the fast path (plain MSG) or nats-py's own
+(headers, frames split across reads), and other subscriptions on the same connection must
+not notice anything."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import nats
+from nats.aio.msg import Msg
+
+from projector.wire import FastParser, fast_parser, subscribe_direct
+from tests.projector.helpers import until
+
+
+async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss(
+    nats_url: str,
+) -> None:
+    receiver = await nats.connect(nats_url)
+    sender = await nats.connect(nats_url)
+    try:
+        direct: list[tuple[str, bytes, dict[str, str] | None]] = []
+        ordinary: list[bytes] = []
+
+        def on_direct(msg: Msg) -> None:
+            direct.append((msg.reply, msg.data, msg.headers))
+
+        async def on_ordinary(msg: Msg) -> None:
+            ordinary.append(msg.data)
+
+        await subscribe_direct(receiver, "wire.direct", on_direct)
+        await receiver.subscribe("wire.other", cb=on_ordinary)
+        assert isinstance(fast_parser(receiver), FastParser)
+        await receiver.flush()
+
+        rng = random.Random(7)
+        expected: list[tuple[str, bytes, dict[str, str] | None]] = []
+        expected_other: list[bytes] = []
+        for i in range(3000):
+            # Sizes up to 200 kB: frames straddle the client's 64 kB socket reads.
+            payload = rng.randbytes(rng.choice([0, 1, 300, 5000, 70_000, 200_000]))
+            if i % 7 == 3:
+                expected_other.append(payload)
+                await sender.publish("wire.other", payload)
+                continue
+            reply = f"r.{i}" if i % 2 else ""
+            headers = {"H": str(i)} if i % 11 == 5 else None
+            expected.append((reply, payload, headers))
+            await sender.publish("wire.direct", payload, reply=reply, headers=headers)
+        await sender.flush()
+
+        await until(lambda: asyncio.sleep(0.05, len(direct)), lambda n: n >= len(expected))
+        await until(lambda: asyncio.sleep(0.05, len(ordinary)), lambda n: n >= len(expected_other))
+        assert len(direct) == len(expected)
+        for got, want in zip(direct, expected, strict=True):
+            assert got[0] == want[0]
+            assert got[1] == want[1]
+            assert (got[2] or None) == want[2]
+        assert ordinary == expected_other
+        assert receiver.stats["in_msgs"] == len(expected) + len(expected_other)
+    finally:
+        await sender.close()
+        await receiver.close()
