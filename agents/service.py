@@ -36,6 +36,7 @@ from agents.factory import select_backend
 from agents.hostinfo import HostInfo, fastest_gbps, this_host
 from agents.publisher import Publisher
 from agents.sim import Fault, SimNode
+from bus import subjects
 from bus.codec import sniff_encoding
 from bus.ids import node_id, node_id_from_hostname
 from bus.messages import NetInterface, NetLink
@@ -44,14 +45,9 @@ from bus.streams import provision
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 2.0
-FAULT_SUBJECT = "sim.fault"  # sim.fault.<node>: fault injection by command (simulated nodes only)
 
 HoldMemory = Callable[[int, int], None]
 WorkerFn = Callable[..., Awaitable[None]]
-
-
-def fault_subject(node: str) -> str:
-    return f"{FAULT_SUBJECT}.{node}"
 
 
 def _worker_fn() -> WorkerFn | None:
@@ -173,7 +169,7 @@ async def _serve_faults(nc: Client, sims: dict[str, SimNode]) -> Any:
             )
             await msg.respond(body)
 
-    return await nc.subscribe(f"{FAULT_SUBJECT}.*", cb=handle)
+    return await nc.subscribe(subjects.SIM_FAULT_ANY, cb=handle)
 
 
 async def _guard(name: str, body: Awaitable[None]) -> None:

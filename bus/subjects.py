@@ -8,6 +8,7 @@ PLACEMENT_REQUEST = "placement.request"
 PLACEMENT_ASSIGNED = "placement.assigned"
 SHARD_STATUS = "shard.status"
 DEADLETTER = "deadletter"
+SIM_FAULT = "sim.fault"  # fault injection by command, simulated nodes only (core request-reply)
 
 
 def gpu_sample(node: str, index: int) -> str:
@@ -28,6 +29,13 @@ def shard_status(node: str, instance: str) -> str:
 
 def deadletter(source_subject: str) -> str:
     return f"{DEADLETTER}.{source_subject}"
+
+
+def sim_fault(node: str) -> str:
+    return f"{SIM_FAULT}.{node}"
+
+
+SIM_FAULT_ANY = sim_fault("*")  # what an agent process simulating several nodes subscribes to
 
 
 # KV keys in the cluster_state bucket (written by the projector only).

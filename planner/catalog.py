@@ -9,156 +9,73 @@ KV cache stays fp16 in every variant.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from bus.messages import ModelCard
 from planner.profile import ModelProfile, card_params, profile_from_card
 
 Q8_BYTES = 1.0625
 Q4_BYTES = 0.5625
 
-_BASE: tuple[ModelCard, ...] = (
-    ModelCard(
-        name="llama-3.2-1b",
-        layers=16,
-        hidden=2048,
-        intermediate=8192,
-        heads=32,
-        kv_heads=8,
-        head_dim=64,
-        vocab=128256,
-        tied_embeddings=True,
-        params_b=1.24,
-    ),
-    ModelCard(
-        name="llama-3.2-3b",
-        layers=28,
-        hidden=3072,
-        intermediate=8192,
-        heads=24,
-        kv_heads=8,
-        head_dim=128,
-        vocab=128256,
-        tied_embeddings=True,
-        params_b=3.21,
-    ),
-    ModelCard(
-        name="llama-3.1-8b",
-        layers=32,
-        hidden=4096,
-        intermediate=14336,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        vocab=128256,
-        params_b=8.03,
-    ),
-    ModelCard(
-        name="llama-3.1-70b",
-        layers=80,
-        hidden=8192,
-        intermediate=28672,
-        heads=64,
-        kv_heads=8,
-        head_dim=128,
-        vocab=128256,
-        params_b=70.6,
-    ),
-    ModelCard(
-        name="llama-3.3-70b",
-        layers=80,
-        hidden=8192,
-        intermediate=28672,
-        heads=64,
-        kv_heads=8,
-        head_dim=128,
-        vocab=128256,
-        params_b=70.6,
-    ),
-    ModelCard(
-        name="llama-3.1-405b",
-        layers=126,
-        hidden=16384,
-        intermediate=53248,
-        heads=128,
-        kv_heads=8,
-        head_dim=128,
-        vocab=128256,
-        params_b=405.9,
-    ),
-    ModelCard(
-        name="qwen2.5-7b",
-        layers=28,
-        hidden=3584,
-        intermediate=18944,
-        heads=28,
-        kv_heads=4,
-        head_dim=128,
-        vocab=152064,
-        attention_bias=True,
-        params_b=7.62,
-    ),
-    ModelCard(
-        name="qwen2.5-72b",
-        layers=80,
-        hidden=8192,
-        intermediate=29568,
-        heads=64,
-        kv_heads=8,
-        head_dim=128,
-        vocab=152064,
-        attention_bias=True,
-        params_b=72.7,
-    ),
-    ModelCard(
-        name="mistral-7b",
-        layers=32,
-        hidden=4096,
-        intermediate=14336,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        vocab=32768,
-        params_b=7.25,
-    ),
-    ModelCard(
-        name="mixtral-8x7b",
-        layers=32,
-        hidden=4096,
-        intermediate=14336,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        vocab=32000,
-        experts=8,
-        experts_per_token=2,
-        moe_intermediate=14336,
-        params_b=46.7,
-    ),
-    ModelCard(
-        name="qwen3-32b",
-        layers=64,
-        hidden=5120,
-        intermediate=25600,
-        heads=64,
-        kv_heads=8,
-        head_dim=128,
-        vocab=151936,
-        params_b=32.8,
-    ),
-    ModelCard(
-        name="qwen3-235b-a22b",
-        layers=94,
-        hidden=4096,
-        intermediate=12288,
-        heads=64,
-        kv_heads=4,
-        head_dim=128,
-        vocab=151936,
-        experts=128,
-        experts_per_token=8,
-        moe_intermediate=1536,
-        params_b=235.1,
-    ),
+
+class _Extra(TypedDict, total=False):
+    """Card fields that only some architectures set (the rest keep ModelCard's defaults)."""
+
+    tied_embeddings: bool
+    attention_bias: bool
+    experts: int
+    experts_per_token: int
+    moe_intermediate: int
+
+
+TIED: _Extra = {"tied_embeddings": True}  # input embedding reused as the output head
+QKV_BIAS: _Extra = {"attention_bias": True}
+
+
+def _moe(experts: int, per_token: int, intermediate: int) -> _Extra:
+    return {"experts": experts, "experts_per_token": per_token, "moe_intermediate": intermediate}
+
+
+_Row = tuple[str, int, int, int, int, int, int, int, float, _Extra]
+
+# fmt: off
+# One row per architecture, from the published config.json; params (B) is the published total,
+# which tests/planner/test_catalog.py checks the arithmetic against.
+_ROWS: tuple[_Row, ...] = (
+    # name              layers hidden interm. heads kv head_dim vocab   params  extra
+    ("llama-3.2-1b",     16,   2048,  8192,   32,   8,  64,     128256, 1.24,   TIED),
+    ("llama-3.2-3b",     28,   3072,  8192,   24,   8,  128,    128256, 3.21,   TIED),
+    ("llama-3.1-8b",     32,   4096,  14336,  32,   8,  128,    128256, 8.03,   {}),
+    ("llama-3.1-70b",    80,   8192,  28672,  64,   8,  128,    128256, 70.6,   {}),
+    ("llama-3.3-70b",    80,   8192,  28672,  64,   8,  128,    128256, 70.6,   {}),
+    ("llama-3.1-405b",   126,  16384, 53248,  128,  8,  128,    128256, 405.9,  {}),
+    ("qwen2.5-7b",       28,   3584,  18944,  28,   4,  128,    152064, 7.62,   QKV_BIAS),
+    ("qwen2.5-72b",      80,   8192,  29568,  64,   8,  128,    152064, 72.7,   QKV_BIAS),
+    ("mistral-7b",       32,   4096,  14336,  32,   8,  128,    32768,  7.25,   {}),
+    ("mixtral-8x7b",     32,   4096,  14336,  32,   8,  128,    32000,  46.7,   _moe(8, 2, 14336)),
+    ("qwen3-32b",        64,   5120,  25600,  64,   8,  128,    151936, 32.8,   {}),
+    ("qwen3-235b-a22b",  94,   4096,  12288,  64,   4,  128,    151936, 235.1,  _moe(128, 8, 1536)),
 )
+# fmt: on
+
+
+def _base_card(row: _Row) -> ModelCard:
+    name, layers, hidden, intermediate, heads, kv_heads, head_dim, vocab, params_b, extra = row
+    return ModelCard(
+        name=name,
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        params_b=params_b,
+        **extra,
+    )
+
+
+_BASE: tuple[ModelCard, ...] = tuple(_base_card(r) for r in _ROWS)
 
 
 def _variant(card: ModelCard, suffix: str, bytes_per_param: float) -> ModelCard:

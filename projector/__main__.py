@@ -31,6 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-batches", action="store_true", help="one PubAck per KV write, no atomic batches"
     )
+    parser.add_argument(
+        "--no-direct", action="store_true", help="deliveries through nats-py's queue and task"
+    )
+    parser.add_argument(
+        "--serial-rounds", action="store_true", help="write each round before applying the next"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -47,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lean_pull=not args.nats_py_fetch,
         pipeline_writes=not args.no_pipeline,
         atomic_batches=not args.no_batches,
+        direct_delivery=not args.no_direct,
+        overlap_rounds=not args.serial_rounds,
     )
 
     async def run() -> None:

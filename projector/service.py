@@ -89,6 +89,8 @@ class ProjectorConfig:
     slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
     pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
     atomic_batches: bool = True  # atomic batch writes where the server has them (2.12+)
+    direct_delivery: bool = True  # deliveries and PubAcks straight from the read loop (wire.py)
+    overlap_rounds: bool = True  # apply the next round while the last one is being written
 
 
 @dataclass(slots=True)
@@ -177,6 +179,7 @@ class Projector:
             timeout_s=self.config.write_timeout_s,
             pipeline=self.config.pipeline_writes,
             batches=self.config.atomic_batches,
+            direct=self.config.direct_delivery,
         )
         self.lease = Lease(self.js, ttl_s=self.config.lease_ttl_s)
         self.stats = ProjectorStats()
@@ -260,7 +263,14 @@ class Projector:
 
     async def _feed(self, stream: str, durable: str, inbox: Inbox) -> None:
         if self.config.lean_pull:
-            puller = Puller(self.nc, stream, durable, inbox, batch=self.config.fetch_batch)
+            puller = Puller(
+                self.nc,
+                stream,
+                durable,
+                inbox,
+                batch=self.config.fetch_batch,
+                fast=self.config.direct_delivery,
+            )
             await puller.run()
             return
         # nats-py's own fetch: kept to measure what the lean puller buys (bench --ablation).
@@ -333,6 +343,8 @@ class Projector:
                             self._apply(round_, self.store.cache)
                     inflight = asyncio.create_task(self._commit(round_))
                     inflight_round = round_
+                    if not self.config.overlap_rounds:
+                        await inflight
                 if due:
                     next_sweep = time.monotonic() + self.config.sweep_interval_s
                 if time.monotonic() >= next_report:

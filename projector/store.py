@@ -159,10 +159,11 @@ class Store:
         timeout_s: float = 10.0,
         pipeline: bool = True,
         batches: bool = True,
+        direct: bool = True,
     ) -> None:
         self.nc = nc
         self.js = js
-        self.writer = Writer(nc)
+        self.writer = Writer(nc, fast=direct)
         self.timeout_s = timeout_s
         self.pipeline = pipeline
         self.want_batches = batches and pipeline

@@ -96,8 +96,10 @@ class Puller:
         batch: int,
         expires_s: float = 1.0,
         api_prefix: str = "$JS.API",
+        fast: bool = True,
     ) -> None:
         self.nc = nc
+        self.fast = fast
         self.inbox = inbox
         self.batch = batch
         self.expires_s = expires_s
@@ -129,7 +131,7 @@ class Puller:
 
     async def run(self) -> None:
         reply = self.nc.new_inbox()
-        self._sub = await subscribe_direct(self.nc, reply, self._on_msg)
+        self._sub = await subscribe_direct(self.nc, reply, self._on_msg, fast=self.fast)
         request = json.dumps({"batch": self.batch, "expires": int(self.expires_s * 1e9)}).encode()
         try:
             while True:
@@ -210,8 +212,9 @@ class Writer:
       client's and the server's work for a write.
     """
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, *, fast: bool = True) -> None:
         self.nc = nc
+        self.fast = fast
         self._prefix = ""
         self._sub: Subscription | None = None
         self._round = 0
@@ -224,7 +227,9 @@ class Writer:
     async def _ensure(self) -> None:
         if self._sub is None:
             self._prefix = self.nc.new_inbox() + "."
-            self._sub = await subscribe_direct(self.nc, self._prefix + "*", self._on_ack)
+            self._sub = await subscribe_direct(
+                self.nc, self._prefix + "*", self._on_ack, fast=self.fast
+            )
 
     def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]

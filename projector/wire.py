@@ -106,10 +106,13 @@ class _Direct:
         return await asyncio.get_running_loop().create_future()  # never: nothing is queued
 
 
-async def subscribe_direct(nc: Client, subject: str, handler: Handler) -> Subscription:
-    """Subscribe ``handler`` (a plain function that must not block or raise) to ``subject``."""
+async def subscribe_direct(
+    nc: Client, subject: str, handler: Handler, *, fast: bool = True
+) -> Subscription:
+    """Subscribe ``handler`` (a plain function that must not block or raise) to ``subject``
+    (``fast`` False: through nats-py's queue and callback task, to measure what this buys)."""
     sub = await nc.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
-    if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+    if fast and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
         sub._pending_queue = _Direct(sub, handler)  # pyright: ignore[reportPrivateUsage, reportAttributeAccessIssue]
         parser = fast_parser(nc)
         if parser is not None:

@@ -113,10 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-port", type=int, default=8080)
     p.add_argument("--interval", type=float, default=None)
 
-    p = sub.add_parser("bench", help="run a benchmark from bench/")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/",
+        usage="shardplane bench NAME [--quick] [-- BENCH_ARGS ...]",
+    )
     p.add_argument("name", help="e.g. placement-quality, projector-throughput")
     p.add_argument("--quick", action="store_true", help="a short run")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    # The benchmark's own options (after "--") are cut off before parsing, in parse_args: a
+    # REMAINDER positional swallows --quick too, and a nargs="*" one is matched (empty) along
+    # with NAME, so whatever follows --quick is left over.
+    p.set_defaults(args=[])
 
     sub.add_parser("models", help="list the model catalog")
     return parser
@@ -150,8 +157,28 @@ def _run_bench(name: str, quick: bool, args: Sequence[str]) -> int:
     return int(main(quick=quick, argv=list(args)) or 0)
 
 
+BENCH_HINT = "a benchmark's own options go after --: shardplane bench NAME [--quick] -- OPTIONS"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; for ``bench``, ``args.args`` holds what follows ``--`` and only that."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    bench_args: list[str] = []
+    if words[:1] == ["bench"] and "--" in words:
+        cut = words.index("--")
+        words, bench_args = words[:cut], words[cut + 1 :]
+    args, unknown = parser.parse_known_args(words)
+    if unknown:
+        hint = f" ({BENCH_HINT})" if args.command == "bench" else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    if args.command == "bench":
+        args.args = bench_args
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _logging(getattr(args, "verbose", False))
     if getattr(args, "nats_url", None):
         os.environ["NATS_URL"] = args.nats_url

@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from bus.messages import (
 from bus.streams import cluster_state, provision
 from shardplane import render
 from shardplane.natsserver import REPO_ROOT, NatsServer, default_config, embedded_for
+from shardplane.reach import NatsUnreachable, connect_unless_stopped
 
 log = logging.getLogger("shardplane")
 
@@ -44,6 +45,16 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+
+def _serve(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run a service command's body; one that was stopped before NATS ever answered says so and
+    exits 1, since nothing it was asked to do happened."""
+    try:
+        return asyncio.run(main())
+    except NatsUnreachable as exc:
+        print(f"shardplane: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _fleet_path(args: argparse.Namespace, default: Path | None) -> Path | None:
@@ -70,14 +81,16 @@ async def run_services(
     interval_s: float | None = None,
     ttl_s: float | None = None,
 ) -> list[asyncio.Task[None]]:
-    """Start the chosen components as tasks, each on its own connection."""
-    nc = await connect(url, name="shardplane-provision")
+    """Start the chosen components as tasks, each on its own connection.
+
+    Raises NatsUnreachable when ``stop`` is set before NATS answers."""
+    nc = await connect_unless_stopped(url, stop, "shardplane-provision")
     await provision(nc.jetstream())
     await nc.close()
     tasks: list[asyncio.Task[None]] = []
 
     async def run(name: str, body: Callable[[Client], Awaitable[None]]) -> None:
-        client = await connect(url, name=f"shardplane-{name}")
+        client = await connect_unless_stopped(url, stop, f"shardplane-{name}")
         try:
             await body(client)
         except Exception:
@@ -126,7 +139,10 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -
     done, pending = await asyncio.wait(tasks, timeout=10)
     for task in pending:
         task.cancel()
-    failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+    failed = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+    for exc in failed:
+        if isinstance(exc, NatsUnreachable):  # NATS went away before this component connected
+            raise exc
     return 1 if failed else 0
 
 
@@ -163,7 +179,7 @@ def up(args: argparse.Namespace) -> int:
             )
             return await _until_stopped(tasks, stop)
 
-    return asyncio.run(main())
+    return _serve(main)
 
 
 def nats_server(args: argparse.Namespace) -> int:
@@ -206,7 +222,7 @@ def _single(component: str, args: argparse.Namespace) -> int:
         )
         return await _until_stopped(tasks, stop)
 
-    return asyncio.run(main())
+    return _serve(main)
 
 
 def projector(args: argparse.Namespace) -> int:
@@ -227,7 +243,7 @@ def agent(args: argparse.Namespace) -> int:
 
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        nc = await connect(nats_url(args.nats_url), name="shardplane-agent")
+        nc = await connect_unless_stopped(nats_url(args.nats_url), stop, "shardplane-agent")
         await provision(nc.jetstream())
         try:
             await run_agents(
@@ -244,7 +260,7 @@ def agent(args: argparse.Namespace) -> int:
             await nc.drain()
         return 0
 
-    return asyncio.run(main())
+    return _serve(main)
 
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -448,7 +464,7 @@ def demo(args: argparse.Namespace) -> int:
             tasks = await run_services(
                 url, stop, fleet=fleet, api_port=args.api_port, interval_s=args.interval
             )
-            nc = await connect(url, name="shardplane-demo")
+            nc = await connect_unless_stopped(url, stop, "shardplane-demo")
             try:
                 seen = await wait_for_devices(nc, expected, timeout=30, since=time.time() - 1.0)
                 print(f"fleet {fleet.name}: {seen}/{expected} devices reporting", flush=True)
@@ -488,7 +504,7 @@ def demo(args: argparse.Namespace) -> int:
             code = await _until_stopped(tasks, stop)
             return code if reply.ok else 1
 
-    return asyncio.run(main())
+    return _serve(main)
 
 
 def models(args: argparse.Namespace) -> int:

@@ -99,14 +99,18 @@ async def test_fault_by_command(nc: Client, js: JetStreamContext) -> None:
     async with agents(nc, fleet=DEMO, interval_s=0.2, workers=False):
         await until(lambda: len(got) >= 1)
         reply = await nc.request(
-            "sim.fault.rig-b", json.dumps({"kind": "vanish", "device": 1}).encode(), timeout=5
+            subjects.sim_fault("rig-b"),
+            json.dumps({"kind": "vanish", "device": 1}).encode(),
+            timeout=5,
         )
         assert json.loads(reply.data)["ok"] is True
         await until(lambda: not codec.decode(DeviceSample, got[-1].data).present)
-        bad = await nc.request("sim.fault.rig-b", b'{"kind": "melt"}', timeout=5)
+        bad = await nc.request(subjects.sim_fault("rig-b"), b'{"kind": "melt"}', timeout=5)
         answer = json.loads(bad.data)
         assert answer["ok"] is False and "kind" in answer["error"]
-        reply = await nc.request("sim.fault.rig-b", b'{"kind": "return", "device": 1}', timeout=5)
+        reply = await nc.request(
+            subjects.sim_fault("rig-b"), b'{"kind": "return", "device": 1}', timeout=5
+        )
         assert json.loads(reply.data)["ok"] is True
         await until(lambda: codec.decode(DeviceSample, got[-1].data).present)
 

@@ -240,6 +240,8 @@ def test_subjects_and_keys() -> None:
     assert subjects.node_heartbeat("rig-a") == "telemetry.node.rig-a"
     assert subjects.assigned("rig-b") == "placement.assigned.rig-b"
     assert subjects.shard_status("rig-b", "i1") == "shard.status.rig-b.i1"
+    assert subjects.sim_fault("rig-b") == "sim.fault.rig-b"  # `nats req sim.fault.<node>` users
+    assert subjects.SIM_FAULT_ANY == "sim.fault.*"
     assert subjects.device_key("rig-a", 0) == "devices.rig-a.0"
     assert subjects.node_key("rig-a") == "nodes.rig-a"
     assert subjects.instance_key("i1") == "instances.i1"

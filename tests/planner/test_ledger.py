@@ -18,14 +18,15 @@ from bus import codec
 from bus.messages import PlacementReply
 from bus.streams import LEDGER
 from planner import ledger
-from tests.planner.fleetkit import NodeSpec, publish_fleet
+from planner.synthetic import HostSpec, device_state
+from tests.planner.fleetkit import publish_fleet
 from tests.planner.test_service import ask, planner_running
 
 GIB = 1024**3
 REPO = Path(__file__).resolve().parents[2]
 
 # Four 24 GiB cards on two hosts: room for a handful of 8B instances, not 100.
-TIGHT = (NodeSpec("ra", ["RTX-4090", "RTX-4090"]), NodeSpec("rb", ["RTX-3090", "RTX-3090"]))
+TIGHT = (HostSpec("ra", ("RTX-4090", "RTX-4090")), HostSpec("rb", ("RTX-3090", "RTX-3090")))
 USABLE = int(24 * GIB - 0.1 * 24 * GIB)  # free less 10% headroom (nothing used)
 
 
@@ -163,7 +164,6 @@ async def test_idempotent_instance_id_and_dry_run_reserves_nothing(
 
 def test_promised_bytes_skips_materialised_and_released() -> None:
     from bus.messages import InstanceState, StageState
-    from planner.synthetic import device_state
 
     doc = ledger.LedgerDoc(
         instances={
@@ -219,7 +219,6 @@ def test_promised_bytes_skips_materialised_and_released() -> None:
 def test_replacing_an_instance_credits_back_what_it_has_loaded() -> None:
     from bus.messages import InstanceState, StageState
     from planner.fleet import Device
-    from planner.synthetic import device_state
 
     doc = ledger.LedgerDoc(
         instances={

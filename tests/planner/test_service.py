@@ -17,7 +17,8 @@ from bus import codec
 from bus.messages import PlacementReply, ShardAssignment
 from bus.streams import PLACEMENTS
 from planner.service import run_planner
-from tests.planner.fleetkit import DEMO, device_state, publish_fleet, put_device
+from planner.synthetic import device_state
+from tests.planner.fleetkit import DEMO, publish_fleet, put_device
 
 
 @contextlib.asynccontextmanager
