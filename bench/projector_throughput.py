@@ -442,8 +442,8 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- main -------------------------------------------------------------------------------------------
 
-_NATS_PY = ["--nats-py-fetch", "--no-direct", "--no-batches", "--serial-rounds"]
-_LATER = ["--no-direct", "--no-batches", "--serial-rounds"]
+_NATS_PY = ["--nats-py-fetch", "--no-direct", "--serial-rounds"]
+_LATER = ["--no-direct", "--serial-rounds"]
 ABLATION: list[tuple[str, list[str]]] = [
     (
         "nats-py fetch(100), rounds of 100, 1 write at a time",
@@ -457,8 +457,8 @@ ABLATION: list[tuple[str, list[str]]] = [
     ("+ rounds of up to 8000 (coalescing)", _NATS_PY),
     ("+ lean pull loop", _LATER),
     ("+ direct delivery from the read loop", _LATER[1:]),
-    ("+ atomic batch writes", _LATER[2:]),
     ("+ next round applied during writes (= default)", []),
+    ("  with atomic batch writes (one PubAck per 1000)", ["--batches"]),
     ("  rounds of up to 32000", ["--max-round", "32000", "--max-ack-pending", "50000"]),
 ]
 

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nats-py-fetch", action="store_true", help="nats-py's fetch() loop")
     parser.add_argument("--no-pipeline", action="store_true", help="write one key at a time")
     parser.add_argument(
-        "--no-batches", action="store_true", help="one PubAck per KV write, no atomic batches"
+        "--batches", action="store_true", help="atomic batch KV writes (nats-server 2.12+)"
     )
     parser.add_argument(
         "--no-direct", action="store_true", help="deliveries through nats-py's queue and task"
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_ack_pending=args.max_ack_pending,
         lean_pull=not args.nats_py_fetch,
         pipeline_writes=not args.no_pipeline,
-        atomic_batches=not args.no_batches,
+        atomic_batches=args.batches,
         direct_delivery=not args.no_direct,
         overlap_rounds=not args.serial_rounds,
     )

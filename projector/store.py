@@ -158,7 +158,7 @@ class Store:
         js: JetStreamContext,
         timeout_s: float = 10.0,
         pipeline: bool = True,
-        batches: bool = True,
+        batches: bool = False,
         direct: bool = True,
     ) -> None:
         self.nc = nc
