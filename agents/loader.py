@@ -4,11 +4,12 @@ Only the stage's tensors are read: ``model.layers.<i>.*`` for i in [layer_start,
 ``model.embed_tokens.*`` on the first stage and ``model.norm.*`` + ``lm_head.*`` on the last (with
 tied embeddings the head *is* ``model.embed_tokens.weight``). Headers come first (8-byte
 little-endian length + JSON), so every size and offset is known and checked before a data byte is
-touched; then each contiguous run of wanted bytes is memory-mapped and copied once into a single
-host buffer (numpy), or moved to the GPU with torch when CUDA is available (optional extra).
-``read_mode="pread"`` reads the same runs with positional reads instead of a mapping (faster from
-a cold page cache on the VMs measured; see bench/shard_load.py). Large runs are copied by a few
-threads, which overlaps the page faults and copies that make up most of a host load.
+touched; then each contiguous run of wanted bytes is read with positional reads straight into a
+single host buffer (numpy), and moved to the GPU with torch when CUDA is available (optional
+extra). ``read_mode="mmap"`` maps each run and copies out of the mapping instead; it is not the
+default because a file truncated under a mapping raises SIGBUS and kills the agent, where a read
+just comes up short (see ``load_stage``). Large runs are read by a few threads, which overlaps
+the page faults and copies that make up most of a host load.
 
 How fast, and why not faster: on this kind of VM a host load is bounded by faulting in fresh
 memory (the copy must land somewhere the worker keeps), which a raw read into a reused buffer
@@ -17,74 +18,72 @@ never pays; ``shardplane bench shard-load`` prints both baselines.
 Errors are ``LoadError`` with a message that names the file, tensor, layer and numbers, because
 that message travels to the operator verbatim in ``ShardStatus.reason``.
 
-The header reading here is deliberately minimal and strict; planner/hf.py computes the plan's
-per-stage ``weight_bytes`` from the same headers with the same selection rule
-(``stage_tensor_names``), and the loader refuses to report ``loaded`` unless the bytes agree.
+Headers, index and config are read by ``planner.hf_format``, the same code the planner uses for
+the plan's per-stage ``weight_bytes``; the loader refuses to load a stage unless its bytes equal
+that figure exactly (``check_plan_bytes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import math
 import mmap
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+from planner.hf_format import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    Header,
+    TensorInfo,
+    end_role,
+    layer_of,
+    num_layers,
+    read_config,
+    read_header,
+    read_index,
+    tied_embeddings,
+)
+
 CHUNK_BYTES = 64 * 1024 * 1024  # copy granularity: cancellation and rate-limit checkpoints
 PARALLEL_CHUNK = 16 * 1024 * 1024  # per-thread chunk when copying with several threads
 PAGE = mmap.ALLOCATIONGRANULARITY
 
-# safetensors dtype -> (numpy dtype used to hold the raw bytes, bytes per element). Types numpy
-# lacks (bf16, fp8) are held bit-exact as same-width unsigned ints; torch views them properly.
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("<f8", 8),
-    "F32": ("<f4", 4),
-    "F16": ("<f2", 2),
-    "BF16": ("<u2", 2),
-    "F8_E4M3": ("u1", 1),
-    "F8_E5M2": ("u1", 1),
-    "I64": ("<i8", 8),
-    "I32": ("<i4", 4),
-    "I16": ("<i2", 2),
-    "I8": ("i1", 1),
-    "U64": ("<u8", 8),
-    "U32": ("<u4", 4),
-    "U16": ("<u2", 2),
-    "U8": ("u1", 1),
-    "BOOL": ("?", 1),
+# safetensors dtype -> numpy dtype that holds the raw bytes. Types numpy lacks (bf16, fp8) are
+# held bit-exact as same-width unsigned ints; torch views them properly. Packed sub-byte types
+# (F4) have no element view: they are held as their raw bytes.
+NUMPY_DTYPES: dict[str, str] = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",
+    "F8_E4M3": "u1",
+    "F8_E5M2": "u1",
+    "F8_E8M0": "u1",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
 }
 
-# Tensor roles by name, the same rules as planner/hf.py (which computes the plan's bytes); a test
-# (tests/worker/test_loader.py) checks both select the same tensors for every stage.
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-EMBED_NAMES = (
-    "model.embed_tokens.",
-    "embed_tokens.",
-    "model.language_model.embed_tokens.",
-    "transformer.wte.",
-)
-NORM_NAMES = ("model.norm.", "norm.", "model.language_model.norm.", "transformer.ln_f.")
-HEAD_NAMES = ("lm_head.",)
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
 ReadMode = Literal["mmap", "pread"]
+DEFAULT_READ_MODE: ReadMode = "pread"
 
 
 class LoadError(Exception):
@@ -93,21 +92,6 @@ class LoadError(Exception):
 
 class LoadCancelled(LoadError):
     """The load was abandoned on purpose (worker stopping, or a newer plan moved the layers)."""
-
-
-class TensorRef(msgspec.Struct, frozen=True):
-    """Where one tensor's bytes are: absolute [begin, end) in ``file``."""
-
-    name: str
-    file: str  # file name relative to the checkpoint directory
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
 
 class StageSpec(msgspec.Struct, frozen=True):
@@ -122,121 +106,13 @@ class Config(msgspec.Struct, frozen=True):
     tied: bool
 
 
-# --- headers ----------------------------------------------------------------------------------
-
-
-def read_header(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
-    """Parse and validate a safetensors header without reading tensor data.
-
-    Returns (data_start, {name: (dtype, shape, begin, end)}) with absolute byte offsets. Every
-    entry is checked: known dtype, non-negative shape, offsets ordered, size = elements x width.
-    Whether a tensor lies inside the file is checked per stage (``Checkpoint.refs``): a truncated
-    tail fails the stages whose tensors are cut off, not the ones whose bytes are intact.
-    """
-    name = path.name
+@contextlib.contextmanager
+def _as_load_error() -> Generator[None]:
+    """The shared reader's CheckpointError, as this module's LoadError (same message)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise LoadError(
-                    f"header corrupt: {name} is {size} bytes, shorter than the 8-byte length prefix"
-                )
-            length = int.from_bytes(prefix, "little")
-            if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise LoadError(
-                    f"header corrupt: {name} declares a {length}-byte header but the file is {size} bytes"
-                )
-            raw = f.read(length)
-    except FileNotFoundError:
-        raise LoadError(f"file missing: {path}") from None
-    except OSError as exc:
-        raise LoadError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"header corrupt: {name} header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise LoadError(
-            f"header corrupt: {name} header is a {type(header).__name__}, not an object"
-        )
-    data_start = 8 + length
-    out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    for key, value in cast(dict[str, Any], header).items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(value, dict):
-            raise LoadError(f"header corrupt: {name} entry {key!r} is not an object")
-        entry = cast(dict[str, Any], value)
-        dtype = entry.get("dtype")
-        shape = entry.get("shape")
-        offsets = entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise LoadError(f"header corrupt: tensor {key} in {name} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and d >= 0 for d in cast(list[Any], shape)
-        ):
-            raise LoadError(f"header corrupt: tensor {key} in {name} has bad shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(cast(list[Any], offsets)) != 2
-            or not all(isinstance(o, int) for o in cast(list[Any], offsets))
-        ):
-            raise LoadError(
-                f"header corrupt: tensor {key} in {name} has bad data_offsets {offsets!r}"
-            )
-        dims = tuple(cast(list[int], shape))
-        begin, end = cast(list[int], offsets)
-        expected = math.prod(dims) * DTYPES[dtype][1]
-        if not 0 <= begin <= end or end - begin != expected:
-            raise LoadError(
-                f"header corrupt: tensor {key} in {name} spans bytes [{begin}, {end}) "
-                f"but {dtype} {list(dims)} needs {expected} bytes"
-            )
-        out[key] = (dtype, dims, data_start + begin, data_start + end)
-    return data_start, out
-
-
-def read_config(root: Path) -> Config:
-    path = root / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"file missing: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"config corrupt: {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise LoadError(f"config corrupt: {path} is not a JSON object")
-    cfg = cast(dict[str, Any], data)
-    # Multimodal checkpoints nest the language model's settings under text_config.
-    text = cfg.get("text_config")
-    if isinstance(text, dict) and "num_hidden_layers" not in cfg:
-        cfg = {**cfg, **cast(dict[str, Any], text)}
-    layers = cfg.get("num_hidden_layers")
-    if not isinstance(layers, int) or layers < 1:
-        raise LoadError(f"config corrupt: {path} num_hidden_layers is {layers!r}")
-    return Config(layers=layers, tied=bool(cfg.get("tie_word_embeddings", False)))
-
-
-def weight_map(root: Path) -> dict[str, str]:
-    """tensor name -> file name, from the sharded index, else from the single file's header."""
-    index = root / INDEX_FILE
-    if index.exists():
-        try:
-            data = json.loads(index.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LoadError(f"index corrupt: {index}: {exc}") from None
-        mapping = cast(dict[str, Any], data).get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(mapping, dict) or not all(
-            isinstance(v, str) for v in cast(dict[str, Any], mapping).values()
-        ):
-            raise LoadError(f"index corrupt: {index} has no weight_map of tensor -> file")
-        return dict(cast(dict[str, str], mapping))
-    single = root / SINGLE_FILE
-    if not single.exists():
-        raise LoadError(f"file missing: neither {INDEX_FILE} nor {SINGLE_FILE} in {root}")
-    _, header = read_header(single)
-    return dict.fromkeys(header, SINGLE_FILE)
+        yield
+    except CheckpointError as exc:
+        raise LoadError(str(exc)) from None
 
 
 # --- selection (pure) -------------------------------------------------------------------------
@@ -260,18 +136,13 @@ def stage_tensor_names(
             f"{layers} layers"
         )
     by_layer: dict[int, dict[str, str]] = {}  # layer -> {suffix after "layers.<i>.": name}
-    embed: list[str] = []
-    norm: list[str] = []
-    head: list[str] = []
+    ends: dict[str, list[str]] = {"embed": [], "norm": [], "head": []}
     for n in all_names:
-        if m := _LAYER_RE.search(n):
-            by_layer.setdefault(int(m.group(1)), {})[n[m.end() :]] = n
-        elif n.startswith(EMBED_NAMES):
-            embed.append(n)
-        elif n.startswith(NORM_NAMES):
-            norm.append(n)
-        elif n.startswith(HEAD_NAMES):
-            head.append(n)
+        if (at := layer_of(n)) is not None:
+            by_layer.setdefault(at[0], {})[at[1]] = n
+        elif (role := end_role(n)) is not None:
+            ends[role].append(n)
+    embed, norm, head = ends["embed"], ends["norm"], ends["head"]
     example: dict[str, tuple[int, str]] = {}  # suffix -> (a layer that has it, its name)
     for i in sorted(by_layer, reverse=True):
         for suffix, name in by_layer[i].items():
@@ -323,51 +194,57 @@ class Checkpoint:
     root: Path
     config: Config
     files_by_tensor: dict[str, str]
-    _headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = field(
-        default_factory=lambda: {}
-    )
+    _headers: dict[str, Header] = field(default_factory=lambda: {})
 
     @classmethod
     def open(cls, root: Path | str) -> Checkpoint:
         path = Path(root)
         if not path.is_dir():
             raise LoadError(f"file missing: checkpoint directory {path} does not exist")
-        return cls(root=path, config=read_config(path), files_by_tensor=weight_map(path))
+        with _as_load_error():
+            raw = read_config(path)
+            config = Config(layers=num_layers(raw), tied=tied_embeddings(raw))
+            files = read_index(path)
+        ckpt = cls(root=path, config=config, files_by_tensor=files or {})
+        if files is None:  # no index: the single file's header is the list of tensors
+            if not (path / SINGLE_FILE).is_file():
+                raise LoadError(f"file missing: neither {INDEX_FILE} nor {SINGLE_FILE} in {path}")
+            ckpt.files_by_tensor = dict.fromkeys(ckpt.header(SINGLE_FILE).tensors, SINGLE_FILE)
+        return ckpt
 
-    def header(self, file: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    def header(self, file: str) -> Header:
         if file not in self._headers:
             path = self.root / file
             if not path.exists():
                 raise LoadError(
                     f"file missing: shard file {file} (listed in {INDEX_FILE}) is not in {self.root}"
                 )
-            self._headers[file] = read_header(path)[1]
+            with _as_load_error():
+                self._headers[file] = read_header(path, file=file)
         return self._headers[file]
 
-    def size(self, file: str) -> int:
-        try:
-            return (self.root / file).stat().st_size
-        except FileNotFoundError:
-            raise LoadError(f"file missing: {self.root / file}") from None
-
-    def refs(self, spec: StageSpec) -> list[TensorRef]:
+    def refs(self, spec: StageSpec) -> list[TensorInfo]:
+        """The stage's tensors with their byte ranges, each checked to lie inside its file (as
+        the file is now: a file cut short since its header was read fails here, before a read)."""
         names = stage_tensor_names(
             self.files_by_tensor, spec, layers=self.config.layers, tied=self.config.tied
         )
-        out: list[TensorRef] = []
+        out: list[TensorInfo] = []
+        sizes: dict[str, int] = {}
         for name in names:
             file = self.files_by_tensor[name]
-            entry = self.header(file).get(name)
-            if entry is None:
+            header = self.header(file)
+            info = header.tensors.get(name)
+            if info is None:
                 raise LoadError(f"tensor {name} missing from {file}")
-            dtype, shape, begin, end = entry
-            size = self.size(file)
-            if end > size:
-                raise LoadError(
-                    f"file truncated: tensor {name} in {file} ends at byte {end} "
-                    f"but the file is {size} bytes"
-                )
-            out.append(TensorRef(name, file, dtype, shape, begin, end))
+            if file not in sizes:
+                try:
+                    sizes[file] = (self.root / file).stat().st_size
+                except FileNotFoundError:
+                    raise LoadError(f"file missing: {self.root / file}") from None
+            with _as_load_error():
+                header.check_within(info, sizes[file])
+            out.append(info)
         return out
 
 
@@ -386,27 +263,35 @@ def stage_bytes(root: Path | str, spec: StageSpec) -> int:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def check_plan_bytes(refs: list[TensorRef], spec: StageSpec, expected: int | None) -> None:
-    """Fail unless the plan's weight_bytes matches the headers exactly.
+def describe(spec: StageSpec) -> str:
+    return (
+        f"layers [{spec.layer_start}, {spec.layer_end})"
+        + (" + embeddings" if spec.embeddings else "")
+        + (" + norm/head" if spec.head else "")
+    )
 
-    Two exact readings are accepted, because the plan may count a stage's embeddings and head
-    inside weight_bytes or flag them separately (``embeddings``/``head``, their size implied by
-    the same headers): weight_bytes == every byte the stage holds, or == its layers' bytes.
-    Anything else means the files changed since the plan, or plan and loader disagree on what
-    the stage holds, and loading it would be reporting a lie.
+
+def check_plan_bytes(refs: list[TensorInfo], spec: StageSpec, expected: int | None) -> None:
+    """Fail unless the plan's weight_bytes is exactly the bytes the stage holds.
+
+    The plan counts what the stage loads: its layers, the embeddings on the first stage, the
+    final norm and head on the last, a tied matrix once (planner.cost.Tables.weights, from the
+    same headers). Any difference means the files changed since the plan, or plan and loader
+    disagree on what the stage holds, and loading it would be reporting a lie.
     """
     if expected is None:
         return
     total = sum(r.nbytes for r in refs)
-    layer_bytes = sum(r.nbytes for r in refs if _LAYER_RE.search(r.name))
-    if expected in (total, layer_bytes):
+    if expected == total:
         return
+    layer_bytes = sum(r.nbytes for r in refs if layer_of(r.name) is not None)
     extra = total - layer_bytes
     raise LoadError(
-        f"byte mismatch: the headers give {total} bytes for layers "
-        f"[{spec.layer_start}, {spec.layer_end}) ({layer_bytes} in layers"
+        f"byte mismatch: the headers give {total} bytes for {describe(spec)} "
+        f"({layer_bytes} in layers"
         + (f", {extra} in embeddings/norm/head" if extra else "")
-        + f", {len(refs)} tensors) but the plan says weight_bytes={expected}"
+        + f", {len(refs)} tensors) but the plan says weight_bytes={expected} "
+        f"({expected - total:+d})"
     )
 
 
@@ -451,9 +336,9 @@ def host_buffer(nbytes: int) -> npt.NDArray[np.uint8]:
     return np.frombuffer(region, dtype=np.uint8)
 
 
-def _runs(refs: list[TensorRef]) -> list[list[TensorRef]]:
+def _runs(refs: list[TensorInfo]) -> list[list[TensorInfo]]:
     """Group tensors into runs that are back to back in one file (one mapping per run)."""
-    runs: list[list[TensorRef]] = []
+    runs: list[list[TensorInfo]] = []
     for ref in sorted(refs, key=lambda r: (r.file, r.begin)):
         last = runs[-1][-1] if runs else None
         if last is not None and last.file == ref.file and last.end == ref.begin:
@@ -507,7 +392,7 @@ def load_stage(
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     copy_threads: int | None = None,
-    read_mode: ReadMode = "mmap",
+    read_mode: ReadMode = DEFAULT_READ_MODE,
 ) -> LoadedShard:
     """Read exactly the stage's tensors into memory. Blocking: call it in a thread.
 
@@ -517,20 +402,17 @@ def load_stage(
     ``read_limit_bps`` throttles the copy (operators use it so a load does not starve a serving
     process's I/O; tests use it to make a load last). ``cancel`` is polled between chunks.
     ``copy_threads`` copies with that many threads (default: up to 4, by CPU count).
-    ``read_mode``: ``mmap`` (map each run of tensors, copy out of the mapping) or ``pread``
-    (positional reads straight into the stage buffer); both read only the stage's bytes. With
-    ``mmap`` a file truncated *during* the copy (after the size check) raises SIGBUS, which
-    ``pread`` turns into a LoadError; ``pread`` was also faster from a cold page cache here.
+    ``read_mode``: ``pread`` (default: positional reads straight into the stage buffer) or
+    ``mmap`` (map each run of tensors, copy out of the mapping); both read only the stage's
+    bytes. Why pread by default: a file truncated *during* the copy (after the size check) is a
+    short read to pread, hence a LoadError and a ``failed`` status, but SIGBUS to a mapping, which
+    kills the whole agent; pread was also faster from a cold page cache here.
     """
     started = time.perf_counter()
     ckpt = Checkpoint.open(root)
     refs = ckpt.refs(spec)
     total = sum(r.nbytes for r in refs)
-    where_desc = (
-        f"layers [{spec.layer_start}, {spec.layer_end})"
-        + (" + embeddings" if spec.embeddings else "")
-        + (" + norm/head" if spec.head else "")
-    )
+    where_desc = describe(spec)
     check_plan_bytes(refs, spec, expected_bytes)
     cuda = _cuda_device(device_index) if use_cuda else None
     if cuda is not None:
@@ -573,9 +455,10 @@ def load_stage(
         )
     tensors: dict[str, Any] = {}
     for ref in refs:
-        np_dtype = np.dtype(DTYPES[ref.dtype][0])
         start = offsets[ref.name]
-        tensors[ref.name] = buffer[start : start + ref.nbytes].view(np_dtype).reshape(ref.shape)
+        raw = buffer[start : start + ref.nbytes]
+        view_as = NUMPY_DTYPES.get(ref.dtype)
+        tensors[ref.name] = raw.view(view_as).reshape(ref.shape) if view_as is not None else raw
     held: Any = buffer
     if cuda is not None:
         tensors, held = _to_cuda(offsets, refs, buffer, cuda, total, where)
@@ -590,7 +473,7 @@ def load_stage(
 
 def _copy_run(
     path: Path,
-    run: list[TensorRef],
+    run: list[TensorInfo],
     buffer: npt.NDArray[np.uint8],
     offsets: dict[str, int],
     copied: int,
@@ -600,7 +483,7 @@ def _copy_run(
     cancel: threading.Event | None,
     on_progress: Callable[[int, int], None] | None,
     pool: ThreadPoolExecutor | None = None,
-    read_mode: ReadMode = "mmap",
+    read_mode: ReadMode = DEFAULT_READ_MODE,
 ) -> int:
     """Read one contiguous run of tensors into ``buffer`` at ``copied``; returns the new fill.
 
@@ -616,7 +499,7 @@ def _copy_run(
         size = os.fstat(fd).st_size
         if end > size:  # the file shrank after its header was read
             raise LoadError(
-                f"file truncated: tensor {run[-1].name} in {path.name} ends at byte {end} "
+                f"file truncated: tensor {run[-1].name} in {path} ends at byte {end} "
                 f"but the file is {size} bytes"
             )
         for ref in run:
@@ -631,11 +514,8 @@ def _copy_run(
             def read(at: int, stop: int) -> None:
                 while at < stop:
                     n = os.preadv(fd, [view[at:stop]], begin + at)
-                    if n <= 0:
-                        raise LoadError(
-                            f"file truncated: {path.name} ended at byte {begin + at} while "
-                            f"reading tensor bytes up to {end}"
-                        )
+                    if n <= 0:  # end of file: it shrank while being read
+                        raise LoadError(_cut_short(path, run, begin + at, os.fstat(fd).st_size))
                     at += n
 
             _drive(
@@ -664,6 +544,15 @@ def _copy_run(
         raise LoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def _cut_short(path: Path, run: list[TensorInfo], at: int, size: int) -> str:
+    inside = next((r for r in run if r.begin <= at < r.end), run[-1])
+    return (
+        f"file truncated while loading: {path} is now {size} bytes but the stage's tensors "
+        f"in it run to byte {run[-1].end}; the read at byte {at} (tensor {inside.name}, "
+        f"bytes [{inside.begin}, {inside.end})) came up short"
+    )
 
 
 def _copier(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> Callable[[int, int], None]:
@@ -726,7 +615,7 @@ def _drive(
 
 def _to_cuda(
     offsets: dict[str, int],
-    refs: list[TensorRef],
+    refs: list[TensorInfo],
     buffer: npt.NDArray[np.uint8],
     device: Any,
     total: int,

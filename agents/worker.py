@@ -38,6 +38,7 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from agents import reconcile as rc
 from agents.loader import (
+    DEFAULT_READ_MODE,
     LoadCancelled,
     LoadedShard,
     LoadError,
@@ -93,7 +94,7 @@ class Worker:
         use_cuda: bool = True,
         read_limit_bps: float | None = None,
         memory_limit: int | None = None,
-        read_mode: ReadMode = "mmap",
+        read_mode: ReadMode = DEFAULT_READ_MODE,
     ) -> None:
         self.nc = nc
         self.node = node
@@ -219,19 +220,36 @@ class Worker:
                     break
                 try:
                     msgs = fetch.result()
-                except nats.errors.TimeoutError:
-                    continue
                 except Exception as exc:
+                    if idle_poll(exc):
+                        log.debug(
+                            "worker %s: no assignment within %.1f s", self.node, FETCH_TIMEOUT_S
+                        )
+                        continue
                     # Connection trouble (the client reconnects by itself) or the durable was
                     # deleted (stream re-provisioned): after a few failures, subscribe again.
                     failures += 1
-                    log.warning("worker %s: fetch failed (%r); retrying", self.node, exc)
+                    delay = min(5.0, 0.2 * failures)
+                    log.warning(
+                        "worker %s: fetching assignments from %s failed (%s), attempt %d; "
+                        "retrying in %.1f s",
+                        self.node,
+                        streams.PLACEMENTS,
+                        describe_error(exc),
+                        failures,
+                        delay,
+                    )
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=min(5.0, 0.2 * failures))
+                        await asyncio.wait_for(stop.wait(), timeout=delay)
                     # 503/404 on a fetch: the consumer is most likely gone; otherwise give a
                     # reconnect a few tries first.
                     gone = isinstance(exc, ServiceUnavailableError | NotFoundError)
                     if (gone or failures >= 3) and not stop.is_set():
+                        # Drop the old subscription first: left behind, it would still collect
+                        # status replies for the dead consumer that nothing reads, and closing
+                        # the connection would wait the whole drain timeout for them.
+                        with contextlib.suppress(Exception):
+                            await self._sub.unsubscribe()
                         with contextlib.suppress(Exception):
                             await self._ensure_streams(js)
                             self._sub = await self._subscribe(js, subject)
@@ -490,8 +508,9 @@ async def run_worker(
 
     ``SHARDPLANE_LOAD_LIMIT_MBPS`` (MB/s), when set, throttles shard loads, so that loading a
     new plan does not starve a serving process on the same host of disk bandwidth.
-    ``SHARDPLANE_LOAD_READ=pread`` reads tensors with positional reads instead of a memory map
-    (see ``agents.loader.load_stage``)."""
+    ``SHARDPLANE_LOAD_READ=mmap`` reads tensors through a memory map instead of positional reads
+    (the default, ``pread``: a file truncated under a map kills the process with SIGBUS; see
+    ``agents.loader.load_stage``)."""
     await Worker(
         nc,
         node=node,
@@ -501,14 +520,33 @@ async def run_worker(
     ).run(stop)
 
 
+def idle_poll(exc: BaseException) -> bool:
+    """True when a fetch just found nothing within its long poll: the worker's normal idle
+    state, not a failure. nats-py says so with its own TimeoutError (FetchTimeoutError when
+    heartbeats came), or, from some paths of ``fetch``, the builtin TimeoutError with an empty
+    message; all are TimeoutError. Real trouble (consumer gone: 503/404, connection closed) is
+    not."""
+    return isinstance(exc, TimeoutError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The error's type and message (many nats-py errors have an empty message, so the type is
+    the news; some already put it in the message)."""
+    name, text = type(exc).__name__, str(exc).strip()
+    if not text:
+        return name
+    return text if name in text else f"{name}: {text}"
+
+
 def read_mode_from_env() -> ReadMode:
+    """``SHARDPLANE_LOAD_READ``: ``pread`` (default) or ``mmap``."""
     raw = os.environ.get(READ_MODE_ENV, "").strip().lower()
-    if raw in ("", "mmap"):
+    if raw == "mmap":
         return "mmap"
-    if raw == "pread":
+    if raw in ("", "pread"):
         return "pread"
-    log.warning("%s=%r is neither mmap nor pread; using mmap", READ_MODE_ENV, raw)
-    return "mmap"
+    log.warning("%s=%r is neither pread nor mmap; using %s", READ_MODE_ENV, raw, DEFAULT_READ_MODE)
+    return DEFAULT_READ_MODE
 
 
 def load_limit_from_env() -> float | None:

@@ -29,6 +29,7 @@ class _Prep:
         self.r = min(reads[i] + p.kv_bytes_per_token[i] * kv for i in range(t.L))
         self.mem = min(p.layer_bytes[i] + p.kv_bytes_per_token[i] * kv for i in range(t.L))
         self.embed, self.head = t.embed, t.head
+        self.both_ends = t.embed + t.head - t.tied  # a single stage: a tied matrix once
         by_node: dict[str, list[Device]] = {}
         for d in problem.devices:
             by_node.setdefault(d.node, []).append(d)
@@ -71,7 +72,7 @@ def caps_reference(pp: _Prep, T: float) -> int:
             memcap_first = max(0, (usable - pp.embed) // mem)
             t_last = max(0, math.floor((T * bw - pp.head) / r + 1e-9))
             c_last = min(t_last, max(0, (usable - pp.head) // mem))
-            only = max(only, min(t_last, max(0, (usable - pp.embed - pp.head) // mem)))
+            only = max(only, min(t_last, max(0, (usable - pp.both_ends) // mem)))
             roles = [
                 max(0, math.floor((T - h) * bw / r + 1e-9))
                 for h in (intra, cross)
@@ -138,7 +139,7 @@ class _Vec:
         self.memcap = np.maximum(0.0, np.floor(usable / mem))
         self.memcap_first = np.maximum(0.0, np.floor((usable - pp.embed) / mem))
         self.memcap_last = np.maximum(0.0, np.floor((usable - pp.head) / mem))
-        self.memcap_only = np.maximum(0.0, np.floor((usable - pp.embed - pp.head) / mem))
+        self.memcap_only = np.maximum(0.0, np.floor((usable - pp.both_ends) / mem))
         self.fin_intra = np.isfinite(self.intra)
         self.fin_cross = np.isfinite(self.cross)
         self.idx = np.arange(len(rows))

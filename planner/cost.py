@@ -10,9 +10,13 @@ Decode is memory-bandwidth bound. For a stage on device ``d`` holding layers ``[
     hop_ms      = activation_bytes x batch / link_bytes_per_s x 1e3 + link_latency_ms
                   (to the next stage; 0 after the last stage)
 
-    memory      = sum weights(l) + sum kv(l) x context x batch + WORKSPACE_BYTES
-                + embed_bytes if a == 0 + head_bytes if b == L
+    weights     = sum layer_bytes(l) + embed_bytes if a == 0 + head_bytes if b == L
+                  (- tied_bytes if a == 0 and b == L: one stage holds a tied matrix once)
+    memory      = weights + sum kv(l) x context x batch + WORKSPACE_BYTES
                 must be <= free - promised - headroom x total
+
+``weights`` is the stage's ``weight_bytes`` in a plan: exactly the bytes a worker loads for the
+stage (agents.loader checks that they are equal).
 
 ``bandwidth_gbps`` is the device's effective bandwidth (peak derated by utilisation and power
 throttling, see planner.fleet). One decode step moves ``batch`` tokens through every stage, so
@@ -98,6 +102,7 @@ class Tables:
         self.K = problem.prefix_kv()
         self.embed = problem.profile.embed_bytes
         self.head = problem.profile.head_bytes
+        self.tied = problem.profile.tied_bytes
         self.hop_bytes = problem.hop_bytes
         self._hops: dict[tuple[str, str], float] = {}
         # Equal layers (every catalog card) let the packer count layers with one division.
@@ -120,16 +125,27 @@ class Tables:
             self._hops[key] = value
         return value
 
-    def memory(self, a: int, b: int) -> int:
+    def weights(self, a: int, b: int) -> int:
+        """Weight bytes of the stage [a, b): its layers, the embeddings if first, the final norm
+        and head if last, a tied matrix once (ModelProfile.end_bytes, inlined: hot path)."""
+        first, last = a == 0, b == self.L
         return (
             self.W[b]
             - self.W[a]
-            + self.K[b]
-            - self.K[a]
-            + WORKSPACE_BYTES
-            + (self.embed if a == 0 else 0)
-            + (self.head if b == self.L else 0)
+            + (self.embed if first else 0)
+            + (self.head if last else 0)
+            - (self.tied if first and last else 0)
         )
+
+    def memory(self, a: int, b: int) -> int:
+        """weights(a, b) + KV + workspace, written out: the packers call it thousands of times
+        per request, and a nested call costs a third more."""
+        held = self.W[b] - self.W[a] + self.K[b] - self.K[a] + WORKSPACE_BYTES
+        if a == 0:
+            held += self.embed
+        if b == self.L:
+            held += self.head - (self.tied if a == 0 else 0)
+        return held
 
     def read(self, a: int, b: int) -> int:
         return self.R[b] - self.R[a] + self.K[b] - self.K[a] + (self.head if b == self.L else 0)
@@ -182,7 +198,7 @@ def evaluate(
         hops.append(t.hop(s.device, stages[i + 1].device) if i + 1 < len(stages) else 0.0)
         mem = t.memory(a, b)
         memory.append(mem)
-        weights.append(t.W[b] - t.W[a])
+        weights.append(t.weights(a, b))
         kvs.append(t.K[b] - t.K[a])
         fits = fits and mem <= problem.usable(s.device)
     per = [x + h for x, h in zip(stage_ms, hops, strict=True)]

@@ -1,57 +1,55 @@
-"""Read a local Hugging Face-format checkpoint without reading tensor data.
+"""The planner's view of a local Hugging Face-format checkpoint: exact bytes from its headers.
 
-A checkpoint is a directory with ``config.json`` and either ``model.safetensors`` or a sharded
-``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file). A safetensors file
-starts with an 8-byte little-endian header length N, then N bytes of JSON mapping each tensor
-name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the byte
-right after the header), so every tensor's exact size and position come from the header alone.
+The format itself (headers, index, config, which tensor is a layer, the embeddings, the final
+norm or the head) is read by :mod:`planner.hf_format`, shared with the worker's loader, so the
+bytes the plan promises per stage are the bytes the worker reads.
 
-Public API (also used by the worker, ``agents/worker.py``, to load exactly a layer range):
-
-- :func:`read_header` — one file's tensors as :class:`TensorInfo` (absolute file offsets).
 - :func:`checkpoint_tensors` — every tensor of a checkpoint, from the single file or the index.
 - :func:`layout` / :class:`Layout` — tensors grouped into layers (``model.layers.<i>.*``),
   embeddings (``model.embed_tokens``), final norm (``model.norm``) and head (``lm_head``, or the
   embeddings when ``tie_word_embeddings``).
-- :func:`tensors_for_stage` — exactly the tensors a stage ``[layer_start, layer_end)`` needs.
-- :func:`read_config`, :func:`card_from_config`, :func:`load_profile` — the planner's view.
+- :func:`card_from_config`, :func:`load_profile` — the planner's model card and byte profile.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from bus.messages import ModelCard
+from planner.hf_format import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    TensorInfo,
+    end_role,
+    layer_of,
+    num_layers,
+    positive_int,
+    read_config,
+    read_header,
+    read_index,
+    tied_embeddings,
+)
 from planner.profile import ModelProfile, card_params
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "CheckpointError",
+    "Layout",
+    "TensorInfo",
+    "card_from_config",
+    "checkpoint_layout",
+    "checkpoint_tensors",
+    "dtype_bytes",
+    "layout",
+    "load_profile",
+    "read_config",
+    "rope_theta",
+]
 
-DTYPE_BYTES: dict[str, float] = {
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-    "F32": 4,
-    "I32": 4,
-    "U32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "U16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "F4": 0.5,
-}
 TORCH_DTYPE_BYTES = {
     "float32": 4.0,
     "float16": 2.0,
@@ -61,36 +59,6 @@ TORCH_DTYPE_BYTES = {
     "uint8": 1.0,
     "float8_e4m3fn": 1.0,
 }
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-EMBED_NAMES = (
-    "model.embed_tokens.",
-    "embed_tokens.",
-    "model.language_model.embed_tokens.",
-    "transformer.wte.",
-)
-NORM_NAMES = ("model.norm.", "norm.", "model.language_model.norm.", "transformer.ln_f.")
-HEAD_NAMES = ("lm_head.",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; ``str()`` names the file and what is wrong with it."""
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor: ``file`` holds its bytes at ``[start, end)`` (absolute offsets)."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,143 +77,34 @@ class Layout:
         return tuple(sum(t.nbytes for t in layer) for layer in self.layers)
 
 
-def read_header(path: Path | str) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header (reads only the header bytes)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: header length {n} bytes is impossible for a {size}-byte file"
-                )
-            raw = f.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: {exc.strerror or exc}") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    base = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():  # pyright: ignore[reportUnknownVariableType]
-        if name == "__metadata__":
-            continue
-        out[str(name)] = _tensor(path, str(name), meta, base, size)  # pyright: ignore[reportUnknownArgumentType]
-    return out
-
-
-def _tensor(path: Path, name: str, meta: Any, base: int, size: int) -> TensorInfo:
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: tensor {name!r} entry is not an object")
-    m = cast("dict[str, Any]", meta)
-    dtype: Any = m.get("dtype")
-    shape: Any = m.get("shape")
-    offsets: Any = m.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    dims = cast("list[Any]", shape) if isinstance(shape, list) else None
-    if dims is None or not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-    pair = cast("list[Any]", offsets) if isinstance(offsets, list) else None
-    if pair is None or len(pair) != 2 or not all(isinstance(o, int) for o in pair):
-        raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r}")
-    begin, end = int(pair[0]), int(pair[1])
-    if not 0 <= begin <= end or base + end > size:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} offsets [{begin}, {end}) fall outside the {size - base}-byte data"
-        )
-    count = 1
-    for d in dims:
-        count *= int(d)
-    expected = count * DTYPE_BYTES[dtype]
-    if dtype != "F4" and expected != end - begin:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} is {end - begin} bytes but {dtype}{dims} needs {expected:.0f}"
-        )
-    return TensorInfo(
-        name=name,
-        file=path,
-        dtype=dtype,
-        shape=tuple(int(d) for d in dims),
-        start=base + begin,
-        end=base + end,
-    )
-
-
 def checkpoint_tensors(directory: Path | str) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint in ``directory`` (single file or sharded index)."""
+    """Every tensor of the checkpoint in ``directory`` (single file or sharded index).
+
+    Unlike the worker, which checks only the tensors of its stage, the planner refuses a
+    checkpoint with any tensor listed but absent or cut off: a plan over it would fail to load."""
     d = Path(directory)
-    index = d / INDEX_FILE
-    if index.is_file():
-        try:
-            data: Any = json.loads(index.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{index}: {exc}") from exc
-        raw_map: Any = (
-            cast("dict[str, Any]", data).get("weight_map") if isinstance(data, dict) else None
-        )
-        if not isinstance(raw_map, dict) or not raw_map:
-            raise CheckpointError(f"{index}: no weight_map")
-        weight_map = {str(k): str(v) for k, v in cast("dict[Any, Any]", raw_map).items()}
-        files = sorted(set(weight_map.values()))
-        out: dict[str, TensorInfo] = {}
-        for name in files:
-            shard = d / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise CheckpointError(
-                    f"{index}: shard path {name!r} leaves the checkpoint directory"
-                )
-            out.update(read_header(shard))
-        missing = [k for k in weight_map if k not in out]
-        if missing:
-            raise CheckpointError(
-                f"{index}: {len(missing)} tensors listed but absent from the shards, e.g. {missing[0]!r}"
-            )
-        return out
-    single = d / SINGLE_FILE
-    if single.is_file():
-        return read_header(single)
-    raise CheckpointError(f"{d}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-
-
-def read_config(directory: Path | str) -> dict[str, Any]:
-    """``config.json`` (the text model's part of a multimodal config, if nested)."""
-    path = Path(directory) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except OSError as exc:
-        raise CheckpointError(f"{path}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    cfg: dict[str, Any] = config  # pyright: ignore[reportUnknownVariableType]
-    text = cfg.get("text_config")
-    if isinstance(text, dict):
-        merged: dict[str, Any] = {**cfg, **text}  # pyright: ignore[reportUnknownArgumentType]
-        return merged
-    return cfg
-
-
-def _int(config: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"config.json: {key} must be a positive integer, got {value!r}")
-    return value
+    weight_map = read_index(d)
+    if weight_map is None:
+        if not (d / SINGLE_FILE).is_file():
+            raise CheckpointError(f"file missing: neither {SINGLE_FILE} nor {INDEX_FILE} in {d}")
+        weight_map = dict.fromkeys(read_header(d / SINGLE_FILE).tensors, SINGLE_FILE)
+    out: dict[str, TensorInfo] = {}
+    for file in sorted(set(weight_map.values())):
+        header = read_header(d / file, file=file)
+        for info in header.tensors.values():
+            header.check_within(info)
+        out.update(header.tensors)
+    for name, file in weight_map.items():
+        if name not in out:
+            raise CheckpointError(f"tensor {name} missing from {file} (listed in {INDEX_FILE})")
+    return out
 
 
 def dtype_bytes(config: dict[str, Any]) -> float:
     """Bytes per parameter from ``dtype`` (transformers 5.x) or ``torch_dtype`` (older)."""
     name = config.get("dtype", config.get("torch_dtype", "bfloat16"))
     if not isinstance(name, str):
-        raise CheckpointError(f"config.json: dtype must be a string, got {name!r}")
+        raise CheckpointError(f"config corrupt: config.json dtype must be a string, got {name!r}")
     return TORCH_DTYPE_BYTES.get(name.removeprefix("torch."), 2.0)
 
 
@@ -257,19 +116,19 @@ def rope_theta(config: dict[str, Any]) -> float | None:
 
 
 def card_from_config(config: dict[str, Any], name: str) -> ModelCard:
-    heads = _int(config, "num_attention_heads")
-    hidden = _int(config, "hidden_size")
+    heads = positive_int(config, "num_attention_heads")
+    hidden = positive_int(config, "hidden_size")
     experts = config.get("num_local_experts", config.get("num_experts", 1)) or 1
     return ModelCard(
         name=name[:128] or "checkpoint",
-        layers=_int(config, "num_hidden_layers"),
+        layers=num_layers(config),
         hidden=hidden,
-        intermediate=_int(config, "intermediate_size", hidden * 4),
+        intermediate=positive_int(config, "intermediate_size", hidden * 4),
         heads=heads,
-        kv_heads=_int(config, "num_key_value_heads", heads),
-        vocab=_int(config, "vocab_size"),
-        head_dim=_int(config, "head_dim", hidden // heads),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        kv_heads=positive_int(config, "num_key_value_heads", heads),
+        vocab=positive_int(config, "vocab_size"),
+        head_dim=positive_int(config, "head_dim", hidden // heads),
+        tied_embeddings=tied_embeddings(config),
         bytes_per_param=dtype_bytes(config),
         experts=int(experts),
         experts_per_token=int(config.get("num_experts_per_tok", 1) or 1),
@@ -281,31 +140,27 @@ def card_from_config(config: dict[str, Any], name: str) -> ModelCard:
 def layout(tensors: dict[str, TensorInfo], *, layers: int, tied: bool) -> Layout:
     """Group tensors by role; every layer ``0..layers-1`` must be present."""
     by_layer: dict[int, list[TensorInfo]] = {}
-    embed: list[TensorInfo] = []
-    norm: list[TensorInfo] = []
-    head: list[TensorInfo] = []
-    other: list[TensorInfo] = []
+    ends: dict[str | None, list[TensorInfo]] = {"embed": [], "norm": [], "head": [], None: []}
     for t in sorted(tensors.values(), key=lambda t: t.name):
-        if m := _LAYER.search(t.name):
-            by_layer.setdefault(int(m.group(1)), []).append(t)
-        elif t.name.startswith(EMBED_NAMES):
-            embed.append(t)
-        elif t.name.startswith(NORM_NAMES):
-            norm.append(t)
-        elif t.name.startswith(HEAD_NAMES):
-            head.append(t)
+        if (at := layer_of(t.name)) is not None:
+            by_layer.setdefault(at[0], []).append(t)
         else:
-            other.append(t)
+            ends[end_role(t.name)].append(t)
+    embed, norm, head, other = ends["embed"], ends["norm"], ends["head"], ends[None]
     found = sorted(by_layer)
     if found != list(range(layers)):
         missing = sorted(set(range(layers)) - set(found))
         extra = sorted(set(found) - set(range(layers)))
         raise CheckpointError(
-            f"config.json says {layers} layers but the tensors hold layers {found[:3]}...{found[-3:] if found else []} "
+            f"config.json says {layers} layers but the tensors hold layers "
+            f"{found[:3]}...{found[-3:] if found else []} "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
+    # The same tensors the worker requires of the first and last stage (agents.loader).
     if not embed:
         raise CheckpointError("no embedding tensor (model.embed_tokens.*) in the checkpoint")
+    if not norm:
+        raise CheckpointError("no final norm tensor (model.norm.*) in the checkpoint")
     head_tied = False
     if not head:
         if not tied:
@@ -323,29 +178,10 @@ def layout(tensors: dict[str, TensorInfo], *, layers: int, tied: bool) -> Layout
 
 def checkpoint_layout(directory: Path | str) -> Layout:
     """The :class:`Layout` of the checkpoint in ``directory`` (config + headers only)."""
-    config = read_config(directory)
+    config = read_config(Path(directory))
     return layout(
-        checkpoint_tensors(directory),
-        layers=_int(config, "num_hidden_layers"),
-        tied=bool(config.get("tie_word_embeddings", False)),
+        checkpoint_tensors(directory), layers=num_layers(config), tied=tied_embeddings(config)
     )
-
-
-def tensors_for_stage(
-    lay: Layout, layer_start: int, layer_end: int, *, embeddings: bool, head: bool
-) -> list[TensorInfo]:
-    """The tensors a stage holding layers ``[layer_start, layer_end)`` loads: its layers, plus
-    the embeddings on the first stage and the final norm and head on the last (with tied
-    embeddings the last stage loads the embedding matrix as its head)."""
-    if not 0 <= layer_start < layer_end <= len(lay.layers):
-        raise ValueError(f"layer range [{layer_start}, {layer_end}) outside 0..{len(lay.layers)}")
-    out = [t for layer in lay.layers[layer_start:layer_end] for t in layer]
-    if embeddings:
-        out.extend(lay.embeddings)
-    if head:
-        out.extend(lay.norm)
-        out.extend(t for t in lay.head if not (embeddings and lay.head_tied))
-    return out
 
 
 def load_profile(directory: str | Path) -> ModelProfile:
@@ -362,12 +198,16 @@ def load_profile(directory: str | Path) -> ModelProfile:
         if card.experts > 1
         else ()
     )
+    embed_bytes = sum(t.nbytes for t in lay.embeddings)
     return ModelProfile(
         name=name,
         layer_bytes=lay.layer_bytes(),
         kv_bytes_per_token=(kv,) * card.layers,
-        embed_bytes=sum(t.nbytes for t in lay.embeddings),
+        embed_bytes=embed_bytes,
         head_bytes=sum(t.nbytes for t in lay.head) + sum(t.nbytes for t in lay.norm),
+        # Tied and no lm_head: the head *is* the embedding matrix, which a stage holding both
+        # ends loads once (agents.loader does exactly that).
+        tied_bytes=embed_bytes if lay.head_tied else 0,
         hidden=card.hidden,
         layer_expert_bytes=expert_bytes,
         experts=card.experts,

@@ -24,7 +24,8 @@ class ModelProfile:
     ``kv_bytes_per_token[i]``: K and V cache bytes of layer ``i`` for one token of one sequence.
     ``embed_bytes``: input embedding table (first stage); ``head_bytes``: output head plus final
     norm (last stage). With tied embeddings the last stage still needs the matrix, so
-    ``head_bytes`` is its size even when the checkpoint stores it once.
+    ``head_bytes`` is its size even when the checkpoint stores it once; ``tied_bytes`` is that
+    shared part, held once by a stage that is both first and last (see :meth:`end_bytes`).
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelProfile:
     experts: int = 1
     experts_per_token: int = 1
     params: int = 0  # parameters counted once (tied embeddings once)
+    tied_bytes: int = 0  # the part of head_bytes that is the embedding matrix (tied embeddings)
 
     @property
     def layers(self) -> int:
@@ -46,9 +48,19 @@ class ModelProfile:
     def activation_bytes_per_token(self) -> int:
         return self.hidden * ACTIVATION_BYTES_PER_ELEM
 
+    def end_bytes(self, first: bool, last: bool) -> int:
+        """Weights a stage holds besides its layers: the embeddings on the first stage, the final
+        norm and head on the last; a tied matrix once when one stage is both."""
+        return (
+            (self.embed_bytes if first else 0)
+            + (self.head_bytes if last else 0)
+            - (self.tied_bytes if first and last else 0)
+        )
+
     @property
     def weight_bytes(self) -> int:
-        return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes
+        """Every weight byte, as one stage holding the whole model holds them."""
+        return sum(self.layer_bytes) + self.end_bytes(True, True)
 
     def expert_read_fraction(self, batch: int) -> float:
         """Expected share of a layer's experts one decode step of ``batch`` tokens touches:
@@ -101,12 +113,14 @@ def profile_from_card(card: ModelCard) -> ModelProfile:
     bpp = card.bytes_per_param
     layer = round(per_layer * bpp)
     kv = round(2 * card.kv_heads * head_dim * card.kv_bytes_per_elem)
+    embed = round(card.vocab * card.hidden * bpp)
     return ModelProfile(
         name=card.name,
         layer_bytes=(layer,) * card.layers,
         kv_bytes_per_token=(kv,) * card.layers,
-        embed_bytes=round(card.vocab * card.hidden * bpp),
+        embed_bytes=embed,
         head_bytes=round((card.vocab * card.hidden + card.hidden) * bpp),
+        tied_bytes=embed if card.tied_embeddings else 0,
         hidden=card.hidden,
         layer_expert_bytes=(round(expert_params * bpp),) * card.layers if expert_params else (),
         experts=card.experts,

@@ -145,7 +145,13 @@ def solve(
             mem_layers = me_ - ms_
             read_layers = re_ - rs_
         usable = problem.usable(devs[d])
-        m.add(mem_layers + t.embed * first[d] + t.head * last[d] + WORKSPACE_BYTES * u[d] <= usable)
+        ends = t.embed * first[d] + t.head * last[d]
+        if t.tied:  # a single stage holds a tied embedding/head matrix once (Tables.weights)
+            both = m.new_bool_var(f"both{d}")
+            m.add_implication(both, first[d])
+            m.add_implication(both, last[d])
+            ends -= t.tied * both
+        m.add(mem_layers + ends + WORKSPACE_BYTES * u[d] <= usable)
         bw = max(1, round(devs[d].bandwidth_gbps * 100))
         # t[d] (100 ns units) >= KiB x 1024 / (GB/s x 1e9) x 1e7 = KiB x 1024 / (GB/s x 100)
         m.add(bw * t_d[d] >= KIB * (read_layers + head * last[d]))

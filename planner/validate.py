@@ -71,13 +71,8 @@ def check(
             weights += p.layer_bytes[layer]
             kv += p.kv_bytes_per_token[layer] * problem.context_tokens * problem.batch
             read += reads[layer]
-        memory = (
-            weights
-            + kv
-            + WORKSPACE_BYTES
-            + (p.embed_bytes if first else 0)
-            + (p.head_bytes if last else 0)
-        )
+        weights += p.end_bytes(first, last)  # what the worker loads, ends included
+        memory = weights + kv + WORKSPACE_BYTES
         read += kv + (p.head_bytes if last else 0)
         usable = problem.usable(dev)
         if memory > usable:

@@ -48,7 +48,11 @@ def test_tied_embeddings_still_need_a_head_on_the_last_stage() -> None:
     p = profile_from_card(c)
     assert c.tied_embeddings
     assert p.head_bytes >= p.embed_bytes  # the last stage holds the matrix too
-    assert card_params(c) < (p.weight_bytes / 2)  # counted once in the parameter total
+    # One stage holding the whole model holds the shared matrix once: exactly the parameters.
+    assert p.weight_bytes == card_params(c) * 2
+    # Split, the first stage holds it as embeddings and the last as head: twice.
+    split = p.end_bytes(True, False) + p.end_bytes(False, True)
+    assert split - p.end_bytes(True, True) == p.embed_bytes == p.tied_bytes
 
 
 def test_quantised_variants_scale_weights_not_kv() -> None:

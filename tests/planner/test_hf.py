@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from planner import hf
+from planner import hf, hf_format
 from planner.catalog import resolve
 from planner.cost import Problem
 from planner.plan import plan
@@ -121,18 +121,21 @@ def test_sharded_index_matches_single_file(tmp_path: Path) -> None:
     a = hf.load_profile(_single(a_dir))
     b = hf.load_profile(_sharded(b_dir))
     assert a.layer_bytes == b.layer_bytes and a.head_bytes == b.head_bytes
-    files = {t.file.name for t in hf.checkpoint_tensors(b_dir).values()}
-    assert len(files) == 2
+    files = {t.file for t in hf.checkpoint_tensors(b_dir).values()}
+    assert files == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
 
 
 def test_tied_embeddings_use_the_embedding_as_head(tmp_path: Path) -> None:
     d = _single(tmp_path, tied=True)
     lay = hf.checkpoint_layout(d)
     assert lay.head_tied and lay.head == lay.embeddings
-    last = hf.tensors_for_stage(lay, 2, 4, embeddings=False, head=True)
-    assert "model.embed_tokens.weight" in {t.name for t in last}
-    only = hf.tensors_for_stage(lay, 0, 4, embeddings=True, head=True)
-    assert [t.name for t in only].count("model.embed_tokens.weight") == 1
+    prof = hf.load_profile(d)
+    matrix, norm = VOCAB * HIDDEN * 2, HIDDEN * 4
+    assert (prof.embed_bytes, prof.head_bytes, prof.tied_bytes) == (matrix, matrix + norm, matrix)
+    # The last stage holds the matrix as its head; a single stage holds it once.
+    assert prof.end_bytes(False, True) == matrix + norm
+    assert prof.end_bytes(True, True) == matrix + norm
+    assert prof.weight_bytes == sum(_expected_layer_bytes()) + matrix + norm
 
 
 def test_tensor_offsets_point_at_the_bytes(tmp_path: Path) -> None:
@@ -140,50 +143,92 @@ def test_tensor_offsets_point_at_the_bytes(tmp_path: Path) -> None:
     tensors = hf.checkpoint_tensors(d)
     t = tensors["model.layers.2.mlp.up_proj.weight"]
     assert t.shape == (128, HIDDEN) and t.dtype == "F16" and t.nbytes == 128 * HIDDEN * 2
-    with t.file.open("rb") as f:
-        f.seek(t.start)
-        assert len(f.read(t.nbytes)) == t.nbytes
-    lay = hf.checkpoint_layout(d)
-    stage = hf.tensors_for_stage(lay, 1, 3, embeddings=False, head=False)
-    assert {x.name.split(".")[2] for x in stage} == {"1", "2"}
-    assert sum(x.nbytes for x in stage) == sum(_expected_layer_bytes()[1:3])
+    expected = _tensors(False)["model.layers.2.mlp.up_proj.weight"]
+    expected[:] = 3  # a value the zeros around it do not have
+    save_file({**_tensors(False), "model.layers.2.mlp.up_proj.weight": expected}, str(d / t.file))
+    with (d / t.file).open("rb") as f:
+        f.seek(t.begin)
+        assert np.frombuffer(f.read(t.nbytes), np.float16).tolist() == expected.ravel().tolist()
 
 
 def test_reads_headers_only(tmp_path: Path) -> None:
     """A 64 GiB (sparse) data region: reading any of it would take far longer than the test."""
-    header = json.dumps(
+    header_json = json.dumps(
         {"model.layers.0.w": {"dtype": "BF16", "shape": [2**35 // 2], "data_offsets": [0, 2**35]}}
     ).encode()
     path = tmp_path / "model.safetensors"
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(8 + len(header) + 2**35)
-    tensors = hf.read_header(path)
-    assert tensors["model.layers.0.w"].nbytes == 2**35
+        f.write(struct.pack("<Q", len(header_json)) + header_json)
+        f.truncate(8 + len(header_json) + 2**35)
+    header = hf_format.read_header(path)
+    assert header.tensors["model.layers.0.w"].nbytes == 2**35
+    assert header.size == 8 + len(header_json) + 2**35
 
 
 @pytest.mark.parametrize(
     ("blob", "match"),
     [
-        (b"\x01\x02", "too short"),
-        (struct.pack("<Q", 10**9) + b"{}", "impossible"),
-        (struct.pack("<Q", 4) + b"nope", "not JSON"),
-        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+        (b"\x01\x02", r"is 2 bytes, shorter than the 8-byte length prefix"),
+        (struct.pack("<Q", 10**9) + b"{}", r"declares a 1000000000-byte header, over the format's"),
+        (struct.pack("<Q", 100) + b"{}", r"declares a 100-byte header but the file is 10 bytes"),
+        (struct.pack("<Q", 4) + b"nope", r"header is not JSON"),
+        (struct.pack("<Q", 2) + b"[]", r"header is a JSON list, not an object"),
     ],
 )
 def test_corrupt_headers_are_named(tmp_path: Path, blob: bytes, match: str) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes(blob)
-    with pytest.raises(hf.CheckpointError, match=match):
-        hf.read_header(path)
+    with pytest.raises(hf.CheckpointError, match=rf"^header corrupt: {path}.* {match}"):
+        hf_format.read_header(path)
 
 
-def test_bad_tensor_entries_are_named(tmp_path: Path) -> None:
-    header = json.dumps({"x": {"dtype": "F16", "shape": [4], "data_offsets": [0, 6]}}).encode()
+def _raw_file(path: Path, entries: dict[str, object], data: int) -> None:
+    header = json.dumps(entries).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * data)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (
+            {"dtype": "F16", "shape": [4], "data_offsets": [0, 6]},
+            r"spans data bytes \[0, 6\) but F16 \[4\] needs 8 bytes",
+        ),
+        ({"dtype": "Q9", "shape": [4], "data_offsets": [0, 4]}, r"unknown dtype 'Q9'"),
+        ({"dtype": "F16", "shape": [-1], "data_offsets": [0, 4]}, r"bad shape \[-1\]"),
+        ({"dtype": "F16", "shape": [2], "data_offsets": [4]}, r"bad data_offsets \[4\]"),
+        ({"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}, r"12 bits: not a whole number"),
+    ],
+)
+def test_bad_tensor_entries_are_named(tmp_path: Path, entry: object, match: str) -> None:
     path = tmp_path / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
-    with pytest.raises(hf.CheckpointError, match=r"'x' is 6 bytes but F16"):
-        hf.read_header(path)
+    _raw_file(path, {"x": entry}, 8)
+    with pytest.raises(hf.CheckpointError, match=rf"^header corrupt: tensor x in {path} .*{match}"):
+        hf_format.read_header(path)
+
+
+def test_packed_four_bit_tensors_are_half_a_byte_per_element(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    _raw_file(path, {"x": {"dtype": "F4", "shape": [2, 6], "data_offsets": [0, 6]}}, 6)
+    assert hf_format.read_header(path).tensors["x"].nbytes == 6
+
+
+def test_a_checkpoint_cut_short_or_pointing_outside_is_refused(tmp_path: Path) -> None:
+    d = _single(tmp_path)
+    path = d / hf.SINGLE_FILE
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(size - 10)
+    with pytest.raises(
+        hf.CheckpointError,
+        match=rf"file truncated: tensor \S+ in {path} ends at byte {size} but the file is {size - 10} bytes",
+    ):
+        hf.load_profile(d)
+    (d / hf.INDEX_FILE).write_text(json.dumps({"weight_map": {"x": "../elsewhere.safetensors"}}))
+    with pytest.raises(
+        hf.CheckpointError, match=r"names shard '\.\./elsewhere.*outside the checkpoint"
+    ):
+        hf.load_profile(d)
 
 
 def test_missing_layers_and_files(tmp_path: Path) -> None:
@@ -193,11 +238,23 @@ def test_missing_layers_and_files(tmp_path: Path) -> None:
         hf.load_profile(d)
     with pytest.raises(hf.CheckpointError, match=r"config\.json"):
         hf.load_profile(tmp_path / "nowhere")
+    (d / "config.json").write_text(json.dumps(_config(len(INTER))))
+    no_norm = {k: v for k, v in _tensors(False).items() if k != "model.norm.weight"}
+    save_file(no_norm, str(d / hf.SINGLE_FILE))
+    # The worker could not load the last stage (agents.loader requires the norm): refuse to plan.
+    with pytest.raises(hf.CheckpointError, match=r"no final norm tensor \(model\.norm\.\*\)"):
+        hf.load_profile(d)
 
 
 def test_planner_uses_real_unequal_sizes(tmp_path: Path) -> None:
     d = _single(tmp_path)
     prof = resolve(f"hf:{d}")
     out = plan(Problem(prof, fleet_of(DEMO), 128, 1))
-    weights = sum(s.weight_bytes for s in out.stages)
-    assert weights == sum(_expected_layer_bytes())
+    # Each stage's weights: its layers, plus the embeddings on the first and the head on the last.
+    layers = _expected_layer_bytes()
+    for s in out.stages:
+        ends = prof.end_bytes(s.embeddings, s.head)
+        assert s.weight_bytes == sum(layers[s.layer_start : s.layer_end]) + ends
+    assert (
+        sum(s.weight_bytes for s in out.stages) == sum(layers) + prof.embed_bytes + prof.head_bytes
+    )

@@ -27,6 +27,7 @@ from planner.fleet import Device, Fleet, Link, build_fleet
 from planner.greedy import allocate_layers_proportionally, greedy_plan, proportional_plan
 from planner.plan import PlanError, is_homogeneous, plan, to_stages
 from planner.profile import ModelProfile, profile_from_card
+from planner.solver import solve
 from planner.synthetic import HostSpec, random_hosts, states
 
 GIB = 1024**3
@@ -91,6 +92,34 @@ def test_worked_example_of_the_cost_model() -> None:
     assert lower_bound_ms(p) == pytest.approx((4e9 + 8e6 + 5e8) / 1500e9 * 1e3)
 
 
+def test_a_single_stage_holds_a_tied_matrix_once() -> None:
+    """Tied embeddings: the head is the embedding matrix. Split, the first stage holds it as the
+    embeddings and the last as the head (twice in all); one stage holding the whole model holds
+    it once, as the worker loads it once. Device a fits the model only counted once, and every
+    path (packer, integer bound, CP-SAT, validator) must agree that it does."""
+    matrix, norm = 2 * 10**9, 1000
+    prof = replace(_tiny(4), embed_bytes=matrix, head_bytes=matrix + norm, tied_bytes=matrix)
+    weights = 4 * 10**9 + matrix + norm
+    need = weights + 4 * 1000 * 1000 + WORKSPACE_BYTES  # KV: 4 layers x 1000 B x 1000 tokens
+    a = replace(_dev("a/0", 1000.0, 80), total_bytes=need, free_bytes=need)
+    b = _dev("b/0", 10.0, 80)  # slow: any stage on it costs 100 ms per layer
+    p = Problem(prof, Fleet(devices=(a, b)), context_tokens=1000, batch=1, headroom=0.0)
+    for method in ("auto", "cp-sat"):
+        out = plan(p, method=method, time_limit_s=10.0)
+        assert [(s.device, s.layer_start, s.layer_end) for s in out.stages] == [("a/0", 0, 4)]
+        assert out.stages[0].weight_bytes == weights
+        assert out.stages[0].memory_bytes == need
+        assert out.status == "optimal", method
+    best = out.evaluation.bottleneck_ms
+    assert integer_bound_ms(p, best) <= best * (1 + 1e-9)
+    alone = solve(p, hint=None, time_limit_s=10.0).plan  # CP-SAT's own model, no hint to keep
+    assert alone is not None and [(s.device.ref, s.layer_start, s.layer_end) for s in alone] == [
+        ("a/0", 0, 4)
+    ]
+    split = evaluate(p, (StagePlan(b, 0, 1), StagePlan(a, 1, 4)))
+    assert sum(split.weight_bytes) == weights + matrix
+
+
 def test_exo_rule_faithful() -> None:
     assert allocate_layers_proportionally(10, [0.5, 0.3, 0.2]) == [5, 3, 2]
     # largest remainder: 32 x (0.45, 0.35, 0.2) = 14.4, 11.2, 6.4 -> 14, 11, 6 + 1 to the 0.4s
@@ -152,7 +181,14 @@ def test_unequal_layers_use_real_sizes() -> None:
     assert exact is not None
     out = plan(p, time_limit_s=10.0)
     assert out.evaluation.bottleneck_ms == pytest.approx(evaluate(p, exact).bottleneck_ms, rel=1e-3)
-    assert sum(s.weight_bytes for s in out.stages) == sum(sizes)
+    # Every layer once, plus the embeddings (first stage) and the head (last stage), untied.
+    assert (
+        sum(s.weight_bytes for s in out.stages) == sum(sizes) + prof.embed_bytes + prof.head_bytes
+    )
+    assert [s.weight_bytes for s in out.stages] == [
+        sum(sizes[s.layer_start : s.layer_end]) + prof.end_bytes(s.embeddings, s.head)
+        for s in out.stages
+    ]
 
 
 def test_homogeneous_fleet_even_split_without_solver() -> None:

@@ -121,3 +121,18 @@ def write(
 
 def layer_names(start: int, end: int) -> set[str]:
     return {f"model.layers.{i}.{s}" for i in range(start, end) for s in LAYER_SUFFIXES}
+
+
+def write_big(root: Path, layers: int = 4, mib_per_layer: int = 48) -> None:
+    """A checkpoint with fat layers, written without random data (fast)."""
+    root.mkdir(parents=True)
+    rows = mib_per_layer * 1024 * 1024 // (1024 * 2)
+    data: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.ones((8, 1024), np.float16)}
+    for i in range(layers):
+        data[f"model.layers.{i}.mlp.up_proj.weight"] = np.full((rows, 1024), i, np.float16)
+    data["model.norm.weight"] = np.ones(1024, np.float16)
+    data["lm_head.weight"] = np.ones((8, 1024), np.float16)
+    save_file(data, str(root / "model.safetensors"))
+    (root / "config.json").write_text(
+        json.dumps({"num_hidden_layers": layers, "hidden_size": 1024, "vocab_size": 8})
+    )

@@ -15,6 +15,10 @@ def test_shard_load_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(quick=True, argv=argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = json.loads(last)
-    assert {"load_gbps", "raw_read_gbps", "ratio"} <= figures.keys()
+    assert {"load_gbps", "raw_read_gbps", "ratio", "unprimed_load_gbps", "unprimed_ratio"} <= (
+        figures.keys()
+    )
     assert figures["load_gbps"] > 0 and figures["raw_read_gbps"] > 0
+    assert figures["unprimed_load_gbps"] > 0 and figures["unprimed_ratio"] > 0
+    assert figures["read_mode"] == "pread"  # the worker's default
     assert list(tmp_path.iterdir()) == []  # the checkpoint is cleaned up

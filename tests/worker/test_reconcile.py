@@ -109,10 +109,40 @@ def test_worker_env_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("SHARDPLANE_LOAD_LIMIT_MBPS", raising=False)
     monkeypatch.delenv("SHARDPLANE_LOAD_READ", raising=False)
-    assert load_limit_from_env() is None and read_mode_from_env() == "mmap"
+    # pread by default: a file truncated under a memory map is SIGBUS, the agent's death.
+    assert load_limit_from_env() is None and read_mode_from_env() == "pread"
     monkeypatch.setenv("SHARDPLANE_LOAD_LIMIT_MBPS", "250")
-    monkeypatch.setenv("SHARDPLANE_LOAD_READ", "PREAD")
-    assert load_limit_from_env() == 250e6 and read_mode_from_env() == "pread"
+    monkeypatch.setenv("SHARDPLANE_LOAD_READ", "MMAP")
+    assert load_limit_from_env() == 250e6 and read_mode_from_env() == "mmap"
     monkeypatch.setenv("SHARDPLANE_LOAD_LIMIT_MBPS", "fast")
     monkeypatch.setenv("SHARDPLANE_LOAD_READ", "dma")
-    assert load_limit_from_env() is None and read_mode_from_env() == "mmap"
+    assert load_limit_from_env() is None and read_mode_from_env() == "pread"
+
+
+def test_an_empty_long_poll_is_idle_and_anything_else_is_trouble() -> None:
+    import nats.errors
+    import nats.js.errors
+
+    from agents.worker import describe_error, idle_poll
+
+    # nats-py's fetch ends an empty poll with any of these; the builtin one has no message.
+    for quiet in (
+        TimeoutError(),  # asyncio.TimeoutError is this very class
+        nats.errors.TimeoutError(),
+        nats.js.errors.FetchTimeoutError(),
+    ):
+        assert idle_poll(quiet), repr(quiet)
+    for trouble in (
+        nats.js.errors.ServiceUnavailableError(),
+        nats.js.errors.NotFoundError(),
+        nats.errors.ConnectionClosedError(),
+        nats.errors.NoRespondersError(),
+    ):
+        assert not idle_poll(trouble), repr(trouble)
+    assert (
+        describe_error(nats.errors.ConnectionClosedError())
+        == "ConnectionClosedError: nats: connection closed"
+    )
+    assert describe_error(nats.js.errors.NotFoundError()).startswith("nats: NotFoundError: ")
+    assert describe_error(ValueError("")) == "ValueError"
+    assert describe_error(OSError(104, "reset")) == "ConnectionResetError: [Errno 104] reset"

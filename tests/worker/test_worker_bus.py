@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from agents import reconcile as rc
+from agents import worker as worker_mod
 from agents.worker import Worker
 from bus import codec, subjects
 from bus.messages import DeviceSample, ShardAssignment
@@ -310,4 +313,69 @@ async def test_worker_survives_its_durable_being_deleted(
         await asyncio.sleep(0.5)
         await assign(js, stage(model, "z", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
         assert (await log.settled("z", 1, 1, timeout=15.0))[0].state == "loaded"
+    await log.stop()
+
+
+async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
+    nc: Client,
+    js: JetStreamContext,
+    model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An empty long poll is the worker's normal idle state: debug, never a warning. A fetch that
+    really fails (its durable deleted under it) is a warning that names the error."""
+    monkeypatch.setattr(worker_mod, "FETCH_TIMEOUT_S", 0.2)
+    caplog.set_level(logging.DEBUG, logger="agents.worker")
+    log = await StatusLog().start(nc)
+    async with workers(nc, ["n1"]):
+        await asyncio.sleep(1.5)  # several empty polls
+        idle = [r for r in caplog.records if r.name == "agents.worker"]
+        assert [r.getMessage() for r in idle if r.levelno >= logging.WARNING] == []
+        assert sum("no assignment within 0.2 s" in r.getMessage() for r in idle) >= 3
+        await js.delete_consumer("PLACEMENTS", "worker-n1")
+        await assign(js, stage(model, "w", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
+        assert (await log.settled("w", 1, 1, timeout=15.0))[0].state == "loaded"
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "agents.worker" and r.levelno == logging.WARNING
+    ]
+    assert warned, "the deleted durable went unreported"
+    assert all(
+        re.fullmatch(
+            r"worker n1: fetching assignments from PLACEMENTS failed \(\w+(: .+)?\), attempt \d+; "
+            r"retrying in \d+\.\d s",
+            m,
+        )
+        for m in warned
+    ), warned
+    await log.stop()
+
+
+async def test_a_file_cut_short_while_loading_fails_the_stage_not_the_worker(
+    nc: Client, js: JetStreamContext, model: Path, tmp_path: Path
+) -> None:
+    """The checkpoint shrinks while the worker reads it (after the header and size checks):
+    the stage ends ``failed`` with the reason, and the same worker goes on to load the next
+    assignment. With a memory-mapped read this would be SIGBUS and the agent gone."""
+    big = tmp_path / "big"
+    ckpt.write_big(big)
+    a = stage(big, "cut", 1, "n1", 0, 1, 0, 4, 4)
+    log = await StatusLog().start(nc)
+    # Throttled to last ~2 s: the file is cut while the copy is under way.
+    async with workers(nc, ["n1"], read_limit_bps=a.weight_bytes / 2.0) as running:
+        assert running["n1"].read_mode == "pread"  # the default
+        await assign(js, a)
+        await log.wait("loading", lambda log: any(s.state == "loading" for s in log.of("cut")))
+        await asyncio.sleep(0.5)
+        with (big / "model.safetensors").open("r+b") as f:
+            f.truncate(10 * 2**20)
+        final = (await log.settled("cut", 1, 1))[0]
+        assert final.state == "failed", final
+        assert final.reason is not None and final.reason.startswith("file truncated"), final
+        assert str(big / "model.safetensors") in final.reason
+        assert running["n1"].tensor_names() == {}
+        await assign(js, stage(model, "next", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
+        assert (await log.settled("next", 1, 1))[0].state == "loaded"
     await log.stop()

@@ -184,11 +184,8 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
             )
             exact = stage_bytes(model, spec)
             assert st.state == "loaded" and st.where == "host"
-            assert st.bytes_loaded == exact, (st, planned)
-            # The plan's weight_bytes is this exact figure (or its layers' part, when the
-            # embeddings/head are flagged separately).
-            layers_only = stage_bytes(model, StageSpec(planned.layer_start, planned.layer_end))
-            assert planned.weight_bytes in (exact, layers_only)
+            # The plan's weight_bytes is the bytes the stage loads, ends included, to the byte.
+            assert st.bytes_loaded == exact == planned.weight_bytes, (st, planned)
         by_node: dict[str, list[str]] = {n: [] for n in NODES}
         for s in reply.stages:
             by_node[s.node] += names_for(s.layer_start, s.layer_end)
