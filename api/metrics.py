@@ -5,64 +5,181 @@ GPU figures use the metric names and label names of NVIDIA's DCGM exporter (``gp
 built for it work unchanged; shardplane adds a ``node`` label (its node id) and its own
 ``shardplane_*`` families for liveness, placements and pipeline stages.
 
-At 8,000 devices a scrape holds about 70,000 lines: formatting them per request would cost
-tens of milliseconds, so each device's lines are formatted once when its KV entry changes
-(:func:`device_lines`), kept per family in insertion order (:class:`MetricsBook`), and the
-joined text is cached until the next change.
+Every family is one row of a table (:class:`Family`: name, help, type, how to read the value)
+and one function renders any row, so adding a figure is adding a row. At 8,000 devices a scrape
+holds about 70,000 lines: formatting them per request would cost tens of milliseconds, so each
+device's lines are formatted once after its KV entry changes (:func:`device_lines`), kept per
+family in insertion order (:class:`LineBook`), and each family's joined block is cached until
+one of its own lines changes (a clock that did not move keeps its family's block).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from api.views import DeviceBrief, View
 
 MIB = 1024 * 1024
+# How often the server renders the scrape text afresh while something scrapes and the state
+# changed: a scrape's figures are at most this (plus one render) older than the cluster state.
+RENDER_INTERVAL_S = 1.0
 
-# (name, help, type). Help texts follow the DCGM exporter's wording where it has the metric.
-# The DCGM families are those of its default counter set that a shardplane agent measures;
-# each device line costs ~190 bytes, so at 8,000 devices every family adds 1.5 MB to a scrape.
-DEVICE_FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", "gauge"),
-    ("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", "gauge"),
-    ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", "gauge"),
-    ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", "gauge"),
-    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "gauge"),
-    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "gauge"),
-    ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "gauge"),
-    ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "gauge"),
-    (
-        "shardplane_device_up",
-        "1 when the device reports and is present, 0 when offline (labels join the DCGM ones "
-        "on gpu, UUID and Hostname).",
+Value = int | float
+Subject = TypeVar("Subject")
+
+
+class Family(msgspec.Struct, Generic[Subject], frozen=True):
+    """One metric family, and how to read its value from what a line is about (a device
+    brief, a node or instance view, a pipeline stage); a value of None means no line, as the
+    DCGM exporter leaves out a field the device does not report."""
+
+    name: str
+    help: str
+    type: str
+    value: Callable[[Subject], Value | None]
+
+
+def _mib(value: int | None) -> int | None:
+    # DCGM reports framebuffer figures in whole MiB.
+    return None if value is None else int(value) // MIB
+
+
+# Help texts follow the DCGM exporter's wording. These are the families of its default counter
+# set that a shardplane agent measures; each device line costs ~190 bytes, so at 8,000 devices
+# every family adds 1.5 MB to a scrape. Labelled with the DCGM exporter's label set.
+DCGM_FAMILIES: tuple[Family[Any], ...] = (
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_GPU_UTIL",
+        "GPU utilization (in %).",
         "gauge",
+        attrgetter("utilization_gpu_pct"),
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "Memory utilization (in %).",
+        "gauge",
+        attrgetter("utilization_memory_pct"),
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_FB_USED",
+        "Framebuffer memory used (in MiB).",
+        "gauge",
+        lambda d: _mib(d.memory_used_bytes),
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_FB_FREE",
+        "Framebuffer memory free (in MiB).",
+        "gauge",
+        lambda d: _mib(d.memory_free_bytes),
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "gauge", attrgetter("temperature_c")
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "gauge", attrgetter("power_w")
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "gauge", attrgetter("sm_clock_mhz")
+    ),
+    Family[DeviceBrief](
+        "DCGM_FI_DEV_MEM_CLOCK",
+        "Memory clock frequency (in MHz).",
+        "gauge",
+        attrgetter("memory_clock_mhz"),
     ),
 )
-DEVICE_FAMILY_NAMES = tuple(f[0] for f in DEVICE_FAMILIES)
+# Labelled with shardplane's label set (the DCGM join keys plus ``node``).
+DEVICE_UP = Family[DeviceBrief](
+    "shardplane_device_up",
+    "1 when the device reports and is present, 0 when offline (labels join the DCGM ones "
+    "on gpu, UUID and Hostname).",
+    "gauge",
+    lambda d: 1 if d.online else 0,
+)
+DEVICE_FAMILIES: tuple[Family[Any], ...] = (*DCGM_FAMILIES, DEVICE_UP)
 
-STAGE_FAMILIES: tuple[tuple[str, str, str], ...] = (
-    (
-        "shardplane_stage_state",
-        "1 for the state each pipeline stage is in (label state), per instance and stage.",
+NODE_FAMILIES: tuple[Family[Any], ...] = (
+    Family[View](
+        "shardplane_node_up",
+        "1 when the node's agent heartbeats, 0 when offline.",
         "gauge",
+        lambda n: 1 if n.get("online") else 0,
     ),
-    ("shardplane_stage_layers", "Layers a pipeline stage holds.", "gauge"),
-    ("shardplane_stage_memory_bytes", "Memory a pipeline stage holds on its device.", "gauge"),
-    ("shardplane_stage_bytes_loaded", "Bytes a pipeline stage has loaded so far.", "gauge"),
-    ("shardplane_stage_load_milliseconds", "Time the stage's shard took to load.", "gauge"),
-)
-INSTANCE_FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("shardplane_instance_info", "1 per placed instance, labelled by model and state.", "gauge"),
-    ("shardplane_instance_generation", "Newest generation of each instance's placement.", "gauge"),
-    ("shardplane_instance_stages", "Pipeline stages of each instance.", "gauge"),
-)
-NODE_FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("shardplane_node_up", "1 when the node's agent heartbeats, 0 when offline.", "gauge"),
-    (
+    Family[View](
         "shardplane_node_last_seen_timestamp_seconds",
         "Unix time of the node's newest heartbeat.",
         "gauge",
+        lambda n: float(n["last_seen"]),
     ),
+)
+
+# Labelled by instance, model and state.
+INSTANCE_INFO = Family[View](
+    "shardplane_instance_info",
+    "1 per placed instance, labelled by model and state.",
+    "gauge",
+    lambda i: 1,
+)
+# Labelled by instance and model.
+INSTANCE_FIGURES: tuple[Family[Any], ...] = (
+    Family[View](
+        "shardplane_instance_generation",
+        "Newest generation of each instance's placement.",
+        "gauge",
+        lambda i: int(i["generation"]),
+    ),
+    Family[View](
+        "shardplane_instance_stages",
+        "Pipeline stages of each instance.",
+        "gauge",
+        lambda i: int(i["stage_count"]),
+    ),
+)
+STAGE_STATES = ("pending", "loading", "loaded", "reserved", "failed", "unloaded")
+# One line per state a stage can be in, 1 for its own (the kube-state-metrics idiom).
+STAGE_STATE = Family[View](
+    "shardplane_stage_state",
+    "1 for the state each pipeline stage is in (label state), per instance and stage.",
+    "gauge",
+    lambda s: None,  # rendered per state by instance_lines
+)
+# Labelled by instance, model, stage, node and device.
+STAGE_FIGURES: tuple[Family[Any], ...] = (
+    Family[View](
+        "shardplane_stage_layers",
+        "Layers a pipeline stage holds.",
+        "gauge",
+        lambda s: int(s["layer_end"]) - int(s["layer_start"]),
+    ),
+    Family[View](
+        "shardplane_stage_memory_bytes",
+        "Memory a pipeline stage holds on its device.",
+        "gauge",
+        lambda s: int(s.get("memory_bytes") or 0),
+    ),
+    Family[View](
+        "shardplane_stage_bytes_loaded",
+        "Bytes a pipeline stage has loaded so far.",
+        "gauge",
+        lambda s: int(s.get("bytes_loaded") or 0),
+    ),
+    Family[View](
+        "shardplane_stage_load_milliseconds",
+        "Time the stage's shard took to load.",
+        "gauge",
+        lambda s: float(s.get("load_ms") or 0.0),
+    ),
+)
+INSTANCE_FAMILIES: tuple[Family[Any], ...] = (
+    INSTANCE_INFO,
+    *INSTANCE_FIGURES,
+    STAGE_STATE,
+    *STAGE_FIGURES,
 )
 
 
@@ -71,16 +188,38 @@ def escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def number(value: float) -> str:
-    if not math.isfinite(value):
+def number(value: Value) -> str:
+    """A sample value as the text format writes it; a whole float without its ``.0``."""
+    if type(value) is float:
+        if value.is_integer() and -1e15 < value < 1e15:  # the common case first: it runs a lot
+            return str(int(value))
+        if math.isfinite(value):
+            return repr(value)
         return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+    return str(int(value))
 
 
 def labels(pairs: Iterable[tuple[str, object]]) -> str:
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in pairs) + "}"
+
+
+def sample(family: Family[Any], label_text: str, subject: Any) -> bytes | None:
+    """The family's line for ``subject``, or None when it has no value."""
+    value = family.value(subject)
+    if value is None:
+        return None
+    return f"{family.name}{label_text} {number(value)}".encode()
+
+
+def lines_of(
+    families: Iterable[Family[Any]], label_text: str, subject: Any, out: dict[str, bytes]
+) -> dict[str, bytes]:
+    """Each family's line for ``subject`` into ``out`` (a family without a value: none)."""
+    for family in families:
+        line = sample(family, label_text, subject)
+        if line is not None:
+            out[family.name] = line
+    return out
 
 
 def dcgm_device_label(vendor: str | None, index: int) -> str:
@@ -88,95 +227,61 @@ def dcgm_device_label(vendor: str | None, index: int) -> str:
     return f"nvidia{index}" if vendor in (None, "nvidia") else f"{vendor}{index}"
 
 
-def label_inputs(device: Mapping[str, Any], hostname: str | None) -> tuple[Any, ...]:
+def label_inputs(device: DeviceBrief, hostname: str | None) -> tuple[Any, ...]:
     """What a device's labels depend on: they are formatted again only when this changes."""
     return (
-        device["node"],
-        device["index"],
-        device["uuid"],
-        device.get("pci_bus_id"),
-        device.get("vendor"),
-        device.get("name"),
+        device.node,
+        device.gpu,
+        device.uuid,
+        device.pci_bus_id,
+        device.vendor,
+        device.name,
         hostname,
     )
 
 
-def device_labels(device: Mapping[str, Any], hostname: str | None) -> tuple[str, str]:
+def device_labels(device: DeviceBrief, hostname: str | None) -> tuple[str, str]:
     """The DCGM exporter's label set, in its order, and shardplane's (which adds ``node``)."""
-    node = str(device["node"])
-    index = int(device["index"])
-    host = hostname or node
+    host = hostname or device.node
     dcgm = labels(
         (
-            ("gpu", index),
-            ("UUID", device["uuid"]),
-            ("pci_bus_id", device.get("pci_bus_id") or ""),
-            ("device", dcgm_device_label(device.get("vendor"), index)),
-            ("modelName", device.get("name") or ""),
+            ("gpu", device.gpu),
+            ("UUID", device.uuid),
+            ("pci_bus_id", device.pci_bus_id or ""),
+            ("device", dcgm_device_label(device.vendor, device.gpu)),
+            ("modelName", device.name or ""),
             ("Hostname", host),
         )
     )
-    own = labels((("gpu", index), ("UUID", device["uuid"]), ("Hostname", host), ("node", node)))
+    own = labels(
+        (("gpu", device.gpu), ("UUID", device.uuid), ("Hostname", host), ("node", device.node))
+    )
     return dcgm, own
 
 
-def device_lines(device: Mapping[str, Any], dcgm: str, own: str) -> dict[str, bytes]:
-    """One line per family for one device view, given its formatted label sets; a figure the
-    device did not report has no line (as the DCGM exporter leaves out unsupported fields).
-
-    Runs for every device sample (thousands a second at scale), hence the plain-type fast
-    paths: values come from validated messages, so they are ints, floats or None."""
-    out: dict[str, bytes] = {}
-    for name, field in _DCGM_FIELDS:
-        value: Any = device.get(field)
-        kind: object = value.__class__  # bool is not int here: a flag is never a figure
-        if kind is int:
-            text = str(value // MIB if field in _MIB_FIELDS else value)
-        elif kind is float:
-            if field in _MIB_FIELDS:
-                text = str(int(value) // MIB)  # DCGM reports framebuffer figures in whole MiB
-            elif value.is_integer() and abs(value) < 1e15:
-                text = str(int(value))
-            else:
-                text = number(value)
-        else:
-            continue  # None (not reported) or anything unexpected
-        out[name] = f"{name}{dcgm} {text}".encode()
-    out["shardplane_device_up"] = (
-        f"shardplane_device_up{own} {1 if device.get('online') else 0}".encode()
-    )
-    return out
+def device_lines(device: DeviceBrief, dcgm: str, own: str) -> dict[str, bytes]:
+    """One line per family for one device, given its formatted label sets."""
+    return lines_of((DEVICE_UP,), own, device, lines_of(DCGM_FAMILIES, dcgm, device, {}))
 
 
-_DCGM_FIELDS: tuple[tuple[str, str], ...] = (
-    ("DCGM_FI_DEV_GPU_UTIL", "utilization_gpu_pct"),
-    ("DCGM_FI_DEV_MEM_COPY_UTIL", "utilization_memory_pct"),
-    ("DCGM_FI_DEV_FB_USED", "memory_used_bytes"),
-    ("DCGM_FI_DEV_FB_FREE", "memory_free_bytes"),
-    ("DCGM_FI_DEV_GPU_TEMP", "temperature_c"),
-    ("DCGM_FI_DEV_POWER_USAGE", "power_w"),
-    ("DCGM_FI_DEV_SM_CLOCK", "sm_clock_mhz"),
-    ("DCGM_FI_DEV_MEM_CLOCK", "memory_clock_mhz"),
-)
-_MIB_FIELDS = frozenset({"memory_used_bytes", "memory_free_bytes"})
-
-
-STAGE_STATES = ("pending", "loading", "loaded", "reserved", "failed", "unloaded")
-
-
-def instance_lines(instance: Mapping[str, Any]) -> dict[str, list[str]]:  # (few: text is fine)
-    """Lines per family for one instance view and its stages."""
+def instance_lines(instance: Mapping[str, Any]) -> dict[str, bytes]:
+    """Lines per family for one instance view and its stages (a family's lines joined)."""
     iid, model = instance["instance_id"], instance["model"]
-    out: dict[str, list[str]] = {}
-    inst_lab = labels((("instance", iid), ("model", model), ("state", instance["state"])))
-    out["shardplane_instance_info"] = [f"shardplane_instance_info{inst_lab} 1"]
+    out: dict[str, list[bytes]] = {}
+
+    def add(family: Family[Any], label_text: str, subject: Any) -> None:
+        line = sample(family, label_text, subject)
+        if line is not None:
+            out.setdefault(family.name, []).append(line)
+
+    add(
+        INSTANCE_INFO,
+        labels((("instance", iid), ("model", model), ("state", instance["state"]))),
+        instance,
+    )
     base = labels((("instance", iid), ("model", model)))
-    out["shardplane_instance_generation"] = [
-        f"shardplane_instance_generation{base} {int(instance['generation'])}"
-    ]
-    out["shardplane_instance_stages"] = [
-        f"shardplane_instance_stages{base} {int(instance['stage_count'])}"
-    ]
+    for family in INSTANCE_FIGURES:
+        add(family, base, instance)
     for stage in instance.get("stages") or ():
         where = (
             ("instance", iid),
@@ -186,177 +291,121 @@ def instance_lines(instance: Mapping[str, Any]) -> dict[str, list[str]]:  # (few
             ("device", stage.get("device") or ""),
         )
         for state in STAGE_STATES:
-            lab = labels((*where, ("state", state)))
-            out.setdefault("shardplane_stage_state", []).append(
-                f"shardplane_stage_state{lab} {1 if stage['state'] == state else 0}"
+            out.setdefault(STAGE_STATE.name, []).append(
+                f"{STAGE_STATE.name}{labels((*where, ('state', state)))} "
+                f"{1 if stage['state'] == state else 0}".encode()
             )
-        lab = labels(where)
-        layers = int(stage["layer_end"]) - int(stage["layer_start"])
-        out.setdefault("shardplane_stage_layers", []).append(
-            f"shardplane_stage_layers{lab} {layers}"
-        )
-        out.setdefault("shardplane_stage_memory_bytes", []).append(
-            f"shardplane_stage_memory_bytes{lab} {int(stage.get('memory_bytes') or 0)}"
-        )
-        out.setdefault("shardplane_stage_bytes_loaded", []).append(
-            f"shardplane_stage_bytes_loaded{lab} {int(stage.get('bytes_loaded') or 0)}"
-        )
-        out.setdefault("shardplane_stage_load_milliseconds", []).append(
-            f"shardplane_stage_load_milliseconds{lab} {number(float(stage.get('load_ms') or 0.0))}"
-        )
-    return out
+        stage_labels = labels(where)
+        for family in STAGE_FIGURES:
+            add(family, stage_labels, stage)
+    return {name: b"\n".join(group) for name, group in out.items()}
 
 
-def node_lines(node: Mapping[str, Any]) -> dict[str, str]:
+def node_lines(node: Mapping[str, Any]) -> dict[str, bytes]:
     lab = labels((("node", node["id"]), ("Hostname", node.get("hostname") or node["id"])))
-    return {
-        "shardplane_node_up": f"shardplane_node_up{lab} {1 if node.get('online') else 0}",
-        "shardplane_node_last_seen_timestamp_seconds": (
-            f"shardplane_node_last_seen_timestamp_seconds{lab} {number(float(node['last_seen']))}"
-        ),
-    }
+    return lines_of(NODE_FAMILIES, lab, node, {})
 
 
-def family_block(name: str, help_text: str, kind: str, lines: Iterable[str]) -> str:
-    body = "\n".join(lines)
-    head = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
-    return head + body + "\n" if body else head
+def family_head(family: Family[Any]) -> bytes:
+    return f"# HELP {family.name} {family.help}\n# TYPE {family.name} {family.type}\n".encode()
+
+
+def family_block(family: Family[Any], lines: Iterable[bytes]) -> bytes:
+    body = b"\n".join(lines)
+    return family_head(family) + body + b"\n" if body else family_head(family)
+
+
+# (family, label): the value is the count itself.
+SUMMARY_FAMILIES: tuple[tuple[Family[int], str], ...] = (
+    (
+        Family[int]("shardplane_devices", "Devices in the cluster state, by status.", "gauge", int),
+        "status",
+    ),
+    (
+        Family[int]("shardplane_nodes", "Nodes in the cluster state, by status.", "gauge", int),
+        "status",
+    ),
+    (
+        Family[int]("shardplane_instances", "Placed instances, by overall state.", "gauge", int),
+        "state",
+    ),
+)
 
 
 def summary_lines(
     devices_by_status: Mapping[str, int],
     nodes_by_status: Mapping[str, int],
     instances_by_state: Mapping[str, int],
-) -> str:
+) -> bytes:
     """Fleet counts: small, so rendered on each rebuild rather than kept per entry."""
-    blocks = [
+    counts = (devices_by_status, nodes_by_status, instances_by_state)
+    return b"".join(
         family_block(
-            "shardplane_devices",
-            "Devices in the cluster state, by status.",
-            "gauge",
-            (
-                f'shardplane_devices{{status="{s}"}} {n}'
-                for s, n in sorted(devices_by_status.items())
-            ),
-        ),
-        family_block(
-            "shardplane_nodes",
-            "Nodes in the cluster state, by status.",
-            "gauge",
-            (f'shardplane_nodes{{status="{s}"}} {n}' for s, n in sorted(nodes_by_status.items())),
-        ),
-        family_block(
-            "shardplane_instances",
-            "Placed instances, by overall state.",
-            "gauge",
-            (
-                f'shardplane_instances{{state="{s}"}} {n}'
-                for s, n in sorted(instances_by_state.items())
-            ),
-        ),
-    ]
-    return "".join(blocks)
+            family,
+            (sample(family, labels(((label, key),)), n) or b"" for key, n in sorted(by.items())),
+        )
+        for (family, label), by in zip(SUMMARY_FAMILIES, counts, strict=True)
+    )
+
+
+class LineBook:
+    """Pre-formatted lines per family, keyed by the KV key they came from.
+
+    Dicts keep insertion order and an update in place keeps a key's position, so a family's
+    block is one join rather than a format per line; it is kept until one of the family's own
+    lines changes (an unchanged line, such as a steady clock, leaves it alone)."""
+
+    def __init__(self, families: tuple[Family[Any], ...]) -> None:
+        self.families = families
+        self.lines: dict[str, dict[str, bytes]] = {f.name: {} for f in families}
+        self._blocks: dict[str, bytes] = {}
+        self.version = 0  # bumped by every change that alters a line
+
+    def set(self, key: str, lines: Mapping[str, bytes]) -> None:
+        for name, per_key in self.lines.items():
+            line = lines.get(name)
+            if per_key.get(key) == line:
+                continue
+            if line is None:
+                del per_key[key]
+            else:
+                per_key[key] = line
+            self._blocks.pop(name, None)
+            self.version += 1
+
+    def drop(self, key: str) -> None:
+        self.set(key, {})
+
+    def blocks(self) -> Iterator[bytes]:
+        """Each family's block, joined again only where a line changed since the last time."""
+        for family in self.families:
+            block = self._blocks.get(family.name)
+            if block is None:
+                block = family_block(family, self.lines[family.name].values())
+                self._blocks[family.name] = block
+            yield block
 
 
 class MetricsBook:
-    """Pre-formatted lines per family, keyed by the KV key they came from.
-
-    Dicts keep insertion order and an update in place keeps a key's position, so a scrape is a
-    join per family rather than a format per device. Device lines are bytes (8,000 devices make
-    ~70,000 of them: joining bytes skips encoding megabytes of text on every render)."""
+    """Every state family of a scrape: devices, nodes, instances and their stages."""
 
     def __init__(self) -> None:
-        self.device: dict[str, dict[str, bytes]] = {name: {} for name in DEVICE_FAMILY_NAMES}
-        self.instance: dict[str, dict[str, list[str]]] = {
-            f[0]: {} for f in (*INSTANCE_FAMILIES, *STAGE_FAMILIES)
-        }
-        self.node: dict[str, dict[str, str]] = {f[0]: {} for f in NODE_FAMILIES}
-        self._text: bytes | None = None
-        self.version = 0  # bumped by every change, so a render knows whether it is current
+        self.device = LineBook(DEVICE_FAMILIES)
+        self.node = LineBook(NODE_FAMILIES)
+        self.instance = LineBook(INSTANCE_FAMILIES)
         self.renders = 0
 
     @property
-    def dirty(self) -> bool:
-        return self._text is None
+    def version(self) -> int:
+        """Grows with every change of any line: a render knows whether it is current."""
+        return self.device.version + self.node.version + self.instance.version
 
-    def invalidate(self) -> None:
-        self._text = None
-        self.version += 1
-
-    def set_device(self, key: str, lines: Mapping[str, bytes]) -> None:
-        for name, per_key in self.device.items():
-            line = lines.get(name)
-            if line is None:
-                per_key.pop(key, None)
-            else:
-                per_key[key] = line
-        self._text = None
-        self.version += 1
-
-    def drop_device(self, key: str) -> None:
-        for per_key in self.device.values():
-            per_key.pop(key, None)
-        self._text = None
-        self.version += 1
-
-    def set_instance(self, key: str, lines: Mapping[str, list[str]]) -> None:
-        for name, per_key in self.instance.items():
-            got = lines.get(name)
-            if got:
-                per_key[key] = got
-            else:
-                per_key.pop(key, None)
-        self._text = None
-        self.version += 1
-
-    def drop_instance(self, key: str) -> None:
-        for per_key in self.instance.values():
-            per_key.pop(key, None)
-        self._text = None
-        self.version += 1
-
-    def set_node(self, key: str, lines: Mapping[str, str]) -> None:
-        for name, per_key in self.node.items():
-            line = lines.get(name)
-            if line is None:
-                per_key.pop(key, None)
-            else:
-                per_key[key] = line
-        self._text = None
-        self.version += 1
-
-    def drop_node(self, key: str) -> None:
-        for per_key in self.node.values():
-            per_key.pop(key, None)
-        self._text = None
-        self.version += 1
-
-    def parts(self, summary: Callable[[], str]) -> Iterator[bytes]:
+    def parts(self, summary: Callable[[], bytes]) -> Iterator[bytes]:
         """The scrape text, one family at a time (a caller can yield to its loop between)."""
-        yield summary().encode()
-        for name, help_text, kind in DEVICE_FAMILIES:
-            lines = self.device[name]
-            head = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode()
-            yield head + b"\n".join(lines.values()) + b"\n" if lines else head
-        text: list[str] = []
-        for name, help_text, kind in NODE_FAMILIES:
-            text.append(family_block(name, help_text, kind, self.node[name].values()))
-        for name, help_text, kind in (*INSTANCE_FAMILIES, *STAGE_FAMILIES):
-            grouped = (line for group in self.instance[name].values() for line in group)
-            text.append(family_block(name, help_text, kind, grouped))
-        yield "".join(text).encode()
+        yield summary()
+        for book in (self.device, self.node, self.instance):
+            yield from book.blocks()
 
-    def keep(self, text: bytes, version: int) -> None:
-        """Cache ``text`` as rendered at ``version``, unless something changed meanwhile."""
+    def render(self, summary: Callable[[], bytes]) -> bytes:
         self.renders += 1
-        if version == self.version:
-            self._text = text
-
-    def render(self, summary: Callable[[], str]) -> bytes:
-        """The state part of a scrape, cached until the next change."""
-        if self._text is None:
-            version = self.version
-            text = b"".join(self.parts(summary))
-            self.keep(text, version)
-            return text
-        return self._text
+        return b"".join(self.parts(summary))

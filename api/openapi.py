@@ -7,12 +7,15 @@ own views (a KV value flattened) are described as the bus type plus the fields t
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
+from api.metrics import RENDER_INTERVAL_S
+from api.state import LIST_MAX_AGE_S
 from bus.messages import (
     DeviceSample,
+    ErrorCode,
     ErrorInfo,
     InstanceState,
     NodeHeartbeat,
@@ -21,6 +24,18 @@ from bus.messages import (
 )
 
 Schema = dict[str, Any]
+
+# Codes only the API's own answers carry (a path or method that does not exist); every other
+# error code is a bus ErrorCode, so each answer to POST /api/placements decodes as a
+# PlacementReply whichever side said no.
+API_ONLY_CODES = ("not_found", "method_not_allowed")
+ERROR_CODES: tuple[str, ...] = (*get_args(ErrorCode), *API_ONLY_CODES)
+
+LIST_STALENESS = (
+    f"While the fleet changes, a list is rebuilt at most every {LIST_MAX_AGE_S:g} s, so it "
+    f"shows the cluster state as of at most {LIST_MAX_AGE_S:g} s ago (`revision` says which); "
+    "/api/events carries every change as it happens."
+)
 
 
 def _ref(name: str) -> Schema:
@@ -40,8 +55,11 @@ def _get(
     *,
     params: list[Schema] | None = None,
     errors: tuple[int, ...] = (400,),
+    description: str | None = None,
 ) -> Schema:
     op: Schema = {"summary": summary, "responses": {"200": _json(schema, "OK")}}
+    if description:
+        op["description"] = description
     for status in errors:
         op["responses"][str(status)] = ERROR
     if params:
@@ -185,7 +203,11 @@ def _components() -> Schema:
             "error": {
                 "type": "object",
                 "properties": {
-                    "code": {"type": "string"},
+                    "code": {
+                        "enum": list(ERROR_CODES),
+                        "description": "a bus ErrorCode (as the planner answers) or, for a "
+                        "path or method that does not exist, not_found / method_not_allowed",
+                    },
                     "message": {"type": "string"},
                     "field": {"type": ["string", "null"]},
                 },
@@ -196,18 +218,34 @@ def _components() -> Schema:
 
 
 def document() -> Schema:
+    # The status follows `error.code` alone (api.server.ERROR_STATUS), never the planner's
+    # Nats-Service-Error-Code header (503/507 there), so a 503 here always means no planner.
+    failed = _ref("PlacementReply")
     place_responses: Schema = {
         "200": _json(_ref("PlacementReply"), "placed (the planner's reply as is)"),
         "400": _json(
-            {"oneOf": [_ref("ApiError"), _ref("PlacementReply")]},
-            "invalid request (field named) or the planner's invalid_request",
+            {"oneOf": [_ref("ApiError"), failed]},
+            "invalid_request: the body failed validation here (`error.field` names the field) "
+            "or at the planner",
         ),
-        "404": _json(_ref("PlacementReply"), "unknown_model"),
-        "409": _json(_ref("PlacementReply"), "no_devices, insufficient_memory or conflict"),
-        "500": _json(_ref("PlacementReply"), "the planner's internal error"),
-        "502": ERROR,
-        "503": _json(_ref("ApiError"), "no planner answers placement.request"),
-        "504": _json(_ref("ApiError"), "the planner did not answer in time (or its timeout)"),
+        "404": _json(failed, "unknown_model: the planner does not know the model"),
+        "409": _json(
+            failed,
+            "no_devices, insufficient_memory or conflict: the request is valid but the fleet's "
+            "current state cannot take it (it may fit later, or with other options)",
+        ),
+        "413": _json(_ref("ApiError"), "invalid_request: the body is over 1 MiB"),
+        "500": _json(failed, "internal: the planner failed on this request"),
+        "502": _json(_ref("ApiError"), "internal: the planner's reply is not a PlacementReply"),
+        "503": _json(
+            _ref("ApiError"),
+            "unavailable: no planner answers placement.request (or the API has no NATS "
+            "connection); nothing was planned, retry later",
+        ),
+        "504": _json(
+            {"oneOf": [_ref("ApiError"), failed]},
+            "timeout: the planner did not answer in time, or gave up itself",
+        ),
     }
     text = {"text/plain": {"schema": {"type": "string"}}}
     return {
@@ -222,6 +260,7 @@ def document() -> Schema:
             "/api/gpu/devices": _get(
                 "every device with its newest figures and liveness",
                 _list("devices", _ref("DeviceView")),
+                description=LIST_STALENESS,
                 params=[
                     _param("node", "query", "only this node's devices"),
                     _param(
@@ -253,13 +292,29 @@ def document() -> Schema:
                 errors=(400, 404),
             ),
             "/api/gpu/topology": _get(
-                "nodes, devices and links (NVLink pairs, same-host PCIe, network)", _ref("Topology")
+                "nodes, devices and links (NVLink pairs, same-host PCIe, network)",
+                _ref("Topology"),
+                description=LIST_STALENESS,
             ),
-            "/api/nodes": _get("every node with its devices", _list("nodes", _ref("NodeView"))),
+            "/api/nodes": _get(
+                "every node with its devices",
+                _list("nodes", _ref("NodeView")),
+                description=LIST_STALENESS,
+            ),
             "/api/placements": {
-                **_get("every placed instance", _list("placements", _ref("PlacementView"))),
+                **_get(
+                    "every placed instance",
+                    _list("placements", _ref("PlacementView")),
+                    description=LIST_STALENESS,
+                ),
                 "post": {
                     "summary": "place a model: the body is forwarded over placement.request",
+                    "description": "Every error answer has the PlacementReply envelope "
+                    "`{ok: false, error: {code, message}}` (plus `field` when the API rejected it), "
+                    "and its status follows `error.code`: invalid_request 400 (413 for a body over "
+                    "1 MiB), unknown_model 404, no_devices / insufficient_memory / conflict 409, "
+                    "internal 500 (502 when the planner's reply is malformed), unavailable 503, "
+                    "timeout 504.",
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("PlacementRequest")}},
@@ -305,6 +360,10 @@ def document() -> Schema:
                     "summary": "Prometheus text format: DCGM exporter names and labels for GPU "
                     "figures (gpu, UUID, pci_bus_id, device, modelName, Hostname) plus node, "
                     "and shardplane_* families for liveness, placements and stages",
+                    "description": "Served from a text rendered in the background at most every "
+                    f"{RENDER_INTERVAL_S:g} s while something scrapes (gzip when asked), so the "
+                    f"figures are at most {RENDER_INTERVAL_S:g} s plus one render (well under a "
+                    "second at 8,000 devices) older than the cluster state.",
                     "responses": {"200": {"description": "OK", "content": text}},
                 }
             },

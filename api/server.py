@@ -24,35 +24,43 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BadRequestError, NotFoundError
 
-from api import openapi
+from api import metrics, openapi
 from api.errors import ApiError, request_error
 from api.state import KINDS, Change, ClusterCache, sse_event
 from bus import subjects
 from bus.ids import TOKEN_PATTERN
-from bus.messages import PlacementReply, PlacementRequest
+from bus.messages import ErrorCode, PlacementReply, PlacementRequest
 from bus.streams import CLUSTER_STATE, provision
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The longest the watch or the metrics renderer runs before letting requests in: at thousands
+# of KV changes a second their work is most of the loop's, and a request waits behind a slice.
+LOOP_SLICE_S = 0.002
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
-# The planner's error codes and the HTTP status a client should see for each. Fleet-state
-# failures (nothing fits, no devices, a concurrent placement won) are 409: the request was
-# well formed, the cluster's current state is what said no.
-ERROR_STATUS: dict[str, int] = {
+# The HTTP status for each PlacementReply error code, whoever set it (the planner, or this API
+# when the planner could not be asked). Fleet-state refusals (nothing fits, no devices, a
+# concurrent placement won) are 409: the request was well formed, the cluster's current state
+# said no, and the same request may succeed later. The planner's own Nats-Service-Error-Code
+# header (503 for no_devices, 507 for insufficient_memory) is a NATS-level hint and is not
+# used: the status comes from ``error.code`` in the body, so a 503 here always means that no
+# planner answered. Every code has a status (a test holds this table to bus ErrorCode).
+ERROR_STATUS: dict[ErrorCode, int] = {
     "invalid_request": 400,
     "unknown_model": 404,
     "no_devices": 409,
     "insufficient_memory": 409,
     "conflict": 409,
-    "timeout": 504,
     "internal": 500,
+    "unavailable": 503,
+    "timeout": 504,
 }
 
 _request_decoder = msgspec.json.Decoder(PlacementRequest)
@@ -103,7 +111,8 @@ class Hub:
 class Rendition:
     plain: bytes
     gzipped: bytes
-    own: bytes
+    own: bytes  # the API's own figures in it
+    version: int  # the MetricsBook version it shows
     built: float
 
 
@@ -157,7 +166,7 @@ async def watch_cluster_state(state: ApiState) -> None:
             watcher = await kv.watchall()
             seen: set[str] = set()
             initial = True
-            applied = 0
+            slice_start = time.perf_counter()
             async for entry in watcher:
                 if entry is None:
                     if initial:
@@ -180,11 +189,11 @@ async def watch_cluster_state(state: ApiState) -> None:
                 revision = int(entry.revision or 0)
                 change = state.cache.apply(key, entry.value, revision, deleted, replay=initial)
                 _publish(state, change)
-                applied += 1
-                if applied % 64 == 0:
+                if time.perf_counter() - slice_start > LOOP_SLICE_S:
                     # A queued entry is taken without suspending: yield now and then, or a burst
-                    # of changes would hold every request for the whole burst.
+                    # of changes would hold every request (and every body half sent) meanwhile.
                     await asyncio.sleep(0)
+                    slice_start = time.perf_counter()
             raise ConnectionError("the watch ended")
         except asyncio.CancelledError:
             raise
@@ -200,6 +209,35 @@ async def watch_cluster_state(state: ApiState) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+LARGE_BODY = 256 * 1024  # bodies above this are written in slices of this size
+
+
+async def _send(
+    request: web.Request,
+    body: bytes,
+    content_type: str = JSON,
+    headers: dict[str, str] | None = None,
+) -> web.StreamResponse:
+    """Answer 200 with ``body``; a large one (the device list is ~8 MB, a scrape ~14 MB at
+    8,000 devices) in slices of a view of it.
+
+    A plain ``web.Response`` copies such a body three times on the event loop before the
+    kernel has it (aiohttp joins headers and body on Python < 3.12.9, asyncio copies what the
+    socket did not take, then appends it to its buffer): tens of milliseconds a request under
+    load. Slices of a memoryview go to the socket as they are, and the loop serves others while
+    the client reads."""
+    if len(body) <= LARGE_BODY or request.method == "HEAD":  # (a HEAD answer has no body)
+        return web.Response(body=body, headers={"Content-Type": content_type, **(headers or {})})
+    response = web.StreamResponse(headers={"Content-Type": content_type, **(headers or {})})
+    response.content_length = len(body)
+    await response.prepare(request)
+    view = memoryview(body)
+    for at in range(0, len(body), LARGE_BODY):
+        await response.write(view[at : at + LARGE_BODY])
+    await response.write_eof()
+    return response
 
 
 def _json_response(body: bytes, status: int = 200) -> web.Response:
@@ -264,7 +302,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if not problems else 503)
 
 
-async def devices(request: web.Request) -> web.Response:
+async def devices(request: web.Request) -> web.StreamResponse:
     _check_query(request, frozenset({"node", "status"}))
     state = _state(request)
     await _synced(state)
@@ -272,7 +310,7 @@ async def devices(request: web.Request) -> web.Response:
     if status is not None and status not in ("online", "offline"):
         raise ApiError(400, "invalid_request", "`status` must be online or offline", "status")
     if node is None and status is None:
-        return _json_response(state.cache.devices_body())
+        return await _send(request, state.cache.devices_body())
     cache = state.cache
     keys = [
         k
@@ -281,7 +319,8 @@ async def devices(request: web.Request) -> web.Response:
         and (status is None or cache.briefs[k].status == status)
     ]
     head = f'{{"count":{len(keys)},"revision":{cache.revision},"devices":['.encode()
-    return _json_response(head + b",".join(cache.json["device"][k] for k in keys) + b"]}")
+    parts = cache.json["device"]
+    return await _send(request, b"".join((head, b",".join(parts[k] for k in keys), b"]}")))
 
 
 async def device(request: web.Request) -> web.Response:
@@ -333,25 +372,25 @@ async def history(request: web.Request) -> web.Response:
     return _json_response(_json.encode({"points": cache.history.points, "devices": out}))
 
 
-async def topology(request: web.Request) -> web.Response:
+async def topology(request: web.Request) -> web.StreamResponse:
     _check_query(request, frozenset())
     state = _state(request)
     await _synced(state)
-    return _json_response(state.cache.topology_body())
+    return await _send(request, state.cache.topology_body())
 
 
-async def nodes(request: web.Request) -> web.Response:
+async def nodes(request: web.Request) -> web.StreamResponse:
     _check_query(request, frozenset())
     state = _state(request)
     await _synced(state)
-    return _json_response(state.cache.nodes_body())
+    return await _send(request, state.cache.nodes_body())
 
 
-async def placements(request: web.Request) -> web.Response:
+async def placements(request: web.Request) -> web.StreamResponse:
     _check_query(request, frozenset())
     state = _state(request)
     await _synced(state)
-    return _json_response(state.cache.placements_body())
+    return await _send(request, state.cache.placements_body())
 
 
 async def placement(request: web.Request) -> web.Response:
@@ -387,14 +426,18 @@ async def place(request: web.Request) -> web.Response:
     if parsed.time_limit_s is not None:
         timeout = max(timeout, parsed.time_limit_s + 10.0)
     try:
+        if not state.nc.is_connected:
+            # Reconnecting: a request would wait out its whole timeout in nats-py's buffer.
+            raise ConnectionClosedError
         msg = await state.nc.request(subjects.PLACEMENT_REQUEST, raw, timeout=timeout)
-    except NoRespondersError:
+    except (NoRespondersError, ConnectionClosedError) as exc:
         state.placement_requests["unavailable"] += 1
-        raise ApiError(
-            503,
-            "unavailable",
-            "no planner answers placement.request; is `shardplane planner` running?",
-        ) from None
+        why = (
+            "no planner answers placement.request; is `shardplane planner` running?"
+            if isinstance(exc, NoRespondersError)
+            else "the API is not connected to NATS; retry in a moment"
+        )
+        raise ApiError(503, "unavailable", why) from None
     except NatsTimeoutError:
         state.placement_requests["timeout"] += 1
         raise ApiError(
@@ -410,9 +453,9 @@ async def place(request: web.Request) -> web.Response:
     if reply.ok:
         state.placement_requests["ok"] += 1
         return _json_response(msg.data, 200)
-    code = reply.error.code if reply.error is not None else "internal"
+    code: ErrorCode = reply.error.code if reply.error is not None else "internal"
     state.placement_requests[code] += 1
-    return _json_response(msg.data, ERROR_STATUS.get(code, 500))
+    return _json_response(msg.data, ERROR_STATUS[code])
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -507,36 +550,40 @@ def own_metrics(state: ApiState) -> bytes:
 
 
 async def render_metrics(state: ApiState) -> Rendition:
-    """Render the scrape text and its gzip form once, for every scrape until the next change.
+    """Render the scrape text and its gzip form once, for every scrape until the next render.
 
-    At 8,000 devices the text is ~14 MB: formatting the changed devices, joining the families
-    and compressing take tens to hundreds of milliseconds, so they happen here, at most once
-    per ``metrics_interval_s`` and in slices that yield to the event loop (the compression in
-    a thread: zlib releases the GIL), never on a scrape's path. Scrapes see figures at most
-    that old, well inside any scrape interval (the DCGM exporter collects every 30 s)."""
+    At 8,000 devices the text is ~14 MB: formatting the changed devices, joining the changed
+    families and compressing take tens of milliseconds, so they happen here, at most once per
+    ``metrics_interval_s``, in slices that yield to the event loop, the big join and the
+    compression in a thread (both release the GIL), never on a scrape's path. A scrape sees
+    figures at most ``metrics_interval_s`` plus one render old, well inside any scrape interval
+    (the DCGM exporter itself collects every 30 s). Changes that land mid-render are in the next
+    one: under constant churn no text is ever "current", and redoing it would only cost more."""
     cache = state.cache
-    version: int = -1
+    slice_start = time.perf_counter()
+    while cache.format_stale(64):
+        if time.perf_counter() - slice_start > LOOP_SLICE_S:
+            await asyncio.sleep(0)  # the watch and requests run between slices
+            slice_start = time.perf_counter()
+    version = cache.metrics.version
     parts: list[bytes] = []
-    for _ in range(3):  # a busy fleet may change mid-render: then the text is redone once more
-        remaining = cache.format_stale(256)
-        while remaining:
-            await asyncio.sleep(0)  # a slice at a time; the watch and requests run between
-            remaining = cache.format_stale(256)
-        version = cache.metrics.version
-        parts = []
-        for part in cache.metrics.parts(cache.summary_metrics):
-            parts.append(part)
-            await asyncio.sleep(0)
-        if not cache.format_stale(0):
-            break
-    text = b"".join(parts)
-    cache.metrics.keep(text, version)
+    for part in cache.metrics.parts(cache.summary_metrics):
+        parts.append(part)
+        await asyncio.sleep(0)
+    cache.metrics.renders += 1
     own = own_metrics(state)
-    plain = text + own
-    gzipped = await asyncio.to_thread(gzip.compress, plain, 1)
-    rendition = Rendition(plain=plain, gzipped=gzipped, own=own, built=time.monotonic())
+    parts.append(own)
+    plain, gzipped = await asyncio.to_thread(_join_and_compress, parts)
+    rendition = Rendition(
+        plain=plain, gzipped=gzipped, own=own, version=version, built=time.monotonic()
+    )
     state.metrics = rendition
     return rendition
+
+
+def _join_and_compress(parts: list[bytes]) -> tuple[bytes, bytes]:
+    plain = b"".join(parts)
+    return plain, gzip.compress(plain, 1)
 
 
 SCRAPED_RECENTLY_S = 300.0  # keep the rendition fresh only while something scrapes
@@ -548,14 +595,14 @@ async def refresh_metrics(state: ApiState, interval_s: float) -> None:
         held = state.metrics
         if held is None or time.monotonic() - state.last_scrape > SCRAPED_RECENTLY_S:
             continue  # nobody scrapes: render on the next scrape, not for nobody
-        if state.cache.metrics_dirty or own_metrics(state) != held.own:
+        if state.cache.metrics_dirty(held.version) or own_metrics(state) != held.own:
             try:
                 await render_metrics(state)
             except Exception:
                 log.exception("rendering /metrics failed")
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
     _check_query(request, frozenset())
     state = _state(request)
     await _synced(state)
@@ -563,11 +610,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     rendition = state.metrics
     if rendition is None or time.monotonic() - rendition.built > SCRAPED_RECENTLY_S:
         rendition = await render_metrics(state)  # the first scrape in a while pays once
-    headers = {"Content-Type": PROMETHEUS, "Vary": "Accept-Encoding"}
     if "gzip" in request.headers.get("Accept-Encoding", "").lower():
-        headers["Content-Encoding"] = "gzip"
-        return web.Response(body=rendition.gzipped, headers=headers)
-    return web.Response(body=rendition.plain, headers=headers)
+        headers = {"Vary": "Accept-Encoding", "Content-Encoding": "gzip"}
+        return await _send(request, rendition.gzipped, PROMETHEUS, headers)
+    return await _send(request, rendition.plain, PROMETHEUS, {"Vary": "Accept-Encoding"})
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
@@ -594,10 +640,11 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status, "invalid_request"
-        )
-        body = ApiError(exc.status, code, exc.reason).body()
+        # A body over the limit is an invalid request (413, code invalid_request), so that every
+        # answer to POST /api/placements carries a bus ErrorCode; aiohttp's text names the sizes.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid_request")
+        message = exc.text if exc.status == 413 and exc.text else exc.reason
+        body = ApiError(exc.status, code, message).body()
         return web.Response(body=body, status=exc.status, content_type=JSON, headers=_allow(exc))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -617,7 +664,7 @@ def make_app(
     *,
     request_timeout_s: float = 30.0,
     history_points: int = 150,
-    metrics_interval_s: float = 1.0,
+    metrics_interval_s: float = metrics.RENDER_INTERVAL_S,
 ) -> web.Application:
     """The whole API on one NATS connection; the watch runs while the app runs."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)

@@ -1,10 +1,11 @@
 """The API's in-memory copy of the ``cluster_state`` bucket, fed one KV entry at a time.
 
 Every request is served from here, never from a KV scan: at 8,000 devices a scan costs
-seconds, and a watch costs one message per change. Each change is decoded and validated once,
-turned into its API view, encoded to JSON once (that same byte string goes into the list
-responses and into the server-sent event), and formatted into Prometheus lines once. List
-bodies are joined lazily on the first request after a change and cached until the next one.
+seconds, and a watch costs one message per change. Each change is decoded and validated once
+and encoded to JSON once (that same byte string goes into the list responses and into the
+server-sent event); a device's Prometheus lines are formatted at the next render after it
+changed. List bodies are joined lazily on a request and kept until their contents change, and
+while they keep changing are rebuilt at most every LIST_MAX_AGE_S (0.25 s).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import msgspec
 
 from api import metrics
 from api.views import (
+    DeviceBrief,
     View,
     build_topology,
-    device_view,
+    device_brief,
+    device_json,
     instance_view,
     node_summaries,
     node_view,
@@ -41,39 +44,13 @@ PREFIX: dict[str, Kind] = {"devices.": "device", "nodes.": "node", "instances.":
 _json = msgspec.json.Encoder()
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode
 
-
-class DeviceBrief(NamedTuple):
-    """What the API needs of a device besides its JSON: sort keys, liveness, the sums.
-
-    A tuple of plain values is not tracked by Python's cycle collector, where a dict view per
-    device (8,000 of them, replaced every few seconds) made each full collection pause the
-    event loop for ~40 ms; the full view lives on as its encoded JSON only."""
-
-    id: str
-    node: str
-    gpu: int  # the device index ("index" would shadow tuple.index)
-    status: str
-    online: bool
-    last_seen: float
-    memory_total_bytes: int
-    memory_used_bytes: int
-    memory_free_bytes: int
-    power_w: float
-
-    @classmethod
-    def of(cls, view: View) -> DeviceBrief:
-        return cls(
-            str(view["id"]),
-            str(view["node"]),
-            int(view["index"]),
-            str(view["status"]),
-            bool(view["online"]),
-            float(view["last_seen"]),
-            int(view.get("memory_total_bytes") or 0),
-            int(view.get("memory_used_bytes") or 0),
-            int(view.get("memory_free_bytes") or 0),
-            float(view.get("power_w") or 0.0),
-        )
+# How stale a list answer (devices, nodes, placements, topology) may be while the fleet
+# changes. At 8,000 devices a list body is megabytes joined from per-entry JSON (the nodes and
+# the topology are computed afresh), and under constant change every request would rebuild it:
+# instead a changed body is rebuilt on a request at most this often, so a list shows the cache
+# as of at most this long ago. An unchanged body is served as built; single-entry answers and
+# the event stream (which carries every change) are never held back.
+LIST_MAX_AGE_S = 0.25
 
 
 def kind_of(key: str) -> Kind | None:
@@ -127,8 +104,8 @@ class History:
         self._count: dict[str, int] = {}
         self._last_ts: dict[str, float] = {}
 
-    def record(self, key: str, view: View) -> None:
-        ts = float(view.get("ts") or 0.0)
+    def record(self, key: str, device: DeviceBrief) -> None:
+        ts = device.ts
         if ts <= self._last_ts.get(key, float("-inf")):
             return  # the same sample again (a liveness-only update), or an older one replayed
         self._last_ts[key] = ts
@@ -138,16 +115,12 @@ class History:
             self._rings[key] = ring
             self._next[key] = 0
             self._count[key] = 0
-        nan = float("nan")
-        row = (
-            ts - self.base,
-            _num(view.get("utilization_gpu_pct"), nan),
-            _num(view.get("memory_used_bytes"), nan),
-            _num(view.get("temperature_c"), nan),
-            _num(view.get("power_w"), nan),
-        )
         at = self._next[key] * len(self.FIELDS)
-        ring[at], ring[at + 1], ring[at + 2], ring[at + 3], ring[at + 4] = row
+        ring[at] = ts - self.base
+        ring[at + 1] = _num(device.utilization_gpu_pct)
+        ring[at + 2] = _num(device.memory_used_bytes)
+        ring[at + 3] = _num(device.temperature_c)
+        ring[at + 4] = _num(device.power_w)
         self._next[key] = (self._next[key] + 1) % self.points
         self._count[key] = min(self._count[key] + 1, self.points)
 
@@ -176,14 +149,15 @@ class History:
         return out
 
 
-def _num(value: Any, default: float) -> float:
-    return (
-        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-    )
+_NAN = float("nan")
+
+
+def _num(value: float | None) -> float:
+    return _NAN if value is None else value
 
 
 class ClusterCache:
-    def __init__(self, history_points: int = 150) -> None:
+    def __init__(self, history_points: int = 150, max_age_s: float = LIST_MAX_AGE_S) -> None:
         # Nodes and instances as views (few); devices as briefs plus JSON (see DeviceBrief).
         self.views: dict[Kind, dict[str, View]] = {k: {} for k in KINDS}
         self.briefs: dict[str, DeviceBrief] = {}
@@ -201,7 +175,9 @@ class ClusterCache:
         self._metrics_stale: set[str] = set()  # devices whose lines are not formatted yet
         self._topo_sigs: dict[str, tuple[Any, ...]] = {}
         self._sorted: dict[Kind, list[str] | None] = {k: None for k in KINDS}
-        self._bodies: dict[str, bytes] = {}
+        self.max_age_s = max_age_s
+        self._bodies: dict[str, tuple[bytes, float]] = {}  # name -> (body, monotonic built)
+        self._changed: set[str] = set()  # bodies whose contents changed since they were built
 
     # --- applying changes --------------------------------------------------------------------
 
@@ -228,55 +204,58 @@ class ClusterCache:
         if deleted or not value:
             return self._delete(kind, key, revision)
         try:
-            view = self._decode(kind, value, revision)
+            if kind == "device":
+                return self._put_device(key, codec.decode(DeviceState, value), revision)
+            view = (
+                node_view(codec.decode(NodeState, value), revision)
+                if kind == "node"
+                else instance_view(codec.decode(InstanceState, value), revision)
+            )
         except codec.DecodeError as exc:
             self.invalid += 1
             log.warning("cluster_state %s: %s", key, exc)
             return None
+        return self._put_view(kind, key, view, revision)
+
+    def _stored(self, kind: Kind, key: str, encoded: bytes, revision: int) -> None:
         self.revisions[key] = revision
         self.updates += 1
-        encoded = _json.encode(view)
-        is_new = key not in self.json[kind]
-        if kind == "device":
-            self.briefs[key] = DeviceBrief.of(view)
-        else:
-            self.views[kind][key] = view
-        self.json[kind][key] = encoded
-        if is_new:
+        if key not in self.json[kind]:
             self._sorted[kind] = None
-        self._after_put(kind, key, view)
-        return self._change(kind, "put", key, str(view["id"]), revision, encoded)
+        self.json[kind][key] = encoded
+        self._changed.add(kind)
 
-    def _decode(self, kind: Kind, value: bytes, revision: int) -> View:
-        if kind == "device":
-            return device_view(codec.decode(DeviceState, value), revision)
+    def _put_device(self, key: str, state: DeviceState, revision: int) -> Change:
+        """A device sample, thousands a second at scale: everything is read off the message
+        (no view dict), and its metric lines are formatted at the next render, not here: a
+        device sampled every 2 s is then formatted once per render, or never without scrapes."""
+        brief = device_brief(state)
+        encoded = device_json(state, revision)
+        self._stored("device", key, encoded, revision)
+        self.briefs[key] = brief
+        self._node_devices.setdefault(brief.node, set()).add(key)
+        self._metrics_stale.add(key)
+        self.history.record(key, brief)
+        self._changed.add("node")
+        sig = topology_signature(state)
+        if self._topo_sigs.get(key) != sig:
+            self._topo_sigs[key] = sig
+            self._changed.add("topology")
+        return Change("device", "put", key, brief.id, revision, encoded)
+
+    def _put_view(self, kind: Kind, key: str, view: View, revision: int) -> Change:
+        """A node heartbeat or an instance: few, so kept as views and formatted at once."""
+        encoded = _json.encode(view)
+        self._stored(kind, key, encoded, revision)
+        self.views[kind][key] = view
         if kind == "node":
-            return node_view(codec.decode(NodeState, value), revision)
-        return instance_view(codec.decode(InstanceState, value), revision)
-
-    def _after_put(self, kind: Kind, key: str, view: View) -> None:
-        self._bodies.pop(kind, None)
-        if kind == "device":
-            node = str(view["node"])
-            self._node_devices.setdefault(node, set()).add(key)
-            # Lines are formatted at the next render, not here: a device sampled every 2 s
-            # is then formatted once per scrape (every 15-60 s), or never without Prometheus.
-            self._metrics_stale.add(key)
-            self.metrics.invalidate()
-            self.history.record(key, view)
-            self._bodies.pop("node", None)
-            sig = topology_signature(view)
-            if self._topo_sigs.get(key) != sig:
-                self._topo_sigs[key] = sig
-                self._bodies.pop("topology", None)
-        elif kind == "node":
             node = str(view["id"])
             hostname = str(view.get("hostname") or "") or node
             if self._hostnames.get(node) != hostname:
                 self._hostnames[node] = hostname
                 # The device lines carry the Hostname label: format this node's devices again.
                 self._metrics_stale.update(self._node_devices.get(node, ()))
-            self.metrics.set_node(key, metrics.node_lines(view))
+            self.metrics.node.set(key, metrics.node_lines(view))
             sig = (
                 view["status"],
                 view.get("hostname"),
@@ -285,19 +264,21 @@ class ClusterCache:
             )
             if self._topo_sigs.get(key) != sig:
                 self._topo_sigs[key] = sig
-                self._bodies.pop("topology", None)
+                self._changed.add("topology")
         else:
-            self.metrics.set_instance(key, metrics.instance_lines(view))
+            self.metrics.instance.set(key, metrics.instance_lines(view))
+        return Change(kind, "put", key, str(view["id"]), revision, encoded)
 
-    def _set_device_metrics(self, key: str, view: View, hostname: str | None) -> None:
+    def _set_device_metrics(self, key: str, device: DeviceBrief) -> None:
         # Formatting the six DCGM labels is most of a line's cost and they almost never change:
         # keep them per device and format again only when what they show changes.
-        inputs = metrics.label_inputs(view, hostname)
+        hostname = self._hostnames.get(device.node)
+        inputs = metrics.label_inputs(device, hostname)
         held = self._labels.get(key)
         if held is None or held[0] != inputs:
-            held = (inputs, *metrics.device_labels(view, hostname))
+            held = (inputs, *metrics.device_labels(device, hostname))
             self._labels[key] = held
-        self.metrics.set_device(key, metrics.device_lines(view, held[1], held[2]))
+        self.metrics.device.set(key, metrics.device_lines(device, held[1], held[2]))
 
     def _delete(self, kind: Kind, key: str, revision: int) -> Change | None:
         self.revisions[key] = revision
@@ -309,33 +290,22 @@ class ClusterCache:
         ident = brief.id if brief is not None else str(view["id"]) if view is not None else key
         self.updates += 1
         self._sorted[kind] = None
-        self._bodies.pop(kind, None)
-        self._bodies.pop("topology", None)
+        self._changed.add(kind)
+        self._changed.add("topology")
         self._topo_sigs.pop(key, None)
         if kind == "device":
             if brief is not None:
                 self._node_devices.get(brief.node, set()).discard(key)
-            self.metrics.drop_device(key)
+            self.metrics.device.drop(key)
             self._metrics_stale.discard(key)
             self._labels.pop(key, None)
             self.history.drop(key)
-            self._bodies.pop("node", None)
+            self._changed.add("node")
         elif kind == "node":
-            self.metrics.drop_node(key)
+            self.metrics.node.drop(key)
         else:
-            self.metrics.drop_instance(key)
-        return self._change(kind, "delete", key, ident, revision, b"null")
-
-    def _change(
-        self,
-        kind: Kind,
-        op: Literal["put", "delete"],
-        key: str,
-        ident: str,
-        revision: int,
-        value: bytes,
-    ) -> Change:
-        return Change(kind, op, key, ident, revision, value)
+            self.metrics.instance.drop(key)
+        return Change(kind, "delete", key, ident, revision, b"null")
 
     def forget_missing(self, seen: set[str]) -> list[Change]:
         """After a re-watch: drop what vanished from the bucket while the watch was down."""
@@ -362,10 +332,15 @@ class ClusterCache:
         return keys
 
     def _cached(self, name: str, build: Callable[[], bytes]) -> bytes:
-        body = self._bodies.get(name)
-        if body is None:
-            body = build()
-            self._bodies[name] = body
+        """The body ``name`` as last built, rebuilt when its contents changed, but at most once
+        per ``max_age_s``: see LIST_MAX_AGE_S."""
+        held = self._bodies.get(name)
+        now = time.monotonic()
+        if held is not None and (name not in self._changed or now - held[1] < self.max_age_s):
+            return held[0]
+        self._changed.discard(name)
+        body = build()
+        self._bodies[name] = (body, now)
         return body
 
     def devices_body(self) -> bytes:
@@ -373,7 +348,7 @@ class ClusterCache:
             parts = self.json["device"]
             keys = self.sorted_keys("device")
             head = f'{{"count":{len(keys)},"revision":{self.revision},"devices":['.encode()
-            return head + b",".join(parts[k] for k in keys) + b"]}"
+            return b"".join((head, b",".join(map(parts.__getitem__, keys)), b"]}"))
 
         return self._cached("device", build)
 
@@ -404,7 +379,7 @@ class ClusterCache:
             parts = self.json["instance"]
             keys = self.sorted_keys("instance")
             head = f'{{"count":{len(keys)},"revision":{self.revision},"placements":['.encode()
-            return head + b",".join(parts[k] for k in keys) + b"]}"
+            return b"".join((head, b",".join(map(parts.__getitem__, keys)), b"]}"))
 
         return self._cached("instance", build)
 
@@ -422,7 +397,7 @@ class ClusterCache:
     def device_json(self, node: str, index: int) -> bytes | None:
         return self.json["device"].get(f"devices.{node}.{index}")
 
-    def summary_metrics(self) -> str:
+    def summary_metrics(self) -> bytes:
         devices = Counter(b.status for b in self.briefs.values())
         nodes = Counter(str(v["status"]) for v in self.views["node"].values())
         instances = Counter(str(v["state"]) for v in self.views["instance"].values())
@@ -434,23 +409,22 @@ class ClusterCache:
     def format_stale(self, limit: int | None = None) -> int:
         """Format the lines of up to ``limit`` changed devices; returns how many remain.
 
-        In slices, so the server can yield to its event loop between them: all 8,000 devices
-        at once take a few hundred milliseconds on a busy machine."""
-        parts = self.json["device"]
+        In slices, so the server can yield to its event loop between them: every device of a
+        big fleet at once would hold the loop for tens of milliseconds."""
         stale = self._metrics_stale
-        count = len(stale) if limit is None else min(limit, len(stale))
-        for _ in range(count):
+        briefs = self.briefs
+        for _ in range(len(stale) if limit is None else min(limit, len(stale))):
             key = stale.pop()
-            raw = parts.get(key)
-            if raw is not None:
-                view = _json_decode(raw)
-                self._set_device_metrics(key, view, self._hostnames.get(str(view["node"])))
+            brief = briefs.get(key)
+            if brief is not None:
+                self._set_device_metrics(key, brief)
         return len(stale)
 
-    @property
-    def metrics_dirty(self) -> bool:
-        return bool(self._metrics_stale) or self.metrics.dirty
+    def metrics_dirty(self, version: int) -> bool:
+        """Whether the scrape text rendered at ``version`` is out of date."""
+        return bool(self._metrics_stale) or self.metrics.version != version
 
     def metrics_body(self) -> bytes:
+        """The state part of a scrape, rendered at once (the server renders it in slices)."""
         self.format_stale()
         return self.metrics.render(self.summary_metrics)

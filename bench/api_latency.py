@@ -9,7 +9,9 @@ headline figure) and as Prometheus scrapes it (``Accept-Encoding: gzip``, <1 MB)
 
 1. steady: nothing changes while measuring (cached bodies are served as they are);
 2. churn: a writer process updates every device once per 4 s (2,000 KV puts/s) meanwhile, so
-   most requests find the cache changed and rebuild the body first (the realistic case).
+   every request finds the cache changed (the realistic case): the API applies each change as
+   it comes, rebuilds the device list at most every 0.25 s and the scrape text at most every
+   1 s (its documented staleness bounds), and must still answer within the target.
 
 The floor, measured in the same run: ``GET /healthz`` (the HTTP round trip with no body) and
 one KV scan of the bucket (keys + get each), which is what a scan-per-request API would pay.
@@ -370,10 +372,15 @@ def print_table(result: dict[str, object]) -> None:
         f"metrics {result['metrics_p99_ms']} ms, {result['metrics_gzip_p99_ms']} ms as Prometheus "
         "scrapes it, gzip)."
     )
+    churn_ok = all(
+        float(result[k]) <= TARGET_P99_MS  # type: ignore[arg-type]
+        for k in ("devices_p99_ms_churn", "metrics_p99_ms_churn")
+    )
     print(
         f"while the fleet changes (2,000 KV puts/s from another process on this machine; load "
-        f"average {result['load_average']}): devices p99 {result['devices_p99_ms_churn']} ms, "
-        f"metrics {result['metrics_p99_ms_churn']} ms, gzip {result['metrics_gzip_p99_ms_churn']} ms."
+        f"average {result['load_average']}): {'met' if churn_ok else 'MISSED'} (devices p99 "
+        f"{result['devices_p99_ms_churn']} ms, metrics {result['metrics_p99_ms_churn']} ms, "
+        f"gzip {result['metrics_gzip_p99_ms_churn']} ms)."
     )
 
 

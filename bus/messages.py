@@ -196,6 +196,7 @@ ErrorCode = Literal[
     "timeout",
     "conflict",
     "internal",
+    "unavailable",  # no planner answered (the API's 503): retry later, nothing was planned
 ]
 
 

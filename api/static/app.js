@@ -42,6 +42,13 @@ function s(tag, attrs, ...children) {
 const GIB = 1024 ** 3;
 const gib = (b) => (b === null || b === undefined ? "–" : (b / GIB).toFixed(b >= 100 * GIB ? 0 : 1));
 const num = (v, digits = 0) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+// A stage holds the half-open range [layer_start, layer_end). Written as is, neighbours read
+// "L0–4, L4–15", as if layer 4 were held twice: show the layers held, first to last inclusive.
+const layerRange = (st) => {
+  const last = st.layer_end - 1;
+  if (last < st.layer_start) return "no layers";
+  return last === st.layer_start ? `L${last}` : `L${st.layer_start}–${last}`;
+};
 function ago(ts) {
   if (!ts) return "never";
   const s = Math.max(0, Date.now() / 1000 - ts);
@@ -407,10 +414,10 @@ function planView(stages, layersTotal) {
     for (let l = st.layer_start; l < st.layer_end; l++) {
       strip.append(h("i", { class: status, style: `background:${color}`, title: `layer ${l} · ${st.device} · ${status}` }));
     }
-    const tip = `stage ${st.stage ?? i} · ${st.device || st.node} · layers ${st.layer_start}–${st.layer_end} (${n})${st.state ? ` · ${st.state}` : ""}${st.reason ? ` · ${st.reason}` : ""}`;
+    const tip = `stage ${st.stage ?? i} · ${st.device || st.node} · ${layerRange(st)} (${n} layer${n === 1 ? "" : "s"})${st.state ? ` · ${st.state}` : ""}${st.reason ? ` · ${st.reason}` : ""}`;
     perStage.append(h("div", { style: `flex:${Math.max(n, 0.001)};border-color:${color}`, title: tip, "data-stage": st.stage ?? i, "data-device-id": st.device || "" },
       h("b", {}, `${st.device || st.node}`),
-      h("span", {}, `L${st.layer_start}–${st.layer_end} `),
+      h("span", { class: "range" }, `${layerRange(st)} `),
       st.state ? h("span", { class: `st st-${st.state}` }, st.state) : (st.gpu ? h("span", {}, st.gpu) : null),
       st.reason ? h("span", { title: st.reason }, ` ${st.reason}`) : null,
     ));
@@ -483,7 +490,7 @@ function showReply(status, reply) {
     h("table", {},
       h("thead", {}, h("tr", {}, ...["stage", "device", "GPU", "layers", "weights GiB", "KV GiB", "stage ms", "hop ms"].map((t) => h("th", {}, t)))),
       h("tbody", {}, ...stages.map((st, i) => h("tr", {},
-        h("td", {}, i), h("td", {}, st.device), h("td", {}, st.gpu), h("td", {}, `${st.layer_start}–${st.layer_end}`),
+        h("td", {}, i), h("td", {}, st.device), h("td", {}, st.gpu), h("td", { class: "range" }, layerRange(st)),
         h("td", { class: "num" }, gib(st.weight_bytes)), h("td", { class: "num" }, gib(st.kv_bytes)),
         h("td", { class: "num" }, num(st.stage_ms, 3)), h("td", { class: "num" }, num(st.hop_ms, 3)))))),
   );

@@ -7,17 +7,19 @@ import asyncio
 import itertools
 import json
 import time
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.server import make_app, start_app
+from api.server import LARGE_BODY, make_app, start_app
 from bus import codec, subjects
-from tests.api.fleet import FLEET, GIB, instance_state, put_device, uuid_of
+from bus.messages import ErrorCode, PlacementReply
+from tests.api.fleet import FLEET, GIB, Gpu, instance_state, put_device, uuid_of
 
 AGENT_INTERVAL_S = 2.0  # the simulated agents' default sample interval
 
@@ -74,6 +76,44 @@ async def test_devices_every_device_with_figures(api_url: str, http: aiohttp.Cli
     assert (status, body["count"]) == (200, 0)
     status, body = await get(http, api_url + "/api/gpu/devices/rig-c/1")
     assert (status, body["name"]) == (200, "Tesla P40")
+
+
+async def test_large_bodies_stream_whole_and_head_has_none(
+    api_url: str, http: aiohttp.ClientSession, fleet_kv: KeyValue
+) -> None:
+    """A big fleet's lists and scrape go out in slices (over LARGE_BODY): whole, parseable,
+    keep-alive intact, and a HEAD answer has the length but no body."""
+    big = [
+        Gpu(f"big-{n:03d}", i, "NVIDIA H100", "nvidia", 80, 3350.0, f"0000:{i:02x}:00.0")
+        for n in range(60)
+        for i in range(8)
+    ]
+    await asyncio.gather(*(put_device(fleet_kv, gpu) for gpu in big))
+    want = len(FLEET) + len(big)
+
+    async def all_there() -> None:
+        _, body = await get(http, api_url + "/api/gpu/devices")
+        assert body["count"] == want == len(body["devices"])
+
+    await eventually(all_there, 10.0)
+    async with http.get(api_url + "/api/gpu/devices") as r:
+        raw = await r.read()
+    assert len(raw) > LARGE_BODY and int(r.headers["Content-Length"]) == len(raw)
+    assert json.loads(raw)["devices"][-1]["id"] == "rig-d/1"
+    async with http.head(api_url + "/api/gpu/devices") as r:
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(raw)
+        assert await r.read() == b""
+
+    async def scraped() -> None:
+        async with http.get(api_url + "/metrics") as r:
+            text = await r.text()
+        assert len(text) > LARGE_BODY
+        util = next(
+            f for f in text_string_to_metric_families(text) if f.name == "DCGM_FI_DEV_GPU_UTIL"
+        )
+        assert len(util.samples) == want
+
+    await eventually(scraped, 5.0)
 
 
 async def test_device_goes_offline(
@@ -169,6 +209,13 @@ async def test_health_ready_openapi(api_url: str, http: aiohttp.ClientSession) -
         assert path in doc["paths"], path
     assert "post" in doc["paths"]["/api/placements"]
     assert "PlacementRequest" in doc["components"]["schemas"]
+    # Every code the API answers with is a documented value, the planner's and its own.
+    codes = doc["components"]["schemas"]["ApiError"]["properties"]["error"]["properties"]["code"]
+    assert set(get_args(ErrorCode)) | {"not_found", "method_not_allowed"} == set(codes["enum"])
+    place = doc["paths"]["/api/placements"]["post"]["responses"]
+    assert {"400", "404", "409", "413", "503", "504"} <= set(place)
+    assert "unavailable" in place["503"]["description"]
+    assert "0.25 s" in doc["paths"]["/api/gpu/devices"]["get"]["description"]
 
 
 async def test_readyz_not_ready_without_nats(
@@ -185,6 +232,12 @@ async def test_readyz_not_ready_without_nats(
         assert status == 503 and ready["ready"] is False
         assert "NATS is not connected" in ready["problems"]
         assert (await get(http, url + "/healthz"))[0] == 200  # alive, just not ready
+        # A placement cannot reach any planner: 503 at once, not after the request timeout.
+        started = time.monotonic()
+        status, reply = await post(http, url + "/api/placements", '{"model": "llama-3.1-8b"}')
+        assert (status, reply["error"]["code"]) == (503, "unavailable")
+        assert "not connected to NATS" in reply["error"]["message"]
+        assert time.monotonic() - started < 2.0
     finally:
         await runner.cleanup()
 
@@ -365,8 +418,12 @@ async def test_post_placement_end_to_end(
 async def test_post_placement_without_planner_is_503(
     api_url: str, http: aiohttp.ClientSession
 ) -> None:
-    status, reply = await post(http, api_url + "/api/placements", '{"model": "llama-3.1-8b"}')
-    assert status == 503 and reply["error"]["code"] == "unavailable"
+    async with http.post(api_url + "/api/placements", data='{"model": "llama-3.1-8b"}') as r:
+        status, raw = r.status, await r.read()
+    # The envelope and the code are the planner's own: a client decodes one type either way.
+    reply = msgspec.json.decode(raw, type=PlacementReply)
+    assert status == 503 and reply.error is not None and reply.error.code == "unavailable"
+    assert "no planner answers placement.request" in reply.error.message
 
 
 @pytest.mark.parametrize(
@@ -421,7 +478,9 @@ async def test_nothing_a_client_sends_crashes_the_server(
     async with http.post(
         api_url + "/api/placements", data=b"{" + b" " * (2 * 1024 * 1024) + b"}"
     ) as r:
-        assert r.status == 413
+        err = await r.json()
+        assert r.status == 413 and err["error"]["code"] == "invalid_request"
+        assert "1048576" in err["error"]["message"]  # the limit, named
     # A value in the bucket that is not a DeviceState is skipped and counted, not fatal.
     await fleet_kv.put("devices.rig-z.0", b"\x00 not msgpack")
 

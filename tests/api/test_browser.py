@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js.kv import KeyValue
@@ -24,6 +25,12 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+def inclusive(stage: dict[str, Any]) -> str:
+    """How the page writes a stage's half-open [layer_start, layer_end): first to last held."""
+    first, last = int(stage["layer_start"]), int(stage["layer_end"]) - 1
+    return f"L{first}" if first == last else f"L{first}\u2013{last}"
 
 
 def chromium_path() -> str | None:
@@ -84,6 +91,12 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
             result = page.locator("#place-result")
             await expect(result.locator(".ok")).to_contain_text("Placed llama-3.1-8b")
             await expect(result.locator("#reply-plan .layers > i")).to_have_count(32)
+            # Ranges read inclusively, so neighbours never seem to share a layer: the wire's
+            # half-open [0, 16) and [16, 32) show as L0 to 15 and L16 to 31, not 0-16, 16-32.
+            ranges = [inclusive(st) for st in reply["stages"]]
+            assert ranges[0].startswith("L0") and ranges[-1].endswith("31"), ranges
+            await expect(result.locator("#reply-plan .stages .range")).to_have_text(ranges)
+            await expect(result.locator("table td.range")).to_have_text(ranges)
 
             # The projector's view of that instance (written as the projector would): the
             # placements panel draws it layer by layer with each stage's status.
@@ -92,6 +105,7 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
             drawn = page.locator(f'#placements .placement[data-instance-id="{inst.instance_id}"]')
             await expect(drawn.locator(".layers > i")).to_have_count(32)
             await expect(drawn.locator(".stages > div")).to_have_count(len(inst.stages))
+            await expect(drawn.locator(".stages .range")).to_have_text(ranges)
             await expect(drawn.locator(".stages .st-loaded").first).to_be_visible()
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

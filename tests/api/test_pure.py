@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import metrics
+from api import metrics, openapi
 from api.errors import field_of
+from api.server import ERROR_STATUS
 from api.state import ClusterCache
-from api.views import build_topology, device_view
+from api.views import build_topology, device_brief, device_json, device_view, instance_view
 from bus import codec
-from tests.api.fleet import FLEET, device_state, node_state
+from bus.messages import DeviceState, ErrorCode
+from tests.api.fleet import FLEET, device_state, instance_state, node_state
+
+
+def with_sample(state: DeviceState, **fields: Any) -> DeviceState:
+    return msgspec.structs.replace(state, sample=msgspec.structs.replace(state.sample, **fields))
 
 
 def dev(node: str, index: int, **extra: Any) -> dict[str, Any]:
@@ -97,12 +104,7 @@ def test_network_links_listed_once_slowest_speed_highest_latency() -> None:
 
 
 def test_device_view_flattens_and_marks_lost_devices_offline() -> None:
-    lost = device_state(FLEET[0])
-    lost = type(lost)(
-        sample=type(lost.sample)(**{**codec.to_builtins(lost.sample), "present": False}),
-        online=True,
-        last_seen=1.0,
-    )
+    lost = with_sample(device_state(FLEET[0]), present=False)
     view = device_view(lost, revision=7)
     assert (view["id"], view["status"], view["offline_reason"], view["revision"]) == (
         "rig-a/0",
@@ -113,32 +115,81 @@ def test_device_view_flattens_and_marks_lost_devices_offline() -> None:
     assert "sample" not in view and view["temperature_c"] == 45.0
 
 
-def test_metrics_text_escapes_labels_and_parses() -> None:
-    view = dict(
-        dev(
-            "n",
-            0,
-            name='GPU "quoted" \\ back\nslash',
-            utilization_gpu_pct=12.5,
-            memory_used_bytes=3 * 1024**2,
-            vendor="amd",
-        )
+def test_device_json_is_the_view_encoded() -> None:
+    """The fast encoding (the sample's own JSON, spliced) is byte for byte the view's, even
+    with a string before ``v`` that spells ``,"v":`` (JSON escapes its quotes)."""
+    online = device_state(FLEET[5])  # AMD, with NVLink-like peers
+    silent = device_state(FLEET[0], online=False)
+    lost = with_sample(
+        device_state(FLEET[1]), present=False, uuid='GPU-x","v":9,"y', pci_bus_id=None
     )
-    dcgm, own = metrics.device_labels(view, None)
+    for state in (online, silent, lost):
+        assert device_json(state, 42) == msgspec.json.encode(device_view(state, 42))
+    assert msgspec.json.decode(device_json(lost, 3))["offline_reason"] == "device lost"
+
+
+def test_metrics_text_escapes_labels_and_parses() -> None:
+    state = with_sample(
+        device_state(FLEET[5]),
+        name='GPU "quoted" \\ back\nslash',
+        utilization_gpu_pct=12.5,
+        memory_used_bytes=3 * 1024**2,
+        temperature_c=None,
+    )
+    brief = device_brief(state)
+    dcgm, own = metrics.device_labels(brief, None)
     book = metrics.MetricsBook()
-    book.set_device("devices.n.0", metrics.device_lines(view, dcgm, own))
-    text = book.render(lambda: "").decode()
+    book.device.set("devices.rig-d.0", metrics.device_lines(brief, dcgm, own))
+    text = book.render(lambda: b"").decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     util = families["DCGM_FI_DEV_GPU_UTIL"].samples[0]
     assert util.value == 12.5 and util.labels["modelName"] == 'GPU "quoted" \\ back\nslash'
-    assert util.labels["device"] == "amd0" and util.labels["Hostname"] == "n"
+    assert util.labels["device"] == "amd0" and util.labels["Hostname"] == "rig-d"
     assert families["DCGM_FI_DEV_FB_USED"].samples[0].value == 3
     assert "DCGM_FI_DEV_GPU_TEMP" not in families or not families["DCGM_FI_DEV_GPU_TEMP"].samples
+    assert families["shardplane_device_up"].samples[0].labels["node"] == "rig-d"
     assert (
         metrics.number(float("nan")) == "NaN"
         and metrics.number(3.0) == "3"
         and metrics.number(0.25) == "0.25"
+        and metrics.number(7) == "7"
     )
+
+
+def test_metric_families_rebuild_only_where_a_line_changed() -> None:
+    book = metrics.LineBook(metrics.DEVICE_FAMILIES)
+    briefs = [device_brief(device_state(gpu)) for gpu in FLEET[:2]]
+    for i, brief in enumerate(briefs):
+        book.set(f"d{i}", metrics.device_lines(brief, *metrics.device_labels(brief, None)))
+    before = dict(zip(metrics.DEVICE_FAMILIES, book.blocks(), strict=True))
+    version = book.version
+    hotter = briefs[0]._replace(temperature_c=91.0)
+    book.set("d0", metrics.device_lines(hotter, *metrics.device_labels(hotter, None)))
+    assert book.version == version + 1  # one line changed, in one family
+    after = dict(zip(metrics.DEVICE_FAMILIES, book.blocks(), strict=True))
+    changed = [f.name for f in metrics.DEVICE_FAMILIES if after[f] is not before[f]]
+    assert changed == ["DCGM_FI_DEV_GPU_TEMP"]  # the others' blocks are the same objects
+    assert b'DCGM_FI_DEV_GPU_TEMP{gpu="0"' in after[metrics.DEVICE_FAMILIES[4]]
+    assert b" 91\n" in after[metrics.DEVICE_FAMILIES[4]]
+    book.drop("d1")
+    assert all(b'UUID="GPU-rig-b-00' not in block for block in book.blocks())
+
+
+def test_instance_metrics_one_line_per_stage_and_state() -> None:
+    view = instance_view(instance_state(), 3)
+    lines = metrics.instance_lines(view)
+    assert set(lines) == {f.name for f in metrics.INSTANCE_FAMILIES}
+    states = lines["shardplane_stage_state"].split(b"\n")
+    assert len(states) == 2 * len(metrics.STAGE_STATES)
+    assert sum(line.endswith(b" 1") for line in states) == 2
+    assert lines["shardplane_stage_layers"].split(b"\n")[1].endswith(b" 30")
+    text = metrics.summary_lines({"online": 2}, {"offline": 1}, {"loading": 1}).decode()
+    counts = {(f.name, s.value) for f in text_string_to_metric_families(text) for s in f.samples}
+    assert counts == {
+        ("shardplane_devices", 2),
+        ("shardplane_nodes", 1),
+        ("shardplane_instances", 1),
+    }
 
 
 def test_cache_is_idempotent_on_revision_and_skips_bad_values() -> None:
@@ -158,6 +209,30 @@ def test_cache_is_idempotent_on_revision_and_skips_bad_values() -> None:
     gone = cache.apply("devices.rig-a.0", None, 8, deleted=True)
     assert gone is not None and gone.op == "delete" and b'"value":null' in gone.event()
     assert cache.devices_body().startswith(b'{"count":0,')
+
+
+def test_every_error_code_has_an_http_status() -> None:
+    """A code added to the bus contract cannot reach a client as an unplanned 500."""
+    assert set(ERROR_STATUS) == set(get_args(ErrorCode))
+    assert ERROR_STATUS["unavailable"] == 503 and ERROR_STATUS["insufficient_memory"] == 409
+    # ... and the OpenAPI document says so, status by status.
+    place = openapi.document()["paths"]["/api/placements"]["post"]["responses"]
+    for code, status in ERROR_STATUS.items():
+        assert code in place[str(status)]["description"], (code, status)
+
+
+def test_list_bodies_rebuilt_at_most_every_max_age() -> None:
+    """Under constant change a list is rebuilt at most every max_age_s (it may lag that long);
+    a list whose entries did not change is served as built, at any age."""
+    held = ClusterCache(max_age_s=3600.0)
+    fresh = ClusterCache(max_age_s=0.0)
+    for cache in (held, fresh):
+        cache.apply("devices.rig-a.0", codec.encode(device_state(FLEET[0])), 1)
+        cache.devices_body()
+        cache.apply("devices.rig-a.0", codec.encode(device_state(FLEET[0], seq=2)), 2)
+    assert held.devices_body().startswith(b'{"count":1,"revision":1,')  # within its max age
+    assert fresh.devices_body().startswith(b'{"count":1,"revision":2,')
+    assert fresh.devices_body() is fresh.devices_body()  # unchanged: not joined again
 
 
 def test_error_fields() -> None:
