@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lease-ttl", type=float, default=DEFAULTS.lease_ttl_s)
     # Tuning knobs, for benchmarks and tests (the defaults are what production runs).
     parser.add_argument("--fetch-batch", type=int, default=DEFAULTS.fetch_batch)
+    parser.add_argument("--pull-depth", type=int, default=DEFAULTS.pull_depth)
     parser.add_argument("--max-round", type=int, default=DEFAULTS.max_round)
     parser.add_argument("--max-ack-pending", type=int, default=DEFAULTS.max_ack_pending)
     parser.add_argument("--nats-py-fetch", action="store_true", help="nats-py's fetch() loop")
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lease_ttl_s=args.lease_ttl,
         fetch_batch=args.fetch_batch,
         max_round=args.max_round,
+        pull_depth=args.pull_depth,
         max_ack_pending=args.max_ack_pending,
         lean_pull=not args.nats_py_fetch,
         pipeline_writes=not args.no_pipeline,

@@ -76,9 +76,10 @@ class ProjectorConfig:
     fetch_batch: int = 1000
     max_round: int = 8000  # messages applied (and coalesced) per write round
     lean_pull: bool = True  # our pull loop (transport.Puller) instead of nats-py's fetch()
+    pull_depth: int = 2  # pull requests outstanding per consumer (lean pull loop)
     fetch_timeout_s: float = 1.0
     ack_wait_s: float = 10.0  # redelivery after a crash waits this long
-    max_ack_pending: int = 20_000
+    max_ack_pending: int = 40_000  # >= the round being written + the next + the inbox
     sweep_interval_s: float = 0.5
     full_sweep_interval_s: float = 30.0  # safety net under the deadline heap (TTL changes)
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
@@ -224,7 +225,9 @@ class Projector:
         self._track(self.store.cache.items())
         self._next_full_sweep = 0.0
         log.info("projector leading; %d keys in cluster_state", loaded)
-        inbox = Inbox(self.config.max_round)
+        # Room for the round after next: the pull loops keep fetching while one round is written
+        # and the next one applied, so the writer never waits on a fetch round trip.
+        inbox = Inbox(2 * self.config.max_round)
         feeders: list[asyncio.Task[None]] = []
         for stream, durable in CONSUMERS.items():
             await self._ensure_consumer(stream, durable)
@@ -265,15 +268,20 @@ class Projector:
 
     async def _feed(self, stream: str, durable: str, inbox: Inbox) -> None:
         if self.config.lean_pull:
-            puller = Puller(
-                self.nc,
-                stream,
-                durable,
-                inbox,
-                batch=self.config.fetch_batch,
-                fast=self.config.direct_delivery,
-            )
-            await puller.run()
+            # Several requests outstanding, so the server always holds one to fill while the
+            # answer to the other is on its way (one at a time left the stream idle each RTT).
+            pullers = [
+                Puller(
+                    self.nc,
+                    stream,
+                    durable,
+                    inbox,
+                    batch=self.config.fetch_batch,
+                    fast=self.config.direct_delivery,
+                )
+                for _ in range(self.config.pull_depth)
+            ]
+            await asyncio.gather(*(puller.run() for puller in pullers))
             return
         # nats-py's own fetch: kept to measure what the lean puller buys (bench --ablation).
         sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
@@ -339,9 +347,14 @@ class Projector:
                             await _nak_quietly(msgs)  # back at once, not after the ack wait
                             raise
                         inflight = inflight_round = None
+                        extra = inbox.take(max(0, self.config.max_round - round_.size))
                         if clean:
                             round_.overlay.rebase(self.store.cache)
+                            if extra:
+                                self._extend(round_, extra, apply_now=True)
                         else:
+                            if extra:
+                                self._extend(round_, extra, apply_now=False)
                             self._apply(round_, self.store.cache)
                     inflight = asyncio.create_task(self._commit(round_))
                     inflight_round = round_
@@ -365,10 +378,7 @@ class Projector:
 
     # --- one round ----------------------------------------------------------------------------
 
-    def _prepare(self, msgs: list[Msg], sweep_due: bool, base: View | Overlay) -> _Round:
-        """Decode ``msgs`` and apply them over ``base`` (the cache, or the values of the round
-        still being written, which the cache will hold once that round is stored)."""
-        started = time.perf_counter()
+    def _decode(self, msgs: list[Msg]) -> list[_Item]:
         items: list[_Item] = []
         for msg in msgs:
             decoded = decode_event(msg.subject, msg.data)
@@ -378,34 +388,53 @@ class Projector:
             else:
                 items.append(_Item(msg, info, decoded))
         self.stats.received += len(msgs)
+        return items
+
+    def _prepare(self, msgs: list[Msg], sweep_due: bool, base: View | Overlay) -> _Round:
+        """Decode ``msgs`` and apply them over ``base`` (the cache, or the values of the round
+        still being written, which the cache will hold once that round is stored)."""
+        started = time.perf_counter()
+        items = self._decode(msgs)
         due_keys = self._due(time.time()) if sweep_due else None
         round_ = _Round(items, sweep_due, due_keys, len(msgs))
         self._apply(round_, base)
         self.stats.apply_s += time.perf_counter() - started
         return round_
 
+    def _extend(self, round_: _Round, msgs: list[Msg], *, apply_now: bool) -> None:
+        """Add what arrived while the round before was being written (updates of one key
+        coalesce into one write across both batches of messages)."""
+        started = time.perf_counter()
+        items = self._decode(msgs)
+        round_.items.extend(items)
+        round_.size += len(msgs)
+        if apply_now:
+            self._apply_items(round_, items, time.time())
+        self.stats.apply_s += time.perf_counter() - started
+
     def _apply(self, round_: _Round, base: View | Overlay) -> None:
         now = time.time()
-        overlay = Overlay(base)
-        deferred: list[tuple[_Item, str]] = []
-        rejected: list[tuple[_Item, str]] = []
-        applied: list[_Item] = []
-        for item in round_.items:
+        round_.overlay = Overlay(base)
+        round_.deferred, round_.rejected, round_.applied = [], [], []
+        self._apply_items(round_, round_.items, now)
+        if round_.sweep_due:
+            overlay = round_.overlay
+            overlay.update(sweep(overlay, now, self.liveness, round_.due_keys))
+
+    def _apply_items(self, round_: _Round, items: list[_Item], now: float) -> None:
+        overlay = round_.overlay
+        for item in items:
             if item.event is None:
                 continue
             seen = item.info.timestamp if item.info is not None else now
             outcome = apply(overlay, item.event, seen, now, self.liveness)
             if isinstance(outcome, Changes):
                 overlay.update(outcome.values)
-                applied.append(item)
+                round_.applied.append(item)
             elif isinstance(outcome, Defer):
-                deferred.append((item, outcome.reason))
+                round_.deferred.append((item, outcome.reason))
             elif isinstance(outcome, Reject):  # pyright: ignore[reportUnnecessaryIsInstance]
-                rejected.append((item, outcome.reason))
-        if round_.sweep_due:
-            overlay.update(sweep(overlay, now, self.liveness, round_.due_keys))
-        round_.overlay = overlay
-        round_.deferred, round_.rejected, round_.applied = deferred, rejected, applied
+                round_.rejected.append((item, outcome.reason))
 
     async def _commit(self, round_: _Round) -> bool:
         """Write the round's changes until stored, then settle its messages. True when it went
