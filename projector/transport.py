@@ -216,6 +216,7 @@ class Writer:
         self.nc = nc
         self.fast = fast
         self._prefix = ""
+        self._prefix_len = 0
         self._sub: Subscription | None = None
         self._round = 0
         self._slots: list[list[str]] = []  # per reply token: the keys its PubAck answers for
@@ -227,27 +228,35 @@ class Writer:
     async def _ensure(self) -> None:
         if self._sub is None:
             self._prefix = self.nc.new_inbox() + "."
+            self._prefix_len = len(self._prefix)
             self._sub = await subscribe_direct(
-                self.nc, self._prefix + "*", self._on_ack, fast=self.fast
+                self.nc, self._prefix + "*", self._on_ack, fast=self.fast, raw=self._on_raw_ack
             )
 
     def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
-        round_id, _, index = token.partition("-")
-        if round_id != str(self._round):
+        """A PubAck that nats-py parsed (it has headers: a status such as 503 no responders)."""
+        status = msg.headers.get(_STATUS) if msg.headers else None
+        self._settle(msg.subject.encode(), msg.data, status)
+
+    def _on_raw_ack(self, subject: bytes, data: bytes) -> None:
+        self._settle(subject, data, None)
+
+    def _settle(self, subject: bytes, data: bytes, status: str | None) -> None:
+        round_id, _, index = subject[self._prefix_len :].partition(b"-")
+        if int(round_id) != self._round:
             return  # an answer from an earlier round that timed out
         keys = self._slots[int(index)]
         if keys[0] in self._stored or keys[0] in self._errors:
             return
         error: tuple[int, str] | None = None
         seq = 0
-        if msg.headers and msg.headers.get(_STATUS) == "503":
+        if status == "503":
             error = (503, "no responders: the stream is not available")
         else:
             try:
-                ack = _PUBACK.decode(msg.data)
+                ack = _PUBACK.decode(data)
             except msgspec.DecodeError:
-                error = (0, f"unreadable PubAck {msg.data[:100]!r}")
+                error = (0, f"unreadable PubAck {data[:100]!r}")
             else:
                 if ack.error is not None:
                     error = (ack.error.err_code, ack.error.description)

@@ -28,6 +28,9 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Pa
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Msg], None]
+# (subject, payload) of a plain MSG: for answers whose subject and body are all that matter
+# (PubAcks), so not even a Msg is built for them.
+RawHandler = Callable[[bytes, bytes], None]
 
 
 def target(subject: str, reply: str) -> bytes:
@@ -107,16 +110,20 @@ class _Direct:
 
 
 async def subscribe_direct(
-    nc: Client, subject: str, handler: Handler, *, fast: bool = True
+    nc: Client, subject: str, handler: Handler, *, fast: bool = True, raw: RawHandler | None = None
 ) -> Subscription:
     """Subscribe ``handler`` (a plain function that must not block or raise) to ``subject``
-    (``fast`` False: through nats-py's queue and callback task, to measure what this buys)."""
+    (``fast`` False: through nats-py's queue and callback task, to measure what this buys).
+    With ``raw``, plain MSG frames go to ``raw(subject, payload)`` on the fast path, and only
+    what nats-py parses (frames with headers) reaches ``handler``."""
     sub = await nc.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
     if fast and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
         sub._pending_queue = _Direct(sub, handler)  # pyright: ignore[reportPrivateUsage, reportAttributeAccessIssue]
         parser = fast_parser(nc)
         if parser is not None:
             parser.direct[sub._id] = handler  # pyright: ignore[reportPrivateUsage]
+            if raw is not None:
+                parser.raw[sub._id] = raw  # pyright: ignore[reportPrivateUsage]
         return sub
     await sub.unsubscribe()
 
@@ -135,11 +142,13 @@ class FastParser(Parser):
     takes the rest of the buffer exactly as it would have."""
 
     direct: dict[int, Handler]
+    raw: dict[int, RawHandler]
 
     def __init__(self, nc: Client) -> None:
         super().__init__(nc)
         self.client = nc
         self.direct = {}
+        self.raw = {}
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
@@ -160,6 +169,7 @@ class FastParser(Parser):
             del buf[: self.needed + 2]
             self.state = AWAITING_CONTROL_LINE
             self._deliver(nc, handler, arg["subject"], arg["reply"], arg["sid"], payload)
+        raw = self.raw
         size = len(buf)
         pos = 0
         waiting = False  # an incomplete frame of ours at the end: wait for the rest
@@ -182,6 +192,15 @@ class FastParser(Parser):
                 break
             payload = bytes(buf[start:end])
             pos = end + 2
+            quick = raw.get(sid)
+            if quick is not None:
+                nc.stats["in_msgs"] += 1
+                nc.stats["in_bytes"] += len(payload)
+                try:
+                    quick(parts[0], payload)
+                except Exception:
+                    log.exception("handler for subscription %d failed", sid)
+                continue
             self._deliver(nc, handler, parts[0], parts[2] if len(parts) == 4 else b"", sid, payload)
         if pos:
             del buf[:pos]
@@ -218,6 +237,8 @@ def fast_parser(nc: Client) -> FastParser | None:
     if type(current) is not Parser or not hasattr(current, "buf"):
         return None
     fast = FastParser(nc)
-    fast.__dict__.update({k: v for k, v in vars(current).items() if k not in ("direct", "client")})
+    fast.__dict__.update(
+        {k: v for k, v in vars(current).items() if k not in ("direct", "raw", "client")}
+    )
     nc._ps = fast  # pyright: ignore[reportPrivateUsage]
     return fast

@@ -45,7 +45,7 @@ async def test_writes_record_the_servers_revisions_and_detect_conflicts(
     result = await store.write(first)
     assert (result.written, result.conflicts) == (2500, [])
     kv = await cluster_state(js)
-    for key in list(first)[::97] + [next(reversed(first))]:
+    for key in [*list(first)[::97], next(reversed(first))]:
         entry = await kv.get(key)
         assert store.cache.revision(key) == entry.revision, key
         assert codec.decode(DeviceState, entry.value or b"") == first[key]

@@ -63,3 +63,38 @@ async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss
     finally:
         await sender.close()
         await receiver.close()
+
+
+async def test_raw_handlers_get_plain_frames_and_headers_still_reach_the_msg_handler(
+    nats_url: str,
+) -> None:
+    receiver = await nats.connect(nats_url)
+    sender = await nats.connect(nats_url)
+    try:
+        # One log for both handlers: together they must see every frame once, in order.
+        got: list[tuple[str, bytes, bytes, dict[str, str] | None]] = []
+
+        def on_msg(msg: Msg) -> None:
+            got.append(("msg", msg.subject.encode(), msg.data, msg.headers))
+
+        def on_raw(subject: bytes, payload: bytes) -> None:
+            got.append(("raw", subject, payload, None))
+
+        await subscribe_direct(receiver, "wire.acks.*", on_msg, raw=on_raw)
+        await receiver.flush()
+        want: list[tuple[bytes, bytes, dict[str, str] | None]] = []
+        for i in range(2000):
+            subject = f"wire.acks.{i}-{i % 13}"
+            payload = b'{"stream":"KV_x","seq":%d}' % i * (1 + i % 300)
+            headers = {"Status": "503"} if i % 17 == 0 else None
+            want.append((subject.encode(), payload, headers))
+            await sender.publish(subject, payload, headers=headers)
+        await sender.flush()
+        await until(lambda: asyncio.sleep(0.05, len(got)), lambda n: n >= len(want))
+        assert [(s, p, h) for _, s, p, h in got] == want
+        # Frames with headers always come parsed, with their headers; most plain ones raw.
+        assert all(kind == "msg" for kind, _, _, h in got if h)
+        assert sum(kind == "raw" for kind, *_ in got) > len(want) // 2
+    finally:
+        await sender.close()
+        await receiver.close()
