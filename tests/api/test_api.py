@@ -498,7 +498,21 @@ async def test_history_for_charts(
 ) -> None:
     now = time.time()
     for i in range(3):
-        await put_device(fleet_kv, FLEET[0], seq=10 + i, ts=now + i, utilization_gpu_pct=20.0 * i)
+        revision = await put_device(
+            fleet_kv, FLEET[0], seq=10 + i, ts=now + i, utilization_gpu_pct=20.0 * i
+        )
+
+        # The bucket keeps one value per key (history=1): a put replaces the previous value
+        # in the stream itself, so a watch that has not yet delivered a value when the next
+        # put lands never gets it (the server skips to the newest, as it must). An agent
+        # samples every few seconds; these puts are microseconds apart, and on a loaded
+        # machine the server's delivery can trail them. So each sample is written once the
+        # API has the one before, as it would be in the fleet; every one must then be charted.
+        async def applied(revision: int = revision) -> None:
+            _, device = await get(http, api_url + "/api/gpu/devices/rig-a/0")
+            assert device["revision"] >= revision
+
+        await eventually(applied)
 
     async def three_more() -> None:
         _, body = await get(http, api_url + "/api/gpu/history?device=rig-a/0")
