@@ -189,12 +189,15 @@ def nats_server(args: argparse.Namespace) -> int:
         config=args.config or default_config(),
         monitor_port=args.monitor_port,
     )
-    server.start()
-    print(
-        f"nats-server (JetStream) on {server.url}, monitoring http://127.0.0.1:{args.monitor_port}/, store {args.store}",
-        flush=True,
-    )
+    # The child runs in its own session (a Ctrl-C in the terminal reaches only us), so every
+    # way out from here on, a Ctrl-C during start() included, must stop it.
     try:
+        server.start()
+        print(
+            f"nats-server (JetStream) on {server.url}, monitoring "
+            f"http://127.0.0.1:{args.monitor_port}/, store {args.store}",
+            flush=True,
+        )
         assert server.proc is not None
         server.proc.wait()
     except KeyboardInterrupt:

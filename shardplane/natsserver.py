@@ -115,14 +115,20 @@ class NatsServer:
             start_new_session=True,
         )
         log.close()
+        proc = self.proc
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise NatsServerError(f"nats-server exited with {self.proc.returncode}: {tail}")
-            if reachable(self.url, 0.2):
-                return self
-            time.sleep(0.01)
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-2000:]
+                    raise NatsServerError(f"nats-server exited with {proc.returncode}: {tail}")
+                if reachable(self.url, 0.2):
+                    return self
+                time.sleep(0.01)
+        except BaseException:
+            # A Ctrl-C while waiting: the child is in its own session and would outlive us.
+            self.stop()
+            raise
         self.stop()
         raise NatsServerError(f"nats-server did not accept connections on {self.url} in {timeout}s")
 
