@@ -257,11 +257,18 @@ async def test_metrics_parse_with_dcgm_names(
             text = await r.text()
         return {f.name: f for f in text_string_to_metric_families(text)}
 
+    families: dict[str, Any] = {}
+
     async def has_instance() -> None:
-        assert "shardplane_stage_state" in await scrape()
+        # Every family's HELP/TYPE head is rendered even with no lines, so wait for the
+        # instance's own lines: the put's ack can come before the watch applies it, and a scrape
+        # in between is served from a rendition without it until the next render.
+        families.clear()
+        families.update(await scrape())
+        stages = families["shardplane_stage_state"].samples
+        assert any(s.labels["instance"] == "llama-demo" for s in stages)
 
     await eventually(has_instance)
-    families = await scrape()
     for name in (
         "DCGM_FI_DEV_GPU_UTIL",
         "DCGM_FI_DEV_FB_USED",
