@@ -577,6 +577,11 @@ async def render_metrics(state: ApiState) -> Rendition:
     rendition = Rendition(
         plain=plain, gzipped=gzipped, own=own, version=version, built=time.monotonic()
     )
+    current = state.metrics
+    # Two renders can overlap (two first scrapes, a scrape and the refresher): the one that
+    # finishes last must not replace newer figures with older ones.
+    if current is not None and current.version > version:
+        return current
     state.metrics = rendition
     return rendition
 
