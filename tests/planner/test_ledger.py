@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from bus import codec
-from bus.messages import PlacementReply
+from bus.messages import InstanceState, PlacementReply, ShardState, StageState
 from bus.streams import LEDGER
 from planner import ledger
 from planner.synthetic import HostSpec, device_state
@@ -162,40 +162,39 @@ async def test_idempotent_instance_id_and_dry_run_reserves_nothing(
         assert sum(doc.instances["same"].devices.values()) == sum(s.memory_bytes for s in c.stages)
 
 
-def test_promised_bytes_skips_materialised_and_released() -> None:
-    from bus.messages import InstanceState, StageState
-
-    doc = ledger.LedgerDoc(
-        instances={
-            "a": ledger.LedgerEntry(
-                generation=1,
-                model="m",
-                fingerprint="f",
-                devices={"n/0": 10, "n/1": 5},
-                nodes=("n",),
-            ),
-            "b": ledger.LedgerEntry(
-                generation=2, model="m", fingerprint="f", devices={"n/0": 7}, nodes=("n",)
-            ),
-            "c": ledger.LedgerEntry(
-                generation=1, model="m", fingerprint="f", devices={"n/1": 100}, nodes=("n",)
-            ),
-        }
+def _entry(devices: dict[str, int], generation: int = 1) -> ledger.LedgerEntry:
+    return ledger.LedgerEntry(
+        generation=generation, model="m", fingerprint="f", devices=devices, nodes=("n",)
     )
-    loaded = InstanceState(
+
+
+def _two_stage_instance(second: ShardState) -> InstanceState:
+    """Instance "a" on n/0 (loaded) and n/1 (``second``), as the projector writes it."""
+    stages = (
+        StageState(stage=0, node="n", device="n/0", layer_start=0, layer_end=1, state="loaded"),
+        StageState(stage=1, node="n", device="n/1", layer_start=1, layer_end=2, state=second),
+    )
+    return InstanceState(
         instance_id="a",
         model="m",
         generation=1,
         stage_count=2,
         state="loaded",
         updated=100.0,
-        stages=(
-            StageState(stage=0, node="n", device="n/0", layer_start=0, layer_end=1, state="loaded"),
-            StageState(
-                stage=1, node="n", device="n/1", layer_start=1, layer_end=2, state="loading"
-            ),
-        ),
+        stages=stages,
     )
+
+
+def test_promised_bytes_skips_materialised_and_released() -> None:
+
+    doc = ledger.LedgerDoc(
+        instances={
+            "a": _entry({"n/0": 10, "n/1": 5}),
+            "b": _entry({"n/0": 7}, generation=2),
+            "c": _entry({"n/1": 100}),
+        }
+    )
+    loaded = _two_stage_instance(second="loading")
     released = InstanceState(
         instance_id="c",
         model="m",
@@ -217,34 +216,14 @@ def test_promised_bytes_skips_materialised_and_released() -> None:
 
 
 def test_replacing_an_instance_credits_back_what_it_has_loaded() -> None:
-    from bus.messages import InstanceState, StageState
     from planner.fleet import Device
 
     doc = ledger.LedgerDoc(
         instances={
-            "a": ledger.LedgerEntry(
-                generation=1,
-                model="m",
-                fingerprint="f",
-                devices={"n/0": 10, "n/1": 5},
-                nodes=("n",),
-            ),
+            "a": _entry({"n/0": 10, "n/1": 5}),
         }
     )
-    loaded = InstanceState(
-        instance_id="a",
-        model="m",
-        generation=1,
-        stage_count=2,
-        state="loaded",
-        updated=100.0,
-        stages=(
-            StageState(stage=0, node="n", device="n/0", layer_start=0, layer_end=1, state="loaded"),
-            StageState(
-                stage=1, node="n", device="n/1", layer_start=1, layer_end=2, state="pending"
-            ),
-        ),
-    )
+    loaded = _two_stage_instance(second="pending")
     devices = {
         "n/0": device_state("n", 0, "A10", ts=200.0),
         "n/1": device_state("n", 1, "A10", ts=200.0),
