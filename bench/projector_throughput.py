@@ -212,9 +212,8 @@ async def kv_devices(js: JetStreamContext) -> dict[str, DeviceState]:
 # --- phase 1: sustained rate ----------------------------------------------------------------
 
 
-async def raw_drain(js: JetStreamContext, total: int, batch: int = 1000) -> float:
-    """The floor: a bare pull consumer that fetches and acks, nothing else."""
-    durable = "bench_raw_drain"
+async def fresh_consumer(js: JetStreamContext, durable: str) -> None:
+    """A new durable on TELEMETRY that starts at the first message (any old one removed)."""
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(TELEMETRY, durable)
     await js.add_consumer(
@@ -226,6 +225,12 @@ async def raw_drain(js: JetStreamContext, total: int, batch: int = 1000) -> floa
             max_ack_pending=20_000,
         ),
     )
+
+
+async def raw_drain(js: JetStreamContext, total: int, batch: int = 1000) -> float:
+    """The floor: a bare pull consumer that fetches and acks, nothing else."""
+    durable = "bench_raw_drain"
+    await fresh_consumer(js, durable)
     sub = await js.pull_subscribe_bind(durable=durable, stream=TELEMETRY)
     got = 0
     start = time.perf_counter()
@@ -245,17 +250,7 @@ async def lean_drain(nc: Client, js: JetStreamContext, total: int) -> float:
     """A second floor: the projector's own pull loop and bulk acks, with no decoding, reducing
     or KV writes: what is left of the projector when its work is free."""
     durable = "bench_lean_drain"
-    with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(TELEMETRY, durable)
-    await js.add_consumer(
-        TELEMETRY,
-        ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            max_ack_pending=20_000,
-        ),
-    )
+    await fresh_consumer(js, durable)
     inbox = Inbox(8000)
     puller = Puller(nc, TELEMETRY, durable, inbox, batch=1000)
     task = asyncio.create_task(puller.run())

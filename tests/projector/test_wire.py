@@ -6,21 +6,34 @@ not notice anything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from projector.wire import FastParser, fast_parser, subscribe_direct
 from tests.projector.helpers import until
 
 
+@contextlib.asynccontextmanager
+async def _clients(url: str) -> AsyncIterator[tuple[Client, Client]]:
+    """(receiver, sender): two connections, so frames cross the real socket."""
+    receiver = await nats.connect(url)
+    sender = await nats.connect(url)
+    try:
+        yield receiver, sender
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
 async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss(
     nats_url: str,
 ) -> None:
-    receiver = await nats.connect(nats_url)
-    sender = await nats.connect(nats_url)
-    try:
+    async with _clients(nats_url) as (receiver, sender):
         direct: list[tuple[str, bytes, dict[str, str] | None]] = []
         ordinary: list[bytes] = []
 
@@ -60,17 +73,12 @@ async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss
             assert (got[2] or None) == want[2]
         assert ordinary == expected_other
         assert receiver.stats["in_msgs"] == len(expected) + len(expected_other)
-    finally:
-        await sender.close()
-        await receiver.close()
 
 
 async def test_raw_handlers_get_plain_frames_and_headers_still_reach_the_msg_handler(
     nats_url: str,
 ) -> None:
-    receiver = await nats.connect(nats_url)
-    sender = await nats.connect(nats_url)
-    try:
+    async with _clients(nats_url) as (receiver, sender):
         # One log for both handlers: together they must see every frame once, in order.
         got: list[tuple[str, bytes, bytes, dict[str, str] | None]] = []
 
@@ -95,6 +103,3 @@ async def test_raw_handlers_get_plain_frames_and_headers_still_reach_the_msg_han
         # Frames with headers always come parsed, with their headers; most plain ones raw.
         assert all(kind == "msg" for kind, _, _, h in got if h)
         assert sum(kind == "raw" for kind, *_ in got) > len(want) // 2
-    finally:
-        await sender.close()
-        await receiver.close()
