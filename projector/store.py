@@ -224,10 +224,8 @@ class Store:
         if not values:
             return WriteResult(0, [])
         cache = self.cache
-        revisions = cache.revisions
-        encode = _ENCODER.encode
         messages = {
-            key: (KV_PREFIX + key, encode(value), revisions.get(key, 0))
+            key: (KV_PREFIX + key, encode_value(value), cache.revision(key))
             for key, value in values.items()
         }
         if self.batches:

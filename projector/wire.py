@@ -157,7 +157,6 @@ class FastParser(Parser):
         if not direct:
             await super().parse()
             return
-        nc = self.client
         if self.state == AWAITING_MSG_PAYLOAD:
             # nats-py's parser stopped inside a frame: finish it here when it is ours.
             arg = self.msg_arg
@@ -168,8 +167,7 @@ class FastParser(Parser):
             payload = bytes(buf[: self.needed])
             del buf[: self.needed + 2]
             self.state = AWAITING_CONTROL_LINE
-            self._deliver(nc, handler, arg["subject"], arg["reply"], arg["sid"], payload)
-        raw = self.raw
+            self._deliver(arg["sid"], handler, arg["subject"], arg["reply"], payload)
         size = len(buf)
         pos = 0
         waiting = False  # an incomplete frame of ours at the end: wait for the rest
@@ -192,38 +190,36 @@ class FastParser(Parser):
                 break
             payload = bytes(buf[start:end])
             pos = end + 2
-            quick = raw.get(sid)
-            if quick is not None:
-                nc.stats["in_msgs"] += 1
-                nc.stats["in_bytes"] += len(payload)
-                try:
-                    quick(parts[0], payload)
-                except Exception:
-                    log.exception("handler for subscription %d failed", sid)
-                continue
-            self._deliver(nc, handler, parts[0], parts[2] if len(parts) == 4 else b"", sid, payload)
+            self._deliver(sid, handler, parts[0], parts[2] if len(parts) == 4 else b"", payload)
         if pos:
             del buf[:pos]
         if not waiting:
             await super().parse()
 
-    @staticmethod
     def _deliver(
-        nc: Client, handler: Handler, subject: bytes, reply: bytes, sid: int, payload: bytes
+        self, sid: int, handler: Handler, subject: bytes, reply: bytes, payload: bytes
     ) -> None:
+        """One plain frame of a direct subscription: to its raw handler if it has one (no Msg
+        built), else to its Msg handler."""
+        nc = self.client
         stats = nc.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(payload)
-        msg = nc.msg_class(
-            subject=subject.decode(),
-            reply=reply.decode(),
-            data=payload,
-            headers=None,
-            _client=nc,
-            _sid=sid,
-        )
         try:
-            handler(msg)
+            raw = self.raw.get(sid)
+            if raw is not None:
+                raw(subject, payload)
+                return
+            handler(
+                nc.msg_class(
+                    subject=subject.decode(),
+                    reply=reply.decode(),
+                    data=payload,
+                    headers=None,
+                    _client=nc,
+                    _sid=sid,
+                )
+            )
         except Exception:
             log.exception("handler for subscription %d failed", sid)
 
