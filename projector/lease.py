@@ -5,7 +5,9 @@ The lease is a key in a KV bucket whose ``max_age`` is the lease TTL. A replica 
 ``create`` (succeeds only when the key does not exist) and the holder renews it every TTL/3
 with ``update(last=revision)`` (compare-and-set, so a holder that lost the key cannot renew
 it back). If the holder dies, its key ages out after the TTL and a standby's ``create``
-succeeds. A holder counts its lease valid until ``(time it sent the last renewal) + TTL -
+succeeds. A holder that stops gracefully keeps renewing while it finishes its last round,
+then deletes its key; standbys ask every quarter second, so one takes over at once rather
+than after the TTL. A holder counts its lease valid until ``(time it sent the last renewal) + TTL -
 margin``, so it stops writing before the server could have let anyone else take over.
 
 The lease is for efficiency, not for correctness: a paused leader that wakes up after losing
@@ -29,6 +31,7 @@ import uuid
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
+    APIError,
     BadRequestError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 LEASE_BUCKET = "projector_lease"
 LEASE_KEY = "leader"
 DEFAULT_LEASE_TTL_S = 3.0
+# A standby asks this often (or every TTL/3 if that is sooner): a graceful stop deletes the
+# key, and the standby should notice in a fraction of a second whatever the TTL.
+STANDBY_POLL_S = 0.25
 _MARGIN = 0.2  # of the TTL: stop writing this much before the server may expire the lease
 
 
@@ -109,7 +115,7 @@ class Lease:
                 )
                 waited = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
+                await asyncio.wait_for(stop.wait(), min(self.ttl_s / 3, STANDBY_POLL_S))
         return False
 
     async def renew(self) -> bool:
@@ -126,13 +132,12 @@ class Lease:
         self._granted(revision, sent)
         return True
 
-    async def hold(self, lost: asyncio.Event, stop: asyncio.Event) -> None:
-        """Renew every TTL/3 until ``stop``; set ``lost`` when the lease cannot be kept."""
-        while not stop.is_set() and not lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
-            if stop.is_set():
-                return
+    async def hold(self, lost: asyncio.Event) -> None:
+        """Renew every TTL/3 until cancelled; set ``lost`` (and return) when the lease cannot
+        be kept. The leader cancels it only once it has stopped writing: a graceful stop keeps
+        the lease while it finishes its last round, then releases it."""
+        while not lost.is_set():
+            await asyncio.sleep(self.ttl_s / 3)
             try:
                 if not await self.renew():
                     lost.set()
@@ -148,4 +153,11 @@ class Lease:
         revision, self._revision = self._revision, 0
         with contextlib.suppress(Exception):
             kv = await self.bucket()
-            await kv.delete(LEASE_KEY, last=revision)
+            try:
+                await kv.delete(LEASE_KEY, last=revision)
+            except APIError:
+                # A renewal cancelled after it was sent may have moved the revision on: the
+                # key is still ours if it still names this holder.
+                entry = await kv.get(LEASE_KEY)
+                if entry.value == self.holder.encode():
+                    await kv.delete(LEASE_KEY, last=entry.revision)

@@ -86,6 +86,10 @@ class ProjectorConfig:
     defer_delay_s: float = 0.25
     max_defers: int = 240  # a status whose assignment never comes is dead-lettered (~1 min)
     write_timeout_s: float = 10.0
+    # A graceful stop finishes the round being written for at most this long (holding the
+    # lease); past it the round is abandoned and its messages handed back for redelivery, so
+    # a write the server is slow to answer cannot hold the standby off for write_timeout_s.
+    stop_grace_s: float = 2.0
     stats_interval_s: float = 60.0  # log the counters this often
     slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
     pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
@@ -219,21 +223,22 @@ class Projector:
     async def _lead(self, stop: asyncio.Event) -> None:
         self.stats.leaderships += 1
         lost = asyncio.Event()
-        holder = asyncio.create_task(self.lease.hold(lost, stop))
-        loaded = await self.store.load()
-        self._deadlines = []
-        self._track(self.store.cache.items())
-        self._next_full_sweep = 0.0
-        log.info("projector leading; %d keys in cluster_state", loaded)
+        # Renewed until this leadership is over, the last round included (cancelled below).
+        holder = asyncio.create_task(self.lease.hold(lost))
         # Room for the round after next: the pull loops keep fetching while one round is written
         # and the next one applied, so the writer never waits on a fetch round trip.
         inbox = Inbox(2 * self.config.max_round)
         feeders: list[asyncio.Task[None]] = []
-        for stream, durable in CONSUMERS.items():
-            await self._ensure_consumer(stream, durable)
-            feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
-        self.leading.set()
         try:
+            loaded = await self.store.load()
+            self._deadlines = []
+            self._track(self.store.cache.items())
+            self._next_full_sweep = 0.0
+            log.info("projector leading; %d keys in cluster_state", loaded)
+            for stream, durable in CONSUMERS.items():
+                await self._ensure_consumer(stream, durable)
+                feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
+            self.leading.set()
             await self._write_loop(inbox, stop, lost)
         finally:
             for task in [*feeders, holder]:
@@ -366,12 +371,25 @@ class Projector:
                     next_report = time.monotonic() + self.config.stats_interval_s
                     log.info("projector stats: %s", self.stats.as_dict())
             if inflight is not None:
-                await inflight  # a graceful stop finishes the round it started
+                # A graceful stop finishes the round it started, within its grace.
+                await asyncio.wait({inflight}, timeout=self.config.stop_grace_s)
+                if inflight.done():
+                    inflight.result()
+                else:
+                    log.warning(
+                        "the last round (%d messages) was not stored within %.1f s of the stop; "
+                        "handing its messages back for redelivery",
+                        inflight_round.size if inflight_round is not None else 0,
+                        self.config.stop_grace_s,
+                    )
         finally:
             if inflight is not None and not inflight.done():
                 inflight.cancel()
                 with contextlib.suppress(BaseException):
                     await inflight
+                if inflight_round is not None:
+                    # Whatever of it was stored is stored; redelivered, it reduces to nothing.
+                    await _nak_quietly(item.msg for item in inflight_round.items)
             stopping.cancel()
             losing.cancel()
             log.info("projector stats: %s", self.stats.as_dict())

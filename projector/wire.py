@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -232,9 +233,13 @@ def fast_parser(nc: Client) -> FastParser | None:
         return current
     if type(current) is not Parser or not hasattr(current, "buf"):
         return None
-    fast = FastParser(nc)
-    fast.__dict__.update(
-        {k: v for k, v in vars(current).items() if k not in ("direct", "raw", "client")}
-    )
-    nc._ps = fast  # pyright: ignore[reportPrivateUsage]
+    # The parser object itself becomes a FastParser (rather than a copy of its state taking
+    # its place): the read loop may be suspended inside the old parse() right now (it awaits
+    # while handling some frames), and a copy would then diverge from the state that call
+    # goes on to change. One object, one state; the next parse() call is the fast one.
+    current.__class__ = FastParser
+    fast = cast(FastParser, current)
+    fast.client = nc
+    fast.direct = {}
+    fast.raw = {}
     return fast
