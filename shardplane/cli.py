@@ -32,6 +32,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _one_shot(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        help="give up if NATS has not answered after this many seconds (default 5)",
+    )
+
+
 def _fleet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fleet",
@@ -88,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("place", help="ask the planner to place a model")
     _common(p)
+    _one_shot(p)
     p.add_argument("model", help="catalog name, hf:<dir>, or a JSON model card")
     p.add_argument("--context", type=int, default=8192, dest="context_tokens")
     p.add_argument("--batch", type=int, default=1)
@@ -103,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="print devices, nodes and instances from the KV")
     _common(p)
+    _one_shot(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="everything on the simulated fleet, then place llama-3.1-70b")

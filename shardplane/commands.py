@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 
 from bus import codec, subjects
-from bus.connect import connect, nats_url
+from bus.connect import nats_url
 from bus.ids import slug
 from bus.messages import (
     DeviceState,
@@ -292,17 +292,43 @@ async def request_placement(
     return codec.decode(PlacementReply, msg.data, "json")
 
 
+async def connect_briefly(args: argparse.Namespace, name: str) -> Client:
+    """A one-shot command's connection: unlike a service, it gives up after
+    ``--connect-timeout`` (or on Ctrl-C) with the URL and the reason (NatsUnreachable)."""
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    timer = asyncio.get_running_loop().call_later(args.connect_timeout, stop.set)
+    try:
+        return await connect_unless_stopped(nats_url(args.nats_url), stop, name)
+    finally:
+        timer.cancel()
+
+
 def place(args: argparse.Namespace) -> int:
     async def main() -> int:
-        nc = await connect(nats_url(args.nats_url), name="shardplane-place")
+        body = _request_from_args(args)
         try:
-            body = _request_from_args(args)
-            try:
-                msgspec.convert(body, PlacementRequest)
-            except msgspec.ValidationError as exc:
-                print(f"invalid request: {exc}", file=sys.stderr)
-                return 2
+            msgspec.convert(body, PlacementRequest)
+        except msgspec.ValidationError as exc:
+            print(f"invalid request: {exc}", file=sys.stderr)
+            return 2
+        nc = await connect_briefly(args, "shardplane-place")
+        try:
             reply = await request_placement(nc, body, args.timeout)
+        except NoRespondersError:
+            print(
+                f"shardplane: no planner answers on {subjects.PLACEMENT_REQUEST} "
+                "(is `shardplane planner` or `shardplane up` running against this NATS?)",
+                file=sys.stderr,
+            )
+            return 1
+        except TimeoutError:
+            print(
+                f"shardplane: the planner did not answer within {args.timeout:g} s "
+                "(--timeout to wait longer)",
+                file=sys.stderr,
+            )
+            return 1
         finally:
             await nc.close()
         if args.json:
@@ -315,7 +341,7 @@ def place(args: argparse.Namespace) -> int:
             print(render.placement(reply))
         return 0 if reply.ok else 1
 
-    return asyncio.run(main())
+    return _serve(main)
 
 
 async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], list[InstanceState]]:
@@ -366,7 +392,7 @@ def _devices_table(devices: list[DeviceState]) -> str:
 
 def status(args: argparse.Namespace) -> int:
     async def main() -> int:
-        nc = await connect(nats_url(args.nats_url), name="shardplane-status")
+        nc = await connect_briefly(args, "shardplane-status")
         try:
             devices, nodes, instances = await read_state(nc)
         finally:
@@ -390,7 +416,7 @@ def status(args: argparse.Namespace) -> int:
             print(render.instance(inst))
         return 0
 
-    return asyncio.run(main())
+    return _serve(main)
 
 
 async def wait_for_devices(nc: Client, expected: int, timeout: float, since: float = 0.0) -> int:

@@ -1,0 +1,49 @@
+"""One-shot commands (`place`, `status`) end with a reason instead of retrying forever as the
+services do: no NATS after --connect-timeout, or no planner answering."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shardplane.natsserver import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*argv: str, timeout: float = 30.0) -> tuple[int, str, float]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NATS_URL", None)
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "shardplane.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return out.returncode, out.stdout + out.stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize("command", [["status"], ["place", "llama-3.1-8b"]])
+def test_gives_up_on_an_unreachable_nats_with_the_reason(command: list[str]) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # just freed: nothing listens there
+    rc, text, took = _run(*command, "--nats-url", url, "--connect-timeout", "1")
+    assert rc == 1, text
+    assert f"could not reach NATS at {url}: " in text, text
+    assert "failed attempts in 1." in text, text
+    # 1 s of attempts; the rest is the interpreter starting (slow on a busy machine).
+    assert took < 20, took
+
+
+def test_place_without_a_planner_says_so(nats_url: str) -> None:
+    rc, text, _ = _run("place", "llama-3.1-8b", "--nats-url", nats_url)
+    assert rc == 1, text
+    assert "no planner answers on placement.request" in text, text
+    assert "Traceback" not in text, text
