@@ -27,6 +27,7 @@ import dataclasses
 import heapq
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,6 +230,7 @@ class Projector:
         # and the next one applied, so the writer never waits on a fetch round trip.
         inbox = Inbox(2 * self.config.max_round)
         feeders: list[asyncio.Task[None]] = []
+        handback: list[Msg] = []  # taken but not stored: nak'd once the pulls have stopped
         try:
             loaded = await self.store.load()
             self._deadlines = []
@@ -239,16 +241,18 @@ class Projector:
                 await self._ensure_consumer(stream, durable)
                 feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
             self.leading.set()
-            await self._write_loop(inbox, stop, lost)
+            await self._write_loop(inbox, stop, lost, handback)
         finally:
             for task in [*feeders, holder]:
                 task.cancel()
             for task in [*feeders, holder]:
                 with contextlib.suppress(BaseException):
                     await task
-            # Hand what was fetched but not applied straight back instead of letting it wait
-            # out the ack wait (a standby takes over at once after a graceful stop).
-            await _nak_quietly(inbox.drop_all())
+            # Hand what was fetched but not stored straight back instead of letting it wait
+            # out the ack wait (a standby takes over at once after a graceful stop). Only now
+            # that the pull subscriptions are gone: a nak while a pull request of ours is still
+            # open can be redelivered into it, and dropped with it.
+            await _nak_quietly([*handback, *inbox.drop_all()])
 
     async def _ensure_consumer(self, stream: str, durable: str) -> None:
         config = ConsumerConfig(
@@ -309,12 +313,16 @@ class Projector:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _write_loop(self, inbox: Inbox, stop: asyncio.Event, lost: asyncio.Event) -> None:
+    async def _write_loop(
+        self, inbox: Inbox, stop: asyncio.Event, lost: asyncio.Event, handback: list[Msg]
+    ) -> None:
         """Rounds, two at a time: while one round's writes are with the server, the next is
         decoded and applied on top of its values (the server stores and the projector computes
         at the same time). The next round is written only once the one before it is stored
         and acknowledged, so the order of writes and acks is what it would be one by one; if
-        the earlier round hit a conflict, the next is applied again on the fresh cache."""
+        the earlier round hit a conflict, the next is applied again on the fresh cache.
+
+        Messages taken and not stored when it returns or raises go to ``handback``."""
         next_sweep = time.monotonic()
         next_report = time.monotonic() + self.config.stats_interval_s
         stopping = asyncio.create_task(stop.wait())
@@ -346,10 +354,16 @@ class Projector:
                     base = inflight_round.overlay if inflight_round is not None else None
                     round_ = self._prepare(msgs, due, base or self.store.cache)
                     if inflight is not None:
+                        # A stop must not wait out a write the server is slow to answer: the
+                        # grace below bounds it.
+                        await asyncio.wait({inflight, stopping}, return_when=FIRST_COMPLETED)
+                        if not inflight.done():
+                            handback.extend(msgs)  # this round is never written
+                            break
                         try:
-                            clean = await inflight
+                            clean = inflight.result()
                         except BaseException:
-                            await _nak_quietly(msgs)  # back at once, not after the ack wait
+                            handback.extend(msgs)  # back at once, not after the ack wait
                             raise
                         inflight = inflight_round = None
                         extra = inbox.take(max(0, self.config.max_round - round_.size))
@@ -364,7 +378,7 @@ class Projector:
                     inflight = asyncio.create_task(self._commit(round_))
                     inflight_round = round_
                     if not self.config.overlap_rounds:
-                        await inflight
+                        await asyncio.wait({inflight, stopping}, return_when=FIRST_COMPLETED)
                 if due:
                     next_sweep = time.monotonic() + self.config.sweep_interval_s
                 if time.monotonic() >= next_report:
@@ -389,7 +403,7 @@ class Projector:
                     await inflight
                 if inflight_round is not None:
                     # Whatever of it was stored is stored; redelivered, it reduces to nothing.
-                    await _nak_quietly(item.msg for item in inflight_round.items)
+                    handback.extend(item.msg for item in inflight_round.items)
             stopping.cancel()
             losing.cancel()
             log.info("projector stats: %s", self.stats.as_dict())
