@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import timeit
 from pathlib import Path
 
 import pytest
@@ -77,9 +77,9 @@ def test_factory_falls_back_to_the_simulated_node() -> None:
 
 def test_backend_init_without_gpu_libraries_is_fast() -> None:
     select_backend("warm")  # imports are a one-off; the target is about the probe itself
-    t0 = time.perf_counter()
-    select_backend("n")
-    assert time.perf_counter() - t0 < 0.5
+    # The best of three: a busy machine can stall any single run; the probe's cost is the floor.
+    best = min(timeit.repeat(lambda: select_backend("n"), number=1, repeat=3))
+    assert best < 0.5, best
 
 
 def test_host_facts(tmp_path: Path) -> None:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -14,6 +13,7 @@ from nats.js.kv import KeyValue
 from api.server import make_app, start_app
 from bus.streams import cluster_state
 from tests.api.fleet import write_fleet
+from tests.planner.ready import wait_serving
 
 
 @pytest.fixture
@@ -49,13 +49,11 @@ async def planner(nats_url: str, js: JetStreamContext) -> AsyncIterator[None]:
     client = await nats.connect(nats_url)
     stop = asyncio.Event()
     task = asyncio.create_task(run_planner(client, stop=stop))
-    # The planner answers once its micro service is registered; wait for $SRV.PING to list it.
-    for _ in range(100):
-        with contextlib.suppress(Exception):
-            await client.request("$SRV.PING", b"", timeout=0.2)
-            break
-        await asyncio.sleep(0.05)
-    yield
-    stop.set()
-    await asyncio.wait_for(task, 10)
-    await client.drain()
+    try:
+        # Wait until its placement.request endpoint is subscribed ($SRV.PING answers before).
+        await wait_serving(client, task)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await client.drain()

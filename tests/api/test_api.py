@@ -22,6 +22,7 @@ from bus.messages import ErrorCode, PlacementReply
 from tests.api.fleet import FLEET, GIB, Gpu, instance_state, put_device, uuid_of
 
 AGENT_INTERVAL_S = 2.0  # the simulated agents' default sample interval
+EVENT_WAIT_S = 30.0  # how long a test waits for an event whose timing it does not assert
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -35,7 +36,7 @@ async def post(http: aiohttp.ClientSession, url: str, data: bytes | str) -> tupl
         return r.status, json.loads(await r.read())
 
 
-async def eventually(check: Any, timeout: float = 3.0) -> None:
+async def eventually(check: Any, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -95,7 +96,7 @@ async def test_large_bodies_stream_whole_and_head_has_none(
         _, body = await get(http, api_url + "/api/gpu/devices")
         assert body["count"] == want == len(body["devices"])
 
-    await eventually(all_there, 10.0)
+    await eventually(all_there, 30.0)
     async with http.get(api_url + "/api/gpu/devices") as r:
         raw = await r.read()
     assert len(raw) > LARGE_BODY and int(r.headers["Content-Length"]) == len(raw)
@@ -113,7 +114,7 @@ async def test_large_bodies_stream_whole_and_head_has_none(
         )
         assert len(util.samples) == want
 
-    await eventually(scraped, 5.0)
+    await eventually(scraped, 30.0)
 
 
 async def test_device_goes_offline(
@@ -224,7 +225,8 @@ async def test_readyz_not_ready_without_nats(
     import nats
 
     client = await nats.connect(nc.connected_url.geturl() if nc.connected_url else "")
-    runner, url = await start_app(make_app(client))
+    # A long request timeout, so answering before it shows the API did not wait for it.
+    runner, url = await start_app(make_app(client, request_timeout_s=60.0))
     try:
         assert (await get(http, url + "/readyz"))[0] == 200
         await client.close()
@@ -237,7 +239,8 @@ async def test_readyz_not_ready_without_nats(
         status, reply = await post(http, url + "/api/placements", '{"model": "llama-3.1-8b"}')
         assert (status, reply["error"]["code"]) == (503, "unavailable")
         assert "not connected to NATS" in reply["error"]["message"]
-        assert time.monotonic() - started < 2.0
+        took = time.monotonic() - started
+        assert took < 10.0, f"503 after {took:.1f} s: waited for the 60 s request timeout?"
     finally:
         await runner.cleanup()
 
@@ -359,24 +362,28 @@ async def next_event(resp: aiohttp.ClientResponse, timeout: float) -> tuple[str,
 async def test_sse_delivers_changes_promptly(
     api_url: str, http: aiohttp.ClientSession, fleet_kv: KeyValue
 ) -> None:
-    async with http.get(api_url + "/api/events", timeout=aiohttp.ClientTimeout(total=30)) as resp:
+    stream_timeout = aiohttp.ClientTimeout(total=5 * EVENT_WAIT_S)  # all the waits below
+    async with http.get(api_url + "/api/events", timeout=stream_timeout) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
-        kind, hello = await next_event(resp, 2.0)
+        kind, hello = await next_event(resp, EVENT_WAIT_S)
         assert kind == "hello" and hello["revision"] > 0
 
+        # The requirement: a change reaches a client within one agent interval. Wait longer,
+        # so a late event is reported with its latency rather than as a timeout.
         started = time.monotonic()
         await put_device(fleet_kv, FLEET[3], seq=9, temperature_c=71.0)
-        kind, event = await next_event(resp, AGENT_INTERVAL_S)
-        assert time.monotonic() - started < AGENT_INTERVAL_S
+        kind, event = await next_event(resp, EVENT_WAIT_S)
+        took = time.monotonic() - started
+        assert took < AGENT_INTERVAL_S, f"the change took {took:.2f} s to reach the stream"
         assert (kind, event["op"], event["id"]) == ("device", "put", "rig-c/0")
         assert event["key"] == "devices.rig-c.0" and event["value"]["temperature_c"] == 71.0
 
         await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
-        kind, event = await next_event(resp, AGENT_INTERVAL_S)
+        kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["id"], event["value"]["layers_total"]) == ("instance", "llama-demo", 80)
 
         await fleet_kv.delete(subjects.instance_key("llama-demo"))
-        kind, event = await next_event(resp, AGENT_INTERVAL_S)
+        kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["op"], event["value"]) == ("instance", "delete", None)
 
 
@@ -384,10 +391,10 @@ async def test_sse_kinds_filter(
     api_url: str, http: aiohttp.ClientSession, fleet_kv: KeyValue
 ) -> None:
     async with http.get(api_url + "/api/events?kinds=instance") as resp:
-        assert (await next_event(resp, 2.0))[0] == "hello"
+        assert (await next_event(resp, EVENT_WAIT_S))[0] == "hello"
         await put_device(fleet_kv, FLEET[0], seq=5)
         await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
-        kind, event = await next_event(resp, AGENT_INTERVAL_S)
+        kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["id"]) == ("instance", "llama-demo")  # the device change was filtered
     status, err = await get(http, api_url + "/api/events?kinds=devices")
     assert status == 400 and err["error"]["field"] == "kinds"
@@ -560,9 +567,9 @@ async def test_run_api_stops_cleanly_with_clients_connected(
         except aiohttp.ClientConnectionError as exc:
             raise AssertionError("not listening yet") from exc
 
-    await eventually(up, 10.0)
+    await eventually(up, 30.0)
     async with http.get(url + "/api/events") as resp:
-        assert (await next_event(resp, 2.0))[0] == "hello"
+        assert (await next_event(resp, EVENT_WAIT_S))[0] == "hello"
         stop.set()
-        await asyncio.wait_for(task, 5.0)  # the open stream does not hold the shutdown
+        await asyncio.wait_for(task, EVENT_WAIT_S)  # the open stream does not hold the shutdown
         assert await resp.content.read() == b""  # and the client sees its end

@@ -16,6 +16,7 @@ from tests.api.fleet import FLEET, instance_from_reply, put_device, write_histor
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+WAIT_MS = 30_000  # the longest any step waits for the page (Playwright's expect default: 5 s)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -44,6 +45,17 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
     executable = chromium_path()
     if executable is None:
         pytest.skip("no Chromium installed (Debian: apt-get install -y chromium)")
+    from playwright.async_api import expect
+
+    # No assertion here is about speed: wait up to 30 s (not Playwright's 5 s) for each state.
+    expect.set_options(timeout=WAIT_MS)
+    try:
+        await _dashboard_live(api_url, fleet_kv, executable)
+    finally:
+        expect.set_options(timeout=None)  # back to Playwright's default for any later test
+
+
+async def _dashboard_live(api_url: str, fleet_kv: KeyValue, executable: str) -> None:
     from playwright.async_api import async_playwright, expect
 
     async with async_playwright() as pw:
@@ -55,6 +67,7 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
                 await fleet_kv.delete(subjects.device_key(gpu.node, gpu.index))
             await write_history(fleet_kv)
             page = await browser.new_page(viewport={"width": 1500, "height": 1400})
+            page.set_default_timeout(WAIT_MS)  # actions (fill, click) and navigation
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             await page.goto(api_url + "/")
@@ -72,7 +85,7 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
             row = page.locator(f'#fleet-body tr[data-device-id="{gpu.node}/{gpu.index}"]')
             await expect(row.locator("td.temp")).not_to_have_text("88 °C")
             await put_device(fleet_kv, gpu, seq=2, temperature_c=88.0, utilization_gpu_pct=93.0)
-            await expect(row.locator("td.temp")).to_have_text("88 °C", timeout=5000)
+            await expect(row.locator("td.temp")).to_have_text("88 °C")
             await expect(row.locator("td.util")).to_contain_text("93 %")
 
             # An unknown model: the reply is shown in words, not as a crash.
@@ -84,7 +97,7 @@ async def test_dashboard_live_in_chromium(api_url: str, fleet_kv: KeyValue, plan
 
             # A real placement through the real planner, drawn layer by layer.
             await page.fill("#f-model", "llama-3.1-8b")
-            async with page.expect_response("**/api/placements", timeout=30000) as answer:
+            async with page.expect_response("**/api/placements", timeout=2 * WAIT_MS) as answer:
                 await page.click("#f-submit")
             reply = await (await answer.value).json()
             assert reply["ok"], reply

@@ -17,6 +17,7 @@ from shardplane.commands import run_services
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_FLEET = ROOT / "fleets" / "demo.toml"
+LONG_TTL_S = 30.0  # liveness TTL for tests that are not about liveness
 
 
 @contextlib.asynccontextmanager
@@ -27,10 +28,14 @@ async def running(
     api: bool = False,
     api_port: int = 0,
     interval_s: float = 0.5,
+    ttl_s: float | None = LONG_TTL_S,
 ) -> AsyncIterator[asyncio.Event]:
+    """The components of ``shardplane up`` as tasks. ``ttl_s`` is the projector's liveness TTL:
+    long by default, since at 3 x a short ``interval_s`` a stall of a busy machine would mark
+    devices offline and the planner would leave them out; pass None for the real default."""
     stop = asyncio.Event()
     tasks = await run_services(
-        url, stop, fleet=fleet, api=api, api_port=api_port, interval_s=interval_s
+        url, stop, fleet=fleet, api=api, api_port=api_port, interval_s=interval_s, ttl_s=ttl_s
     )
     try:
         yield stop
@@ -60,7 +65,7 @@ async def device_states(nc: Client) -> dict[str, DeviceState]:
     return out
 
 
-async def wait_devices(nc: Client, expected: int, timeout: float = 30.0) -> dict[str, DeviceState]:
+async def wait_devices(nc: Client, expected: int, timeout: float = 60.0) -> dict[str, DeviceState]:
     deadline = asyncio.get_running_loop().time() + timeout
     states: dict[str, DeviceState] = {}
     while asyncio.get_running_loop().time() < deadline:
@@ -72,7 +77,7 @@ async def wait_devices(nc: Client, expected: int, timeout: float = 30.0) -> dict
 
 
 async def wait_instance(
-    nc: Client, instance: str, settled: set[str], timeout: float = 30.0
+    nc: Client, instance: str, settled: set[str], timeout: float = 60.0
 ) -> InstanceState:
     kv = await cluster_state(nc.jetstream())
     deadline = asyncio.get_running_loop().time() + timeout

@@ -13,6 +13,7 @@ from bus.messages import PlacementReply, ShardAssignment
 from bus.streams import PLACEMENTS
 from shardplane.commands import fleet_device_count
 from tests.e2e.helpers import DEMO_FLEET, assert_valid_plan, running, wait_devices, wait_instance
+from tests.planner.ready import wait_planners
 
 LLAMA_70B_LAYERS = 80
 
@@ -21,6 +22,7 @@ async def test_demo_fleet_placement_flows_end_to_end(nats_url: str, nc: Client) 
     expected = fleet_device_count(DEMO_FLEET)
     async with running(nats_url):
         devices = await wait_devices(nc, expected)
+        await wait_planners(nc)  # its endpoint may still be subscribing
         assert len({d.sample.name for d in devices.values()}) >= 4, "the demo fleet must be mixed"
 
         body = {"model": "llama-3.1-70b", "context_tokens": 8192, "instance_id": "e2e-70b"}
@@ -54,6 +56,7 @@ async def test_placement_request_speaks_json_msgpack_and_survives_garbage(
     expected = fleet_device_count(DEMO_FLEET)
     async with running(nats_url):
         await wait_devices(nc, expected)
+        await wait_planners(nc)  # its endpoint may still be subscribing
 
         # Raw JSON bytes, as `nats req` would send them: a JSON reply.
         raw = b'{"model": "llama-3.1-8b", "dry_run": true}'

@@ -9,30 +9,30 @@ from nats.aio.client import Client
 
 from bus import codec
 from bus.messages import PlacementReply
-from tests.e2e.helpers import running, wait_devices, wait_instance
+from tests.e2e.helpers import LONG_TTL_S, running, wait_devices, wait_instance
+from tests.planner.ready import wait_planners
 
 
 async def test_cp_sat_places_70b_on_the_simulated_fleet_optimally(
     nats_url: str, nc: Client
 ) -> None:
-    async with running(nats_url, interval_s=0.5):
+    # Not about liveness: a long projector TTL keeps a stall from marking devices offline.
+    async with running(nats_url, interval_s=0.5, ttl_s=LONG_TTL_S):
         await wait_devices(nc, 7)
+        await wait_planners(nc)  # its endpoint may still be subscribing
+        time_limit_s = 30.0
         body = {
             "model": "llama-3.1-70b",
             "context_tokens": 8192,
             "instance_id": "sim-70b",
             "solver": "cp-sat",
-            "time_limit_s": 30.0,
+            "time_limit_s": time_limit_s,
         }
-        reply: PlacementReply | None = None
-        for _ in range(50):  # the planner may still be subscribing
-            try:
-                msg = await nc.request("placement.request", json.dumps(body).encode(), timeout=40)
-            except Exception:
-                continue
-            reply = codec.decode(PlacementReply, msg.data, "json")
-            break
-        assert reply is not None and reply.ok, reply and reply.error
+        msg = await nc.request(
+            "placement.request", json.dumps(body).encode(), timeout=time_limit_s + 20
+        )
+        reply = codec.decode(PlacementReply, msg.data, "json")
+        assert reply.ok, reply.error
         assert (reply.solver, reply.status, reply.gap_pct) == ("cp-sat", "optimal", 0.0)
         assert reply.lower_bound_ms <= reply.bottleneck_ms
         assert reply.stages[0].layer_start == 0 and reply.stages[-1].layer_end == 80

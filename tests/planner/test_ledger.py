@@ -20,6 +20,7 @@ from bus.streams import LEDGER
 from planner import ledger
 from planner.synthetic import HostSpec, device_state
 from tests.planner.fleetkit import publish_fleet
+from tests.planner.ready import wait_planners
 from tests.planner.test_service import ask, planner_running
 
 GIB = 1024**3
@@ -105,30 +106,16 @@ async def test_two_planner_processes_share_one_ledger(
     other = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env, cwd=REPO)
     try:
         async with planner_running(nats_url):
-            # Both planners answer PING before the burst.
-            for _ in range(100):
-                inbox = nc.new_inbox()
-                sub = await nc.subscribe(inbox)
-                await nc.publish("$SRV.PING.shardplane-planner", b"", reply=inbox)
-                await asyncio.sleep(0.3)
-                answers = 0
-                while True:
-                    try:
-                        await sub.next_msg(timeout=0.01)
-                        answers += 1
-                    except Exception:
-                        break
-                await sub.unsubscribe()
-                if answers >= 2:
-                    break
-            assert answers >= 2, "the second planner never came up"
+            # Both planners serve placement.request before the burst (the second one is a
+            # fresh interpreter importing everything: slow on a busy machine).
+            await wait_planners(nc, count=2, timeout=90)
             replies = await _burst(nc, 100, "p")
             stats_inbox = nc.new_inbox()
             sub = await nc.subscribe(stats_inbox)
             await nc.publish("$SRV.STATS.shardplane-planner", b"", reply=stats_inbox)
             served = []
             for _ in range(2):
-                msg = await sub.next_msg(timeout=2)
+                msg = await sub.next_msg(timeout=10)
                 served.append(json.loads(msg.data)["endpoints"][0]["num_requests"])
     finally:
         other.send_signal(signal.SIGTERM)

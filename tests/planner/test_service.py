@@ -19,6 +19,7 @@ from bus.streams import PLACEMENTS
 from planner.service import run_planner
 from planner.synthetic import device_state
 from tests.planner.fleetkit import DEMO, publish_fleet, put_device
+from tests.planner.ready import wait_serving
 
 
 @contextlib.asynccontextmanager
@@ -27,21 +28,17 @@ async def planner_running(url: str) -> AsyncIterator[None]:
     stop = asyncio.Event()
     task = asyncio.create_task(run_planner(client, stop=stop))
     try:
-        # Wait until the service answers PING (it provisions and starts its watch first).
-        for _ in range(100):
-            try:
-                await client.request("$SRV.PING.shardplane-planner", b"", timeout=0.2)
-                break
-            except Exception:
-                await asyncio.sleep(0.05)
+        # It provisions, starts its watch and registers its service first: wait until its
+        # endpoint is subscribed (or the planner died trying, which the wait reports).
+        await wait_serving(client, task)
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, timeout=10)
+        await asyncio.wait_for(task, timeout=30)
         await client.close()
 
 
-async def ask(nc: Client, body: dict[str, object], timeout: float = 20.0) -> PlacementReply:
+async def ask(nc: Client, body: dict[str, object], timeout: float = 30.0) -> PlacementReply:
     msg = await nc.request("placement.request", json.dumps(body).encode(), timeout=timeout)
     return codec.decode(PlacementReply, msg.data, "json")
 
@@ -53,13 +50,14 @@ async def test_places_on_demo_fleet_with_cp_sat_optimal(
     async with planner_running(nats_url):
         # On the demo fleet the greedy plan for an 8B model at 32k does not meet the integer
         # bound, so CP-SAT decides, and proves its plan optimal.
+        time_limit_s = 20.0
         body = {
             "model": "llama-3.1-8b",
             "context_tokens": 32768,
             "instance_id": "demo-8b",
-            "time_limit_s": 20.0,
+            "time_limit_s": time_limit_s,
         }
-        reply = await ask(nc, body)
+        reply = await ask(nc, body, timeout=time_limit_s + 20)
         assert reply.ok, reply.error
         assert (reply.solver, reply.status) == ("cp-sat", "optimal")
         assert reply.gap_pct == 0.0
@@ -70,7 +68,7 @@ async def test_places_on_demo_fleet_with_cp_sat_optimal(
         info = await js.stream_info(PLACEMENTS)
         assert info.state.messages == len(reply.stages)
         sub = await js.pull_subscribe("placement.assigned.>", durable="t", stream=PLACEMENTS)
-        msgs = await sub.fetch(len(reply.stages), timeout=2)
+        msgs = await sub.fetch(len(reply.stages), timeout=10)
         got = sorted((codec.decode(ShardAssignment, m.data) for m in msgs), key=lambda a: a.stage)
         assert [(a.layer_start, a.layer_end) for a in got] == [
             (s.layer_start, s.layer_end) for s in reply.stages
@@ -78,12 +76,14 @@ async def test_places_on_demo_fleet_with_cp_sat_optimal(
         assert all(a.generation == 1 and not a.release for a in got)
         assert [a.device for a in got] == [s.device for s in reply.stages]
         # Idempotent: the same id answers the same plan, publishing nothing new.
-        again = await ask(nc, body)
+        again = await ask(nc, body, timeout=time_limit_s + 20)
         assert again.stages == reply.stages and again.generation == 1
         assert (await js.stream_info(PLACEMENTS)).state.messages == len(reply.stages)
         # The 70B the demo places: every GPU of every host, proven optimal.
         big = await ask(
-            nc, {"model": "llama-3.1-70b", "context_tokens": 8192, "time_limit_s": 20.0}
+            nc,
+            {"model": "llama-3.1-70b", "context_tokens": 8192, "time_limit_s": time_limit_s},
+            timeout=time_limit_s + 20,
         )
         assert big.ok and big.status == "optimal", big.error
         assert {s.node for s in big.stages} == {"rig-a", "rig-b", "rig-c", "rig-d"}
@@ -97,33 +97,35 @@ async def test_msgpack_in_msgpack_out_and_errors_in_kind(
         msg = await nc.request(
             "placement.request",
             msgspec.msgpack.encode({"model": "llama-3.1-8b", "dry_run": True}),
-            timeout=20,
+            timeout=30,
         )
         reply = codec.decode(PlacementReply, msg.data, "msgpack")
         assert reply.ok and reply.dry_run and reply.generation == 0
-        msg = await nc.request("placement.request", b'{"model": "gpt-17"}', timeout=5)
+        msg = await nc.request("placement.request", b'{"model": "gpt-17"}', timeout=30)
         body = json.loads(msg.data)
         assert body["ok"] is False and body["error"]["code"] == "unknown_model"
         assert msg.headers and msg.headers.get("Nats-Service-Error-Code") == "404"
         msg = await nc.request(
-            "placement.request", b'{"model": "llama-3.1-8b", "contxt": 5}', timeout=5
+            "placement.request", b'{"model": "llama-3.1-8b", "contxt": 5}', timeout=30
         )
         assert json.loads(msg.data)["error"]["code"] == "invalid_request"
         assert "contxt" in json.loads(msg.data)["error"]["message"]
-        msg = await nc.request("placement.request", b"\x93\x01", timeout=5)  # msgpack, wrong shape
+        msg = await nc.request("placement.request", b"\x93\x01", timeout=30)  # msgpack, wrong shape
         assert codec.decode(PlacementReply, msg.data, "msgpack").error is not None
         # Too big for the fleet: the message carries numbers.
         too_big = await ask(nc, {"model": "llama-3.1-405b", "context_tokens": 131072})
         assert too_big.error is not None and too_big.error.code == "insufficient_memory"
         assert "GiB" in too_big.error.message and "rig-" in too_big.error.message
         # The service API lists the planner.
-        info = json.loads((await nc.request("$SRV.INFO.shardplane-planner", b"", timeout=2)).data)
+        info = json.loads((await nc.request("$SRV.INFO.shardplane-planner", b"", timeout=30)).data)
         assert (
             info["name"] == "shardplane-planner"
             and info["endpoints"][0]["subject"] == "placement.request"
         )
         assert info["metadata"] is not None and info["endpoints"][0]["metadata"] == {}
-        stats = json.loads((await nc.request("$SRV.STATS.shardplane-planner", b"", timeout=2)).data)
+        stats = json.loads(
+            (await nc.request("$SRV.STATS.shardplane-planner", b"", timeout=30)).data
+        )
         assert stats["endpoints"][0]["num_requests"] >= 4
 
 
@@ -137,7 +139,7 @@ async def test_offline_device_excluded_with_reason_and_release_on_move(
         holder = first.stages[0]
         node, index = holder.device.split("/")
         await put_device(js, device_state(node, int(index), _key(holder.gpu), online=False))
-        await asyncio.sleep(0.3)
+        await _until_excluded(nc, holder.device, "offline")
         second = await ask(nc, {"model": "llama-3.1-8b", "instance_id": "small", "max_stages": 1})
         assert second.ok and second.generation == 2
         assert second.stages[0].device != holder.device
@@ -146,11 +148,27 @@ async def test_offline_device_excluded_with_reason_and_release_on_move(
             sub = await js.pull_subscribe(
                 f"placement.assigned.{holder.node}", durable="r", stream=PLACEMENTS
             )
-            msgs = await sub.fetch(10, timeout=2)
+            msgs = await sub.fetch(10, timeout=10)
             releases = [
                 a for a in (codec.decode(ShardAssignment, m.data) for m in msgs) if a.release
             ]
             assert releases and releases[0].generation == 2
+
+
+async def _until_excluded(nc: Client, device: str, reason: str, timeout: float = 30.0) -> None:
+    """Dry runs (which change nothing) until the planner's watch-fed cache has the device's new
+    state: its replies list the device as excluded for ``reason``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        dry = await ask(nc, {"model": "llama-3.1-8b", "dry_run": True, "max_stages": 1})
+        assert dry.ok and dry.dry_run, dry.error
+        if any(e.device == device and reason in e.reason for e in dry.excluded):
+            return
+        assert loop.time() < deadline, (
+            f"{device} not excluded ({reason}) after {timeout:.0f} s: {dry.excluded}"
+        )
+        await asyncio.sleep(0.1)
 
 
 def _key(gpu_name: str) -> str:
@@ -167,7 +185,7 @@ async def test_bad_requests_never_stop_the_planner(
 ) -> None:
     await publish_fleet(js, DEMO)
     async with planner_running(nats_url):
-        msg = await nc.request("placement.request", body, timeout=5)
+        msg = await nc.request("placement.request", body, timeout=30)
         assert b"invalid_request" in msg.data
         ok = await ask(nc, {"model": "llama-3.2-1b", "dry_run": True})
         assert ok.ok

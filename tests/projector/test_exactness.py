@@ -4,6 +4,7 @@ value someone else stored in between is joined, never overwritten."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from nats.aio.client import Client
@@ -45,13 +46,27 @@ async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_
         await until(lambda: device(nc, "n1", 0), lambda s: s is not None)
         lease_kv = await js.key_value(LEASE_BUCKET)
         await lease_kv.put(LEASE_KEY, b"someone-else")  # the lease is taken from it
-        await until(lambda: asyncio.sleep(0.02, runner.leading.is_set()), lambda lead: not lead)
-        rounds = runner.stats.rounds
-        await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 2)))
-        await asyncio.sleep(0.3)
-        state = await device(nc, "n1", 0)
-        assert state is not None and state.sample.seq == 1, "wrote without the lease"
-        assert runner.stats.rounds == rounds
-        # The intruder never renews: its key ages out, the projector takes over and catches up.
+
+        async def intruder() -> None:
+            # Keeps its key alive (the bucket expires it 1.5 s after the last put), so the
+            # projector cannot take the lease back however slowly the checks below run.
+            while True:
+                await asyncio.sleep(0.3)
+                await lease_kv.put(LEASE_KEY, b"someone-else")
+
+        holding = asyncio.create_task(intruder())
+        try:
+            await until(lambda: asyncio.sleep(0.02, runner.leading.is_set()), lambda lead: not lead)
+            rounds = runner.stats.rounds
+            await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 2)))
+            await asyncio.sleep(0.3)
+            state = await device(nc, "n1", 0)
+            assert state is not None and state.sample.seq == 1, "wrote without the lease"
+            assert runner.stats.rounds == rounds
+        finally:
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding
+        # The intruder stops renewing: its key ages out, the projector takes over and catches up.
         await until(lambda: asyncio.sleep(0.05, runner.leading.is_set()), bool, timeout=10)
         await until(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 2)

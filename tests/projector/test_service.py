@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import time
+import datetime
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from bus import codec, subjects
+from bus.messages import DeviceState, NodeState
 from bus.streams import DEADLETTER
 from projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
+from projector.store import KV_PREFIX, KV_STREAM
 from tests.projector.helpers import (
     FAST,
     assignment,
@@ -25,6 +32,8 @@ from tests.projector.helpers import (
     status,
     until,
 )
+
+T = TypeVar("T", DeviceState, NodeState)
 
 
 async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
@@ -161,51 +170,136 @@ async def test_garbage_on_every_subject_is_dead_lettered_and_valid_traffic_flows
         assert info.num_ack_pending == 0 and info.num_pending == 0, (stream, info)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Beat:
+    seq: int
+    heartbeat: PubAck  # where the stream stored each of the beat's two messages
+    sample: PubAck
+
+
+@contextlib.asynccontextmanager
+async def _beating(
+    js: JetStreamContext, node: str, first_seq: int, interval_s: float, period_s: float = 0.3
+) -> AsyncIterator[list[_Beat]]:
+    """A node's agent: a heartbeat (announcing ``interval_s``) and a sample of device 0 every
+    ``period_s`` until the block ends. A beat under way when it ends is finished first, so
+    the last beat in the list is the last one published (the silence starts there)."""
+    beats: list[_Beat] = []
+    done = asyncio.Event()
+
+    async def loop() -> None:
+        seq = first_seq
+        while not done.is_set():
+            hb = await js.publish(
+                subjects.node_heartbeat(node),
+                codec.encode(heartbeat(node, seq, interval_s=interval_s)),
+            )
+            sa = await js.publish(subjects.gpu_sample(node, 0), codec.encode(sample(node, 0, seq)))
+            beats.append(_Beat(seq, hb, sa))
+            seq += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), period_s)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield beats
+    finally:
+        done.set()
+        await task
+
+
+async def _stored_at(js: JetStreamContext, ack: PubAck) -> datetime.datetime:
+    """When the server stored a published message (its clock, like the KV's timestamps)."""
+    stored = (await js.get_msg(ack.stream, ack.seq)).time
+    assert stored is not None
+    return stored
+
+
 async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_back(
     nats_url: str, nc: Client, js: JetStreamContext
 ) -> None:
     interval = 0.4  # TTL defaults to 3 intervals: 1.2 s
+    device_key, node_key = subjects.device_key("quiet", 0), subjects.node_key("quiet")
 
-    async def beat(seq: int) -> None:
-        await js.publish(
-            subjects.node_heartbeat("quiet"),
-            codec.encode(heartbeat("quiet", seq, interval_s=interval)),
-        )
-        await js.publish(subjects.gpu_sample("quiet", 0), codec.encode(sample("quiet", 0, seq)))
+    # Every value the projector stores, with the server's time of storing it: how long the
+    # silence took to show is measured on the server's clock, from the last beat stored to
+    # the offline value stored, so the test's own polling is not charged to the projector.
+    stored: list[tuple[str, datetime.datetime, bytes]] = []
+
+    async def on_entry(msg: Msg) -> None:
+        stored.append((msg.subject.removeprefix(KV_PREFIX), msg.metadata.timestamp, msg.data))
+
+    watch = await js.subscribe(
+        f"{KV_PREFIX}>", stream=KV_STREAM, cb=on_entry, ordered_consumer=True
+    )
+
+    def first_offline(
+        key: str, kind: type[T], seq_of: Callable[[T], int], seq: int
+    ) -> tuple[datetime.datetime, T] | None:
+        """The first value of ``key`` stored offline after the beat ``seq``, and when."""
+        for got, when, data in stored:
+            if got == key:
+                value = msgspec.msgpack.decode(data, type=kind)
+                if seq_of(value) == seq and not value.online:
+                    return when, value
+        return None
 
     async with projector(nats_url):
-        for seq in range(4):
-            await beat(seq)
-            await asyncio.sleep(interval)
-        state = await until(lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online)
-        silent_since = time.monotonic()
-        node = await until(
-            lambda: node_state(nc, "quiet"), lambda s: s is not None and not s.online, timeout=10
+        # Beat until the node and its device are seen online, then fall silent.
+        async with _beating(js, "quiet", 0, interval) as beats:
+            state = await until(
+                lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online, timeout=10
+            )
+            await until(
+                lambda: node_state(nc, "quiet"), lambda s: s is not None and s.online, timeout=10
+            )
+        last = beats[-1]
+        node_off = await until(
+            lambda: asyncio.sleep(
+                0, first_offline(node_key, NodeState, lambda n: n.heartbeat.seq, last.seq)
+            ),
+            lambda found: found is not None,
+            timeout=10,
         )
-        gone = await until(
-            lambda: device(nc, "quiet", 0), lambda s: s is not None and not s.online, timeout=10
+        device_off = await until(
+            lambda: asyncio.sleep(
+                0, first_offline(device_key, DeviceState, lambda d: d.sample.seq, last.seq)
+            ),
+            lambda found: found is not None,
+            timeout=10,
         )
-        took = time.monotonic() - silent_since
-        assert took <= 3 * interval + interval + 0.3, took
-        assert node is not None and node.offline_reason == "no heartbeat for 1.2s"
-        assert gone is not None and gone.offline_reason == "no telemetry for 1.2s"
+        assert node_off is not None and device_off is not None
+        (node_at, node), (gone_at, gone) = node_off, device_off
+        node_took = (node_at - await _stored_at(js, last.heartbeat)).total_seconds()
+        gone_took = (gone_at - await _stored_at(js, last.sample)).total_seconds()
+        # The requirement: offline within the TTL plus one interval of the last beat.
+        bound = 3 * interval + interval + 0.3
+        assert node_took <= bound and gone_took <= bound, (
+            f"offline {node_took:.2f} s (node) and {gone_took:.2f} s (device) after the last "
+            f"beat; the bound is {bound:.2f} s"
+        )
+        assert node.offline_reason == "no heartbeat for 1.2s"
+        assert gone.offline_reason == "no telemetry for 1.2s"
         assert state is not None and gone.last_seen >= state.last_seen
 
-        await beat(10)
-        back = await until(
-            lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online, timeout=5
-        )
-        assert back is not None and back.sample.seq == 10
-        node = await until(
-            lambda: node_state(nc, "quiet"), lambda s: s is not None and s.online, timeout=5
-        )
+        # It comes back. From here on the agent announces a 5 s interval (TTL 15 s), so
+        # nothing below can go offline for silence: only the graceful shutdown can do it.
+        async with _beating(js, "quiet", last.seq + 10, 5.0) as beats:
+            back = await until(
+                lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online, timeout=10
+            )
+            await until(
+                lambda: node_state(nc, "quiet"), lambda s: s is not None and s.online, timeout=10
+            )
+        assert back is not None and back.sample.seq >= last.seq + 10
 
         # A graceful shutdown: node and devices offline at once, no TTL wait.
         await js.publish(
             subjects.node_heartbeat("quiet"),
-            codec.encode(heartbeat("quiet", 11, interval_s=interval, online=False)),
+            codec.encode(heartbeat("quiet", beats[-1].seq + 1, interval_s=5.0, online=False)),
         )
         gone = await until(
-            lambda: device(nc, "quiet", 0), lambda s: s is not None and not s.online, timeout=1
+            lambda: device(nc, "quiet", 0), lambda s: s is not None and not s.online, timeout=10
         )
         assert gone is not None and gone.offline_reason == "node shut down"
+    await watch.unsubscribe()

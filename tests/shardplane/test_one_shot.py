@@ -4,6 +4,7 @@ services do: no NATS after --connect-timeout, or no planner answering."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +38,8 @@ def test_gives_up_on_an_unreachable_nats_with_the_reason(command: list[str]) -> 
     rc, text, took = _run(*command, "--nats-url", url, "--connect-timeout", "1")
     assert rc == 1, text
     assert f"could not reach NATS at {url}: " in text, text
-    assert "failed attempts in 1." in text, text
+    # Refused at once, retried every 0.5 s: the count and the time spent, as they were.
+    assert re.search(r"\(\d+ failed attempts? in \d+\.\d s\)", text), text
     # 1 s of attempts; the rest is the interpreter starting (slow on a busy machine).
     assert took < 20, took
 

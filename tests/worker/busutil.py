@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from agents.loader import StageSpec, stage_bytes
 from agents.worker import Worker
 from bus import codec, subjects
-from bus.messages import ShardAssignment, ShardStatus
+from bus.messages import DeviceSample, ShardAssignment, ShardStatus
 
 _ids = itertools.count()
 
@@ -139,3 +139,33 @@ async def workers(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)
+
+
+async def until_sample_after(
+    samples: list[DeviceSample], ts: float, timeout: float = 10.0
+) -> DeviceSample:
+    """The first sample (in arrival order) taken after ``ts``, once it has arrived."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        late = next((s for s in samples if s.ts > ts), None)
+        if late is not None:
+            return late
+        if asyncio.get_running_loop().time() > deadline:
+            last = samples[-1].ts if samples else None
+            raise AssertionError(f"no sample taken after {ts} arrived (latest taken at {last})")
+        await asyncio.sleep(0.05)
+
+
+def assert_interval_kept(
+    samples: list[DeviceSample], started: float, ended: float, interval: float
+) -> None:
+    """Judged at the source, from the samples' own ``ts`` and ``seq`` (seq counts the sampling
+    loop's turns, ts is when each turn read): a blocked loop shows as a ts jump between
+    consecutive seqs and as too little seq advance over the window. Arrival times would also
+    count server and ack stalls, and a sample dropped on the way leaves only a seq gap."""
+    by_seq = {s.seq: s for s in samples if started <= s.ts <= ended}  # a retried publish: once
+    during = [by_seq[q] for q in sorted(by_seq)]
+    taken = during[-1].seq - during[0].seq + 1 if during else 0
+    assert taken >= (ended - started) / interval * 0.5, (taken, len(during), ended - started)
+    steps = [(b.ts - a.ts) / (b.seq - a.seq) for a, b in itertools.pairwise(during)]
+    assert max(steps) < 0.5, max(steps)

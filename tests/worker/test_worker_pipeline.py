@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from bus.gpus import gpu_spec
 from bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
 from bus.streams import cluster_state
 from tests.worker import ckpt
-from tests.worker.busutil import StatusLog, assign, stage
+from tests.worker.busutil import StatusLog, assert_interval_kept, assign, stage, until_sample_after
 
 pytest.importorskip("planner.service")
 pytest.importorskip("projector.service")
@@ -81,7 +79,9 @@ async def pipeline(url: str, fleet: Path) -> AsyncIterator[dict[str, Worker]]:
     clients.append(worker_nc)
     workers = {n: Worker(worker_nc, node=n, use_cuda=False) for n in NODES}
     tasks = [
-        asyncio.create_task(on_own_connection(lambda c: run_projector(c, stop=stop))),
+        # A long liveness TTL: these tests are not about liveness, and with the default (3 x the
+        # 0.2 s interval) a stall of a busy machine would mark devices offline and move stages.
+        asyncio.create_task(on_own_connection(lambda c: run_projector(c, stop=stop, ttl_s=30))),
         asyncio.create_task(on_own_connection(lambda c: run_planner(c, stop=stop))),
         asyncio.create_task(
             on_own_connection(
@@ -202,7 +202,9 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
         by_node = {n: [] for n in NODES}
         for s in moved.stages:
             by_node[s.node] += names_for(s.layer_start, s.layer_end)
-        for _ in range(50):  # the released node's unload may trail the others' loads a little
+        # The released node's unload may trail the others' loads.
+        deadline = asyncio.get_running_loop().time() + 20
+        while asyncio.get_running_loop().time() < deadline:
             if not workers[gone].tensor_names():
                 break
             await asyncio.sleep(0.1)
@@ -228,12 +230,11 @@ async def test_agent_telemetry_keeps_its_interval_while_its_worker_loads(
     fleet = tmp_path / "solo.toml"
     fleet.write_text('interval_s = 0.1\n[[nodes]]\nname = "solo"\ngpus = [{ model = "A10" }]\n')
     interval = 0.1
-    samples: list[tuple[float, int]] = []
+    samples: list[DeviceSample] = []
     first = asyncio.Event()
 
     async def on_sample(msg: Msg) -> None:
-        sample = codec.decode(DeviceSample, msg.data)
-        samples.append((time.time(), sample.memory_used_bytes or 0))
+        samples.append(codec.decode(DeviceSample, msg.data))
         first.set()
 
     sub = await nc.subscribe(subjects.gpu_sample("solo", 0), cb=on_sample)
@@ -249,14 +250,13 @@ async def test_agent_telemetry_keeps_its_interval_while_its_worker_loads(
         assert final.load_ms > 1000, final
         ended = final.ts
         started = ended - final.load_ms / 1000.0
-        during = [t for t, _ in samples if started <= t <= ended]
-        gaps = [b - x for x, b in itertools.pairwise(during)]
-        assert len(during) >= (ended - started) / interval * 0.5, (len(during), ended - started)
-        assert max(gaps) < 0.5, max(gaps)
-        before = [m for t, m in samples if t < started]
-        await asyncio.sleep(3 * interval)
-        after = [m for t, m in samples if t > ended + interval]
-        assert after[-1] - before[-1] > 0.75 * held, (before[-1], after[-1])
+        # The first sample taken a full interval after the load: every sample of the load's
+        # window has arrived by then (one pending sample per device, sent in order).
+        after = await until_sample_after(samples, ended + interval)
+        assert_interval_kept(samples, started, ended, interval)
+        before = max((s for s in samples if s.ts < started), key=lambda s: s.seq)
+        used_before, used_after = before.memory_used_bytes or 0, after.memory_used_bytes or 0
+        assert used_after - used_before > 0.75 * held, (used_before, used_after)
     finally:
         stop.set()
         await asyncio.wait_for(agent, timeout=20)

@@ -1,0 +1,73 @@
+"""Waiting for planners to serve ``placement.request`` before a test's first request.
+
+A planner answers ``$SRV.PING`` as soon as its micro service exists, which is before its
+``placement.request`` endpoint has subscribed; a request in between gets "no responders" at
+once. ``$SRV.INFO`` lists an endpoint only once its subscription has been sent, on the same
+connection as the INFO reply, so a reply listing it means a request sent after it reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from nats.aio.client import Client
+
+from bus import subjects
+
+SERVICE = "shardplane-planner"
+
+
+async def serving_planners(nc: Client, enough: int, collect_s: float = 1.0) -> set[str]:
+    """The ids of the planners whose INFO lists ``placement.request``, as answered within
+    ``collect_s`` (or as soon as ``enough`` have)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    serving: set[str] = set()
+    try:
+        await nc.publish(f"$SRV.INFO.{SERVICE}", b"", reply=inbox)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + collect_s
+        while len(serving) < enough and (left := deadline - loop.time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except Exception:  # nats' TimeoutError: nothing more in this round
+                break
+            if not msg.data:  # the server's "no responders" status: no service yet
+                break
+            info = json.loads(msg.data)
+            endpoints = info.get("endpoints") or []
+            if any(e.get("subject") == subjects.PLACEMENT_REQUEST for e in endpoints):
+                serving.add(str(info.get("id")))
+    finally:
+        await sub.unsubscribe()
+    return serving
+
+
+async def wait_planners(nc: Client, count: int = 1, timeout: float = 60.0) -> None:
+    """Return once ``count`` planners serve ``placement.request``; fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen: set[str] = set()
+    while True:
+        seen = await serving_planners(nc, count)
+        if len(seen) >= count:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(
+                f"{len(seen)}/{count} planners served {subjects.PLACEMENT_REQUEST} "
+                f"after {timeout:.0f} s"
+            )
+        await asyncio.sleep(0.1)
+
+
+async def wait_serving(nc: Client, task: asyncio.Task[None], timeout: float = 60.0) -> None:
+    """``wait_planners`` for the planner running as ``task``, failing at once with its error if
+    it stops first."""
+    waiting = asyncio.create_task(wait_planners(nc, timeout=timeout))
+    await asyncio.wait((waiting, task), return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        task.result()  # raises what stopped it
+        raise AssertionError("the planner returned before serving")
+    await waiting
