@@ -48,13 +48,16 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 def _serve(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run a service command's body; one that was stopped before NATS ever answered says so and
-    exits 1, since nothing it was asked to do happened."""
+    """Run a command's body; one that was stopped before NATS ever answered says so and exits
+    1, since nothing it was asked to do happened. A Ctrl-C that reaches a one-shot command
+    (services turn it into their stop) ends it quietly with the shell's 130."""
     try:
         return asyncio.run(main())
     except NatsUnreachable as exc:
         print(f"shardplane: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _fleet_path(args: argparse.Namespace, default: Path | None) -> Path | None:
@@ -295,13 +298,18 @@ async def request_placement(
 async def connect_briefly(args: argparse.Namespace, name: str) -> Client:
     """A one-shot command's connection: unlike a service, it gives up after
     ``--connect-timeout`` (or on Ctrl-C) with the URL and the reason (NatsUnreachable)."""
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    timer = asyncio.get_running_loop().call_later(args.connect_timeout, stop.set)
+    timer = loop.call_later(args.connect_timeout, stop.set)
     try:
         return await connect_unless_stopped(nats_url(args.nats_url), stop, name)
     finally:
         timer.cancel()
+        # Nothing watches ``stop`` after this: Ctrl-C and SIGTERM act as usual again.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
 
 
 def place(args: argparse.Namespace) -> int:

@@ -3,15 +3,20 @@ services do: no NATS after --connect-timeout, or no planner answering."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
+from bus import subjects
 from shardplane.natsserver import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,4 +53,39 @@ def test_place_without_a_planner_says_so(nats_url: str) -> None:
     rc, text, _ = _run("place", "llama-3.1-8b", "--nats-url", nats_url)
     assert rc == 1, text
     assert "no planner answers on placement.request" in text, text
+    assert "Traceback" not in text, text
+
+
+async def test_ctrl_c_while_place_waits_for_the_planner_ends_it(nats_url: str) -> None:
+    """Once connected, a one-shot command no longer turns Ctrl-C into a stop nobody watches:
+    it ends the wait for a planner that never answers, quietly, with 130."""
+    nc = await nats.connect(nats_url)
+    asked = asyncio.Event()
+
+    async def silent_planner(msg: Msg) -> None:
+        asked.set()
+
+    await nc.subscribe(subjects.PLACEMENT_REQUEST, cb=silent_planner)
+    await nc.flush()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NATS_URL", None)
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "shardplane.cli", "place", "llama-3.1-8b"),
+        *("--nats-url", nats_url),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await asyncio.wait_for(asked.wait(), 30)  # connected, and waiting for the reply
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 15)
+        rc, text = proc.returncode, out.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await nc.close()
+    assert rc == 130, text
     assert "Traceback" not in text, text
