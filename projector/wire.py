@@ -142,14 +142,10 @@ class FastParser(Parser):
     frame that is anything else (or incomplete) ends the fast path, and nats-py's own parser
     takes the rest of the buffer exactly as it would have."""
 
+    # Set by fast_parser(), which turns the client's own parser into one of these.
+    client: Client
     direct: dict[int, Handler]
     raw: dict[int, RawHandler]
-
-    def __init__(self, nc: Client) -> None:
-        super().__init__(nc)
-        self.client = nc
-        self.direct = {}
-        self.raw = {}
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf

@@ -32,19 +32,29 @@ FAST = ProjectorConfig(ack_wait_s=2.0, lease_ttl_s=1.5, sweep_interval_s=0.2)
 
 
 @contextlib.asynccontextmanager
-async def projector(url: str, config: ProjectorConfig = FAST) -> AsyncIterator[Projector]:
-    """A projector task that leads (waits until it does) and is stopped on exit."""
+async def running(
+    url: str, config: ProjectorConfig = FAST
+) -> AsyncIterator[tuple[Projector, asyncio.Event, asyncio.Task[None]]]:
+    """A projector task on its own connection that leads (waits until it does): the runner, its
+    stop event and its task. Stopped on exit, if the caller has not stopped it already."""
     client = await nats.connect(url)
     stop = asyncio.Event()
     runner = Projector(client, config)
     task = asyncio.create_task(runner.run(stop))
     try:
         await asyncio.wait_for(runner.leading.wait(), 20)
-        yield runner
+        yield runner, stop, task
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
         await client.drain()
+
+
+@contextlib.asynccontextmanager
+async def projector(url: str, config: ProjectorConfig = FAST) -> AsyncIterator[Projector]:
+    """A projector task that leads (waits until it does) and is stopped on exit."""
+    async with running(url, config) as (runner, _, _):
+        yield runner
 
 
 async def get(nc: Client, kind: type[T], key: str) -> T | None:

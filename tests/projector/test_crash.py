@@ -31,7 +31,15 @@ from projector.lease import LEASE_BUCKET, LEASE_KEY
 from projector.reducer import Changes, Event, Liveness, View, apply
 from projector.service import CONSUMERS, Projector
 from projector.store import KV_PREFIX, KV_STREAM
-from tests.projector.helpers import FAST, assignment, heartbeat, sample, status, until
+from tests.projector.helpers import (
+    FAST,
+    assignment,
+    heartbeat,
+    running,
+    sample,
+    status,
+    until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES, GPUS = 12, 4
@@ -299,12 +307,7 @@ async def test_a_graceful_stop_abandons_a_round_the_kv_never_answers_after_the_g
         # Sweeps stay on (every 0.2 s): rounds prepared while the stuck one is in flight must
         # not make the stop wait for its write either.
     )
-    client = await nats.connect(nats_url)
-    stop = asyncio.Event()
-    runner = Projector(client, config)
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        await asyncio.wait_for(runner.leading.wait(), 20)
+    async with running(nats_url, config) as (runner, stop, task):
         # The bucket's stream goes away while the projector leads (it loaded it on taking the
         # lead), and a subscriber that never answers takes its subjects: a write reaches a
         # listener, so it is not refused at once ("no responders"), but no PubAck ever comes.
@@ -362,10 +365,3 @@ async def test_a_graceful_stop_abandons_a_round_the_kv_never_answers_after_the_g
                 await m.ack()
         finally:
             await puller.unsubscribe()
-    finally:
-        stop.set()
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        await client.close()
