@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from bus.messages import DeviceSample
+from shardplane.bus.messages import DeviceSample
 
 
 class BackendUnavailable(Exception):

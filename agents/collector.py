@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from agents.backend import Backend
-from agents.hostinfo import HostInfo
-from agents.publisher import Publisher
-from bus import codec, subjects
-from bus.messages import DeviceSample, NetLink, NodeHeartbeat
 from shardplane import __version__ as AGENT_VERSION
+from shardplane.agents.backend import Backend
+from shardplane.agents.hostinfo import HostInfo
+from shardplane.agents.publisher import Publisher
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceSample, NetLink, NodeHeartbeat
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 import time
 from typing import Literal
 
-from agents.backend import Backend
-from bus.messages import DeviceSample
+from shardplane.agents.backend import Backend
+from shardplane.bus.messages import DeviceSample
 
 log = logging.getLogger(__name__)
 

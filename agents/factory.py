@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from agents.backend import Backend, BackendUnavailable, NoDevices
+from shardplane.agents.backend import Backend, BackendUnavailable, NoDevices
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ Opener = Callable[[str], Backend]
 
 
 def _open_nvml(node: str) -> Backend:
-    from agents.nvml import open_nvml
+    from shardplane.agents.nvml import open_nvml
 
     return open_nvml(node)
 
 
 def _open_rocm(node: str) -> Backend:
-    from agents.rocm import open_rocm
+    from shardplane.agents.rocm import open_rocm
 
     return open_rocm(node)
 

@@ -46,8 +46,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from bus.gpus import GpuSpec, gpu_spec
-from bus.ids import TOKEN_PATTERN
+from shardplane.bus.gpus import GpuSpec, gpu_spec
+from shardplane.bus.ids import TOKEN_PATTERN
 
 Name = Annotated[str, Meta(pattern=TOKEN_PATTERN)]
 NonNeg = Annotated[float, Meta(ge=0.0)]

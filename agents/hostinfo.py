@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from bus.messages import NetInterface
+from shardplane.bus.messages import NetInterface
 
 SYS_NET = Path("/sys/class/net")
 

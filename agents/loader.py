@@ -18,7 +18,7 @@ never pays; ``shardplane bench shard-load`` prints both baselines.
 Errors are ``LoadError`` with a message that names the file, tensor, layer and numbers, because
 that message travels to the operator verbatim in ``ShardStatus.reason``.
 
-Headers, index and config are read by ``planner.hf_format``, the same code the planner uses for
+Headers, index and config are read by ``bus.checkpoint``, the same code the planner uses for
 the plan's per-stage ``weight_bytes``; the loader refuses to load a stage unless its bytes equal
 that figure exactly (``check_plan_bytes``).
 """
@@ -41,7 +41,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from planner.hf_format import (
+from shardplane.bus.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,

@@ -16,9 +16,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-from agents.backend import BackendUnavailable, LogOnce, theoretical_bandwidth_gbps
-from bus.gpus import gpu_spec
-from bus.messages import DeviceSample, NvLink
+from shardplane.agents.backend import BackendUnavailable, LogOnce, theoretical_bandwidth_gbps
+from shardplane.bus.gpus import gpu_spec
+from shardplane.bus.messages import DeviceSample, NvLink
 
 log = logging.getLogger(__name__)
 

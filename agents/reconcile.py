@@ -23,7 +23,7 @@ from typing import Literal
 
 import msgspec
 
-from bus.messages import ShardAssignment
+from shardplane.bus.messages import ShardAssignment
 
 HeldState = Literal["loaded", "reserved", "failed"]
 

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from agents.backend import BackendUnavailable, LogOnce
-from bus.gpus import gpu_spec
-from bus.messages import DeviceSample
+from shardplane.agents.backend import BackendUnavailable, LogOnce
+from shardplane.bus.gpus import gpu_spec
+from shardplane.bus.messages import DeviceSample
 
 log = logging.getLogger(__name__)
-pyrsmi_log = logging.getLogger("agents.rocm.pyrsmi")
+pyrsmi_log = logging.getLogger("shardplane.agents.rocm.pyrsmi")
 
 T = TypeVar("T")
 

@@ -22,25 +22,25 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from agents import fleet as fleet_mod
-from agents.backend import Backend
-from agents.collector import (
+from shardplane.agents import fleet as fleet_mod
+from shardplane.agents.backend import Backend
+from shardplane.agents.collector import (
     CollectorConfig,
     NodeCollector,
     boot_id,
     final_heartbeats,
     run_collectors,
 )
-from agents.cpu import HostCpuDevice, SimCpuDevice, WithCpuDevice
-from agents.factory import select_backend
-from agents.hostinfo import HostInfo, fastest_gbps, this_host
-from agents.publisher import Publisher
-from agents.sim import Fault, SimNode
-from bus import subjects
-from bus.codec import sniff_encoding
-from bus.ids import node_id, node_id_from_hostname
-from bus.messages import NetInterface, NetLink
-from bus.streams import provision
+from shardplane.agents.cpu import HostCpuDevice, SimCpuDevice, WithCpuDevice
+from shardplane.agents.factory import select_backend
+from shardplane.agents.hostinfo import HostInfo, fastest_gbps, this_host
+from shardplane.agents.publisher import Publisher
+from shardplane.agents.sim import Fault, SimNode
+from shardplane.bus import subjects
+from shardplane.bus.codec import sniff_encoding
+from shardplane.bus.ids import node_id, node_id_from_hostname
+from shardplane.bus.messages import NetInterface, NetLink
+from shardplane.bus.streams import provision
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ WorkerFn = Callable[..., Awaitable[None]]
 def _worker_fn() -> WorkerFn | None:
     """The shard worker, when its module is there (it is developed alongside this one)."""
     try:
-        from agents.worker import run_worker
+        from shardplane.agents.worker import run_worker
     except ImportError as exc:
         log.warning("shard workers disabled: agents.worker is not importable (%s)", exc)
         return None

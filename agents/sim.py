@@ -19,9 +19,9 @@ from typing import Literal
 
 import msgspec
 
-from agents.fleet import NODE_FAULTS, FaultKind, Fleet, SimGpu, SimNodeSpec
-from bus.gpus import GpuSpec
-from bus.messages import DeviceSample, NvLink
+from shardplane.agents.fleet import NODE_FAULTS, FaultKind, Fleet, SimGpu, SimNodeSpec
+from shardplane.bus.gpus import GpuSpec
+from shardplane.bus.messages import DeviceSample, NvLink
 
 log = logging.getLogger(__name__)
 

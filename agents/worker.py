@@ -36,8 +36,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from agents import reconcile as rc
-from agents.loader import (
+from shardplane.agents import reconcile as rc
+from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     LoadCancelled,
     LoadedShard,
@@ -47,8 +47,8 @@ from agents.loader import (
     checkpoint_dir,
     load_stage,
 )
-from bus import codec, streams, subjects
-from bus.messages import ShardAssignment, ShardState, ShardStatus
+from shardplane.bus import codec, streams, subjects
+from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
 
 log = logging.getLogger(__name__)
 

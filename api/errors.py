@@ -13,7 +13,7 @@ import re
 
 import msgspec
 
-from bus.messages import PlacementRequest
+from shardplane.bus.messages import PlacementRequest
 
 _encoder = msgspec.json.Encoder()
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from api.views import DeviceBrief, View
+from shardplane.api.views import DeviceBrief, View
 
 MIB = 1024 * 1024
 # How often the server renders the scrape text afresh while something scrapes and the state

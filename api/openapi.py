@@ -11,9 +11,9 @@ from typing import Any, get_args
 
 import msgspec
 
-from api.metrics import RENDER_INTERVAL_S
-from api.state import LIST_MAX_AGE_S
-from bus.messages import (
+from shardplane.api.metrics import RENDER_INTERVAL_S
+from shardplane.api.state import LIST_MAX_AGE_S
+from shardplane.bus.messages import (
     DeviceSample,
     ErrorCode,
     ErrorInfo,

@@ -28,13 +28,13 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BadRequestError, NotFoundError
 
-from api import metrics, openapi
-from api.errors import ApiError, request_error
-from api.state import KINDS, Change, ClusterCache, sse_event
-from bus import subjects
-from bus.ids import TOKEN_PATTERN
-from bus.messages import ErrorCode, PlacementReply, PlacementRequest
-from bus.streams import CLUSTER_STATE, provision
+from shardplane.api import metrics, openapi
+from shardplane.api.errors import ApiError, request_error
+from shardplane.api.state import KINDS, Change, ClusterCache, sse_event
+from shardplane.bus import subjects
+from shardplane.bus.ids import TOKEN_PATTERN
+from shardplane.bus.messages import ErrorCode, PlacementReply, PlacementRequest
+from shardplane.bus.streams import CLUSTER_STATE, provision
 
 log = logging.getLogger(__name__)
 

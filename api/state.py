@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from api import metrics
-from api.views import (
+from shardplane.api import metrics
+from shardplane.api.views import (
     DeviceBrief,
     View,
     build_topology,
@@ -32,8 +32,8 @@ from api.views import (
     node_view,
     topology_signature,
 )
-from bus import codec
-from bus.messages import DeviceState, InstanceState, NodeState
+from shardplane.bus import codec
+from shardplane.bus.messages import DeviceState, InstanceState, NodeState
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from bus.messages import DeviceState, InstanceState, NodeState
+from shardplane.bus.messages import DeviceState, InstanceState, NodeState
 
 View = dict[str, Any]
 

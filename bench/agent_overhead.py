@@ -22,10 +22,10 @@ import subprocess
 import sys
 import time
 
-from agents.collector import CollectorConfig, run_collectors
-from agents.fleet import parse
-from agents.publisher import Publisher
-from agents.service import sim_collectors
+from shardplane.agents.collector import CollectorConfig, run_collectors
+from shardplane.agents.fleet import parse
+from shardplane.agents.publisher import Publisher
+from shardplane.agents.service import sim_collectors
 
 INTERVAL_S = 2.0
 TARGET_CPU_PCT = 1.0
@@ -47,7 +47,7 @@ async def _collector_cpu(url: str, cycles: int, loop_interval_s: float) -> tuple
     """(CPU s per cycle through the real loop, floor CPU s per cycle, messages per cycle)."""
     import nats
 
-    from bus.streams import provision
+    from shardplane.bus.streams import provision
 
     nc = await nats.connect(url)
     try:
@@ -118,7 +118,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
 
     init = statistics.median(_fresh(_INIT_SNIPPET) for _ in range(repeats))
     init_floor = statistics.median(_fresh(_FLOOR_SNIPPET) for _ in range(repeats))
-    from agents.factory import select_backend
+    from shardplane.agents.factory import select_backend
 
     select_backend("warm")
     t0 = time.perf_counter()

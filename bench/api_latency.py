@@ -39,12 +39,20 @@ from typing import Any
 import msgspec
 import nats
 
-from bus import subjects
-from bus.messages import DeviceSample, DeviceState, NetLink, NodeHeartbeat, NodeState, NvLink
-from bus.streams import cluster_state, provision
+import shardplane
+from shardplane.bus import subjects
+from shardplane.bus.messages import (
+    DeviceSample,
+    DeviceState,
+    NetLink,
+    NodeHeartbeat,
+    NodeState,
+    NvLink,
+)
+from shardplane.bus.streams import cluster_state, provision
 from shardplane.natsserver import NatsServer, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(shardplane.__file__).resolve().parent.parent  # holds the package
 TARGET_P99_MS = 50.0
 GIB = 1024**3
 GPUS_PER_NODE = 8

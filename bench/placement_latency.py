@@ -27,16 +27,17 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.messages import PlacementReply
-from bus.streams import CLUSTER_STATE, LEDGER, provision
-from planner.catalog import resolve
-from planner.fleet import build_fleet
-from planner.ledger import RESERVATIONS_KEY
-from planner.synthetic import random_hosts, states
+import shardplane
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import PlacementReply
+from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
 from shardplane.natsserver import NatsServer
+from shardplane.planner.catalog import resolve
+from shardplane.planner.fleet import build_fleet
+from shardplane.planner.ledger import RESERVATIONS_KEY
+from shardplane.planner.synthetic import random_hosts, states
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(shardplane.__file__).resolve().parent.parent  # holds the package
 GPUS = (
     "H100-SXM",
     "A100-80GB",
@@ -54,7 +55,7 @@ SIZES = (4, 16, 64, 256)
 
 PLANNER = """
 import asyncio, signal, sys, nats
-from planner.service import run_planner
+from shardplane.planner.service import run_planner
 async def main():
     nc = await nats.connect(sys.argv[1])
     async def echo(msg):

@@ -26,13 +26,13 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from planner.catalog import resolve
-from planner.cost import Problem, evaluate, lower_bound_ms
-from planner.exact import exact_plan
-from planner.fleet import build_fleet
-from planner.greedy import proportional_plan
-from planner.plan import PlanError, plan
-from planner.synthetic import HostSpec, states
+from shardplane.planner.catalog import resolve
+from shardplane.planner.cost import Problem, evaluate, lower_bound_ms
+from shardplane.planner.exact import exact_plan
+from shardplane.planner.fleet import build_fleet
+from shardplane.planner.greedy import proportional_plan
+from shardplane.planner.plan import PlanError, plan
+from shardplane.planner.synthetic import HostSpec, states
 
 GPU_POOL = (
     "H100-SXM",

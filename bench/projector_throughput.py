@@ -45,16 +45,17 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bus import subjects
-from bus.messages import DeviceSample, DeviceState
-from bus.streams import CLUSTER_STATE, TELEMETRY, provision
-from projector.decode import parse_ack_subject
-from projector.lease import LEASE_BUCKET, LEASE_KEY
-from projector.service import CONSUMERS
-from projector.transport import Inbox, Puller, ack_all
+import shardplane
+from shardplane.bus import subjects
+from shardplane.bus.messages import DeviceSample, DeviceState
+from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY, provision
 from shardplane.natsserver import NatsServer
+from shardplane.projector.decode import parse_ack_subject
+from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
+from shardplane.projector.service import CONSUMERS
+from shardplane.projector.transport import Inbox, Puller, ack_all
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(shardplane.__file__).resolve().parent.parent  # holds the package
 TARGET_RATIO = 0.5
 TARGET_RATE = 15_000.0
 TARGET_P99_MS = 250.0
@@ -143,7 +144,7 @@ async def publish_backlog(js: JetStreamContext, fleet: Fleet, rounds: int) -> in
 
 def spawn_projector(url: str, extra: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "projector", "--nats-url", url, *extra],
+        [sys.executable, "-m", "shardplane.projector", "--nats-url", url, *extra],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,

@@ -43,7 +43,7 @@ import numpy.typing as npt
 import psutil
 from safetensors.numpy import save_file  # pyright: ignore[reportUnknownVariableType]
 
-from agents.loader import (
+from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     Checkpoint,
     ReadMode,
@@ -52,7 +52,7 @@ from agents.loader import (
     host_buffer,
     load_stage,
 )
-from planner.hf_format import TensorInfo
+from shardplane.bus.checkpoint import TensorInfo
 from shardplane.render import table
 
 CHUNK = 64 * 1024 * 1024

@@ -7,7 +7,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from bus.messages import (
+from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
     InstanceState,

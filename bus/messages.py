@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from bus import SCHEMA_VERSION
+from shardplane.bus import SCHEMA_VERSION
 
 Token = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$", description="NATS subject token")]
 DeviceRef = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}/[0-9]{1,4}$")]

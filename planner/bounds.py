@@ -14,8 +14,8 @@ import math
 
 import numpy as np
 
-from planner.cost import WORKSPACE_BYTES, Problem, Tables
-from planner.fleet import Device
+from shardplane.planner.cost import WORKSPACE_BYTES, Problem, Tables
+from shardplane.planner.fleet import Device
 
 
 class _Prep:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from bus.messages import ModelCard
-from planner.profile import ModelProfile, card_params, profile_from_card
+from shardplane.bus.messages import ModelCard
+from shardplane.planner.profile import ModelProfile, card_params, profile_from_card
 
 Q8_BYTES = 1.0625
 Q4_BYTES = 0.5625
@@ -121,7 +121,9 @@ def resolve(model: str | ModelCard) -> ModelProfile:
     if isinstance(model, ModelCard):
         return profile_from_card(model)
     if model.startswith("hf:"):
-        from planner.hf import load_profile  # only requests that name a checkpoint pay for it
+        from shardplane.planner.hf import (
+            load_profile,  # only requests that name a checkpoint pay for it
+        )
 
         return load_profile(model[3:])
     return profile_from_card(card(model))

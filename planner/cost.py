@@ -35,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import accumulate
 
-from planner.fleet import Device, Fleet
-from planner.profile import ModelProfile
+from shardplane.planner.fleet import Device, Fleet
+from shardplane.planner.profile import ModelProfile
 
 WORKSPACE_BYTES = 512 * 1024**2  # per stage: runtime context, activations, sampling scratch
 GIB = 1024**3

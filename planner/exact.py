@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from itertools import permutations
 
-from planner.cost import Problem, StagePlan, Tables, evaluate
-from planner.fleet import Device
-from planner.greedy import best_for_order
+from shardplane.planner.cost import Problem, StagePlan, Tables, evaluate
+from shardplane.planner.fleet import Device
+from shardplane.planner.greedy import best_for_order
 
 
 def _latency_for_order(

@@ -19,7 +19,7 @@ the CPU in llama.cpp whatever the split. Devices on other nodes are reached thro
 
 from __future__ import annotations
 
-from bus.messages import PlacementReply, Stage
+from shardplane.bus.messages import PlacementReply, Stage
 
 RPC_BASE_PORT = 50052
 

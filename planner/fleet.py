@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from bus.gpus import gpu_spec
-from bus.messages import DeviceState, NodeState
+from shardplane.bus.gpus import gpu_spec
+from shardplane.bus.messages import DeviceState, NodeState
 
 # Link figures used when telemetry says nothing (documented in the README's cost model).
 DEFAULT_NET_GBPS = 10.0  # Gbit/s between nodes (10 GbE)

@@ -7,8 +7,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from planner.cost import WORKSPACE_BYTES, Problem, StagePlan, Tables, evaluate, stages_from_counts
-from planner.fleet import Device
+from shardplane.planner.cost import (
+    WORKSPACE_BYTES,
+    Problem,
+    StagePlan,
+    Tables,
+    evaluate,
+    stages_from_counts,
+)
+from shardplane.planner.fleet import Device
 
 
 def allocate_layers_proportionally(

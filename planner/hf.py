@@ -1,7 +1,7 @@
 """The planner's view of a local Hugging Face-format checkpoint: exact bytes from its headers.
 
 The format itself (headers, index, config, which tensor is a layer, the embeddings, the final
-norm or the head) is read by :mod:`planner.hf_format`, shared with the worker's loader, so the
+norm or the head) is read by :mod:`bus.checkpoint`, shared with the worker's loader, so the
 bytes the plan promises per stage are the bytes the worker reads.
 
 - :func:`checkpoint_tensors` — every tensor of a checkpoint, from the single file or the index.
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.messages import ModelCard
-from planner.hf_format import (
+from shardplane.bus.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
@@ -32,7 +31,8 @@ from planner.hf_format import (
     read_index,
     tied_embeddings,
 )
-from planner.profile import ModelProfile, card_params
+from shardplane.bus.messages import ModelCard
+from shardplane.planner.profile import ModelProfile, card_params
 
 __all__ = [
     "INDEX_FILE",

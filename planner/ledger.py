@@ -19,7 +19,7 @@ import msgspec
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
+from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
 
 RESERVATIONS_KEY = "reservations"
 MATERIALISED = frozenset({"loaded", "reserved"})  # a worker holds the memory: telemetry shows it

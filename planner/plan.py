@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bus.messages import Stage
-from planner import validate
-from planner.bounds import integer_bound_ms
-from planner.cost import (
+from shardplane.bus.messages import Stage
+from shardplane.planner import validate
+from shardplane.planner.bounds import integer_bound_ms
+from shardplane.planner.cost import (
     GIB,
     WORKSPACE_BYTES,
     Evaluation,
@@ -21,7 +21,7 @@ from planner.cost import (
     evaluate,
     lower_bound_ms,
 )
-from planner.greedy import any_plan, best_for_order, greedy_plan, node_orders
+from shardplane.planner.greedy import any_plan, best_for_order, greedy_plan, node_orders
 
 PROOF_TOL = 2e-7  # the bounds are bisected to 1e-7; closer than this is equal
 
@@ -230,7 +230,7 @@ def plan(
             bound,
         )
 
-    from planner.solver import solve  # lazy: ortools costs ~0.25 s to import
+    from shardplane.planner.solver import solve  # lazy: ortools costs ~0.25 s to import
 
     limit = time_limit_s or default_time_limit_s(len(problem.devices))
     result = solve(problem, hint=hint, time_limit_s=limit, lower_bound_ms=bound or 0.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bus.messages import ModelCard
+from shardplane.bus.messages import ModelCard
 
 ACTIVATION_BYTES_PER_ELEM = 2  # hidden states cross a stage boundary in fp16/bf16
 

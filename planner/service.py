@@ -26,10 +26,10 @@ from nats.js.kv import KeyValue
 from nats.micro import add_service  # pyright: ignore[reportUnknownVariableType]
 from nats.micro.request import Request
 
-from bus import codec, subjects
-from bus.codec import DecodeError
-from bus.ids import slug
-from bus.messages import (
+from shardplane.bus import codec, subjects
+from shardplane.bus.codec import DecodeError
+from shardplane.bus.ids import slug
+from shardplane.bus.messages import (
     DeviceState,
     ErrorInfo,
     Excluded,
@@ -39,14 +39,14 @@ from bus.messages import (
     PlacementRequest,
     ShardAssignment,
 )
-from bus.streams import CLUSTER_STATE, LEDGER, provision
-from planner import ledger
-from planner.catalog import UnknownModel, resolve
-from planner.cost import Problem
-from planner.fleet import Fleet, build_fleet
-from planner.hf import CheckpointError
-from planner.plan import Outcome, PlanError, plan
-from planner.profile import ModelProfile
+from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
+from shardplane.planner import ledger
+from shardplane.planner.catalog import UnknownModel, resolve
+from shardplane.planner.cost import Problem
+from shardplane.planner.fleet import Fleet, build_fleet
+from shardplane.planner.hf import CheckpointError
+from shardplane.planner.plan import Outcome, PlanError, plan
+from shardplane.planner.profile import ModelProfile
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ class Planner:
 
 
 def _warm_solver() -> None:
-    import planner.solver  # noqa: F401  # pyright: ignore[reportUnusedImport]
+    import shardplane.planner.solver  # noqa: F401  # pyright: ignore[reportUnusedImport]
 
 
 def _promise(outcome: Outcome) -> dict[str, int]:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from planner.cost import WORKSPACE_BYTES, Problem, StagePlan, Tables
-from planner.fleet import Device
+from shardplane.planner.cost import WORKSPACE_BYTES, Problem, StagePlan, Tables
+from shardplane.planner.fleet import Device
 
 KIB = 1024
 TIME_UNITS_PER_MS = 10_000  # 100 ns

@@ -8,8 +8,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bus.gpus import GIB, gpu_spec
-from bus.messages import DeviceSample, DeviceState, NetLink, NodeHeartbeat, NodeState, NvLink
+from shardplane.bus.gpus import GIB, gpu_spec
+from shardplane.bus.messages import (
+    DeviceSample,
+    DeviceState,
+    NetLink,
+    NodeHeartbeat,
+    NodeState,
+    NvLink,
+)
 
 
 @dataclass(frozen=True, slots=True)

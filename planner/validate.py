@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.messages import Stage
-from planner.cost import WORKSPACE_BYTES, Problem
+from shardplane.bus.messages import Stage
+from shardplane.planner.cost import WORKSPACE_BYTES, Problem
 
 GIB = 1024**3
 REL_TOL = 1e-6

@@ -10,8 +10,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from bus.connect import connect
-from projector.service import ProjectorConfig, run_projector
+from shardplane.bus.connect import connect
+from shardplane.projector.service import ProjectorConfig, run_projector
 
 DEFAULTS = ProjectorConfig()
 

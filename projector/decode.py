@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import msgspec
 
-from bus import subjects
-from bus.messages import DeviceSample, NodeHeartbeat, ShardAssignment, ShardStatus
-from projector.reducer import Event
+from shardplane.bus import subjects
+from shardplane.bus.messages import DeviceSample, NodeHeartbeat, ShardAssignment, ShardStatus
+from shardplane.projector.reducer import Event
 
 _SAMPLE = msgspec.msgpack.Decoder(DeviceSample)
 _HEARTBEAT = msgspec.msgpack.Decoder(NodeHeartbeat)

@@ -22,8 +22,8 @@ from typing import Protocol
 
 import msgspec
 
-from bus import subjects
-from bus.messages import (
+from shardplane.bus import subjects
+from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
     InstanceOverall,

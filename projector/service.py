@@ -39,11 +39,11 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from bus import subjects
-from bus.streams import PLACEMENTS, SHARDS, TELEMETRY, provision
-from projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
-from projector.lease import DEFAULT_LEASE_TTL_S, Lease
-from projector.reducer import (
+from shardplane.bus import subjects
+from shardplane.bus.streams import PLACEMENTS, SHARDS, TELEMETRY, provision
+from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
+from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
+from shardplane.projector.reducer import (
     Changes,
     Defer,
     Event,
@@ -55,8 +55,8 @@ from projector.reducer import (
     expires_at,
     sweep,
 )
-from projector.store import Overlay, Store, WriteError
-from projector.transport import Inbox, Puller, ack_all
+from shardplane.projector.store import Overlay, Store, WriteError
+from shardplane.projector.transport import Inbox, Puller, ack_all
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from bus.messages import DeviceState, InstanceState, NodeState
-from bus.streams import CLUSTER_STATE, allow_atomic_batches
-from projector.reducer import Value, View
-from projector.transport import Write, WriteOutcome, Writer
+from shardplane.bus.messages import DeviceState, InstanceState, NodeState
+from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches
+from shardplane.projector.reducer import Value, View
+from shardplane.projector.transport import Write, WriteOutcome, Writer
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from projector.wire import (
+from shardplane.projector.wire import (
     Publish,
     framing_available,
     hpub,

@@ -149,7 +149,7 @@ def _logging(verbose: bool) -> None:
 
 
 def _run_bench(name: str, quick: bool, args: Sequence[str]) -> int:
-    module_name = "bench." + name.replace("-", "_")
+    module_name = "shardplane.bench." + name.replace("-", "_")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -157,7 +157,7 @@ def _run_bench(name: str, quick: bool, args: Sequence[str]) -> int:
             raise
         available = sorted(
             p.stem.replace("_", "-")
-            for p in (Path(__file__).resolve().parent.parent / "bench").glob("*.py")
+            for p in (Path(__file__).resolve().parent / "bench").glob("*.py")
             if not p.stem.startswith("_")
         )
         print(

@@ -18,24 +18,24 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 
-from bus import codec, subjects
-from bus.connect import nats_url
-from bus.ids import slug
-from bus.messages import (
+from shardplane import render
+from shardplane.bus import codec, subjects
+from shardplane.bus.connect import nats_url
+from shardplane.bus.ids import slug
+from shardplane.bus.messages import (
     DeviceState,
     InstanceState,
     NodeState,
     PlacementReply,
     PlacementRequest,
 )
-from bus.streams import cluster_state, provision
-from shardplane import render
-from shardplane.natsserver import REPO_ROOT, NatsServer, default_config, embedded_for
+from shardplane.bus.streams import cluster_state, provision
+from shardplane.natsserver import PACKAGE_DIR, NatsServer, default_config, embedded_for
 from shardplane.reach import NatsUnreachable, connect_unless_stopped
 
 log = logging.getLogger("shardplane")
 
-DEMO_FLEET = REPO_ROOT / "fleets" / "demo.toml"
+DEMO_FLEET = PACKAGE_DIR / "fleets" / "demo.toml"
 
 Service = Callable[[asyncio.Event], Awaitable[None]]
 
@@ -66,7 +66,7 @@ def _fleet_path(args: argparse.Namespace, default: Path | None) -> Path | None:
 
 
 def fleet_device_count(path: Path) -> int:
-    from agents.fleet import load
+    from shardplane.agents.fleet import load
 
     return load(path).device_count()
 
@@ -105,7 +105,7 @@ async def run_services(
                 await client.drain()
 
     if projector:
-        from projector.service import run_projector
+        from shardplane.projector.service import run_projector
 
         tasks.append(
             asyncio.create_task(
@@ -113,11 +113,11 @@ async def run_services(
             )
         )
     if planner:
-        from planner.service import run_planner
+        from shardplane.planner.service import run_planner
 
         tasks.append(asyncio.create_task(run("planner", lambda c: run_planner(c, stop=stop))))
     if api:
-        from api.server import run_api
+        from shardplane.api.server import run_api
 
         tasks.append(
             asyncio.create_task(
@@ -125,7 +125,7 @@ async def run_services(
             )
         )
     if fleet is not None:
-        from agents.service import run_agents
+        from shardplane.agents.service import run_agents
 
         tasks.append(
             asyncio.create_task(
@@ -245,7 +245,7 @@ def api(args: argparse.Namespace) -> int:
 
 def agent(args: argparse.Namespace) -> int:
     async def main() -> int:
-        from agents.service import run_agents
+        from shardplane.agents.service import run_agents
 
         stop = asyncio.Event()
         _stop_on_signals(stop)
@@ -342,7 +342,7 @@ def place(args: argparse.Namespace) -> int:
         if args.json:
             print(codec.encode(reply, "json").decode())
         elif args.export:
-            from planner.export import export_plan
+            from shardplane.planner.export import export_plan
 
             print(export_plan(reply, args.export))
         else:
@@ -545,7 +545,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    from planner.catalog import catalog_table
+    from shardplane.planner.catalog import catalog_table
 
     print(catalog_table())
     return 0

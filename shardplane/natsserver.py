@@ -16,7 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlparse
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# Package data (nats.conf, fleets/) sits inside the package: in a checkout as links to the
+# top-level files, in a wheel as copies, so one path works for both.
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class NatsServerError(RuntimeError):
@@ -57,7 +59,7 @@ def reachable(url: str, timeout: float = 0.5) -> bool:
 
 
 def default_config() -> Path | None:
-    for candidate in (Path.cwd() / "nats.conf", REPO_ROOT / "nats.conf"):
+    for candidate in (Path.cwd() / "nats.conf", PACKAGE_DIR / "nats.conf"):
         if candidate.is_file():
             return candidate
     return None

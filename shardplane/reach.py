@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from nats.aio.client import Client
 
-from bus.connect import connect
+from shardplane.bus.connect import connect
 
 log = logging.getLogger(__name__)
 

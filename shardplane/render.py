@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bus.messages import InstanceState, PlacementReply
+from shardplane.bus.messages import InstanceState, PlacementReply
 
 GIB = 1024**3
 

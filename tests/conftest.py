@@ -8,7 +8,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus.streams import provision
+from shardplane.bus.streams import provision
 from tests.natsfixture import real_nats_server
 
 

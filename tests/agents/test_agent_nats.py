@@ -16,11 +16,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agents.publisher import Publisher
-from agents.service import run_agents
-from bus import codec, subjects
-from bus.messages import DeviceSample, NodeHeartbeat
-from bus.streams import TELEMETRY, provision
+from shardplane.agents.publisher import Publisher
+from shardplane.agents.service import run_agents
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceSample, NodeHeartbeat
+from shardplane.bus.streams import TELEMETRY, provision
 from shardplane.natsserver import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

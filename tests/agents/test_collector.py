@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from agents.backend import BackendUnavailable, NoDevices
-from agents.collector import CollectorConfig, slot_of
-from agents.factory import select_backend
-from agents.fleet import parse
-from agents.hostinfo import interfaces_from_sys, parse_speed_mbps, this_host
-from agents.publisher import Publisher
-from agents.service import sim_collectors
-from agents.sim import Fault
-from bus import codec
-from bus.messages import NodeHeartbeat
+from shardplane.agents.backend import BackendUnavailable, NoDevices
+from shardplane.agents.collector import CollectorConfig, slot_of
+from shardplane.agents.factory import select_backend
+from shardplane.agents.fleet import parse
+from shardplane.agents.hostinfo import interfaces_from_sys, parse_speed_mbps, this_host
+from shardplane.agents.publisher import Publisher
+from shardplane.agents.service import sim_collectors
+from shardplane.agents.sim import Fault
+from shardplane.bus import codec
+from shardplane.bus.messages import NodeHeartbeat
 
 FLEET = parse(
     'seed = 1\n[[nodes]]\nname = "a"\ngpus = [{ model = "T4", count = 2 }]\n'
@@ -67,7 +67,7 @@ def test_factory_survives_a_broken_library() -> None:
 
 
 def test_factory_falls_back_to_the_simulated_node() -> None:
-    from agents.sim import SimNode
+    from shardplane.agents.sim import SimNode
 
     sim = SimNode(FLEET.nodes[0], FLEET)
     selection = select_backend("a", sim, openers=(("nvml", lambda n: NoDevices()),))

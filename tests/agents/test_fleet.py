@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.fleet import FleetError, load, parse, peer_links
+from shardplane.agents.fleet import FleetError, load, parse, peer_links
 
 ROOT = Path(__file__).resolve().parents[2]
 

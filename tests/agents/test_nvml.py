@@ -10,13 +10,13 @@ import pynvml
 import pytest
 from nats.aio.client import Client
 
-from agents.collector import CollectorConfig, NodeCollector
-from agents.factory import select_backend
-from agents.hostinfo import this_host
-from agents.nvml import open_nvml, reason_names
-from agents.publisher import Publisher
-from bus import codec
-from bus.messages import DeviceSample
+from shardplane.agents.collector import CollectorConfig, NodeCollector
+from shardplane.agents.factory import select_backend
+from shardplane.agents.hostinfo import this_host
+from shardplane.agents.nvml import open_nvml, reason_names
+from shardplane.agents.publisher import Publisher
+from shardplane.bus import codec
+from shardplane.bus.messages import DeviceSample
 from tests.agents.fakenvml import FakeGpu, FakeHandle, FakeNvml
 
 
@@ -83,7 +83,7 @@ def test_not_supported_empties_one_field_and_is_logged_once(
         mem_max=10501,
     )
     FakeNvml([gpu]).install(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="agents.nvml"):
+    with caplog.at_level(logging.INFO, logger="shardplane.agents.nvml"):
         backend = open_nvml("rig-b")
         first = backend.read(1.0)[0]
         second = backend.read(3.0)[0]

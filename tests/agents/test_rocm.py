@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pyrsmi import rocml
 
-from agents.factory import select_backend
-from agents.rocm import format_bdf, open_rocm, quiet_pyrsmi
-from bus import codec
-from bus.messages import DeviceSample
+from shardplane.agents.factory import select_backend
+from shardplane.agents.rocm import format_bdf, open_rocm, quiet_pyrsmi
+from shardplane.bus import codec
+from shardplane.bus.messages import DeviceSample
 
 GIB = 1024**3
 
@@ -103,7 +103,11 @@ def test_minus_one_empties_the_field_only(
     assert s.present and s.memory_used_bytes == 3 * GIB
     assert s.power_w is None and s.utilization_gpu_pct is None and s.pci_bus_id is None
     assert {"power_w", "utilization_gpu_pct", "pci_bus_id"} <= set(s.unsupported)
-    ours = [r for r in caplog.records if r.name == "agents.rocm" and r.levelno >= logging.WARNING]
+    ours = [
+        r
+        for r in caplog.records
+        if r.name == "shardplane.agents.rocm" and r.levelno >= logging.WARNING
+    ]
     # once per device and field, however many cycles
     assert sum("power_w" in r.getMessage() for r in ours) == 2
 
@@ -130,7 +134,7 @@ def test_pyrsmi_root_logger_noise_stays_out(caplog: pytest.LogCaptureFixture) ->
         value = rocml.smi_get_device_pci_id(0)
     assert value == -1
     assert not [r for r in caplog.records if r.name == "root" and r.levelno >= logging.WARNING]
-    assert any(r.name == "agents.rocm.pyrsmi" for r in caplog.records)
+    assert any(r.name == "shardplane.agents.rocm.pyrsmi" for r in caplog.records)
 
 
 def test_rocm_library_not_found_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from agents.fleet import Fleet, parse
-from agents.sim import Fault, SimNode, sim_nodes
-from bus import codec
-from bus.messages import DeviceSample
+from shardplane.agents.fleet import Fleet, parse
+from shardplane.agents.sim import Fault, SimNode, sim_nodes
+from shardplane.bus import codec
+from shardplane.bus.messages import DeviceSample
 
 FLEET = """
 seed = 11

@@ -10,8 +10,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from api.server import make_app, start_app
-from bus.streams import cluster_state
+from shardplane.api.server import make_app, start_app
+from shardplane.bus.streams import cluster_state
 from tests.api.fleet import write_fleet
 from tests.planner.ready import wait_serving
 
@@ -44,7 +44,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def planner(nats_url: str, js: JetStreamContext) -> AsyncIterator[None]:
     """The real planner service on its own connection, as ``shardplane up`` runs it."""
-    from planner.service import run_planner
+    from shardplane.planner.service import run_planner
 
     client = await nats.connect(nats_url)
     stop = asyncio.Event()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from nats.js.kv import KeyValue
 
-from bus import codec, subjects
-from bus.messages import (
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
     InstanceState,

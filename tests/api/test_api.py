@@ -16,9 +16,9 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.server import LARGE_BODY, make_app, start_app
-from bus import codec, subjects
-from bus.messages import ErrorCode, PlacementReply
+from shardplane.api.server import LARGE_BODY, make_app, start_app
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import ErrorCode, PlacementReply
 from tests.api.fleet import FLEET, GIB, Gpu, instance_state, put_device, uuid_of
 
 AGENT_INTERVAL_S = 2.0  # the simulated agents' default sample interval
@@ -553,7 +553,7 @@ async def test_dashboard_is_served_offline(api_url: str, http: aiohttp.ClientSes
 async def test_run_api_stops_cleanly_with_clients_connected(
     nc: Client, fleet_kv: KeyValue, http: aiohttp.ClientSession
 ) -> None:
-    from api.server import run_api
+    from shardplane.api.server import run_api
     from shardplane.natsserver import free_port
 
     port = free_port()

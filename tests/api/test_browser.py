@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from nats.js.kv import KeyValue
 
-from bus import codec, subjects
+from shardplane.bus import codec, subjects
 from tests.api.fleet import FLEET, instance_from_reply, put_device, write_history
 
 pytestmark = pytest.mark.browser

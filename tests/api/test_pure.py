@@ -7,13 +7,19 @@ from typing import Any, get_args
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import metrics, openapi
-from api.errors import field_of
-from api.server import ERROR_STATUS
-from api.state import ClusterCache
-from api.views import build_topology, device_brief, device_json, device_view, instance_view
-from bus import codec
-from bus.messages import DeviceState, ErrorCode
+from shardplane.api import metrics, openapi
+from shardplane.api.errors import field_of
+from shardplane.api.server import ERROR_STATUS
+from shardplane.api.state import ClusterCache
+from shardplane.api.views import (
+    build_topology,
+    device_brief,
+    device_json,
+    device_view,
+    instance_view,
+)
+from shardplane.bus import codec
+from shardplane.bus.messages import DeviceState, ErrorCode
 from tests.api.fleet import FLEET, device_state, instance_state, node_state
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bus import codec, subjects
-from bus.codec import DecodeError
-from bus.ids import InvalidId, device_id, node_id, node_id_from_hostname, split_device_id
-from bus.messages import (
+from shardplane.bus import codec, subjects
+from shardplane.bus.codec import DecodeError
+from shardplane.bus.ids import InvalidId, device_id, node_id, node_id_from_hostname, split_device_id
+from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
     ErrorInfo,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from nats.aio.client import Client
 
-from bus.streams import CLUSTER_STATE, bucket_configs, provision, stream_configs
+from shardplane.bus.streams import CLUSTER_STATE, bucket_configs, provision, stream_configs
 
 
 async def test_provision_is_idempotent(nc: Client) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from bus import codec
-from bus.messages import DeviceState, InstanceState, PlacementReply, Stage
-from bus.streams import cluster_state
+from shardplane.bus import codec
+from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, Stage
+from shardplane.bus.streams import cluster_state
 from shardplane.commands import run_services
 
 ROOT = Path(__file__).resolve().parents[2]

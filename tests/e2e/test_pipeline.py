@@ -8,9 +8,9 @@ import json
 import msgspec
 from nats.aio.client import Client
 
-from bus import codec, subjects
-from bus.messages import PlacementReply, ShardAssignment
-from bus.streams import PLACEMENTS
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import PlacementReply, ShardAssignment
+from shardplane.bus.streams import PLACEMENTS
 from shardplane.commands import fleet_device_count
 from tests.e2e.helpers import DEMO_FLEET, assert_valid_plan, running, wait_devices, wait_instance
 from tests.planner.ready import wait_planners

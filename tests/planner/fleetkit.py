@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.messages import DeviceState
-from bus.streams import CLUSTER_STATE
-from planner.fleet import Fleet, build_fleet
-from planner.synthetic import HostSpec, states
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceState
+from shardplane.bus.streams import CLUSTER_STATE
+from shardplane.planner.fleet import Fleet, build_fleet
+from shardplane.planner.synthetic import HostSpec, states
 
 
 def fleet_of(hosts: Sequence[HostSpec]) -> Fleet:

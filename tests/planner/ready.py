@@ -13,7 +13,7 @@ import json
 
 from nats.aio.client import Client
 
-from bus import subjects
+from shardplane.bus import subjects
 
 SERVICE = "shardplane-planner"
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from bus.messages import ModelCard
-from planner.catalog import CATALOG, Q4_BYTES, Q8_BYTES, UnknownModel, card, catalog_table, resolve
-from planner.profile import card_params, profile_from_card
+from shardplane.bus.messages import ModelCard
+from shardplane.planner.catalog import (
+    CATALOG,
+    Q4_BYTES,
+    Q8_BYTES,
+    UnknownModel,
+    card,
+    catalog_table,
+    resolve,
+)
+from shardplane.planner.profile import card_params, profile_from_card
 
 # Published totals (billions), from the model cards / configs' safetensors totals.
 PUBLISHED = {

@@ -7,8 +7,8 @@ import json
 
 from nats.aio.client import Client
 
-from bus import codec
-from bus.messages import PlacementReply
+from shardplane.bus import codec
+from shardplane.bus.messages import PlacementReply
 from tests.e2e.helpers import LONG_TTL_S, running, wait_devices, wait_instance
 from tests.planner.ready import wait_planners
 

@@ -6,8 +6,13 @@ import random
 
 import pytest
 
-from bus.messages import PlacementReply, Stage
-from planner.export import export_plan, llamacpp_layers, llamacpp_tensor_split, vllm_partition
+from shardplane.bus.messages import PlacementReply, Stage
+from shardplane.planner.export import (
+    export_plan,
+    llamacpp_layers,
+    llamacpp_tensor_split,
+    vllm_partition,
+)
 
 
 def _reply(counts: list[int], nodes: list[str]) -> PlacementReply:
@@ -58,7 +63,7 @@ def test_llamacpp_command() -> None:
 
 
 def test_failed_reply_exports_the_reason() -> None:
-    from bus.messages import ErrorInfo
+    from shardplane.bus.messages import ErrorInfo
 
     bad = PlacementReply(
         ok=False, error=ErrorInfo(code="insufficient_memory", message="short by 3.1 GiB")

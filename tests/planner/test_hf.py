@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from planner import hf, hf_format
-from planner.catalog import resolve
-from planner.cost import Problem
-from planner.plan import plan
+from shardplane.bus import checkpoint as hf_format
+from shardplane.planner import hf
+from shardplane.planner.catalog import resolve
+from shardplane.planner.cost import Problem
+from shardplane.planner.plan import plan
 from tests.planner.fleetkit import DEMO, fleet_of
 
 HIDDEN = 16

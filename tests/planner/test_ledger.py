@@ -14,11 +14,11 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import codec
-from bus.messages import InstanceState, PlacementReply, ShardState, StageState
-from bus.streams import LEDGER
-from planner import ledger
-from planner.synthetic import HostSpec, device_state
+from shardplane.bus import codec
+from shardplane.bus.messages import InstanceState, PlacementReply, ShardState, StageState
+from shardplane.bus.streams import LEDGER
+from shardplane.planner import ledger
+from shardplane.planner.synthetic import HostSpec, device_state
 from tests.planner.fleetkit import publish_fleet
 from tests.planner.ready import wait_planners
 from tests.planner.test_service import ask, planner_running
@@ -203,7 +203,7 @@ def test_promised_bytes_skips_materialised_and_released() -> None:
 
 
 def test_replacing_an_instance_credits_back_what_it_has_loaded() -> None:
-    from planner.fleet import Device
+    from shardplane.planner.fleet import Device
 
     doc = ledger.LedgerDoc(
         instances={

@@ -13,11 +13,11 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import codec
-from bus.messages import PlacementReply, ShardAssignment
-from bus.streams import PLACEMENTS
-from planner.service import run_planner
-from planner.synthetic import device_state
+from shardplane.bus import codec
+from shardplane.bus.messages import PlacementReply, ShardAssignment
+from shardplane.bus.streams import PLACEMENTS
+from shardplane.planner.service import run_planner
+from shardplane.planner.synthetic import device_state
 from tests.planner.fleetkit import DEMO, publish_fleet, put_device
 from tests.planner.ready import wait_serving
 
@@ -172,7 +172,7 @@ async def _until_excluded(nc: Client, device: str, reason: str, timeout: float =
 
 
 def _key(gpu_name: str) -> str:
-    from bus.gpus import gpu_spec
+    from shardplane.bus.gpus import gpu_spec
 
     spec = gpu_spec(gpu_name)
     assert spec is not None

@@ -9,11 +9,11 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from bus.messages import ModelCard
-from planner import validate
-from planner.bounds import integer_bound_ms
-from planner.catalog import resolve
-from planner.cost import (
+from shardplane.bus.messages import ModelCard
+from shardplane.planner import validate
+from shardplane.planner.bounds import integer_bound_ms
+from shardplane.planner.catalog import resolve
+from shardplane.planner.cost import (
     WORKSPACE_BYTES,
     Problem,
     StagePlan,
@@ -22,13 +22,13 @@ from planner.cost import (
     lower_bound_ms,
     stages_from_counts,
 )
-from planner.exact import exact_plan
-from planner.fleet import Device, Fleet, Link, build_fleet
-from planner.greedy import allocate_layers_proportionally, greedy_plan, proportional_plan
-from planner.plan import PlanError, is_homogeneous, plan, to_stages
-from planner.profile import ModelProfile, profile_from_card
-from planner.solver import solve
-from planner.synthetic import HostSpec, random_hosts, states
+from shardplane.planner.exact import exact_plan
+from shardplane.planner.fleet import Device, Fleet, Link, build_fleet
+from shardplane.planner.greedy import allocate_layers_proportionally, greedy_plan, proportional_plan
+from shardplane.planner.plan import PlanError, is_homogeneous, plan, to_stages
+from shardplane.planner.profile import ModelProfile, profile_from_card
+from shardplane.planner.solver import solve
+from shardplane.planner.synthetic import HostSpec, random_hosts, states
 
 GIB = 1024**3
 GPUS = [
@@ -296,7 +296,7 @@ def test_greedy_plans_fit() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 4])
 def test_cp_sat_alone_without_hint_proves_the_optimum(seed: int) -> None:
-    from planner.solver import solve
+    from shardplane.planner.solver import solve
 
     p = _random_problem(seed, 4, "llama-3.1-8b", ctx=16384)
     exact = exact_plan(p)
@@ -310,7 +310,7 @@ def test_cp_sat_alone_without_hint_proves_the_optimum(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_vectorised_bound_matches_reference(seed: int) -> None:
-    from planner.bounds import _Prep, _Vec, caps_reference  # pyright: ignore[reportPrivateUsage]
+    from shardplane.planner.bounds import _Prep, _Vec, caps_reference  # pyright: ignore[reportPrivateUsage]
 
     p = _random_problem(seed, 2 + seed * 2, ("llama-3.1-8b", "llama-3.1-70b-q4")[seed % 2])
     pp = _Prep(p, Tables(p))
@@ -337,7 +337,7 @@ def test_scale_plans_stay_fast_and_valid(devices: int) -> None:
 
 
 def test_hot_and_offline_devices_are_excluded_with_reasons() -> None:
-    from planner.synthetic import device_state, node_state
+    from shardplane.planner.synthetic import device_state, node_state
 
     hot = device_state("a", 0, "RTX-4090", temperature_c=95.0)
     throttled = device_state("a", 1, "RTX-4090", throttle=("hw_thermal_slowdown",))

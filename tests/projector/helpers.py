@@ -14,8 +14,8 @@ import nats
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
-from bus import subjects
-from bus.messages import (
+from shardplane.bus import subjects
+from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
     InstanceState,
@@ -24,8 +24,8 @@ from bus.messages import (
     ShardAssignment,
     ShardStatus,
 )
-from bus.streams import cluster_state
-from projector.service import Projector, ProjectorConfig
+from shardplane.bus.streams import cluster_state
+from shardplane.projector.service import Projector, ProjectorConfig
 
 T = TypeVar("T")
 FAST = ProjectorConfig(ack_wait_s=2.0, lease_ttl_s=1.5, sweep_interval_s=0.2)

@@ -24,13 +24,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.messages import DeviceSample, DeviceState, InstanceState, NodeState
-from bus.streams import TELEMETRY, cluster_state
-from projector.lease import LEASE_BUCKET, LEASE_KEY
-from projector.reducer import Changes, Event, Liveness, View, apply
-from projector.service import CONSUMERS, Projector
-from projector.store import KV_PREFIX, KV_STREAM
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, NodeState
+from shardplane.bus.streams import TELEMETRY, cluster_state
+from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
+from shardplane.projector.reducer import Changes, Event, Liveness, View, apply
+from shardplane.projector.service import CONSUMERS, Projector
+from shardplane.projector.store import KV_PREFIX, KV_STREAM
 from tests.projector.helpers import (
     FAST,
     assignment,
@@ -50,7 +50,7 @@ def spawn(url: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [
-                *(sys.executable, "-m", "projector", "--nats-url", url),
+                *(sys.executable, "-m", "shardplane.projector", "--nats-url", url),
                 *("--ack-wait", "1.5", "--lease-ttl", "1"),
             ],
             cwd=ROOT,

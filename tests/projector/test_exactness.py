@@ -10,10 +10,10 @@ import time
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.messages import DeviceState
-from bus.streams import cluster_state
-from projector.lease import LEASE_BUCKET, LEASE_KEY
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceState
+from shardplane.bus.streams import cluster_state
+from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
 from tests.projector.helpers import device, projector, sample, until
 
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus import subjects
-from bus.messages import (
+from shardplane.bus import subjects
+from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
     InstanceState,
@@ -19,7 +19,7 @@ from bus.messages import (
     ShardAssignment,
     ShardStatus,
 )
-from projector.reducer import (
+from shardplane.projector.reducer import (
     Changes,
     Defer,
     Event,

@@ -15,11 +15,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from bus import codec, subjects
-from bus.messages import DeviceState, NodeState
-from bus.streams import DEADLETTER
-from projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
-from projector.store import KV_PREFIX, KV_STREAM
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceState, NodeState
+from shardplane.bus.streams import DEADLETTER
+from shardplane.projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
+from shardplane.projector.store import KV_PREFIX, KV_STREAM
 from tests.projector.helpers import (
     FAST,
     assignment,

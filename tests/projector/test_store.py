@@ -10,11 +10,11 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from bus import codec, subjects
-from bus.messages import DeviceState
-from bus.streams import cluster_state
-from projector.reducer import Value
-from projector.store import Store
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceState
+from shardplane.bus.streams import cluster_state
+from shardplane.projector.reducer import Value
+from shardplane.projector.store import Store
 from tests.projector.helpers import sample
 
 

@@ -14,7 +14,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from projector.wire import FastParser, fast_parser, subscribe_direct
+from shardplane.projector.wire import FastParser, fast_parser, subscribe_direct
 from tests.projector.helpers import until
 
 

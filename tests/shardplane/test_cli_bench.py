@@ -58,9 +58,9 @@ def test_main_hands_quick_and_only_the_bench_args_to_the_module(
         calls.append((quick, argv))
         return 3
 
-    module = types.ModuleType("bench.fake_probe")
+    module = types.ModuleType("shardplane.bench.fake_probe")
     module.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "bench.fake_probe", module)
+    monkeypatch.setitem(sys.modules, "shardplane.bench.fake_probe", module)
     assert main(["bench", "fake-probe", "--quick", "--", "--cases", "2"]) == 3
     assert main(["bench", "fake-probe"]) == 3
     assert calls == [(True, ["--cases", "2"]), (False, [])]

@@ -16,7 +16,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from bus import subjects
+from shardplane.bus import subjects
 from shardplane.natsserver import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,10 +13,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from agents.loader import StageSpec, stage_bytes
-from agents.worker import Worker
-from bus import codec, subjects
-from bus.messages import DeviceSample, ShardAssignment, ShardStatus
+from shardplane.agents.loader import StageSpec, stage_bytes
+from shardplane.agents.worker import Worker
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceSample, ShardAssignment, ShardStatus
 
 _ids = itertools.count()
 

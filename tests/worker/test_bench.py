@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.shard_load import main
+from shardplane.bench.shard_load import main
 
 
 def test_shard_load_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

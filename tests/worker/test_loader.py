@@ -14,7 +14,7 @@ import psutil
 import pytest
 from safetensors.numpy import save_file
 
-from agents.loader import (
+from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     Checkpoint,
     LoadCancelled,
@@ -24,11 +24,11 @@ from agents.loader import (
     load_stage,
     stage_bytes,
 )
-from planner import validate
-from planner.catalog import resolve
-from planner.cost import Problem, evaluate, stages_from_counts
-from planner.fleet import Device, Fleet
-from planner.plan import to_stages
+from shardplane.planner import validate
+from shardplane.planner.catalog import resolve
+from shardplane.planner.cost import Problem, evaluate, stages_from_counts
+from shardplane.planner.fleet import Device, Fleet
+from shardplane.planner.plan import to_stages
 from tests.worker import ckpt
 
 SPLITS = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agents import reconcile as rc
-from bus.messages import ShardAssignment
+from shardplane.agents import reconcile as rc
+from shardplane.bus.messages import ShardAssignment
 
 
 def a(
@@ -105,7 +105,7 @@ def test_superseded_in_flight_load() -> None:
 
 
 def test_worker_env_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agents.worker import load_limit_from_env, read_mode_from_env
+    from shardplane.agents.worker import load_limit_from_env, read_mode_from_env
 
     monkeypatch.delenv("SHARDPLANE_LOAD_LIMIT_MBPS", raising=False)
     monkeypatch.delenv("SHARDPLANE_LOAD_READ", raising=False)
@@ -123,7 +123,7 @@ def test_an_empty_long_poll_is_idle_and_anything_else_is_trouble() -> None:
     import nats.errors
     import nats.js.errors
 
-    from agents.worker import describe_error, idle_poll
+    from shardplane.agents.worker import describe_error, idle_poll
 
     # nats-py's fetch ends an empty poll with any of these; the builtin one has no message.
     for quiet in (

@@ -16,12 +16,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from agents import reconcile as rc
-from agents import worker as worker_mod
-from agents.loader import CHUNK_BYTES
-from agents.worker import Worker
-from bus import codec, subjects
-from bus.messages import DeviceSample, ShardAssignment
+from shardplane.agents import reconcile as rc
+from shardplane.agents import worker as worker_mod
+from shardplane.agents.loader import CHUNK_BYTES
+from shardplane.agents.worker import Worker
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import DeviceSample, ShardAssignment
 from tests.worker import ckpt
 from tests.worker.busutil import (
     StatusLog,
@@ -363,12 +363,12 @@ async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
     """An empty long poll is the worker's normal idle state: debug, never a warning. A fetch that
     really fails (its durable deleted under it) is a warning that names the error."""
     monkeypatch.setattr(worker_mod, "FETCH_TIMEOUT_S", 0.2)
-    caplog.set_level(logging.DEBUG, logger="agents.worker")
+    caplog.set_level(logging.DEBUG, logger="shardplane.agents.worker")
     log = await StatusLog().start(nc)
     async with workers(nc, ["n1"]):
 
         def idle() -> list[logging.LogRecord]:
-            return [r for r in caplog.records if r.name == "agents.worker"]
+            return [r for r in caplog.records if r.name == "shardplane.agents.worker"]
 
         def empty_polls() -> int:
             return sum("no assignment within 0.2 s" in r.getMessage() for r in idle())
@@ -386,7 +386,7 @@ async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
     warned = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "agents.worker" and r.levelno == logging.WARNING
+        if r.name == "shardplane.agents.worker" and r.levelno == logging.WARNING
     ]
     assert warned, "the deleted durable went unreported"
     assert all(

@@ -18,23 +18,23 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from agents.loader import StageSpec, stage_bytes
-from agents.worker import Worker
-from bus import codec, subjects
-from bus.gpus import gpu_spec
-from bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
-from bus.streams import cluster_state
+from shardplane.agents.loader import StageSpec, stage_bytes
+from shardplane.agents.worker import Worker
+from shardplane.bus import codec, subjects
+from shardplane.bus.gpus import gpu_spec
+from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
+from shardplane.bus.streams import cluster_state
 from tests.worker import ckpt
 from tests.worker.busutil import StatusLog, assert_interval_kept, assign, stage, until_sample_after
 
-pytest.importorskip("planner.service")
-pytest.importorskip("projector.service")
-pytest.importorskip("agents.service")
+pytest.importorskip("shardplane.planner.service")
+pytest.importorskip("shardplane.projector.service")
+pytest.importorskip("shardplane.agents.service")
 
-from agents.service import run_agents
-from planner.cost import WORKSPACE_BYTES
-from planner.service import run_planner
-from projector.service import run_projector
+from shardplane.agents.service import run_agents
+from shardplane.planner.cost import WORKSPACE_BYTES
+from shardplane.planner.service import run_planner
+from shardplane.projector.service import run_projector
 
 NODES = {"w-a": "RTX-3060-12GB", "w-b": "P40", "w-c": "T4", "w-d": "A10"}
 LAYERS = 8
