@@ -117,6 +117,7 @@ class NodeCollector:
             interval_s=self.config.interval_s,
             default_link_gbps=self.default_link_gbps,
             default_link_latency_ms=self.default_link_latency_ms,
+            address=self.host.address,
         )
 
     def tick(self, ts: float | None = None) -> int:

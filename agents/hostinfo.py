@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import msgspec
 
@@ -18,6 +19,7 @@ class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
     cpu_count: int | None
     host_memory_bytes: int | None
     interfaces: tuple[NetInterface, ...] = ()
+    address: str | None = None
 
 
 def parse_speed_mbps(text: str) -> float | None:
@@ -70,7 +72,24 @@ def host_memory_bytes() -> int | None:
         return pages * size or None
 
 
-def this_host() -> HostInfo:
+def route_address(url: str) -> str | None:
+    """The local IP address the kernel would use to reach the first server of ``url``: the
+    address peers on that network can dial. A UDP connect sends nothing; it only picks a route."""
+    first = url.split(",")[0].strip()
+    parsed = urlparse(first if "://" in first else f"nats://{first}")
+    try:
+        infos = socket.getaddrinfo(
+            parsed.hostname or "127.0.0.1", parsed.port or 4222, type=socket.SOCK_DGRAM
+        )
+        family, _, _, _, target = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(target)
+            return str(sock.getsockname()[0])
+    except (OSError, IndexError):
+        return None
+
+
+def this_host(nats_url: str | None = None) -> HostInfo:
     interfaces = interfaces_from_sys()
     if interfaces is None:
         try:
@@ -82,6 +101,7 @@ def this_host() -> HostInfo:
         cpu_count=os.cpu_count(),
         host_memory_bytes=host_memory_bytes(),
         interfaces=tuple(interfaces),
+        address=route_address(nats_url) if nats_url else None,
     )
 
 

@@ -124,11 +124,13 @@ def host_collector(
     node: str | None,
     cpu_device: bool,
     epoch: float | None = None,
+    nats_url: str | None = None,
 ) -> NodeCollector:
-    """This host's collector, on whichever backend the factory picks."""
+    """This host's collector, on whichever backend the factory picks; ``nats_url`` (the
+    server it is connected to) picks the address its heartbeat advertises."""
     name = node_id(node) if node else node_id_from_hostname()
     epoch = time.time() if epoch is None else epoch
-    host = this_host()
+    host = this_host(nats_url)
     selection = select_backend(name)
     backend: Backend = selection.backend
     if cpu_device:
@@ -247,7 +249,14 @@ async def run_agents(
         interval = interval_s or DEFAULT_INTERVAL_S
         config = CollectorConfig(interval_s=interval, temperature=temperature, power=power)
         collectors = [
-            host_collector(publisher, config, node=node, cpu_device=cpu_device, epoch=epoch)
+            host_collector(
+                publisher,
+                config,
+                node=node,
+                cpu_device=cpu_device,
+                epoch=epoch,
+                nats_url=nc.connected_url.geturl() if nc.connected_url else None,
+            )
         ]
 
     extra: list[Awaitable[None]] = []

@@ -191,3 +191,28 @@ def gpu_spec(name: str) -> GpuSpec | None:
             if len(t) >= 3 and t in wanted and (best is None or len(t) > len(_norm(best.key))):
                 best = spec
     return best
+
+
+# CUDA compute capability of the table's NVIDIA GPUs (NVIDIA's CUDA GPUs page). Engines gate on
+# it: vLLM needs 7.0 or newer, so a P40 (6.1) cannot join a vLLM deployment.
+COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
+    "H100-SXM": (9, 0),
+    "H200": (9, 0),
+    "A100-40GB": (8, 0),
+    "A100-80GB": (8, 0),
+    "A100-80GB-PCIE": (8, 0),
+    "L40S": (8, 9),
+    "A10": (8, 6),
+    "RTX-4090": (8, 9),
+    "RTX-3090": (8, 6),
+    "RTX-3060-12GB": (8, 6),
+    "T4": (7, 5),
+    "V100-32GB": (7, 0),
+    "P40": (6, 1),
+}
+
+
+def compute_capability(name: str) -> tuple[int, int] | None:
+    """The CUDA compute capability of a known NVIDIA GPU, by any name :func:`gpu_spec` takes."""
+    spec = gpu_spec(name)
+    return COMPUTE_CAPABILITY.get(spec.key) if spec else None

@@ -120,6 +120,9 @@ class NodeHeartbeat(Frozen, frozen=True):
     # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
     # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
     epoch: Timestamp = 0.0
+    # The IP address this host uses to reach the NATS server: the one its peers can dial (engine
+    # exports print it; a node id is not a hostname). None from simulated nodes and older agents.
+    address: str | None = None
 
 
 # --- placement -------------------------------------------------------------------------------

@@ -1,27 +1,60 @@
-"""Print a plan for the engines people run (``shardplane place MODEL --export vllm|llamacpp``).
+"""Print a plan as commands for the engines people run (``shardplane place MODEL --export
+vllm|llamacpp``), checked against what those engines' own parsers and rank rules do, so the
+printed lines land each layer on the GPU the plan chose.
+
+llama.cpp (``-sm layer``): ``-ts`` gives proportions in ``--device`` order, normalised into
+cumulative fractions F_j; with ``-ngl`` >= L + 1, slot ``il`` (0..L, where slot L is the output
+layer) goes to the first device whose F_j exceeds ``il / (L + 1)`` (llama-model.cpp:
+``upper_bound(splits, il / act_gpu_layers)``). To land exactly ``c_j`` layers on device j we
+place each boundary half a slot early: ``-ts c_0 - 0.5, c_1, ..., c_{k-1} + 1.5``, which sums to
+L + 1 and puts the output layer on the last device. Remote GPUs are served by one ``rpc-server
+-d dev1,dev2`` per node; the client names every device an RPC server offers ``RPC<n>``, counting
+on across the ``--rpc`` endpoints in the order given (ggml-rpc.cpp, ``ggml_backend_rpc_add_server``;
+the endpoint is only the description). ``--rpc`` registers those devices while the command
+line is parsed and ``--device`` looks names up at that moment, so ``--rpc`` comes first.
+NVML numbers GPUs in PCI bus order and CUDA, by default, fastest first: ``CUDA_DEVICE_ORDER=
+PCI_BUS_ID`` makes ``CUDA<i>`` the GPU the agent reported as index i.
 
 vLLM: ``VLLM_PP_LAYER_PARTITION`` is the comma-separated layer count of each pipeline rank in
-rank order (vllm.distributed.utils.get_pp_indices); the count of entries must equal
-``--pipeline-parallel-size`` and they must sum to ``num_hidden_layers``; the embeddings and
-the head live on the first and last rank and are not counted. SGLang reads
-``SGLANG_PP_LAYER_PARTITION`` in the same format.
-
-llama.cpp (``-sm layer``, the default): ``-ts`` gives proportions in ``--device`` order,
-normalised into cumulative fractions F_j; with ``-ngl`` >= L + 1, slot ``il`` (0..L, where slot
-L is the output layer) goes to the first device whose F_j exceeds ``il / (L + 1)``
-(llama-model.cpp: ``upper_bound(splits, il / act_gpu_layers)``). To land exactly ``c_j`` layers on
-device j we place each boundary half a slot early: ``-ts c_0 - 0.5, c_1, ..., c_{k-1} + 1.5``,
-which sums to L + 1 and puts the output layer on the last device. The input embeddings stay on
-the CPU in llama.cpp whatever the split. Devices on other nodes are reached through
-``rpc-server`` (``--rpc host:port``); check the names llama.cpp gives them with
-``--list-devices`` (recent builds print them at start-up too).
+rank order (vllm.distributed.utils.get_pp_indices): as many entries as
+``--pipeline-parallel-size``, summing to ``num_hidden_layers``. vLLM ranks its Ray workers itself
+(``sort_by_driver_then_worker_ip``: the driver's node first, then nodes with fewer workers, then
+by IP as a string), and on each node hands local rank k the k-th lowest visible GPU; a plan
+whose stage order differs from that would put the partition on the wrong GPUs, so it is refused.
+vLLM needs one vendor per deployment and compute capability 7.0 or newer on NVIDIA.
 """
 
 from __future__ import annotations
 
-from shardplane.bus.messages import PlacementReply, Stage
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from shardplane.bus.gpus import compute_capability, gpu_spec
+from shardplane.bus.messages import DeviceSample, NodeHeartbeat, PlacementReply, Stage
 
 RPC_BASE_PORT = 50052
+# llama.cpp's -ts parser: ``if (split_arg.size() >= llama_max_devices()) throw`` with
+# LLAMA_MAX_DEVICES 16, so at most 15 proportions.
+LLAMACPP_MAX_DEVICES = 16
+VLLM_MIN_CC = (7, 0)
+EXPORT_KINDS = ("vllm", "llamacpp")
+
+
+class ExportError(ValueError):
+    """The plan cannot be run by this engine as planned; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the cluster state says about the planned devices and their nodes (keyed by device
+    ref ``node/index`` and node id). Empty mappings still export, with what cannot be checked
+    said in comments."""
+
+    devices: Mapping[str, DeviceSample]
+    nodes: Mapping[str, NodeHeartbeat]
+
+
+NO_FACTS = Facts(devices={}, nodes={})
 
 
 def vllm_partition(reply: PlacementReply) -> str:
@@ -58,65 +91,261 @@ def llamacpp_layers(split: list[float], n_layer: int) -> list[int]:
     return counts
 
 
-def _backend(stage: Stage) -> str:
+# -- facts about a stage ----------------------------------------------------------------------
+
+
+def _index(stage: Stage) -> int:
+    return int(stage.device.rsplit("/", 1)[1])
+
+
+def vendor(stage: Stage, facts: Facts) -> str:
+    """ "nvidia", "amd", ... from the device's telemetry, else from the known-GPU table."""
+    sample = facts.devices.get(stage.device)
+    if sample is not None and sample.vendor in ("nvidia", "amd"):
+        return sample.vendor
+    spec = gpu_spec(stage.gpu)
+    if spec is not None:
+        return spec.vendor
     gpu = stage.gpu.lower()
-    if "amd" in gpu or "instinct" in gpu or "radeon" in gpu:
-        return "ROCm"
-    if "apple" in gpu or gpu.startswith("m1") or gpu.startswith("m2"):
-        return "Metal"
-    return "CUDA"
+    if any(word in gpu for word in ("amd", "instinct", "radeon")):
+        return "amd"
+    return "nvidia" if any(w in gpu for w in ("nvidia", "tesla", "geforce")) else "unknown"
 
 
-def _fmt(x: float) -> str:
-    return f"{x:g}"
+def address(node: str, facts: Facts) -> tuple[str, bool]:
+    """Where peers reach ``node``: the heartbeat's address, else its hostname; the flag says
+    whether it is an IP the agent found (what vLLM ranks by) rather than a name."""
+    heartbeat = facts.nodes.get(node)
+    if heartbeat is not None and heartbeat.address:
+        return heartbeat.address, True
+    if heartbeat is not None and heartbeat.hostname:
+        return heartbeat.hostname, False
+    return f"<address of {node}>", False
 
 
-def export_plan(reply: PlacementReply, kind: str) -> str:
-    """The plan as shell lines for ``kind`` ("vllm" or "llamacpp"); a failed reply says why."""
+def _llamacpp_name(stage: Stage, facts: Facts) -> str:
+    """The device's name in a llama.cpp build on its own host (ggml-cuda names HIP devices
+    ``ROCm<i>``)."""
+    return ("ROCm" if vendor(stage, facts) == "amd" else "CUDA") + str(_index(stage))
+
+
+def _order_env(stages: Sequence[Stage], facts: Facts) -> str:
+    return (
+        "CUDA_DEVICE_ORDER=PCI_BUS_ID " if any(vendor(s, facts) == "nvidia" for s in stages) else ""
+    )
+
+
+# -- the comment lines (one place, so new figures are one line each) --------------------------
+
+
+def comment_lines(reply: PlacementReply, kind: str, notes: Sequence[str] = ()) -> list[str]:
+    """The ``#`` lines above an export: what was planned, with which figures, and ``notes``."""
+    layers = reply.stages[-1].layer_end
+    lines = [
+        f"{reply.model}: {len(reply.stages)} stages, {layers} layers, instance "
+        f"{reply.instance_id} generation {reply.generation}"
+        + (" (dry run: nothing reserved)" if reply.dry_run else ""),
+        f"planned bottleneck {reply.bottleneck_ms:.2f} ms/token, {reply.tokens_per_s:.1f} tokens/s "
+        f"for {kind}",
+        *notes,
+    ]
+    return [f"# {line}" for line in lines]
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+
+
+def _endpoints(remote_nodes: Sequence[str], facts: Facts) -> dict[str, str]:
+    """host:port per remote node; nodes sharing an address (several simulated nodes on one
+    host) get consecutive ports so their rpc-servers do not collide."""
+    used: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for node in remote_nodes:
+        host, _ = address(node, facts)
+        port = RPC_BASE_PORT + used.get(host, 0)
+        used[host] = used.get(host, 0) + 1
+        out[node] = f"{host}:{port}"
+    return out
+
+
+def export_llamacpp(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
+    stages = list(reply.stages)
+    if len(stages) >= LLAMACPP_MAX_DEVICES:
+        raise ExportError(
+            f"llama.cpp takes at most {LLAMACPP_MAX_DEVICES - 1} -ts proportions; this plan has "
+            f"{len(stages)} stages (re-plan with --max-stages {LLAMACPP_MAX_DEVICES - 1})"
+        )
+    main = stages[0].node
+    remote: list[str] = []
+    served: dict[str, list[Stage]] = {}
+    for s in stages:
+        if s.node != main and s.node not in served:
+            remote.append(s.node)
+        if s.node != main:
+            served.setdefault(s.node, []).append(s)
+    endpoints = _endpoints(remote, facts)
+    # RPC<n>: numbered over the endpoints in --rpc order, each server's devices in its -d order.
+    rpc_name: dict[str, str] = {}
+    for node in remote:
+        for s in served[node]:
+            rpc_name[s.device] = f"RPC{len(rpc_name)}"
+    devices = [_llamacpp_name(s, facts) if s.node == main else rpc_name[s.device] for s in stages]
+    counts = [s.layer_end - s.layer_start for s in stages]
+    split = ",".join(f"{x:g}" for x in llamacpp_tensor_split(counts))
+    layers = stages[-1].layer_end
+    notes = [
+        f"layer counts in --device order ({','.join(devices)}): {','.join(map(str, counts))}",
+        "CUDA_DEVICE_ORDER=PCI_BUS_ID: CUDA<i> is then the GPU the agent reported as index i",
+    ]
+    unnamed = sorted({n for n in [main, *remote] if not address(n, facts)[1]})
+    if unnamed:
+        notes.append(f"no address in the heartbeat of {', '.join(unnamed)}: hostname printed")
+    lines = comment_lines(reply, "llama.cpp (one batch in flight)", notes)
+    for node in remote:
+        host, port = endpoints[node].rsplit(":", 1)
+        names = ",".join(_llamacpp_name(s, facts) for s in served[node])
+        lines += [
+            f"# on {node} ({host}):",
+            f"{_order_env(served[node], facts)}rpc-server -H {host} -p {port} -d {names}",
+        ]
+    rpc = f"--rpc {','.join(endpoints[n] for n in remote)} " if remote else ""
+    lines += [
+        f"# on {main} ({address(main, facts)[0]})"
+        + (", once the rpc-servers listen (llama-cli takes the same flags):" if remote else ":"),
+        f"{_order_env(stages, facts)}llama-server -m <model.gguf> {rpc}--device {','.join(devices)} "
+        f"-sm layer -ngl {layers + 1} -ts {split}",
+    ]
+    return "\n".join(lines)
+
+
+# -- vLLM -----------------------------------------------------------------------------------------
+
+
+def _check_vllm_hardware(stages: Sequence[Stage], facts: Facts) -> list[str]:
+    """Raise when vLLM cannot run these GPUs together; return notes on what was not checkable."""
+    by_vendor: dict[str, list[str]] = {}
+    for s in stages:
+        by_vendor.setdefault(vendor(s, facts), []).append(s.device)
+    if len(by_vendor) > 1:
+        mix = "; ".join(f"{v}: {', '.join(d)}" for v, d in sorted(by_vendor.items()))
+        raise ExportError(
+            f"vLLM runs one GPU vendor per deployment, and this plan mixes them ({mix}); "
+            "re-plan with --exclude-node for the nodes of the other vendor"
+        )
+    old: list[str] = []
+    unknown: list[str] = []
+    for s in stages:
+        if vendor(s, facts) != "nvidia":
+            continue
+        cc = compute_capability(s.gpu)
+        if cc is None:
+            unknown.append(f"{s.device} ({s.gpu})")
+        elif cc < VLLM_MIN_CC:
+            old.append(f"{s.device} ({s.gpu}, compute capability {cc[0]}.{cc[1]})")
+    if old:
+        nodes = sorted({d.split("/", 1)[0] for d in old})
+        raise ExportError(
+            f"vLLM needs compute capability {VLLM_MIN_CC[0]}.{VLLM_MIN_CC[1]} or newer; "
+            f"{', '.join(old)} is older: re-plan without it (--exclude-node {' --exclude-node '.join(nodes)})"
+        )
+    if unknown:
+        return [
+            f"compute capability of {', '.join(unknown)} not in the known-GPU table: check it is "
+            "7.0 or newer (nvidia-smi --query-gpu=compute_cap --format=csv)"
+        ]
+    return []
+
+
+def vllm_rank_order(stages: Sequence[Stage], facts: Facts) -> list[str] | None:
+    """The device refs in the order vLLM will rank them with the driver on stage 0's node, or
+    None when an address is unknown (the order cannot be computed)."""
+    ips: dict[str, str] = {}
+    for s in stages:
+        ip, known = address(s.node, facts)
+        if not known:
+            return None
+        ips[s.node] = ip
+    driver_ip = ips[stages[0].node]
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[ips[s.node]] = counts.get(ips[s.node], 0) + 1
+
+    # vLLM's key is (0 if ip == driver_ip else 1, ip_counts[ip], ip), the IP compared as a string
+    # ("10.0.0.10" < "10.0.0.9"); then local rank k gets the k-th lowest GPU of its node.
+    def key(s: Stage) -> tuple[int, int, str, int]:
+        ip = ips[s.node]
+        return (0 if ip == driver_ip else 1, counts[ip], ip, _index(s))
+
+    ranked = sorted(stages, key=key)
+    return [s.device for s in ranked]
+
+
+def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
+    stages = list(reply.stages)
+    notes = _check_vllm_hardware(stages, facts)
+    ips = {s.node: address(s.node, facts) for s in stages}
+    shared: dict[str, set[str]] = {}
+    for node, (ip, known) in ips.items():
+        if known:
+            shared.setdefault(ip, set()).add(node)
+    clash = [f"{ip} ({', '.join(sorted(n))})" for ip, n in shared.items() if len(n) > 1]
+    if clash:
+        raise ExportError(
+            f"vLLM needs a distinct IP per node, and these nodes share one: {'; '.join(clash)}"
+        )
+    planned = [s.device for s in stages]
+    order = vllm_rank_order(stages, facts)
+    if order is None:
+        notes.append(
+            "node addresses unknown, so vLLM's rank order could not be checked: it ranks the "
+            "driver's node first, then nodes with fewer GPUs, then by IP (as text), and GPUs on a "
+            "node lowest index first; the ranks below must come out in that order"
+        )
+    elif order != planned:
+        raise ExportError(
+            "vLLM would rank these GPUs " + ", ".join(order) + " (driver's node first, then fewer "
+            "GPUs per node, then IP as text, then GPU index), but the plan's stage order is "
+            + ", ".join(planned)
+            + ": the partition would land on the wrong GPUs; use --export llamacpp, or re-plan "
+            "(e.g. --max-stages, --exclude-node) until the orders agree"
+        )
+    env = "HIP_VISIBLE_DEVICES" if vendor(stages[0], facts) == "amd" else "CUDA_VISIBLE_DEVICES"
+    notes += [
+        f"rank {i}: {s.device} ({s.gpu}) layers {s.layer_start}-{s.layer_end - 1}"
+        for i, s in enumerate(stages)
+    ]
+    lines = comment_lines(reply, "vLLM (one micro-batch per stage in flight)", notes)
+    driver = stages[0].node
+    nodes = list(dict.fromkeys(s.node for s in stages))
+    for node in nodes:
+        mine = sorted(_index(s) for s in stages if s.node == node)
+        host = ips[node][0]
+        start = (
+            "ray start --head" if node == driver else f"ray start --address {ips[driver][0]}:6379"
+        )
+        lines += [
+            f"# on {node} ({host}){': the driver, rank 0 is here' if node == driver else ''}:",
+            f"{_order_env([s for s in stages if s.node == node], facts)}{env}="
+            f"{','.join(map(str, mine))} {start} --num-gpus {len(mine)}",
+        ]
+    lines += [
+        f"# then on {driver}:",
+        f'export VLLM_PP_LAYER_PARTITION="{vllm_partition(reply)}"',
+        f"vllm serve <model> --pipeline-parallel-size {len(stages)} --tensor-parallel-size 1 "
+        "--distributed-executor-backend ray",
+    ]
+    return "\n".join(lines)
+
+
+def export_plan(reply: PlacementReply, kind: str, facts: Facts = NO_FACTS) -> str:
+    """The plan as shell lines for ``kind`` ("vllm" or "llamacpp"); a failed reply says why.
+
+    Raises ExportError when the engine cannot run the plan as planned."""
+    if kind not in EXPORT_KINDS:
+        raise ValueError(f"unknown export kind {kind!r}; use 'vllm' or 'llamacpp'")
     if not reply.ok or not reply.stages:
         err = reply.error
         return f"# no plan: {err.code + ': ' + err.message if err else 'empty reply'}"
-    layers = reply.stages[-1].layer_end
-    head = (
-        f"# {reply.model}: {len(reply.stages)} stages, {layers} layers, instance "
-        f"{reply.instance_id} generation {reply.generation}; bottleneck {reply.bottleneck_ms:.2f} ms"
-    )
     if kind == "vllm":
-        ranks = "\n".join(
-            f"#   rank {i}: {s.device} ({s.gpu}) layers {s.layer_start}-{s.layer_end - 1}"
-            for i, s in enumerate(reply.stages)
-        )
-        return (
-            f"{head}\n{ranks}\n"
-            f'export VLLM_PP_LAYER_PARTITION="{vllm_partition(reply)}"\n'
-            f"# start one Ray worker per rank on its node, in the order above, then:\n"
-            f"vllm serve <model> --pipeline-parallel-size {len(reply.stages)} --tensor-parallel-size 1"
-        )
-    if kind == "llamacpp":
-        main_node = reply.stages[0].node
-        devices: list[str] = []
-        rpc: list[str] = []
-        remote: list[str] = []
-        for i, s in enumerate(reply.stages):
-            index = s.device.rsplit("/", 1)[1]
-            local = f"{_backend(s)}{index}"
-            if s.node == main_node:
-                devices.append(local)
-            else:
-                port = RPC_BASE_PORT + i
-                endpoint = f"{s.node}:{port}"
-                rpc.append(endpoint)
-                devices.append(f"RPC[{endpoint}]")
-                remote.append(f"#   on {s.node}: rpc-server -H 0.0.0.0 -p {port} -d {local}")
-        counts = [s.layer_end - s.layer_start for s in reply.stages]
-        split = ",".join(_fmt(x) for x in llamacpp_tensor_split(counts))
-        lines = [head, f"# layer counts in --device order: {','.join(map(str, counts))}"]
-        if remote:
-            lines += ["# remote devices through rpc-server (names: check --list-devices):", *remote]
-        rpc_flag = f" --rpc {','.join(rpc)}" if rpc else ""
-        lines.append(
-            f"llama-server -m <model.gguf> -sm layer -ngl {layers + 1} --device {','.join(devices)} "
-            f"-ts {split}{rpc_flag}"
-        )
-        return "\n".join(lines)
-    raise ValueError(f"unknown export kind {kind!r}; use 'vllm' or 'llamacpp'")
+        return export_vllm(reply, facts)
+    return export_llamacpp(reply, facts)

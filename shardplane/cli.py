@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +54,7 @@ def _fleet(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardplane", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shardplane {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="run NATS (if none answers), projector, planner, API and agents")
@@ -108,13 +111,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-node", action="append", default=[], dest="exclude_nodes")
     p.add_argument("--max-stages", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    p.add_argument("--export", choices=("vllm", "llamacpp"), default=None)
+    p.add_argument(
+        "--export",
+        choices=("vllm", "llamacpp"),
+        default=None,
+        help="print the commands that run the plan on that engine (a dry run unless --commit)",
+    )
+    p.add_argument(
+        "--commit", action="store_true", help="with --export: also reserve and publish the plan"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the placement with a progress bar per stage until all are loaded or failed",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=600.0,
+        help="with --wait: give up after this many seconds (default 600)",
+    )
     p.add_argument("--timeout", type=float, default=30.0)
 
     p = sub.add_parser("status", help="print devices, nodes and instances from the KV")
     _common(p)
     _one_shot(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "-w", "--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C"
+    )
+    p.add_argument(
+        "-n", "--interval", type=float, default=2.0, help="with --watch: seconds between redraws"
+    )
 
     p = sub.add_parser("demo", help="everything on the simulated fleet, then place llama-3.1-70b")
     _common(p)
@@ -136,8 +164,33 @@ def build_parser() -> argparse.ArgumentParser:
     # with NAME, so whatever follows --quick is left over.
     p.set_defaults(args=[])
 
-    sub.add_parser("models", help="list the model catalog")
+    p = sub.add_parser("models", help="list the model catalog")
+    p.add_argument("--json", action="store_true", help="the cards and derived sizes as JSON")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shardplane")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from shardplane import __version__
+
+        return __version__
+
+
+def _check_place(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--export`` prints commands for another engine, so it plans without reserving here
+    unless ``--commit`` asks for that too."""
+    if args.commit and not args.export:
+        parser.error("--commit goes with --export (place without --export already commits)")
+    if args.commit and args.dry_run:
+        parser.error("--commit and --dry-run contradict each other")
+    if args.export and not args.commit:
+        args.dry_run = True
+    if args.wait and args.dry_run:
+        parser.error("--wait follows a committed placement; a dry run loads nothing")
 
 
 def _logging(verbose: bool) -> None:
@@ -185,6 +238,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if args.command == "bench":
         args.args = bench_args
+    if args.command == "place":
+        _check_place(parser, args)
+    if args.command == "status" and args.interval <= 0:
+        parser.error(f"--interval must be above 0 seconds, got {args.interval:g}")
     return args
 
 
@@ -209,11 +266,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     }.get(args.command)
     try:
         if args.command == "bench":
-            return _run_bench(args.name, args.quick, args.args)
-        assert handler is not None
-        return handler(args)
+            code = _run_bench(args.name, args.quick, args.args)
+        else:
+            assert handler is not None
+            code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader went away (``shardplane models | head``): end quietly with the status a
+    default SIGPIPE gives, as other Unix tools do. SIGPIPE itself stays ignored, as Python sets
+    it, because a reset NATS or HTTP socket must raise an error, not kill a service."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

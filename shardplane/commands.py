@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 from nats.aio.client import Client
@@ -159,6 +159,12 @@ async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
         "no NATS at %s; starting the embedded nats-server (store %s)", server.url, server.store_dir
     )
     async with server:
+        # Its ports may not be the defaults (taken ones are skipped): say which they are.
+        print(
+            f"embedded nats-server: {server.url}, monitoring "
+            f"http://127.0.0.1:{server.monitor_port}/, store {server.store_dir}",
+            flush=True,
+        )
         yield server.url
 
 
@@ -322,34 +328,80 @@ def place(args: argparse.Namespace) -> int:
             return 2
         nc = await connect_briefly(args, "shardplane-place")
         try:
-            reply = await request_placement(nc, body, args.timeout)
-        except NoRespondersError:
-            print(
-                f"shardplane: no planner answers on {subjects.PLACEMENT_REQUEST} "
-                "(is `shardplane planner` or `shardplane up` running against this NATS?)",
-                file=sys.stderr,
-            )
-            return 1
-        except TimeoutError:
-            print(
-                f"shardplane: the planner did not answer within {args.timeout:g} s "
-                "(--timeout to wait longer)",
-                file=sys.stderr,
-            )
-            return 1
+            try:
+                reply = await request_placement(nc, body, args.timeout)
+            except NoRespondersError:
+                print(
+                    f"shardplane: no planner answers on {subjects.PLACEMENT_REQUEST} "
+                    "(is `shardplane planner` or `shardplane up` running against this NATS?)",
+                    file=sys.stderr,
+                )
+                return 1
+            except TimeoutError:
+                print(
+                    f"shardplane: the planner did not answer within {args.timeout:g} s "
+                    "(--timeout to wait longer)",
+                    file=sys.stderr,
+                )
+                return 1
+            code = await _print_placement(nc, args, reply)
+            if code == 0 and args.wait and reply.instance_id and not reply.dry_run:
+                # With --json the bars go to stderr, so stdout stays one JSON document.
+                out = sys.stderr if args.json else sys.stdout
+                code = await wait_loaded(nc, reply.instance_id, args.wait_timeout, out)
+            return code
         finally:
             await nc.close()
-        if args.json:
-            print(codec.encode(reply, "json").decode())
-        elif args.export:
-            from shardplane.planner.export import export_plan
-
-            print(export_plan(reply, args.export))
-        else:
-            print(render.placement(reply))
-        return 0 if reply.ok else 1
 
     return _serve(main)
+
+
+async def _print_placement(nc: Client, args: argparse.Namespace, reply: PlacementReply) -> int:
+    if args.json:
+        print(codec.encode(reply, "json").decode())
+    elif args.export:
+        from shardplane.planner.export import ExportError, Facts, export_plan
+
+        devices, nodes, _ = await read_state(nc) if reply.ok else ([], [], [])
+        facts = Facts(
+            devices={f"{d.sample.node}/{d.sample.index}": d.sample for d in devices},
+            nodes={n.heartbeat.node: n.heartbeat for n in nodes},
+        )
+        try:
+            print(export_plan(reply, args.export, facts))
+        except ExportError as exc:
+            print(f"shardplane: cannot export for {args.export}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        print(render.placement(reply))
+    return 0 if reply.ok else 1
+
+
+async def wait_loaded(nc: Client, instance: str, timeout: float, out: TextIO) -> int:
+    """Follow ``instance`` with a progress bar per stage until every stage is loaded (or
+    reserved) or failed: 0 when all loaded, 1 when any failed or the wait ran out. On a
+    terminal the bars redraw in place; elsewhere each change prints them again."""
+    live = out.isatty()
+    colour = render.colour_enabled(out)
+    drawn = 0
+
+    def draw(state: InstanceState) -> None:
+        nonlocal drawn
+        lines = render.progress(state, colour=colour)
+        if live and drawn:
+            out.write(f"\x1b[{drawn}F\x1b[J")  # back to the first bar, clear below
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        drawn = len(lines)
+
+    final = await follow_instance(nc, instance, timeout, draw)
+    if final is None or not all(s.state in SETTLED for s in final.stages):
+        print(f"shardplane: {instance} had not settled after {timeout:g} s", file=sys.stderr)
+        return 1
+    failed = [s for s in final.stages if s.state == "failed"]
+    for s in failed:
+        print(f"shardplane: stage {s.stage} on {s.device} failed: {s.reason}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], list[InstanceState]]:
@@ -376,13 +428,15 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     return devices, nodes, instances
 
 
-def _devices_table(devices: list[DeviceState]) -> str:
+def _devices_table(devices: list[DeviceState], colour: bool = False) -> str:
     gib = render.GIB
     rows = [
         (
             f"{d.sample.node}/{d.sample.index}",
             d.sample.name or "?",
-            "online" if d.online else f"OFFLINE ({d.offline_reason or 'silent'})",
+            render.paint("online", "green", colour)
+            if d.online
+            else render.paint(f"OFFLINE ({d.offline_reason or 'silent'})", "red", colour),
             f"{(d.sample.memory_free_bytes or 0) / gib:.1f}/{(d.sample.memory_total_bytes or 0) / gib:.1f}",
             f"{d.sample.utilization_gpu_pct:.0f}"
             if d.sample.utilization_gpu_pct is not None
@@ -398,33 +452,69 @@ def _devices_table(devices: list[DeviceState]) -> str:
     )
 
 
+def _state_json(
+    devices: list[DeviceState], nodes: list[NodeState], instances: list[InstanceState]
+) -> str:
+    return json.dumps(
+        {
+            "devices": [msgspec.to_builtins(d) for d in devices],
+            "nodes": [msgspec.to_builtins(n) for n in nodes],
+            "instances": [msgspec.to_builtins(i) for i in instances],
+        },
+        indent=2,
+    )
+
+
+def _state_text(
+    devices: list[DeviceState],
+    nodes: list[NodeState],
+    instances: list[InstanceState],
+    colour: bool = False,
+) -> str:
+    parts = [
+        f"{len(nodes)} nodes, {len(devices)} devices, {len(instances)} instances\n",
+        _devices_table(devices, colour),
+    ]
+    parts += [f"\n{render.instance(inst)}" for inst in instances]
+    return "\n".join(parts)
+
+
 def status(args: argparse.Namespace) -> int:
     async def main() -> int:
         nc = await connect_briefly(args, "shardplane-status")
         try:
+            if args.watch:
+                return await _watch(nc, args)
             devices, nodes, instances = await read_state(nc)
         finally:
             await nc.close()
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "devices": [msgspec.to_builtins(d) for d in devices],
-                        "nodes": [msgspec.to_builtins(n) for n in nodes],
-                        "instances": [msgspec.to_builtins(i) for i in instances],
-                    },
-                    indent=2,
-                )
-            )
-            return 0
-        print(f"{len(nodes)} nodes, {len(devices)} devices, {len(instances)} instances\n")
-        print(_devices_table(devices))
-        for inst in instances:
-            print()
-            print(render.instance(inst))
+            print(_state_json(devices, nodes, instances))
+        else:
+            print(_state_text(devices, nodes, instances, render.colour_enabled(sys.stdout)))
         return 0
 
-    return _serve(main)
+    code = _serve(main)
+    # Ctrl-C is how a watch ends: that is success, not an interrupted command.
+    return 0 if args.watch and code == 130 else code
+
+
+async def _watch(nc: Client, args: argparse.Namespace) -> int:
+    """Redraw the state every ``--interval`` seconds until Ctrl-C: on a terminal in place, like
+    ``gpustat -i``; piped, one frame after another (``--json``: one document per line)."""
+    live = sys.stdout.isatty()
+    colour = render.colour_enabled(sys.stdout)
+    while True:
+        devices, nodes, instances = await read_state(nc)
+        if args.json:
+            frame = json.dumps(json.loads(_state_json(devices, nodes, instances)))
+        else:
+            stamp = time.strftime("%H:%M:%S")
+            head = f"shardplane status  every {args.interval:g} s  {stamp}  (Ctrl-C quits)\n"
+            frame = head + _state_text(devices, nodes, instances, colour)
+        sys.stdout.write(("\x1b[H\x1b[2J" if live else "") + frame + "\n" + ("" if live else "\n"))
+        sys.stdout.flush()
+        await asyncio.sleep(args.interval)
 
 
 async def wait_for_devices(nc: Client, expected: int, timeout: float, since: float = 0.0) -> int:
@@ -545,7 +635,20 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    from shardplane.planner.catalog import catalog_table
+    from shardplane.planner.catalog import CATALOG, catalog_table
+    from shardplane.planner.profile import card_params, profile_from_card
 
-    print(catalog_table())
+    if not args.json:
+        print(catalog_table())
+        return 0
+    rows: list[dict[str, Any]] = []
+    for c in CATALOG.values():
+        profile = profile_from_card(c)
+        row: dict[str, Any] = msgspec.to_builtins(c)
+        # The table's derived columns, in base units.
+        row["params"] = card_params(c)
+        row["weight_bytes"] = profile.weight_bytes
+        row["kv_bytes_per_token"] = sum(profile.kv_bytes_per_token)
+        rows.append(row)
+    print(json.dumps(rows, indent=2))
     return 0

@@ -182,17 +182,40 @@ class NatsServer:
         await asyncio.to_thread(self.cleanup)
 
 
+CLIENT_PORT = 4222
+MONITOR_PORT = 8222
+# The embedded server's preferred monitoring port (default 8222); another free one when taken.
+MONITOR_PORT_ENV = "SHARDPLANE_NATS_MONITOR_PORT"
+
+
+def port_or_free(preferred: int) -> int:
+    """``preferred`` when nothing listens on it, else a free port: two embedded servers (two
+    ``up``s on different client ports) must not both ask for 8222. Probed on the wildcard
+    address, which any listener on the port blocks, with SO_REUSEADDR as nats-server (Go) sets
+    it, so a port in TIME_WAIT still counts as free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
 def embedded_for(url: str | None) -> NatsServer | None:
-    """None when ``url`` (or NATS_URL) already answers; else a server to start on its port."""
+    """None when ``url`` (or NATS_URL) already answers; else a server to start on its port (the
+    default 4222, or a free one when 4222 is taken by something that is not answering), with
+    its monitoring port chosen the same way. Read ``.url`` and ``.monitor_port`` to print them."""
     target = url or os.environ.get("NATS_URL")
     if target and reachable(target):
         return None
-    port = 4222
     if target:
-        parsed = urlparse(target.split(",")[0])
-        port = parsed.port or 4222
-    elif reachable("nats://127.0.0.1:4222"):
+        port = urlparse(target.split(",")[0]).port or CLIENT_PORT
+    elif reachable(f"nats://127.0.0.1:{CLIENT_PORT}"):
         return None
-    return NatsServer(
-        port=port, store_dir=Path("data") / "nats", config=default_config(), monitor_port=8222
-    )
+    else:
+        port = port_or_free(CLIENT_PORT)
+    monitor = port_or_free(int(os.environ.get(MONITOR_PORT_ENV) or MONITOR_PORT))
+    # One store per client port: two servers must not share a JetStream store folder.
+    store = Path("data") / ("nats" if port == CLIENT_PORT else f"nats-{port}")
+    return NatsServer(port=port, store_dir=store, config=default_config(), monitor_port=monitor)

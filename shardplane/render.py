@@ -1,18 +1,36 @@
-"""Plain-text tables for the terminal."""
+"""Plain-text tables for the terminal, colour only where it is wanted.
+
+Colour follows the common convention (no-color.org): only when the stream is a terminal, and
+never while ``NO_COLOR`` is set to anything non-empty, so pipes, logs and CI get plain text.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import TextIO
 
 from shardplane.bus.messages import InstanceState, PlacementReply
 
 GIB = 1024**3
 
 
+_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def visible_len(text: str) -> int:
+    """Columns ``text`` takes on a terminal: colour escapes take none."""
+    return len(_ESCAPE.sub("", text))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    widths = [max(visible_len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c + " " * (w - visible_len(c)) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -73,3 +91,56 @@ def instance(state: InstanceState) -> str:
         ("stage", "node", "device", "layers", "state", "GiB loaded", "where", "reason"), rows
     )
     return f"instance {state.instance_id} ({state.model}) generation {state.generation}: {state.state}\n{body}"
+
+
+_SGR: Mapping[str, str] = {"red": "31", "green": "32", "yellow": "33", "cyan": "36", "dim": "2"}
+
+
+def colour_enabled(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR", ""):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def paint(text: str, colour: str, enabled: bool) -> str:
+    """``text`` in ``colour`` (a key of _SGR) when enabled, else unchanged; :func:`table`
+    pads by visible width, so painted cells line up."""
+    return f"\x1b[{_SGR[colour]}m{text}\x1b[0m" if enabled else text
+
+
+STATE_COLOUR: Mapping[str, str] = {
+    "loaded": "green",
+    "reserved": "green",
+    "loading": "yellow",
+    "pending": "dim",
+    "failed": "red",
+    "unloaded": "dim",
+}
+
+
+def bar(fraction: float, width: int = 24) -> str:
+    """``[#########.......]``; ``fraction`` is clamped to 0..1."""
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def progress(state: InstanceState, colour: bool = False) -> list[str]:
+    """One line per stage: a bar from ``bytes_loaded`` over the stage's weights, the bytes and
+    the state (``place --wait``). A reserved stage (no weights to read here) shows full."""
+    lines = [
+        f"instance {state.instance_id} ({state.model}) generation {state.generation}: {state.state}"
+    ]
+    for s in state.stages:
+        total = s.weight_bytes or s.memory_bytes
+        done = (
+            1.0 if s.state in ("loaded", "reserved") else (s.bytes_loaded / total if total else 0.0)
+        )
+        figures = f"{s.bytes_loaded / GIB:6.2f}/{total / GIB:.2f} GiB" if total else ""
+        reason = f" ({s.reason})" if s.reason else ""
+        lines.append(
+            f"  stage {s.stage:<3} {(s.device or s.node):<14} {bar(done)} {done * 100:5.1f}%  "
+            f"{figures}  " + paint(s.state, STATE_COLOUR.get(s.state, "dim"), colour) + reason
+        )
+    return lines
