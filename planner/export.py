@@ -256,28 +256,29 @@ def _check_vllm_hardware(stages: Sequence[Stage], facts: Facts) -> list[str]:
     return []
 
 
-def vllm_rank_order(stages: Sequence[Stage], facts: Facts) -> list[str] | None:
-    """The device refs in the order vLLM will rank them with the driver on stage 0's node, or
-    None when an address is unknown (the order cannot be computed)."""
-    ips: dict[str, str] = {}
-    for s in stages:
-        ip, known = address(s.node, facts)
-        if not known:
-            return None
-        ips[s.node] = ip
-    driver_ip = ips[stages[0].node]
+def vllm_rank_order(stages: Sequence[Stage], facts: Facts) -> tuple[list[str], bool]:
+    """The device refs in the order vLLM will rank them with the driver on stage 0's node, and
+    whether that order is fully known. Without every node's IP only part of vLLM's rule applies
+    (the driver's node first, each node's GPUs consecutive and lowest index first); the other
+    nodes are then taken in the plan's order, which is what the user must make come true."""
+    ips = {s.node: address(s.node, facts) for s in stages}
+    known = all(k for _, k in ips.values())
+    first: dict[str, int] = {}
     counts: dict[str, int] = {}
-    for s in stages:
-        counts[ips[s.node]] = counts.get(ips[s.node], 0) + 1
+    for i, s in enumerate(stages):
+        first.setdefault(s.node, i)
+        counts[ips[s.node][0]] = counts.get(ips[s.node][0], 0) + 1
+    driver_ip = ips[stages[0].node][0]
 
     # vLLM's key is (0 if ip == driver_ip else 1, ip_counts[ip], ip), the IP compared as a string
     # ("10.0.0.10" < "10.0.0.9"); then local rank k gets the k-th lowest GPU of its node.
     def key(s: Stage) -> tuple[int, int, str, int]:
-        ip = ips[s.node]
+        ip = ips[s.node][0]
+        if not known:
+            return (first[s.node], 0, "", _index(s))
         return (0 if ip == driver_ip else 1, counts[ip], ip, _index(s))
 
-    ranked = sorted(stages, key=key)
-    return [s.device for s in ranked]
+    return [s.device for s in sorted(stages, key=key)], known
 
 
 def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
@@ -294,20 +295,23 @@ def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
             f"vLLM needs a distinct IP per node, and these nodes share one: {'; '.join(clash)}"
         )
     planned = [s.device for s in stages]
-    order = vllm_rank_order(stages, facts)
-    if order is None:
-        notes.append(
-            "node addresses unknown, so vLLM's rank order could not be checked: it ranks the "
-            "driver's node first, then nodes with fewer GPUs, then by IP (as text), and GPUs on a "
-            "node lowest index first; the ranks below must come out in that order"
+    order, known = vllm_rank_order(stages, facts)
+    if order != planned:
+        rule = (
+            "driver's node first, then fewer GPUs per node, then IP as text, then GPU index"
+            if known
+            else "each node's GPUs as consecutive ranks, lowest index first"
         )
-    elif order != planned:
         raise ExportError(
-            "vLLM would rank these GPUs " + ", ".join(order) + " (driver's node first, then fewer "
-            "GPUs per node, then IP as text, then GPU index), but the plan's stage order is "
-            + ", ".join(planned)
-            + ": the partition would land on the wrong GPUs; use --export llamacpp, or re-plan "
-            "(e.g. --max-stages, --exclude-node) until the orders agree"
+            f"vLLM would rank these GPUs {', '.join(order)} ({rule}), but the plan's stage "
+            f"order is {', '.join(planned)}: the partition would land on the wrong GPUs; use "
+            "--export llamacpp, or re-plan (e.g. --max-stages, --exclude-node) until they agree"
+        )
+    if not known:
+        notes.append(
+            "node addresses unknown, so vLLM's order between nodes could not be checked: it "
+            "ranks the driver's node first, then nodes with fewer GPUs, then by IP (as text); "
+            "the nodes must come out in the order of the ranks below"
         )
     env = "HIP_VISIBLE_DEVICES" if vendor(stages[0], facts) == "amd" else "CUDA_VISIBLE_DEVICES"
     notes += [

@@ -512,7 +512,9 @@ async def _watch(nc: Client, args: argparse.Namespace) -> int:
             stamp = time.strftime("%H:%M:%S")
             head = f"shardplane status  every {args.interval:g} s  {stamp}  (Ctrl-C quits)\n"
             frame = head + _state_text(devices, nodes, instances, colour)
-        sys.stdout.write(("\x1b[H\x1b[2J" if live else "") + frame + "\n" + ("" if live else "\n"))
+        # Piped text frames are separated by a blank line; JSON frames are one per line.
+        gap = "" if live or args.json else "\n"
+        sys.stdout.write(("\x1b[H\x1b[2J" if live else "") + frame + "\n" + gap)
         sys.stdout.flush()
         await asyncio.sleep(args.interval)
 

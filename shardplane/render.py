@@ -138,6 +138,8 @@ def progress(state: InstanceState, colour: bool = False) -> list[str]:
             1.0 if s.state in ("loaded", "reserved") else (s.bytes_loaded / total if total else 0.0)
         )
         figures = f"{s.bytes_loaded / GIB:6.2f}/{total / GIB:.2f} GiB" if total else ""
+        if s.state == "reserved":  # memory held, no weights to read on this host
+            figures = f"{total / GIB:.2f} GiB held, nothing to read"
         reason = f" ({s.reason})" if s.reason else ""
         lines.append(
             f"  stage {s.stage:<3} {(s.device or s.node):<14} {bar(done)} {done * 100:5.1f}%  "

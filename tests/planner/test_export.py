@@ -360,6 +360,16 @@ def test_vllm_refuses_a_plan_whose_order_vllm_would_change() -> None:
         export_plan(reply, "vllm", facts)
 
 
+def test_vllm_refuses_a_node_whose_gpus_the_plan_orders_downwards() -> None:
+    # No addresses needed: on a node vLLM gives local rank k the k-th lowest GPU.
+    reply = _reply([("b", 1, "4090", 10), ("b", 0, "4090", 22)])
+    with pytest.raises(ExportError, match=r"would rank these GPUs b/0, b/1 \(each node's GPUs"):
+        export_plan(reply, "vllm")
+    split = _reply([("a", 0, "a100", 10), ("b", 0, "4090", 10), ("a", 1, "a100", 12)])
+    with pytest.raises(ExportError, match=r"would rank these GPUs a/0, a/1, b/0"):
+        export_plan(split, "vllm")
+
+
 def test_vllm_refuses_mixed_vendors_and_old_gpus() -> None:
     mixed = _reply([("a", 0, "a100", 40), ("d", 0, "mi250x", 40)])
     with pytest.raises(ExportError, match=r"one GPU vendor.*amd: d/0; nvidia: a/0"):
@@ -374,7 +384,7 @@ def test_vllm_refuses_mixed_vendors_and_old_gpus() -> None:
 def test_vllm_states_what_it_could_not_check_and_refuses_shared_ips() -> None:
     reply = _reply([("a", 0, "a100", 40), ("b", 0, "4090", 40)])
     text = export_plan(reply, "vllm")
-    assert "rank order could not be checked" in text and "CUDA_VISIBLE_DEVICES=0" in text
+    assert "order between nodes could not be checked" in text and "CUDA_VISIBLE_DEVICES=0" in text
     with pytest.raises(ExportError, match="distinct IP per node"):
         export_plan(reply, "vllm", _facts(reply, {"a": "127.0.0.1", "b": "127.0.0.1"}))
 
