@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 from nats.aio.client import Client
@@ -23,8 +23,10 @@ from shardplane.bus import codec, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
 from shardplane.bus.messages import (
+    DeviceSample,
     DeviceState,
     InstanceState,
+    NodeHeartbeat,
     NodeState,
     PlacementReply,
     PlacementRequest,
@@ -32,6 +34,9 @@ from shardplane.bus.messages import (
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.natsserver import PACKAGE_DIR, NatsServer, default_config, embedded_for
 from shardplane.reach import NatsUnreachable, connect_unless_stopped
+
+if TYPE_CHECKING:
+    from shardplane.planner.export import Facts
 
 log = logging.getLogger("shardplane")
 
@@ -360,13 +365,9 @@ async def _print_placement(nc: Client, args: argparse.Namespace, reply: Placemen
     if args.json:
         print(codec.encode(reply, "json").decode())
     elif args.export:
-        from shardplane.planner.export import ExportError, Facts, export_plan
+        from shardplane.planner.export import ExportError, export_plan
 
-        devices, nodes, _ = await read_state(nc) if reply.ok else ([], [], [])
-        facts = Facts(
-            devices={f"{d.sample.node}/{d.sample.index}": d.sample for d in devices},
-            nodes={n.heartbeat.node: n.heartbeat for n in nodes},
-        )
+        facts = await _export_facts(nc, reply)
         try:
             print(export_plan(reply, args.export, facts))
         except ExportError as exc:
@@ -375,6 +376,30 @@ async def _print_placement(nc: Client, args: argparse.Namespace, reply: Placemen
     else:
         print(render.placement(reply))
     return 0 if reply.ok else 1
+
+
+async def _export_facts(nc: Client, reply: PlacementReply) -> Facts:
+    """What the KV says about the planned devices and their nodes (vendor, address): only
+    their keys are read, so a big fleet costs no more than a small one."""
+    from shardplane.planner.export import Facts
+
+    kv = await cluster_state(nc.jetstream())
+
+    async def value(key: str) -> bytes | None:
+        try:
+            return (await kv.get(key)).value
+        except Exception:  # a device or node with no state yet: exported without its facts
+            return None
+
+    devices: dict[str, DeviceSample] = {}
+    nodes: dict[str, NodeHeartbeat] = {}
+    for s in reply.stages:
+        node, index = s.device.rsplit("/", 1)
+        if (raw := await value(subjects.device_key(node, int(index)))) is not None:
+            devices[s.device] = codec.decode(DeviceState, raw).sample
+        if s.node not in nodes and (raw := await value(subjects.node_key(s.node))) is not None:
+            nodes[s.node] = codec.decode(NodeState, raw).heartbeat
+    return Facts(devices=devices, nodes=nodes)
 
 
 async def wait_loaded(nc: Client, instance: str, timeout: float, out: TextIO) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import nats
 import pytest
@@ -126,6 +128,11 @@ async def test_host_without_gpus_heartbeats_with_zero_devices(
     assert hb.node == "bare-host" and hb.backend == "none"
     assert "nvml" in hb.skipped and "rocm" in hb.skipped
     assert hb.cpu_count and hb.host_memory_bytes and hb.hostname
+    # The address peers dial (exports print it): the one this host reaches NATS from.
+    assert hb.address is not None
+    reached_from = ipaddress.ip_address(hb.address)
+    if urlparse(nc.connected_url.geturl() if nc.connected_url else "").hostname == "127.0.0.1":
+        assert reached_from.is_loopback, hb.address
     cpu = next(codec.decode(DeviceSample, m.data) for m in got if ".gpu." in m.subject)
     assert cpu.vendor == "cpu" and cpu.index == 0 and cpu.bandwidth_gbps == 40.0
     assert cpu.memory_total_bytes == hb.host_memory_bytes

@@ -91,6 +91,9 @@ def test_export_is_a_dry_run_unless_commit(fleet: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "llama-server -m <model.gguf>" in out.stdout and "-sm layer" in out.stdout
     assert "dry run" in out.stdout
+    # Simulated nodes report no address: the heartbeat's hostname is printed, read from the KV.
+    assert re.search(r"# on (rig-\w) \(\1\)", out.stdout), out.stdout
+    assert "<address of" not in out.stdout
     assert "exp-dry" not in _instances(fleet), "--export alone must not reserve anything"
 
     out = _run(
