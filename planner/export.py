@@ -12,6 +12,8 @@ L + 1 and puts the output layer on the last device. Remote GPUs are served by on
 on across the ``--rpc`` endpoints in the order given (ggml-rpc.cpp, ``ggml_backend_rpc_add_server``;
 the endpoint is only the description). ``--rpc`` registers those devices while the command
 line is parsed and ``--device`` looks names up at that moment, so ``--rpc`` comes first.
+rpc-server binds ``-H`` with ``inet_addr`` (IPv4 literals only) and the client cuts an endpoint
+at its first ':', so hostnames bind 0.0.0.0 and IPv6 nodes are reached by hostname.
 NVML numbers GPUs in PCI bus order and CUDA, by default, fastest first: ``CUDA_DEVICE_ORDER=
 PCI_BUS_ID`` makes ``CUDA<i>`` the GPU the agent reported as index i.
 
@@ -26,6 +28,7 @@ vLLM needs one vendor per deployment and compute capability 7.0 or newer on NVID
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -155,13 +158,32 @@ def comment_lines(reply: PlacementReply, kind: str, notes: Sequence[str] = ()) -
 # -- llama.cpp ----------------------------------------------------------------------------------
 
 
+def _rpc_host(node: str, facts: Facts) -> str:
+    """What ``--rpc host:port`` can name: ggml-rpc's parse_endpoint cuts at the first ':', so an
+    IPv6 address cannot be used and the node's hostname stands in for it."""
+    host, _ = address(node, facts)
+    heartbeat = facts.nodes.get(node)
+    if ":" in host and heartbeat is not None and heartbeat.hostname:
+        return heartbeat.hostname
+    return host
+
+
+def _bind(host: str) -> str:
+    """rpc-server's ``-H``: it binds with ``inet_addr(host)`` and refuses anything that is not
+    an IPv4 address ("Invalid host address"), so a hostname binds every interface instead."""
+    try:
+        return host if isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address) else "0.0.0.0"
+    except ValueError:
+        return "0.0.0.0"
+
+
 def _endpoints(remote_nodes: Sequence[str], facts: Facts) -> dict[str, str]:
     """host:port per remote node; nodes sharing an address (several simulated nodes on one
     host) get consecutive ports so their rpc-servers do not collide."""
     used: dict[str, int] = {}
     out: dict[str, str] = {}
     for node in remote_nodes:
-        host, _ = address(node, facts)
+        host = _rpc_host(node, facts)
         port = RPC_BASE_PORT + used.get(host, 0)
         used[host] = used.get(host, 0) + 1
         out[node] = f"{host}:{port}"
@@ -176,13 +198,12 @@ def export_llamacpp(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
             f"{len(stages)} stages (re-plan with --max-stages {LLAMACPP_MAX_DEVICES - 1})"
         )
     main = stages[0].node
-    remote: list[str] = []
+    # One rpc-server per remote node, serving its planned GPUs in stage order.
     served: dict[str, list[Stage]] = {}
     for s in stages:
-        if s.node != main and s.node not in served:
-            remote.append(s.node)
         if s.node != main:
             served.setdefault(s.node, []).append(s)
+    remote = list(served)
     endpoints = _endpoints(remote, facts)
     # RPC<n>: numbered over the endpoints in --rpc order, each server's devices in its -d order.
     rpc_name: dict[str, str] = {}
@@ -206,7 +227,7 @@ def export_llamacpp(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
         names = ",".join(_llamacpp_name(s, facts) for s in served[node])
         lines += [
             f"# on {node} ({host}):",
-            f"{_order_env(served[node], facts)}rpc-server -H {host} -p {port} -d {names}",
+            f"{_order_env(served[node], facts)}rpc-server -H {_bind(host)} -p {port} -d {names}",
         ]
     rpc = f"--rpc {','.join(endpoints[n] for n in remote)} " if remote else ""
     lines += [
@@ -281,12 +302,12 @@ def vllm_rank_order(stages: Sequence[Stage], facts: Facts) -> tuple[list[str], b
     return [s.device for s in sorted(stages, key=key)], known
 
 
-def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
-    stages = list(reply.stages)
-    notes = _check_vllm_hardware(stages, facts)
-    ips = {s.node: address(s.node, facts) for s in stages}
+def _check_vllm_order(stages: Sequence[Stage], facts: Facts) -> list[str]:
+    """Raise when vLLM would rank the planned GPUs differently (or cannot tell nodes apart);
+    return a note when part of its rule could not be checked."""
     shared: dict[str, set[str]] = {}
-    for node, (ip, known) in ips.items():
+    for node in dict.fromkeys(s.node for s in stages):
+        ip, known = address(node, facts)
         if known:
             shared.setdefault(ip, set()).add(node)
     clash = [f"{ip} ({', '.join(sorted(n))})" for ip, n in shared.items() if len(n) > 1]
@@ -307,38 +328,56 @@ def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
             f"order is {', '.join(planned)}: the partition would land on the wrong GPUs; use "
             "--export llamacpp, or re-plan (e.g. --max-stages, --exclude-node) until they agree"
         )
-    if not known:
-        notes.append(
-            "node addresses unknown, so vLLM's order between nodes could not be checked: it "
-            "ranks the driver's node first, then nodes with fewer GPUs, then by IP (as text); "
-            "the nodes must come out in the order of the ranks below"
-        )
+    if known:
+        return []
+    return [
+        "node addresses unknown, so vLLM's order between nodes could not be checked: it ranks "
+        "the driver's node first, then nodes with fewer GPUs, then by IP (as text); the nodes "
+        "must come out in the order of the ranks below"
+    ]
+
+
+def _vllm_commands(reply: PlacementReply, facts: Facts) -> list[str]:
+    """One ``ray start`` per node exposing exactly its planned GPUs, then the partition and
+    ``vllm serve`` on the driver (stage 0's node)."""
+    stages = reply.stages
     env = "HIP_VISIBLE_DEVICES" if vendor(stages[0], facts) == "amd" else "CUDA_VISIBLE_DEVICES"
+    driver = stages[0].node
+    ips = {s.node: address(s.node, facts) for s in stages}
+    # vLLM ranks by get_ip(), which is VLLM_HOST_IP when set and otherwise the route to a public
+    # address: pinning it (and Ray's node IP) to the address checked above makes the check hold.
+    pin = {n: f"VLLM_HOST_IP={ip} " if known else "" for n, (ip, known) in ips.items()}
+    lines: list[str] = []
+    for node in dict.fromkeys(s.node for s in stages):
+        mine = sorted(_index(s) for s in stages if s.node == node)
+        host, known = ips[node]
+        start = (
+            "ray start --head" if node == driver else f"ray start --address {ips[driver][0]}:6379"
+        )
+        node_ip = f" --node-ip-address {host}" if known else ""
+        lines += [
+            f"# on {node} ({host}){': the driver, rank 0 is here' if node == driver else ''}:",
+            f"{_order_env([s for s in stages if s.node == node], facts)}{pin[node]}{env}="
+            f"{','.join(map(str, mine))} {start}{node_ip} --num-gpus {len(mine)}",
+        ]
+    return [
+        *lines,
+        f"# then on {driver}:",
+        f'export VLLM_PP_LAYER_PARTITION="{vllm_partition(reply)}"',
+        f"{pin[driver]}vllm serve <model> --pipeline-parallel-size {len(stages)} "
+        "--tensor-parallel-size 1 --distributed-executor-backend ray",
+    ]
+
+
+def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
+    stages = list(reply.stages)
+    notes = _check_vllm_hardware(stages, facts) + _check_vllm_order(stages, facts)
     notes += [
         f"rank {i}: {s.device} ({s.gpu}) layers {s.layer_start}-{s.layer_end - 1}"
         for i, s in enumerate(stages)
     ]
     lines = comment_lines(reply, "vLLM (one micro-batch per stage in flight)", notes)
-    driver = stages[0].node
-    nodes = list(dict.fromkeys(s.node for s in stages))
-    for node in nodes:
-        mine = sorted(_index(s) for s in stages if s.node == node)
-        host = ips[node][0]
-        start = (
-            "ray start --head" if node == driver else f"ray start --address {ips[driver][0]}:6379"
-        )
-        lines += [
-            f"# on {node} ({host}){': the driver, rank 0 is here' if node == driver else ''}:",
-            f"{_order_env([s for s in stages if s.node == node], facts)}{env}="
-            f"{','.join(map(str, mine))} {start} --num-gpus {len(mine)}",
-        ]
-    lines += [
-        f"# then on {driver}:",
-        f'export VLLM_PP_LAYER_PARTITION="{vllm_partition(reply)}"',
-        f"vllm serve <model> --pipeline-parallel-size {len(stages)} --tensor-parallel-size 1 "
-        "--distributed-executor-backend ray",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, *_vllm_commands(reply, facts)])
 
 
 def export_plan(reply: PlacementReply, kind: str, facts: Facts = NO_FACTS) -> str:

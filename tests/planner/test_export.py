@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -83,10 +83,12 @@ def _facts(reply: PlacementReply, addresses: dict[str, str | None]) -> Facts:
 
 @dataclass
 class Host:
-    """A machine with a llama.cpp build: its local device names, and the rpc-servers on it."""
+    """A node's machine with a llama.cpp build: its local device names."""
 
     devices: list[str]
-    servers: dict[str, list[str]] = field(default_factory=dict)  # "host:port" -> -d devices
+
+
+Servers = dict[str, tuple[str, list[str]]]  # "host:port" -> (node, -d devices)
 
 
 def _blocks(text: str) -> list[tuple[str, str, str]]:
@@ -109,7 +111,7 @@ def _env_and_argv(command: str) -> tuple[dict[str, str], list[str]]:
     return env, words
 
 
-def rpc_server(host: Host, address: str, argv: list[str]) -> None:
+def rpc_server(servers: Servers, node: str, host: Host, address: str, argv: list[str]) -> None:
     """rpc-server.cpp, rpc_server_params_parse and get_devices."""
     assert argv[0] == "rpc-server"
     bind, port, devices = "127.0.0.1", 50052, []
@@ -131,18 +133,20 @@ def rpc_server(host: Host, address: str, argv: list[str]) -> None:
         else:
             raise AssertionError(f"rpc-server: error: unknown argument: {arg}")
         i += 2
-    # Bound to the address peers dial (the default 127.0.0.1 would refuse them).
-    assert bind == address, (bind, address)
-    host.servers[f"{bind}:{port}"] = devices
+    # create_server_socket: "if (inet_addr(host) == INADDR_NONE) { ... "Invalid host address"":
+    # an IPv4 literal only, and one peers can reach (the default 127.0.0.1 would refuse them).
+    assert re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", bind), f"Invalid host address: {bind}"
+    assert bind in (address, "0.0.0.0"), (bind, address)
+    servers[f"{address}:{port}"] = (node, devices)
 
 
 def llama_server(
-    hosts: dict[str, Host], address: str, argv: list[str]
+    servers: Servers, node: str, host: Host, argv: list[str]
 ) -> tuple[list[tuple[str, str]], list[float], int]:
     """common/arg.cpp, parsed left to right as common_params_parse does. Returns the --device
-    list as (host, local device name), the -ts proportions and -ngl."""
+    list as (node, local device name), the -ts proportions and -ngl."""
     assert argv[0] in ("llama-server", "llama-cli")
-    known: dict[str, tuple[str, str]] = {d: (address, d) for d in hosts[address].devices}
+    known: dict[str, tuple[str, str]] = {d: (node, d) for d in host.devices}
     rpc_count = 0
     devices: list[tuple[str, str]] = []
     split: list[float] = []
@@ -155,11 +159,15 @@ def llama_server(
             # ggml_backend_rpc_add_server: "std::string dev_name = "RPC" + std::to_string(dev_id);"
             # with "dev_id++" for each of the server's devices, the counter shared by all servers.
             for endpoint in value.split(","):
-                host = endpoint.rsplit(":", 1)[0]
-                served = hosts[host].servers.get(endpoint)
-                assert served is not None, f"Failed to connect to {endpoint}"
+                # parse_endpoint: "size_t pos = endpoint.find(':'); host = endpoint.substr(0, pos);
+                # port = std::stoi(endpoint.substr(pos + 1));"
+                pos = endpoint.find(":")
+                assert pos > 0, f"Failed to parse endpoint: {endpoint}"
+                assert 0 < int(endpoint[pos + 1 :]) <= 65535
+                assert endpoint in servers, f"Failed to connect to {endpoint}"
+                remote, served = servers[endpoint]
                 for local in served:
-                    known[f"RPC{rpc_count}"] = (host, local)
+                    known[f"RPC{rpc_count}"] = (remote, local)
                     rpc_count += 1
         elif arg == "--device":
             # parse_device_list: "auto * dev = ggml_backend_dev_by_name(device.c_str());
@@ -188,37 +196,35 @@ def llama_server(
 
 
 def run_llamacpp(text: str, facts: Facts, hosts: dict[str, Host]) -> list[tuple[str, int]]:
-    """Run every printed line through the parsers; return (device ref, layers) per --device."""
-    by_address = {
-        (hb.address or hb.hostname): node for node, hb in facts.nodes.items() if hb is not None
-    }
+    """Run every printed line through the parsers, each on its node's machine (``hosts`` by
+    node); return (device ref, layers) per --device entry."""
+    servers: Servers = {}
     placed: list[tuple[str, int]] = []
     for node, address, command in _blocks(text):
         env, argv = _env_and_argv(command)
-        assert by_address[address] == node, "the address printed is the node's, not its id"
-        if any(d.startswith("CUDA") for d in hosts[address].devices):
+        hb = facts.nodes[node]
+        assert address in (hb.address, hb.hostname), "the address printed is the node's"
+        if any(d.startswith("CUDA") for d in hosts[node].devices):
             # NVML's index i is CUDA's ordinal i only in PCI bus order.
             assert env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID", command
         if argv[0] == "rpc-server":
-            rpc_server(hosts[address], address, argv)
+            rpc_server(servers, node, hosts[node], address, argv)
             continue
-        devices, split, ngl = llama_server(hosts, address, argv)
+        devices, split, ngl = llama_server(servers, node, hosts[node], argv)
         n_layer = ngl - 1  # the export offloads every layer and the output slot
         assert len(split) == len(devices)
         counts = llamacpp_layers(split, n_layer)
-        for (host, local), count in zip(devices, counts, strict=True):
+        for (owner, local), count in zip(devices, counts, strict=True):
             index = int(re.sub(r"^\D+", "", local))
-            placed.append((f"{by_address[host]}/{index}", count))
+            placed.append((f"{owner}/{index}", count))
     return placed
 
 
-def _hosts(facts: Facts, reply: PlacementReply) -> dict[str, Host]:
+def _hosts(reply: PlacementReply) -> dict[str, Host]:
     hosts: dict[str, Host] = {}
     for s in reply.stages:
-        hb = facts.nodes[s.node]
-        address = hb.address or hb.hostname
         prefix = "ROCm" if "AMD" in s.gpu else "CUDA"
-        hosts.setdefault(address, Host(devices=[f"{prefix}{i}" for i in range(4)]))
+        hosts.setdefault(s.node, Host(devices=[f"{prefix}{i}" for i in range(4)]))
     return hosts
 
 
@@ -239,7 +245,7 @@ def test_llamacpp_lines_parse_and_land_every_layer_as_planned(name: str) -> None
     reply = _reply(PLANS[name])
     facts = _facts(reply, {"a": "10.0.0.1", "b": "10.0.0.2", "d": "10.0.0.4"})
     text = export_plan(reply, "llamacpp", facts)
-    placed = run_llamacpp(text, facts, _hosts(facts, reply))
+    placed = run_llamacpp(text, facts, _hosts(reply))
     assert placed == [(s.device, s.layer_end - s.layer_start) for s in reply.stages], text
 
 
@@ -266,7 +272,7 @@ def test_the_parser_model_rejects_rpc_after_device() -> None:
     swapped = re.sub(r"(--rpc \S+) (--device \S+)", r"\2 \1", text)
     assert swapped != text
     with pytest.raises(AssertionError, match="invalid device: RPC0"):
-        run_llamacpp(swapped, facts, _hosts(facts, reply))
+        run_llamacpp(swapped, facts, _hosts(reply))
 
 
 def test_llamacpp_nodes_sharing_an_address_get_their_own_ports() -> None:
@@ -280,6 +286,18 @@ def test_llamacpp_nodes_sharing_an_address_get_their_own_ports() -> None:
     text = export_plan(reply, "llamacpp", facts)
     assert "-p 50052" in text and "-p 50053" in text and "--rpc lab:50052,lab:50053" in text
     assert "no address in the heartbeat" in text
+    # A hostname cannot be bound by rpc-server: it listens on every interface instead.
+    assert "rpc-server -H 0.0.0.0 -p 50052" in text
+    assert run_llamacpp(text, facts, _hosts(reply)) == [
+        (s.device, s.layer_end - s.layer_start) for s in reply.stages
+    ]
+
+
+def test_llamacpp_reaches_an_ipv6_node_by_hostname() -> None:
+    reply = _reply([("a", 0, "a100", 40), ("b", 0, "4090", 40)])
+    facts = _facts(reply, {"a": "10.0.0.1", "b": "fd00::2"})
+    text = export_plan(reply, "llamacpp", facts)
+    assert "--rpc host-b:50052" in text and "rpc-server -H 0.0.0.0 -p 50052 -d CUDA0" in text
 
 
 def test_llamacpp_refuses_more_devices_than_its_parser_takes() -> None:
@@ -311,27 +329,32 @@ def get_pp_indices_partition(partition: str, num_hidden_layers: int, pp_size: in
 
 
 def vllm_ranks(text: str, facts: Facts) -> list[str]:
-    """The device each rank gets, from the printed ``ray start`` lines, the way the Ray executor
-    ranks workers: "return 0 if ip == driver_ip else 1, ip_counts[ip], ip" (stable sort over
-    workers), then local rank k on a node gets the k-th of its GPU ids sorted as integers."""
-    by_address = {hb.address: node for node, hb in facts.nodes.items()}
-    driver = re.search(r"# then on (\S+):", text)
-    assert driver is not None
-    driver_ip = facts.nodes[driver.group(1)].address
+    """The device each rank gets, from the printed lines alone, the way vLLM decides: each
+    process's IP is get_ip(), "host_ip = envs.VLLM_HOST_IP; ... if host_ip: return host_ip";
+    the Ray executor sorts workers by "return 0 if ip == driver_ip else 1, ip_counts[ip], ip"
+    (a stable sort), and local rank k on a node gets the k-th of its GPU ids sorted as ints."""
+    serve = re.search(r"# then on (\S+):\n.*\n(.*vllm serve.*)", text)
+    assert serve is not None
+    driver_ip = _env_and_argv(serve.group(2))[0]["VLLM_HOST_IP"]
+    node_of: dict[str, str] = {}
     workers: list[tuple[str, int]] = []  # (ip, visible GPU) per Ray worker
     for node, address, command in _blocks(text):
         env, argv = _env_and_argv(command)
-        assert argv[:2] == ["ray", "start"] and by_address[address] == node
+        assert argv[:2] == ["ray", "start"] and facts.nodes[node].address == address
         assert env.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+        ip = env["VLLM_HOST_IP"]
+        assert argv[argv.index("--node-ip-address") + 1] == ip
+        node_of[ip] = node
         visible = sorted(int(x) for x in env["CUDA_VISIBLE_DEVICES"].split(","))
         count = int(argv[argv.index("--num-gpus") + 1])
         assert count == len(visible)
-        workers += [(address, g) for g in visible]
+        workers += [(ip, g) for g in visible]
+    assert node_of[driver_ip] == serve.group(1)
     ip_counts: dict[str, int] = {}
     for ip, _ in workers:
         ip_counts[ip] = ip_counts.get(ip, 0) + 1
     ordered = sorted(workers, key=lambda w: (0 if w[0] == driver_ip else 1, ip_counts[w[0]], w[0]))
-    return [f"{by_address[ip]}/{gpu}" for ip, gpu in ordered]
+    return [f"{node_of[ip]}/{gpu}" for ip, gpu in ordered]
 
 
 def test_vllm_partition_lands_on_the_planned_gpus_in_vllms_rank_order() -> None:
