@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
+from nats.js.errors import BucketNotFoundError
 
 from shardplane import render
 from shardplane.bus import codec, subjects
@@ -430,10 +431,13 @@ async def wait_loaded(nc: Client, instance: str, timeout: float, out: TextIO) ->
 
 
 async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], list[InstanceState]]:
-    kv = await cluster_state(nc.jetstream())
     devices: list[DeviceState] = []
     nodes: list[NodeState] = []
     instances: list[InstanceState] = []
+    try:
+        kv = await cluster_state(nc.jetstream())
+    except BucketNotFoundError:  # nothing provisioned it yet: an empty cluster, not a crash
+        return devices, nodes, instances
     try:
         keys = await kv.keys()
     except Exception:  # nats raises NoKeysError on an empty bucket
@@ -501,6 +505,8 @@ def _state_text(
         _devices_table(devices, colour),
     ]
     parts += [f"\n{render.instance(inst)}" for inst in instances]
+    if not (devices or nodes or instances):
+        parts.append("(nothing in the KV yet: is a projector running against this NATS?)")
     return "\n".join(parts)
 
 

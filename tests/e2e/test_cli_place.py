@@ -161,6 +161,31 @@ def _pty_run(argv: list[str], env: dict[str, str], until: re.Pattern[str]) -> tu
         os.close(leader)
 
 
+def test_place_wait_on_a_terminal_is_coloured(fleet: str) -> None:
+    leader, follower = pty.openpty()
+    argv = [*CMD, "place", "llama-3.2-1b", "--instance-id", "wait-tty", "--wait"]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(fleet), stdout=follower, stderr=follower)
+    os.close(follower)
+    text = ""
+    try:
+        while True:
+            ready, _, _ = select.select([leader], [], [], 90)
+            assert ready, text[-2000:]
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal: it has exited
+                break
+            if not chunk:
+                break
+            text += chunk.decode(errors="replace")
+        assert proc.wait(30) == 0, text[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    assert "\x1b[32mreserved\x1b[0m" in text, text[-2000:]
+
+
 def test_status_watch_redraws_in_colour_and_ctrl_c_exits_cleanly(fleet: str) -> None:
     frames = re.compile(r"(shardplane status  every 0\.3 s.*){2}", re.DOTALL)
     code, text = _pty_run([*CMD, "status", "--watch", "-n", "0.3"], _env(fleet), frames)

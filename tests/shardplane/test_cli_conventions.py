@@ -17,7 +17,13 @@ import pytest
 
 from shardplane import render
 from shardplane.cli import SUBCOMMANDS, build_parser
-from shardplane.natsserver import MONITOR_PORT_ENV, embedded_for, free_port, port_or_free
+from shardplane.natsserver import (
+    MONITOR_PORT_ENV,
+    NatsServer,
+    embedded_for,
+    free_port,
+    port_or_free,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,3 +176,29 @@ def test_embedded_server_monitor_port_steps_aside(monkeypatch: pytest.MonkeyPatc
         assert server is not None
         assert server.monitor_port not in (None, taken)
         assert f"nats-{server.port}" in str(server.store_dir)  # its own store, too
+
+
+def test_status_on_a_fresh_server_and_a_watch_into_head(tmp_path: Path) -> None:
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        env = {**os.environ, "NATS_URL": server.url}
+        out = subprocess.run(
+            [sys.executable, "-m", "shardplane.cli", "status"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        # No KV bucket yet (nothing provisioned it): an empty cluster, said plainly.
+        assert out.returncode == 0, out.stderr
+        assert "0 nodes, 0 devices" in out.stdout and "nothing in the KV yet" in out.stdout
+        shell = (
+            f"{sys.executable} -m shardplane.cli status --watch -n 0.1 | head -n 1; "
+            'echo "status=${PIPESTATUS[0]}"'
+        )
+        out = subprocess.run(
+            ["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.startswith("shardplane status  every 0.1 s"), out.stdout
+        assert "status=141" in out.stdout and out.stderr == "", out.stderr
