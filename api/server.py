@@ -673,9 +673,9 @@ def make_app(
 ) -> web.Application:
     """The whole API on one NATS connection; the watch runs while the app runs."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
-    state = ApiState(
-        nc=nc, cache=ClusterCache(history_points), hub=Hub(), request_timeout_s=request_timeout_s
-    )
+    # A misspelt host label setting stops the API here, before it serves one scrape.
+    cache = ClusterCache(history_points, host_label=metrics.host_label_from_env())
+    state = ApiState(nc=nc, cache=cache, hub=Hub(), request_timeout_s=request_timeout_s)
     app[STATE_KEY] = state
 
     async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
