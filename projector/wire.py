@@ -260,10 +260,9 @@ def fast_path_state(nc: Client) -> FastPathState:
     """What :func:`fast_parser` and :func:`framing_available` chose for ``nc`` (installs
     nothing)."""
     parser = getattr(nc, "_ps", None)
-    fast = isinstance(parser, FastParser)
-    return FastPathState(
-        framing_available(nc), fast, cast(FastParser, parser).fast_frames if fast else 0
-    )
+    if isinstance(parser, FastParser):
+        return FastPathState(framing_available(nc), True, parser.fast_frames)
+    return FastPathState(framing_available(nc), False, 0)
 
 
 def is_direct(sub: Subscription) -> bool:
