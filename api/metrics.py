@@ -30,10 +30,11 @@ or lost keeps only ``shardplane_device_up`` (0): its last figures are not served
 
 Every family is one row of a table (:class:`Family`: name, help, type, how to read the value)
 and one function renders any row, so adding a figure is adding a row. At 8,000 devices a scrape
-holds about 70,000 lines: formatting them per request would cost tens of milliseconds, so each
-device's lines are formatted once after its KV entry changes (:func:`device_lines`), kept per
-family in insertion order (:class:`LineBook`), and each family's joined block is cached until
-one of its own lines changes (a clock that did not move keeps its family's block).
+holds about 170,000 lines (~40 MB, 2 MB gzipped): formatting them per request would cost far
+too much, so each device's lines are formatted once after its KV entry changes
+(:func:`device_lines`), kept per family in insertion order (:class:`LineBook`), and each
+family's joined block is cached until one of its own lines changes (a clock that did not move
+keeps its family's block).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _dcgm(
 
 # dcgm-exporter's default counters (etc/default-counters.csv), in its order and with its help
 # texts and types, each filled from a DeviceSample field (see agents/nvml.py for the NVML call).
-# Each device line costs ~190 bytes, so at 8,000 devices every family adds 1.5 MB to a scrape.
+# Each device line costs ~240 bytes, so at 8,000 devices every family adds ~2 MB to a scrape.
 DCGM_FAMILIES: tuple[Family[Any], ...] = (
     _dcgm(
         "DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "gauge", attrgetter("sm_clock_mhz")
@@ -280,7 +281,7 @@ AMD_CLOCKS: tuple[tuple[str, Callable[[DeviceBrief], float | None]], ...] = (
 DEVICE_UP = Family[DeviceBrief](
     "shardplane_device_up",
     "1 when the device reports and is present, 0 when offline; an offline device has no other "
-    "series (labels join the vendor series on UUID and hostname).",
+    "series (UUID joins it to the DCGM series, whose gpu_uuid is AMD's).",
     "gauge",
     lambda d: 1 if d.online else 0,
 )
