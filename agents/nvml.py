@@ -93,13 +93,20 @@ class Nvml:
     def pci_bus_id(self, h: Any) -> str:
         return _text(self.nv.nvmlDeviceGetPciInfo(h).busId)
 
-    def memory(self, h: Any) -> tuple[int, int, int]:
-        """(total, used, free) bytes; v2 (which leaves out driver-reserved memory from "used")
-        where the driver has it, else v1 (and we stop asking for v2)."""
+    def memory(self, h: Any) -> tuple[int, int, int, int | None]:
+        """(total, used, free, reserved) bytes; v2 (which leaves out driver-reserved memory from
+        "used" and reports it apart) where the driver has it, else v1 (no reserved figure; and
+        we stop asking for v2)."""
         if self.memory_v2:
             try:
                 m = self.nv.nvmlDeviceGetMemoryInfo(h, version=self.nv.nvmlMemory_v2)
-                return int(m.total), int(m.used), int(m.free)
+                reserved = getattr(m, "reserved", None)
+                return (
+                    int(m.total),
+                    int(m.used),
+                    int(m.free),
+                    None if reserved is None else int(reserved),
+                )
             except self.error_type as exc:
                 if self.error_code(exc) == self.lost_code:
                     raise
@@ -107,7 +114,7 @@ class Nvml:
             except TypeError:  # an older binding without the version argument
                 self.memory_v2 = False
         m = self.nv.nvmlDeviceGetMemoryInfo(h)
-        return int(m.total), int(m.used), int(m.free)
+        return int(m.total), int(m.used), int(m.free), None
 
     def utilization(self, h: Any) -> tuple[float, float]:
         u = self.nv.nvmlDeviceGetUtilizationRates(h)
@@ -145,6 +152,51 @@ class Nvml:
                 h, self.nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, self.nv.NVML_VOLATILE_ECC
             )
         )
+
+    def driver_version(self) -> str:
+        return _text(self.nv.nvmlSystemGetDriverVersion())
+
+    def energy_mj(self, h: Any) -> int:
+        return int(self.nv.nvmlDeviceGetTotalEnergyConsumption(h))  # mJ since the driver loaded
+
+    def pcie_replays(self, h: Any) -> int:
+        return int(self.nv.nvmlDeviceGetPcieReplayCounter(h))
+
+    def codec_util(self, h: Any, kind: Literal["encoder", "decoder"]) -> float:
+        fn = (
+            self.nv.nvmlDeviceGetEncoderUtilization
+            if kind == "encoder"
+            else self.nv.nvmlDeviceGetDecoderUtilization
+        )
+        return float(fn(h)[0])  # [utilisation %, sampling period us]
+
+    def remapped_rows(self, h: Any) -> tuple[int, int, bool]:
+        """(correctable, uncorrectable, remapping failed); Ampere and newer only."""
+        corr, unc, _pending, failed = self.nv.nvmlDeviceGetRemappedRows(h)
+        return int(corr), int(unc), bool(failed)
+
+    def field_values(self, h: Any, ids: tuple[int, ...]) -> dict[int, float | BaseException]:
+        """NVML field values, each with its own outcome: one unsupported field (no HBM sensor)
+        costs that field, not the others. A call that fails as a whole fails every field."""
+        try:
+            values = self.nv.nvmlDeviceGetFieldValues(h, list(ids))
+        except self.error_type as exc:
+            if self.error_code(exc) == self.lost_code:
+                raise
+            return dict.fromkeys(ids, exc)
+        out: dict[int, float | BaseException] = {}
+        for fid, v in zip(ids, values, strict=False):
+            code = int(v.nvmlReturn)
+            if code != 0:
+                out[fid] = self.nv.NVMLError(code)
+                continue
+            kind = int(v.valueType)
+            member = _FIELD_MEMBERS.get(kind)
+            if member is None:
+                out[fid] = TypeError(f"NVML field {fid}: value type {kind} not known")
+                continue
+            out[fid] = float(getattr(v.value, member))
+        return out
 
     def pcie(self, h: Any) -> tuple[int, int]:
         return (
@@ -187,9 +239,9 @@ class Nvml:
             self.nv.nvmlDeviceRegisterEvents(h, self.nv.nvmlEventTypeXidCriticalError, event_set)
         return event_set
 
-    def xid_events(self, event_set: Any) -> list[str]:
-        """UUIDs of the devices with an XID event since the last call (non-blocking)."""
-        uuids: list[str] = []
+    def xid_events(self, event_set: Any) -> list[tuple[str, int]]:
+        """(device UUID, XID code) of each XID event since the last call (non-blocking)."""
+        uuids: list[tuple[str, int]] = []
         timeout_code = int(self.nv.NVML_ERROR_TIMEOUT)
         for _ in range(1000):
             try:
@@ -198,8 +250,13 @@ class Nvml:
                 if self.error_code(exc) == timeout_code:
                     break
                 raise
-            uuids.append(self.uuid(data.device))
+            uuids.append((self.uuid(data.device), int(getattr(data, "eventData", 0) or 0)))
         return uuids
+
+
+# nvmlValueType_t -> the member of the nvmlValue_t union that holds it.
+_FIELD_MEMBERS: dict[int, str] = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal"}
+_FIELD_MEMBERS.update({5: "siVal", 6: "usVal"})
 
 
 def load_pynvml() -> Nvml:
@@ -220,12 +277,14 @@ class _Device:
         "name",
         "nvlinks",
         "pci",
+        "pcie_bytes",
         "present",
         "sm_clock_max",
         "tflops",
         "unsupported_static",
         "uuid",
         "xid",
+        "xid_last",
     )
 
     def __init__(self, index: int, handle: Any) -> None:
@@ -243,6 +302,9 @@ class _Device:
         self.present = handle is not None
         self.unsupported_static: tuple[str, ...] = ()
         self.xid: int | None = None
+        self.xid_last: int | None = None
+        # (tx, rx, ts) of the previous reading of the PCIe byte counters: the rate needs two.
+        self.pcie_bytes: tuple[float, float, float] | None = None
 
 
 class NvmlBackend:
@@ -253,6 +315,7 @@ class NvmlBackend:
         self.node = node
         self._once = LogOnce(log)
         self._event_set: Any = None
+        self.driver_version = self._driver_version()
         self.devices: list[_Device] = []
         for index in range(lib.count()):
             handle: Any = None
@@ -271,6 +334,13 @@ class NvmlBackend:
             self.devices.append(dev)
         self._link_peers()
         self._open_xid()
+
+    def _driver_version(self) -> str | None:
+        try:
+            return self.lib.driver_version()[:64]
+        except Exception as exc:  # a label we can do without
+            self._once(("driver",), "nvml: no driver version (%s)", exc)
+            return None
 
     # -- reading helpers -----------------------------------------------------------------------
     def _get(self, dev: _Device, field: str, fn: Callable[[], T], missing: list[str]) -> T | None:
@@ -363,6 +433,7 @@ class NvmlBackend:
             return
         for d in self.devices:
             d.xid = 0 if d.present else None
+            d.xid_last = 0 if d.present else None
 
     def _drain_xid(self) -> None:
         if self._event_set is None:
@@ -372,10 +443,11 @@ class NvmlBackend:
         except Exception as exc:
             self._once(("xid-wait",), "nvml: reading XID events failed (%s)", exc)
             return
-        for uuid in uuids:
+        for uuid, code in uuids:
             for d in self.devices:
                 if d.uuid == uuid and d.xid is not None:
                     d.xid += 1
+                    d.xid_last = code
 
     # -- Backend protocol ----------------------------------------------------------------------
     @property
@@ -428,6 +500,51 @@ class NvmlBackend:
             vendor=vendor, name=dev.name, pci_bus_id=dev.pci,
         )  # fmt: skip
 
+    def _counters(self, dev: _Device, ts: float, missing: list[str]) -> dict[str, Any]:
+        """The DCGM exporter's other default counters that NVML has, each read on its own."""
+        lib, h = self.lib, dev.handle
+        rows = self._get(dev, "remapped_rows", lambda: lib.remapped_rows(h), missing)
+        fields = self._get(dev, "field_values", lambda: lib.field_values(h, FIELDS), missing) or {}
+        mem_temp = self._get(
+            dev, "memory_temperature_c", lambda: _field(fields, FI_MEMORY_TEMP), missing
+        )
+        pcie_bytes = self._get(
+            dev,
+            "pcie_bytes",
+            lambda: (_field(fields, FI_PCIE_TX_BYTES), _field(fields, FI_PCIE_RX_BYTES)),
+            missing,
+        )
+        tx = rx = None
+        if pcie_bytes is not None:
+            tx, rx = _rate(dev.pcie_bytes, *pcie_bytes, ts)
+            dev.pcie_bytes = (*pcie_bytes, ts)
+        return {
+            "driver_version": self.driver_version,
+            "memory_temperature_c": (
+                mem_temp if mem_temp is not None and -60.0 <= mem_temp <= 200.0 else None
+            ),
+            "energy_mj": self._get(dev, "energy_mj", lambda: lib.energy_mj(h), missing),
+            "utilization_encoder_pct": _pct_or_none(
+                self._get(
+                    dev, "utilization_encoder_pct", lambda: lib.codec_util(h, "encoder"), missing
+                )
+            ),
+            "utilization_decoder_pct": _pct_or_none(
+                self._get(
+                    dev, "utilization_decoder_pct", lambda: lib.codec_util(h, "decoder"), missing
+                )
+            ),
+            "pcie_replay_count": self._get(
+                dev, "pcie_replay_count", lambda: lib.pcie_replays(h), missing
+            ),
+            "pcie_tx_bytes_per_s": tx,
+            "pcie_rx_bytes_per_s": rx,
+            "xid_last": dev.xid_last,
+            "remapped_rows_correctable": rows[0] if rows else None,
+            "remapped_rows_uncorrectable": rows[1] if rows else None,
+            "row_remap_failed": rows[2] if rows else None,
+        }
+
     def _read_one(self, dev: _Device, ts: float, temperature: bool, power: bool) -> DeviceSample:
         if not dev.present and (dev.handle is None or not self._reacquire(dev)):
             return self._lost(dev, ts, "no handle")
@@ -454,10 +571,13 @@ class NvmlBackend:
             )
             ecc = self._get(dev, "ecc_uncorrected", lambda: lib.ecc_uncorrected(h), missing)
             pcie = self._get(dev, "pcie", lambda: lib.pcie(h), missing)
+            counters = self._counters(dev, ts, missing)
         except GpuLost as exc:
             return self._lost(dev, ts, str(exc))
         vendor: Literal["nvidia"] = "nvidia"
         return DeviceSample(
+            **counters,
+            memory_reserved_bytes=mem[3] if mem else None,
             node=self.node,
             index=dev.index,
             uuid=dev.uuid,
@@ -491,8 +611,37 @@ class NvmlBackend:
         )
 
 
+# NVML field ids (nvml.h) read in one nvmlDeviceGetFieldValues call per device and sample.
+FI_MEMORY_TEMP = 82
+FI_PCIE_TX_BYTES = 197  # NVML_FI_DEV_PCIE_COUNT_TX_BYTES: bytes sent since the driver loaded
+FI_PCIE_RX_BYTES = 198
+FIELDS = (FI_MEMORY_TEMP, FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES)
+
+
+def _field(values: dict[int, float | BaseException], fid: int) -> float:
+    value = values[fid]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _rate(
+    prev: tuple[float, float, float] | None, tx: float, rx: float, ts: float
+) -> tuple[float | None, float | None]:
+    """Bytes per second from two readings of the PCIe counters; none for the first reading,
+    for a clock that did not move and for a counter that went back (a driver reload)."""
+    if prev is None or ts <= prev[2] or tx < prev[0] or rx < prev[1]:
+        return None, None
+    dt = ts - prev[2]
+    return (tx - prev[0]) / dt, (rx - prev[1]) / dt
+
+
 def _pct(value: float) -> float | None:
     return value if 0.0 <= value <= 100.0 else None
+
+
+def _pct_or_none(value: float | None) -> float | None:
+    return None if value is None else _pct(value)
 
 
 def open_nvml(node: str) -> NvmlBackend:

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import math
 import random
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -47,6 +47,21 @@ _PAIR_GBPS: dict[str, float] = {
 _PCIE_GEN: dict[str, int] = {"H100-SXM": 5, "H200": 5, "MI300X": 5, "RTX-4090": 4, "L40S": 4}
 _OLD_PCIE = {"P40", "V100-32GB"}
 # Datacenter parts report ECC; consumer parts do not have it.
+# High-bandwidth-memory parts have a memory temperature sensor (DCGM_FI_DEV_MEMORY_TEMP).
+_HBM = {
+    "H100-SXM",
+    "H200",
+    "A100-40GB",
+    "A100-80GB",
+    "A100-80GB-PCIE",
+    "V100-32GB",
+    "MI250X",
+    "MI300X",
+}
+# Row remapping (instead of page retirement) arrived with Ampere's datacenter parts.
+_ROW_REMAP = {"H100-SXM", "H200", "A100-40GB", "A100-80GB", "A100-80GB-PCIE", "A10"}
+# What a simulated agent reports as its driver: the vendor's, in the vendor's format.
+SIM_DRIVER = {"nvidia": "550.54.15", "amd": "6.8.5"}
 _ECC = {
     "H100-SXM",
     "H200",
@@ -152,6 +167,7 @@ def nvlinks_for(
 class SimDevice:
     __slots__ = (
         "base_bytes",
+        "energy_mj",
         "fill_fraction",
         "held_bytes",
         "index",
@@ -187,6 +203,7 @@ class SimDevice:
         self.present = True
         self.throttled = False
         self.nvlinks: tuple[NvLink, ...] = ()
+        self.energy_mj = 0.0  # since the simulated driver loaded
 
     def step(self, dt: float, load: float) -> None:
         rng = self.rng
@@ -227,7 +244,9 @@ class SimDevice:
         )
         hot = self.temp > 87.0
         capped = draw >= 0.98 * spec.tdp_w
+        self.energy_mj += draw * dt * 1000.0  # counts even with power reporting off
         return DeviceSample(
+            **self.counters(util, used),
             node=node,
             index=self.index,
             uuid=self.uuid,
@@ -258,6 +277,30 @@ class SimDevice:
             pcie_gen=_PCIE_GEN.get(spec.key, 3 if spec.key in _OLD_PCIE else 4),
             pcie_width=16,
         )
+
+    def counters(self, util: float, used: int) -> dict[str, Any]:
+        """The DCGM default counters beyond the planner's figures, derived from the simulated
+        load without drawing random numbers (so a seed's other values stay as they were)."""
+        spec = self.spec
+        remap = spec.key in _ROW_REMAP
+        # A busy GPU streams activations and checkpoints over PCIe: tens of MB/s per % used.
+        pcie = 20e6 * util
+        return {
+            "driver_version": SIM_DRIVER.get(spec.vendor),
+            # The driver's context, which this simulation counts in "used" as NVML v1 does.
+            "memory_reserved_bytes": min(256 * MIB, used),
+            "memory_temperature_c": round(self.temp + 6.0, 1) if spec.key in _HBM else None,
+            "energy_mj": int(self.energy_mj),
+            "utilization_encoder_pct": 0.0,
+            "utilization_decoder_pct": 0.0,
+            "pcie_replay_count": 0,
+            "pcie_tx_bytes_per_s": round(pcie, 1),
+            "pcie_rx_bytes_per_s": round(pcie * 0.6, 1),
+            "xid_last": 0 if spec.vendor == "nvidia" else None,
+            "remapped_rows_correctable": 0 if remap else None,
+            "remapped_rows_uncorrectable": 0 if remap else None,
+            "row_remap_failed": False if remap else None,
+        }
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

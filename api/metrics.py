@@ -1,33 +1,61 @@
 """Prometheus text exposition, rendered from the cached cluster state.
 
-GPU figures use the metric names and label names of NVIDIA's DCGM exporter (``gpu``, ``UUID``,
-``pci_bus_id``, ``device``, ``modelName``, ``Hostname``, in that order) so Grafana dashboards
-built for it work unchanged; shardplane adds a ``node`` label (its node id) and its own
-``shardplane_*`` families for liveness, placements and pipeline stages.
+GPU figures use the metric and label names of each vendor's own exporter, so dashboards built
+for those work unchanged:
+
+- NVIDIA devices: NVIDIA's dcgm-exporter. Every counter of its default set
+  (``etc/default-counters.csv``) that NVML can fill is here (:data:`DCGM_FAMILIES`);
+  :data:`DCGM_NOT_FILLED` names the rest and why. Labels in its order: ``gpu``, ``UUID``,
+  ``pci_bus_id``, ``device``, ``modelName``, the host label, then ``DCGM_FI_DRIVER_VERSION``
+  (a "label" counter of the default set: the exporter turns it into a label of every series).
+- AMD devices: AMD's device-metrics-exporter (github.com/ROCm/device-metrics-exporter), whose
+  names are lower case without a prefix (``gpu_gfx_activity``, ``gpu_used_vram``...) and whose
+  labels are ``gpu_id``, ``gpu_uuid``, ``card_model``, ``hostname``, ``driver_version``
+  (:data:`AMD_FAMILIES`). AMD GPUs never appear under ``DCGM_FI_*`` names.
+- Simulated devices use their simulated part's vendor; others (the CPU device) have only
+  shardplane's own series.
+
+The host label. dcgm-exporter releases up to 4.5.3-4.8.2 spell it ``Hostname``; its main
+branch renamed it to ``hostname`` (commit d5e5f51, May 2026: joins with other exporters'
+``hostname`` broke on the case), which is what AMD's exporter and Prometheus' own conventions
+use. shardplane writes ``hostname`` on every series, so one ``by (hostname)`` spans vendors;
+``SHARDPLANE_METRICS_HOSTNAME_LABEL=Hostname`` restores the old spelling for dashboards written
+against a released dcgm-exporter (:func:`host_label_from_env`). The value is the agent's
+hostname from its heartbeat, else the node id.
+
+shardplane's own ``shardplane_*`` families carry ``node``, ``device_id`` (as in the API) and
+``instance_id`` (never ``instance``, which Prometheus renames to ``exported_instance`` when it
+attaches its own target label), and use base units: seconds and bytes. A device that is offline
+or lost keeps only ``shardplane_device_up`` (0): its last figures are not served as current.
 
 Every family is one row of a table (:class:`Family`: name, help, type, how to read the value)
 and one function renders any row, so adding a figure is adding a row. At 8,000 devices a scrape
-holds about 70,000 lines: formatting them per request would cost tens of milliseconds, so each
-device's lines are formatted once after its KV entry changes (:func:`device_lines`), kept per
-family in insertion order (:class:`LineBook`), and each family's joined block is cached until
-one of its own lines changes (a clock that did not move keeps its family's block).
+holds about 170,000 lines (~40 MB, 2 MB gzipped): formatting them per request would cost far
+too much, so each device's lines are formatted once after its KV entry changes
+(:func:`device_lines`), kept per family in insertion order (:class:`LineBook`), and each
+family's joined block is cached until one of its own lines changes (a clock that did not move
+keeps its family's block).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from operator import attrgetter
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import msgspec
 
 from shardplane.api.views import DeviceBrief, View
+from shardplane.bus.gpus import gpu_spec
 
 MIB = 1024 * 1024
 # How often the server renders the scrape text afresh while something scrapes and the state
 # changed: a scrape's figures are at most this (plus one render) older than the cluster state.
 RENDER_INTERVAL_S = 1.0
+HOSTNAME_LABEL_ENV = "SHARDPLANE_METRICS_HOSTNAME_LABEL"
+HOSTNAME_LABELS = ("hostname", "Hostname")
 
 Value = int | float
 Subject = TypeVar("Subject")
@@ -45,63 +73,219 @@ class Family(msgspec.Struct, Generic[Subject], frozen=True):
 
 
 def _mib(value: int | None) -> int | None:
-    # DCGM reports framebuffer figures in whole MiB.
+    # DCGM reports framebuffer figures in whole MiB; AMD's exporter VRAM in MB of 2^20 bytes.
     return None if value is None else int(value) // MIB
 
 
-# Help texts follow the DCGM exporter's wording. These are the families of its default counter
-# set that a shardplane agent measures; each device line costs ~190 bytes, so at 8,000 devices
-# every family adds 1.5 MB to a scrape. Labelled with the DCGM exporter's label set.
+def _flag(value: bool | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _dcgm(
+    name: str, help: str, kind: str, value: Callable[[DeviceBrief], Value | None]
+) -> Family[Any]:
+    return Family[DeviceBrief](name, help, kind, value)
+
+
+# dcgm-exporter's default counters (etc/default-counters.csv), in its order and with its help
+# texts and types, each filled from a DeviceSample field (see agents/nvml.py for the NVML call).
+# Each device line costs ~240 bytes, so at 8,000 devices every family adds ~2 MB to a scrape.
 DCGM_FAMILIES: tuple[Family[Any], ...] = (
-    Family[DeviceBrief](
-        "DCGM_FI_DEV_GPU_UTIL",
-        "GPU utilization (in %).",
-        "gauge",
-        attrgetter("utilization_gpu_pct"),
-    ),
-    Family[DeviceBrief](
-        "DCGM_FI_DEV_MEM_COPY_UTIL",
-        "Memory utilization (in %).",
-        "gauge",
-        attrgetter("utilization_memory_pct"),
-    ),
-    Family[DeviceBrief](
-        "DCGM_FI_DEV_FB_USED",
-        "Framebuffer memory used (in MiB).",
-        "gauge",
-        lambda d: _mib(d.memory_used_bytes),
-    ),
-    Family[DeviceBrief](
-        "DCGM_FI_DEV_FB_FREE",
-        "Framebuffer memory free (in MiB).",
-        "gauge",
-        lambda d: _mib(d.memory_free_bytes),
-    ),
-    Family[DeviceBrief](
-        "DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "gauge", attrgetter("temperature_c")
-    ),
-    Family[DeviceBrief](
-        "DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "gauge", attrgetter("power_w")
-    ),
-    Family[DeviceBrief](
+    _dcgm(
         "DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "gauge", attrgetter("sm_clock_mhz")
     ),
-    Family[DeviceBrief](
+    _dcgm(
         "DCGM_FI_DEV_MEM_CLOCK",
         "Memory clock frequency (in MHz).",
         "gauge",
         attrgetter("memory_clock_mhz"),
     ),
+    _dcgm(
+        "DCGM_FI_DEV_MEMORY_TEMP",
+        "Memory temperature (in C).",
+        "gauge",
+        attrgetter("memory_temperature_c"),
+    ),
+    _dcgm("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "gauge", attrgetter("temperature_c")),
+    _dcgm("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "gauge", attrgetter("power_w")),
+    _dcgm(
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "Total energy consumption since boot (in mJ).",
+        "counter",
+        attrgetter("energy_mj"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+        "Total number of PCIe retries.",
+        "counter",
+        attrgetter("pcie_replay_count"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_GPU_UTIL",
+        "GPU utilization (in %).",
+        "gauge",
+        attrgetter("utilization_gpu_pct"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "Memory utilization (in %).",
+        "gauge",
+        attrgetter("utilization_memory_pct"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_ENC_UTIL",
+        "Encoder utilization (in %).",
+        "gauge",
+        attrgetter("utilization_encoder_pct"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_DEC_UTIL",
+        "Decoder utilization (in %).",
+        "gauge",
+        attrgetter("utilization_decoder_pct"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_XID_ERRORS",
+        "Value of the last XID error encountered.",
+        "gauge",
+        attrgetter("xid_last"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_FB_FREE",
+        "Framebuffer memory free (in MiB).",
+        "gauge",
+        lambda d: _mib(d.memory_free_bytes),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_FB_USED",
+        "Framebuffer memory used (in MiB).",
+        "gauge",
+        lambda d: _mib(d.memory_used_bytes),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_FB_RESERVED",
+        "Framebuffer memory reserved (in MiB).",
+        "gauge",
+        lambda d: _mib(d.memory_reserved_bytes),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for uncorrectable errors",
+        "counter",
+        attrgetter("remapped_rows_uncorrectable"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for correctable errors",
+        "counter",
+        attrgetter("remapped_rows_correctable"),
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+        "Whether remapping of rows has failed",
+        "gauge",
+        lambda d: _flag(d.row_remap_failed),
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "The rate of data transmitted over the PCIe bus - including both protocol headers and "
+        "data payloads - in bytes per second.",
+        "gauge",
+        attrgetter("pcie_tx_bytes_per_s"),
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "The rate of data received over the PCIe bus - including both protocol headers and "
+        "data payloads - in bytes per second.",
+        "gauge",
+        attrgetter("pcie_rx_bytes_per_s"),
+    ),
 )
-# Labelled with shardplane's label set (the DCGM join keys plus ``node``).
+# The default counters left out, and why: no NVML call gives the figure DCGM means.
+DCGM_NOT_FILLED: dict[str, str] = {
+    "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL": "DCGM sums its own per-link counters, whose unit "
+    "depends on the NVLink generation and counter configuration; NVML's NVLink throughput "
+    "fields are a different figure",
+    "DCGM_FI_DEV_VGPU_LICENSE_STATUS": "only inside a vGPU guest, where no shardplane agent "
+    "runs; bare-metal and passthrough GPUs have no license state",
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": "a DCGM profiling (DCP) metric: hardware performance "
+    "counters that only DCGM's host engine multiplexes; NVML has no equivalent before GPM "
+    "(Hopper and newer only)",
+    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": "a DCGM profiling (DCP) metric, as above",
+    "DCGM_FI_PROF_DRAM_ACTIVE": "a DCGM profiling (DCP) metric, as above; "
+    "DCGM_FI_DEV_MEM_COPY_UTIL is NVML's nearest figure",
+}
+# The default set's one "label" counter: a label on every DCGM series, not a series.
+DCGM_DRIVER_LABEL = "DCGM_FI_DRIVER_VERSION"
+
+# PCIe generation -> transfer rate per lane, GT/s (AMD's ``pcie_speed`` is in GT/s).
+PCIE_GT_S = {1: 2.5, 2: 5.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0}
+
+
+def _amd(name: str, help: str, value: Callable[[DeviceBrief], Value | None]) -> Family[Any]:
+    # AMD's exporter declares every figure a gauge, its accumulating counters included.
+    return Family[DeviceBrief](name, help, "gauge", value)
+
+
+# AMD device-metrics-exporter names and help texts (pkg/amdgpu/gpuagent/gpuagent_gpu_metrics.go);
+# our temperature is amd-smi's edge sensor, the one its ``gpu_edge_temperature`` reads.
+AMD_FAMILIES: tuple[Family[Any], ...] = (
+    _amd(
+        "gpu_gfx_activity",
+        "Graphics engine usage in Percentage (0-100)",
+        attrgetter("utilization_gpu_pct"),
+    ),
+    _amd(
+        "gpu_umc_activity",
+        "Memory engine usage in Percentage (0-100)",
+        attrgetter("utilization_memory_pct"),
+    ),
+    _amd(
+        "gpu_edge_temperature", "Current edge temperature in Celsius", attrgetter("temperature_c")
+    ),
+    _amd(
+        "gpu_memory_temperature",
+        "Current memory temperature in Celsius",
+        attrgetter("memory_temperature_c"),
+    ),
+    _amd("gpu_power_usage", "GPU Power usage in Watts", attrgetter("power_w")),
+    _amd(
+        "gpu_energy_consumed",
+        "Accumulated energy consumed by the GPU in uJ",
+        lambda d: None if d.energy_mj is None else d.energy_mj * 1000,
+    ),
+    _amd(
+        "gpu_total_vram",
+        "Total VRAM memory of the GPU (in MB)",
+        lambda d: _mib(d.memory_total_bytes),
+    ),
+    _amd(
+        "gpu_used_vram", "Used VRAM memory of the GPU (in MB)", lambda d: _mib(d.memory_used_bytes)
+    ),
+    _amd(
+        "gpu_free_vram", "Free VRAM memory of the GPU (in MB)", lambda d: _mib(d.memory_free_bytes)
+    ),
+    _amd(
+        "gpu_ecc_uncorrect_total", "Total Uncorrectable error count", attrgetter("ecc_uncorrected")
+    ),
+    _amd("pcie_speed", "Current PCIe speed in GT/s", lambda d: PCIE_GT_S.get(d.pcie_gen or 0)),
+    _amd("pcie_replay_count", "Total number of PCIe replays", attrgetter("pcie_replay_count")),
+)
+# One line per clock domain, labelled clock_index and clock_type (rendered by device_lines).
+AMD_CLOCK = _amd("gpu_clock", "List of current GPU clock frequencies in MHz", lambda d: None)
+AMD_CLOCKS: tuple[tuple[str, Callable[[DeviceBrief], float | None]], ...] = (
+    ("system", attrgetter("sm_clock_mhz")),
+    ("memory", attrgetter("memory_clock_mhz")),
+)
+
 DEVICE_UP = Family[DeviceBrief](
     "shardplane_device_up",
-    "1 when the device reports and is present, 0 when offline (labels join the DCGM ones "
-    "on gpu, UUID and Hostname).",
+    "1 when the device reports and is present, 0 when offline; an offline device has no other "
+    "series (UUID joins it to the DCGM series, whose gpu_uuid is AMD's).",
     "gauge",
     lambda d: 1 if d.online else 0,
 )
-DEVICE_FAMILIES: tuple[Family[Any], ...] = (*DCGM_FAMILIES, DEVICE_UP)
+DEVICE_FAMILIES: tuple[Family[Any], ...] = (*DCGM_FAMILIES, *AMD_FAMILIES, AMD_CLOCK, DEVICE_UP)
 
 NODE_FAMILIES: tuple[Family[Any], ...] = (
     Family[View](
@@ -118,14 +302,14 @@ NODE_FAMILIES: tuple[Family[Any], ...] = (
     ),
 )
 
-# Labelled by instance, model and state.
+# Labelled by instance_id, model and state.
 INSTANCE_INFO = Family[View](
     "shardplane_instance_info",
     "1 per placed instance, labelled by model and state.",
     "gauge",
     lambda i: 1,
 )
-# Labelled by instance and model.
+# Labelled by instance_id and model.
 INSTANCE_FIGURES: tuple[Family[Any], ...] = (
     Family[View](
         "shardplane_instance_generation",
@@ -144,11 +328,11 @@ STAGE_STATES = ("pending", "loading", "loaded", "reserved", "failed", "unloaded"
 # One line per state a stage can be in, 1 for its own (the kube-state-metrics idiom).
 STAGE_STATE = Family[View](
     "shardplane_stage_state",
-    "1 for the state each pipeline stage is in (label state), per instance and stage.",
+    "1 for the state each pipeline stage is in (label state), per instance_id and stage.",
     "gauge",
     lambda s: None,  # rendered per state by instance_lines
 )
-# Labelled by instance, model, stage, node and device.
+# Labelled by instance_id, model, stage, node and device_id.
 STAGE_FIGURES: tuple[Family[Any], ...] = (
     Family[View](
         "shardplane_stage_layers",
@@ -169,10 +353,10 @@ STAGE_FIGURES: tuple[Family[Any], ...] = (
         lambda s: int(s.get("bytes_loaded") or 0),
     ),
     Family[View](
-        "shardplane_stage_load_milliseconds",
+        "shardplane_stage_load_seconds",
         "Time the stage's shard took to load.",
         "gauge",
-        lambda s: float(s.get("load_ms") or 0.0),
+        lambda s: float(s.get("load_ms") or 0.0) / 1000.0,
     ),
 )
 INSTANCE_FAMILIES: tuple[Family[Any], ...] = (
@@ -222,9 +406,34 @@ def lines_of(
     return out
 
 
-def dcgm_device_label(vendor: str | None, index: int) -> str:
-    # The exporter names NVIDIA devices after their /dev node; others get the vendor's prefix.
-    return f"nvidia{index}" if vendor in (None, "nvidia") else f"{vendor}{index}"
+def host_label_from_env(env: Mapping[str, str] | None = None) -> str:
+    """The host label's name: ``hostname`` unless SHARDPLANE_METRICS_HOSTNAME_LABEL says
+    ``Hostname`` (a released dcgm-exporter's spelling); anything else is refused at start."""
+    value = (os.environ if env is None else env).get(HOSTNAME_LABEL_ENV, "").strip()
+    if not value:
+        return HOSTNAME_LABELS[0]
+    if value not in HOSTNAME_LABELS:
+        raise ValueError(
+            f"{HOSTNAME_LABEL_ENV}={value!r}: must be one of {', '.join(HOSTNAME_LABELS)}"
+        )
+    return value
+
+
+def dcgm_device_label(index: int) -> str:
+    # The exporter names a device after its /dev node.
+    return f"nvidia{index}"
+
+
+def exporter_vendor(vendor: str | None, name: str | None) -> str | None:
+    """Whose exporter's names a device's figures take: "nvidia", "amd", or None (only
+    shardplane's own series). A simulated device takes its simulated part's vendor."""
+    if vendor in ("nvidia", "amd"):
+        return vendor
+    if vendor == "sim" and name:
+        spec = gpu_spec(name)
+        if spec is not None and spec.vendor in ("nvidia", "amd"):
+            return spec.vendor
+    return None
 
 
 def label_inputs(device: DeviceBrief, hostname: str | None) -> tuple[Any, ...]:
@@ -236,32 +445,79 @@ def label_inputs(device: DeviceBrief, hostname: str | None) -> tuple[Any, ...]:
         device.pci_bus_id,
         device.vendor,
         device.name,
+        device.driver_version,
         hostname,
     )
 
 
-def device_labels(device: DeviceBrief, hostname: str | None) -> tuple[str, str]:
-    """The DCGM exporter's label set, in its order, and shardplane's (which adds ``node``)."""
+class DeviceLabels(NamedTuple):
+    """A device's formatted label sets: its vendor exporter's (with the families they go
+    with) and shardplane's own."""
+
+    families: tuple[Family[Any], ...]
+    vendor: str
+    own: str
+    clocks: bool  # AMD's per-domain gpu_clock lines
+
+
+def device_labels(
+    device: DeviceBrief, hostname: str | None, host_label: str = HOSTNAME_LABELS[0]
+) -> DeviceLabels:
+    """The vendor exporter's label set, in its order, and shardplane's."""
     host = hostname or device.node
-    dcgm = labels(
+    kind = exporter_vendor(device.vendor, device.name)
+    own = labels(
         (
             ("gpu", device.gpu),
             ("UUID", device.uuid),
-            ("pci_bus_id", device.pci_bus_id or ""),
-            ("device", dcgm_device_label(device.vendor, device.gpu)),
-            ("modelName", device.name or ""),
-            ("Hostname", host),
+            (host_label, host),
+            ("node", device.node),
+            ("device_id", device.id),
         )
     )
-    own = labels(
-        (("gpu", device.gpu), ("UUID", device.uuid), ("Hostname", host), ("node", device.node))
-    )
-    return dcgm, own
+    driver = device.driver_version
+    if kind == "nvidia":
+        pairs: list[tuple[str, object]] = [
+            ("gpu", device.gpu),
+            ("UUID", device.uuid),
+            ("pci_bus_id", device.pci_bus_id or ""),
+            ("device", dcgm_device_label(device.gpu)),
+            ("modelName", device.name or ""),
+            (host_label, host),
+        ]
+        if driver:
+            pairs.append((DCGM_DRIVER_LABEL, driver))
+        return DeviceLabels(DCGM_FAMILIES, labels(pairs), own, False)
+    if kind == "amd":
+        pairs = [
+            ("gpu_id", device.gpu),
+            ("gpu_uuid", device.uuid),
+            ("card_model", device.name or ""),
+            ("hostname", host),
+        ]
+        if driver:
+            pairs.append(("driver_version", driver))
+        return DeviceLabels(AMD_FAMILIES, labels(pairs), own, True)
+    return DeviceLabels((), "", own, False)
 
 
-def device_lines(device: DeviceBrief, dcgm: str, own: str) -> dict[str, bytes]:
-    """One line per family for one device, given its formatted label sets."""
-    return lines_of((DEVICE_UP,), own, device, lines_of(DCGM_FAMILIES, dcgm, device, {}))
+def device_lines(device: DeviceBrief, held: DeviceLabels) -> dict[str, bytes]:
+    """One line per family for one device (AMD's gpu_clock: one per clock domain, joined).
+    An offline device has only its ``up`` line: its last figures are not current."""
+    out = lines_of((DEVICE_UP,), held.own, device, {})
+    if not device.online:
+        return out
+    lines_of(held.families, held.vendor, device, out)
+    if held.clocks:
+        base = held.vendor[1:-1]
+        clocks = [
+            f'{AMD_CLOCK.name}{{clock_index="0",clock_type="{kind}",{base}}} {number(v)}'.encode()
+            for kind, read in AMD_CLOCKS
+            if (v := read(device)) is not None
+        ]
+        if clocks:
+            out[AMD_CLOCK.name] = b"\n".join(clocks)
+    return out
 
 
 def instance_lines(instance: Mapping[str, Any]) -> dict[str, bytes]:
@@ -276,19 +532,19 @@ def instance_lines(instance: Mapping[str, Any]) -> dict[str, bytes]:
 
     add(
         INSTANCE_INFO,
-        labels((("instance", iid), ("model", model), ("state", instance["state"]))),
+        labels((("instance_id", iid), ("model", model), ("state", instance["state"]))),
         instance,
     )
-    base = labels((("instance", iid), ("model", model)))
+    base = labels((("instance_id", iid), ("model", model)))
     for family in INSTANCE_FIGURES:
         add(family, base, instance)
     for stage in instance.get("stages") or ():
         where = (
-            ("instance", iid),
+            ("instance_id", iid),
             ("model", model),
             ("stage", stage["stage"]),
             ("node", stage["node"]),
-            ("device", stage.get("device") or ""),
+            ("device_id", stage.get("device") or ""),
         )
         for state in STAGE_STATES:
             out.setdefault(STAGE_STATE.name, []).append(
@@ -301,8 +557,9 @@ def instance_lines(instance: Mapping[str, Any]) -> dict[str, bytes]:
     return {name: b"\n".join(group) for name, group in out.items()}
 
 
-def node_lines(node: Mapping[str, Any]) -> dict[str, bytes]:
-    lab = labels((("node", node["id"]), ("Hostname", node.get("hostname") or node["id"])))
+def node_lines(node: Mapping[str, Any], host_label: str = HOSTNAME_LABELS[0]) -> dict[str, bytes]:
+    """A node's liveness; an offline node keeps both (its last heartbeat's time is a fact)."""
+    lab = labels((("node", node["id"]), (host_label, node.get("hostname") or node["id"])))
     return lines_of(NODE_FAMILIES, lab, node, {})
 
 
@@ -389,7 +646,8 @@ class LineBook:
 class MetricsBook:
     """Every state family of a scrape: devices, nodes, instances and their stages."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_label: str = HOSTNAME_LABELS[0]) -> None:
+        self.host_label = host_label
         self.device = LineBook(DEVICE_FAMILIES)
         self.node = LineBook(NODE_FAMILIES)
         self.instance = LineBook(INSTANCE_FAMILIES)

@@ -104,6 +104,26 @@ LIVENESS: Schema = {
 }
 
 
+# Each device also carries these (the original design's names), so a client written against
+# that design works unchanged; `temperature_c` is DeviceSample's own field.
+DEVICE_DESIGN_NAMES: Schema = {
+    "device_id": {"type": "string", "description": "`<node>/<index>`, the same as `id`"},
+    "node_id": {"type": "string", "description": "the node, the same as `node`"},
+    "memory_used_mb": {
+        "type": ["integer", "null"],
+        "description": "`memory_used_bytes` in whole MiB (2^20 bytes, as nvidia-smi counts)",
+    },
+    "memory_total_mb": {
+        "type": ["integer", "null"],
+        "description": "`memory_total_bytes` in whole MiB",
+    },
+    "utilization_percent": {
+        "type": ["number", "null"],
+        "description": "GPU utilisation, %: the same as `utilization_gpu_pct`",
+    },
+}
+
+
 def _components() -> Schema:
     _, bus = msgspec.json.schema_components(
         [DeviceSample, NodeHeartbeat, InstanceState, PlacementRequest, PlacementReply, ErrorInfo],
@@ -111,8 +131,16 @@ def _components() -> Schema:
     )
     schemas: Schema = dict(bus)
     schemas["DeviceView"] = {
-        "description": "a DeviceSample flattened, plus liveness (`id` is `<node>/<index>`)",
-        "allOf": [_ref("DeviceSample"), {"type": "object", "properties": LIVENESS}],
+        "description": "a DeviceSample flattened, plus liveness (`id` is `<node>/<index>`) and "
+        "the names the original API design used for some figures",
+        "allOf": [
+            _ref("DeviceSample"),
+            {
+                "type": "object",
+                "required": [*LIVENESS, *DEVICE_DESIGN_NAMES, "temperature_c"],
+                "properties": {**LIVENESS, **DEVICE_DESIGN_NAMES},
+            },
+        ],
     }
     schemas["NodeView"] = {
         "description": "a NodeHeartbeat flattened, plus liveness and sums over its devices",
@@ -357,10 +385,16 @@ def document() -> Schema:
             },
             "/metrics": {
                 "get": {
-                    "summary": "Prometheus text format: DCGM exporter names and labels for GPU "
-                    "figures (gpu, UUID, pci_bus_id, device, modelName, Hostname) plus node, "
-                    "and shardplane_* families for liveness, placements and stages",
-                    "description": "Served from a text rendered in the background at most every "
+                    "summary": "Prometheus text format: NVIDIA GPUs under dcgm-exporter's names "
+                    "and labels (gpu, UUID, pci_bus_id, device, modelName, hostname, "
+                    "DCGM_FI_DRIVER_VERSION), AMD GPUs under AMD device-metrics-exporter's "
+                    "(gpu_gfx_activity, ...; gpu_id, gpu_uuid, card_model, hostname, "
+                    "driver_version), and shardplane_* families (labels node, device_id, "
+                    "instance_id; seconds and bytes) for liveness, placements and stages",
+                    "description": "An offline device has only shardplane_device_up (0). The host "
+                    "label is `hostname` (`Hostname`, a released dcgm-exporter's spelling, with "
+                    "SHARDPLANE_METRICS_HOSTNAME_LABEL=Hostname). "
+                    "Served from a text rendered in the background at most every "
                     f"{RENDER_INTERVAL_S:g} s while something scrapes (gzip when asked), so the "
                     f"figures are at most {RENDER_INTERVAL_S:g} s plus one render (well under a "
                     "second at 8,000 devices) older than the cluster state.",

@@ -157,7 +157,12 @@ def _num(value: float | None) -> float:
 
 
 class ClusterCache:
-    def __init__(self, history_points: int = 150, max_age_s: float = LIST_MAX_AGE_S) -> None:
+    def __init__(
+        self,
+        history_points: int = 150,
+        max_age_s: float = LIST_MAX_AGE_S,
+        host_label: str = metrics.HOSTNAME_LABELS[0],
+    ) -> None:
         # Nodes and instances as views (few); devices as briefs plus JSON (see DeviceBrief).
         self.views: dict[Kind, dict[str, View]] = {k: {} for k in KINDS}
         self.briefs: dict[str, DeviceBrief] = {}
@@ -167,11 +172,11 @@ class ClusterCache:
         self.updates = 0
         self.invalid = 0  # entries that failed to decode (logged, skipped)
         self.ready = False  # the watch has delivered the bucket's initial contents
-        self.metrics = metrics.MetricsBook()
+        self.metrics = metrics.MetricsBook(host_label)
         self.history = History(history_points)
         self._node_devices: dict[str, set[str]] = {}
         self._hostnames: dict[str, str] = {}
-        self._labels: dict[str, tuple[tuple[Any, ...], str, str]] = {}
+        self._labels: dict[str, tuple[tuple[Any, ...], metrics.DeviceLabels]] = {}
         self._metrics_stale: set[str] = set()  # devices whose lines are not formatted yet
         self._topo_sigs: dict[str, tuple[Any, ...]] = {}
         self._sorted: dict[Kind, list[str] | None] = {k: None for k in KINDS}
@@ -253,9 +258,9 @@ class ClusterCache:
             hostname = str(view.get("hostname") or "") or node
             if self._hostnames.get(node) != hostname:
                 self._hostnames[node] = hostname
-                # The device lines carry the Hostname label: format this node's devices again.
+                # The device lines carry the host label: format this node's devices again.
                 self._metrics_stale.update(self._node_devices.get(node, ()))
-            self.metrics.node.set(key, metrics.node_lines(view))
+            self.metrics.node.set(key, metrics.node_lines(view, self.metrics.host_label))
             sig = (
                 view["status"],
                 view.get("hostname"),
@@ -270,15 +275,15 @@ class ClusterCache:
         return Change(kind, "put", key, str(view["id"]), revision, encoded)
 
     def _set_device_metrics(self, key: str, device: DeviceBrief) -> None:
-        # Formatting the six DCGM labels is most of a line's cost and they almost never change:
+        # Formatting the vendor's labels is most of a line's cost and they almost never change:
         # keep them per device and format again only when what they show changes.
         hostname = self._hostnames.get(device.node)
         inputs = metrics.label_inputs(device, hostname)
         held = self._labels.get(key)
         if held is None or held[0] != inputs:
-            held = (inputs, *metrics.device_labels(device, hostname))
+            held = (inputs, metrics.device_labels(device, hostname, self.metrics.host_label))
             self._labels[key] = held
-        self.metrics.device.set(key, metrics.device_lines(device, held[1], held[2]))
+        self.metrics.device.set(key, metrics.device_lines(device, held[1]))
 
     def _delete(self, kind: Kind, key: str, revision: int) -> Change | None:
         self.revisions[key] = revision

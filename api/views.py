@@ -46,7 +46,11 @@ def device_view(state: DeviceState, revision: int = 0) -> View:
 
 
 class _Liveness(msgspec.Struct, frozen=True, gc=False):
-    """What the API adds to a DeviceSample, in the order the view lists it."""
+    """What the API adds to a DeviceSample, in the order the view lists it: liveness, then the
+    names the original API design gave some figures (``device_id``, ``node_id``,
+    ``memory_used_mb``, ``memory_total_mb``, ``utilization_percent``; ``temperature_c`` is the
+    sample's own), so a client written against that design works unchanged. MB are MiB
+    (2^20 bytes, whole), as nvidia-smi and DCGM's FB_USED count them."""
 
     id: str
     status: str
@@ -54,6 +58,11 @@ class _Liveness(msgspec.Struct, frozen=True, gc=False):
     last_seen: float
     offline_reason: str | None
     revision: int
+    device_id: str
+    node_id: str
+    memory_used_mb: int | None
+    memory_total_mb: int | None
+    utilization_percent: float | None
 
 
 def _online(state: DeviceState) -> bool:
@@ -64,15 +73,28 @@ def _status(state: DeviceState) -> str:
     return "online" if _online(state) else "offline"
 
 
+MIB = 1024 * 1024
+
+
+def _mib(value: int | None) -> int | None:
+    return None if value is None else value // MIB
+
+
 def _liveness(state: DeviceState, revision: int) -> _Liveness:
     sample = state.sample
+    ident = device_id(sample.node, sample.index)
     return _Liveness(
-        id=device_id(sample.node, sample.index),
+        id=ident,
         status=_status(state),
         online=_online(state),
         last_seen=state.last_seen,
         offline_reason=state.offline_reason or (None if sample.present else "device lost"),
         revision=revision,
+        device_id=ident,
+        node_id=sample.node,
+        memory_used_mb=_mib(sample.memory_used_bytes),
+        memory_total_mb=_mib(sample.memory_total_bytes),
+        utilization_percent=sample.utilization_gpu_pct,
     )
 
 
@@ -124,6 +146,21 @@ class DeviceBrief(NamedTuple):
     power_w: float | None
     sm_clock_mhz: float | None
     memory_clock_mhz: float | None
+    driver_version: str | None
+    memory_reserved_bytes: int | None
+    memory_temperature_c: float | None
+    energy_mj: int | None
+    utilization_encoder_pct: float | None
+    utilization_decoder_pct: float | None
+    pcie_gen: int | None
+    pcie_replay_count: int | None
+    pcie_tx_bytes_per_s: float | None
+    pcie_rx_bytes_per_s: float | None
+    xid_last: int | None
+    ecc_uncorrected: int | None
+    remapped_rows_correctable: int | None
+    remapped_rows_uncorrectable: int | None
+    row_remap_failed: bool | None
 
 
 def device_brief(state: DeviceState) -> DeviceBrief:
@@ -150,6 +187,21 @@ def device_brief(state: DeviceState) -> DeviceBrief:
         s.power_w,
         s.sm_clock_mhz,
         s.memory_clock_mhz,
+        s.driver_version,
+        s.memory_reserved_bytes,
+        s.memory_temperature_c,
+        s.energy_mj,
+        s.utilization_encoder_pct,
+        s.utilization_decoder_pct,
+        s.pcie_gen,
+        s.pcie_replay_count,
+        s.pcie_tx_bytes_per_s,
+        s.pcie_rx_bytes_per_s,
+        s.xid_last,
+        s.ecc_uncorrected,
+        s.remapped_rows_correctable,
+        s.remapped_rows_uncorrectable,
+        s.row_remap_failed,
     )
 
 

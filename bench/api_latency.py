@@ -4,7 +4,7 @@
 are written into ``cluster_state`` of a private nats-server; the API runs as deployed
 (``python -m shardplane.cli api``, its own process) and a blocking HTTP client on one
 keep-alive connection times ``GET /api/gpu/devices`` and ``GET /metrics``, p50/p99, to the
-last byte of the body. ``/metrics`` is timed as curl fetches it (identity, ~14 MB: the
+last byte of the body. ``/metrics`` is timed as curl fetches it (identity, ~40 MB: the
 headline figure) and as Prometheus scrapes it (``Accept-Encoding: gzip``, <1 MB).
 
 1. steady: nothing changes while measuring (cached bodies are served as they are);
@@ -99,6 +99,20 @@ def device_state(n: int, index: int, seq: int, now: float) -> DeviceState:
         ),
         pcie_gen=5,
         pcie_width=16,
+        # The rest of dcgm-exporter's default counters, as the NVML backend reports them.
+        driver_version="550.54.15",
+        memory_reserved_bytes=512 * 2**20,
+        memory_temperature_c=50.0 + (n + index + seq) % 30,
+        energy_mj=10**9 + seq * 1000 + n,
+        utilization_encoder_pct=0.0,
+        utilization_decoder_pct=0.0,
+        pcie_replay_count=0,
+        pcie_tx_bytes_per_s=float((n * 7 + seq) % 1000) * 1e6,
+        pcie_rx_bytes_per_s=float((n * 3 + seq) % 1000) * 1e6,
+        xid_last=0,
+        remapped_rows_correctable=0,
+        remapped_rows_uncorrectable=0,
+        row_remap_failed=False,
     )
     return DeviceState(sample=sample, online=True, last_seen=now)
 

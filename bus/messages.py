@@ -81,6 +81,20 @@ class DeviceSample(Frozen, frozen=True):
     # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
     # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
     epoch: Timestamp = 0.0
+    # The rest of the DCGM exporter's default counters (api/metrics.py maps each one).
+    driver_version: Annotated[str, Meta(max_length=64)] | None = None
+    memory_reserved_bytes: Bytes | None = None  # held by the driver, in neither used nor free
+    memory_temperature_c: Celsius | None = None  # HBM parts only
+    energy_mj: Count | None = None  # total energy since the driver loaded, millijoules
+    utilization_encoder_pct: Percent | None = None
+    utilization_decoder_pct: Percent | None = None
+    pcie_replay_count: Count | None = None  # PCIe retries since the driver loaded
+    pcie_tx_bytes_per_s: NonNeg | None = None  # over the last sampling interval
+    pcie_rx_bytes_per_s: NonNeg | None = None
+    xid_last: Count | None = None  # the newest XID error's code; 0: none since the agent started
+    remapped_rows_correctable: Count | None = None
+    remapped_rows_uncorrectable: Count | None = None
+    row_remap_failed: bool | None = None
 
 
 class NetInterface(Frozen, frozen=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -416,6 +417,22 @@ def _promise(outcome: Outcome) -> dict[str, int]:
     return {s.device: s.memory_bytes for s in outcome.stages}
 
 
+def endpoint_data(cache: StateCache) -> dict[str, int]:
+    """The ``data`` of each endpoint in ``$SRV.STATS``: the fleet the planner plans on. An
+    object, never null: micro v1 stats schemas before September 2023 (still in older nats
+    CLIs) require one, and a monitor wants to see a planner that sees no devices."""
+    return {
+        "devices": len(cache.devices),
+        "devices_online": sum(1 for d in cache.devices.values() if d.online),
+        "nodes": len(cache.nodes),
+    }
+
+
+def _stats_data(cache: StateCache, endpoint: object) -> dict[str, int]:
+    del endpoint  # every endpoint (there is one) plans on the same fleet
+    return endpoint_data(cache)
+
+
 async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], asyncio.Event]:
     """Provision, start the cache and the service; returns what ``run_planner`` tears down."""
     js = nc.jetstream()
@@ -432,6 +449,7 @@ async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], a
         version=SERVICE_VERSION,
         description="places LLM shards on the GPU fleet (CP-SAT)",
         metadata={"subject": subjects.PLACEMENT_REQUEST, "encodings": "json,msgpack"},
+        stats_handler=functools.partial(_stats_data, cache),
     )
     # Import ortools (about 0.25 s, more on a busy machine) in the background once the service
     # answers, so start-up stays fast and the first heterogeneous request does not pay for it.

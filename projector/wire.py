@@ -10,8 +10,11 @@ loop. Everything else (headers, status messages, PING/PONG, INFO, errors, other
 subscriptions) still goes through nats-py unchanged.
 
 These reach into nats-py internals (``_send_command``, ``_flush_pending``, ``_ps``, a
-subscription's ``_pending_queue``), pinned by the version range in pyproject; each shortcut
-checks the internals it needs and falls back to the public API when they are missing.
+subscription's ``_pending_queue``); pyproject pins nats-py to the one minor release they were
+written against. Each shortcut checks the internals it needs and falls back to the public API
+when they are missing, so the projector keeps working on another nats-py; the fallback is
+silent at run time, and tests/projector/test_fast_path.py (through :func:`fast_path_state`)
+fails when a shortcut is off or nats-py is outside the pin.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -146,6 +149,7 @@ class FastParser(Parser):
     client: Client
     direct: dict[int, Handler]
     raw: dict[int, RawHandler]
+    fast_frames: int  # frames this fast path delivered (what fast_path_state reports)
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
@@ -199,6 +203,7 @@ class FastParser(Parser):
         """One plain frame of a direct subscription: to its raw handler if it has one (no Msg
         built), else to its Msg handler."""
         nc = self.client
+        self.fast_frames += 1
         stats = nc.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(payload)
@@ -238,4 +243,28 @@ def fast_parser(nc: Client) -> FastParser | None:
     fast.client = nc
     fast.direct = {}
     fast.raw = {}
+    fast.fast_frames = 0
     return fast
+
+
+class FastPathState(NamedTuple):
+    """Which shortcuts a connection runs on, for the test that keeps a nats-py upgrade from
+    turning them off unnoticed (each one falls back silently, by design, at run time)."""
+
+    framing: bool  # publishes framed into nats-py's pending buffer
+    parser: bool  # the client's parser is a FastParser
+    fast_frames: int  # MSG frames the FastParser delivered itself
+
+
+def fast_path_state(nc: Client) -> FastPathState:
+    """What :func:`fast_parser` and :func:`framing_available` chose for ``nc`` (installs
+    nothing)."""
+    parser = getattr(nc, "_ps", None)
+    if isinstance(parser, FastParser):
+        return FastPathState(framing_available(nc), True, parser.fast_frames)
+    return FastPathState(framing_available(nc), False, 0)
+
+
+def is_direct(sub: Subscription) -> bool:
+    """Whether ``sub`` hands messages to its handler inline (not through nats-py's queue)."""
+    return isinstance(getattr(sub, "_pending_queue", None), _Direct)

@@ -35,6 +35,15 @@ class FakeGpu:
     not_supported: set[str] = field(default_factory=set[str])  # function names
     lost: bool = False
     memory_v2: bool = True
+    reserved: int = 0  # driver-reserved bytes (v2 memory info only)
+    energy_mj: int = 123_456_789
+    replays: int = 3
+    enc_util: int = 7
+    dec_util: int = 11
+    remapped: tuple[int, int, int, int] = (2, 1, 0, 0)  # corr, unc, pending, failure
+    mem_temp: int | None = 61  # None: no HBM sensor (the field answers NOT_SUPPORTED)
+    pcie_tx: int = 1_000_000  # bytes since the driver loaded
+    pcie_rx: int = 4_000_000
 
 
 @dataclass
@@ -102,6 +111,10 @@ class FakeNvml:
         g = self._dev(h, "nvmlDeviceGetMemoryInfo")
         if version and not g.memory_v2:
             raise _err(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if version:
+            return SimpleNamespace(
+                total=g.total, used=g.used, free=g.total - g.used - g.reserved, reserved=g.reserved
+            )
         return SimpleNamespace(total=g.total, used=g.used, free=g.total - g.used)
 
     def nvmlDeviceGetUtilizationRates(self, h: FakeHandle) -> Any:
@@ -153,6 +166,50 @@ class FakeNvml:
     def nvmlDeviceGetNvLinkVersion(self, h: FakeHandle, link: int) -> int:
         self._dev(h, "nvmlDeviceGetNvLinkVersion")
         return 3
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54.15"
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: FakeHandle) -> int:
+        return self._dev(h, "nvmlDeviceGetTotalEnergyConsumption").energy_mj
+
+    def nvmlDeviceGetPcieReplayCounter(self, h: FakeHandle) -> int:
+        return self._dev(h, "nvmlDeviceGetPcieReplayCounter").replays
+
+    def nvmlDeviceGetEncoderUtilization(self, h: FakeHandle) -> list[int]:
+        return [self._dev(h, "nvmlDeviceGetEncoderUtilization").enc_util, 167_000]
+
+    def nvmlDeviceGetDecoderUtilization(self, h: FakeHandle) -> list[int]:
+        return [self._dev(h, "nvmlDeviceGetDecoderUtilization").dec_util, 167_000]
+
+    def nvmlDeviceGetRemappedRows(self, h: FakeHandle) -> tuple[int, int, int, int]:
+        return self._dev(h, "nvmlDeviceGetRemappedRows").remapped
+
+    def nvmlDeviceGetFieldValues(self, h: FakeHandle, ids: list[int]) -> list[Any]:
+        """Like NVML: one result per field, each with its own return code and value type."""
+        g = self._dev(h, "nvmlDeviceGetFieldValues")
+        known: dict[int, tuple[int, str, int | None]] = {
+            pynvml.NVML_FI_DEV_MEMORY_TEMP: (pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", g.mem_temp),
+            pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: (
+                pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", g.pcie_tx,
+            ),
+            pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: (
+                pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", g.pcie_rx,
+            ),
+        }  # fmt: skip
+        out: list[Any] = []
+        for fid in ids:
+            kind, member, value = known.get(fid, (0, "dVal", None))
+            ret = pynvml.NVML_SUCCESS if value is not None else pynvml.NVML_ERROR_NOT_SUPPORTED
+            out.append(
+                SimpleNamespace(
+                    fieldId=fid,
+                    nvmlReturn=ret,
+                    valueType=kind,
+                    value=SimpleNamespace(**{member: value or 0}),
+                )
+            )
+        return out
 
     def nvmlEventSetCreate(self) -> object:
         return object()

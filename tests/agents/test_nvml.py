@@ -147,6 +147,52 @@ def test_xid_events_are_counted_per_device(monkeypatch: pytest.MonkeyPatch) -> N
     fake.xid_queue += [1, 1]
     a, b = backend.read(1.0)
     assert (a.xid_errors, b.xid_errors) == (0, 2)
+    # DCGM_FI_DEV_XID_ERRORS is the newest XID's code (the fake's events are XID 79).
+    assert (a.xid_last, b.xid_last) == (0, 79)
+
+
+def test_reads_the_other_dcgm_default_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rest of dcgm-exporter's default counter set that NVML answers, in our units."""
+    gpu = FakeGpu("GPU-a", reserved=512 * 1024**2)
+    FakeNvml([gpu]).install(monkeypatch)
+    backend = open_nvml("n")
+    first = backend.read(100.0)[0]
+    assert first.driver_version == "550.54.15"
+    assert first.memory_reserved_bytes == 512 * 1024**2
+    # v2 memory info: free excludes what the driver reserved (used + free + reserved = total).
+    assert first.memory_free_bytes == gpu.total - gpu.used - gpu.reserved
+    assert first.memory_temperature_c == 61.0
+    assert first.energy_mj == 123_456_789
+    assert (first.utilization_encoder_pct, first.utilization_decoder_pct) == (7.0, 11.0)
+    assert first.pcie_replay_count == 3
+    assert first.remapped_rows_correctable == 2 and first.remapped_rows_uncorrectable == 1
+    assert first.row_remap_failed is False
+    # A rate needs two readings of the PCIe byte counters: none on the first.
+    assert first.pcie_tx_bytes_per_s is None and first.pcie_rx_bytes_per_s is None
+    assert first.unsupported == ()
+    gpu.pcie_tx += 2_000_000
+    gpu.pcie_rx += 500_000
+    second = backend.read(102.0)[0]
+    assert (second.pcie_tx_bytes_per_s, second.pcie_rx_bytes_per_s) == (1_000_000.0, 250_000.0)
+    gpu.pcie_tx = 10  # the driver reloaded: the counter went back, no negative rate
+    assert backend.read(104.0)[0].pcie_tx_bytes_per_s is None
+    assert codec.decode(DeviceSample, codec.encode(second)) == second
+
+
+def test_each_new_counter_fails_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GeForce without HBM sensor, remapping or energy counter keeps every other figure."""
+    gpu = FakeGpu(
+        "GPU-geforce",
+        name="NVIDIA GeForce RTX 4090",
+        mem_temp=None,
+        not_supported={"nvmlDeviceGetRemappedRows", "nvmlDeviceGetTotalEnergyConsumption"},
+    )
+    FakeNvml([gpu]).install(monkeypatch)
+    s = open_nvml("n").read(1.0)[0]
+    assert s.memory_temperature_c is None and s.energy_mj is None
+    assert s.remapped_rows_correctable is None and s.row_remap_failed is None
+    assert set(s.unsupported) == {"memory_temperature_c", "remapped_rows", "energy_mj"}
+    assert s.pcie_replay_count == 3 and s.utilization_encoder_pct == 7.0  # the rest is there
 
 
 def test_throttle_reason_bits_have_names() -> None:

@@ -168,3 +168,34 @@ def test_five_thousand_nodes() -> None:
         for n in nodes:
             n.read(float(tick))
     assert (time.process_time() - t0) / 3 < 2.0
+
+
+def test_dcgm_default_counters_are_simulated_per_part() -> None:
+    """HBM parts have a memory temperature, Ampere datacenter parts remap rows, a consumer
+    part has neither; energy only grows; AMD parts report an amdgpu driver and no XID."""
+    fleet = parse(
+        """
+seed = 3
+[[nodes]]
+name = "mix"
+gpus = [{ model = "A100-80GB" }, { model = "RTX-4090" }, { model = "MI250X" }]
+load = 0.6
+"""
+    )
+    node = SimNode(fleet.nodes[0], fleet)
+    runs = _run(node, 5)
+    a100, rtx, mi = runs[-1]
+    assert a100.driver_version == "550.54.15" and mi.driver_version == "6.8.5"
+    assert a100.memory_temperature_c is not None and a100.temperature_c is not None
+    assert a100.memory_temperature_c > a100.temperature_c  # HBM runs hotter than the die
+    assert rtx.memory_temperature_c is None
+    assert (a100.remapped_rows_uncorrectable, a100.row_remap_failed) == (0, False)
+    assert rtx.remapped_rows_uncorrectable is None and rtx.row_remap_failed is None
+    assert (a100.xid_last, mi.xid_last) == (0, None)
+    energies = [run[0].energy_mj or 0 for run in runs]
+    assert energies == sorted(energies) and energies[-1] > energies[0] > 0
+    # 5 ticks of 2 s at >= 10 % of a 400 W TDP: at least 4 kJ, in millijoules.
+    assert energies[-1] >= 5 * 2.0 * 40.0 * 1000.0
+    for s in (a100, rtx, mi):
+        assert s.pcie_tx_bytes_per_s is not None and s.pcie_tx_bytes_per_s >= 0.0
+        assert codec.decode(DeviceSample, codec.encode(s)) == s

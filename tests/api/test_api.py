@@ -12,6 +12,7 @@ from typing import Any, get_args
 import aiohttp
 import msgspec
 import pytest
+from jsonschema import Draft202012Validator, ValidationError
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,6 +71,23 @@ async def test_devices_every_device_with_figures(api_url: str, http: aiohttp.Cli
     assert a100["pci_bus_id"] == "00000000:3B:00.0"
     assert a100["last_seen"] > time.time() - 60
     assert a100["revision"] > 0
+    # The original design's names, next to the rest, so a client written against it works.
+    assert (a100["device_id"], a100["node_id"]) == ("rig-a/0", "rig-a")
+    assert (a100["memory_used_mb"], a100["memory_total_mb"]) == (2 * 1024, 80 * 1024)  # MiB
+    assert a100["utilization_percent"] == 10.0 and a100["temperature_c"] == 45.0
+    # Every device is what the OpenAPI document says a DeviceView is, those names included.
+    _, doc = await get(http, api_url + "/api/openapi.json")
+    view = doc["components"]["schemas"]["DeviceView"]
+    assert {"device_id", "node_id", "memory_used_mb", "utilization_percent"} <= set(
+        view["allOf"][1]["required"]
+    )
+    validator = Draft202012Validator(
+        {"$ref": "#/components/schemas/DeviceView", "components": doc["components"]}
+    )
+    for device in body["devices"]:
+        validator.validate(device)
+    with pytest.raises(ValidationError, match="memory_used_mb"):
+        validator.validate({k: v for k, v in a100.items() if k != "memory_used_mb"})
 
     status, body = await get(http, api_url + "/api/gpu/devices?node=rig-b")
     assert (status, [d["id"] for d in body["devices"]]) == (200, ["rig-b/0", "rig-b/1"])
@@ -112,7 +130,7 @@ async def test_large_bodies_stream_whole_and_head_has_none(
         util = next(
             f for f in text_string_to_metric_families(text) if f.name == "DCGM_FI_DEV_GPU_UTIL"
         )
-        assert len(util.samples) == want
+        assert len(util.samples) == want - sum(g.vendor == "amd" for g in FLEET)  # DCGM: NVIDIA
 
     await eventually(scraped, 30.0)
 
@@ -128,6 +146,19 @@ async def test_device_goes_offline(
         assert body["devices"][0]["offline_reason"] == "silent"
 
     await eventually(offline)
+
+    async def gauges_dropped() -> None:
+        # Its last figures are not current: only its up series (0) is left.
+        async with http.get(api_url + "/metrics") as r:
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+        gone = uuid_of(FLEET[2])
+        up = {s.labels["UUID"]: s.value for s in families["shardplane_device_up"].samples}
+        assert up[gone] == 0 and up[uuid_of(FLEET[1])] == 1
+        for name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_TEMP"):
+            uuids = {s.labels["UUID"] for s in families[name].samples}
+            assert gone not in uuids and uuid_of(FLEET[1]) in uuids, name
+
+    await eventually(gauges_dropped)
 
 
 async def test_topology_links(api_url: str, http: aiohttp.ClientSession) -> None:
@@ -269,9 +300,10 @@ async def test_metrics_parse_with_dcgm_names(
         families.clear()
         families.update(await scrape())
         stages = families["shardplane_stage_state"].samples
-        assert any(s.labels["instance"] == "llama-demo" for s in stages)
+        assert any(s.labels["instance_id"] == "llama-demo" for s in stages)
 
     await eventually(has_instance)
+    nvidia = [g for g in FLEET if g.vendor == "nvidia"]
     for name in (
         "DCGM_FI_DEV_GPU_UTIL",
         "DCGM_FI_DEV_FB_USED",
@@ -280,7 +312,9 @@ async def test_metrics_parse_with_dcgm_names(
         "DCGM_FI_DEV_POWER_USAGE",
         "DCGM_FI_DEV_SM_CLOCK",
     ):
-        assert len(families[name].samples) == len(FLEET), name
+        assert len(families[name].samples) == len(nvidia), name
+    for name in ("gpu_gfx_activity", "gpu_used_vram", "gpu_edge_temperature", "gpu_power_usage"):
+        assert len(families[name].samples) == len(FLEET) - len(nvidia), name
     used = {s.labels["UUID"]: s for s in families["DCGM_FI_DEV_FB_USED"].samples}
     a100 = used[uuid_of(FLEET[0])]
     assert a100.value == 2 * 1024  # MiB, as the DCGM exporter reports framebuffer memory
@@ -290,10 +324,10 @@ async def test_metrics_parse_with_dcgm_names(
         "pci_bus_id": "00000000:3B:00.0",
         "device": "nvidia0",
         "modelName": "NVIDIA A100-SXM4-80GB",
-        "Hostname": "rig-a.lab",
+        "hostname": "rig-a.lab",
     }
     up = {s.labels["UUID"]: s for s in families["shardplane_device_up"].samples}[uuid_of(FLEET[0])]
-    assert (up.value, up.labels["node"], up.labels["Hostname"]) == (1, "rig-a", "rig-a.lab")
+    assert (up.value, up.labels["node"], up.labels["hostname"]) == (1, "rig-a", "rig-a.lab")
     free = {s.labels["UUID"]: s.value for s in families["DCGM_FI_DEV_FB_FREE"].samples}
     assert free[uuid_of(FLEET[0])] == 78 * 1024
     temps = {s.labels["UUID"]: s.value for s in families["DCGM_FI_DEV_GPU_TEMP"].samples}
@@ -303,7 +337,7 @@ async def test_metrics_parse_with_dcgm_names(
     loaded = [
         s
         for s in families["shardplane_stage_state"].samples
-        if s.value == 1 and s.labels["instance"] == "llama-demo"
+        if s.value == 1 and s.labels["instance_id"] == "llama-demo"
     ]
     assert sorted((s.labels["stage"], s.labels["state"]) for s in loaded) == [
         ("0", "loaded"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, get_args
 
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardplane.api import metrics, openapi
@@ -134,26 +135,34 @@ def test_device_json_is_the_view_encoded() -> None:
     assert msgspec.json.decode(device_json(lost, 3))["offline_reason"] == "device lost"
 
 
+def _scrape(*states: DeviceState, host_label: str = "hostname") -> dict[str, Any]:
+    book = metrics.MetricsBook(host_label)
+    for state in states:
+        brief = device_brief(state)
+        held = metrics.device_labels(brief, None, host_label)
+        book.device.set(f"devices.{brief.node}.{brief.gpu}", metrics.device_lines(brief, held))
+    text = book.render(lambda: b"").decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
 def test_metrics_text_escapes_labels_and_parses() -> None:
     state = with_sample(
-        device_state(FLEET[5]),
+        device_state(FLEET[0]),
         name='GPU "quoted" \\ back\nslash',
         utilization_gpu_pct=12.5,
         memory_used_bytes=3 * 1024**2,
         temperature_c=None,
+        driver_version="550.54.15",
     )
-    brief = device_brief(state)
-    dcgm, own = metrics.device_labels(brief, None)
-    book = metrics.MetricsBook()
-    book.device.set("devices.rig-d.0", metrics.device_lines(brief, dcgm, own))
-    text = book.render(lambda: b"").decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families = _scrape(state)
     util = families["DCGM_FI_DEV_GPU_UTIL"].samples[0]
     assert util.value == 12.5 and util.labels["modelName"] == 'GPU "quoted" \\ back\nslash'
-    assert util.labels["device"] == "amd0" and util.labels["Hostname"] == "rig-d"
+    assert util.labels["device"] == "nvidia0" and util.labels["hostname"] == "rig-a"
+    assert util.labels["DCGM_FI_DRIVER_VERSION"] == "550.54.15"
     assert families["DCGM_FI_DEV_FB_USED"].samples[0].value == 3
     assert "DCGM_FI_DEV_GPU_TEMP" not in families or not families["DCGM_FI_DEV_GPU_TEMP"].samples
-    assert families["shardplane_device_up"].samples[0].labels["node"] == "rig-d"
+    up = families["shardplane_device_up"].samples[0]
+    assert (up.labels["node"], up.labels["device_id"], up.value) == ("rig-a", "rig-a/0", 1)
     assert (
         metrics.number(float("nan")) == "NaN"
         and metrics.number(3.0) == "3"
@@ -162,21 +171,101 @@ def test_metrics_text_escapes_labels_and_parses() -> None:
     )
 
 
+def test_every_filled_dcgm_default_counter_has_its_line_in_dcgm_units() -> None:
+    state = with_sample(
+        device_state(FLEET[0]),
+        driver_version="550.54.15",
+        memory_reserved_bytes=512 * 1024**2,
+        memory_temperature_c=61.0,
+        energy_mj=123_456,
+        utilization_encoder_pct=7.0,
+        utilization_decoder_pct=11.0,
+        pcie_replay_count=3,
+        pcie_tx_bytes_per_s=1e6,
+        pcie_rx_bytes_per_s=2.5e5,
+        xid_last=79,
+        remapped_rows_correctable=2,
+        remapped_rows_uncorrectable=1,
+        row_remap_failed=True,
+    )
+    families = _scrape(state)
+    value = {name: families[name].samples[0].value for name in families if families[name].samples}
+    assert set(value) == {f.name for f in metrics.DCGM_FAMILIES} | {"shardplane_device_up"}
+    assert value["DCGM_FI_DEV_FB_RESERVED"] == 512  # MiB
+    assert value["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"] == 123_456  # mJ, as DCGM
+    assert families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].type == "counter"
+    assert (value["DCGM_FI_DEV_XID_ERRORS"], value["DCGM_FI_DEV_ROW_REMAP_FAILURE"]) == (79, 1)
+    assert value["DCGM_FI_PROF_PCIE_TX_BYTES"] == 1e6
+    # The 26 default counters: 20 series filled, one label, five left out with a reason.
+    assert len(metrics.DCGM_FAMILIES) + 1 + len(metrics.DCGM_NOT_FILLED) == 26
+    assert not {f.name for f in metrics.DCGM_FAMILIES} & set(metrics.DCGM_NOT_FILLED)
+
+
+def test_amd_devices_use_amd_exporter_names_never_dcgm() -> None:
+    amd = with_sample(device_state(FLEET[5]), energy_mj=5, driver_version="6.8.5")
+    # A simulated device takes its simulated part's vendor.
+    sim = with_sample(device_state(FLEET[6]), vendor="sim")
+    families = _scrape(amd, sim)
+    assert not any(name.startswith("DCGM_") and families[name].samples for name in families)
+    used = {s.labels["gpu_id"]: s for s in families["gpu_used_vram"].samples}
+    assert set(used) == {"0", "1"}
+    assert used["0"].value == 2 * 1024  # MB of 2^20 bytes, as amd-smi counts them
+    assert used["0"].labels == {
+        "gpu_id": "0",
+        "gpu_uuid": "GPU-rig-d-00-0000-4000-8000",
+        "card_model": "AMD Instinct MI250X",
+        "hostname": "rig-d",
+        "driver_version": "6.8.5",
+    }
+    assert families["gpu_energy_consumed"].samples[0].value == 5000  # uJ
+    clocks = {
+        (s.labels["gpu_id"], s.labels["clock_type"]): s.value for s in families["gpu_clock"].samples
+    }
+    assert clocks[("0", "system")] == 1410.0 and clocks[("1", "memory")] == 1215.0
+    assert families["pcie_speed"].samples[0].value == 16.0  # gen 4, GT/s
+
+
+def test_offline_devices_keep_only_their_up_series() -> None:
+    online = device_state(FLEET[0])
+    silent = device_state(FLEET[1], online=False)
+    lost = with_sample(device_state(FLEET[5]), present=False)
+    families = _scrape(online, silent, lost)
+    up = {s.labels["UUID"]: s.value for s in families["shardplane_device_up"].samples}
+    assert sorted(up.values()) == [0, 0, 1] and len(up) == 3
+    for name, family in families.items():
+        if name != "shardplane_device_up":
+            assert [s.labels.get("UUID", s.labels.get("gpu_uuid")) for s in family.samples] in (
+                [],
+                [online.sample.uuid],
+            ), name
+
+
+def test_host_label_spelling_is_a_setting() -> None:
+    assert metrics.host_label_from_env({}) == "hostname"
+    assert metrics.host_label_from_env({metrics.HOSTNAME_LABEL_ENV: "Hostname"}) == "Hostname"
+    with pytest.raises(ValueError, match="HOSTNAME_LABEL='host': must be one of"):
+        metrics.host_label_from_env({metrics.HOSTNAME_LABEL_ENV: "host"})
+    families = _scrape(device_state(FLEET[0]), host_label="Hostname")
+    util = families["DCGM_FI_DEV_GPU_UTIL"].samples[0]
+    assert util.labels["Hostname"] == "rig-a" and "hostname" not in util.labels
+
+
 def test_metric_families_rebuild_only_where_a_line_changed() -> None:
     book = metrics.LineBook(metrics.DEVICE_FAMILIES)
     briefs = [device_brief(device_state(gpu)) for gpu in FLEET[:2]]
     for i, brief in enumerate(briefs):
-        book.set(f"d{i}", metrics.device_lines(brief, *metrics.device_labels(brief, None)))
+        book.set(f"d{i}", metrics.device_lines(brief, metrics.device_labels(brief, None)))
     before = dict(zip(metrics.DEVICE_FAMILIES, book.blocks(), strict=True))
     version = book.version
     hotter = briefs[0]._replace(temperature_c=91.0)
-    book.set("d0", metrics.device_lines(hotter, *metrics.device_labels(hotter, None)))
+    book.set("d0", metrics.device_lines(hotter, metrics.device_labels(hotter, None)))
     assert book.version == version + 1  # one line changed, in one family
     after = dict(zip(metrics.DEVICE_FAMILIES, book.blocks(), strict=True))
     changed = [f.name for f in metrics.DEVICE_FAMILIES if after[f] is not before[f]]
     assert changed == ["DCGM_FI_DEV_GPU_TEMP"]  # the others' blocks are the same objects
-    assert b'DCGM_FI_DEV_GPU_TEMP{gpu="0"' in after[metrics.DEVICE_FAMILIES[4]]
-    assert b" 91\n" in after[metrics.DEVICE_FAMILIES[4]]
+    temp = next(f for f in metrics.DEVICE_FAMILIES if f.name == "DCGM_FI_DEV_GPU_TEMP")
+    assert b'DCGM_FI_DEV_GPU_TEMP{gpu="0"' in after[temp]
+    assert b" 91\n" in after[temp]
     book.drop("d1")
     assert all(b'UUID="GPU-rig-b-00' not in block for block in book.blocks())
 
@@ -185,6 +274,10 @@ def test_instance_metrics_one_line_per_stage_and_state() -> None:
     view = instance_view(instance_state(), 3)
     lines = metrics.instance_lines(view)
     assert set(lines) == {f.name for f in metrics.INSTANCE_FAMILIES}
+    # instance_id, never instance (Prometheus would rename it to exported_instance).
+    assert b'instance_id="llama-demo"' in lines["shardplane_stage_layers"]
+    assert b"instance=" not in b"".join(lines.values())
+    assert b'device_id="rig-d/0"' in lines["shardplane_stage_layers"]
     states = lines["shardplane_stage_state"].split(b"\n")
     assert len(states) == 2 * len(metrics.STAGE_STATES)
     assert sum(line.endswith(b" 1") for line in states) == 2
@@ -207,7 +300,7 @@ def test_cache_is_idempotent_on_revision_and_skips_bad_values() -> None:
     assert cache.apply("devices.rig-a.1", b"\x01garbage", 6) is None
     assert cache.invalid == 1 and len(cache.briefs) == 1
     assert cache.apply("nodes.rig-a", codec.encode(node_state("rig-a")), 7) is not None
-    assert b'Hostname="rig-a.lab"' in cache.metrics_body()  # a heartbeat relabels the devices
+    assert b'hostname="rig-a.lab"' in cache.metrics_body()  # a heartbeat relabels the devices
     # A fresh watch's replay is the truth, even at lower revisions (a recreated bucket).
     assert cache.apply("devices.rig-a.0", raw, 5, replay=True) is None  # the same entry
     assert cache.apply("devices.rig-a.0", raw, 2, replay=True) is not None
