@@ -125,8 +125,12 @@ class NodeHeartbeat(Frozen, frozen=True):
 # --- placement -------------------------------------------------------------------------------
 
 
-class ModelCard(Frozen, frozen=True):
-    """A transformer's architecture, enough to compute every byte the planner needs."""
+class ModelCard(Frozen, frozen=True, forbid_unknown_fields=True):
+    """A transformer's architecture, enough to compute every byte the planner needs.
+
+    Unknown fields are refused (a typo such as ``bytes_per_parm`` would otherwise leave the
+    default in place and silently change every estimate), and the sizes must agree with each
+    other (:meth:`__post_init__`), since the planner divides by them."""
 
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     layers: Annotated[int, Meta(ge=1, le=4096)]
@@ -144,6 +148,23 @@ class ModelCard(Frozen, frozen=True):
     moe_intermediate: Annotated[int, Meta(ge=1)] | None = None
     attention_bias: bool = False
     params_b: NonNeg | None = None  # published parameter count, billions (documentation)
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError naming the card.
+        if self.head_dim is None and self.hidden // self.heads < 1:
+            raise ValueError(
+                f"heads ({self.heads}) exceed hidden ({self.hidden}): head_dim would be "
+                f"{self.hidden // self.heads}; give head_dim or fewer heads"
+            )
+        if self.kv_heads > self.heads or self.heads % self.kv_heads:
+            raise ValueError(
+                f"kv_heads ({self.kv_heads}) must divide heads ({self.heads}): each key/value "
+                "head serves a whole group of query heads"
+            )
+        if self.experts_per_token > self.experts:
+            raise ValueError(
+                f"experts_per_token ({self.experts_per_token}) exceeds experts ({self.experts})"
+            )
 
 
 Objective = Literal["throughput", "latency"]
