@@ -261,7 +261,15 @@ async def run_agents(
     if run_worker is not None:
         for c in collectors:
             hold: HoldMemory = c.backend.hold
-            extra.append(run_worker(worker_nc or nc, node=c.node, stop=stop, hold_memory=hold))
+            extra.append(
+                run_worker(
+                    worker_nc or nc,
+                    node=c.node,
+                    stop=stop,
+                    hold_memory=hold,
+                    capacity=c.memory_total,
+                )
+            )
     try:
         await run_collection(nc, collectors, publisher, stop=stop, interval_s=interval, extra=extra)
     finally:

@@ -185,7 +185,7 @@ def draw_inputs(target: str, count: int, seed: int = 0) -> list[bytes]:
         database=None,
         derandomize=True,
         phases=[Phase.generate],
-        suppress_health_check=tuple(HealthCheck.all()),
+        suppress_health_check=tuple(HealthCheck.__members__.values()),
         deadline=None,
     )
     @given(strategy(target), st.just(seed))
