@@ -185,7 +185,12 @@ def draw_inputs(target: str, count: int, seed: int = 0) -> list[bytes]:
         database=None,
         derandomize=True,
         phases=[Phase.generate],
-        suppress_health_check=tuple(HealthCheck.__members__.values()),
+        suppress_health_check=(
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+            HealthCheck.large_base_example,
+        ),
         deadline=None,
     )
     @given(strategy(target), st.just(seed))
@@ -402,8 +407,10 @@ async def still_alive(system: System, result: FuzzResult) -> None:
     try:
         body = json.dumps({"model": "llama-3.1-8b", "dry_run": True}).encode()
         msg = await api.request(subjects.PLACEMENT_REQUEST, body, timeout=30.0)
+        # The fuzz may have filled the fleet (valid requests place for real): any well-formed
+        # answer but an internal error shows the planner alive and planning.
         reply = _reply_of(msg.data)
-        if reply is None or not reply.ok:
+        if reply is None or (reply.error is not None and reply.error.code == "internal"):
             result.crashes += 1
             result.note(f"planner no longer plans: {msg.data[:200]!r}")
     finally:

@@ -132,20 +132,23 @@ class ModelCard(Frozen, frozen=True, forbid_unknown_fields=True):
     default in place and silently change every estimate), and the sizes must agree with each
     other (:meth:`__post_init__`), since the planner divides by them."""
 
+    # Upper bounds far beyond any published model (hidden 25,600, vocab 256k, 384 experts),
+    # low enough that every byte count the planner multiplies out stays an exact 64-bit
+    # integer for the solver.
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     layers: Annotated[int, Meta(ge=1, le=4096)]
-    hidden: Annotated[int, Meta(ge=1)]
-    intermediate: Annotated[int, Meta(ge=1)]
-    heads: Annotated[int, Meta(ge=1)]
-    kv_heads: Annotated[int, Meta(ge=1)]
-    vocab: Annotated[int, Meta(ge=1)]
-    head_dim: Annotated[int, Meta(ge=1)] | None = None
+    hidden: Annotated[int, Meta(ge=1, le=65_536)]
+    intermediate: Annotated[int, Meta(ge=1, le=262_144)]
+    heads: Annotated[int, Meta(ge=1, le=4096)]
+    kv_heads: Annotated[int, Meta(ge=1, le=4096)]
+    vocab: Annotated[int, Meta(ge=1, le=4_194_304)]
+    head_dim: Annotated[int, Meta(ge=1, le=2048)] | None = None
     tied_embeddings: bool = False
     bytes_per_param: Annotated[float, Meta(gt=0.0, le=8.0)] = 2.0
     kv_bytes_per_elem: Annotated[float, Meta(gt=0.0, le=8.0)] = 2.0
-    experts: Annotated[int, Meta(ge=1)] = 1
-    experts_per_token: Annotated[int, Meta(ge=1)] = 1
-    moe_intermediate: Annotated[int, Meta(ge=1)] | None = None
+    experts: Annotated[int, Meta(ge=1, le=1024)] = 1
+    experts_per_token: Annotated[int, Meta(ge=1, le=1024)] = 1
+    moe_intermediate: Annotated[int, Meta(ge=1, le=262_144)] | None = None
     attention_bias: bool = False
     params_b: NonNeg | None = None  # published parameter count, billions (documentation)
 
