@@ -101,6 +101,9 @@ def test_model_card_refuses_unknown_fields() -> None:
         ({"experts": 2, "experts_per_token": 4}, r"experts_per_token \(4\) exceeds experts"),
         ({"layers": 0}, r"Expected `int` >= 1"),
         ({"hidden": -5}, r"Expected `int` >= 1"),
+        # Found by the fuzz bench: a vocab of 1e30 reached CP-SAT as a float coefficient.
+        ({"vocab": 10**30}, r"Expected `int` <= 4194304 - at `\$.model.vocab`"),
+        ({"experts": 5000}, r"Expected `int` <= 1024"),
     ],
 )
 def test_model_card_sizes_must_agree(change: dict[str, int], message: str) -> None:
