@@ -37,7 +37,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shardplane.bench._probes import SecureBus
 from shardplane.bus import codec, subjects
-from shardplane.bus.messages import PlacementReply
+from shardplane.bus.messages import PlacementReply, ShardAssignment
 from shardplane.bus.streams import DEADLETTER, PLACEMENTS, SHARDS, TELEMETRY
 from shardplane.natsserver import free_port
 from shardplane.projector.decode import Poison, decode_event
@@ -415,6 +415,7 @@ async def still_alive(system: System, result: FuzzResult) -> None:
             result.note(f"planner no longer plans: {msg.data[:200]!r}")
     finally:
         await api.close()
+    await _worker_alive(system, result)
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{system.api_url}/readyz") as response,
@@ -422,6 +423,34 @@ async def still_alive(system: System, result: FuzzResult) -> None:
         if response.status != 200:
             result.crashes += 1
             result.note(f"API not ready after the fuzz: {response.status}")
+
+
+async def _worker_alive(system: System, result: FuzzResult) -> None:
+    """The worker that read every fuzzed assignment still takes a valid one and reports it."""
+    admin = await system.bus.connect("admin")
+    planner = await system.bus.connect("planner")
+    try:
+        sub = await admin.subscribe(subjects.shard_status(NODE, "alive-check"))
+        await admin.flush()
+        probe = ShardAssignment(
+            instance_id="alive-check",
+            generation=1,
+            node=NODE,
+            model="llama-3.1-8b",
+            device=f"{NODE}/0",
+            layer_end=1,
+            layers_total=32,
+            memory_bytes=2**30,
+        )
+        await planner.jetstream().publish(subjects.assigned(NODE), codec.encode(probe))
+        try:
+            await sub.next_msg(timeout=30.0)
+        except NatsTimeoutError:
+            result.crashes += 1
+            result.note(f"the worker of {NODE} no longer answers a valid assignment")
+    finally:
+        await planner.close()
+        await admin.close()
 
 
 async def fuzz_system(
