@@ -56,6 +56,9 @@ def _serve(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except NatsUnreachable as exc:
         print(f"shardplane: {exc}", file=sys.stderr, flush=True)
         return 1
+    except secure.AuthError as exc:  # an unreadable or foreign credentials file
+        print(f"shardplane: {exc}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         return 130
 

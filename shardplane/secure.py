@@ -21,6 +21,9 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.bus import auth
+from shardplane.bus.auth import AuthError
+
+__all__ = ["AuthError", "admin_provision", "api_token", "client_creds", "prepare", "role_creds"]
 from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches, provision
 
 DATA_DIR = Path("data")

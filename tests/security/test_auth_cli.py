@@ -5,6 +5,8 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
+
 from shardplane.bus import auth
 from shardplane.cli import main
 from shardplane.projector.lease import LEASE_BUCKET
@@ -54,3 +56,14 @@ def test_names_shared_with_the_components_agree() -> None:
     assert {auth.PROJECTOR_DURABLE.format(stream=s.lower()) for s in CONSUMERS} == set(
         CONSUMERS.values()
     )
+
+
+def test_a_broken_credentials_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.creds"
+    bad.write_text("garbage\n")
+    monkeypatch.setenv("NATS_CREDS", "")  # restored after: main() sets it from --creds
+    monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")
+    assert main(["status", "--creds", str(bad)]) == 2
+    assert "no `# role:` line" in capsys.readouterr().err
