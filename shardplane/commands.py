@@ -56,7 +56,7 @@ def _serve(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except NatsUnreachable as exc:
         print(f"shardplane: {exc}", file=sys.stderr, flush=True)
         return 1
-    except secure.AuthError as exc:  # an unreadable or foreign credentials file
+    except (secure.AuthError, secure.InsecureBinding) as exc:  # bad creds; API open to all
         print(f"shardplane: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
@@ -209,7 +209,7 @@ def _fleet_nodes(fleet: Path | None) -> list[Any]:
 
 
 def _api_token(args: argparse.Namespace) -> str | None:
-    return None if args.no_auth else secure.api_token(secure.AUTH_DIR)
+    return secure.env_token() if args.no_auth else secure.api_token(secure.AUTH_DIR)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -217,8 +217,9 @@ def up(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
+        token = _api_token(args)
+        secure.check_binding(args.api_host, token)  # before anything starts
         async with _nats_for(args.nats_url, not args.no_auth, fleet) as (url, creds):
-            token = _api_token(args)
             tasks = await run_services(
                 url,
                 stop,
@@ -269,6 +270,8 @@ def _single(component: str, args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         url = nats_url(args.nats_url)
+        if component == "api":
+            secure.check_binding(args.host, secure.env_token())  # before anything starts
         tasks = await run_services(
             url,
             stop,

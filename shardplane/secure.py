@@ -20,11 +20,22 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shardplane.api.auth import InsecureBinding, check_binding, env_token
 from shardplane.bus import auth
 from shardplane.bus.auth import AuthError
-
-__all__ = ["AuthError", "admin_provision", "api_token", "client_creds", "prepare", "role_creds"]
 from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches, provision
+
+__all__ = [
+    "AuthError",
+    "InsecureBinding",
+    "admin_provision",
+    "api_token",
+    "check_binding",
+    "client_creds",
+    "env_token",
+    "prepare",
+    "role_creds",
+]
 
 DATA_DIR = Path("data")
 AUTH_DIR = DATA_DIR / "auth"

@@ -67,3 +67,14 @@ def test_a_broken_credentials_file_is_a_clear_error(
     monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")
     assert main(["status", "--creds", str(bad)]) == 2
     assert "no `# role:` line" in capsys.readouterr().err
+
+
+def test_api_beyond_loopback_without_a_token_refuses_before_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SHARDPLANE_API_TOKEN", raising=False)
+    monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")  # never reached: it refuses first
+    assert main(["api", "--host", "0.0.0.0"]) == 2
+    assert main(["up", "--no-auth", "--api-host", "0.0.0.0", "--no-agents"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("refusing to serve the API on '0.0.0.0' without a token") == 2
