@@ -49,7 +49,7 @@ JS = "$JS.API"
 ROLE_PURPOSE: dict[Role, str] = {
     "admin": "creates and changes streams and buckets; anything else (operators, `auth`)",
     "agent": "publishes its own nodes' telemetry; answers sim.fault for simulated nodes",
-    "worker": "consumes its own nodes' assignments, publishes their shard status",
+    "worker": "consumes its own nodes' assignments, publishes their shard status, reads the ledger",
     "projector": "consumes telemetry, assignments and statuses; the only writer of cluster_state",
     "planner": "serves placement.request; the only publisher of assignments and the ledger",
     "controller": "reads cluster_state and the ledger, re-places through placement.request",
@@ -138,6 +138,9 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
         # The restart replay pulls through that ephemeral consumer (no acks) and deletes it;
         # its name is random, so pulling, reading and deleting take any name. A worker can thus
         # pull from another node's durable (delaying, never acking, never forging its work).
+        # Read-only: the ledger, to check an assignment's generation against what the planner
+        # promised (a forged or stale assignment then fails that check too).
+        pub += _read_kv(LEDGER)
         pub += [
             f"{JS}.CONSUMER.MSG.NEXT.{PLACEMENTS}.*",
             f"{JS}.CONSUMER.DELETE.{PLACEMENTS}.*",

@@ -157,7 +157,8 @@ def command(args: argparse.Namespace) -> int:
         print(f"shardplane: {exc}", file=sys.stderr)
         return 2
     for path in written:
-        print(f"wrote {path}")
+        role = auth.read_credentials(path).role
+        print(f"wrote {path}  ({role}: {auth.ROLE_PURPOSE[role]})")
     print(
         f"server config: {args.dir / auth.SERVER_CONF} (nats-server -c it; after a change, "
         "reload the server: nats-server --signal reload)"
