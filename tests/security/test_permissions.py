@@ -4,6 +4,8 @@ would have seen an allowed action go through."""
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
 import pytest
 from nats.errors import Error as NatsError
@@ -56,7 +58,17 @@ async def test_a_role_waits_for_admin_instead_of_provisioning() -> None:
         finally:
             await planner.close()
         admin = await bus.connect("admin")
+        planner = await bus.connect("planner")
         try:
             assert auth.may_provision(admin)
+            # A stream goes missing: the planner waits for it rather than creating it...
+            await admin.jetstream().delete_stream(streams.DEADLETTER)
+            waiting = asyncio.create_task(provision(planner.jetstream()))
+            await asyncio.sleep(1.5)
+            assert not waiting.done()
+            # ...and carries on once the admin has provisioned again.
+            await provision(admin.jetstream())
+            await asyncio.wait_for(waiting, 15)
         finally:
+            await planner.close()
             await admin.close()
