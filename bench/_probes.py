@@ -120,6 +120,8 @@ FORBIDDEN_PUBLISH = (
     "$JS.API.STREAM.MSG.DELETE.KV_cluster_state",
     "$JS.API.KV.DELETE.cluster_state",
     "$JS.API.CONSUMER.DELETE.PLACEMENTS.worker-n2",
+    "$JS.API.CONSUMER.DELETE.PLACEMENTS.projector_placements",
+    "$JS.API.CONSUMER.MSG.NEXT.PLACEMENTS.projector_placements",
     "$SRV.PING",
 )
 FORBIDDEN_SUBSCRIBE = (
@@ -138,11 +140,11 @@ def forbidden_actions() -> list[Action]:
         for subject in FORBIDDEN_PUBLISH:
             if user in _who_may(subject):
                 continue
-            if user == "projector" and subject.startswith("$JS.API.CONSUMER.DELETE.PLACEMENTS"):
-                continue  # the projector manages its own consumers on PLACEMENTS
+            if user == "projector" and subject.endswith("PLACEMENTS.projector_placements"):
+                continue  # the projector's own consumer
             if user == "planner" and subject == "$SRV.PING":
                 continue  # the planner answers $SRV (its reply goes to the asker)
-            if user.startswith("worker") and subject.startswith("$JS.API.CONSUMER.DELETE"):
+            if user.startswith("worker") and subject.endswith("worker-n2"):
                 continue  # the restart replay deletes its ephemeral consumer (any name)
             actions.append(Action(user, "pub", subject, f"{user} may not publish {subject}"))
         for subject in FORBIDDEN_SUBSCRIBE:

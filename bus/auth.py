@@ -111,6 +111,7 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
     is node-scoped), as the dict that :func:`render_authorization` writes."""
     inbox = inbox_prefix(user)
     pub: list[str] = [_STREAM_INFO]
+    deny: list[str] = []
     sub: list[str] = [f"{inbox}.>"]
     responses = False
     if role == "admin":
@@ -146,6 +147,12 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
             f"{JS}.CONSUMER.DELETE.{PLACEMENTS}.*",
             f"{JS}.CONSUMER.INFO.{PLACEMENTS}.*",
         ]
+        # ...but never the projector's: a deny wins over those wildcards.
+        projector = PROJECTOR_DURABLE.format(stream=PLACEMENTS.lower())
+        deny += [
+            f"{JS}.CONSUMER.*.{PLACEMENTS}.{projector}",
+            f"{JS}.CONSUMER.MSG.NEXT.{PLACEMENTS}.{projector}",
+        ]
     elif role == "projector":
         for stream in (TELEMETRY, PLACEMENTS, SHARDS):
             pub += _consume(stream, PROJECTOR_DURABLE.format(stream=stream.lower()))
@@ -161,7 +168,8 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
         pub += [*_read_kv(CLUSTER_STATE), subjects.PLACEMENT_REQUEST, "placement.release"]
         if role == "controller":
             pub += _read_kv(LEDGER)
-    perms: dict[str, Any] = {"publish": {"allow": pub}, "subscribe": {"allow": sub}}
+    publish: dict[str, Any] = {"allow": pub, "deny": deny} if deny else {"allow": pub}
+    perms: dict[str, Any] = {"publish": publish, "subscribe": {"allow": sub}}
     if responses:
         perms["allow_responses"] = True
     return perms
