@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4222)
     p.add_argument("--store", type=Path, default=Path("data/nats"))
     p.add_argument("--monitor-port", type=int, default=8222)
+    p.add_argument(
+        "--auth-dir",
+        type=Path,
+        default=None,
+        help="run with the role users of this folder (created if missing, as `auth init`)",
+    )
 
     p = sub.add_parser("agent", help="publish GPU telemetry and load assigned shards")
     _common(p)

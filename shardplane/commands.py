@@ -241,10 +241,13 @@ def up(args: argparse.Namespace) -> int:
 
 
 def nats_server(args: argparse.Namespace) -> int:
+    config = args.config or default_config()
+    if args.auth_dir is not None:
+        config = secure.prepare(args.auth_dir, config, ())
     server = NatsServer(
         port=args.port,
         store_dir=args.store,
-        config=args.config or default_config(),
+        config=config,
         monitor_port=args.monitor_port,
     )
     # The child runs in its own session (a Ctrl-C in the terminal reaches only us), so every
