@@ -8,6 +8,7 @@ telemetry, status and assignment streams (``bench._fuzzing``), and the permissio
 kind of server: how fast a bare request-reply goes, next to how fast the fuzz went.
 
 Targets: answered = inputs, crashes = 0, internal_errors = 0, forbidden_allowed = 0.
+Needs hypothesis (the ``test`` extra, which ``make install`` includes).
 """
 
 from __future__ import annotations
