@@ -72,6 +72,12 @@ class NodeCollector:
     _reading: asyncio.Future[list[DeviceSample]] | None = None
     read_errors: int = 0
     _last_error: str | None = None
+    totals: dict[int, int] = field(default_factory=dict[int, int])  # index -> memory, last read
+
+    def memory_total(self, index: int) -> int | None:
+        """The device's total memory as last read (None before the first reading): what the
+        shard worker checks an assignment's bytes against."""
+        return self.totals.get(index)
 
     def read(self, ts: float) -> list[DeviceSample]:
         """The backend's samples stamped with per-device sequence numbers. A backend that raises
@@ -89,6 +95,8 @@ class NodeCollector:
             return []
         out: list[DeviceSample] = []
         for sample in raw:
+            if sample.memory_total_bytes is not None:
+                self.totals[sample.index] = sample.memory_total_bytes
             seq = self.seqs.get(sample.index, 0) + 1
             self.seqs[sample.index] = seq
             out.append(msgspec.structs.replace(sample, seq=seq, epoch=self.epoch))

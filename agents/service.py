@@ -165,6 +165,8 @@ async def _serve_faults(nc: Client, sims: dict[str, SimNode]) -> Any:
             reply: dict[str, Any] = {"ok": True, "node": node, "fault": msgspec.to_builtins(fault)}
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             reply = {"ok": False, "node": node, "error": f"invalid fault: {exc}"}
+        except RecursionError:
+            reply = {"ok": False, "node": node, "error": "invalid fault: nested too deep"}
         if msg.reply:
             body = (
                 msgspec.json.encode(reply) if encoding == "json" else msgspec.msgpack.encode(reply)
@@ -223,8 +225,12 @@ async def run_agents(
     temperature: bool = True,
     power: bool = True,
     workers: bool = True,
+    worker_nc: Client | None = None,
 ) -> None:
-    """Run the agents until ``stop`` is set, then mark every node offline and return."""
+    """Run the agents until ``stop`` is set, then mark every node offline and return.
+
+    ``worker_nc``: the workers' own connection (with auth, the ``worker`` role's: an agent may
+    only publish telemetry); by default they share ``nc``."""
     with contextlib.suppress(Exception):  # publishing retries until the streams exist
         await provision(nc.jetstream())
     publisher = Publisher(nc)
@@ -264,7 +270,15 @@ async def run_agents(
     if run_worker is not None:
         for c in collectors:
             hold: HoldMemory = c.backend.hold
-            extra.append(run_worker(nc, node=c.node, stop=stop, hold_memory=hold))
+            extra.append(
+                run_worker(
+                    worker_nc or nc,
+                    node=c.node,
+                    stop=stop,
+                    hold_memory=hold,
+                    capacity=c.memory_total,
+                )
+            )
     try:
         await run_collection(nc, collectors, publisher, stop=stop, interval_s=interval, extra=extra)
     finally:

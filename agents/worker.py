@@ -53,6 +53,8 @@ from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
 log = logging.getLogger(__name__)
 
 HoldMemory = Callable[[int, int], None]
+Capacity = Callable[[int], "int | None"]  # device index -> its total memory, None if unknown
+GIB = 1024**3
 
 FETCH_BATCH = 64
 FETCH_TIMEOUT_S = 2.0  # long poll; stopping does not wait for it (raced with stop)
@@ -70,6 +72,20 @@ def device_index(assignment: ShardAssignment) -> int:
     if assignment.device is None:
         return 0
     return int(assignment.device.rpartition("/")[2])
+
+
+def misfit(assignment: ShardAssignment, total_bytes: int | None, held_elsewhere: int) -> str | None:
+    """Why the device cannot hold what ``assignment`` asks for, or None. The planner checked
+    this already; the worker checks again, since an assignment is only as good as its sender
+    and a device's memory is the one thing it can measure itself."""
+    need = rc.hold_bytes(assignment)
+    if total_bytes is None or need + held_elsewhere <= total_bytes:
+        return None
+    return (
+        f"the assignment needs {need / GIB:.2f} GiB on device {device_index(assignment)}, which "
+        f"has {total_bytes / GIB:.2f} GiB in total ({held_elsewhere / GIB:.2f} GiB already held "
+        "by other stages): refused"
+    )
 
 
 def spec_of(assignment: ShardAssignment) -> StageSpec:
@@ -95,8 +111,10 @@ class Worker:
         read_limit_bps: float | None = None,
         memory_limit: int | None = None,
         read_mode: ReadMode = DEFAULT_READ_MODE,
+        capacity: Capacity | None = None,
     ) -> None:
         self.nc = nc
+        self.capacity = capacity
         self.node = node
         self.hold_memory = hold_memory
         self.use_cuda = use_cuda
@@ -372,7 +390,33 @@ class Worker:
         else:
             await self._status(assignment, previous.state)
 
+    async def _refuse_misfit(self, assignment: ShardAssignment) -> bool:
+        """Mark ``assignment`` failed (True) when its bytes cannot fit on its device."""
+        if self.capacity is None:
+            return False
+        key = rc.ShardKey(assignment.instance_id, assignment.stage)
+        index = device_index(assignment)
+        elsewhere = sum(
+            h.held_bytes
+            for k, h in self.held.items()
+            if k != key and device_index(h.assignment) == index
+        )
+        try:
+            total = self.capacity(index)
+        except Exception:  # a device that cannot be read now: the planner's check stands
+            log.exception("worker %s: reading device %d's memory failed", self.node, index)
+            return False
+        why = misfit(assignment, total, elsewhere)
+        if why is None:
+            return False
+        self.held[key] = rc.Held(assignment=assignment, state="failed")
+        log.warning("worker %s: %s stage %d: %s", self.node, key.instance_id, key.stage, why)
+        await self._status(assignment, "failed", reason=why)
+        return True
+
     async def _reserve(self, assignment: ShardAssignment) -> None:
+        if await self._refuse_misfit(assignment):
+            return
         # A catalog model has no weights here: hold its memory, read nothing, and say so.
         amount = rc.hold_bytes(assignment)
         self._hold(assignment, amount)
@@ -381,6 +425,8 @@ class Worker:
         await self._status(assignment, "reserved")
 
     async def _load(self, assignment: ShardAssignment) -> None:
+        if await self._refuse_misfit(assignment):
+            return
         key = rc.ShardKey(assignment.instance_id, assignment.stage)
         await self._status(assignment, "loading")
         amount = rc.hold_bytes(assignment)
@@ -503,8 +549,10 @@ async def run_worker(
     node: str,
     stop: asyncio.Event,
     hold_memory: HoldMemory | None = None,
+    capacity: Capacity | None = None,
 ) -> None:
-    """Run the shard worker of ``node`` on ``nc`` until ``stop`` is set.
+    """Run the shard worker of ``node`` on ``nc`` until ``stop`` is set. ``capacity`` (device
+    index -> total bytes) lets it refuse an assignment that cannot fit.
 
     ``SHARDPLANE_LOAD_LIMIT_MBPS`` (MB/s), when set, throttles shard loads, so that loading a
     new plan does not starve a serving process on the same host of disk bandwidth.
@@ -517,6 +565,7 @@ async def run_worker(
         hold_memory=hold_memory,
         read_limit_bps=load_limit_from_env(),
         read_mode=read_mode_from_env(),
+        capacity=capacity,
     ).run(stop)
 
 

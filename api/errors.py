@@ -13,6 +13,7 @@ import re
 
 import msgspec
 
+from shardplane.bus.codec import DecodeError, peek_identity
 from shardplane.bus.messages import PlacementRequest
 
 _encoder = msgspec.json.Encoder()
@@ -21,16 +22,30 @@ _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        echo: tuple[str | None, str | None] = (None, None),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.echo = echo  # the request's (instance_id, model), where it could be read
 
     def body(self) -> bytes:
         error = {"code": self.code, "message": self.message, "field": self.field}
-        return _encoder.encode({"ok": False, "error": error})
+        doc: dict[str, object] = {"ok": False, "error": error}
+        instance_id, model = self.echo
+        if instance_id is not None:
+            doc["instance_id"] = instance_id
+        if model is not None:
+            doc["model"] = model
+        return _encoder.encode(doc)
 
 
 def field_of(message: str) -> str | None:
@@ -65,18 +80,24 @@ def _suggest(name: str) -> str:
     return f"; did you mean `{close[0]}`?" if close else f"; known fields: {', '.join(fields)}"
 
 
-def request_error(exc: msgspec.ValidationError | msgspec.DecodeError, raw: bytes) -> ApiError:
-    """A 400 for a PlacementRequest body that does not decode, naming the field."""
+def request_error(
+    exc: msgspec.ValidationError | msgspec.DecodeError | DecodeError, raw: bytes
+) -> ApiError:
+    """A 400 for a PlacementRequest body that does not decode, naming the field, and the
+    request's instance id and model where they can still be read."""
     if not raw.strip():
         return ApiError(
             400, "invalid_request", "empty body; expected a PlacementRequest JSON object"
         )
+    echo = peek_identity(raw, "json")
+    if isinstance(exc, DecodeError):  # over a limit: too large, nested too deep
+        return ApiError(400, "invalid_request", str(exc), None, echo)
     if not isinstance(exc, msgspec.ValidationError):
-        return ApiError(400, "invalid_request", f"the body is not valid JSON: {exc}")
+        return ApiError(400, "invalid_request", f"the body is not valid JSON: {exc}", None, echo)
     message = str(exc)
     field = field_of(message)
     if field is not None and "unknown field" in message and "." not in field:
         message += _suggest(field)
     elif field is not None and message.startswith("Invalid enum value"):
         message += _choices(field)
-    return ApiError(400, "invalid_request", f"invalid PlacementRequest: {message}", field)
+    return ApiError(400, "invalid_request", f"invalid PlacementRequest: {message}", field, echo)

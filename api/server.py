@@ -29,9 +29,11 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.api import metrics, openapi
+from shardplane.api.auth import JsonErrorRunner, check_binding, env_token, token_middleware
 from shardplane.api.errors import ApiError, request_error
 from shardplane.api.state import KINDS, Change, ClusterCache, sse_event
 from shardplane.bus import subjects
+from shardplane.bus.codec import BOM, DecodeError, check_limits
 from shardplane.bus.ids import TOKEN_PATTERN
 from shardplane.bus.messages import ErrorCode, PlacementReply, PlacementRequest
 from shardplane.bus.streams import CLUSTER_STATE, provision
@@ -418,8 +420,9 @@ async def place(request: web.Request) -> web.Response:
     state = _state(request)
     raw = await request.read()
     try:
-        parsed = _request_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        check_limits(raw, "json", "PlacementRequest")
+        parsed = _request_decoder.decode(raw.removeprefix(BOM))
+    except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
         state.placement_requests["invalid_request"] += 1
         raise request_error(exc, raw) from None
     timeout = state.request_timeout_s
@@ -670,9 +673,13 @@ def make_app(
     request_timeout_s: float = 30.0,
     history_points: int = 150,
     metrics_interval_s: float = metrics.RENDER_INTERVAL_S,
+    token: str | None = None,
 ) -> web.Application:
-    """The whole API on one NATS connection; the watch runs while the app runs."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
+    """The whole API on one NATS connection; the watch runs while the app runs. With ``token``,
+    mutating endpoints need it as a bearer token (``api.auth``)."""
+    app = web.Application(
+        middlewares=[errors_middleware, token_middleware(token)], client_max_size=1024 * 1024
+    )
     # A misspelt host label setting stops the API here, before it serves one scrape.
     cache = ClusterCache(history_points, host_label=metrics.host_label_from_env())
     state = ApiState(nc=nc, cache=cache, hub=Hub(), request_timeout_s=request_timeout_s)
@@ -721,7 +728,7 @@ async def start_app(
     app: web.Application, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, str]:
     """Start ``app`` on ``host:port`` (0 picks a free port); returns the runner and base URL."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = JsonErrorRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -730,10 +737,19 @@ async def start_app(
 
 
 async def run_api(
-    nc: Client, *, stop: asyncio.Event, host: str = "127.0.0.1", port: int = 8080
+    nc: Client,
+    *,
+    stop: asyncio.Event,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    token: str | None = None,
 ) -> None:
-    """Serve until ``stop`` is set, then close clients (SSE streams included) and return."""
-    runner, url = await start_app(make_app(nc), host, port)
+    """Serve until ``stop`` is set, then close clients (SSE streams included) and return.
+    ``token`` (default ``SHARDPLANE_API_TOKEN``) guards mutating endpoints; without one, a
+    non-loopback ``host`` raises InsecureBinding before anything is served."""
+    token = token or env_token()
+    check_binding(host, token)
+    runner, url = await start_app(make_app(nc, token=token), host, port)
     log.info("status API and dashboard on %s/", url)
     # Whatever is alive now (modules, connections, the loaded cache) lives for the process:
     # moving it out of the cycle collector's generations keeps its full collections, which

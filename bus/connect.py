@@ -1,10 +1,16 @@
 """One way to connect: NATS_URL (default nats://127.0.0.1:4222), reconnect forever with backoff,
-credentials from NATS_CREDS / NATS_USER+NATS_PASSWORD / NATS_TOKEN when configured."""
+credentials from ``creds`` / NATS_CREDS / NATS_USER+NATS_PASSWORD / NATS_TOKEN when configured.
+
+A credentials file is either a NATS JWT ``.creds`` file (decentralised auth, passed on as is)
+or one written by ``shardplane auth`` (``bus.auth``): then the connection signs with its nkey,
+uses its role's private inbox prefix, and is remembered as that role (so a non-admin role never
+tries to provision streams)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -19,7 +25,30 @@ def nats_url(url: str | None = None) -> str:
     return url or os.environ.get("NATS_URL") or DEFAULT_URL
 
 
-async def connect(url: str | None = None, name: str = "shardplane", **overrides: Any) -> Client:
+JWT_MARKER = "BEGIN NATS USER JWT"
+
+
+def credential_options(path: str | Path) -> tuple[dict[str, Any], Any]:
+    """nats-py options for the credentials file at ``path``, and its shardplane credentials
+    (None for a JWT .creds file). Raises AuthError when the file is neither."""
+    from shardplane.bus.auth import AuthError, read_credentials
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise AuthError(f"cannot read credentials {path}: {exc.strerror}") from None
+    if JWT_MARKER in text:
+        return {"user_credentials": str(path)}, None
+    creds = read_credentials(path)
+    return {"nkeys_seed_str": creds.seed, "inbox_prefix": creds.inbox}, creds
+
+
+async def connect(
+    url: str | None = None,
+    name: str = "shardplane",
+    creds: str | Path | None = None,
+    **overrides: Any,
+) -> Client:
     client: list[Client] = []
 
     def closing() -> bool:
@@ -49,8 +78,10 @@ async def connect(url: str | None = None, name: str = "shardplane", **overrides:
         "reconnected_cb": on_reconnected,
         "pending_size": 64 * 1024 * 1024,
     }
-    if creds := os.environ.get("NATS_CREDS"):
-        options["user_credentials"] = creds
+    ours: Any = None
+    if creds_file := creds or os.environ.get("NATS_CREDS"):
+        extra, ours = credential_options(creds_file)
+        options.update(extra)
     if user := os.environ.get("NATS_USER"):
         options["user"] = user
         options["password"] = os.environ.get("NATS_PASSWORD", "")
@@ -59,4 +90,8 @@ async def connect(url: str | None = None, name: str = "shardplane", **overrides:
     options.update(overrides)
     nc = await nats.connect(**options)
     client.append(nc)
+    if ours is not None:
+        from shardplane.bus.auth import remember_role
+
+        remember_role(nc, ours.role)
     return nc

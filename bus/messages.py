@@ -142,25 +142,49 @@ class NodeHeartbeat(Frozen, frozen=True):
 # --- placement -------------------------------------------------------------------------------
 
 
-class ModelCard(Frozen, frozen=True):
-    """A transformer's architecture, enough to compute every byte the planner needs."""
+class ModelCard(Frozen, frozen=True, forbid_unknown_fields=True):
+    """A transformer's architecture, enough to compute every byte the planner needs.
 
+    Unknown fields are refused (a typo such as ``bytes_per_parm`` would otherwise leave the
+    default in place and silently change every estimate), and the sizes must agree with each
+    other (:meth:`__post_init__`), since the planner divides by them."""
+
+    # Upper bounds far beyond any published model (hidden 25,600, vocab 256k, 384 experts),
+    # low enough that every byte count the planner multiplies out stays an exact 64-bit
+    # integer for the solver.
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     layers: Annotated[int, Meta(ge=1, le=4096)]
-    hidden: Annotated[int, Meta(ge=1)]
-    intermediate: Annotated[int, Meta(ge=1)]
-    heads: Annotated[int, Meta(ge=1)]
-    kv_heads: Annotated[int, Meta(ge=1)]
-    vocab: Annotated[int, Meta(ge=1)]
-    head_dim: Annotated[int, Meta(ge=1)] | None = None
+    hidden: Annotated[int, Meta(ge=1, le=65_536)]
+    intermediate: Annotated[int, Meta(ge=1, le=262_144)]
+    heads: Annotated[int, Meta(ge=1, le=4096)]
+    kv_heads: Annotated[int, Meta(ge=1, le=4096)]
+    vocab: Annotated[int, Meta(ge=1, le=4_194_304)]
+    head_dim: Annotated[int, Meta(ge=1, le=2048)] | None = None
     tied_embeddings: bool = False
     bytes_per_param: Annotated[float, Meta(gt=0.0, le=8.0)] = 2.0
     kv_bytes_per_elem: Annotated[float, Meta(gt=0.0, le=8.0)] = 2.0
-    experts: Annotated[int, Meta(ge=1)] = 1
-    experts_per_token: Annotated[int, Meta(ge=1)] = 1
-    moe_intermediate: Annotated[int, Meta(ge=1)] | None = None
+    experts: Annotated[int, Meta(ge=1, le=1024)] = 1
+    experts_per_token: Annotated[int, Meta(ge=1, le=1024)] = 1
+    moe_intermediate: Annotated[int, Meta(ge=1, le=262_144)] | None = None
     attention_bias: bool = False
     params_b: NonNeg | None = None  # published parameter count, billions (documentation)
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError naming the card.
+        if self.head_dim is None and self.hidden // self.heads < 1:
+            raise ValueError(
+                f"heads ({self.heads}) exceed hidden ({self.hidden}): head_dim would be "
+                f"{self.hidden // self.heads}; give head_dim or fewer heads"
+            )
+        if self.kv_heads > self.heads or self.heads % self.kv_heads:
+            raise ValueError(
+                f"kv_heads ({self.kv_heads}) must divide heads ({self.heads}): each key/value "
+                "head serves a whole group of query heads"
+            )
+        if self.experts_per_token > self.experts:
+            raise ValueError(
+                f"experts_per_token ({self.experts_per_token}) exceeds experts ({self.experts})"
+            )
 
 
 Objective = Literal["throughput", "latency"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, cast
@@ -106,7 +107,17 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
 
 
 async def provision(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update every stream and bucket. Safe to run any number of times."""
+    """Create or update every stream and bucket. Safe to run any number of times.
+
+    Only in the single-user dev mode (no shardplane role) or as ``admin``: a connection with
+    any other role (``bus.auth``) may not create or change streams, so it only waits until an
+    admin has provisioned them (``shardplane up`` does so first; else ``shardplane auth
+    provision``)."""
+    from shardplane.bus.auth import may_provision
+
+    if not may_provision(js._nc):  # pyright: ignore[reportPrivateUsage]
+        await wait_provisioned(js)
+        return
     for config in stream_configs(replicas):
         assert config.name is not None
         try:
@@ -119,6 +130,33 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
             await js.key_value(bucket.bucket)
         except (NotFoundError, BadRequestError):
             await js.create_key_value(bucket)
+
+
+PROVISION_WAIT_LOG_S = 10.0
+
+
+async def wait_provisioned(js: JetStreamContext) -> None:
+    """Return once every stream and bucket exists; says what is missing every few seconds."""
+    names = [c.name for c in stream_configs() if c.name] + [
+        f"KV_{b.bucket}" for b in bucket_configs()
+    ]
+    waited = 0.0
+    while True:
+        missing: list[str] = []
+        for name in names:
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                missing.append(name)
+        if not missing:
+            return
+        if waited % PROVISION_WAIT_LOG_S == 0:
+            log.warning(
+                "waiting for an admin to provision %s (`shardplane auth provision`)",
+                ", ".join(missing),
+            )
+        await asyncio.sleep(1.0)
+        waited += 1.0
 
 
 async def cluster_state(js: JetStreamContext) -> KeyValue:

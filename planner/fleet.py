@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceState, NodeState
+from shardplane.planner.plausible import implausible
 
 # Link figures used when telemetry says nothing (documented in the README's cost model).
 DEFAULT_NET_GBPS = 10.0  # Gbit/s between nodes (10 GbE)
@@ -147,6 +148,8 @@ def _exclusion(
         return f"too hot: {s.temperature_c:.0f} C >= {HOT_C:.0f} C"
     if s.memory_total_bytes is None and s.memory_free_bytes is None:
         return "no memory figures reported"
+    if (doubt := implausible(s)) is not None:
+        return f"implausible telemetry, not trusted: {doubt}"
     return None
 
 

@@ -184,7 +184,22 @@ class Planner:
     # -- the request ---------------------------------------------------------------------------
 
     async def handle(self, req: PlacementRequest) -> PlacementReply:
-        """Plan (and unless dry_run reserve and publish) one request; never raises."""
+        """Plan (and unless dry_run reserve and publish) one request; never raises. An error
+        reply names the request's instance id (when it gave one) and model."""
+        reply = await self._handle_or_error(req)
+        if reply.ok:
+            return reply
+        return msgspec.structs.replace(
+            reply,
+            instance_id=reply.instance_id or req.instance_id,
+            model=reply.model or _model_name(req),
+            context_tokens=reply.context_tokens or req.context_tokens,
+            batch=reply.batch or req.batch,
+            objective=req.objective,
+            dry_run=req.dry_run,
+        )
+
+    async def _handle_or_error(self, req: PlacementRequest) -> PlacementReply:
         try:
             return await self._handle(req)
         except PlanError as exc:
@@ -395,7 +410,10 @@ class Planner:
         try:
             req = codec.decode(PlacementRequest, data, encoding)
         except DecodeError as exc:
-            reply = _error("invalid_request", str(exc))
+            ident, model = codec.peek_identity(data, encoding)
+            reply = msgspec.structs.replace(
+                _error("invalid_request", str(exc)), instance_id=ident, model=model
+            )
         else:
             reply = await self.handle(req)
         body = codec.encode(reply, encoding)

@@ -71,6 +71,8 @@ def decode_event(subject: str, data: bytes) -> Event | Poison:
             return status
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return Poison(f"invalid payload: {exc}")
+    except RecursionError:  # nested past the parser's depth (in a field it would skip)
+        return Poison("invalid payload: nested too deep to read")
     return Poison(f"unexpected subject {subject!r}")
 
 

@@ -24,6 +24,7 @@ SUBCOMMANDS = (
     "demo",
     "bench",
     "models",
+    "auth",
 )
 
 
@@ -31,7 +32,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nats-url", default=None, help="NATS server (default: $NATS_URL or nats://127.0.0.1:4222)"
     )
+    p.add_argument(
+        "--creds",
+        type=Path,
+        default=None,
+        help="credentials file of this process's role (default: $NATS_CREDS)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _no_auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="development: an open NATS server and API (no role users, no API token)",
+    )
 
 
 def _one_shot(p: argparse.ArgumentParser) -> None:
@@ -66,12 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-agents", action="store_true", help="run no agents (real nodes run their own)"
     )
     p.add_argument("--interval", type=float, default=None, help="agent sample interval, seconds")
+    _no_auth(p)
 
     p = sub.add_parser("nats", help="run the embedded nats-server (JetStream) in the foreground")
     p.add_argument("--config", type=Path, default=None, help="config file (default ./nats.conf)")
     p.add_argument("--port", type=int, default=4222)
     p.add_argument("--store", type=Path, default=Path("data/nats"))
     p.add_argument("--monitor-port", type=int, default=8222)
+    p.add_argument(
+        "--auth-dir",
+        type=Path,
+        default=None,
+        help="run with the role users of this folder (created if missing, as `auth init`)",
+    )
 
     p = sub.add_parser("agent", help="publish GPU telemetry and load assigned shards")
     _common(p)
@@ -83,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-device", action="store_true", help="expose host RAM as a CPU device")
     p.add_argument("--no-temperature", action="store_true", help="do not read temperatures")
     p.add_argument("--no-power", action="store_true", help="do not read power")
+    p.add_argument(
+        "--worker-creds",
+        type=Path,
+        default=None,
+        help="the worker's own credentials (default: the agent's connection)",
+    )
 
     p = sub.add_parser("projector", help="materialise cluster state into the KV bucket")
     _common(p)
@@ -151,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama-3.1-70b")
     p.add_argument("--api-port", type=int, default=8080)
     p.add_argument("--interval", type=float, default=None)
+    _no_auth(p)
 
     p = sub.add_parser(
         "bench",
@@ -166,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model catalog")
     p.add_argument("--json", action="store_true", help="the cards and derived sizes as JSON")
+    from shardplane.secure import add_parser as add_auth_parser
+
+    add_auth_parser(sub)
     return parser
 
 
@@ -250,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _logging(getattr(args, "verbose", False))
     if getattr(args, "nats_url", None):
         os.environ["NATS_URL"] = args.nats_url
-    from shardplane import commands
+    if getattr(args, "creds", None) and args.command != "auth":
+        os.environ["NATS_CREDS"] = str(args.creds)
+    from shardplane import commands, secure
 
     handler: Callable[[argparse.Namespace], int] | None = {
         "up": commands.up,
@@ -263,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": commands.status,
         "demo": commands.demo,
         "models": commands.models,
+        "auth": secure.command,
     }.get(args.command)
     try:
         if args.command == "bench":

@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.js.errors import BucketNotFoundError
 
-from shardplane import render
+from shardplane import render, secure
 from shardplane.bus import codec, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
@@ -62,6 +62,9 @@ def _serve(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except NatsUnreachable as exc:
         print(f"shardplane: {exc}", file=sys.stderr, flush=True)
         return 1
+    except (secure.AuthError, secure.InsecureBinding) as exc:  # bad creds; API open to all
+        print(f"shardplane: {exc}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -89,17 +92,25 @@ async def run_services(
     api_port: int = 8080,
     interval_s: float | None = None,
     ttl_s: float | None = None,
+    creds: Mapping[str, Path] | None = None,
+    api_token: str | None = None,
 ) -> list[asyncio.Task[None]]:
-    """Start the chosen components as tasks, each on its own connection.
+    """Start the chosen components as tasks, each on its own connection (with ``creds``, each
+    as its role, after the admin provisioned the bus).
 
     Raises NatsUnreachable when ``stop`` is set before NATS answers."""
-    nc = await connect_unless_stopped(url, stop, "shardplane-provision")
-    await provision(nc.jetstream())
+    roles: Mapping[str, Path] = creds or {}
+    nc = await connect_unless_stopped(url, stop, "shardplane-provision", roles.get("admin"))
+    if creds:
+        await secure.admin_provision(nc)
+    else:
+        await provision(nc.jetstream())
     await nc.close()
     tasks: list[asyncio.Task[None]] = []
 
     async def run(name: str, body: Callable[[Client], Awaitable[None]]) -> None:
-        client = await connect_unless_stopped(url, stop, f"shardplane-{name}")
+        role = "agent" if name == "agents" else name
+        client = await connect_unless_stopped(url, stop, f"shardplane-{name}", roles.get(role))
         try:
             await body(client)
         except Exception:
@@ -127,19 +138,32 @@ async def run_services(
 
         tasks.append(
             asyncio.create_task(
-                run("api", lambda c: run_api(c, stop=stop, host=api_host, port=api_port))
+                run(
+                    "api",
+                    lambda c: run_api(c, stop=stop, host=api_host, port=api_port, token=api_token),
+                )
             )
         )
     if fleet is not None:
         from shardplane.agents.service import run_agents
 
-        tasks.append(
-            asyncio.create_task(
-                run(
-                    "agents", lambda c: run_agents(c, stop=stop, fleet=fleet, interval_s=interval_s)
+        async def agents(c: Client) -> None:
+            # With roles, the workers connect as `worker`: the agent may only publish telemetry.
+            workers = None
+            if "worker" in roles:
+                workers = await connect_unless_stopped(
+                    url, stop, "shardplane-workers", roles["worker"]
                 )
-            )
-        )
+            try:
+                await run_agents(
+                    c, stop=stop, fleet=fleet, interval_s=interval_s, worker_nc=workers
+                )
+            finally:
+                if workers is not None:
+                    with contextlib.suppress(Exception):
+                        await workers.drain()
+
+        tasks.append(asyncio.create_task(run("agents", agents)))
     return tasks
 
 
@@ -156,13 +180,27 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -
 
 
 @contextlib.asynccontextmanager
-async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
+async def _nats_for(url: str | None, secured: bool = False, fleet: Path | None = None):  # type: ignore[no-untyped-def]
+    """(URL, role credentials or None). ``secured``: an embedded server runs with the role
+    users of ``data/auth`` (generated on first start), and a running one is spoken to with
+    them when that folder has them and the environment names no credentials."""
     server = embedded_for(url)
+    creds: dict[str, Path] | None = None
+    if secured:
+        nodes = tuple(n.name for n in _fleet_nodes(fleet))
+        if server is not None:
+            server.config = secure.prepare(secure.AUTH_DIR, server.config, nodes)
+            creds = secure.role_creds(secure.AUTH_DIR)
+        elif secure.client_creds() is not None:
+            creds = secure.role_creds(secure.AUTH_DIR)
     if server is None:
-        yield nats_url(url)
+        yield nats_url(url), creds
         return
     log.info(
-        "no NATS at %s; starting the embedded nats-server (store %s)", server.url, server.store_dir
+        "no NATS at %s; starting the embedded nats-server (store %s%s)",
+        server.url,
+        server.store_dir,
+        ", role users" if creds else "",
     )
     async with server:
         # Its ports may not be the defaults (taken ones are skipped): say which they are.
@@ -171,15 +209,29 @@ async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
             f"http://127.0.0.1:{server.monitor_port}/, store {server.store_dir}",
             flush=True,
         )
-        yield server.url
+        yield server.url, creds
+
+
+def _fleet_nodes(fleet: Path | None) -> list[Any]:
+    if fleet is None:
+        return []
+    from shardplane.agents.fleet import load
+
+    return list(load(fleet).nodes)
+
+
+def _api_token(args: argparse.Namespace) -> str | None:
+    return secure.env_token() if args.no_auth else secure.api_token(secure.AUTH_DIR)
 
 
 def up(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        async with _nats_for(args.nats_url) as url:
-            fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
+        fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
+        token = _api_token(args)
+        secure.check_binding(args.api_host, token)  # before anything starts
+        async with _nats_for(args.nats_url, not args.no_auth, fleet) as (url, creds):
             tasks = await run_services(
                 url,
                 stop,
@@ -187,9 +239,12 @@ def up(args: argparse.Namespace) -> int:
                 api_host=args.api_host,
                 api_port=args.api_port,
                 interval_s=args.interval,
+                creds=creds,
+                api_token=token,
             )
             print(
-                f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/",
+                f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/"
+                + (f" (API token for changes: {token})" if token else ""),
                 flush=True,
             )
             return await _until_stopped(tasks, stop)
@@ -198,10 +253,13 @@ def up(args: argparse.Namespace) -> int:
 
 
 def nats_server(args: argparse.Namespace) -> int:
+    config = args.config or default_config()
+    if args.auth_dir is not None:
+        config = secure.prepare(args.auth_dir, config, ())
     server = NatsServer(
         port=args.port,
         store_dir=args.store,
-        config=args.config or default_config(),
+        config=config,
         monitor_port=args.monitor_port,
     )
     # The child runs in its own session (a Ctrl-C in the terminal reaches only us), so every
@@ -227,6 +285,8 @@ def _single(component: str, args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         url = nats_url(args.nats_url)
+        if component == "api":
+            secure.check_binding(args.host, secure.env_token())  # before anything starts
         tasks = await run_services(
             url,
             stop,
@@ -261,8 +321,14 @@ def agent(args: argparse.Namespace) -> int:
 
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        nc = await connect_unless_stopped(nats_url(args.nats_url), stop, "shardplane-agent")
+        url = nats_url(args.nats_url)
+        nc = await connect_unless_stopped(url, stop, "shardplane-agent")
         await provision(nc.jetstream())
+        workers = None
+        if args.worker_creds is not None:
+            workers = await connect_unless_stopped(
+                url, stop, "shardplane-worker", args.worker_creds
+            )
         try:
             await run_agents(
                 nc,
@@ -273,8 +339,11 @@ def agent(args: argparse.Namespace) -> int:
                 cpu_device=args.cpu_device,
                 temperature=not args.no_temperature,
                 power=not args.no_power,
+                worker_nc=workers,
             )
         finally:
+            if workers is not None:
+                await workers.drain()
             await nc.drain()
         return 0
 
@@ -315,7 +384,9 @@ async def connect_briefly(args: argparse.Namespace, name: str) -> Client:
     _stop_on_signals(stop)
     timer = loop.call_later(args.connect_timeout, stop.set)
     try:
-        return await connect_unless_stopped(nats_url(args.nats_url), stop, name)
+        return await connect_unless_stopped(
+            nats_url(args.nats_url), stop, name, secure.client_creds()
+        )
     finally:
         timer.cancel()
         # Nothing watches ``stop`` after this: Ctrl-C and SIGTERM act as usual again.
@@ -620,11 +691,19 @@ def demo(args: argparse.Namespace) -> int:
         fleet = _fleet_path(args, DEMO_FLEET)
         assert fleet is not None
         expected = fleet_device_count(fleet)
-        async with _nats_for(args.nats_url) as url:
+        async with _nats_for(args.nats_url, not args.no_auth, fleet) as (url, creds):
+            token = _api_token(args)
             tasks = await run_services(
-                url, stop, fleet=fleet, api_port=args.api_port, interval_s=args.interval
+                url,
+                stop,
+                fleet=fleet,
+                api_port=args.api_port,
+                interval_s=args.interval,
+                creds=creds,
+                api_token=token,
             )
-            nc = await connect_unless_stopped(url, stop, "shardplane-demo")
+            client = (creds or {}).get(secure.CLIENT_ROLE)
+            nc = await connect_unless_stopped(url, stop, "shardplane-demo", client)
             try:
                 seen = await wait_for_devices(nc, expected, timeout=30, since=time.time() - 1.0)
                 print(f"fleet {fleet.name}: {seen}/{expected} devices reporting", flush=True)
@@ -655,6 +734,8 @@ def demo(args: argparse.Namespace) -> int:
                     f"dashboard: http://127.0.0.1:{args.api_port}/   (ready in {time.monotonic() - started:.1f} s)",
                     flush=True,
                 )
+                if token:
+                    print(f"API token for changes (Authorization: Bearer): {token}", flush=True)
             finally:
                 await nc.close()
             if args.once:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client
@@ -75,12 +76,16 @@ class _Errors:
         return f"{_describe(self.last)} ({self.failures} failed {tries} in {waited_s:.1f} s)"
 
 
-async def connect_unless_stopped(url: str, stop: asyncio.Event, name: str) -> Client:
+async def connect_unless_stopped(
+    url: str, stop: asyncio.Event, name: str, creds: Path | None = None
+) -> Client:
     """A connection to ``url``, retried until it succeeds; NatsUnreachable if ``stop`` is set
     first. Other connect errors (bad URL, unreadable credentials) propagate as they are."""
     errors = _Errors(name)
     started = time.monotonic()
-    connecting = asyncio.ensure_future(connect(url, name=name, error_cb=errors.on_error))
+    connecting = asyncio.ensure_future(
+        connect(url, name=name, creds=creds, error_cb=errors.on_error)
+    )
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
