@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shardplane.api.server import make_app, start_app
+from shardplane.bus import auth
 from shardplane.bus.streams import cluster_state
 from shardplane.natsserver import NatsServer, free_port, server_binary
 
@@ -61,10 +62,11 @@ def test_services_wait_for_healthy_nats_and_check_readiness() -> None:
     nats_check = services["nats"]["healthcheck"]["test"]
     assert nats_check[0] == "CMD" and "http://127.0.0.1:8222/healthz" in nats_check
     assert services["nats"]["image"].endswith("-alpine")  # it has the wget the check runs
-    assert "8222:8222" in services["nats"]["ports"]
+    # Published on the host's loopback only (the security issue): the monitor port still works.
+    assert "127.0.0.1:8222:8222" in services["nats"]["ports"]
     api_check = services["api"]["healthcheck"]["test"]
     assert api_check[:2] == ["CMD", "python"] and "/readyz" in api_check[-1]
-    for name in ("projector", "planner", "api", "agent"):
+    for name in ("provision", "projector", "planner", "api", "agent"):
         assert services[name]["depends_on"] == {"nats": {"condition": "service_healthy"}}, name
 
 
@@ -91,7 +93,11 @@ def test_the_nats_service_command_opens_its_monitor_on_every_interface() -> None
     command = list(compose()["services"]["nats"]["command"])
     client, mon = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="shardplane-compose-") as store:
-        swap = {"/etc/nats/nats.conf": str(ROOT / "nats.conf"), "/data": store, "8222": str(mon)}
+        # /auth/server.conf is what `shardplane auth init data/auth --base-config nats.conf`
+        # writes on the host: nats.conf followed by the role users.
+        auth.init_dir(Path(store) / "auth", base_config=ROOT / "nats.conf")
+        server_conf = Path(store) / "auth" / auth.SERVER_CONF
+        swap = {"/auth/server.conf": str(server_conf), "/data": store, "8222": str(mon)}
         args = [swap.get(a, a) for a in command] + ["-p", str(client)]
         proc = subprocess.Popen([str(server_binary()), *args], stderr=subprocess.PIPE)
         try:
