@@ -56,5 +56,7 @@ async def test_demo_is_secured_by_default(tmp_path: Path) -> None:
     token = (folder / "api-token").read_text().strip()
     assert f"API token for changes (Authorization: Bearer): {token}" in out
     assert "instance demo-llama-3-1-70b: reserved" in out
-    log = (tmp_path / "data" / "nats" / "nats-server.log").read_text()
+    # The embedded server's store is data/nats-<port> (one per port, so two `up`s can coexist).
+    (log_file,) = (tmp_path / "data").glob("nats*/nats-server.log")
+    log = log_file.read_text()
     assert "data/auth/server.conf" in log and "Violation" not in log
