@@ -33,10 +33,15 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import (
     APIError,
     BadRequestError,
+    KeyDeletedError,
+    KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
+
+from shardplane.bus.retry import Outage
+from shardplane.bus.streams import ensure_bucket, wanted_replicas
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +78,20 @@ class Lease:
                 if ttl:
                     self.ttl_s = ttl
             except (NotFoundError, BadRequestError):
-                self._kv = await self.js.create_key_value(
+                # Replicated like the rest: a lease on the one server that died would stall
+                # every replica until that server came back.
+                replicas, explicit = wanted_replicas(self.js)
+                self._kv = await ensure_bucket(
+                    self.js,
                     KeyValueConfig(
                         bucket=LEASE_BUCKET,
                         description="which projector replica writes cluster_state",
                         history=1,
                         ttl=self.ttl_s,
                         storage=StorageType.FILE,
-                    )
+                        replicas=replicas,
+                    ),
+                    explicit,
                 )
         return self._kv
 
@@ -97,10 +108,29 @@ class Lease:
         try:
             revision = await kv.create(LEASE_KEY, self.holder.encode())
         except KeyWrongLastSequenceError:
-            return False
+            revision = await self._reclaim(kv)
+            if not revision:
+                return False
         self._granted(revision, sent)
         log.info("projector %s holds the lease", self.holder)
         return True
+
+    async def _reclaim(self, kv: KeyValue) -> int:
+        """The key exists: if it still names this holder (a renewal whose answer was lost in a
+        reconnect, a create that landed before its answer did), renew it and keep leading,
+        instead of standing by for a TTL behind our own lease. 0 when it is someone else's."""
+        try:
+            entry = await kv.get(LEASE_KEY)
+        except (KeyNotFoundError, KeyDeletedError):
+            return 0
+        if entry.value != self.holder.encode() or not entry.revision:
+            return 0
+        try:
+            revision = await kv.update(LEASE_KEY, self.holder.encode(), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return 0
+        log.info("projector %s still holds the lease (reclaimed after a reconnect)", self.holder)
+        return revision
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this replica holds the lease (True) or ``stop`` is set (False)."""
@@ -126,9 +156,13 @@ class Lease:
         try:
             revision = await kv.update(LEASE_KEY, self.holder.encode(), last=self._revision)
         except KeyWrongLastSequenceError:
-            log.warning("projector %s lost the lease", self.holder)
-            self._revision = 0
-            return False
+            # An earlier renewal may have landed with its answer lost (a reconnect, a leader
+            # change): then the key moved on but is still ours.
+            revision = await self._reclaim(kv)
+            if not revision:
+                log.warning("projector %s lost the lease", self.holder)
+                self._revision = 0
+                return False
         self._granted(revision, sent)
         return True
 
@@ -136,13 +170,15 @@ class Lease:
         """Renew every TTL/3 until cancelled; set ``lost`` (and return) when the lease cannot
         be kept. The leader cancels it only once it has stopped writing: a graceful stop keeps
         the lease while it finishes its last round, then releases it."""
+        outage = Outage("lease renewal", log)
         while not lost.is_set():
             await asyncio.sleep(self.ttl_s / 3)
             try:
                 if not await self.renew():
                     lost.set()
+                outage.recovered()
             except Exception as exc:  # a blip: keep trying while the lease is still valid
-                log.warning("lease renewal failed: %r", exc)
+                outage.failed(exc)
                 if not self.valid():
                     lost.set()
 

@@ -40,6 +40,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from shardplane.bus import subjects
+from shardplane.bus.messages import InstanceState
 from shardplane.bus.streams import PLACEMENTS, SHARDS, TELEMETRY, provision
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
@@ -159,6 +160,7 @@ class _Round:
     sweep_due: bool
     due_keys: list[str] | None
     size: int
+    now: float  # the time liveness is judged at: never past what TELEMETRY has delivered
     overlay: Overlay = field(init=False)
     deferred: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
     rejected: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
@@ -196,6 +198,13 @@ class Projector:
         # instead of scanning every key (8,000 devices every half second adds up).
         self._deadlines: list[tuple[float, str]] = []
         self._next_full_sweep = 0.0
+        # Liveness is judged at the time up to which TELEMETRY is known to be delivered (see
+        # Inbox.caught_up), not at the wall clock: while the stream cannot deliver (a leader
+        # election, an outage, a backlog a new leader has not applied yet) no device is
+        # written offline for samples that exist but have not arrived. Readers judge staleness
+        # on their own clock meanwhile (bus.liveness).
+        self._clock = 0.0
+        self._caught_up = False  # this leadership has applied TELEMETRY's backlog
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -233,6 +242,15 @@ class Projector:
         handback: list[Msg] = []  # taken but not stored: nak'd once the pulls have stopped
         try:
             loaded = await self.store.load()
+            self._caught_up = False
+            self._clock = max(
+                (
+                    v.last_seen
+                    for _, v in self.store.cache.items()
+                    if not isinstance(v, InstanceState)
+                ),
+                default=0.0,
+            )
             self._deadlines = []
             self._track(self.store.cache.items())
             self._next_full_sweep = 0.0
@@ -302,6 +320,7 @@ class Projector:
                         self.config.fetch_batch, timeout=self.config.fetch_timeout_s
                     )
                 except (TimeoutError, nats.errors.TimeoutError):
+                    inbox.caught_up[stream] = time.time()  # nothing left to deliver
                     continue
                 except Exception as exc:
                     log.warning("fetch failed: %r", exc)
@@ -349,6 +368,7 @@ class Projector:
                     if stop.is_set():
                         break
                 msgs = inbox.take(self.config.max_round)
+                self._advance(inbox)
                 due = time.monotonic() >= next_sweep
                 if msgs or due:
                     base = inflight_round.overlay if inflight_round is not None else None
@@ -367,6 +387,7 @@ class Projector:
                             raise
                         inflight = inflight_round = None
                         extra = inbox.take(max(0, self.config.max_round - round_.size))
+                        self._advance(inbox)
                         if clean:
                             round_.overlay.rebase(self.store.cache)
                             if extra:
@@ -410,6 +431,19 @@ class Projector:
 
     # --- one round ----------------------------------------------------------------------------
 
+    def _advance(self, inbox: Inbox) -> None:
+        """Move the liveness clock on once everything received has been taken into rounds
+        (a sweep must come after the messages that arrived before it, never before)."""
+        if inbox.msgs:
+            return
+        caught_up = inbox.caught_up.get(TELEMETRY, 0.0)
+        if caught_up <= 0.0:
+            return
+        if not self._caught_up:
+            self._caught_up = True
+            log.info("projector caught up with %s; liveness sweeps on", TELEMETRY)
+        self._clock = max(self._clock, min(time.time(), caught_up))
+
     def _decode(self, msgs: list[Msg]) -> list[_Item]:
         items: list[_Item] = []
         for msg in msgs:
@@ -427,8 +461,10 @@ class Projector:
         still being written, which the cache will hold once that round is stored)."""
         started = time.perf_counter()
         items = self._decode(msgs)
-        due_keys = self._due(time.time()) if sweep_due else None
-        round_ = _Round(items, sweep_due, due_keys, len(msgs))
+        sweep_due = sweep_due and self._caught_up  # a new leader applies the backlog first
+        now = self._clock
+        due_keys = self._due(now) if sweep_due else None
+        round_ = _Round(items, sweep_due, due_keys, len(msgs), now)
         self._apply(round_, base)
         self.stats.apply_s += time.perf_counter() - started
         return round_
@@ -441,11 +477,11 @@ class Projector:
         round_.items.extend(items)
         round_.size += len(msgs)
         if apply_now:
-            self._apply_items(round_, items, time.time())
+            self._apply_items(round_, items, round_.now)
         self.stats.apply_s += time.perf_counter() - started
 
     def _apply(self, round_: _Round, base: View | Overlay) -> None:
-        now = time.time()
+        now = round_.now
         round_.overlay = Overlay(base)
         round_.deferred, round_.rejected, round_.applied = [], [], []
         self._apply_items(round_, round_.items, now)
@@ -458,7 +494,7 @@ class Projector:
         for item in items:
             if item.event is None:
                 continue
-            seen = item.info.timestamp if item.info is not None else now
+            seen = item.info.timestamp if item.info is not None else time.time()
             outcome = apply(overlay, item.event, seen, now, self.liveness)
             if isinstance(outcome, Changes):
                 overlay.update(outcome.values)

@@ -1,0 +1,185 @@
+"""A local NATS cluster in one command: N wheel nats-servers on loopback, clustered.
+
+High availability needs at least three JetStream servers (a replicated stream needs a
+majority of its replicas to elect a leader), and starting them by hand means a route list, a
+unique server name, a cluster name and a store folder per server, and waiting until the
+JetStream meta layer has elected a leader before anything can be provisioned.
+:class:`NatsCluster` does all that for ``shardplane nats --cluster 3``, ``shardplane up
+--cluster 3``, the failover tests and ``bench failover`` (which kill servers with SIGKILL and
+start them again on the same ports and store, as a crashed machine would come back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import nats
+
+from shardplane.natsserver import NatsServer, NatsServerError, free_port
+
+CLUSTER_NAME = "shardplane"
+
+
+class ClusterMember(NatsServer):
+    """One server of a cluster: a NatsServer with a name, a route port and routes to the rest."""
+
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        cluster_port: int,
+        routes: list[int],
+        store_dir: Path,
+        config: Path | None = None,
+        monitor_port: int | None = None,
+    ) -> None:
+        super().__init__(port=port, store_dir=store_dir, config=config, monitor_port=monitor_port)
+        self.name = name
+        self.cluster_port = cluster_port
+        self.routes = routes
+
+    def command(self) -> list[str]:
+        routes = ",".join(f"nats://{self.host}:{p}" for p in self.routes)
+        return [
+            *super().command(),
+            *("--name", self.name, "--cluster_name", CLUSTER_NAME),
+            *("--cluster", f"nats://{self.host}:{self.cluster_port}", "--routes", routes),
+        ]
+
+
+class NatsCluster:
+    """``size`` clustered servers with JetStream; a (sync or async) context manager.
+
+    ``base_port``: client ports base_port, base_port+1...; route ports base_port+100+i; without
+    it every port is a free one. ``store_root``: one folder per server under it (a temporary
+    folder by default)."""
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        base_port: int | None = None,
+        store_root: str | Path | None = None,
+        config: Path | None = None,
+        monitor_base_port: int | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least 1 server, not {size}")
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if store_root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="shardplane-cluster-")
+            store_root = self._tmp.name
+        self.store_root = Path(store_root)
+        ports = [base_port + i if base_port else free_port() for i in range(size)]
+        route_ports = [base_port + 100 + i if base_port else free_port() for i in range(size)]
+        self.members = [
+            ClusterMember(
+                name=f"nats-{i + 1}",
+                port=ports[i],
+                cluster_port=route_ports[i],
+                routes=[p for j, p in enumerate(route_ports) if j != i],
+                store_dir=self.store_root / f"nats-{i + 1}",
+                config=config,
+                monitor_port=monitor_base_port + i if monitor_base_port else None,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every server, comma-separated: what NATS_URL should say so clients can fail over."""
+        return ",".join(m.url for m in self.members)
+
+    def member(self, name: str) -> ClusterMember:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(f"no server {name!r} in this cluster ({[m.name for m in self.members]})")
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        try:
+            for m in self.members:
+                m.start(timeout)
+            asyncio.run(wait_for_jetstream(self.url, timeout))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    async def __aenter__(self) -> NatsCluster:
+        try:
+            for m in self.members:
+                await asyncio.to_thread(m.start)
+            await wait_for_jetstream(self.url, 30.0)
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.cleanup)
+
+
+async def wait_for_jetstream(url: str, timeout: float) -> None:
+    """Until the cluster's JetStream answers an account info request (its meta layer has a
+    leader): before that, provisioning fails with 'JetStream system temporarily unavailable'."""
+    deadline = time.monotonic() + timeout
+    nc = await nats.connect(servers=url.split(","), connect_timeout=2, max_reconnect_attempts=-1)
+    try:
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                reply = await nc.request("$JS.API.INFO", b"", timeout=1.0)
+                answer = json.loads(reply.data)
+                if "error" not in answer:
+                    return
+                last = str(answer["error"])
+            except Exception as exc:  # no responders until JetStream is up
+                last = repr(exc)
+            await asyncio.sleep(0.1)
+        raise NatsServerError(f"the cluster's JetStream did not come up in {timeout}s: {last}")
+    finally:
+        await nc.close()
+
+
+async def stream_leader(nc: nats.NATS, stream: str) -> str | None:
+    """The name of the server leading ``stream`` (None while it has no leader)."""
+    try:
+        reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2.0)
+    except Exception:
+        return None
+    cluster = json.loads(reply.data).get("cluster") or {}
+    leader = cluster.get("leader")
+    return str(leader) if leader else None
