@@ -33,6 +33,7 @@ from shardplane.api.errors import ApiError, request_error
 from shardplane.api.state import KINDS, Change, ClusterCache, sse_event
 from shardplane.bus import subjects
 from shardplane.bus.ids import TOKEN_PATTERN
+from shardplane.bus.liveness import ttl_from_env
 from shardplane.bus.messages import ErrorCode, PlacementReply, PlacementRequest
 from shardplane.bus.streams import CLUSTER_STATE, provision
 
@@ -130,6 +131,7 @@ class ApiState:
     watch_task: asyncio.Task[None] | None = None
     metrics: Rendition | None = None
     last_scrape: float = 0.0
+    ttl_s: float | None = None  # liveness TTL for judging staleness (None: per node)
 
 
 STATE_KEY = web.AppKey("shardplane_api", ApiState)
@@ -206,6 +208,15 @@ async def watch_cluster_state(state: ApiState) -> None:
             if watcher is not None:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
+
+
+async def expire_stale(state: ApiState, interval_s: float = 0.5) -> None:
+    """Judge liveness on the API's clock every ``interval_s`` (bus.liveness): during an outage
+    nobody rewrites ``online``, and the API must not keep serving it as fresh."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for change in state.cache.expire(time.time(), state.ttl_s):
+            _publish(state, change)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -292,6 +303,12 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("the cluster_state watch has not delivered the bucket yet")
     if state.watch_error:
         problems.append(f"the cluster_state watch failed: {state.watch_error}")
+    age, ttl = state.cache.view_age(time.time()), state.cache.view_ttl(state.ttl_s)
+    if age is not None and age > ttl:
+        problems.append(
+            f"the view is {age:.1f} s old (newest sample), over the {ttl:g} s TTL: "
+            "the projector or NATS is behind"
+        )
     body = {
         "ready": not problems,
         "problems": problems,
@@ -670,11 +687,16 @@ def make_app(
     request_timeout_s: float = 30.0,
     history_points: int = 150,
     metrics_interval_s: float = metrics.RENDER_INTERVAL_S,
+    ttl_s: float | None = None,
 ) -> web.Application:
     """The whole API on one NATS connection; the watch runs while the app runs."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
     state = ApiState(
-        nc=nc, cache=ClusterCache(history_points), hub=Hub(), request_timeout_s=request_timeout_s
+        nc=nc,
+        cache=ClusterCache(history_points),
+        hub=Hub(),
+        request_timeout_s=request_timeout_s,
+        ttl_s=ttl_s if ttl_s is not None else ttl_from_env(),
     )
     app[STATE_KEY] = state
 
@@ -683,12 +705,13 @@ def make_app(
         refresher = asyncio.create_task(
             refresh_metrics(state, metrics_interval_s), name="api-metrics"
         )
+        expirer = asyncio.create_task(expire_stale(state), name="api-liveness")
         # Serve only once the bucket is loaded (or 10 s passed): a first request should see
         # the whole fleet, and /readyz tells the truth either way.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.synced.wait(), 10.0)
         yield
-        for task in (state.watch_task, refresher):
+        for task in (state.watch_task, refresher, expirer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -18,7 +18,6 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
@@ -29,6 +28,7 @@ from nats.micro.request import Request
 from shardplane.bus import codec, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
+from shardplane.bus.liveness import judge_device, ttl_from_env
 from shardplane.bus.messages import (
     DeviceState,
     ErrorInfo,
@@ -39,6 +39,7 @@ from shardplane.bus.messages import (
     PlacementRequest,
     ShardAssignment,
 )
+from shardplane.bus.retry import retrying
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
 from shardplane.planner import ledger
 from shardplane.planner.catalog import UnknownModel, resolve
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "shardplane-planner"
 SERVICE_VERSION = "0.1.0"
 MAX_COMMIT_ATTEMPTS = 50
-PUBLISH_ATTEMPTS = 5
 PLAN_GRACE_S = 20.0  # beyond the solver's own time limit before a request answers "timeout"
 
 ERROR_STATUS = {
@@ -101,6 +101,14 @@ class StateCache:
                     self.instances[rest] = codec.decode(InstanceState, value)
         except DecodeError as exc:  # one bad value must not blind the planner to the rest
             log.warning("cluster_state %s: %s", key, exc)
+
+    def judged_devices(self) -> list[DeviceState]:
+        """The devices with liveness judged on this planner's clock (bus.liveness): a device
+        the projector has not rewritten for a TTL is not placed on as if it were online."""
+        now, ttl = time.time(), ttl_from_env()
+        return [
+            judge_device(d, self.nodes.get(d.sample.node), now, ttl) for d in self.devices.values()
+        ]
 
     async def follow(self, kv: KeyValue, stop: asyncio.Event) -> None:
         watcher = await kv.watchall()
@@ -159,22 +167,19 @@ class Planner:
         return await asyncio.to_thread(resolve, req.model)
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        """JetStream publish with our own retries: nats-py does not retry a publish that got
-        no answer, and the same Nats-Msg-Id makes a retry safe."""
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                await self.js.publish(
-                    subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0
-                )
-                return
-            except (NoRespondersError, NatsTimeoutError):
-                if attempt + 1 == PUBLISH_ATTEMPTS:
-                    raise
-                await asyncio.sleep(0.05 * 2**attempt)
+        """JetStream publish with our own retries through a leader election: nats-py does not
+        retry a publish that got no answer, and the same Nats-Msg-Id makes a retry safe."""
+        await retrying(
+            lambda: self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0),
+            f"publish {subject}",
+        )
+
+    async def _put_plan(self, key: str, body: bytes) -> None:
+        await retrying(lambda: self.ledger_kv.put(key, body), "ledger plan write")
 
     def _fleet(self, req: PlacementRequest, promised: dict[str, int]) -> Fleet:
         return build_fleet(
-            self.cache.devices.values(),
+            self.cache.judged_devices(),
             self.cache.nodes,
             exclude_nodes=req.exclude_nodes,
             promised=promised,
@@ -269,7 +274,7 @@ class Planner:
             )
             instances = dict(doc.instances)
             instances[instance_id] = entry
-            await self.ledger_kv.put(key, codec.encode(reply))
+            await self._put_plan(key, codec.encode(reply))
             try:
                 await ledger.commit(self.ledger_kv, ledger.LedgerDoc(instances=instances), revision)
             except KeyWrongLastSequenceError:
@@ -292,8 +297,9 @@ class Planner:
         stored = await ledger.stored_reply(self.ledger_kv, previous.plan_key)
         if stored is None or stored.generation != previous.generation:
             return None
+        devices = {f"{d.sample.node}/{d.sample.index}": d for d in self.cache.judged_devices()}
         for s in stored.stages:
-            state = self.cache.devices.get(s.device)
+            state = devices.get(s.device)
             if state is None or not state.online or not state.sample.present:
                 return None
         return stored

@@ -40,7 +40,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from shardplane.bus import subjects
-from shardplane.bus.messages import InstanceState
+from shardplane.bus.messages import InstanceState, NodeState
+from shardplane.bus.retry import Outage, describe, retrying, transient
 from shardplane.bus.streams import PLACEMENTS, SHARDS, TELEMETRY, provision
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
@@ -93,6 +94,7 @@ class ProjectorConfig:
     # a write the server is slow to answer cannot hold the standby off for write_timeout_s.
     stop_grace_s: float = 2.0
     stats_interval_s: float = 60.0  # log the counters this often
+    probe_interval_s: float = 0.5  # how often TELEMETRY's leader is asked whether it is there
     slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
     pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
     # Atomic batch writes where the server has them (2.12+): one PubAck per 1,000 writes, but
@@ -205,6 +207,10 @@ class Projector:
         # on their own clock meanwhile (bus.liveness).
         self._clock = 0.0
         self._caught_up = False  # this leadership has applied TELEMETRY's backlog
+        # No sweep before this (monotonic): after TELEMETRY could not take writes (an election,
+        # a lost server), agents need an interval (and a retry) to get a sample stored again.
+        self._hold_until = 0.0
+        self._write_outage = Outage("cluster_state writes", log)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -218,11 +224,14 @@ class Projector:
                     await self._lead(stop)
                 except LeaseLost:
                     log.warning("projector stepped down: lease lost")
-                except Exception:
+                except Exception as exc:
                     # The bus went away mid-round, a read timed out...: nothing was
                     # acknowledged that is not stored, so start the round over (keeping the
-                    # lease while it is still valid).
-                    log.exception("projector round failed; resuming in 1 s")
+                    # lease while it is still valid). An election is expected: no traceback.
+                    if transient(exc):
+                        log.warning("projector round failed (%s); resuming in 1 s", describe(exc))
+                    else:
+                        log.exception("projector round failed; resuming in 1 s")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
                 finally:
@@ -256,8 +265,11 @@ class Projector:
             self._next_full_sweep = 0.0
             log.info("projector leading; %d keys in cluster_state", loaded)
             for stream, durable in CONSUMERS.items():
-                await self._ensure_consumer(stream, durable)
+                await retrying(
+                    lambda s=stream, d=durable: self._ensure_consumer(s, d), f"consumer {durable}"
+                )
                 feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
+            feeders.append(asyncio.create_task(self._probe(inbox)))
             self.leading.set()
             await self._write_loop(inbox, stop, lost, handback)
         finally:
@@ -431,6 +443,33 @@ class Projector:
 
     # --- one round ----------------------------------------------------------------------------
 
+    def _hold(self, since: float) -> None:
+        """Hold sweeps for the longest TTL from ``since`` (monotonic): a live agent gets a
+        sample stored within its interval (and a retry) once TELEMETRY takes writes again."""
+        ttl = max(
+            (self.liveness.ttl(v) for _, v in self.store.cache.items() if isinstance(v, NodeState)),
+            default=self.liveness.ttl(None),
+        )
+        self._hold_until = max(self._hold_until, since + ttl)
+
+    async def _probe(self, inbox: Inbox) -> None:
+        """Ask TELEMETRY's leader, every ``probe_interval_s``, whether it is there; while it is
+        not (and for a TTL after), agents cannot get samples stored, so nothing is swept."""
+        outage = Outage(f"stream {TELEMETRY}", log)
+        while True:
+            started = time.monotonic()
+            try:
+                await self.js.stream_info(TELEMETRY)
+                outage.recovered()
+            except Exception as exc:
+                outage.failed(exc)
+                self._hold(time.monotonic())
+            if inbox.trouble_at >= started - self.config.probe_interval_s:
+                self._hold(inbox.trouble_at)
+            await asyncio.sleep(
+                max(0.0, self.config.probe_interval_s - (time.monotonic() - started))
+            )
+
     def _advance(self, inbox: Inbox) -> None:
         """Move the liveness clock on once everything received has been taken into rounds
         (a sweep must come after the messages that arrived before it, never before)."""
@@ -461,7 +500,8 @@ class Projector:
         still being written, which the cache will hold once that round is stored)."""
         started = time.perf_counter()
         items = self._decode(msgs)
-        sweep_due = sweep_due and self._caught_up  # a new leader applies the backlog first
+        # A new leader applies the backlog first; nobody sweeps right after an outage.
+        sweep_due = sweep_due and self._caught_up and time.monotonic() >= self._hold_until
         now = self._clock
         due_keys = self._due(now) if sweep_due else None
         round_ = _Round(items, sweep_due, due_keys, len(msgs), now)
@@ -521,13 +561,19 @@ class Projector:
             except WriteError as exc:
                 clean = False
                 self.stats.write_errors += 1
-                log.warning("KV write round failed, retrying: %s", exc)
+                self._write_outage.failed(exc)
                 await asyncio.sleep(0.2)
-                await self.store.refresh(exc.keys)
+                try:
+                    await self.store.refresh(exc.keys)
+                except Exception as err:
+                    if not transient(err):
+                        raise
+                    continue  # stale revisions only cost a conflict and a re-read later
                 self._apply(round_, self.store.cache)
                 continue
             finally:
                 write_s += time.perf_counter() - write_started
+            self._write_outage.recovered()
             self.stats.writes += result.written
             self._track((k, v) for k, v in pending.items() if k not in result.conflicts)
             if not result.conflicts:

@@ -67,6 +67,7 @@ class Inbox:
         # ``msgs`` or was taken from it (0: not known yet). The projector judges liveness
         # against it, never against a clock that ran on while the stream could not deliver.
         self.caught_up: dict[str, float] = {}
+        self.trouble_at = 0.0  # monotonic time a pull last failed (leader change, no stream)
         self.ready = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
@@ -130,6 +131,7 @@ class Puller:
                 # also over, but back off instead of spinning on a consumer that is not there.
                 self._failed = status not in ("404", "408")
                 if self._failed:
+                    self.inbox.trouble_at = time.monotonic()
                     self._failures += 1
                     if self._failures == 1:  # once per outage: an election answers every pull
                         log.warning(

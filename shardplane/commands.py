@@ -12,16 +12,18 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from shardplane import render
 from shardplane.bus import codec, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
+from shardplane.bus.liveness import judge_device, judge_node, ttl_from_env
 from shardplane.bus.messages import (
     DeviceState,
     InstanceState,
@@ -38,6 +40,7 @@ log = logging.getLogger("shardplane")
 DEMO_FLEET = PACKAGE_DIR / "fleets" / "demo.toml"
 
 Service = Callable[[asyncio.Event], Awaitable[None]]
+T = TypeVar("T")
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -352,7 +355,21 @@ def place(args: argparse.Namespace) -> int:
     return _serve(main)
 
 
+def decoded(kind: type[T], key: str, data: bytes | None) -> T | None:
+    """One KV value, or None (with a warning naming the key) when it does not decode: one bad
+    value must not hide the rest of the fleet."""
+    if not data:
+        return None
+    try:
+        return codec.decode(kind, data)
+    except codec.DecodeError as exc:
+        log.warning("skipping %s: undecodable value (%s)", key, exc)
+        return None
+
+
 async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], list[InstanceState]]:
+    """Everything in ``cluster_state``, liveness judged on this machine's clock (a value the
+    projector has not rewritten for a TTL is shown stale, not as it was last written)."""
     kv = await cluster_state(nc.jetstream())
     devices: list[DeviceState] = []
     nodes: list[NodeState] = []
@@ -362,15 +379,21 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     except Exception:  # nats raises NoKeysError on an empty bucket
         keys = []
     for key in keys:
-        entry = await kv.get(key)
-        if entry.value is None:
-            continue
-        if key.startswith("devices."):
-            devices.append(codec.decode(DeviceState, entry.value))
-        elif key.startswith("nodes."):
-            nodes.append(codec.decode(NodeState, entry.value))
-        elif key.startswith("instances."):
-            instances.append(codec.decode(InstanceState, entry.value))
+        try:
+            entry = await kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            continue  # deleted between the listing and the read
+        kind = key.partition(".")[0]
+        if kind == "devices":
+            devices.extend(filter(None, [decoded(DeviceState, key, entry.value)]))
+        elif kind == "nodes":
+            nodes.extend(filter(None, [decoded(NodeState, key, entry.value)]))
+        elif kind == "instances":
+            instances.extend(filter(None, [decoded(InstanceState, key, entry.value)]))
+    now, ttl = time.time(), ttl_from_env()
+    nodes = [judge_node(n, now, ttl) for n in nodes]
+    by_node = {n.heartbeat.node: n for n in nodes}
+    devices = [judge_device(d, by_node.get(d.sample.node), now, ttl) for d in devices]
     devices.sort(key=lambda d: (d.sample.node, d.sample.index))
     nodes.sort(key=lambda n: n.heartbeat.node)
     return devices, nodes, instances
@@ -440,10 +463,11 @@ async def wait_for_devices(nc: Client, expected: int, timeout: float, since: flo
             keys = []
         fresh = 0
         for key in keys:
-            entry = await kv.get(key)
-            if entry.value is not None:
-                state = codec.decode(DeviceState, entry.value)
-                fresh += state.online and state.sample.ts >= since
+            with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+                entry = await kv.get(key)
+                state = decoded(DeviceState, key, entry.value)
+                if state is not None:
+                    fresh += state.online and state.sample.ts >= since
         if fresh >= expected:
             return fresh
         await asyncio.sleep(0.2)
@@ -481,7 +505,11 @@ async def follow_instance(
             continue
         if entry.value is not None and (entry.revision or 0) != last_rev:
             last_rev = entry.revision or 0
-            last = codec.decode(InstanceState, entry.value)
+            state = decoded(InstanceState, subjects.instance_key(instance), entry.value)
+            if state is None:
+                await asyncio.sleep(0.1)
+                continue
+            last = state
             on_change(last)
             if all(s.state in SETTLED for s in last.stages):
                 return last
