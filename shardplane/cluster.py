@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +87,8 @@ class NatsCluster:
                 routes=[p for j, p in enumerate(route_ports) if j != i],
                 store_dir=self.store_root / f"nats-{i + 1}",
                 config=config,
-                monitor_port=monitor_base_port + i if monitor_base_port else None,
+                # -1: a random port (a config file may name a fixed one, taken by the first)
+                monitor_port=monitor_base_port + i if monitor_base_port else -1,
             )
             for i in range(size)
         ]
@@ -183,3 +185,34 @@ async def stream_leader(nc: nats.NATS, stream: str) -> str | None:
     cluster = json.loads(reply.data).get("cluster") or {}
     leader = cluster.get("leader")
     return str(leader) if leader else None
+
+
+def serve_cluster(cluster: NatsCluster) -> int:
+    """``shardplane nats --cluster N``: run the cluster in the foreground until Ctrl-C or until
+    a server exits by itself (then the rest are stopped too, and the exit status says so)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (docker stop, systemd) ends it like Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        cluster.start()
+        print(f"NATS cluster of {len(cluster.members)} (JetStream) on {cluster.url}", flush=True)
+        for m in cluster.members:
+            monitor = (
+                f", monitoring http://127.0.0.1:{m.monitor_port}/"
+                if (m.monitor_port or 0) > 0
+                else ""
+            )
+            print(f"  {m.name}: {m.url}, routes :{m.cluster_port}{monitor}, store {m.store_dir}")
+        print(f"clients: NATS_URL={cluster.url}", flush=True)
+        while all(m.proc is not None and m.proc.poll() is None for m in cluster.members):
+            time.sleep(0.2)
+        gone = [m.name for m in cluster.members if m.proc is None or m.proc.poll() is not None]
+        print(f"nats-server {', '.join(gone)} exited; stopping the cluster", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
+        signal.signal(signal.SIGTERM, previous)

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import msgspec
 from nats.aio.client import Client
@@ -31,7 +33,7 @@ from shardplane.bus.messages import (
     PlacementReply,
     PlacementRequest,
 )
-from shardplane.bus.streams import cluster_state, provision
+from shardplane.bus.streams import REPLICAS_ENV, cluster_state, provision
 from shardplane.natsserver import PACKAGE_DIR, NatsServer, default_config, embedded_for
 from shardplane.reach import NatsUnreachable, connect_unless_stopped
 
@@ -153,7 +155,15 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -
 
 
 @contextlib.asynccontextmanager
-async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
+async def _nats_for(url: str | None, cluster: int = 0):  # type: ignore[no-untyped-def]
+    if cluster > 1:
+        from shardplane.cluster import NatsCluster
+
+        nodes = NatsCluster(cluster, **cluster_layout(url))
+        log.info("starting a local NATS cluster of %d (stores under %s)", cluster, nodes.store_root)
+        async with nodes:
+            yield nodes.url
+        return
     server = embedded_for(url)
     if server is None:
         yield nats_url(url)
@@ -165,11 +175,33 @@ async def _nats_for(url: str | None):  # type: ignore[no-untyped-def]
         yield server.url
 
 
+def cluster_layout(url: str | None) -> dict[str, Any]:
+    """Where a local cluster goes: client ports from the first port of ``url`` (4222 by
+    default) up, routes 100 above, monitoring from 8222 up, stores under data/nats-cluster."""
+    first = nats_url(url).split(",")[0]
+    port = urlparse(first if "://" in first else f"nats://{first}").port or 4222
+    return {
+        "base_port": port,
+        "store_root": Path("data") / "nats-cluster",
+        "config": default_config(),
+        "monitor_base_port": 8222 if port == 4222 else None,
+    }
+
+
+def _replicas(args: argparse.Namespace) -> None:
+    """``--replicas`` is ``SHARDPLANE_REPLICAS`` for every component started from here."""
+    replicas: int | None = getattr(args, "replicas", None)
+    if replicas is not None:
+        os.environ[REPLICAS_ENV] = str(replicas)
+
+
 def up(args: argparse.Namespace) -> int:
+    _replicas(args)
+
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        async with _nats_for(args.nats_url) as url:
+        async with _nats_for(args.nats_url, args.cluster) as url:
             fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
             tasks = await run_services(
                 url,
@@ -189,9 +221,22 @@ def up(args: argparse.Namespace) -> int:
 
 
 def nats_server(args: argparse.Namespace) -> int:
+    _replicas(args)
+    if args.cluster > 1:
+        from shardplane.cluster import NatsCluster, serve_cluster
+
+        return serve_cluster(
+            NatsCluster(
+                args.cluster,
+                base_port=args.port,
+                store_root=args.store or Path("data") / "nats-cluster",
+                config=args.config or default_config(),
+                monitor_base_port=args.monitor_port,
+            )
+        )
     server = NatsServer(
         port=args.port,
-        store_dir=args.store,
+        store_dir=args.store or Path("data") / "nats",
         config=args.config or default_config(),
         monitor_port=args.monitor_port,
     )
@@ -201,7 +246,7 @@ def nats_server(args: argparse.Namespace) -> int:
         server.start()
         print(
             f"nats-server (JetStream) on {server.url}, monitoring "
-            f"http://127.0.0.1:{args.monitor_port}/, store {args.store}",
+            f"http://127.0.0.1:{args.monitor_port}/, store {server.store_dir}",
             flush=True,
         )
         assert server.proc is not None
