@@ -36,6 +36,7 @@ from shardplane.bus.ids import TOKEN_PATTERN
 from shardplane.bus.liveness import ttl_from_env
 from shardplane.bus.messages import ErrorCode, PlacementReply, PlacementRequest
 from shardplane.bus.streams import CLUSTER_STATE, provision
+from shardplane.bus.watchguard import guard_watch
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class ApiState:
     metrics: Rendition | None = None
     last_scrape: float = 0.0
     ttl_s: float | None = None  # liveness TTL for judging staleness (None: per node)
+    watcher: Any = None  # the current KV watch (bus.watchguard stops it when it stalls)
+    watched: int = 0  # the highest stream sequence the watch delivered, any key
 
 
 STATE_KEY = web.AppKey("shardplane_api", ApiState)
@@ -166,6 +169,7 @@ async def watch_cluster_state(state: ApiState) -> None:
         try:
             kv = await _bucket(state)
             watcher = await kv.watchall()
+            state.watcher = watcher
             seen: set[str] = set()
             initial = True
             slice_start = time.perf_counter()
@@ -189,6 +193,7 @@ async def watch_cluster_state(state: ApiState) -> None:
                     seen.add(key)
                 deleted = entry.operation in ("DEL", "PURGE")
                 revision = int(entry.revision or 0)
+                state.watched = max(state.watched, revision)
                 change = state.cache.apply(key, entry.value, revision, deleted, replay=initial)
                 _publish(state, change)
                 if time.perf_counter() - slice_start > LOOP_SLICE_S:
@@ -208,6 +213,16 @@ async def watch_cluster_state(state: ApiState) -> None:
             if watcher is not None:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
+
+
+async def _guard(state: ApiState) -> None:
+    async def restart() -> None:
+        if state.watcher is not None:
+            await state.watcher.stop()
+
+    await guard_watch(
+        state.nc.jetstream(), f"KV_{CLUSTER_STATE}", lambda: state.watched, restart, what="api"
+    )
 
 
 async def expire_stale(state: ApiState, interval_s: float = 0.5) -> None:
@@ -706,12 +721,13 @@ def make_app(
             refresh_metrics(state, metrics_interval_s), name="api-metrics"
         )
         expirer = asyncio.create_task(expire_stale(state), name="api-liveness")
+        guard = asyncio.create_task(_guard(state), name="api-watch-guard")
         # Serve only once the bucket is loaded (or 10 s passed): a first request should see
         # the whole fleet, and /readyz tells the truth either way.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.synced.wait(), 10.0)
         yield
-        for task in (state.watch_task, refresher, expirer):
+        for task in (state.watch_task, refresher, expirer, guard):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

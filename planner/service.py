@@ -41,6 +41,7 @@ from shardplane.bus.messages import (
 )
 from shardplane.bus.retry import retrying
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
+from shardplane.bus.watchguard import guard_watch
 from shardplane.planner import ledger
 from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
@@ -111,23 +112,53 @@ class StateCache:
         ]
 
     async def follow(self, kv: KeyValue, stop: asyncio.Event) -> None:
-        watcher = await kv.watchall()
+        """Apply the bucket's changes until ``stop``; a watch that ends or stalls (its server
+        lost: bus.watchguard) is started again, and its replay brings the cache up to date."""
+        watching: list[Any] = []
+
+        async def restart() -> None:
+            if watching:
+                await watching[0].stop()
+
+        guard = asyncio.create_task(
+            guard_watch(
+                kv._js,  # pyright: ignore[reportPrivateUsage]
+                f"KV_{CLUSTER_STATE}",
+                lambda: self.revision,
+                restart,
+                what="planner",
+            )
+        )
         try:
             while not stop.is_set():
                 try:
-                    entry = await watcher.updates(timeout=1.0)
-                except NatsTimeoutError:
+                    watcher = await kv.watchall()
+                except Exception as exc:  # an election: try again shortly
+                    log.warning("cluster_state watch could not start (%r); retrying", exc)
+                    await asyncio.sleep(0.5)
                     continue
-                if entry is None:  # initial values delivered
-                    self.ready.set()
-                    continue
-                if not isinstance(entry, KeyValue.Entry):
-                    break  # the watcher was stopped
-                deleted = entry.operation in ("DEL", "PURGE")
-                self.apply(entry.key, entry.value, entry.revision or 0, deleted)
+                watching[:] = [watcher]
+                try:
+                    await self._drain(watcher, stop)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+            guard.cancel()
+
+    async def _drain(self, watcher: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                entry = await watcher.updates(timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            if entry is None:  # initial values delivered
+                self.ready.set()
+                continue
+            if not isinstance(entry, KeyValue.Entry):
+                return  # the watcher was stopped
+            deleted = entry.operation in ("DEL", "PURGE")
+            self.apply(entry.key, entry.value, entry.revision or 0, deleted)
 
 
 def _error(code: str, message: str) -> PlacementReply:

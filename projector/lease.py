@@ -10,6 +10,13 @@ then deletes its key; standbys ask every quarter second, so one takes over at on
 than after the TTL. A holder counts its lease valid until ``(time it sent the last renewal) + TTL -
 margin``, so it stops writing before the server could have let anyone else take over.
 
+Through an outage of NATS itself (the lease bucket electing a leader, the holder's server
+lost and its connection moving to another) the holder keeps leading for up to
+``ELECTION_DEADLINE_S`` while its renewals fail for reasons that mean "not now" (bus.retry):
+stepping down and taking over again would only add a reload to the outage, and the worst a
+standby that took the key meanwhile can cause is conflicting writes, which the following
+explains are harmless. A renewal that finds the key moved to someone else ends it at once.
+
 The lease is for efficiency, not for correctness: a paused leader that wakes up after losing
 its lease can still issue a write or two before it notices, but every write is a
 compare-and-set on the revision it read and every reduction is a join, so such a write either
@@ -40,7 +47,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from shardplane.bus.retry import Outage
+from shardplane.bus.retry import ELECTION_DEADLINE_S, Outage, transient
 from shardplane.bus.streams import ensure_bucket, wanted_replicas
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class Lease:
         self._kv: KeyValue | None = None
         self._revision = 0
         self._valid_until = 0.0
+        self._riding_until = 0.0  # renewals fail transiently: still leading until then
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
@@ -96,9 +104,17 @@ class Lease:
         return self._kv
 
     def valid(self) -> bool:
-        return self._revision != 0 and time.monotonic() < self._valid_until
+        now = time.monotonic()
+        return self._revision != 0 and (now < self._valid_until or now < self._riding_until)
+
+    def riding_out(self, exc: BaseException) -> None:
+        """A renewal failed with ``exc``: if that means an outage (bus.retry.transient), keep
+        leading through it, up to ELECTION_DEADLINE_S from its first failure."""
+        if transient(exc) and self._revision != 0 and not self._riding_until:
+            self._riding_until = time.monotonic() + ELECTION_DEADLINE_S
 
     def _granted(self, revision: int, sent: float) -> None:
+        self._riding_until = 0.0
         self._revision = revision
         self._valid_until = sent + self.ttl_s * (1.0 - _MARGIN)
 
@@ -135,15 +151,21 @@ class Lease:
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this replica holds the lease (True) or ``stop`` is set (False)."""
         waited = False
+        outage = Outage("taking the lease", log)
         while not stop.is_set():
-            with contextlib.suppress(Exception):
+            try:
                 if await self.try_acquire():
+                    outage.recovered()
                     return True
-            if not waited:
-                log.info(
-                    "projector %s is standing by: another replica holds the lease", self.holder
-                )
-                waited = True
+            except Exception as exc:  # the bucket cannot answer now: try again shortly
+                outage.failed(exc)
+            else:
+                if not waited:
+                    log.info(
+                        "projector %s is standing by: another replica holds the lease",
+                        self.holder,
+                    )
+                    waited = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(self.ttl_s / 3, STANDBY_POLL_S))
         return False
@@ -179,6 +201,7 @@ class Lease:
                 outage.recovered()
             except Exception as exc:  # a blip: keep trying while the lease is still valid
                 outage.failed(exc)
+                self.riding_out(exc)
                 if not self.valid():
                     lost.set()
 

@@ -250,7 +250,7 @@ class Projector:
         feeders: list[asyncio.Task[None]] = []
         handback: list[Msg] = []  # taken but not stored: nak'd once the pulls have stopped
         try:
-            loaded = await self.store.load()
+            loaded = await retrying(self.store.load, "loading cluster_state")
             self._caught_up = False
             self._clock = max(
                 (

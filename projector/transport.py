@@ -192,7 +192,7 @@ class Puller:
                 # A request can vanish without a status (a reconnect in between): give up on
                 # it a little after it would have expired.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._done.wait(), self.expires_s + 2.0)
+                    await asyncio.wait_for(self._done.wait(), self.expires_s + 0.5)
         finally:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
