@@ -248,9 +248,10 @@ class ClusterCache:
         for key, brief in list(self.briefs.items()):
             if brief.online:
                 written = self._written.get(key)
-                if written is None or not isinstance(written[0], DeviceState):
+                device = written[0] if written is not None else None
+                if written is None or not isinstance(device, DeviceState):
                     continue
-                device, revision = written
+                revision = written[1]
                 node = self._written.get(f"nodes.{device.sample.node}", (None, 0))[0]
                 judged = judge_device(
                     device, node if isinstance(node, NodeState) else None, now, ttl_s

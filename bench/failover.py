@@ -50,7 +50,7 @@ from shardplane.bus.streams import (
     SHARDS,
     TELEMETRY,
 )
-from shardplane.cluster import NatsCluster, stream_leader
+from shardplane.cluster import NatsCluster, stream_cluster, stream_leader
 from shardplane.planner import ledger
 from shardplane.planner.synthetic import device_state
 from shardplane.projector.lease import LEASE_BUCKET
@@ -197,15 +197,10 @@ async def all_current(nc: Client, streams: Iterable[str], size: int) -> bool:
     """Every stream has a leader and all its other replicas current (a kill now loses no
     quorum)."""
     for stream in streams:
-        try:
-            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2.0)
-        except Exception:
+        cluster = await stream_cluster(nc, stream)
+        if cluster is None or not cluster.leader or len(cluster.replicas) != size - 1:
             return False
-        cluster = json.loads(reply.data).get("cluster") or {}
-        replicas = cluster.get("replicas") or []
-        if not cluster.get("leader") or len(replicas) != size - 1:
-            return False
-        if not all(r.get("current") and not r.get("offline") for r in replicas):
+        if not all(r.current and not r.offline for r in cluster.replicas):
             return False
     return True
 

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import msgspec
 import nats
+from nats.aio.client import Client
 
 from shardplane.natsserver import NatsServer, NatsServerError, free_port
 
@@ -176,15 +178,39 @@ async def wait_for_jetstream(url: str, timeout: float) -> None:
         await nc.close()
 
 
-async def stream_leader(nc: nats.NATS, stream: str) -> str | None:
-    """The name of the server leading ``stream`` (None while it has no leader)."""
+class Peer(msgspec.Struct, frozen=True):
+    name: str = ""
+    current: bool = False
+    offline: bool = False
+
+
+class StreamCluster(msgspec.Struct, frozen=True):
+    """The ``cluster`` part of a stream's info: who leads, how current the others are."""
+
+    leader: str | None = None
+    replicas: tuple[Peer, ...] = ()
+
+
+class _StreamInfo(msgspec.Struct, frozen=True):
+    cluster: StreamCluster | None = None
+
+
+_STREAM_INFO = msgspec.json.Decoder(_StreamInfo)
+
+
+async def stream_cluster(nc: Client, stream: str) -> StreamCluster | None:
+    """``stream``'s leader and replicas (None: no answer, as while it elects a leader)."""
     try:
         reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2.0)
+        return _STREAM_INFO.decode(reply.data).cluster
     except Exception:
         return None
-    cluster = json.loads(reply.data).get("cluster") or {}
-    leader = cluster.get("leader")
-    return str(leader) if leader else None
+
+
+async def stream_leader(nc: Client, stream: str) -> str | None:
+    """The name of the server leading ``stream`` (None while it has no leader)."""
+    cluster = await stream_cluster(nc, stream)
+    return cluster.leader if cluster is not None and cluster.leader else None
 
 
 def serve_cluster(cluster: NatsCluster) -> int:
