@@ -213,7 +213,7 @@ async def stream_leader(nc: Client, stream: str) -> str | None:
     return cluster.leader if cluster is not None and cluster.leader else None
 
 
-def serve_cluster(cluster: NatsCluster) -> int:
+def serve_cluster(cluster: NatsCluster, replicas: int | None = None) -> int:
     """``shardplane nats --cluster N``: run the cluster in the foreground until Ctrl-C or until
     a server exits by itself (then the rest are stopped too, and the exit status says so)."""
 
@@ -223,6 +223,10 @@ def serve_cluster(cluster: NatsCluster) -> int:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         cluster.start()
+        if replicas is not None:
+            from shardplane.commands import provision_replicas
+
+            provision_replicas(cluster.url, replicas)
         print(f"NATS cluster of {len(cluster.members)} (JetStream) on {cluster.url}", flush=True)
         for m in cluster.members:
             monitor = (

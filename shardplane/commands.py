@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import msgspec
+import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
@@ -188,6 +189,22 @@ def cluster_layout(url: str | None) -> dict[str, Any]:
     }
 
 
+def provision_replicas(url: str, replicas: int | None) -> None:
+    """``nats --replicas N``: provision every stream and bucket at N now (raising existing
+    ones; never lowering), so services started later find them so."""
+    if replicas is None:
+        return
+
+    async def main() -> None:
+        nc = await nats.connect(servers=url.split(","), connect_timeout=5)
+        try:
+            await provision(nc.jetstream(), replicas)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
 def _replicas(args: argparse.Namespace) -> None:
     """``--replicas`` is ``SHARDPLANE_REPLICAS`` for every component started from here."""
     replicas: int | None = getattr(args, "replicas", None)
@@ -232,7 +249,8 @@ def nats_server(args: argparse.Namespace) -> int:
                 store_root=args.store or Path("data") / "nats-cluster",
                 config=args.config or default_config(),
                 monitor_base_port=args.monitor_port,
-            )
+            ),
+            replicas=args.replicas,
         )
     server = NatsServer(
         port=args.port,
@@ -244,6 +262,7 @@ def nats_server(args: argparse.Namespace) -> int:
     # way out from here on, a Ctrl-C during start() included, must stop it.
     try:
         server.start()
+        provision_replicas(server.url, args.replicas)
         print(
             f"nats-server (JetStream) on {server.url}, monitoring "
             f"http://127.0.0.1:{args.monitor_port}/, store {server.store_dir}",

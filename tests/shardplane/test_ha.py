@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import msgspec
 import nats
@@ -31,6 +35,7 @@ from shardplane.bus.streams import (
 )
 from shardplane.cluster import NatsCluster
 from shardplane.commands import read_state
+from shardplane.natsserver import reachable
 from shardplane.planner.synthetic import device_state
 from shardplane.projector.lease import LEASE_KEY, Lease
 from shardplane.projector.service import ProjectorConfig
@@ -190,3 +195,62 @@ async def test_killing_the_leaders_of_telemetry_the_kv_and_the_ledger_loses_noth
     _assert_failover(report)
     with contextlib.suppress(Exception):
         print(failover.table(report))
+
+
+def _free_block() -> int:
+    """A base port with base..base+2 and base+100..base+102 free (a cluster's layout)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20_000, 40_000)
+        try:
+            for port in [base + i for i in range(3)] + [base + 100 + i for i in range(3)]:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports")
+
+
+def test_nats_cluster_command_runs_three_clustered_servers_and_stops_them(
+    tmp_path: Path,
+) -> None:
+    base = _free_block()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "shardplane.cli", "nats", "--cluster", "3"),
+            *("--port", str(base), "--monitor-port", "0", "--store", str(tmp_path / "cluster")),
+            *("--replicas", "3"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(5)]
+        urls = ",".join(f"nats://127.0.0.1:{base + i}" for i in range(3))
+        assert lines[-1].strip() == f"clients: NATS_URL={urls}", lines
+        assert all(reachable(f"nats://127.0.0.1:{base + i}") for i in range(3))
+        assert sorted(p.name for p in (tmp_path / "cluster").iterdir()) == [
+            "nats-1",
+            "nats-2",
+            "nats-3",
+        ]
+
+        async def provisioned() -> set[int]:
+            nc = await nats.connect(servers=urls.split(","))
+            try:  # --replicas 3 provisioned everything before the URL was printed
+                return set((await _replicas(nc)).values())
+            finally:
+                await nc.close()
+
+        assert asyncio.run(provisioned()) == {3}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not any(reachable(f"nats://127.0.0.1:{base + i}") for i in range(3))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
