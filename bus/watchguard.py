@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
-STALL_S = 2.0
+STALL_S = 1.5
 INTERVAL_S = 0.5
 
 

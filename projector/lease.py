@@ -148,6 +148,16 @@ class Lease:
         log.info("projector %s still holds the lease (reclaimed after a reconnect)", self.holder)
         return revision
 
+    async def _retake(self, kv: KeyValue) -> int:
+        """Create the key again if it is gone (0 if someone else has it by now): a holder whose
+        lease expired while the bucket could not be renewed keeps leading without a reload."""
+        try:
+            revision = await kv.create(LEASE_KEY, self.holder.encode())
+        except KeyWrongLastSequenceError:
+            return 0
+        log.info("projector %s took the lease again (it expired during an outage)", self.holder)
+        return revision
+
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this replica holds the lease (True) or ``stop`` is set (False)."""
         waited = False
@@ -179,8 +189,9 @@ class Lease:
             revision = await kv.update(LEASE_KEY, self.holder.encode(), last=self._revision)
         except KeyWrongLastSequenceError:
             # An earlier renewal may have landed with its answer lost (a reconnect, a leader
-            # change): then the key moved on but is still ours.
-            revision = await self._reclaim(kv)
+            # change): then the key moved on but is still ours. Or an outage of the bucket
+            # outlasted the TTL and the key aged out with nobody taking it: take it again.
+            revision = await self._reclaim(kv) or await self._retake(kv)
             if not revision:
                 log.warning("projector %s lost the lease", self.holder)
                 self._revision = 0
