@@ -245,8 +245,16 @@ class ClusterCache:
         that itself, had it (or NATS) been there. A later write from the projector replaces
         the judgement as usual."""
         changes: list[Change] = []
+        # The shortest TTL any device can have: younger samples need no closer look (this
+        # runs every half second over every device, on the API's event loop).
+        nodes = [v for k, (v, _) in self._written.items() if k.startswith("nodes.")]
+        floor = min(
+            (reader_ttl(n, ttl_s) for n in nodes if isinstance(n, NodeState)),
+            default=reader_ttl(None, ttl_s),
+        )
+        floor = min(floor, reader_ttl(None, ttl_s))
         for key, brief in list(self.briefs.items()):
-            if brief.online:
+            if brief.online and now - brief.last_seen > floor:
                 written = self._written.get(key)
                 device = written[0] if written is not None else None
                 if written is None or not isinstance(device, DeviceState):
