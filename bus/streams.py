@@ -28,6 +28,8 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from shardplane.bus.retry import retrying
+
 log = logging.getLogger(__name__)
 
 REPLICAS_ENV = "SHARDPLANE_REPLICAS"
@@ -229,10 +231,16 @@ async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
     """Create what is missing; keep what exists (see the module docstring on replicas). Safe
     to run any number of times, from any number of services at once."""
     count, explicit = wanted_replicas(js, replicas)
+    # Services provision as they start, which on a cluster may be while it elects a leader
+    # (all of them starting together, a server just lost): ride that out (bus.retry).
     for config in stream_configs(count):
-        await _ensure_stream(js, config, explicit)
+        await retrying(
+            lambda c=config: _ensure_stream(js, c, explicit), f"provisioning {config.name}"
+        )
     for bucket in bucket_configs(count):
-        await ensure_bucket(js, bucket, explicit)
+        await retrying(
+            lambda b=bucket: ensure_bucket(js, b, explicit), f"provisioning {bucket.bucket}"
+        )
 
 
 async def cluster_state(js: JetStreamContext) -> KeyValue:

@@ -110,7 +110,7 @@ class NatsCluster:
         try:
             for m in self.members:
                 m.start(timeout)
-            asyncio.run(wait_for_jetstream(self.url, timeout))
+            asyncio.run(wait_for_jetstream(self.url, timeout, len(self.members)))
         except BaseException:
             self.stop()
             raise
@@ -141,7 +141,7 @@ class NatsCluster:
         try:
             for m in self.members:
                 await asyncio.to_thread(m.start)
-            await wait_for_jetstream(self.url, 30.0)
+            await wait_for_jetstream(self.url, 30.0, len(self.members))
         except BaseException:
             await asyncio.to_thread(self.stop)
             raise
@@ -156,18 +156,29 @@ class NatsCluster:
         await asyncio.to_thread(self.cleanup)
 
 
-async def wait_for_jetstream(url: str, timeout: float) -> None:
-    """Until the cluster's JetStream answers an account info request (its meta layer has a
-    leader): before that, provisioning fails with 'JetStream system temporarily unavailable'."""
+PROBE_STREAM = "shardplane_cluster_probe"
+
+
+async def wait_for_jetstream(url: str, timeout: float, size: int = 1) -> None:
+    """Until the cluster's JetStream can place a stream on all ``size`` servers: before its
+    meta layer has a leader provisioning fails with 'JetStream system temporarily unavailable',
+    and before every server has joined it an R3 stream finds 'no suitable peers'. A throwaway
+    in-memory stream with ``size`` replicas is created (and deleted) to prove it."""
     deadline = time.monotonic() + timeout
     nc = await nats.connect(servers=url.split(","), connect_timeout=2, max_reconnect_attempts=-1)
+    config = json.dumps(
+        {"name": PROBE_STREAM, "subjects": [], "storage": "memory", "num_replicas": size}
+    ).encode()
     try:
         last = ""
         while time.monotonic() < deadline:
             try:
-                reply = await nc.request("$JS.API.INFO", b"", timeout=1.0)
+                reply = await nc.request(
+                    f"$JS.API.STREAM.CREATE.{PROBE_STREAM}", config, timeout=2.0
+                )
                 answer = json.loads(reply.data)
                 if "error" not in answer:
+                    await nc.request(f"$JS.API.STREAM.DELETE.{PROBE_STREAM}", b"", timeout=2.0)
                     return
                 last = str(answer["error"])
             except Exception as exc:  # no responders until JetStream is up
