@@ -20,7 +20,7 @@ import msgspec
 import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 
 from shardplane import render
 from shardplane.bus import codec, subjects
@@ -34,6 +34,7 @@ from shardplane.bus.messages import (
     PlacementReply,
     PlacementRequest,
 )
+from shardplane.bus.retry import retrying
 from shardplane.bus.streams import REPLICAS_ENV, cluster_state, provision
 from shardplane.natsserver import PACKAGE_DIR, NatsServer, default_config, embedded_for
 from shardplane.reach import NatsUnreachable, connect_unless_stopped
@@ -439,12 +440,12 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     nodes: list[NodeState] = []
     instances: list[InstanceState] = []
     try:
-        keys = await kv.keys()
-    except Exception:  # nats raises NoKeysError on an empty bucket
+        keys = await retrying(kv.keys, "listing cluster_state")
+    except NoKeysError:  # an empty bucket
         keys = []
     for key in keys:
         try:
-            entry = await kv.get(key)
+            entry = await retrying(lambda k=key: kv.get(k), "reading cluster_state")
         except (KeyNotFoundError, KeyDeletedError):
             continue  # deleted between the listing and the read
         kind = key.partition(".")[0]
