@@ -440,7 +440,7 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     nodes: list[NodeState] = []
     instances: list[InstanceState] = []
     try:
-        keys = await retrying(kv.keys, "listing cluster_state")
+        keys = await retrying(lambda: kv.keys(), "listing cluster_state")
     except NoKeysError:  # an empty bucket
         keys = []
     for key in keys:
