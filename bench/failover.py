@@ -405,6 +405,41 @@ class Report:
         }
 
 
+@dataclass
+class Rig:
+    """The running load: clients, observers and the tasks of agents and requester."""
+
+    nc: Client
+    clients: list[Client]
+    work: list[asyncio.Task[None]]
+    halt: asyncio.Event
+
+    async def close(self) -> None:
+        self.halt.set()
+        for task in self.work:
+            task.cancel()
+        await asyncio.gather(*self.work, return_exceptions=True)
+        for client in [self.nc, *self.clients]:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def start_load(cluster: NatsCluster, load: Load, seen: Observed) -> Rig:
+    nc = await connect(cluster.url, "failover-bench")
+    observers = [await observer(m.url, seen) for m in cluster.members]
+    agents = [await connect(cluster.url, f"failover-agent-{n}") for n in range(load.nodes)]
+    halt = asyncio.Event()
+    # One outage log per agent process (connection), as agents.publisher does.
+    outages = [Outage(f"agent ha-{n}", log) for n in range(load.nodes)]
+    work = [
+        asyncio.create_task(agent(agents[n], node, index, load, seen, halt, outages[n]))
+        for node, index in load.devices()
+        for n in [int(node.split("-")[1])]
+    ]
+    work.append(asyncio.create_task(requester(nc, load, seen, halt)))
+    return Rig(nc, [*observers, *agents], work, halt)
+
+
 async def run(
     kills: int,
     *,
@@ -413,26 +448,17 @@ async def run(
     recover_s: float = 40.0,
     warmup_s: float = 60.0,
 ) -> Report:
+    """The whole experiment on a fresh cluster (see the module docstring)."""
     from shardplane.commands import run_services
 
     load = load or Load()
     seen = Observed()
+    done: list[Kill] = []
     async with NatsCluster(3) as cluster:
         stop = asyncio.Event()
         services = await run_services(cluster.url, stop, api=False, fleet=None)
-        nc = await connect(cluster.url, "failover-bench")
-        observers = [await observer(m.url, seen) for m in cluster.members]
-        agents = [await connect(cluster.url, f"failover-agent-{n}") for n in range(load.nodes)]
-        halt = asyncio.Event()
-        # One outage log per agent process (connection), as agents.publisher does.
-        outages = [Outage(f"agent ha-{n}", log) for n in range(load.nodes)]
-        work = [
-            asyncio.create_task(agent(agents[n], node, index, load, seen, halt, outages[n]))
-            for node, index in load.devices()
-            for n in [int(node.split("-")[1])]
-        ]
-        work.append(asyncio.create_task(requester(nc, load, seen, halt)))
-        done: list[Kill] = []
+        rig = await start_load(cluster, load, seen)
+        nc = rig.nc
         try:
             ready = await until(lambda: _warm(nc, seen, load, len(cluster.members)), warmup_s, 0.2)
             if ready is None:
@@ -441,29 +467,25 @@ async def run(
                 )
             seen.placement_errors.clear()  # "no devices" before the first samples: not failover
             for i in range(kills):
-                done.append(
-                    await kill_leader(cluster, nc, targets[i % len(targets)], seen, recover_s)
-                )
-            halt.set()
-            await asyncio.gather(*work)
-            wrong = await kv_mismatches(nc, seen)
-            lost_t = await lost_telemetry(nc, seen)
-            lost_p = await lost_placements(nc, seen)
+                target = targets[i % len(targets)]
+                done.append(await kill_leader(cluster, nc, target, seen, recover_s))
+            rig.halt.set()
+            await asyncio.gather(*rig.work)
+            return await _report(nc, seen, load, done)
         finally:
-            halt.set()
-            for task in work:
-                task.cancel()
-            await asyncio.gather(*work, return_exceptions=True)
+            await rig.close()
             stop.set()
             await asyncio.gather(*services, return_exceptions=True)
-            for client in [nc, *observers, *agents]:
-                with contextlib.suppress(Exception):
-                    await client.close()
+
+
+async def _report(nc: Client, seen: Observed, load: Load, done: list[Kill]) -> Report:
+    """The checks, once the load has stopped: what was acknowledged is still there."""
+    wrong = await kv_mismatches(nc, seen)
     known = {subjects.device_key(n, i) for n, i in load.devices()}
     return Report(
         kills=done,
-        lost_telemetry=lost_t,
-        lost_placements=lost_p,
+        lost_telemetry=await lost_telemetry(nc, seen),
+        lost_placements=await lost_placements(nc, seen),
         kv_wrong=wrong,
         false_offline=[o for o in seen.offline if o[1] in known],
         placements_ok=len(seen.placements),
