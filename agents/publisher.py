@@ -55,7 +55,7 @@ class Publisher:
         *,
         ack_timeout_s: float = 2.0,
         max_in_flight: int = 1024,
-        max_backoff_s: float = 5.0,
+        max_backoff_s: float = 1.0,  # an election ends in seconds: be back within one
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()

@@ -49,6 +49,7 @@ from shardplane.agents.loader import (
 )
 from shardplane.bus import codec, streams, subjects
 from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
+from shardplane.bus.retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ GIB = 1024**3
 
 FETCH_BATCH = 64
 FETCH_TIMEOUT_S = 2.0  # long poll; stopping does not wait for it (raced with stop)
-PUBLISH_ATTEMPTS = 6
 LOAD_LIMIT_ENV = "SHARDPLANE_LOAD_LIMIT_MBPS"
 READ_MODE_ENV = "SHARDPLANE_LOAD_READ"
 
@@ -517,30 +517,21 @@ class Worker:
 
 
 async def publish_status(js: JetStreamContext, status: ShardStatus) -> None:
-    """Publish to SHARDS, retrying with the same Nats-Msg-Id (nats-py does not retry a publish
-    that got no stream answer; the id makes a retry that did land a no-op)."""
+    """Publish to SHARDS, retrying through a leader election (bus.retry) with the same
+    Nats-Msg-Id (nats-py does not retry a publish that got no stream answer; the id makes a
+    retry that did land a no-op)."""
     subject = subjects.shard_status(status.node, status.instance_id)
     data = codec.encode(status)
     # The epoch is in the id because seq restarts with each incarnation, and a restarted worker's
     # statuses must not be dropped as duplicates of its predecessor's.
     msg_id = f"{status.node}.{status.instance_id}.{status.epoch:.6f}.{status.seq}"
-    delay = 0.1
-    for attempt in range(PUBLISH_ATTEMPTS):
-        try:
-            await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=2.0)
-            return
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-            if attempt == PUBLISH_ATTEMPTS - 1:
-                log.warning(
-                    "status %s on %s not stored after %d attempts: %s",
-                    status.state,
-                    subject,
-                    PUBLISH_ATTEMPTS,
-                    exc,
-                )
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    try:
+        await retrying(
+            lambda: js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=2.0),
+            f"status {status.state} on {subject}",
+        )
+    except Exception as exc:  # past the election deadline: a later status supersedes it
+        log.warning("status %s on %s not stored: %s", status.state, subject, exc)
 
 
 async def run_worker(

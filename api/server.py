@@ -35,8 +35,10 @@ from shardplane.api.state import KINDS, Change, ClusterCache, sse_event
 from shardplane.bus import subjects
 from shardplane.bus.codec import BOM, DecodeError, check_limits
 from shardplane.bus.ids import TOKEN_PATTERN
+from shardplane.bus.liveness import ttl_from_env
 from shardplane.bus.messages import ErrorCode, PlacementReply, PlacementRequest
 from shardplane.bus.streams import CLUSTER_STATE, provision
+from shardplane.bus.watchguard import guard_watch
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,9 @@ class ApiState:
     watch_task: asyncio.Task[None] | None = None
     metrics: Rendition | None = None
     last_scrape: float = 0.0
+    ttl_s: float | None = None  # liveness TTL for judging staleness (None: per node)
+    watcher: Any = None  # the current KV watch (bus.watchguard stops it when it stalls)
+    watched: int = 0  # the highest stream sequence the watch delivered, any key
 
 
 STATE_KEY = web.AppKey("shardplane_api", ApiState)
@@ -166,6 +171,7 @@ async def watch_cluster_state(state: ApiState) -> None:
         try:
             kv = await _bucket(state)
             watcher = await kv.watchall()
+            state.watcher = watcher
             seen: set[str] = set()
             initial = True
             slice_start = time.perf_counter()
@@ -189,6 +195,7 @@ async def watch_cluster_state(state: ApiState) -> None:
                     seen.add(key)
                 deleted = entry.operation in ("DEL", "PURGE")
                 revision = int(entry.revision or 0)
+                state.watched = max(state.watched, revision)
                 change = state.cache.apply(key, entry.value, revision, deleted, replay=initial)
                 _publish(state, change)
                 if time.perf_counter() - slice_start > LOOP_SLICE_S:
@@ -208,6 +215,25 @@ async def watch_cluster_state(state: ApiState) -> None:
             if watcher is not None:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
+
+
+async def _guard(state: ApiState) -> None:
+    async def restart() -> None:
+        if state.watcher is not None:
+            await state.watcher.stop()
+
+    await guard_watch(
+        state.nc.jetstream(), f"KV_{CLUSTER_STATE}", lambda: state.watched, restart, what="api"
+    )
+
+
+async def expire_stale(state: ApiState, interval_s: float = 0.5) -> None:
+    """Judge liveness on the API's clock every ``interval_s`` (bus.liveness): during an outage
+    nobody rewrites ``online``, and the API must not keep serving it as fresh."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for change in state.cache.expire(time.time(), state.ttl_s):
+            _publish(state, change)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -294,6 +320,12 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("the cluster_state watch has not delivered the bucket yet")
     if state.watch_error:
         problems.append(f"the cluster_state watch failed: {state.watch_error}")
+    age, ttl = state.cache.view_age(time.time()), state.cache.view_ttl(state.ttl_s)
+    if age is not None and age > ttl:
+        problems.append(
+            f"the view is {age:.1f} s old (newest sample), over the {ttl:g} s TTL: "
+            "the projector or NATS is behind"
+        )
     body = {
         "ready": not problems,
         "problems": problems,
@@ -674,6 +706,7 @@ def make_app(
     history_points: int = 150,
     metrics_interval_s: float = metrics.RENDER_INTERVAL_S,
     token: str | None = None,
+    ttl_s: float | None = None,
 ) -> web.Application:
     """The whole API on one NATS connection; the watch runs while the app runs. With ``token``,
     mutating endpoints need it as a bearer token (``api.auth``)."""
@@ -682,7 +715,13 @@ def make_app(
     )
     # A misspelt host label setting stops the API here, before it serves one scrape.
     cache = ClusterCache(history_points, host_label=metrics.host_label_from_env())
-    state = ApiState(nc=nc, cache=cache, hub=Hub(), request_timeout_s=request_timeout_s)
+    state = ApiState(
+        nc=nc,
+        cache=cache,
+        hub=Hub(),
+        request_timeout_s=request_timeout_s,
+        ttl_s=ttl_s if ttl_s is not None else ttl_from_env(),
+    )
     app[STATE_KEY] = state
 
     async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -690,12 +729,14 @@ def make_app(
         refresher = asyncio.create_task(
             refresh_metrics(state, metrics_interval_s), name="api-metrics"
         )
+        expirer = asyncio.create_task(expire_stale(state), name="api-liveness")
+        guard = asyncio.create_task(_guard(state), name="api-watch-guard")
         # Serve only once the bucket is loaded (or 10 s passed): a first request should see
         # the whole fleet, and /readyz tells the truth either way.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.synced.wait(), 10.0)
         yield
-        for task in (state.watch_task, refresher):
+        for task in (state.watch_task, refresher, expirer, guard):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

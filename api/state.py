@@ -33,6 +33,7 @@ from shardplane.api.views import (
     topology_signature,
 )
 from shardplane.bus import codec
+from shardplane.bus.liveness import judge_device, judge_node, reader_ttl
 from shardplane.bus.messages import DeviceState, InstanceState, NodeState
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,11 @@ class ClusterCache:
         self.max_age_s = max_age_s
         self._bodies: dict[str, tuple[bytes, float]] = {}  # name -> (body, monotonic built)
         self._changed: set[str] = set()  # bodies whose contents changed since they were built
+        # What the projector wrote for each device and node, (value, revision): liveness is
+        # judged again on the API's clock (bus.liveness), so an outage of the projector or of
+        # NATS shows stale devices rather than the last "online" written.
+        self._written: dict[str, tuple[DeviceState | NodeState, int]] = {}
+        self.newest_seen = 0.0  # the newest last_seen in the view: how current it is
 
     # --- applying changes --------------------------------------------------------------------
 
@@ -210,17 +216,69 @@ class ClusterCache:
             return self._delete(kind, key, revision)
         try:
             if kind == "device":
-                return self._put_device(key, codec.decode(DeviceState, value), revision)
-            view = (
-                node_view(codec.decode(NodeState, value), revision)
-                if kind == "node"
-                else instance_view(codec.decode(InstanceState, value), revision)
-            )
+                device = codec.decode(DeviceState, value)
+                self._wrote(key, device, revision)
+                return self._put_device(key, device, revision)
+            if kind == "node":
+                node = codec.decode(NodeState, value)
+                self._wrote(key, node, revision)
+                view = node_view(node, revision)
+            else:
+                view = instance_view(codec.decode(InstanceState, value), revision)
         except codec.DecodeError as exc:
             self.invalid += 1
-            log.warning("cluster_state %s: %s", key, exc)
+            log.warning("cluster_state %s: skipped, undecodable value (%s)", key, exc)
             return None
         return self._put_view(kind, key, view, revision)
+
+    def _wrote(self, key: str, value: DeviceState | NodeState, revision: int) -> None:
+        self._written[key] = (value, revision)
+        self.newest_seen = max(self.newest_seen, value.last_seen)
+
+    def view_age(self, now: float) -> float | None:
+        """Seconds since the newest sample in the view (None: no devices or nodes yet)."""
+        return now - self.newest_seen if self.newest_seen else None
+
+    def view_ttl(self, ttl_s: float | None = None) -> float:
+        """How old the view may get: the longest reader TTL of any node in it."""
+        nodes = [v for v, _ in self._written.values() if isinstance(v, NodeState)]
+        return max((reader_ttl(n, ttl_s) for n in nodes), default=reader_ttl(None, ttl_s))
+
+    def expire(self, now: float, ttl_s: float | None = None) -> list[Change]:
+        """Show as offline (stale) every device and node still shown online whose newest
+        sample is older than the reader's TTL on ``now``: the projector would have written
+        that itself, had it (or NATS) been there. A later write from the projector replaces
+        the judgement as usual."""
+        changes: list[Change] = []
+        # The shortest TTL any device can have: younger samples need no closer look (this
+        # runs every half second over every device, on the API's event loop).
+        nodes = [v for k, (v, _) in self._written.items() if k.startswith("nodes.")]
+        floor = min(
+            (reader_ttl(n, ttl_s) for n in nodes if isinstance(n, NodeState)),
+            default=reader_ttl(None, ttl_s),
+        )
+        floor = min(floor, reader_ttl(None, ttl_s))
+        for key, brief in list(self.briefs.items()):
+            if brief.online and now - brief.last_seen > floor:
+                written = self._written.get(key)
+                device = written[0] if written is not None else None
+                if written is None or not isinstance(device, DeviceState):
+                    continue
+                revision = written[1]
+                node = self._written.get(f"nodes.{device.sample.node}", (None, 0))[0]
+                judged = judge_device(
+                    device, node if isinstance(node, NodeState) else None, now, ttl_s
+                )
+                if judged is not device:
+                    changes.append(self._put_device(key, judged, revision))
+        for key, view in list(self.views["node"].items()):
+            written = self._written.get(key)
+            if not view.get("online") or written is None:
+                continue
+            node, revision = written
+            if isinstance(node, NodeState) and (judged := judge_node(node, now, ttl_s)) is not node:
+                changes.append(self._put_view("node", key, node_view(judged, revision), revision))
+        return changes
 
     def _stored(self, kind: Kind, key: str, encoded: bytes, revision: int) -> None:
         self.revisions[key] = revision
@@ -287,6 +345,7 @@ class ClusterCache:
 
     def _delete(self, kind: Kind, key: str, revision: int) -> Change | None:
         self.revisions[key] = revision
+        self._written.pop(key, None)
         raw = self.json[kind].pop(key, None)
         view = self.views[kind].pop(key, None)
         brief = self.briefs.pop(key, None)

@@ -1,10 +1,20 @@
-"""Idempotent provisioning of the streams and KV buckets the pipeline runs on."""
+"""Idempotent provisioning of the streams and KV buckets the pipeline runs on.
+
+Replication is configuration, not something each service start decides anew: the number of
+replicas comes from ``SHARDPLANE_REPLICAS`` (or a caller's explicit value), else 1 on a single
+server and 3 on a cluster. Provisioning creates what is missing with that number, raises an
+existing stream or bucket to it only when it was asked for explicitly, and never lowers one:
+a service that restarts must not undo replicas an operator set by hand (on main it reset every
+stream to 1 at each start). A difference is logged so the operator can see it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 from typing import Any, cast
 
 from nats.aio.client import Client
@@ -19,7 +29,13 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from shardplane.bus.retry import retrying
+
 log = logging.getLogger(__name__)
+
+REPLICAS_ENV = "SHARDPLANE_REPLICAS"
+CLUSTER_REPLICAS = 3  # a cluster's default: survives the loss of any one of three servers
+MAX_REPLICAS = 5  # JetStream's own limit
 
 TELEMETRY = "TELEMETRY"
 PLACEMENTS = "PLACEMENTS"
@@ -106,8 +122,115 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
     ]
 
 
-async def provision(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update every stream and bucket. Safe to run any number of times.
+class ReplicasError(ValueError):
+    pass
+
+
+def replicas_from_env(value: str | None = None) -> int | None:
+    """``SHARDPLANE_REPLICAS`` as a number, None when unset; a clear error when it is not
+    1..5."""
+    raw = os.environ.get(REPLICAS_ENV) if value is None else value
+    if raw is None or not raw.strip():
+        return None
+    try:
+        replicas = int(raw)
+    except ValueError:
+        raise ReplicasError(f"{REPLICAS_ENV}={raw!r} is not a whole number (1 to 5)") from None
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ReplicasError(f"{REPLICAS_ENV}={replicas} is out of range: 1 to {MAX_REPLICAS}")
+    return replicas
+
+
+def clustered(js: JetStreamContext) -> bool:
+    """Whether the server this client talks to is part of a cluster (its INFO names one)."""
+    nc = cast("Any", js)._nc  # nats-py keeps the connection there; INFO has no public getter
+    info = cast("dict[str, Any]", getattr(nc, "_server_info", None) or {})
+    return bool(info.get("cluster"))
+
+
+def wanted_replicas(js: JetStreamContext, replicas: int | None = None) -> tuple[int, bool]:
+    """(replicas, explicit): the caller's or ``SHARDPLANE_REPLICAS``'s number (explicit), else
+    1 on a single server and 3 on a cluster."""
+    chosen = replicas if replicas is not None else replicas_from_env()
+    if chosen is not None:
+        return chosen, True
+    return (CLUSTER_REPLICAS if clustered(js) else 1), False
+
+
+# The settings provisioning owns on an existing stream (limits); replicas are handled apart.
+_OWNED = (
+    "subjects",
+    "max_msgs",
+    "max_bytes",
+    "max_age",
+    "max_msgs_per_subject",
+    "discard",
+    "duplicate_window",
+)
+
+
+def settle_replicas(name: str, current: int, wanted: int, explicit: bool) -> int:
+    """The replicas an existing stream keeps: raised to an explicitly asked-for number, never
+    lowered, otherwise left as it is; a difference is logged."""
+    if wanted > current and explicit:
+        log.info("%s: raising replicas from %d to %d", name, current, wanted)
+        return wanted
+    if wanted != current:
+        log.warning(
+            "%s has %d replicas where %d are configured; keeping %d (provisioning never "
+            "lowers replicas, and raises them only when %s or --replicas asks for it)",
+            name,
+            current,
+            wanted,
+            current,
+            REPLICAS_ENV,
+        )
+    return current
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, explicit: bool) -> None:
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    current = info.config
+    replicas = settle_replicas(
+        config.name, current.num_replicas or 1, config.num_replicas or 1, explicit
+    )
+    changed = replicas != (current.num_replicas or 1) or any(
+        getattr(config, f) is not None and getattr(config, f) != getattr(current, f) for f in _OWNED
+    )
+    if changed:
+        # Start from the stream's own config so settings we do not own (an operator's
+        # placement, mirrors, allow_atomic...) survive the update.
+        update = dataclasses.replace(
+            current, **{f: getattr(config, f) for f in _OWNED if getattr(config, f) is not None}
+        )
+        update.num_replicas = replicas
+        await js.update_stream(update)
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: KeyValueConfig, explicit: bool) -> KeyValue:
+    """The bucket, created with ``bucket``'s config when missing; an existing one keeps its
+    settings except that an explicit higher replica count raises it."""
+    try:
+        kv = await js.key_value(bucket.bucket)
+    except (NotFoundError, BadRequestError):
+        return await js.create_key_value(bucket)
+    stream = f"KV_{bucket.bucket}"
+    info = await js.stream_info(stream)
+    current = info.config.num_replicas or 1
+    replicas = settle_replicas(stream, current, bucket.replicas or 1, explicit)
+    if replicas != current:
+        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+    return kv
+
+
+async def provision(js: JetStreamContext, replicas: int | None = None) -> None:
+    """Create what is missing; keep what exists (see the module docstring on replicas). Safe
+    to run any number of times, from any number of services at once.
 
     Only in the single-user dev mode (no shardplane role) or as ``admin``: a connection with
     any other role (``bus.auth``) may not create or change streams, so it only waits until an
@@ -118,18 +241,17 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
     if not may_provision(js._nc):  # pyright: ignore[reportPrivateUsage]
         await wait_provisioned(js)
         return
-    for config in stream_configs(replicas):
-        assert config.name is not None
-        try:
-            await js.stream_info(config.name)
-            await js.update_stream(config)
-        except NotFoundError:
-            await js.add_stream(config)
-    for bucket in bucket_configs(replicas):
-        try:
-            await js.key_value(bucket.bucket)
-        except (NotFoundError, BadRequestError):
-            await js.create_key_value(bucket)
+    count, explicit = wanted_replicas(js, replicas)
+    # Services provision as they start, which on a cluster may be while it elects a leader
+    # (all of them starting together, a server just lost): ride that out (bus.retry).
+    for config in stream_configs(count):
+        await retrying(
+            lambda c=config: _ensure_stream(js, c, explicit), f"provisioning {config.name}"
+        )
+    for bucket in bucket_configs(count):
+        await retrying(
+            lambda b=bucket: ensure_bucket(js, b, explicit), f"provisioning {bucket.bucket}"
+        )
 
 
 PROVISION_WAIT_LOG_S = 10.0

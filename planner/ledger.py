@@ -16,10 +16,11 @@ import hashlib
 from collections.abc import Mapping
 
 import msgspec
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
+from shardplane.bus.retry import retrying
 
 RESERVATIONS_KEY = "reservations"
 MATERIALISED = frozenset({"loaded", "reserved"})  # a worker holds the memory: telemetry shows it
@@ -113,21 +114,42 @@ def decode_doc(data: bytes | None) -> LedgerDoc:
     return _dec.decode(data)
 
 
-async def read(kv: KeyValue) -> tuple[LedgerDoc, int]:
-    """The ledger and its revision (0: the key does not exist yet)."""
+async def _get(kv: KeyValue) -> tuple[bytes | None, int]:
     try:
         entry = await kv.get(RESERVATIONS_KEY)
     except (KeyNotFoundError, KeyDeletedError):
-        return LedgerDoc(), 0
-    return decode_doc(entry.value), entry.revision or 0
+        return None, 0
+    return entry.value, entry.revision or 0
+
+
+async def read(kv: KeyValue) -> tuple[LedgerDoc, int]:
+    """The ledger and its revision (0: the key does not exist yet); rides through a leader
+    election of the bucket (bus.retry)."""
+    data, revision = await retrying(lambda: _get(kv), "ledger read")
+    return decode_doc(data), revision
 
 
 async def commit(kv: KeyValue, doc: LedgerDoc, revision: int) -> int:
-    """Compare-and-set; raises KeyWrongLastSequenceError when someone committed first."""
+    """Compare-and-set; raises KeyWrongLastSequenceError when someone committed first.
+
+    Through a leader election the write is retried; an attempt whose answer was lost may have
+    landed all the same, and its retry then fails the compare-and-set against our own write.
+    So a conflict is checked by re-reading: if the ledger holds exactly our document (a plan
+    key and a timestamp make it unique), the write landed and its revision is returned."""
     data = encode_doc(doc)
-    if revision == 0:
-        return await kv.create(RESERVATIONS_KEY, data)
-    return await kv.update(RESERVATIONS_KEY, data, last=revision)
+
+    async def attempt() -> int:
+        try:
+            if revision == 0:
+                return await kv.create(RESERVATIONS_KEY, data)
+            return await kv.update(RESERVATIONS_KEY, data, last=revision)
+        except KeyWrongLastSequenceError:
+            current, current_revision = await _get(kv)
+            if current == data and current_revision:
+                return current_revision
+            raise
+
+    return await retrying(attempt, "ledger commit")
 
 
 def plan_key(instance_id: str, generation: int, nonce: str) -> str:

@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
@@ -30,6 +29,7 @@ from nats.micro.request import Request
 from shardplane.bus import codec, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
+from shardplane.bus.liveness import judge_device, ttl_from_env
 from shardplane.bus.messages import (
     DeviceState,
     ErrorInfo,
@@ -40,7 +40,9 @@ from shardplane.bus.messages import (
     PlacementRequest,
     ShardAssignment,
 )
+from shardplane.bus.retry import retrying
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
+from shardplane.bus.watchguard import guard_watch
 from shardplane.planner import ledger
 from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
@@ -54,7 +56,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "shardplane-planner"
 SERVICE_VERSION = "0.1.0"
 MAX_COMMIT_ATTEMPTS = 50
-PUBLISH_ATTEMPTS = 5
 PLAN_GRACE_S = 20.0  # beyond the solver's own time limit before a request answers "timeout"
 
 ERROR_STATUS = {
@@ -103,24 +104,62 @@ class StateCache:
         except DecodeError as exc:  # one bad value must not blind the planner to the rest
             log.warning("cluster_state %s: %s", key, exc)
 
+    def judged_devices(self) -> list[DeviceState]:
+        """The devices with liveness judged on this planner's clock (bus.liveness): a device
+        the projector has not rewritten for a TTL is not placed on as if it were online."""
+        now, ttl = time.time(), ttl_from_env()
+        return [
+            judge_device(d, self.nodes.get(d.sample.node), now, ttl) for d in self.devices.values()
+        ]
+
     async def follow(self, kv: KeyValue, stop: asyncio.Event) -> None:
-        watcher = await kv.watchall()
+        """Apply the bucket's changes until ``stop``; a watch that ends or stalls (its server
+        lost: bus.watchguard) is started again, and its replay brings the cache up to date."""
+        watching: list[Any] = []
+
+        async def restart() -> None:
+            if watching:
+                await watching[0].stop()
+
+        guard = asyncio.create_task(
+            guard_watch(
+                kv._js,  # pyright: ignore[reportPrivateUsage]
+                f"KV_{CLUSTER_STATE}",
+                lambda: self.revision,
+                restart,
+                what="planner",
+            )
+        )
         try:
             while not stop.is_set():
                 try:
-                    entry = await watcher.updates(timeout=1.0)
-                except NatsTimeoutError:
+                    watcher = await kv.watchall()
+                except Exception as exc:  # an election: try again shortly
+                    log.warning("cluster_state watch could not start (%r); retrying", exc)
+                    await asyncio.sleep(0.5)
                     continue
-                if entry is None:  # initial values delivered
-                    self.ready.set()
-                    continue
-                if not isinstance(entry, KeyValue.Entry):
-                    break  # the watcher was stopped
-                deleted = entry.operation in ("DEL", "PURGE")
-                self.apply(entry.key, entry.value, entry.revision or 0, deleted)
+                watching[:] = [watcher]
+                try:
+                    await self._drain(watcher, stop)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+            guard.cancel()
+
+    async def _drain(self, watcher: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                entry = await watcher.updates(timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            if entry is None:  # initial values delivered
+                self.ready.set()
+                continue
+            if not isinstance(entry, KeyValue.Entry):
+                return  # the watcher was stopped
+            deleted = entry.operation in ("DEL", "PURGE")
+            self.apply(entry.key, entry.value, entry.revision or 0, deleted)
 
 
 def _error(code: str, message: str) -> PlacementReply:
@@ -160,22 +199,19 @@ class Planner:
         return await asyncio.to_thread(resolve, req.model)
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        """JetStream publish with our own retries: nats-py does not retry a publish that got
-        no answer, and the same Nats-Msg-Id makes a retry safe."""
-        for attempt in range(PUBLISH_ATTEMPTS):
-            try:
-                await self.js.publish(
-                    subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0
-                )
-                return
-            except (NoRespondersError, NatsTimeoutError):
-                if attempt + 1 == PUBLISH_ATTEMPTS:
-                    raise
-                await asyncio.sleep(0.05 * 2**attempt)
+        """JetStream publish with our own retries through a leader election: nats-py does not
+        retry a publish that got no answer, and the same Nats-Msg-Id makes a retry safe."""
+        await retrying(
+            lambda: self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=2.0),
+            f"publish {subject}",
+        )
+
+    async def _put_plan(self, key: str, body: bytes) -> None:
+        await retrying(lambda: self.ledger_kv.put(key, body), "ledger plan write")
 
     def _fleet(self, req: PlacementRequest, promised: dict[str, int]) -> Fleet:
         return build_fleet(
-            self.cache.devices.values(),
+            self.cache.judged_devices(),
             self.cache.nodes,
             exclude_nodes=req.exclude_nodes,
             promised=promised,
@@ -285,7 +321,7 @@ class Planner:
             )
             instances = dict(doc.instances)
             instances[instance_id] = entry
-            await self.ledger_kv.put(key, codec.encode(reply))
+            await self._put_plan(key, codec.encode(reply))
             try:
                 await ledger.commit(self.ledger_kv, ledger.LedgerDoc(instances=instances), revision)
             except KeyWrongLastSequenceError:
@@ -308,8 +344,9 @@ class Planner:
         stored = await ledger.stored_reply(self.ledger_kv, previous.plan_key)
         if stored is None or stored.generation != previous.generation:
             return None
+        devices = {f"{d.sample.node}/{d.sample.index}": d for d in self.cache.judged_devices()}
         for s in stored.stages:
-            state = self.cache.devices.get(s.device)
+            state = devices.get(s.device)
             if state is None or not state.online or not state.sample.present:
                 return None
         return stored

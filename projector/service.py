@@ -40,6 +40,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from shardplane.bus import subjects
+from shardplane.bus.messages import InstanceState, NodeState
+from shardplane.bus.retry import Outage, describe, retrying, transient
 from shardplane.bus.streams import PLACEMENTS, SHARDS, TELEMETRY, provision
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
@@ -92,6 +94,7 @@ class ProjectorConfig:
     # a write the server is slow to answer cannot hold the standby off for write_timeout_s.
     stop_grace_s: float = 2.0
     stats_interval_s: float = 60.0  # log the counters this often
+    probe_interval_s: float = 0.5  # how often TELEMETRY's leader is asked whether it is there
     slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
     pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
     # Atomic batch writes where the server has them (2.12+): one PubAck per 1,000 writes, but
@@ -159,6 +162,7 @@ class _Round:
     sweep_due: bool
     due_keys: list[str] | None
     size: int
+    now: float  # the time liveness is judged at: never past what TELEMETRY has delivered
     overlay: Overlay = field(init=False)
     deferred: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
     rejected: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
@@ -196,6 +200,17 @@ class Projector:
         # instead of scanning every key (8,000 devices every half second adds up).
         self._deadlines: list[tuple[float, str]] = []
         self._next_full_sweep = 0.0
+        # Liveness is judged at the time up to which TELEMETRY is known to be delivered (see
+        # Inbox.caught_up), not at the wall clock: while the stream cannot deliver (a leader
+        # election, an outage, a backlog a new leader has not applied yet) no device is
+        # written offline for samples that exist but have not arrived. Readers judge staleness
+        # on their own clock meanwhile (bus.liveness).
+        self._clock = 0.0
+        self._caught_up = False  # this leadership has applied TELEMETRY's backlog
+        # No sweep before this (monotonic): after TELEMETRY could not take writes (an election,
+        # a lost server), agents need an interval (and a retry) to get a sample stored again.
+        self._hold_until = 0.0
+        self._write_outage = Outage("cluster_state writes", log)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -209,11 +224,14 @@ class Projector:
                     await self._lead(stop)
                 except LeaseLost:
                     log.warning("projector stepped down: lease lost")
-                except Exception:
+                except Exception as exc:
                     # The bus went away mid-round, a read timed out...: nothing was
                     # acknowledged that is not stored, so start the round over (keeping the
-                    # lease while it is still valid).
-                    log.exception("projector round failed; resuming in 1 s")
+                    # lease while it is still valid). An election is expected: no traceback.
+                    if transient(exc):
+                        log.warning("projector round failed (%s); resuming in 1 s", describe(exc))
+                    else:
+                        log.exception("projector round failed; resuming in 1 s")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
                 finally:
@@ -232,14 +250,26 @@ class Projector:
         feeders: list[asyncio.Task[None]] = []
         handback: list[Msg] = []  # taken but not stored: nak'd once the pulls have stopped
         try:
-            loaded = await self.store.load()
+            loaded = await retrying(self.store.load, "loading cluster_state")
+            self._caught_up = False
+            self._clock = max(
+                (
+                    v.last_seen
+                    for _, v in self.store.cache.items()
+                    if not isinstance(v, InstanceState)
+                ),
+                default=0.0,
+            )
             self._deadlines = []
             self._track(self.store.cache.items())
             self._next_full_sweep = 0.0
             log.info("projector leading; %d keys in cluster_state", loaded)
             for stream, durable in CONSUMERS.items():
-                await self._ensure_consumer(stream, durable)
+                await retrying(
+                    lambda s=stream, d=durable: self._ensure_consumer(s, d), f"consumer {durable}"
+                )
                 feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
+            feeders.append(asyncio.create_task(self._probe(inbox)))
             self.leading.set()
             await self._write_loop(inbox, stop, lost, handback)
         finally:
@@ -302,6 +332,7 @@ class Projector:
                         self.config.fetch_batch, timeout=self.config.fetch_timeout_s
                     )
                 except (TimeoutError, nats.errors.TimeoutError):
+                    inbox.caught_up[stream] = time.time()  # nothing left to deliver
                     continue
                 except Exception as exc:
                     log.warning("fetch failed: %r", exc)
@@ -349,6 +380,7 @@ class Projector:
                     if stop.is_set():
                         break
                 msgs = inbox.take(self.config.max_round)
+                self._advance(inbox)
                 due = time.monotonic() >= next_sweep
                 if msgs or due:
                     base = inflight_round.overlay if inflight_round is not None else None
@@ -367,6 +399,7 @@ class Projector:
                             raise
                         inflight = inflight_round = None
                         extra = inbox.take(max(0, self.config.max_round - round_.size))
+                        self._advance(inbox)
                         if clean:
                             round_.overlay.rebase(self.store.cache)
                             if extra:
@@ -410,6 +443,46 @@ class Projector:
 
     # --- one round ----------------------------------------------------------------------------
 
+    def _hold(self, since: float) -> None:
+        """Hold sweeps for the longest TTL from ``since`` (monotonic): a live agent gets a
+        sample stored within its interval (and a retry) once TELEMETRY takes writes again."""
+        ttl = max(
+            (self.liveness.ttl(v) for _, v in self.store.cache.items() if isinstance(v, NodeState)),
+            default=self.liveness.ttl(None),
+        )
+        self._hold_until = max(self._hold_until, since + ttl)
+
+    async def _probe(self, inbox: Inbox) -> None:
+        """Ask TELEMETRY's leader, every ``probe_interval_s``, whether it is there; while it is
+        not (and for a TTL after), agents cannot get samples stored, so nothing is swept."""
+        outage = Outage(f"stream {TELEMETRY}", log)
+        while True:
+            started = time.monotonic()
+            try:
+                await self.js.stream_info(TELEMETRY)
+                outage.recovered()
+            except Exception as exc:
+                outage.failed(exc)
+                self._hold(time.monotonic())
+            if inbox.trouble_at >= started - self.config.probe_interval_s:
+                self._hold(inbox.trouble_at)
+            await asyncio.sleep(
+                max(0.0, self.config.probe_interval_s - (time.monotonic() - started))
+            )
+
+    def _advance(self, inbox: Inbox) -> None:
+        """Move the liveness clock on once everything received has been taken into rounds
+        (a sweep must come after the messages that arrived before it, never before)."""
+        if inbox.msgs:
+            return
+        caught_up = inbox.caught_up.get(TELEMETRY, 0.0)
+        if caught_up <= 0.0:
+            return
+        if not self._caught_up:
+            self._caught_up = True
+            log.info("projector caught up with %s; liveness sweeps on", TELEMETRY)
+        self._clock = max(self._clock, min(time.time(), caught_up))
+
     def _decode(self, msgs: list[Msg]) -> list[_Item]:
         items: list[_Item] = []
         for msg in msgs:
@@ -427,8 +500,11 @@ class Projector:
         still being written, which the cache will hold once that round is stored)."""
         started = time.perf_counter()
         items = self._decode(msgs)
-        due_keys = self._due(time.time()) if sweep_due else None
-        round_ = _Round(items, sweep_due, due_keys, len(msgs))
+        # A new leader applies the backlog first; nobody sweeps right after an outage.
+        sweep_due = sweep_due and self._caught_up and time.monotonic() >= self._hold_until
+        now = self._clock
+        due_keys = self._due(now) if sweep_due else None
+        round_ = _Round(items, sweep_due, due_keys, len(msgs), now)
         self._apply(round_, base)
         self.stats.apply_s += time.perf_counter() - started
         return round_
@@ -441,11 +517,11 @@ class Projector:
         round_.items.extend(items)
         round_.size += len(msgs)
         if apply_now:
-            self._apply_items(round_, items, time.time())
+            self._apply_items(round_, items, round_.now)
         self.stats.apply_s += time.perf_counter() - started
 
     def _apply(self, round_: _Round, base: View | Overlay) -> None:
-        now = time.time()
+        now = round_.now
         round_.overlay = Overlay(base)
         round_.deferred, round_.rejected, round_.applied = [], [], []
         self._apply_items(round_, round_.items, now)
@@ -458,7 +534,7 @@ class Projector:
         for item in items:
             if item.event is None:
                 continue
-            seen = item.info.timestamp if item.info is not None else now
+            seen = item.info.timestamp if item.info is not None else time.time()
             outcome = apply(overlay, item.event, seen, now, self.liveness)
             if isinstance(outcome, Changes):
                 overlay.update(outcome.values)
@@ -485,13 +561,19 @@ class Projector:
             except WriteError as exc:
                 clean = False
                 self.stats.write_errors += 1
-                log.warning("KV write round failed, retrying: %s", exc)
+                self._write_outage.failed(exc)
                 await asyncio.sleep(0.2)
-                await self.store.refresh(exc.keys)
+                try:
+                    await self.store.refresh(exc.keys)
+                except Exception as err:
+                    if not transient(err):
+                        raise
+                    continue  # stale revisions only cost a conflict and a re-read later
                 self._apply(round_, self.store.cache)
                 continue
             finally:
                 write_s += time.perf_counter() - write_started
+            self._write_outage.recovered()
             self.stats.writes += result.written
             self._track((k, v) for k, v in pending.items() if k not in result.conflicts)
             if not result.conflicts:

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 KV_STREAM = f"KV_{CLUSTER_STATE}"
 KV_PREFIX = f"$KV.{CLUSTER_STATE}."
-WRONG_LAST_SEQUENCE = (10071, 10164)  # JSStreamWrongLastSequence(Constant)Err
+WRONG_LAST_SEQUENCE = (10071, 10164)
+ROUND_TIMEOUT_BASE_S = 2.0
+ROUND_TIMEOUT_PER_WRITE_S = 0.001  # JSStreamWrongLastSequence(Constant)Err
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODERS: dict[
@@ -228,14 +230,15 @@ class Store:
             key: (KV_PREFIX + key, encode_value(value), cache.revision(key))
             for key, value in values.items()
         }
+        timeout = self.round_timeout(len(messages))
         if self.batches:
-            outcome = await self._write_batches(messages)
+            outcome = await self._write_batches(messages, timeout)
         elif self.pipeline:
-            outcome = await self.writer.publish(messages, self.timeout_s)
+            outcome = await self.writer.publish(messages, timeout)
         else:
             outcome = WriteOutcome({}, {})
             for key, message in messages.items():
-                one = await self.writer.publish({key: message}, self.timeout_s)
+                one = await self.writer.publish({key: message}, self.round_timeout(1))
                 outcome.stored.update(one.stored)
                 outcome.errors.update(one.errors)
         for key, seq in outcome.stored.items():
@@ -252,12 +255,18 @@ class Store:
             )
         return WriteResult(len(outcome.stored), conflicts)
 
-    async def _write_batches(self, messages: Mapping[str, Write]) -> WriteOutcome:
+    def round_timeout(self, writes: int) -> float:
+        """How long a round of ``writes`` may wait for its answers: enough for the biggest
+        rounds on a loaded machine, but a handful of writes whose answers were lost with a
+        killed stream leader is retried after seconds, not after the whole ``timeout_s``."""
+        return min(self.timeout_s, ROUND_TIMEOUT_BASE_S + writes * ROUND_TIMEOUT_PER_WRITE_S)
+
+    async def _write_batches(self, messages: Mapping[str, Write], timeout: float) -> WriteOutcome:
         """Atomic batches; the keys of a rejected batch are re-sent one by one, which says
         which of them conflicted (a rejected batch stored nothing, so the same expected
         revisions still apply; a batch that timed out and was stored after all shows up
         as conflicts, which the caller resolves by re-reading)."""
-        outcome = await self.writer.publish_batches(messages, self.timeout_s)
+        outcome = await self.writer.publish_batches(messages, timeout)
         if not outcome.errors:
             self._failed_batch_rounds = 0
             return outcome
@@ -272,5 +281,5 @@ class Store:
                 code, text = next(iter(outcome.errors.values()))
                 log.warning("atomic batches rejected (%s %s); writing one by one", code, text)
         retry = {key: messages[key] for key in outcome.errors}
-        again = await self.writer.publish(retry, self.timeout_s)
+        again = await self.writer.publish(retry, timeout)
         return WriteOutcome({**outcome.stored, **again.stored}, again.errors)

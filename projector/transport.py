@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 _STATUS = "Status"
 _HEARTBEAT = "100"
 _ACK = b"+ACK"
+IDLE_HEARTBEAT_S = 0.2
 
 
 async def ack_all(nc: Client, msgs: list[Msg]) -> None:
@@ -61,6 +63,11 @@ class Inbox:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.msgs: list[Msg] = []
+        # Per stream: a time T such that every message the stream stored before T is in
+        # ``msgs`` or was taken from it (0: not known yet). The projector judges liveness
+        # against it, never against a clock that ran on while the stream could not deliver.
+        self.caught_up: dict[str, float] = {}
+        self.trouble_at = 0.0  # monotonic time a pull last failed (leader change, no stream)
         self.ready = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
@@ -103,7 +110,9 @@ class Puller:
         self.inbox = inbox
         self.batch = batch
         self.expires_s = expires_s
+        self.stream = stream
         self.subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._failures = 0
         self._remaining = 0
         self._done = asyncio.Event()
         self._failed = False
@@ -113,26 +122,59 @@ class Puller:
         headers = msg.headers
         if headers and _STATUS in headers:
             status = headers[_STATUS]
-            if status != _HEARTBEAT:
+            if status == _HEARTBEAT:
+                # The server idles on this request only when it has nothing to deliver.
+                self.inbox.caught_up[self.stream] = time.time()
+            else:
                 # 404 no messages / 408 expired: the request is over, issue the next at once.
                 # 409 (consumer deleted, leadership change, max waiting), 503 (no stream):
                 # also over, but back off instead of spinning on a consumer that is not there.
                 self._failed = status not in ("404", "408")
                 if self._failed:
-                    log.warning(
-                        "pull on %s: %s %s", self.subject, status, headers.get("Description", "")
-                    )
+                    self.inbox.trouble_at = time.monotonic()
+                    self._failures += 1
+                    if self._failures == 1:  # once per outage: an election answers every pull
+                        log.warning(
+                            "pull on %s: %s %s; retrying",
+                            self.subject,
+                            status,
+                            headers.get("Description", ""),
+                        )
+                else:
+                    # The request ended empty-handed: nothing stored before now is undelivered.
+                    self._recovered()
+                    self.inbox.caught_up[self.stream] = time.time()
                 self._done.set()
             return
+        reply = msg.reply
+        if reply.endswith(".0"):
+            # Nothing pending behind this message: everything stored up to it is delivered.
+            self._recovered()
+            stored = _stored_at(reply)
+            if stored > self.inbox.caught_up.get(self.stream, 0.0):
+                self.inbox.caught_up[self.stream] = stored
         self.inbox.put(msg)
         self._remaining -= 1
         if self._remaining <= 0:
             self._done.set()
 
+    def _recovered(self) -> None:
+        if self._failures:
+            log.info("pull on %s: delivering again", self.subject)
+            self._failures = 0
+
     async def run(self) -> None:
         reply = self.nc.new_inbox()
         self._sub = await subscribe_direct(self.nc, reply, self._on_msg, fast=self.fast)
-        request = json.dumps({"batch": self.batch, "expires": int(self.expires_s * 1e9)}).encode()
+        request = json.dumps(
+            {
+                "batch": self.batch,
+                "expires": int(self.expires_s * 1e9),
+                # Idle heartbeats say "nothing to deliver" often enough for liveness to be
+                # judged within a fraction of a second of the truth (see Inbox.caught_up).
+                "idle_heartbeat": int(min(IDLE_HEARTBEAT_S, self.expires_s / 2) * 1e9),
+            }
+        ).encode()
         try:
             while True:
                 await self.inbox.room.wait()  # back-pressure: the writer is behind
@@ -150,10 +192,19 @@ class Puller:
                 # A request can vanish without a status (a reconnect in between): give up on
                 # it a little after it would have expired.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._done.wait(), self.expires_s + 2.0)
+                    await asyncio.wait_for(self._done.wait(), self.expires_s + 0.5)
         finally:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+
+def _stored_at(reply: str) -> float:
+    """The stream time in an ack subject (``...<ts>.<pending>``), 0.0 when unreadable."""
+    head, _, _pending = reply.rpartition(".")
+    try:
+        return int(head.rpartition(".")[2]) / 1e9
+    except ValueError:
+        return 0.0
 
 
 class _ApiError(msgspec.Struct, frozen=True):

@@ -67,6 +67,32 @@ def _fleet(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to 5")
+    return value
+
+
+def _ha(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a local cluster of N nats-servers (3 for high availability)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=None,
+        help="stream and bucket replicas (default $SHARDPLANE_REPLICAS, else 1, or 3 on a cluster)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardplane", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shardplane {_version()}")
@@ -82,11 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--interval", type=float, default=None, help="agent sample interval, seconds")
     _no_auth(p)
+    _ha(p)
 
     p = sub.add_parser("nats", help="run the embedded nats-server (JetStream) in the foreground")
     p.add_argument("--config", type=Path, default=None, help="config file (default ./nats.conf)")
-    p.add_argument("--port", type=int, default=4222)
-    p.add_argument("--store", type=Path, default=Path("data/nats"))
+    p.add_argument("--port", type=int, default=4222, help="client port (a cluster: the first)")
+    p.add_argument(
+        "--store", type=Path, default=None, help="store (default data/nats; data/nats-cluster)"
+    )
     p.add_argument("--monitor-port", type=int, default=8222)
     p.add_argument(
         "--auth-dir",
@@ -94,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run with the role users of this folder (created if missing, as `auth init`)",
     )
+    _ha(p)
 
     p = sub.add_parser("agent", help="publish GPU telemetry and load assigned shards")
     _common(p)

@@ -7,22 +7,26 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from urllib.parse import urlparse
 
 import msgspec
+import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NoKeysError
 
 from shardplane import render, secure
 from shardplane.bus import codec, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
+from shardplane.bus.liveness import judge_device, judge_node, ttl_from_env
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -32,7 +36,8 @@ from shardplane.bus.messages import (
     PlacementReply,
     PlacementRequest,
 )
-from shardplane.bus.streams import cluster_state, provision
+from shardplane.bus.retry import retrying
+from shardplane.bus.streams import REPLICAS_ENV, cluster_state, provision
 from shardplane.natsserver import PACKAGE_DIR, NatsServer, default_config, embedded_for
 from shardplane.reach import NatsUnreachable, connect_unless_stopped
 
@@ -44,6 +49,7 @@ log = logging.getLogger("shardplane")
 DEMO_FLEET = PACKAGE_DIR / "fleets" / "demo.toml"
 
 Service = Callable[[asyncio.Event], Awaitable[None]]
+T = TypeVar("T")
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -180,10 +186,29 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -
 
 
 @contextlib.asynccontextmanager
-async def _nats_for(url: str | None, secured: bool = False, fleet: Path | None = None):  # type: ignore[no-untyped-def]
-    """(URL, role credentials or None). ``secured``: an embedded server runs with the role
-    users of ``data/auth`` (generated on first start), and a running one is spoken to with
-    them when that folder has them and the environment names no credentials."""
+async def _nats_for(  # type: ignore[no-untyped-def]
+    url: str | None, secured: bool = False, fleet: Path | None = None, cluster: int = 0
+):
+    """(URL, role credentials or None). ``secured``: an embedded server (or local cluster) runs
+    with the role users of ``data/auth`` (generated on first start), and a running one is
+    spoken to with them when that folder has them and the environment names no credentials.
+    ``cluster`` > 1: a local cluster of that many servers instead of one."""
+    if cluster > 1:
+        from shardplane.cluster import NatsCluster
+
+        layout = cluster_layout(url)
+        cluster_creds: dict[str, Path] | None = None
+        if secured:
+            nodes = tuple(n.name for n in _fleet_nodes(fleet))
+            layout["config"] = secure.prepare(secure.AUTH_DIR, layout["config"], nodes)
+            cluster_creds = secure.role_creds(secure.AUTH_DIR)
+        servers = NatsCluster(cluster, **layout)
+        log.info(
+            "starting a local NATS cluster of %d (stores under %s)", cluster, servers.store_root
+        )
+        async with servers:
+            yield servers.url, cluster_creds
+        return
     server = embedded_for(url)
     creds: dict[str, Path] | None = None
     if secured:
@@ -224,14 +249,55 @@ def _api_token(args: argparse.Namespace) -> str | None:
     return secure.env_token() if args.no_auth else secure.api_token(secure.AUTH_DIR)
 
 
+def cluster_layout(url: str | None) -> dict[str, Any]:
+    """Where a local cluster goes: client ports from the first port of ``url`` (4222 by
+    default) up, routes 100 above, monitoring from 8222 up, stores under data/nats-cluster."""
+    first = nats_url(url).split(",")[0]
+    port = urlparse(first if "://" in first else f"nats://{first}").port or 4222
+    return {
+        "base_port": port,
+        "store_root": Path("data") / "nats-cluster",
+        "config": default_config(),
+        "monitor_base_port": 8222 if port == 4222 else None,
+    }
+
+
+def provision_replicas(url: str, replicas: int | None) -> None:
+    """``nats --replicas N``: provision every stream and bucket at N now (raising existing
+    ones; never lowering), so services started later find them so."""
+    if replicas is None:
+        return
+
+    async def main() -> None:
+        nc = await nats.connect(servers=url.split(","), connect_timeout=5)
+        try:
+            await provision(nc.jetstream(), replicas)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def _replicas(args: argparse.Namespace) -> None:
+    """``--replicas`` is ``SHARDPLANE_REPLICAS`` for every component started from here."""
+    replicas: int | None = getattr(args, "replicas", None)
+    if replicas is not None:
+        os.environ[REPLICAS_ENV] = str(replicas)
+
+
 def up(args: argparse.Namespace) -> int:
+    _replicas(args)
+
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
         token = _api_token(args)
         secure.check_binding(args.api_host, token)  # before anything starts
-        async with _nats_for(args.nats_url, not args.no_auth, fleet) as (url, creds):
+        async with _nats_for(args.nats_url, not args.no_auth, fleet, args.cluster) as (
+            url,
+            creds,
+        ):
             tasks = await run_services(
                 url,
                 stop,
@@ -253,12 +319,26 @@ def up(args: argparse.Namespace) -> int:
 
 
 def nats_server(args: argparse.Namespace) -> int:
+    _replicas(args)
     config = args.config or default_config()
     if args.auth_dir is not None:
         config = secure.prepare(args.auth_dir, config, ())
+    if args.cluster > 1:
+        from shardplane.cluster import NatsCluster, serve_cluster
+
+        return serve_cluster(
+            NatsCluster(
+                args.cluster,
+                base_port=args.port,
+                store_root=args.store or Path("data") / "nats-cluster",
+                config=config,
+                monitor_base_port=args.monitor_port,
+            ),
+            replicas=args.replicas,
+        )
     server = NatsServer(
         port=args.port,
-        store_dir=args.store,
+        store_dir=args.store or Path("data") / "nats",
         config=config,
         monitor_port=args.monitor_port,
     )
@@ -266,9 +346,10 @@ def nats_server(args: argparse.Namespace) -> int:
     # way out from here on, a Ctrl-C during start() included, must stop it.
     try:
         server.start()
+        provision_replicas(server.url, args.replicas)
         print(
             f"nats-server (JetStream) on {server.url}, monitoring "
-            f"http://127.0.0.1:{args.monitor_port}/, store {args.store}",
+            f"http://127.0.0.1:{args.monitor_port}/, store {server.store_dir}",
             flush=True,
         )
         assert server.proc is not None
@@ -467,10 +548,12 @@ async def _export_facts(nc: Client, reply: PlacementReply) -> Facts:
     nodes: dict[str, NodeHeartbeat] = {}
     for s in reply.stages:
         node, index = s.device.rsplit("/", 1)
-        if (raw := await value(subjects.device_key(node, int(index)))) is not None:
-            devices[s.device] = codec.decode(DeviceState, raw).sample
-        if s.node not in nodes and (raw := await value(subjects.node_key(s.node))) is not None:
-            nodes[s.node] = codec.decode(NodeState, raw).heartbeat
+        key = subjects.device_key(node, int(index))
+        if (device := decoded(DeviceState, key, await value(key))) is not None:
+            devices[s.device] = device.sample
+        key = subjects.node_key(s.node)
+        if s.node not in nodes and (state := decoded(NodeState, key, await value(key))):
+            nodes[s.node] = state.heartbeat
     return Facts(devices=devices, nodes=nodes)
 
 
@@ -501,7 +584,21 @@ async def wait_loaded(nc: Client, instance: str, timeout: float, out: TextIO) ->
     return 1 if failed else 0
 
 
+def decoded(kind: type[T], key: str, data: bytes | None) -> T | None:
+    """One KV value, or None (with a warning naming the key) when it does not decode: one bad
+    value must not hide the rest of the fleet."""
+    if not data:
+        return None
+    try:
+        return codec.decode(kind, data)
+    except codec.DecodeError as exc:
+        log.warning("skipping %s: undecodable value (%s)", key, exc)
+        return None
+
+
 async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], list[InstanceState]]:
+    """Everything in ``cluster_state``, liveness judged on this machine's clock (a value the
+    projector has not rewritten for a TTL is shown stale, not as it was last written)."""
     devices: list[DeviceState] = []
     nodes: list[NodeState] = []
     instances: list[InstanceState] = []
@@ -510,19 +607,25 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     except BucketNotFoundError:  # nothing provisioned it yet: an empty cluster, not a crash
         return devices, nodes, instances
     try:
-        keys = await kv.keys()
-    except Exception:  # nats raises NoKeysError on an empty bucket
+        keys = await retrying(lambda: kv.keys(), "listing cluster_state")
+    except NoKeysError:  # an empty bucket
         keys = []
     for key in keys:
-        entry = await kv.get(key)
-        if entry.value is None:
-            continue
-        if key.startswith("devices."):
-            devices.append(codec.decode(DeviceState, entry.value))
-        elif key.startswith("nodes."):
-            nodes.append(codec.decode(NodeState, entry.value))
-        elif key.startswith("instances."):
-            instances.append(codec.decode(InstanceState, entry.value))
+        try:
+            entry = await retrying(lambda k=key: kv.get(k), "reading cluster_state")
+        except (KeyNotFoundError, KeyDeletedError):
+            continue  # deleted between the listing and the read
+        kind = key.partition(".")[0]
+        if kind == "devices":
+            devices.extend(filter(None, [decoded(DeviceState, key, entry.value)]))
+        elif kind == "nodes":
+            nodes.extend(filter(None, [decoded(NodeState, key, entry.value)]))
+        elif kind == "instances":
+            instances.extend(filter(None, [decoded(InstanceState, key, entry.value)]))
+    now, ttl = time.time(), ttl_from_env()
+    nodes = [judge_node(n, now, ttl) for n in nodes]
+    by_node = {n.heartbeat.node: n for n in nodes}
+    devices = [judge_device(d, by_node.get(d.sample.node), now, ttl) for d in devices]
     devices.sort(key=lambda d: (d.sample.node, d.sample.index))
     nodes.sort(key=lambda n: n.heartbeat.node)
     return devices, nodes, instances
@@ -634,10 +737,11 @@ async def wait_for_devices(nc: Client, expected: int, timeout: float, since: flo
             keys = []
         fresh = 0
         for key in keys:
-            entry = await kv.get(key)
-            if entry.value is not None:
-                state = codec.decode(DeviceState, entry.value)
-                fresh += state.online and state.sample.ts >= since
+            with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
+                entry = await kv.get(key)
+                state = decoded(DeviceState, key, entry.value)
+                if state is not None:
+                    fresh += state.online and state.sample.ts >= since
         if fresh >= expected:
             return fresh
         await asyncio.sleep(0.2)
@@ -675,7 +779,11 @@ async def follow_instance(
             continue
         if entry.value is not None and (entry.revision or 0) != last_rev:
             last_rev = entry.revision or 0
-            last = codec.decode(InstanceState, entry.value)
+            state = decoded(InstanceState, subjects.instance_key(instance), entry.value)
+            if state is None:
+                await asyncio.sleep(0.1)
+                continue
+            last = state
             on_change(last)
             if all(s.state in SETTLED for s in last.stages):
                 return last

@@ -28,7 +28,12 @@ def test_every_compose_service_runs_a_real_subcommand() -> None:
         command = svc["command"]
         assert command[0] in SUBCOMMANDS, f"{name}: {command[0]!r} is not a shardplane subcommand"
         parser.parse_args(command)  # exits (SystemExit) on unknown flags
-        assert svc["environment"]["NATS_URL"].startswith("nats://nats:")
+        url = svc["environment"]["NATS_URL"]
+        if "ha" in svc.get("profiles", []):  # the HA stack is given every server of the cluster
+            assert url.split(",") == [f"nats://nats-{i}:4222" for i in (1, 2, 3)], name
+            assert svc["environment"]["SHARDPLANE_REPLICAS"] == "3"
+        else:
+            assert url.startswith("nats://nats:")
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["shardplane"]' in dockerfile
     for package in ("bus", "agents", "projector", "planner", "api", "shardplane"):
@@ -42,8 +47,10 @@ def test_compose_nats_uses_the_repo_config_with_jetstream() -> None:
     assert any("nats.conf" in v for v in nats["volumes"])
     conf = (ROOT / "nats.conf").read_text()
     assert "jetstream" in conf
-    ha = [s for s in services.values() if "ha" in s.get("profiles", [])]
-    assert len(ha) == 3
+    ha = {n: s for n, s in services.items() if "ha" in s.get("profiles", [])}
+    assert sorted(n for n, s in ha.items() if "build" not in s) == ["nats-1", "nats-2", "nats-3"]
+    ours = {str(s["command"][0]) for s in ha.values() if "build" in s}
+    assert ours == {"projector", "planner", "api", "agent"}
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
