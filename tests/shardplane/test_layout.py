@@ -49,8 +49,15 @@ def test_compose_nats_uses_the_repo_config_with_jetstream() -> None:
     assert "jetstream" in conf
     ha = {n: s for n, s in services.items() if "ha" in s.get("profiles", [])}
     assert sorted(n for n, s in ha.items() if "build" not in s) == ["nats-1", "nats-2", "nats-3"]
+    # Secured like the single server: every server reads nats.conf plus the role users
+    # (/auth/server.conf), an admin provisions, every service connects as its role.
+    for name in ("nats", "nats-1", "nats-2", "nats-3"):
+        assert "/auth/server.conf" in services[name]["command"], name
     ours = {str(s["command"][0]) for s in ha.values() if "build" in s}
-    assert ours == {"projector", "planner", "api", "agent"}
+    assert ours == {"auth", "projector", "planner", "api", "agent"}
+    for name, svc in ha.items():
+        if "build" in svc and svc["command"][0] != "auth":
+            assert "--creds" in svc["command"], name
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
