@@ -97,10 +97,26 @@ async def test_replicas_an_operator_set_survive_and_only_an_explicit_setting_rai
     assert set((await _replicas(cnc)).values()) == {3}
 
 
+async def _until_led(cnc: Client, stream: str, timeout: float = 20.0) -> None:
+    """A freshly created R3 stream answers no write until its replicas elected a leader
+    (seconds on a loaded machine); the lease's own code is not under test for that here."""
+    js = cnc.jetstream()
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            info = await js.stream_info(stream)
+            if info.cluster is not None and info.cluster.leader:
+                return
+        assert time.monotonic() < deadline, f"{stream} elected no leader in {timeout:g} s"
+        await asyncio.sleep(0.1)
+
+
 async def test_the_lease_survives_a_renewal_whose_answer_was_lost(cnc: Client) -> None:
     js = cnc.jetstream()
     await provision(js)
     holder, other = Lease(js, holder="a", ttl_s=30.0), Lease(js, holder="b", ttl_s=30.0)
+    await holder.bucket()  # created on first use
+    await _until_led(cnc, "KV_projector_lease")
     assert await holder.try_acquire()
     kv = await holder.bucket()
     assert (await kv.status()).bucket == "projector_lease"
