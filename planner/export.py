@@ -20,6 +20,7 @@ the CPU in llama.cpp whatever the split. Devices on other nodes are reached thro
 from __future__ import annotations
 
 from shardplane.bus.messages import PlacementReply, Stage
+from shardplane.planner.schedule import ENGINE_MICROBATCHES, engine_microbatches
 
 RPC_BASE_PORT = 50052
 
@@ -71,6 +72,31 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def _schedule_comment(reply: PlacementReply, kind: str) -> str:
+    """The schedule the plan was scored with, and the engine's own (see ENGINE_MICROBATCHES)."""
+    m = reply.microbatches or 1
+    why = {
+        "llamacpp": "llama.cpp runs one batch through the pipeline at a time (M = 1)",
+        "vllm": "vLLM keeps one micro-batch per pipeline rank in flight (M = stages)",
+    }.get(kind, "")
+    engine = engine_microbatches(kind) if kind in ENGINE_MICROBATCHES else None
+    expected = (
+        (engine if isinstance(engine, int) else min(reply.batch or 1, len(reply.stages)))
+        if engine is not None
+        else m
+    )
+    warn = (
+        ""
+        if expected == m
+        else f"\n# warning: planned with M = {m} but this engine runs M = {expected}; re-plan "
+        "with `shardplane place ... --export` to score its schedule"
+    )
+    return (
+        f"# planned for {why}: batch {reply.batch} as {m} micro-batch(es); step "
+        f"{reply.step_ms:.2f} ms per token per sequence, {reply.tokens_per_s:.1f} tokens/s{warn}"
+    )
+
+
 def export_plan(reply: PlacementReply, kind: str) -> str:
     """The plan as shell lines for ``kind`` ("vllm" or "llamacpp"); a failed reply says why."""
     if not reply.ok or not reply.stages:
@@ -79,7 +105,7 @@ def export_plan(reply: PlacementReply, kind: str) -> str:
     layers = reply.stages[-1].layer_end
     head = (
         f"# {reply.model}: {len(reply.stages)} stages, {layers} layers, instance "
-        f"{reply.instance_id} generation {reply.generation}; bottleneck {reply.bottleneck_ms:.2f} ms"
+        f"{reply.instance_id} generation {reply.generation}\n{_schedule_comment(reply, kind)}"
     )
     if kind == "vllm":
         ranks = "\n".join(
