@@ -8,7 +8,8 @@ all count vectors of one order at once with numpy, from the model profile direct
 is re-scored through planner.schedule, and the two must agree.
 
 Cost: sum over orders of C(L - 1, k - 1) count vectors for k devices, so it is meant for small
-cases (``count_vectors`` says how many a problem has; the benchmark skips the large ones).
+cases (``count_vectors`` says how many a problem has; the benchmark skips the large ones, and
+fleets of more than 6 devices, whose orders alone are too many to list).
 """
 
 from __future__ import annotations

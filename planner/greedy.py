@@ -58,24 +58,27 @@ def allocate_layers_proportionally(
 
 
 def exo_plan(problem: Problem) -> tuple[StagePlan, ...]:
-    """exo's placement (REFERENCE.md): the smallest set of nodes whose free memory holds the
-    model's weights (ties: the most free memory, i.e. the nodes with the most), then layers split
-    by memory with largest remainder over those nodes' devices in fleet order. exo checks only
-    the weights against memory; our validator judges the plan with KV, embeddings and head."""
-    usable: dict[str, int] = {}
+    """exo's placement (REFERENCE.md), reproduced faithfully: one device per host (here the
+    host's device with the most usable memory; exo's spill to system RAM is left out), the
+    smallest set of hosts whose memory holds the model's weights (ties: the most memory, i.e.
+    the hosts with the most), layers split by memory with largest remainder in fleet order.
+    exo checks only the weights against memory; our validator judges the plan with the KV
+    cache, the embeddings and the head."""
+    best: dict[str, Device] = {}
     for d in problem.devices:
-        usable[d.node] = usable.get(d.node, 0) + max(0, problem.usable(d))
+        if d.node not in best or problem.usable(d) > problem.usable(best[d.node]):
+            best[d.node] = d
     need = problem.profile.weight_bytes
-    chosen: list[str] = []
+    chosen: set[str] = set()
     held = 0
-    for node in sorted(usable, key=lambda n: -usable[n]):
+    for node in sorted(best, key=lambda n: -problem.usable(best[n])):
         if held >= need:
             break
-        chosen.append(node)
-        held += usable[node]
+        chosen.add(node)
+        held += max(0, problem.usable(best[node]))
     if held < need:
         return ()
-    devices = [d for d in problem.devices if d.node in chosen]
+    devices = [d for d in problem.devices if d.node in chosen and best[d.node] is d]
     if problem.max_stages is not None and len(devices) > problem.max_stages:
         return ()
     counts = allocate_layers_proportionally(

@@ -241,23 +241,25 @@ def test_homogeneous_fleet_is_proven_optimal() -> None:
 
 
 def test_exo_baseline_is_exos_rule() -> None:
-    """exo keeps the smallest set of nodes whose memory holds the weights (the ones with the
-    most memory), then splits by memory: a model that fits one node stays on it."""
+    """exo uses one device per host and keeps the smallest set of hosts whose memory holds the
+    weights (the ones with the most memory), then splits by memory: a model that fits one
+    device stays on it."""
     devs, nodes = states(
         [
             HostSpec("a", ("RTX-4090",)),
             HostSpec("b", ("A100-80GB",)),
             HostSpec("c", ("L40S", "L40S")),
+            HostSpec("d", ("A100-40GB",)),
         ]
     )
     fleet = build_fleet(devs, nodes)
     small = exo_plan(Problem(resolve("llama-3.1-8b"), fleet, 8192, 1))
-    assert [s.device.ref for s in small] == ["c/0", "c/1"]  # node c has the most memory (2 x 48)
+    assert [s.device.ref for s in small] == ["b/0"]  # the most memory of any host's device
     big = exo_plan(Problem(resolve("llama-3.1-70b"), fleet, 8192, 1))
-    assert [s.device.ref for s in big] == ["b/0", "c/0", "c/1"]  # 131 GiB: c and b, not a
-    assert [s.layer_end - s.layer_start for s in big] == allocate_layers_proportionally(
-        80, [fleet.devices[i].usable_bytes(0.1) for i in (1, 2, 3)]
-    )
+    # 131 GiB of weights: b (72 GiB usable) and one L40S of c (43.2) are not enough, d (36) is
+    assert [s.device.ref for s in big] == ["b/0", "c/0", "d/0"]
+    usable = [fleet.devices[i].usable_bytes(0.1) for i in (1, 2, 4)]
+    assert [s.layer_end - s.layer_start for s in big] == allocate_layers_proportionally(80, usable)
 
 
 def test_feasible_where_exos_split_does_not_fit() -> None:
