@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shardplane.bus.messages import ErrorCode, SolverMethod, Stage
 from shardplane.planner import validate
-from shardplane.planner.bounds import integer_bound_ms, step_bound_ms
+from shardplane.planner.bounds import step_bound_ms
 from shardplane.planner.cost import (
     GIB,
     WORKSPACE_BYTES,
@@ -203,7 +203,9 @@ def plan(
     check_request(problem)
     t = Tables(problem)
     run = _Run(problem, t, started, lower_bound_ms(problem, t))
-    bound = integer_bound_ms(problem, t)
+    # One lower bound per M (planner.bounds); the request's is the smallest.
+    bounds = {m: step_bound_ms(problem, m, t) for m in problem.all_m_choices()}
+    bound = min(bounds.values(), default=math.inf)
     if not math.isfinite(bound):
         raise PlanError("insufficient_memory", explain_infeasible(problem))
     per_m: dict[int, Evaluation] = {}
@@ -232,67 +234,84 @@ def plan(
                 bound,
             )
     limit = time_limit_s or default_time_limit_s(devices)
-    return _with_solver(run, hint, per_m, limit, forced)
+    return _with_solver(run, hint, per_m, bounds, limit, forced)
+
+
+@dataclass
+class _Search:
+    """What CP-SAT over the M values found and proved."""
+
+    best: Evaluation | None
+    proven: dict[int, float] = field(default_factory=dict[int, float])  # M -> bound on P
+    all_optimal: bool = True
+    ran: int = 0
+    failure: str = ""
+
+
+def _solve_each_m(
+    run: _Run,
+    search: _Search,
+    per_m: dict[int, Evaluation],
+    bounds: dict[int, float],
+    deadline: float,
+    forced: bool,
+) -> None:
+    """CP-SAT for every M that can still beat the incumbent, cheapest bound first, each with
+    an equal share of the time left."""
+    from shardplane.planner.solver import solve  # lazy: ortools costs ~0.25 s to import
+
+    problem, t = run.problem, run.tables
+    todo = sorted(bounds, key=lambda m: bounds[m])
+    for i, m in enumerate(todo):
+        incumbent = search.best.step_ms if search.best is not None else math.inf
+        if not forced and bounds[m] >= incumbent * (1 - PROOF_TOL):
+            search.proven[m] = bounds[m]  # nothing at this M beats the incumbent
+            continue
+        left = deadline - time.perf_counter()
+        seed = per_m.get(m)
+        res = solve(
+            problem,
+            m,
+            hint=seed.stages if seed is not None else None,
+            time_limit_s=max(0.01, left / (len(todo) - i)) if left > 0 else 0.01,
+            lower_bound_ms=bounds[m],
+            tables=t,
+        )
+        search.ran += 1
+        if res.status == "infeasible":
+            search.proven[m] = math.inf
+            continue
+        search.proven[m] = max(bounds[m], res.bound_ms or 0.0)
+        if res.plan is None:
+            search.all_optimal = False
+            search.failure = res.status
+            continue
+        ev = evaluate(problem, res.plan, t, microbatches=m)
+        if ev.ok and (search.best is None or ev.key < search.best.key):
+            search.best = ev
+        search.all_optimal = search.all_optimal and res.status == "optimal"
 
 
 def _with_solver(
     run: _Run,
     hint: Evaluation | None,
     per_m: dict[int, Evaluation],
+    bounds: dict[int, float],
     limit: float,
     forced: bool,
 ) -> Outcome:
-    """CP-SAT over every M that can still beat the incumbent, cheapest bound first."""
-    from shardplane.planner.solver import solve  # lazy: ortools costs ~0.25 s to import
-
-    problem, t = run.problem, run.tables
-    deadline = run.started + limit
-    bounds = {m: step_bound_ms(problem, m, t) for m in problem.all_m_choices()}
-    best = hint
-    proven: dict[int, float] = {}  # M -> a proven lower bound on P at that M
-    all_optimal = True
-    ran = 0
-    failure = ""
-    todo = sorted(bounds, key=lambda m: bounds[m])
-    for i, m in enumerate(todo):
-        incumbent = best.step_ms if best is not None else math.inf
-        if not forced and bounds[m] >= incumbent * (1 - PROOF_TOL):
-            proven[m] = bounds[m]  # nothing at this M beats the incumbent
-            continue
-        left = deadline - time.perf_counter()
-        share = max(0.01, left / (len(todo) - i)) if left > 0 else 0.01
-        seed = per_m.get(m)
-        res = solve(
-            problem,
-            m,
-            hint=seed.stages if seed is not None else None,
-            time_limit_s=share,
-            lower_bound_ms=bounds[m],
-            tables=t,
-        )
-        ran += 1
-        if res.status == "infeasible":
-            proven[m] = math.inf
-            continue
-        if res.plan is None:
-            all_optimal = False
-            failure = res.status
-            proven[m] = bounds[m]
-            continue
-        ev = evaluate(problem, res.plan, t, microbatches=m)
-        if ev.ok and (best is None or ev.key < best.key):
-            best = ev
-        all_optimal = all_optimal and res.status == "optimal"
-        proven[m] = max(bounds[m], res.bound_ms or 0.0)
+    """CP-SAT's answer, or the greedy plan with CP-SAT's proof, labelled honestly."""
+    search = _Search(hint)
+    _solve_each_m(run, search, per_m, bounds, run.started + limit, forced)
+    best = search.best
     if best is None:
-        raise PlanError("insufficient_memory", explain_infeasible(problem))
-    bound = min(proven.values(), default=math.inf)
-    if all_optimal and ran and best.step_ms > bound * (1 + 1e-4):
-        all_optimal = False  # rounding in the integer model: do not claim what floats deny
-    if ran == 0:  # every M's bound met the greedy plan: it is optimal
+        raise PlanError("insufficient_memory", explain_infeasible(run.problem))
+    bound = min(search.proven.values(), default=math.inf)
+    optimal = search.all_optimal and best.step_ms <= bound * (1 + 1e-4)  # integer rounding
+    if search.ran == 0:  # every M's bound met the greedy plan: it is optimal
         status = "optimal" if best.step_ms <= bound * (1 + PROOF_TOL) else "feasible"
         return run.done(best, "greedy", status, bound)
-    if failure and best is hint:
-        label = f"greedy (cp-sat: {failure} within {limit:.2f} s)"
+    if search.failure and best is hint:
+        label = f"greedy (cp-sat: {search.failure} within {limit:.2f} s)"
         return run.done(best, label, "feasible", bound)
-    return run.done(best, "cp-sat", "optimal" if all_optimal else "feasible", bound)
+    return run.done(best, "cp-sat", "optimal" if optimal else "feasible", bound)
