@@ -31,6 +31,7 @@ from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
 from shardplane.bus.messages import (
     DeviceState,
+    ErrorCode,
     ErrorInfo,
     Excluded,
     InstanceState,
@@ -122,8 +123,8 @@ class StateCache:
                 await watcher.stop()
 
 
-def _error(code: str, message: str) -> PlacementReply:
-    return PlacementReply(ok=False, error=ErrorInfo(code=code, message=message))  # type: ignore[arg-type]
+def _error(code: ErrorCode, message: str) -> PlacementReply:
+    return PlacementReply(ok=False, error=ErrorInfo(code=code, message=message))
 
 
 def _model_name(req: PlacementRequest) -> str:

@@ -118,6 +118,10 @@ async def test_msgpack_in_msgpack_out_and_errors_in_kind(
         assert "contxt" in json.loads(msg.data)["error"]["message"]
         msg = await nc.request("placement.request", b"\x93\x01", timeout=30)  # msgpack, wrong shape
         assert codec.decode(PlacementReply, msg.data, "msgpack").error is not None
+        # More micro-batches than sequences: answered, with the numbers.
+        bad_m = await ask(nc, {"model": "llama-3.1-8b", "batch": 2, "microbatches": 4})
+        assert bad_m.error is not None and bad_m.error.code == "invalid_request"
+        assert "microbatches=4 exceeds batch=2" in bad_m.error.message
         # Too big for the fleet: the message carries numbers.
         too_big = await ask(nc, {"model": "llama-3.1-405b", "context_tokens": 131072})
         assert too_big.error is not None and too_big.error.code == "insufficient_memory"
