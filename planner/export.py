@@ -91,8 +91,9 @@ def _schedule_comment(reply: PlacementReply, kind: str) -> str:
         else f"\n# warning: planned with M = {m} but this engine runs M = {expected}; re-plan "
         "with `shardplane place ... --export` to score its schedule"
     )
+    plural = "es" if m != 1 else ""
     return (
-        f"# planned for {why}: batch {reply.batch} as {m} micro-batch(es); step "
+        f"# schedule: {why}; planned for batch {reply.batch} as {m} micro-batch{plural}: step "
         f"{reply.step_ms:.2f} ms per token per sequence, {reply.tokens_per_s:.1f} tokens/s{warn}"
     )
 
