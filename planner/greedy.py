@@ -175,6 +175,31 @@ def best_for_order(
     return best
 
 
+def fastest_fill(
+    problem: Problem, order: Sequence[Device], t: Tables
+) -> tuple[StagePlan, ...] | None:
+    """For a fixed order, the layers on the devices fastest per layer first, each up to its
+    memory (the first also holding the embeddings, the last the head), the slow ones taking
+    what is left: the smallest sum of stage times for that order, what a single micro-batch's
+    round trip wants. Uniform layers only (each layer costs the same everywhere)."""
+    if not t.uniform or not order:
+        return None
+    k = len(order)
+    caps: list[int] = []
+    for i, d in enumerate(order):
+        room = problem.usable(d) - WORKSPACE_BYTES
+        room -= (t.embed if i == 0 else 0) + (t.head if i == k - 1 else 0)
+        caps.append(max(0, room // t.layer_mem))
+    counts = [0] * k
+    left = t.L
+    for i in sorted(range(k), key=lambda i: t.per_layer_ms(order[i])):
+        counts[i] = min(caps[i], left)
+        left -= counts[i]
+    if left > 0:
+        return None
+    return stages_from_counts(tuple(order), counts)
+
+
 def node_orders(problem: Problem) -> list[list[Device]]:
     """A few node-contiguous device orders worth trying: nodes by their fastest device (the
     round trip is shortest on the fastest devices), a slow-to-fast chain along the cheapest
@@ -237,10 +262,14 @@ def greedy_evaluation(
         return best
     if best is not None and best.step_ms <= good_enough:
         return best
+    orders = node_orders(problem)
+    for order in orders:
+        if (filled := fastest_fill(problem, order, t)) and offer(evaluate(problem, filled, t)):
+            return best
     for m in problem.all_m_choices():
         if best is not None and fluid_bound_ms(problem, m, t) >= best.step_ms:
             continue  # no plan at this M can beat the incumbent
-        for order in node_orders(problem):
+        for order in orders:
             if offer(best_for_order(problem, order, m, t)):
                 return best
     return best
