@@ -188,6 +188,10 @@ class ModelCard(Frozen, frozen=True, forbid_unknown_fields=True):
 
 
 Objective = Literal["throughput", "latency"]
+SolverMethod = Literal["auto", "cp-sat", "greedy"]
+# ``microbatches`` in a request: a number M fixes the schedule; "auto" lets the planner choose
+# M; "stages" means one micro-batch per stage, M = min(batch, stages) (vLLM's schedule).
+Microbatches = Literal["auto", "stages"] | Annotated[int, Meta(ge=1, le=4096)]
 
 
 class PlacementRequest(Frozen, frozen=True, forbid_unknown_fields=True):
@@ -204,7 +208,11 @@ class PlacementRequest(Frozen, frozen=True, forbid_unknown_fields=True):
     v: Version = SCHEMA_VERSION
     # Added by the planner (additive): "auto" picks the fastest method that proves its plan;
     # "cp-sat" always runs the solver (audits, comparisons); "greedy" never does.
-    solver: Literal["auto", "cp-sat", "greedy"] = "auto"
+    solver: SolverMethod = "auto"
+    # Added with the schedule model (additive): how the batch is split into micro-batches (see
+    # Microbatches), and the fewest stages a plan may have (forces a pipeline).
+    microbatches: Microbatches = "auto"
+    min_stages: Annotated[int, Meta(ge=1)] | None = None
 
 
 class Stage(Frozen, frozen=True):
@@ -269,6 +277,18 @@ class PlacementReply(Frozen, frozen=True):
     # stopped at its time limit (0 when optimal), and that bound (>= lower_bound_ms).
     gap_pct: NonNeg | None = None
     bound_ms: NonNeg | None = None
+    # Added with the schedule model (additive; DESIGN.md "Planner model"): the batch runs as
+    # ``microbatches`` (M) micro-batches of ceil(batch / M) sequences; ``step_ms`` is the step
+    # time P(M), the time between two tokens of every sequence, and ``tokens_per_s`` = batch x
+    # 1000 / step_ms; ``max_batch`` is the most sequences at ``context_tokens`` the placed
+    # memory holds. ``bottleneck_ms`` is the busiest stage's time per micro-batch, max t_s(b)
+    # (a component of P, not a rate); ``lower_bound_ms`` and ``bound_ms`` bound step_ms.
+    # A stage's ``stage_ms``/``hop_ms`` are t_s(batch)/h_s(batch) (the whole batch as one
+    # micro-batch); the last stage's ``hop_ms`` is the return hop of the sampled token ids to
+    # the first stage, so with microbatches = 1, step_ms = sum(stage_ms + hop_ms).
+    microbatches: Count = 0
+    step_ms: NonNeg = 0.0
+    max_batch: Count = 0
 
 
 class ShardAssignment(Frozen, frozen=True):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from shardplane.bus.gpus import compute_capability, gpu_spec
 from shardplane.bus.messages import DeviceSample, NodeHeartbeat, PlacementReply, Stage
+from shardplane.planner.schedule import ENGINE_MICROBATCHES, engine_microbatches
 
 RPC_BASE_PORT = 50052
 # llama.cpp's -ts parser: ``if (split_arg.size() >= llama_max_devices()) throw`` with
@@ -141,15 +142,41 @@ def _order_env(stages: Sequence[Stage], facts: Facts) -> str:
 # -- the comment lines (one place, so new figures are one line each) --------------------------
 
 
+def _schedule_lines(reply: PlacementReply, kind: str) -> list[str]:
+    """The schedule the plan was scored with, and the engine's own (see ENGINE_MICROBATCHES)."""
+    m = reply.microbatches or 1
+    why = {
+        "llamacpp": "llama.cpp runs one batch through the pipeline at a time (M = 1)",
+        "vllm": "vLLM keeps one micro-batch per pipeline rank in flight (M = stages)",
+    }.get(kind, "")
+    engine = engine_microbatches(kind) if kind in ENGINE_MICROBATCHES else None
+    expected = (
+        (engine if isinstance(engine, int) else min(reply.batch or 1, len(reply.stages)))
+        if engine is not None
+        else m
+    )
+    plural = "es" if m != 1 else ""
+    lines = [
+        f"schedule: {why}; planned for batch {reply.batch} as {m} micro-batch{plural}: step "
+        f"{reply.step_ms:.2f} ms per token per sequence, {reply.tokens_per_s:.1f} tokens/s"
+    ]
+    if expected != m:
+        lines.append(
+            f"warning: planned with M = {m} but this engine runs M = {expected}; re-plan "
+            "with `shardplane place ... --export` to score its schedule"
+        )
+    return lines
+
+
 def comment_lines(reply: PlacementReply, kind: str, notes: Sequence[str] = ()) -> list[str]:
-    """The ``#`` lines above an export: what was planned, with which figures, and ``notes``."""
+    """The ``#`` lines above an export for engine ``kind``: what was planned, the schedule it
+    was scored with, and ``notes``."""
     layers = reply.stages[-1].layer_end
     lines = [
         f"{reply.model}: {len(reply.stages)} stages, {layers} layers, instance "
         f"{reply.instance_id} generation {reply.generation}"
         + (" (dry run: nothing reserved)" if reply.dry_run else ""),
-        f"planned bottleneck {reply.bottleneck_ms:.2f} ms/token, {reply.tokens_per_s:.1f} tokens/s "
-        f"for {kind}",
+        *_schedule_lines(reply, kind),
         *notes,
     ]
     return [f"# {line}" for line in lines]
@@ -221,7 +248,7 @@ def export_llamacpp(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
     unnamed = sorted({n for n in [main, *remote] if not address(n, facts)[1]})
     if unnamed:
         notes.append(f"no address in the heartbeat of {', '.join(unnamed)}: hostname printed")
-    lines = comment_lines(reply, "llama.cpp (one batch in flight)", notes)
+    lines = comment_lines(reply, "llamacpp", notes)
     for node in remote:
         host, port = endpoints[node].rsplit(":", 1)
         names = ",".join(_llamacpp_name(s, facts) for s in served[node])
@@ -376,7 +403,7 @@ def export_vllm(reply: PlacementReply, facts: Facts = NO_FACTS) -> str:
         f"rank {i}: {s.device} ({s.gpu}) layers {s.layer_start}-{s.layer_end - 1}"
         for i, s in enumerate(stages)
     ]
-    lines = comment_lines(reply, "vLLM (one micro-batch per stage in flight)", notes)
+    lines = comment_lines(reply, "vllm", notes)
     return "\n".join([*lines, *_vllm_commands(reply, facts)])
 
 

@@ -45,6 +45,7 @@ class Device:
     pci_bus_id: str = ""
     nvlink_peers: frozenset[str] = frozenset()  # peer uuids or PCI bus ids
     promised_bytes: int = 0
+    tflops: float = 0.0  # effective dense fp16/bf16 TFLOPS, derated like the bandwidth; 0: unknown
 
     def usable_bytes(self, headroom: float) -> int:
         """Memory a new stage may take: free, less what the ledger promised and not yet loaded,
@@ -53,9 +54,14 @@ class Device:
         free = min(self.total_bytes, self.free_bytes - self.promised_bytes)
         return int(free - headroom * self.total_bytes)
 
-    def signature(self, headroom: float) -> tuple[str, float, int]:
+    def signature(self, headroom: float) -> tuple[str, float, int, float]:
         """Devices with equal signatures are interchangeable (symmetry breaking, fast path)."""
-        return (self.gpu, round(self.bandwidth_gbps, 3), self.usable_bytes(headroom))
+        return (
+            self.gpu,
+            round(self.bandwidth_gbps, 3),
+            self.usable_bytes(headroom),
+            round(self.tflops, 3),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +121,20 @@ def peak_bandwidth(state: DeviceState) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+def peak_tflops(state: DeviceState) -> float:
+    """Dense fp16/bf16 TFLOPS: the agent's figure, else the known-GPU table, else 0 (unknown:
+    the compute term is left out for this device)."""
+    s = state.sample
+    if s.tflops:
+        return s.tflops
+    spec = gpu_spec(s.name) if s.name else None
+    return spec.tflops if spec else 0.0
+
+
 def _derate(state: DeviceState, peak: float) -> float:
-    """Effective bandwidth: the share of the device left by its current utilisation (floored at
-    UTIL_FLOOR) times the clock ratio when the driver reports power throttling."""
+    """Effective figure (bandwidth or TFLOPS): the share of the device left by its current
+    utilisation (floored at UTIL_FLOOR) times the clock ratio when the driver reports power
+    throttling."""
     s = state.sample
     factor = 1.0
     if s.utilization_gpu_pct is not None:
@@ -205,6 +222,7 @@ def build_fleet(
                 pci_bus_id=s.pci_bus_id or "",
                 nvlink_peers=peers,
                 promised_bytes=int(promised.get(ref, 0)),
+                tflops=_derate(state, peak_tflops(state)),
             )
         )
     links: dict[tuple[str, str], Link] = {}

@@ -1,5 +1,12 @@
-"""Fast plans without a solver: exo's memory-proportional split (the baseline to beat) and the
-bottleneck packer (exact for a fixed device order; the CP-SAT hint and fallback).
+"""Fast plans without a solver: the CP-SAT hint and fallback, and the baselines the benchmark
+compares against.
+
+The packer gives each device of a fixed order as many layers as fit under a cap T on its stage
+time t_s(b) and in its memory. The step time P(M) = max(round trip, M x busiest stage) trades
+the two: a low cap balances the stages (the M x busiest term) but draws in slower devices and
+more hops (the round trip). So for each order and each M the cap is bisected towards the point
+where the two terms meet, every plan met on the way is scored exactly, and the best is kept.
+Single devices and exo's plan are candidates too, so the hint is never worse than either.
 """
 
 from __future__ import annotations
@@ -9,19 +16,23 @@ from collections.abc import Sequence
 
 from shardplane.planner.cost import (
     WORKSPACE_BYTES,
+    Evaluation,
     Problem,
     StagePlan,
     Tables,
     evaluate,
+    fluid_bound_ms,
     stages_from_counts,
 )
 from shardplane.planner.fleet import Device
+
+BISECTION_STEPS = 28
 
 
 def allocate_layers_proportionally(
     total_layers: int, memory_fractions: Sequence[float]
 ) -> list[int]:
-    """exo's rule (v0.3.x), reproduced faithfully as the baseline.
+    """exo's rule (v0.3.x), reproduced faithfully.
 
     Each node gets ``floor(fraction x total_layers)`` layers; the leftover layers go one each
     to the largest fractional parts (largest remainder); a node left with 0 layers takes 1 from
@@ -46,48 +57,61 @@ def allocate_layers_proportionally(
     return counts
 
 
-def proportional_plan(problem: Problem) -> tuple[StagePlan, ...]:
-    """The memory-proportional baseline over every candidate device in fleet order, by usable
-    memory. exo then checks each share against memory with a uniform layer size, ignoring KV,
-    embeddings and head; our validator judges it with the real figures instead."""
-    devices = list(problem.devices)
+def exo_plan(problem: Problem) -> tuple[StagePlan, ...]:
+    """exo's placement (REFERENCE.md), reproduced faithfully: one device per host (here the
+    host's device with the most usable memory; exo's spill to system RAM is left out), the
+    smallest set of hosts whose memory holds the model's weights (ties: the most memory, i.e.
+    the hosts with the most), layers split by memory with largest remainder in fleet order.
+    exo checks only the weights against memory; our validator judges the plan with the KV
+    cache, the embeddings and the head."""
+    best: dict[str, Device] = {}
+    for d in problem.devices:
+        if d.node not in best or problem.usable(d) > problem.usable(best[d.node]):
+            best[d.node] = d
+    need = problem.profile.weight_bytes
+    chosen: set[str] = set()
+    held = 0
+    for node in sorted(best, key=lambda n: -problem.usable(best[n])):
+        if held >= need:
+            break
+        chosen.add(node)
+        held += max(0, problem.usable(best[node]))
+    if held < need:
+        return ()
+    devices = [d for d in problem.devices if d.node in chosen and best[d.node] is d]
     if problem.max_stages is not None and len(devices) > problem.max_stages:
-        devices = sorted(devices, key=lambda d: problem.usable(d), reverse=True)[
-            : problem.max_stages
-        ]
-        order = {d.ref: i for i, d in enumerate(problem.devices)}
-        devices.sort(key=lambda d: order[d.ref])
+        return ()
     counts = allocate_layers_proportionally(
         problem.layers, [max(0, problem.usable(d)) for d in devices]
     )
     return stages_from_counts(devices, counts)
 
 
-def _take(
-    t: Tables, problem: Problem, dev: Device, nxt: Device | None, a: int, limit_ms: float
-) -> int:
-    """The largest ``b`` such that device ``dev`` can run layers [a, b) within ``limit_ms``
-    (stage plus hop to ``nxt``) and its memory; ``a`` when it cannot take a single layer."""
+def single_device_plans(problem: Problem, t: Tables) -> list[tuple[StagePlan, ...]]:
+    """Every device that holds the whole model alone."""
+    if problem.stage_floor > 1:
+        return []
+    whole = t.memory(0, t.L)
+    return [(StagePlan(d, 0, t.L),) for d in problem.devices if whole <= problem.usable(d)]
+
+
+def _take(t: Tables, problem: Problem, dev: Device, a: int, limit_ms: float) -> int:
+    """The largest ``e`` such that ``dev`` runs layers [a, e) within ``limit_ms`` and its memory;
+    ``a`` when it cannot take a single layer."""
     L = t.L
     usable = problem.usable(dev)
-    bw = dev.bandwidth_gbps * 1e6  # bytes per ms
-    # Ending the pipeline here adds the head but drops the hop, so try b == L on its own.
-    if t.memory(a, L) <= usable and t.read(a, L) / bw <= limit_ms:
+    # Ending the pipeline here adds the head, so try e == L on its own.
+    if t.memory(a, L) <= usable and t.stage_ms(dev, a, L) <= limit_ms:
         return L
-    hop = t.hop(dev, nxt) if nxt is not None else math.inf
     if t.uniform:  # count layers directly: both limits are linear in the layer count
         room = usable - WORKSPACE_BYTES - (t.embed if a == 0 else 0)
         by_mem = room // t.layer_mem if room >= 0 else 0
-        budget = (limit_ms - hop) * bw
-        if math.isinf(budget):
-            by_time = L
-        else:
-            by_time = math.floor(budget / t.layer_read + 1e-9) if budget > 0 else 0
+        by_time = L if math.isinf(limit_ms) else math.floor(limit_ms / t.per_layer_ms(dev) + 1e-9)
         return max(a, min(L - 1, a + by_mem, a + by_time))
-    lo, hi = a, L - 1  # largest b in [a+1, L-1] satisfying both; both monotone in b
+    lo, hi = a, L - 1  # largest e in [a+1, L-1] satisfying both; both monotone in e
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if t.memory(a, mid) <= usable and t.read(a, mid) / bw + hop <= limit_ms:
+        if t.memory(a, mid) <= usable and t.stage_ms(dev, a, mid) <= limit_ms:
             lo = mid
         else:
             hi = mid - 1
@@ -98,51 +122,87 @@ def pack(
     problem: Problem, order: Sequence[Device], limit_ms: float, t: Tables
 ) -> tuple[StagePlan, ...] | None:
     """Walk ``order`` giving each device as many layers as fit under ``limit_ms``; None when the
-    layers do not all fit. Exact for a fixed order: maximal prefixes never hurt later devices,
-    since a stage's bytes only grow with its range."""
+    layers do not all fit. Maximal prefixes never hurt later devices (a stage's bytes only grow
+    with its range), so this finds a plan with every t_s <= limit whenever the order has one."""
     a = 0
     out: list[StagePlan] = []
     stage_cap = problem.stage_limit
-    for i, dev in enumerate(order):
+    for dev in order:
         if a >= t.L or len(out) >= stage_cap:
             break
-        nxt = order[i + 1] if i + 1 < len(order) else None
-        b = _take(t, problem, dev, nxt, a, limit_ms)
-        if b > a:
-            out.append(StagePlan(dev, a, b))
-            a = b
+        e = _take(t, problem, dev, a, limit_ms)
+        if e > a:
+            out.append(StagePlan(dev, a, e))
+            a = e
     return tuple(out) if a >= t.L else None
 
 
 def best_for_order(
-    problem: Problem, order: Sequence[Device], t: Tables | None = None, rel_tol: float = 1e-6
-) -> tuple[StagePlan, ...] | None:
-    """The minimum-bottleneck plan for a fixed device order (binary search on the bottleneck,
-    with :func:`pack` as the feasibility test). Devices may be left unused; a plan only counts
-    when its evaluated bottleneck (hops to the devices actually next) is within the limit."""
-    t = t or Tables(problem)
-    if not order:
+    problem: Problem, order: Sequence[Device], m: int, t: Tables
+) -> Evaluation | None:
+    """A good plan for a fixed device order at M = ``m``: bisect the stage-time cap towards
+    where the round trip and m x the busiest stage meet, keeping the best plan scored."""
+    tm = t.for_m(m)
+    filled = pack(problem, order, math.inf, tm)
+    if filled is None:
         return None
-    best = pack(problem, order, math.inf, t)
-    if best is None:
-        return None
-    hi = evaluate(problem, best, t).bottleneck_ms
-    lo = t.read(0, t.L) / (sum(d.bandwidth_gbps for d in order) * 1e6)
-    for _ in range(80):  # bisection: 80 halvings is far below float resolution
-        if hi - lo <= rel_tol * hi:
+    best: Evaluation | None = None
+
+    def score(plan: tuple[StagePlan, ...]) -> Evaluation:
+        nonlocal best
+        ev = evaluate(problem, plan, t, microbatches=m)
+        if ev.ok and (best is None or ev.key < best.key):
+            best = ev
+        return ev
+
+    first = score(filled)
+    hi = first.bottleneck_ms
+    lo = tm.read(0, tm.L) / (sum(d.bandwidth_gbps for d in order) * 1e6)
+    for _ in range(BISECTION_STEPS):
+        if hi - lo <= 1e-6 * hi:
             break
         mid = (lo + hi) / 2
-        plan = pack(problem, order, mid, t)
-        value = evaluate(problem, plan, t).bottleneck_ms if plan is not None else math.inf
-        if value <= mid * (1 + 1e-12):
-            best, hi = plan, value
-        else:
+        plan = pack(problem, order, mid, tm)
+        if plan is None:
             lo = mid
+            continue
+        ev = score(plan)
+        few = len(plan) < max(m, problem.stage_floor)
+        if few or m * ev.bottleneck_ms >= ev.latency_ms:
+            hi = mid  # the busiest stage dominates (or too few stages): balance more
+        else:
+            lo = mid  # the round trip dominates: fewer, faster stages
     return best
 
 
+def fastest_fill(
+    problem: Problem, order: Sequence[Device], t: Tables
+) -> tuple[StagePlan, ...] | None:
+    """For a fixed order, the layers on the devices fastest per layer first, each up to its
+    memory (the first also holding the embeddings, the last the head), the slow ones taking
+    what is left: the smallest sum of stage times for that order, what a single micro-batch's
+    round trip wants. Uniform layers only (each layer costs the same everywhere)."""
+    if not t.uniform or not order:
+        return None
+    k = len(order)
+    caps: list[int] = []
+    for i, d in enumerate(order):
+        room = problem.usable(d) - WORKSPACE_BYTES
+        room -= (t.embed if i == 0 else 0) + (t.head if i == k - 1 else 0)
+        caps.append(max(0, room // t.layer_mem))
+    counts = [0] * k
+    left = t.L
+    for i in sorted(range(k), key=lambda i: t.per_layer_ms(order[i])):
+        counts[i] = min(caps[i], left)
+        left -= counts[i]
+    if left > 0:
+        return None
+    return stages_from_counts(tuple(order), counts)
+
+
 def node_orders(problem: Problem) -> list[list[Device]]:
-    """A few node-contiguous device orders worth trying: a slow-to-fast chain along the cheapest
+    """A few node-contiguous device orders worth trying: nodes by their fastest device (the
+    round trip is shortest on the fastest devices), a slow-to-fast chain along the cheapest
     links, and nodes by total bandwidth both ways."""
     by_node: dict[str, list[Device]] = {}
     for d in problem.devices:
@@ -152,58 +212,136 @@ def node_orders(problem: Problem) -> list[list[Device]]:
     names = list(by_node)
     speed = {n: sum(d.bandwidth_gbps for d in by_node[n]) for n in names}
     fast = sorted(names, key=lambda n: -speed[n])
-    # Slow nodes first, each next node the one reached by the cheapest link: slow devices take
-    # few layers, the head lands on fast ones, and the pipeline follows the fast links.
+    fastest = sorted(names, key=lambda n: (-by_node[n][0].bandwidth_gbps, -speed[n]))
     chain = [fast[-1]]
     left = set(names) - {chain[0]}
     while left:
         here = by_node[chain[-1]][0]
-        nxt = min(left, key=lambda n: (problem.hop_ms(here, by_node[n][0]), speed[n], n))
+        nxt = min(
+            left, key=lambda n: (problem.fleet.link(here, by_node[n][0]).latency_ms, speed[n], n)
+        )
         chain.append(nxt)
         left.discard(nxt)
     orders: list[list[Device]] = []
-    for seq in (chain, fast, fast[::-1]):
+    for seq in (fastest, chain, fast, fast[::-1]):
         order = [d for n in seq for d in by_node[n]]
         if order not in orders:
             orders.append(order)
     return orders
 
 
+def greedy_evaluation(
+    problem: Problem,
+    tables: Tables | None = None,
+    *,
+    good_enough: float = 0.0,
+    per_m: dict[int, Evaluation] | None = None,
+) -> Evaluation | None:
+    """The best valid plan among single devices, exo's plan and the packer over a few orders
+    and every M the request allows, by (step time, stages, nodes); None when none fits. Stops
+    early once a plan's step time is <= ``good_enough`` (a proven lower bound). ``per_m``, when
+    given, receives the best plan found at each M (the solver's hints)."""
+    t = tables or Tables(problem)
+    best: Evaluation | None = None
+    seen = per_m if per_m is not None else {}
+
+    def offer(ev: Evaluation | None) -> bool:
+        nonlocal best
+        if ev is not None and ev.ok:
+            known = seen.get(ev.microbatches)
+            if known is None or ev.key < known.key:
+                seen[ev.microbatches] = ev
+            if best is None or ev.key < best.key:
+                best = ev
+        return best is not None and best.step_ms <= good_enough
+
+    for plan in single_device_plans(problem, t):
+        offer(evaluate(problem, plan, t))
+    exo = exo_plan(problem)
+    if exo and offer(evaluate(problem, exo, t)):
+        return best
+    if best is not None and best.step_ms <= good_enough:
+        return best
+    orders = node_orders(problem)
+    for order in orders:
+        if (filled := fastest_fill(problem, order, t)) and offer(evaluate(problem, filled, t)):
+            return best
+    for m in problem.all_m_choices():
+        if best is not None and fluid_bound_ms(problem, m, t) >= best.step_ms:
+            continue  # no plan at this M can beat the incumbent
+        for order in orders:
+            if offer(best_for_order(problem, order, m, t)):
+                return best
+    return best
+
+
 def greedy_plan(
     problem: Problem, tables: Tables | None = None, *, good_enough: float = 0.0
 ) -> tuple[StagePlan, ...] | None:
-    """The best feasible plan among the memory-proportional split and the bottleneck packer
-    over a few node orders, by the request's objective; None when none fits. Stops early once
-    a plan's value is <= ``good_enough`` (a proven lower bound: nothing can beat it)."""
+    ev = greedy_evaluation(problem, tables, good_enough=good_enough)
+    return ev.stages if ev is not None else None
+
+
+def min_bottleneck_plan(
+    problem: Problem, tables: Tables | None = None
+) -> tuple[StagePlan, ...] | None:
+    """The planner's old objective, kept as a baseline: the smallest max(t_s(B) + h_s(B)) over
+    the packer's orders (every batch in flight at once, the round trip ignored)."""
     t = tables or Tables(problem)
-    candidates: list[tuple[float, int, tuple[StagePlan, ...]]] = []
-
-    def add(plan: tuple[StagePlan, ...]) -> bool:
-        value = evaluate(problem, plan, t).value(problem.objective)
-        candidates.append((value, len(plan), plan))
-        return value <= good_enough
-
-    prop = proportional_plan(problem)
-    if prop and evaluate(problem, prop, t).fits and add(prop):
-        return prop
+    best: tuple[float, tuple[StagePlan, ...]] | None = None
     for order in node_orders(problem):
-        plan = best_for_order(problem, order, t)
-        if plan is not None and add(plan):
-            return plan
-        if problem.objective == "latency":  # fewest stages: fill the devices in order
-            filled = pack(problem, order, math.inf, t)
-            if filled is not None:
-                add(filled)
-    if not candidates:
-        return None
-    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+        hi_plan = pack(problem, order, math.inf, t)
+        if hi_plan is None:
+            continue
+        lo, hi = 0.0, _old_bottleneck(t, hi_plan)
+        plan = hi_plan
+        for _ in range(60):
+            if hi - lo <= 1e-7 * hi:
+                break
+            mid = (lo + hi) / 2
+            cand = _pack_with_hops(problem, order, mid, t)
+            if cand is not None and _old_bottleneck(t, cand) <= mid * (1 + 1e-12):
+                plan, hi = cand, _old_bottleneck(t, cand)
+            else:
+                lo = mid
+        if best is None or hi < best[0]:
+            best = (hi, plan)
+    return best[1] if best else None
+
+
+def _old_bottleneck(t: Tables, plan: tuple[StagePlan, ...]) -> float:
+    return max(
+        t.stage_ms(s.device, s.layer_start, s.layer_end)
+        + (t.hop(s.device, plan[i + 1].device) if i + 1 < len(plan) else 0.0)
+        for i, s in enumerate(plan)
+    )
+
+
+def _pack_with_hops(
+    problem: Problem, order: Sequence[Device], limit_ms: float, t: Tables
+) -> tuple[StagePlan, ...] | None:
+    a = 0
+    out: list[StagePlan] = []
+    for i, dev in enumerate(order):
+        if a >= t.L or len(out) >= problem.stage_limit:
+            break
+        nxt = order[i + 1] if i + 1 < len(order) else None
+        hop = t.hop(dev, nxt) if nxt is not None else math.inf
+        e = _take(t, problem, dev, a, limit_ms)
+        if e < t.L:
+            e = _take(t, problem, dev, a, limit_ms - hop) if math.isfinite(hop) else a
+            e = min(e, t.L - 1)
+        if e > a:
+            out.append(StagePlan(dev, a, e))
+            a = e
+    return tuple(out) if a >= t.L else None
 
 
 def any_plan(problem: Problem, tables: Tables | None = None) -> tuple[StagePlan, ...] | None:
-    """Some feasible plan, fast (each device in the first workable order takes all it can)."""
+    """Some valid plan, fast (each device in the first workable order takes all it can)."""
     t = tables or Tables(problem)
     for order in node_orders(problem):
         plan = pack(problem, order, math.inf, t)
-        if plan is not None and evaluate(problem, plan, t).fits:
+        if plan is not None and evaluate(problem, plan, t).ok:
             return plan
     return None

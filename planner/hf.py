@@ -213,4 +213,5 @@ def load_profile(directory: str | Path) -> ModelProfile:
         experts=card.experts,
         experts_per_token=card.experts_per_token,
         params=card_params(card),
+        attention_dim=card.heads * head_dim,
     )

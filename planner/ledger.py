@@ -61,6 +61,12 @@ def fingerprint(req: PlacementRequest) -> str:
             sorted(req.exclude_nodes),
             req.max_stages,
             req.solver,
+            # Added with the schedule model, only when set, so older instances keep their key.
+            *(
+                [req.microbatches, req.min_stages]
+                if req.microbatches != "auto" or req.min_stages is not None
+                else []
+            ),
         ]
     )
     return hashlib.sha256(key).hexdigest()[:24]

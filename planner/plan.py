@@ -1,27 +1,31 @@
 """From a problem to a validated plan: pick the method, solve, audit, and explain failures.
 
 Pure and synchronous (the service runs it in a worker thread so the event loop stays free).
+Every method minimises the step time P(M) of planner.schedule over devices, order, layer
+ranges and M; fewer stages, then fewer nodes break ties.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from shardplane.bus.messages import Stage
+from shardplane.bus.messages import ErrorCode, SolverMethod, Stage
 from shardplane.planner import validate
-from shardplane.planner.bounds import integer_bound_ms
+from shardplane.planner.bounds import step_bound_ms
 from shardplane.planner.cost import (
     GIB,
     WORKSPACE_BYTES,
     Evaluation,
     Problem,
-    StagePlan,
     Tables,
     evaluate,
     lower_bound_ms,
+    max_batch,
+    schedule_of,
 )
-from shardplane.planner.greedy import any_plan, best_for_order, greedy_plan, node_orders
+from shardplane.planner.greedy import greedy_evaluation
 
 PROOF_TOL = 2e-7  # the bounds are bisected to 1e-7; closer than this is equal
 
@@ -29,45 +33,30 @@ PROOF_TOL = 2e-7  # the bounds are bisected to 1e-7; closer than this is equal
 class PlanError(Exception):
     """A request that cannot be planned; ``code`` is one of DESIGN.md's error codes."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code: ErrorCode = code
         self.message = message
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     stages: tuple[Stage, ...]
-    evaluation: Evaluation
+    evaluation: Evaluation  # at the chosen M
     solver: str
     status: str
     solve_ms: float
     lower_bound_ms: float
     gap_pct: float | None = None
     bound_ms: float | None = None
+    max_batch: int = 0
 
 
-def is_homogeneous(problem: Problem) -> bool:
-    """Identical devices on a symmetric topology: every device order is equivalent, so the
-    packer's single-order optimum is the global optimum and no solver is needed."""
-    devs = problem.devices
-    if not devs:
-        return False
-    if len({d.signature(problem.headroom) for d in devs}) != 1:
-        return False
-    per_node: dict[str, list[int]] = {}
-    for i, d in enumerate(devs):
-        per_node.setdefault(d.node, []).append(i)
-    if len({len(v) for v in per_node.values()}) != 1:
-        return False
-    fleet = problem.fleet
-    intra = {fleet.link(a, b) for a in devs for b in devs if a is not b and a.node == b.node}
-    inter = {fleet.link(a, b) for a in devs for b in devs if a.node != b.node}
-    return len(intra) <= 1 and len(inter) <= 1
-
-
-def to_stages(problem: Problem, ev: Evaluation) -> tuple[Stage, ...]:
+def to_stages(problem: Problem, ev: Evaluation, tables: Tables | None = None) -> tuple[Stage, ...]:
+    """The reply's stages: t_s(B) and h_s(B), the whole batch as one micro-batch (the last
+    stage's hop is the return hop), so a client can recompute the M = 1 step time by a sum."""
     L = problem.layers
+    whole = schedule_of(problem, ev.stages, 1, tables)
     return tuple(
         Stage(
             node=s.device.node,
@@ -78,8 +67,8 @@ def to_stages(problem: Problem, ev: Evaluation) -> tuple[Stage, ...]:
             weight_bytes=ev.weight_bytes[i],
             kv_bytes=ev.kv_bytes[i],
             bandwidth_gbps=s.device.bandwidth_gbps,
-            stage_ms=ev.stage_ms[i],
-            hop_ms=ev.hop_ms[i],
+            stage_ms=whole.stage_ms[i],
+            hop_ms=whole.hop_ms[i],
             memory_bytes=ev.memory[i],
             free_bytes=max(0, s.device.free_bytes),
             embeddings=s.layer_start == 0,
@@ -112,16 +101,28 @@ def explain_infeasible(problem: Problem) -> str:
         detail += f"; even one layer needs {one_layer / GIB:.2f} GiB"
     if problem.max_stages is not None:
         detail += f"; max_stages={problem.max_stages}"
+    if problem.stage_floor > 1:
+        detail += f"; at least {problem.stage_floor} stages (min_stages/microbatches)"
     return detail
 
 
-def _audit(
-    problem: Problem, plan: tuple[StagePlan, ...], t: Tables
-) -> tuple[tuple[Stage, ...], Evaluation]:
-    ev = evaluate(problem, plan, t)
-    stages = to_stages(problem, ev)
-    validate.check(problem, stages, ev.bottleneck_ms, ev.latency_ms)
-    return stages, ev
+def check_request(problem: Problem) -> None:
+    """Requests no plan can satisfy whatever the memory: say which numbers conflict."""
+    m = problem.microbatches
+    if isinstance(m, int) and problem.objective != "latency" and m > problem.batch:
+        raise PlanError(
+            "invalid_request",
+            f"microbatches={m} exceeds batch={problem.batch}: a micro-batch holds at least "
+            "one sequence",
+        )
+    if problem.stage_floor > problem.stage_limit:
+        raise PlanError(
+            "invalid_request",
+            f"the plan needs at least {problem.stage_floor} stages (min_stages="
+            f"{problem.min_stages}, microbatches={m!r}) but at most {problem.stage_limit} are "
+            f"possible ({len(problem.devices)} candidate devices, {problem.layers} layers, "
+            f"max_stages={problem.max_stages})",
+        )
 
 
 SMALL_FLEET = 8  # up to here CP-SAT gets 60 ms and nearly always proves its plan
@@ -130,11 +131,50 @@ CP_SAT_MAX_DEVICES = 96  # beyond this CP-SAT finds nothing within a useful time
 
 
 def default_time_limit_s(devices: int) -> float:
-    """CP-SAT's default budget (model building included). Small fleets (<= 8 devices) get 60 ms,
-    enough to prove nearly every plan; larger ones 10 ms + 1 ms per device, which keeps a
-    16-device placement near 50 ms end to end on a small shared machine (the latency target).
-    A request's ``time_limit_s`` overrides it."""
+    """CP-SAT's default budget (model building included), over every M it must try. Small
+    fleets (<= 8 devices) get 60 ms, enough to prove nearly every plan; larger ones 10 ms + 1 ms
+    per device, which keeps a 16-device placement near 50 ms end to end on a small shared
+    machine (the latency target). A request's ``time_limit_s`` overrides it."""
     return 0.06 if devices <= SMALL_FLEET else min(2.0, 0.01 + 0.001 * devices)
+
+
+@dataclass
+class _Run:
+    """Bookkeeping of one plan() call: the clock, the tables and how to finish."""
+
+    problem: Problem
+    tables: Tables
+    started: float
+    fluid: float
+
+    def done(self, ev: Evaluation, solver: str, status: str, bound: float | None) -> Outcome:
+        stages = to_stages(self.problem, ev, self.tables)
+        validate.check(
+            self.problem,
+            stages,
+            ev.bottleneck_ms,
+            ev.latency_ms,
+            microbatches=ev.microbatches,
+            step_ms=ev.step_ms,
+        )
+        value = ev.step_ms
+        finite = bound is not None and math.isfinite(bound) and bound > 0
+        gap = (
+            0.0
+            if status == "optimal"
+            else (max(0.0, (value - bound) / value * 100.0) if finite and bound else None)
+        )
+        return Outcome(
+            stages,
+            ev,
+            solver,
+            status,
+            (time.perf_counter() - self.started) * 1e3,
+            self.fluid,
+            gap,
+            value if status == "optimal" else (bound if finite else None),
+            max_batch(self.problem, ev.stages, self.tables),
+        )
 
 
 def plan(
@@ -142,16 +182,17 @@ def plan(
     *,
     time_limit_s: float | None = None,
     use_solver: bool = True,
-    method: str = "auto",
+    method: SolverMethod = "auto",
 ) -> Outcome:
     """The best plan this planner can prove or find, validated. Raises PlanError.
 
-    1. Identical devices on a symmetric topology: the packer's plan is optimal (no solver).
-    2. Otherwise the greedy plan; when it meets the integer capacity bound it is proven optimal.
-    3. Otherwise CP-SAT, hinted with the greedy plan and given the bound; the better of the two
-       after exact re-evaluation is kept (never worse than greedy).
+    1. The greedy plan (planner.greedy); when it meets the lower bound (planner.bounds) it is
+       proven optimal and answered at once.
+    2. Otherwise CP-SAT, one model per M whose bound can still beat the best plan so far,
+       hinted with greedy's plan for that M; the better plan after exact re-evaluation is kept
+       (never worse than greedy).
 
-    ``method="cp-sat"`` skips the shortcuts of 1 and 2 and always runs the solver (its answer is
+    ``method="cp-sat"`` skips the shortcut of 1 and runs the solver for every M (its answer is
     then CP-SAT's own proof); ``"greedy"`` never runs it (same as ``use_solver=False``).
     """
     forced = method == "cp-sat"
@@ -159,89 +200,118 @@ def plan(
     started = time.perf_counter()
     if not problem.devices:
         raise PlanError("no_devices", "no candidate devices (all excluded or none reporting)")
+    check_request(problem)
     t = Tables(problem)
-    fluid = lower_bound_ms(problem)
-
-    def done(
-        chosen: tuple[StagePlan, ...], solver: str, status: str, bound: float | None
-    ) -> Outcome:
-        stages, ev = _audit(problem, chosen, t)
-        value = ev.value(problem.objective)
-        gap = (
-            0.0
-            if status == "optimal"
-            else (max(0.0, (value - bound) / value * 100.0) if bound and value > 0 else None)
-        )
-        return Outcome(
-            stages,
-            ev,
-            solver,
-            status,
-            (time.perf_counter() - started) * 1e3,
-            fluid,
-            gap,
-            bound if status != "optimal" else value,
-        )
-
-    throughput = problem.objective == "throughput"
-    if is_homogeneous(problem) and throughput and not forced:
-        best = best_for_order(problem, node_orders(problem)[0], t)
-        if best is None:
-            raise PlanError("insufficient_memory", explain_infeasible(problem))
-        return done(best, "even-split", "optimal", None)
-
-    # The integer bound first (it only needs some feasible plan's value to start from), so the
-    # greedy search can stop at the first order whose plan meets it.
-    bound = None
-    if throughput and (start := any_plan(problem, t)) is not None:
-        bound = integer_bound_ms(problem, evaluate(problem, start, t).bottleneck_ms, t)
-    good_enough = bound * (1 + PROOF_TOL) if bound and not forced else 0.0
-    hint = greedy_plan(problem, t, good_enough=good_enough)
-    hint_value = evaluate(problem, hint, t).value(problem.objective) if hint else float("inf")
-    proven = bound is not None and hint_value <= bound * (1 + PROOF_TOL)
-    if hint is not None and proven and not forced:
-        return done(hint, "greedy", "optimal", bound)  # proven: it meets a lower bound
+    run = _Run(problem, t, started, lower_bound_ms(problem, t))
+    # One lower bound per M (planner.bounds); the request's is the smallest.
+    bounds = {m: step_bound_ms(problem, m, t) for m in problem.all_m_choices()}
+    bound = min(bounds.values(), default=math.inf)
+    if not math.isfinite(bound):
+        raise PlanError("insufficient_memory", explain_infeasible(problem))
+    per_m: dict[int, Evaluation] = {}
+    good_enough = bound * (1 + PROOF_TOL) if not forced else 0.0
+    hint = greedy_evaluation(problem, t, good_enough=good_enough, per_m=per_m)
+    if hint is not None and hint.step_ms <= bound * (1 + PROOF_TOL) and not forced:
+        return run.done(hint, "greedy", "optimal", bound)  # proven: it meets a lower bound
     if not use_solver:
         if hint is None:
             raise PlanError("insufficient_memory", explain_infeasible(problem))
-        return done(hint, "greedy", "feasible", bound)
+        return run.done(hint, "greedy", "feasible", bound)
+    devices = len(problem.devices)
+    if time_limit_s is None and not forced and hint is not None:
+        if devices > SMALL_FLEET and hint.step_ms <= bound * (1 + CLOSE_ENOUGH):
+            # Within CLOSE_ENOUGH of a proven bound: a short CP-SAT run on a fleet this size
+            # rarely closes such a gap, and its budget would double the request's latency.
+            return run.done(hint, "greedy (within 0.5% of the bound)", "feasible", bound)
+        if devices > CP_SAT_MAX_DEVICES:
+            # Measured: at 128-256 devices CP-SAT does not get through presolve in under a
+            # second on a small machine, so by default the greedy plan stands, with its proven
+            # gap. A request that sets time_limit_s still gets the solver.
+            return run.done(
+                hint,
+                f"greedy (cp-sat skipped: {devices} devices > {CP_SAT_MAX_DEVICES})",
+                "feasible",
+                bound,
+            )
+    limit = time_limit_s or default_time_limit_s(devices)
+    return _with_solver(run, hint, per_m, bounds, limit, forced)
 
-    if (
-        time_limit_s is None
-        and not forced
-        and hint is not None
-        and bound
-        and len(problem.devices) > SMALL_FLEET
-        and hint_value <= bound * (1 + CLOSE_ENOUGH)
-    ):
-        # Within CLOSE_ENOUGH of a proven bound: a short CP-SAT run on a fleet this size rarely
-        # closes such a gap, and its budget would double the request's latency.
-        return done(hint, "greedy (within 0.5% of the bound)", "feasible", bound)
-    if time_limit_s is None and len(problem.devices) > CP_SAT_MAX_DEVICES and not forced:
-        # Measured: at 128-256 devices CP-SAT does not get through presolve in under a second on
-        # a small machine, so by default the greedy plan stands, with its proven gap. A request
-        # that sets time_limit_s still gets the solver.
-        if hint is None:
-            raise PlanError("insufficient_memory", explain_infeasible(problem))
-        return done(
-            hint,
-            f"greedy (cp-sat skipped: {len(problem.devices)} devices > {CP_SAT_MAX_DEVICES})",
-            "feasible",
-            bound,
-        )
 
+@dataclass
+class _Search:
+    """What CP-SAT over the M values found and proved."""
+
+    best: Evaluation | None
+    proven: dict[int, float] = field(default_factory=dict[int, float])  # M -> bound on P
+    all_optimal: bool = True
+    ran: int = 0
+    failure: str = ""
+
+
+def _solve_each_m(
+    run: _Run,
+    search: _Search,
+    per_m: dict[int, Evaluation],
+    bounds: dict[int, float],
+    deadline: float,
+    forced: bool,
+) -> None:
+    """CP-SAT for every M that can still beat the incumbent, cheapest bound first, each with
+    an equal share of the time left."""
     from shardplane.planner.solver import solve  # lazy: ortools costs ~0.25 s to import
 
-    limit = time_limit_s or default_time_limit_s(len(problem.devices))
-    result = solve(problem, hint=hint, time_limit_s=limit, lower_bound_ms=bound or 0.0)
-    if result.plan is not None:
-        value = evaluate(problem, result.plan, t).value(problem.objective)
-        # The solver works in integer units; keep the hint if exact re-evaluation prefers it.
-        chosen = result.plan if hint is None or value <= hint_value * (1 + PROOF_TOL) else hint
-        best_bound = max(bound or 0.0, result.bound_ms or 0.0) or None
-        return done(chosen, "cp-sat", result.status, best_bound)
-    if hint is not None:
-        return done(
-            hint, f"greedy (cp-sat: {result.status} within {limit:.2f} s)", "feasible", bound
+    problem, t = run.problem, run.tables
+    todo = sorted(bounds, key=lambda m: bounds[m])
+    for i, m in enumerate(todo):
+        incumbent = search.best.step_ms if search.best is not None else math.inf
+        if not forced and bounds[m] >= incumbent * (1 - PROOF_TOL):
+            search.proven[m] = bounds[m]  # nothing at this M beats the incumbent
+            continue
+        left = deadline - time.perf_counter()
+        seed = per_m.get(m)
+        res = solve(
+            problem,
+            m,
+            hint=seed.stages if seed is not None else None,
+            time_limit_s=max(0.01, left / (len(todo) - i)) if left > 0 else 0.01,
+            lower_bound_ms=bounds[m],
+            tables=t,
         )
-    raise PlanError("insufficient_memory", explain_infeasible(problem))
+        search.ran += 1
+        if res.status == "infeasible":
+            search.proven[m] = math.inf
+            continue
+        search.proven[m] = max(bounds[m], res.bound_ms or 0.0)
+        if res.plan is None:
+            search.all_optimal = False
+            search.failure = res.status
+            continue
+        ev = evaluate(problem, res.plan, t, microbatches=m)
+        if ev.ok and (search.best is None or ev.key < search.best.key):
+            search.best = ev
+        search.all_optimal = search.all_optimal and res.status == "optimal"
+
+
+def _with_solver(
+    run: _Run,
+    hint: Evaluation | None,
+    per_m: dict[int, Evaluation],
+    bounds: dict[int, float],
+    limit: float,
+    forced: bool,
+) -> Outcome:
+    """CP-SAT's answer, or the greedy plan with CP-SAT's proof, labelled honestly."""
+    search = _Search(hint)
+    _solve_each_m(run, search, per_m, bounds, run.started + limit, forced)
+    best = search.best
+    if best is None:
+        raise PlanError("insufficient_memory", explain_infeasible(run.problem))
+    bound = min(search.proven.values(), default=math.inf)
+    optimal = search.all_optimal and best.step_ms <= bound * (1 + 1e-4)  # integer rounding
+    if search.ran == 0:  # every M's bound met the greedy plan: it is optimal
+        status = "optimal" if best.step_ms <= bound * (1 + PROOF_TOL) else "feasible"
+        return run.done(best, "greedy", status, bound)
+    if search.failure and best is hint:
+        label = f"greedy (cp-sat: {search.failure} within {limit:.2f} s)"
+        return run.done(best, label, "feasible", bound)
+    return run.done(best, "cp-sat", "optimal" if optimal else "feasible", bound)

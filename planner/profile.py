@@ -39,6 +39,34 @@ class ModelProfile:
     experts_per_token: int = 1
     params: int = 0  # parameters counted once (tied embeddings once)
     tied_bytes: int = 0  # the part of head_bytes that is the embedding matrix (tied embeddings)
+    attention_dim: int = 0  # query heads x head dim (0: hidden), for the attention FLOPs
+
+    @property
+    def params_per_byte(self) -> float:
+        """Parameters per weight byte (0.5 for bf16, 2 for 4-bit), for the compute term; a
+        profile without a parameter count is taken as bf16."""
+        total = self.weight_bytes
+        return self.params / total if self.params and total else 0.5
+
+    def layer_flops_per_token(self, context: int) -> tuple[float, ...]:
+        """FLOPs of each layer for one token of one sequence at ``context``: 2 per parameter a
+        token uses (MoE: its k of E experts) plus attention over the context (Q.K and A.V,
+        2 x 2 x attention_dim per context token)."""
+        ppb = self.params_per_byte
+        share = (
+            min(self.experts_per_token, self.experts) / self.experts if self.experts > 1 else 1.0
+        )
+        experts = self.layer_expert_bytes or (0,) * self.layers
+        attn = 4.0 * (self.attention_dim or self.hidden) * context
+        return tuple(
+            2.0 * ppb * (total - ex + ex * share) + attn
+            for total, ex in zip(self.layer_bytes, experts, strict=True)
+        )
+
+    @property
+    def head_flops_per_token(self) -> float:
+        """FLOPs of the output head for one token (2 per parameter of the matrix)."""
+        return 2.0 * self.params_per_byte * self.head_bytes
 
     @property
     def layers(self) -> int:
@@ -126,4 +154,5 @@ def profile_from_card(card: ModelCard) -> ModelProfile:
         experts=card.experts,
         experts_per_token=card.experts_per_token,
         params=card_params(card),
+        attention_dim=card.heads * head_dim,
     )

@@ -32,6 +32,7 @@ from shardplane.bus.ids import slug
 from shardplane.bus.liveness import judge_device, ttl_from_env
 from shardplane.bus.messages import (
     DeviceState,
+    ErrorCode,
     ErrorInfo,
     Excluded,
     InstanceState,
@@ -162,8 +163,8 @@ class StateCache:
             self.apply(entry.key, entry.value, entry.revision or 0, deleted)
 
 
-def _error(code: str, message: str) -> PlacementReply:
-    return PlacementReply(ok=False, error=ErrorInfo(code=code, message=message))  # type: ignore[arg-type]
+def _error(code: ErrorCode, message: str) -> PlacementReply:
+    return PlacementReply(ok=False, error=ErrorInfo(code=code, message=message))
 
 
 def _model_name(req: PlacementRequest) -> str:
@@ -284,6 +285,8 @@ class Planner:
                 headroom=req.memory_headroom,
                 objective=req.objective,
                 max_stages=req.max_stages,
+                microbatches=req.microbatches,
+                min_stages=req.min_stages,
             )
             try:
                 # The solver bounds itself; this only catches a planner stuck far beyond that.
@@ -371,7 +374,10 @@ class Planner:
             solve_ms=round(outcome.solve_ms, 3),
             bottleneck_ms=ev.bottleneck_ms,
             lower_bound_ms=outcome.lower_bound_ms,
-            tokens_per_s=(req.batch * 1000.0 / ev.bottleneck_ms) if ev.bottleneck_ms > 0 else 0.0,
+            tokens_per_s=ev.tokens_per_s,
+            microbatches=ev.microbatches,
+            step_ms=ev.step_ms,
+            max_batch=outcome.max_batch,
             objective=req.objective,
             context_tokens=req.context_tokens,
             batch=req.batch,

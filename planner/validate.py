@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shardplane.bus.messages import Stage
+from shardplane.planner import schedule
 from shardplane.planner.cost import WORKSPACE_BYTES, Problem
 
 GIB = 1024**3
@@ -27,23 +28,105 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= REL_TOL * max(1.0, abs(a), abs(b)) + 1e-9
 
 
+def stage_times(
+    problem: Problem, stages: Sequence[Stage], micro: int
+) -> tuple[list[float], list[float]]:
+    """t_s and h_s (the last one the return hop) for micro-batches of ``micro`` sequences,
+    layer by layer from the profile: the validator's own arithmetic, which the placement
+    benchmark also uses to simulate what a plan delivers."""
+    p = problem.profile
+    by_ref = {d.ref: d for d in problem.devices}
+    reads = p.read_bytes(micro)
+    flops = p.layer_flops_per_token(problem.context_tokens)
+    ctx = problem.context_tokens
+    times: list[float] = []
+    hops: list[float] = []
+    for i, s in enumerate(stages):
+        dev = by_ref[s.device]
+        read = 0.0
+        work = 0.0
+        for layer in range(s.layer_start, s.layer_end):
+            read += reads[layer] + p.kv_bytes_per_token[layer] * ctx * micro
+            work += flops[layer] * micro
+        if s.layer_end == p.layers:
+            read += p.head_bytes
+            work += p.head_flops_per_token * micro
+        times.append(schedule.stage_ms(read, work, dev.bandwidth_gbps, dev.tflops))
+        if i + 1 < len(stages):
+            nbytes = p.activation_bytes_per_token * micro
+            nxt = by_ref[stages[i + 1].device]
+        else:  # the return hop: token ids back to the first stage
+            nbytes = schedule.TOKEN_ID_BYTES * micro
+            nxt = by_ref[stages[0].device]
+        if nxt.ref == dev.ref:
+            hops.append(0.0)
+        else:
+            link = problem.fleet.link(dev, nxt)
+            hops.append(schedule.link_ms(nbytes, link.gbytes_per_s, link.latency_ms))
+    return times, hops
+
+
 def check(
-    problem: Problem, stages: Sequence[Stage], bottleneck_ms: float, latency_ms: float | None = None
+    problem: Problem,
+    stages: Sequence[Stage],
+    bottleneck_ms: float | None = None,
+    latency_ms: float | None = None,
+    *,
+    microbatches: int = 1,
+    step_ms: float | None = None,
 ) -> None:
     """Raise InvalidPlan unless ``stages`` cover every layer once, contiguously, in order, on
-    distinct candidate devices that have the memory, with figures matching the cost model."""
+    distinct candidate devices that have the memory, with figures matching the cost model.
+
+    Each stage's ``stage_ms``/``hop_ms`` must be t_s(B)/h_s(B); at M = ``microbatches``, the
+    busiest stage (``bottleneck_ms``), the round trip (``latency_ms``) and the step time
+    (``step_ms``) are checked when given, and M must be one the request allows."""
+    errors = _structure(problem, stages)
+    if not errors:
+        times, hops = stage_times(problem, stages, problem.batch)
+        for i, s in enumerate(stages):
+            if not _close(times[i], s.stage_ms):
+                errors.append(
+                    f"stage {i}: stage_ms {s.stage_ms:.6f} but the cost model gives {times[i]:.6f}"
+                )
+            if not _close(hops[i], s.hop_ms):
+                errors.append(
+                    f"stage {i}: hop_ms {s.hop_ms:.6f} but the cost model gives {hops[i]:.6f}"
+                )
+        if microbatches not in problem.m_choices(len(stages)):
+            errors.append(
+                f"{microbatches} micro-batches is not allowed for {len(stages)} stages "
+                f"(batch {problem.batch}, microbatches={problem.microbatches!r}, "
+                f"min_stages={problem.min_stages}, objective {problem.objective})"
+            )
+        micro = schedule.microbatch_size(problem.batch, microbatches)
+        t_b, h_b = stage_times(problem, stages, micro)
+        expected = schedule.step_ms(t_b, h_b, microbatches)
+        for name, claimed, value in (
+            ("bottleneck_ms", bottleneck_ms, max(t_b)),
+            ("round trip", latency_ms, sum(t_b) + sum(h_b)),
+            ("step_ms", step_ms, expected),
+        ):
+            if claimed is not None and not _close(claimed, value):
+                errors.append(f"{name} {claimed:.6f} but the stages give {value:.6f}")
+    if errors:
+        raise InvalidPlan(errors)
+
+
+def _structure(problem: Problem, stages: Sequence[Stage]) -> list[str]:
+    """Coverage, contiguity, distinct candidate devices, memory and bytes."""
     p = problem.profile
     L = p.layers
     errors: list[str] = []
     if not stages:
-        raise InvalidPlan(["plan has no stages"])
+        return ["plan has no stages"]
     by_ref = {d.ref: d for d in problem.devices}
     expected_start = 0
     seen: set[str] = set()
-    reads = p.read_bytes(problem.batch)
-    per_stage: list[float] = []
     if problem.max_stages is not None and len(stages) > problem.max_stages:
         errors.append(f"{len(stages)} stages exceed max_stages={problem.max_stages}")
+    if problem.min_stages is not None and len(stages) < problem.min_stages:
+        errors.append(f"{len(stages)} stages are fewer than min_stages={problem.min_stages}")
     for i, s in enumerate(stages):
         dev = by_ref.get(s.device)
         if dev is None:
@@ -66,14 +149,11 @@ def check(
         first, last = s.layer_start == 0, s.layer_end == L
         weights = 0
         kv = 0
-        read = 0
         for layer in range(s.layer_start, s.layer_end):
             weights += p.layer_bytes[layer]
             kv += p.kv_bytes_per_token[layer] * problem.context_tokens * problem.batch
-            read += reads[layer]
         weights += p.end_bytes(first, last)  # what the worker loads, ends included
         memory = weights + kv + WORKSPACE_BYTES
-        read += kv + (p.head_bytes if last else 0)
         usable = problem.usable(dev)
         if memory > usable:
             errors.append(
@@ -90,27 +170,10 @@ def check(
             )
         if s.embeddings != first or s.head != last:
             errors.append(f"stage {i}: embeddings/head flags wrong ({s.embeddings}/{s.head})")
-        stage_ms = read / (dev.bandwidth_gbps * 1e9) * 1e3
-        if not _close(stage_ms, s.stage_ms) or not _close(s.bandwidth_gbps, dev.bandwidth_gbps):
+        if not _close(s.bandwidth_gbps, dev.bandwidth_gbps):
             errors.append(
-                f"stage {i}: stage_ms {s.stage_ms:.6f} but the cost model gives {stage_ms:.6f}"
+                f"stage {i}: bandwidth {s.bandwidth_gbps} GB/s but the device has {dev.bandwidth_gbps}"
             )
-        if i + 1 < len(stages) and (nxt := by_ref.get(stages[i + 1].device)) is not None:
-            link = problem.fleet.link(dev, nxt)
-            hop = problem.hop_bytes / (link.gbytes_per_s * 1e9) * 1e3 + link.latency_ms
-        else:
-            hop = 0.0
-        if not _close(hop, s.hop_ms):
-            errors.append(f"stage {i}: hop_ms {s.hop_ms:.6f} but the cost model gives {hop:.6f}")
-        per_stage.append(stage_ms + hop)
     if expected_start != L and not any("ends at" in e or "empty" in e for e in errors):
         errors.append(f"layers [{expected_start}, {L}) are not placed")
-    if per_stage and not errors:
-        if not _close(max(per_stage), bottleneck_ms):
-            errors.append(
-                f"bottleneck_ms {bottleneck_ms:.6f} but the stages give {max(per_stage):.6f}"
-            )
-        if latency_ms is not None and not _close(sum(per_stage), latency_ms):
-            errors.append(f"latency {latency_ms:.6f} but the stages give {sum(per_stage):.6f}")
-    if errors:
-        raise InvalidPlan(errors)
+    return errors

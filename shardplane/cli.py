@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.1, dest="memory_headroom")
     p.add_argument("--exclude-node", action="append", default=[], dest="exclude_nodes")
     p.add_argument("--max-stages", type=int, default=None)
+    p.add_argument(
+        "--microbatches",
+        default="auto",
+        help='M: a number, "auto" (the planner chooses) or "stages" (one per stage); '
+        "--export sets the engine's own",
+    )
+    p.add_argument("--min-stages", type=int, default=None, help="force a pipeline of >= N stages")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument(
         "--export",

@@ -444,9 +444,18 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "memory_headroom": args.memory_headroom,
         "exclude_nodes": args.exclude_nodes,
         "max_stages": args.max_stages,
+        "microbatches": int(args.microbatches)
+        if args.microbatches.isdigit()
+        else args.microbatches,
+        "min_stages": args.min_stages,
     }
     if args.instance_id:
         body["instance_id"] = args.instance_id
+    if getattr(args, "export", None):
+        # Each engine runs its own schedule: plan for the one the export is for.
+        from shardplane.planner.schedule import engine_microbatches
+
+        body["microbatches"] = engine_microbatches(args.export)
     return body
 
 

@@ -60,17 +60,24 @@ def placement(reply: PlacementReply) -> str:
     body = table(
         ("stage", "node", "device", "GPU", "layers", "n", "GiB", "est. ms", "hop ms"), rows
     )
-    gap = (
-        (reply.bottleneck_ms / reply.lower_bound_ms - 1.0) * 100.0
-        if reply.lower_bound_ms > 0
-        else 0.0
-    )
-    foot = (
-        f"bottleneck {reply.bottleneck_ms:.2f} ms/token -> {reply.tokens_per_s:.1f} tokens/s "
-        f"(fluid lower bound {reply.lower_bound_ms:.2f} ms, gap {gap:.1f}%)"
-    )
+    foot = schedule_line(reply)
     excluded = "".join(f"\n  excluded {e.device}: {e.reason}" for e in reply.excluded)
     return f"{head}\n{body}\n{foot}{excluded}"
+
+
+def schedule_line(reply: PlacementReply) -> str:
+    """What the plan delivers: the time between two tokens of every sequence (step_ms), tokens/s
+    at the batch, the micro-batches it runs as, and how many sequences the memory would hold."""
+    m = reply.microbatches or 1
+    micro = -(-reply.batch // m) if reply.batch else 0
+    bound = f"lower bound {reply.lower_bound_ms:.2f} ms"
+    if reply.gap_pct is not None:
+        bound += f", gap {reply.gap_pct:.1f}%"
+    return (
+        f"step {reply.step_ms:.2f} ms per token per sequence -> {reply.tokens_per_s:.1f} tokens/s "
+        f"at batch {reply.batch} ({m} micro-batch{'es' if m != 1 else ''} of {micro}; {bound}); "
+        f"memory holds up to {reply.max_batch} sequences at {reply.context_tokens} tokens"
+    )
 
 
 def instance(state: InstanceState) -> str:

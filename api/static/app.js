@@ -454,17 +454,28 @@ function formBody(form) {
   let model = String(f.get("model") || "").trim();
   if (model.startsWith("{")) model = JSON.parse(model); // an inline model card
   const body = { model };
-  const ints = ["context_tokens", "batch", "max_stages"];
+  const ints = ["context_tokens", "batch", "max_stages", "min_stages"];
   for (const k of ints) { const v = String(f.get(k) || "").trim(); if (v) body[k] = Number(v); }
   const head = String(f.get("memory_headroom") || "").trim();
   if (head) body.memory_headroom = Number(head);
   body.objective = f.get("objective");
+  const micro = String(f.get("microbatches") || "").trim();
+  if (micro) body.microbatches = /^[0-9]+$/.test(micro) ? Number(micro) : micro;
   body.dry_run = f.get("dry_run") === "on";
   const excl = String(f.get("exclude_nodes") || "").split(/[\s,]+/).filter(Boolean);
   if (excl.length) body.exclude_nodes = excl;
   const iid = String(f.get("instance_id") || "").trim();
   if (iid) body.instance_id = iid;
   return body;
+}
+
+// What the plan delivers (DESIGN.md "Planner model"): step_ms is the time between two tokens of
+// every sequence; tokens/s is at the batch, run as M micro-batches.
+function scheduleLine(reply) {
+  const m = reply.microbatches || 1;
+  const micro = reply.batch ? Math.ceil(reply.batch / m) : 0;
+  return `${num(reply.step_ms, 2)} ms per token per sequence · ${num(reply.tokens_per_s, 1)} tokens/s at batch ${reply.batch}` +
+    ` · M = ${m} micro-batch${m === 1 ? "" : "es"} of ${micro} · memory holds up to ${reply.max_batch} sequences`;
 }
 
 function showReply(status, reply) {
@@ -485,7 +496,8 @@ function showReply(status, reply) {
   out.replaceChildren(
     h("p", { class: "ok", "data-instance-id": reply.instance_id || "" },
       `${reply.dry_run ? "Planned (dry run)" : "Placed"} ${reply.model} as ${reply.instance_id} (generation ${reply.generation}) on ${stages.length} stage${stages.length === 1 ? "" : "s"}.`),
-    h("p", {}, `${num(reply.tokens_per_s, 1)} tokens/s · bottleneck ${num(reply.bottleneck_ms, 2)} ms (lower bound ${num(reply.lower_bound_ms, 2)} ms) · ${reply.solver} ${reply.status} in ${num(reply.solve_ms, 1)} ms`),
+    h("p", { id: "reply-schedule" }, scheduleLine(reply)),
+    h("p", { class: "hint" }, `lower bound ${num(reply.lower_bound_ms, 2)} ms · ${reply.solver} ${reply.status} in ${num(reply.solve_ms, 1)} ms`),
     h("div", { id: "reply-plan" }, planView(stages, layers)),
     h("table", {},
       h("thead", {}, h("tr", {}, ...["stage", "device", "GPU", "layers", "weights GiB", "KV GiB", "stage ms", "hop ms"].map((t) => h("th", {}, t)))),

@@ -42,6 +42,9 @@ def test_demo_once_prints_the_placement_table_and_exits(tmp_path: Path) -> None:
         for column in ("stage", "node", "device", "GPU", "layers", "GiB", "est. ms"):
             assert column in text, f"column {column!r} missing from:\n{text}"
         assert "reserved" in text, text
+        # What the plan delivers, not the slowest stage as a rate.
+        assert "ms per token per sequence" in text and "micro-batch" in text, text
+        assert "bottleneck" not in text, text
         assert f"http://127.0.0.1:{api_port}/" in text
 
         # The state outlives the demo in NATS: `shardplane status` reads it back.

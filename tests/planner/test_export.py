@@ -421,3 +421,70 @@ def test_failed_reply_exports_the_reason() -> None:
     assert "short by 3.1 GiB" in export_plan(bad, "vllm")
     with pytest.raises(ValueError, match="unknown export kind"):
         export_plan(_reply([("a", 0, "a100", 1)]), "tgi")
+
+
+def test_exports_say_which_schedule_they_were_planned_for() -> None:
+    """llama.cpp runs M = 1, vLLM one micro-batch per rank; the comment lines say so, with the
+    step time, and warn when the plan was scored with another M."""
+    from msgspec.structs import replace
+
+    reply = replace(
+        _reply([("a", 0, "a100", 30), ("a", 1, "a100", 50)]), batch=8, microbatches=1, step_ms=20.0
+    )
+    lcpp = export_plan(reply, "llamacpp")
+    assert "one batch through the pipeline at a time (M = 1)" in lcpp
+    assert "step 20.00 ms per token per sequence" in lcpp and "warning" not in lcpp
+    vllm = export_plan(reply, "vllm")
+    assert "one micro-batch per pipeline rank" in vllm
+    assert "warning: planned with M = 1 but this engine runs M = 2" in vllm
+    ok = export_plan(replace(reply, microbatches=2), "vllm")
+    assert "warning" not in ok
+
+
+def test_place_export_asks_for_the_engines_schedule() -> None:
+    import argparse
+
+    from shardplane.commands import _request_from_args  # pyright: ignore[reportPrivateUsage]
+    from shardplane.planner.schedule import engine_microbatches
+
+    base = dict(
+        model="llama-3.1-8b",
+        context_tokens=8192,
+        batch=8,
+        objective="throughput",
+        dry_run=True,
+        memory_headroom=0.1,
+        exclude_nodes=[],
+        max_stages=None,
+        microbatches="auto",
+        min_stages=None,
+        instance_id=None,
+    )
+    for kind, want in (("llamacpp", 1), ("vllm", "stages"), (None, "auto")):
+        body = _request_from_args(argparse.Namespace(**base, export=kind))
+        assert body["microbatches"] == want
+        if kind:
+            assert engine_microbatches(kind) == want
+    body = _request_from_args(argparse.Namespace(**{**base, "microbatches": "3"}, export=None))
+    assert body["microbatches"] == 3
+
+
+def test_place_prints_the_schedule_not_the_bottleneck_rate() -> None:
+    from msgspec.structs import replace
+
+    from shardplane import render
+
+    reply = replace(
+        _reply([("a", 0, "a100", 30), ("a", 1, "a100", 50)]),
+        batch=8,
+        microbatches=2,
+        step_ms=9.0,
+        tokens_per_s=888.9,
+        bottleneck_ms=4.5,
+        max_batch=37,
+        context_tokens=4096,
+    )
+    text = render.placement(reply)
+    assert "step 9.00 ms per token per sequence -> 888.9 tokens/s at batch 8" in text
+    assert "2 micro-batches of 4" in text and "up to 37 sequences at 4096 tokens" in text
+    assert "bottleneck" not in text

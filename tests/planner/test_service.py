@@ -48,14 +48,16 @@ async def test_places_on_demo_fleet_with_cp_sat_optimal(
 ) -> None:
     await publish_fleet(js, DEMO)
     async with planner_running(nats_url):
-        # On the demo fleet the greedy plan for an 8B model at 32k does not meet the integer
-        # bound, so CP-SAT decides, and proves its plan optimal.
+        # Batch 16 at 32k on the demo fleet: the KV cache is worth pipelining, so CP-SAT
+        # decides the devices and M, and proves its plan optimal.
         time_limit_s = 20.0
         body = {
             "model": "llama-3.1-8b",
             "context_tokens": 32768,
+            "batch": 16,
             "instance_id": "demo-8b",
             "time_limit_s": time_limit_s,
+            "solver": "cp-sat",
         }
         reply = await ask(nc, body, timeout=time_limit_s + 20)
         assert reply.ok, reply.error
@@ -63,7 +65,10 @@ async def test_places_on_demo_fleet_with_cp_sat_optimal(
         assert reply.gap_pct == 0.0
         assert reply.stages[0].layer_start == 0 and reply.stages[-1].layer_end == 32
         assert reply.generation == 1
-        assert reply.bottleneck_ms >= reply.lower_bound_ms > 0
+        assert reply.step_ms >= reply.lower_bound_ms > 0
+        assert 1 <= reply.microbatches <= min(16, len(reply.stages))
+        assert reply.tokens_per_s == pytest.approx(16 * 1000.0 / reply.step_ms)
+        assert reply.max_batch >= 16
         # One assignment per stage on placement.assigned.<node>, in the PLACEMENTS stream.
         info = await js.stream_info(PLACEMENTS)
         assert info.state.messages == len(reply.stages)
@@ -85,8 +90,9 @@ async def test_places_on_demo_fleet_with_cp_sat_optimal(
             {"model": "llama-3.1-70b", "context_tokens": 8192, "time_limit_s": time_limit_s},
             timeout=time_limit_s + 20,
         )
-        assert big.ok and big.status == "optimal", big.error
-        assert {s.node for s in big.stages} == {"rig-a", "rig-b", "rig-c", "rig-d"}
+        assert big.ok, big.error
+        assert len(big.stages) >= 2 and big.microbatches == 1
+        assert big.step_ms == pytest.approx(sum(s.stage_ms + s.hop_ms for s in big.stages))
 
 
 async def test_msgpack_in_msgpack_out_and_errors_in_kind(
@@ -112,6 +118,10 @@ async def test_msgpack_in_msgpack_out_and_errors_in_kind(
         assert "contxt" in json.loads(msg.data)["error"]["message"]
         msg = await nc.request("placement.request", b"\x93\x01", timeout=30)  # msgpack, wrong shape
         assert codec.decode(PlacementReply, msg.data, "msgpack").error is not None
+        # More micro-batches than sequences: answered, with the numbers.
+        bad_m = await ask(nc, {"model": "llama-3.1-8b", "batch": 2, "microbatches": 4})
+        assert bad_m.error is not None and bad_m.error.code == "invalid_request"
+        assert "microbatches=4 exceeds batch=2" in bad_m.error.message
         # Too big for the fleet: the message carries numbers.
         too_big = await ask(nc, {"model": "llama-3.1-405b", "context_tokens": 131072})
         assert too_big.error is not None and too_big.error.code == "insufficient_memory"

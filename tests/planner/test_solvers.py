@@ -9,9 +9,9 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from shardplane.bus.messages import ModelCard
+from shardplane.bus.messages import ModelCard, Objective
 from shardplane.planner import validate
-from shardplane.planner.bounds import integer_bound_ms
+from shardplane.planner.bounds import integer_bound_ms, step_bound_ms
 from shardplane.planner.catalog import resolve
 from shardplane.planner.cost import (
     WORKSPACE_BYTES,
@@ -22,10 +22,15 @@ from shardplane.planner.cost import (
     lower_bound_ms,
     stages_from_counts,
 )
-from shardplane.planner.exact import exact_plan
-from shardplane.planner.fleet import Device, Fleet, Link, build_fleet
-from shardplane.planner.greedy import allocate_layers_proportionally, greedy_plan, proportional_plan
-from shardplane.planner.plan import PlanError, is_homogeneous, plan, to_stages
+from shardplane.planner.exact import exact_search
+from shardplane.planner.fleet import Device, Fleet, build_fleet
+from shardplane.planner.greedy import (
+    allocate_layers_proportionally,
+    exo_plan,
+    greedy_plan,
+    single_device_plans,
+)
+from shardplane.planner.plan import PlanError, plan, to_stages
 from shardplane.planner.profile import ModelProfile, profile_from_card
 from shardplane.planner.solver import solve
 from shardplane.planner.synthetic import HostSpec, random_hosts, states
@@ -70,28 +75,6 @@ def _tiny(layers: int = 4) -> ModelProfile:
     )
 
 
-def test_worked_example_of_the_cost_model() -> None:
-    """The README's worked example, by hand."""
-    a, b = _dev("a/0", 1000.0, 80), _dev("b/0", 500.0, 80)
-    fleet = Fleet(devices=(a, b), node_links={("a", "b"): Link(10.0 / 8, 0.2)})
-    p = Problem(_tiny(), fleet, context_tokens=1000, batch=2, headroom=0.0)
-    ev = evaluate(p, (StagePlan(a, 0, 3), StagePlan(b, 3, 4)))
-    # a: 3 GB weights + 3 layers x 1000 B x 1000 tokens x 2 = 3.006 GB at 1000 GB/s = 3.006 ms
-    assert ev.stage_ms[0] == pytest.approx(3.006)
-    # hop: 1000 hidden x 2 B x batch 2 = 4000 B over 1.25 GB/s = 0.0032 ms + 0.2 ms latency
-    assert ev.hop_ms[0] == pytest.approx(0.2032)
-    # b: 1 GB + 2 MB KV + 0.5 GB head at 500 GB/s = 3.004 ms; no hop after the last stage
-    assert ev.stage_ms[1] == pytest.approx(3.004)
-    assert ev.hop_ms[1] == 0.0
-    assert ev.bottleneck_ms == pytest.approx(3.2092)
-    assert ev.latency_ms == pytest.approx(3.006 + 0.2032 + 3.004)
-    # memory: weights + KV + workspace, + embeddings on the first stage, head on the last
-    assert ev.memory[0] == 3 * 10**9 + 6 * 10**6 + WORKSPACE_BYTES + 5 * 10**8
-    assert ev.memory[1] == 10**9 + 2 * 10**6 + WORKSPACE_BYTES + 5 * 10**8
-    # fluid bound: all bytes read per step over all bandwidth
-    assert lower_bound_ms(p) == pytest.approx((4e9 + 8e6 + 5e8) / 1500e9 * 1e3)
-
-
 def test_a_single_stage_holds_a_tied_matrix_once() -> None:
     """Tied embeddings: the head is the embedding matrix. Split, the first stage holds it as the
     embeddings and the last as the head (twice in all); one stage holding the whole model holds
@@ -110,9 +93,9 @@ def test_a_single_stage_holds_a_tied_matrix_once() -> None:
         assert out.stages[0].weight_bytes == weights
         assert out.stages[0].memory_bytes == need
         assert out.status == "optimal", method
-    best = out.evaluation.bottleneck_ms
-    assert integer_bound_ms(p, best) <= best * (1 + 1e-9)
-    alone = solve(p, hint=None, time_limit_s=10.0).plan  # CP-SAT's own model, no hint to keep
+    best = out.evaluation.step_ms
+    assert integer_bound_ms(p) <= best * (1 + 1e-9)
+    alone = solve(p, 1, hint=None, time_limit_s=10.0).plan  # CP-SAT's own model, no hint
     assert alone is not None and [(s.device.ref, s.layer_start, s.layer_end) for s in alone] == [
         ("a/0", 0, 4)
     ]
@@ -130,38 +113,97 @@ def test_exo_rule_faithful() -> None:
 
 
 def _random_problem(
-    seed: int, n: int, model: str = "llama-3.1-8b", ctx: int = 8192, objective: str = "throughput"
+    seed: int,
+    n: int,
+    model: str = "llama-3.1-8b",
+    ctx: int = 8192,
+    objective: Objective = "throughput",
+    batch: int = 1,
 ) -> Problem:
     rng = random.Random(seed)
     hosts = random_hosts(
         n, seed=seed, gpus=rng.sample(GPUS, 4), per_host=(1, 3), fast_links=1 if seed % 2 else 0
     )
     devs, nodes = states(hosts)
-    return Problem(resolve(model), build_fleet(devs, nodes), ctx, 1, objective=objective)
+    return Problem(resolve(model), build_fleet(devs, nodes), ctx, batch, objective=objective)
+
+
+def _exact_step(p: Problem) -> float:
+    found = exact_search(p)
+    assert found is not None
+    return found[2]
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_cp_sat_matches_exhaustive_search(seed: int) -> None:
+    """CP-SAT itself (forced: no greedy shortcut) against the brute force, which shares no code
+    with it, at batch 1 (M = 1) and batch 8 (M chosen)."""
     model = ("llama-3.1-8b", "llama-3.1-70b-q4", "qwen2.5-7b")[seed % 3]
-    p = _random_problem(seed, 3 + seed % 3, model, ctx=(4096, 32768)[seed % 2])
-    exact = exact_plan(p)
-    assert exact is not None
-    best = evaluate(p, exact).bottleneck_ms
-    out = plan(p, time_limit_s=10.0)
-    assert out.evaluation.bottleneck_ms <= best * 1.01
+    p = _random_problem(
+        seed, 3 + seed % 2, model, ctx=(4096, 32768)[seed % 2], batch=(1, 8)[seed // 3]
+    )
+    best = _exact_step(p)
+    out = plan(p, time_limit_s=10.0, method="cp-sat")
+    assert out.solver == "cp-sat"
     assert out.status == "optimal"
-    assert out.evaluation.bottleneck_ms == pytest.approx(best, rel=1e-3)
-    # the integer bound never exceeds the optimum, the fluid bound never exceeds it
-    assert integer_bound_ms(p, best) <= best * (1 + 1e-9)
+    assert out.evaluation.step_ms == pytest.approx(best, rel=1e-3)
+    # the bounds never exceed the optimum
+    assert integer_bound_ms(p) <= best * (1 + 1e-9)
     assert lower_bound_ms(p) <= best
 
 
-def test_latency_objective_matches_exhaustive_search() -> None:
-    p = _random_problem(11, 4, "llama-3.1-8b", objective="latency")
-    exact = exact_plan(p)
-    assert exact is not None
+@pytest.mark.parametrize("seed", range(8))
+def test_default_method_matches_exhaustive_search(seed: int) -> None:
+    """The service's path (greedy, proofs, CP-SAT when needed) at batch 1, 8 and 64."""
+    batch = (1, 8, 64)[seed % 3]
+    ctx = 4096 if batch == 64 else (4096, 32768)[seed % 2]
+    p = _random_problem(20 + seed, 2 + seed % 3, "llama-3.1-8b", ctx=ctx, batch=batch)
+    best = _exact_step(p)
     out = plan(p, time_limit_s=10.0)
-    assert out.evaluation.latency_ms == pytest.approx(evaluate(p, exact).latency_ms, rel=1e-3)
+    assert out.evaluation.step_ms == pytest.approx(best, rel=1e-3)
+    assert out.evaluation.step_ms >= best * (1 - 1e-9)
+    assert integer_bound_ms(p) <= best * (1 + 1e-9)
+
+
+def test_latency_objective_matches_exhaustive_search() -> None:
+    p = _random_problem(11, 4, "llama-3.1-8b", objective="latency", batch=8)
+    out = plan(p, time_limit_s=10.0)
+    assert out.evaluation.microbatches == 1
+    assert out.evaluation.step_ms == pytest.approx(_exact_step(p), rel=1e-3)
+
+
+def test_solver_chooses_micro_batches_where_they_pay() -> None:
+    """Batch 32 at 8k: the KV cache is most of the reads, so the plan pipelines and runs M > 1;
+    the same request at M = 1 (llama.cpp) delivers less, at M = stages (vLLM) no more."""
+    devs, nodes = states(
+        [HostSpec("a", ("A100-80GB",)), HostSpec("b", ("L40S", "L40S")), HostSpec("c", ("A10",))]
+    )
+    fleet = build_fleet(devs, nodes)
+    p = Problem(resolve("llama-3.1-8b"), fleet, 8192, 32)
+    best = _exact_step(p)
+    out = plan(p, time_limit_s=10.0, method="cp-sat")
+    assert out.evaluation.microbatches > 1 and len(out.stages) > 1
+    assert out.evaluation.step_ms == pytest.approx(best, rel=1e-3)
+    one = plan(replace(p, microbatches=1), time_limit_s=10.0)
+    assert one.evaluation.microbatches == 1
+    assert one.evaluation.step_ms > out.evaluation.step_ms
+    per_stage = plan(replace(p, microbatches="stages"), time_limit_s=10.0)
+    assert per_stage.evaluation.microbatches == min(32, len(per_stage.stages))
+    assert per_stage.evaluation.step_ms >= out.evaluation.step_ms * (1 - 1e-9)
+
+
+def test_request_limits_on_stages_and_micro_batches() -> None:
+    p = _random_problem(3, 4, "llama-3.1-8b", batch=4)
+    forced = plan(replace(p, min_stages=3), time_limit_s=10.0)
+    assert len(forced.stages) >= 3
+    fixed = plan(replace(p, microbatches=2), time_limit_s=10.0)
+    assert fixed.evaluation.microbatches == 2 and len(fixed.stages) >= 2
+    with pytest.raises(PlanError, match="microbatches=8 exceeds batch=4") as info:
+        plan(replace(p, microbatches=8))
+    assert info.value.code == "invalid_request"
+    with pytest.raises(PlanError, match="at least 9 stages") as info:
+        plan(replace(p, min_stages=9))
+    assert info.value.code == "invalid_request"
 
 
 def test_unequal_layers_use_real_sizes() -> None:
@@ -176,11 +218,9 @@ def test_unequal_layers_use_real_sizes() -> None:
     devs, nodes = states(
         [HostSpec("a", ("RTX-4090",)), HostSpec("b", ("RTX-3090",)), HostSpec("c", ("A10",))]
     )
-    p = Problem(prof, build_fleet(devs, nodes), 4096, 1)
-    exact = exact_plan(p)
-    assert exact is not None
-    out = plan(p, time_limit_s=10.0)
-    assert out.evaluation.bottleneck_ms == pytest.approx(evaluate(p, exact).bottleneck_ms, rel=1e-3)
+    p = Problem(prof, build_fleet(devs, nodes), 4096, 1, min_stages=2)
+    out = plan(p, time_limit_s=10.0, method="cp-sat")
+    assert out.evaluation.step_ms == pytest.approx(_exact_step(p), rel=1e-3)
     # Every layer once, plus the embeddings (first stage) and the head (last stage), untied.
     assert (
         sum(s.weight_bytes for s in out.stages) == sum(sizes) + prof.embed_bytes + prof.head_bytes
@@ -191,31 +231,40 @@ def test_unequal_layers_use_real_sizes() -> None:
     ]
 
 
-def test_homogeneous_fleet_even_split_without_solver() -> None:
-    hosts = [HostSpec(f"h{i}", ("A100-80GB", "A100-80GB")) for i in range(2)]
+def test_homogeneous_fleet_is_proven_optimal() -> None:
+    hosts = [HostSpec(f"h{i}", ("A100-40GB", "A100-40GB")) for i in range(2)]
     devs, nodes = states(hosts)
-    p = Problem(resolve("llama-3.1-70b"), build_fleet(devs, nodes), 8192, 1)
-    assert is_homogeneous(p)
-    out = plan(p, use_solver=False)
-    assert out.solver == "even-split" and out.status == "optimal"
-    counts = [s.layer_end - s.layer_start for s in out.stages]
-    assert max(counts) - min(counts) <= 3  # even, but the head makes the last stage lighter
-    exact = exact_plan(p)
-    assert exact is not None
-    assert out.evaluation.bottleneck_ms == pytest.approx(evaluate(p, exact).bottleneck_ms, rel=1e-6)
+    p = Problem(resolve("llama-3.1-70b-q4"), build_fleet(devs, nodes), 8192, 8)
+    out = plan(p, time_limit_s=10.0)
+    assert out.status == "optimal"
+    assert out.evaluation.step_ms == pytest.approx(_exact_step(p), rel=1e-6)
 
 
-def test_homogeneous_equal_layers_no_head_is_literally_even() -> None:
-    prof = replace(_tiny(8), embed_bytes=0, head_bytes=0)
-    devs = tuple(_dev(f"n{i}/0", 1000.0, 80) for i in range(4))
-    p = Problem(prof, Fleet(devices=devs), 1000, 1)
-    out = plan(p)
-    assert out.solver == "even-split"
-    assert [s.layer_end - s.layer_start for s in out.stages] == [2, 2, 2, 2]
+def test_exo_baseline_is_exos_rule() -> None:
+    """exo uses one device per host and keeps the smallest set of hosts whose memory holds the
+    weights (the ones with the most memory), then splits by memory: a model that fits one
+    device stays on it."""
+    devs, nodes = states(
+        [
+            HostSpec("a", ("RTX-4090",)),
+            HostSpec("b", ("A100-80GB",)),
+            HostSpec("c", ("L40S", "L40S")),
+            HostSpec("d", ("A100-40GB",)),
+        ]
+    )
+    fleet = build_fleet(devs, nodes)
+    small = exo_plan(Problem(resolve("llama-3.1-8b"), fleet, 8192, 1))
+    assert [s.device.ref for s in small] == ["b/0"]  # the most memory of any host's device
+    big = exo_plan(Problem(resolve("llama-3.1-70b"), fleet, 8192, 1))
+    # 131 GiB of weights: b (72 GiB usable) and one L40S of c (43.2) are not enough, d (36) is
+    assert [s.device.ref for s in big] == ["b/0", "c/0", "d/0"]
+    usable = [fleet.devices[i].usable_bytes(0.1) for i in (1, 2, 4)]
+    assert [s.layer_end - s.layer_start for s in big] == allocate_layers_proportionally(80, usable)
 
 
-def test_never_worse_than_proportional_and_feasible_where_it_is_not() -> None:
-    # A tight fleet: exo's memory split ignores the KV cache and the head and overflows.
+def test_feasible_where_exos_split_does_not_fit() -> None:
+    """A tight fleet: exo's memory split ignores the KV cache, the embeddings and the head, and
+    overflows a device here (the premise, asserted); the planner still places the model."""
     devs, nodes = states(
         [
             HostSpec("a", ("RTX-4090",)),
@@ -225,32 +274,52 @@ def test_never_worse_than_proportional_and_feasible_where_it_is_not() -> None:
         ]
     )
     p = Problem(resolve("llama-3.1-8b"), build_fleet(devs, nodes), 131072, 1)
-    prop = proportional_plan(p)
+    exo = exo_plan(p)
+    assert exo, "exo's rule picks nodes here"
+    assert not evaluate(p, exo).fits  # the premise: exo's split overflows this fleet
     out = plan(p)
-    ev = evaluate(p, prop)
-    if ev.fits:
-        assert out.evaluation.bottleneck_ms <= ev.bottleneck_ms
     assert out.evaluation.fits
 
 
+def test_never_worse_than_exo_or_one_device() -> None:
+    for seed in range(6):
+        p = _random_problem(
+            40 + seed,
+            4 + seed % 3,
+            ("llama-3.1-8b", "llama-3.1-70b-q4")[seed % 2],
+            batch=(1, 8, 64)[seed % 3],
+        )
+        try:
+            out = plan(p)
+        except PlanError:
+            continue
+        t = Tables(p)
+        exo = exo_plan(p)
+        if exo and (ev := evaluate(p, exo, t)).ok:
+            assert out.evaluation.step_ms <= ev.step_ms * (1 + 1e-9)
+        for one in single_device_plans(p, t):
+            assert out.evaluation.step_ms <= evaluate(p, one, t).step_ms * (1 + 1e-9)
+
+
 def test_validator_rejects_bad_plans() -> None:
-    p = _random_problem(3, 3)
+    p = _random_problem(3, 3, "llama-3.1-70b-q4")
     out = plan(p)
     good = out.stages
-    validate.check(p, good, out.evaluation.bottleneck_ms)
+    ev = out.evaluation
+    validate.check(p, good, ev.bottleneck_ms, microbatches=ev.microbatches, step_ms=ev.step_ms)
     gap = (msgspec.structs.replace(good[0], layer_end=good[0].layer_end - 1), *good[1:])
-    with pytest.raises(validate.InvalidPlan, match="starts at layer"):
-        validate.check(p, gap, out.evaluation.bottleneck_ms)
+    with pytest.raises(validate.InvalidPlan, match=r"starts at layer|not placed"):
+        validate.check(p, gap)
     fudged = (msgspec.structs.replace(good[0], stage_ms=good[0].stage_ms * 0.5), *good[1:])
     with pytest.raises(validate.InvalidPlan, match="cost model gives"):
-        validate.check(p, fudged, out.evaluation.bottleneck_ms)
+        validate.check(p, fudged)
     with pytest.raises(validate.InvalidPlan, match="bottleneck_ms"):
-        validate.check(p, good, out.evaluation.bottleneck_ms * 0.9)
+        validate.check(p, good, ev.bottleneck_ms * 0.9, microbatches=ev.microbatches)
     # One device holding everything: it does not fit, and the message has the numbers.
     big = Problem(resolve("llama-3.1-70b"), p.fleet, 8192, 1)
     one = evaluate(big, (StagePlan(big.devices[0], 0, big.layers),), Tables(big))
     with pytest.raises(validate.InvalidPlan, match=r"GiB usable; stage needs \d+\.\d+ GiB"):
-        validate.check(big, to_stages(big, one), one.bottleneck_ms)
+        validate.check(big, to_stages(big, one))
 
 
 def test_insufficient_memory_names_numbers() -> None:
@@ -264,30 +333,30 @@ def test_insufficient_memory_names_numbers() -> None:
 
 
 def test_solver_time_limit_falls_back_or_reports_gap() -> None:
-    p = _random_problem(5, 16, "llama-3.1-70b")
+    p = _random_problem(5, 16, "llama-3.1-70b", batch=8)
     out = plan(p, time_limit_s=0.01)
-    assert out.evaluation.fits
+    assert out.evaluation.ok
     assert out.status in ("optimal", "feasible")
     if out.status == "feasible":
         assert out.gap_pct is not None and out.gap_pct >= 0
+        assert out.bound_ms is not None and out.bound_ms <= out.evaluation.step_ms * (1 + 1e-9)
 
 
-def test_multi_gpu_hosts_use_every_gpu() -> None:
+def test_node_devices_stay_contiguous() -> None:
     devs, nodes = states([HostSpec("big", ("RTX-4090",) * 4), HostSpec("other", ("A10",))])
-    p = Problem(resolve("llama-3.1-70b-q4"), build_fleet(devs, nodes), 8192, 1)
+    p = Problem(resolve("llama-3.1-70b-q4"), build_fleet(devs, nodes), 4096, 8)
     out = plan(p)
-    assert sum(1 for s in out.stages if s.node == "big") == 4
-    # devices of one node stay contiguous in the pipeline
+    assert len(out.stages) >= 2
     nodes_seq = [s.node for s in out.stages]
     assert nodes_seq == sorted(nodes_seq, key=nodes_seq.index)
 
 
 def test_greedy_plans_fit() -> None:
     for seed in range(5):
-        p = _random_problem(seed, 8, "llama-3.1-70b")
+        p = _random_problem(seed, 8, "llama-3.1-70b", batch=8)
         g = greedy_plan(p)
         if g is not None:
-            assert evaluate(p, g).fits
+            assert evaluate(p, g).ok
             assert (
                 stages_from_counts([s.device for s in g], [s.layer_end - s.layer_start for s in g])
                 == g
@@ -296,29 +365,38 @@ def test_greedy_plans_fit() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 4])
 def test_cp_sat_alone_without_hint_proves_the_optimum(seed: int) -> None:
-    from shardplane.planner.solver import solve
-
-    p = _random_problem(seed, 4, "llama-3.1-8b", ctx=16384)
-    exact = exact_plan(p)
-    assert exact is not None
-    result = solve(p, hint=None, time_limit_s=20.0)
-    assert result.plan is not None and result.status == "optimal"
-    assert evaluate(p, result.plan).bottleneck_ms == pytest.approx(
-        evaluate(p, exact).bottleneck_ms, rel=1e-3
-    )
+    p = _random_problem(seed, 4, "llama-3.1-8b", ctx=16384, batch=4)
+    best = _exact_step(p)
+    found: list[float] = []
+    for m in p.all_m_choices():
+        result = solve(p, m, hint=None, time_limit_s=20.0)
+        assert result.status in ("optimal", "infeasible"), m
+        if result.plan is not None:
+            found.append(evaluate(p, result.plan, microbatches=m).step_ms)
+    assert min(found) == pytest.approx(best, rel=1e-3)
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_vectorised_bound_matches_reference(seed: int) -> None:
-    from shardplane.planner.bounds import _Prep, _Vec, caps_reference  # pyright: ignore[reportPrivateUsage]
-
-    p = _random_problem(seed, 2 + seed * 2, ("llama-3.1-8b", "llama-3.1-70b-q4")[seed % 2])
-    pp = _Prep(p, Tables(p))
-    vec = _Vec(pp)
-    rng = random.Random(seed)
-    for _ in range(40):
-        T = rng.uniform(0.1, 60.0)
-        assert vec.caps(T) == caps_reference(pp, T), T
+def test_bounds_never_exceed_the_optimum(seed: int) -> None:
+    p = _random_problem(
+        60 + seed,
+        2 + seed % 3,
+        ("llama-3.1-8b", "qwen2.5-7b")[seed % 2],
+        ctx=(4096, 131072)[seed % 2],
+        batch=(1, 8, 64, 16)[seed % 4],
+    )
+    found = exact_search(p)
+    if found is None:
+        with pytest.raises(PlanError):
+            plan(p)
+        return
+    best = found[2]
+    t = Tables(p)
+    assert lower_bound_ms(p) <= best * (1 + 1e-9)
+    assert integer_bound_ms(p) <= best * (1 + 1e-9)
+    for m in p.all_m_choices():
+        if m == found[1]:
+            assert step_bound_ms(p, m, t) <= best * (1 + 1e-9)
 
 
 @pytest.mark.slow
@@ -332,8 +410,8 @@ def test_scale_plans_stay_fast_and_valid(devices: int) -> None:
     started = time.perf_counter()
     out = plan(p)
     assert time.perf_counter() - started < 2.0
-    assert out.evaluation.fits and out.stages[-1].layer_end == 126
-    assert out.bound_ms is not None and out.evaluation.bottleneck_ms >= out.bound_ms
+    assert out.evaluation.ok and out.stages[-1].layer_end == 126
+    assert out.bound_ms is not None and out.evaluation.step_ms >= out.bound_ms * (1 - 1e-9)
 
 
 def test_hot_and_offline_devices_are_excluded_with_reasons() -> None:
