@@ -164,6 +164,9 @@ class PlacementRequest(Frozen, frozen=True, forbid_unknown_fields=True):
     # Added by the planner (additive): "auto" picks the fastest method that proves its plan;
     # "cp-sat" always runs the solver (audits, comparisons); "greedy" never does.
     solver: Literal["auto", "cp-sat", "greedy"] = "auto"
+    # Added for running models (additive): at least this many stages (`shardplane generate
+    # --min-stages`), so a model that fits one device can still be run as a pipeline.
+    min_stages: Annotated[int, Meta(ge=1, le=4096)] | None = None
 
 
 class Stage(Frozen, frozen=True):
@@ -278,6 +281,53 @@ class ShardStatus(Frozen, frozen=True):
     # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
     # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
     epoch: Timestamp = 0.0
+
+
+# --- running a placed model (core request-reply on pipeline.<instance>.<stage>) ---------------
+
+SeqId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class StageEntry(Frozen, frozen=True):
+    """``count`` new tokens of one sequence at positions ``start ..``; sampling settings are
+    read by the last stage only."""
+
+    seq_id: SeqId
+    start: Annotated[int, Meta(ge=0, le=10_000_000)]
+    count: Annotated[int, Meta(ge=1, le=1_000_000)]
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+
+
+class StageRequest(Frozen, frozen=True):
+    """One step through the pipeline from stage ``stage`` on. The first stage takes ``tokens``
+    (int32 little-endian, one per row), later stages ``hidden`` (float32 little-endian,
+    rows x hidden). ``op="release"`` drops the entries' KV caches at this stage only."""
+
+    instance_id: Token
+    stage: Count
+    entries: tuple[StageEntry, ...]
+    op: Literal["forward", "release"] = "forward"
+    tokens: bytes = b""
+    hidden: bytes = b""
+    sample: bool = True  # last stage: draw a token per entry (False for inner prefill chunks)
+    want_logits: bool = False  # last stage: also return the logits (float32, entries x vocab)
+    deadline_ms: Annotated[float, Meta(gt=0.0, le=3_600_000.0)] = 10_000.0  # budget left
+    v: Version = SCHEMA_VERSION
+
+
+class StageReply(Frozen, frozen=True):
+    """The pipeline's answer from the stage asked to the end: sampled tokens, or an error
+    naming the stage that failed. ``stage_ms`` is each stage's compute time, in stage order."""
+
+    ok: bool
+    tokens: tuple[int, ...] = ()
+    logits: bytes = b""
+    stage_ms: tuple[NonNeg, ...] = ()
+    failed_stage: Count | None = None
+    error: ErrorInfo | None = None
+    v: Version = SCHEMA_VERSION
 
 
 # --- materialised state in the cluster_state KV bucket ----------------------------------------
