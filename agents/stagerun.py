@@ -30,7 +30,9 @@ from shardplane.bus.messages import ShardAssignment
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="stagerun", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="stagerun", description="Serve one stage of a model in its own process."
+    )
     p.add_argument("--nats", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--instance", required=True)
