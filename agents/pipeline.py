@@ -49,6 +49,10 @@ IDLE_S = 300.0  # a sequence untouched this long is dropped (its caller died wit
 HOP_MARGIN_S = 0.25  # a stage answers this much before its caller's deadline
 FRAME_OVERHEAD = 4096  # bytes kept free in a frame for everything but the hidden state
 DECODE_DEADLINE_S = 10.0
+# Steps of at most this many rows (decode) run on the event loop: a thread handoff costs two
+# context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
+# loop (telemetry, other stages of this process) keeps going.
+INLINE_ROWS = 8
 PREFILL_DEADLINE_PER_ROW_S = 0.05
 
 _encoder = msgspec.msgpack.Encoder()
@@ -153,10 +157,14 @@ class StageServer:
             return StageReply(ok=True)
         entries = entries_of(req)
         try:
-            x = self._input(req, sum(e.count for e in entries))
+            rows = sum(e.count for e in entries)
+            x = self._input(req, rows)
             async with self._lock:
                 started = time.perf_counter()
-                out = await asyncio.to_thread(self.backend.forward, entries, x)
+                if rows <= INLINE_ROWS:
+                    out = self.backend.forward(entries, x)
+                else:
+                    out = await asyncio.to_thread(self.backend.forward, entries, x)
                 ms = (time.perf_counter() - started) * 1000
                 for e in entries:
                     self._touched[e.seq_id] = time.monotonic()

@@ -1,0 +1,283 @@
+"""pipeline: SmolLM2-135M generating through 1, 2 and 3 stages, each stage its own process, on
+this machine's CPU (numpy fp32), against the floors measured in the same run.
+
+Floors:
+- compute: the bare in-process numpy forward of the same model (``agents.executor.NumpyStage``
+  holding all 30 layers, no NATS, no frames); ``overhead_1stage`` = 1-stage ms/token over it;
+- transport: a raw NATS request-reply between this process and a responder process, with a
+  payload of the same bytes as one hop's frame (hidden state + framing);
+  ``hop_overhead_ms_p50`` is what each extra stage crossing adds to a decode step beyond the
+  stages' own compute (p50 over steps of the 3-stage run, against the 1-stage run), and
+  ``hop_over_floor`` is that over the raw request-reply.
+
+Prediction: the planner's cost model (``planner.profile``: bytes each stage reads per step)
+with this host's bandwidth calibrated once, from the compute floor at batch 1, plus one raw
+request-reply per crossing; ``predicted_over_measured`` for each case (stages x batch) says
+how well that calibrated model predicts the pipeline.
+
+``tokens_match_reference``: every case's greedy tokens equal the in-process floor's.
+
+Run: ``shardplane bench pipeline [--quick] [-- --tokens 32 --stages 1,2,3 --batches 1,4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+import numpy as np
+
+from shardplane.agents.executor import Entry, NumpyStage
+from shardplane.agents.gguf import load_packaged_stage, packaged_tokenizer
+from shardplane.agents.loader import StageSpec
+from shardplane.agents.pipeline import PipelineClient, even_bounds
+from shardplane.agents.stagerun import spawn_split, stop_all
+from shardplane.bus.messages import StageEntry, StageRequest
+from shardplane.natsserver import NatsServer
+from shardplane.planner.catalog import resolve
+from shardplane.render import table
+
+MODEL = "smollm2-135m"
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "The three primary colors are",
+)
+RESPONDER = """
+import asyncio, sys, nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def echo(msg):
+        await nc.publish(msg.reply, b"x" * 64)
+    await nc.subscribe("bench.raw", cb=echo)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@dataclass
+class Case:
+    stages: int
+    batch: int
+    step_ms: list[float] = field(default_factory=lambda: [])
+    compute_ms: list[float] = field(default_factory=lambda: [])  # sum of stages' compute
+    tokens: list[list[int]] = field(default_factory=lambda: [])
+
+    @property
+    def ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+    def noncompute(self) -> list[float]:
+        return [w - c for w, c in zip(self.step_ms, self.compute_ms, strict=True)]
+
+
+def floor_run(stage: NumpyStage, prompts: list[list[int]], tokens: int) -> Case:
+    """The bare in-process forward: prefill each prompt, then decode them together."""
+    case = Case(stages=0, batch=len(prompts))
+    seqs = [f"floor-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    last: list[int] = []
+    for seq, ids in zip(seqs, prompts, strict=True):
+        logits = stage.forward([Entry(seq, 0, len(ids))], np.array(ids))
+        last.append(int(np.argmax(logits[0])))
+    out = [[t] for t in last]
+    positions = [len(p) for p in prompts]
+    for _ in range(tokens - 1):
+        entries = [Entry(s, p, 1) for s, p in zip(seqs, positions, strict=True)]
+        started = time.perf_counter()
+        logits = stage.forward(entries, np.array(last))
+        case.step_ms.append((time.perf_counter() - started) * 1000)
+        last = [int(np.argmax(row)) for row in logits]
+        for o, t in zip(out, last, strict=True):
+            o.append(t)
+        positions = [p + 1 for p in positions]
+    for seq in seqs:
+        stage.release(seq)
+    case.compute_ms = list(case.step_ms)
+    case.tokens = out
+    return case
+
+
+async def pipeline_run(
+    url: str, k: int, batches: list[int], prompts: list[list[int]], tokens: int, hidden: int
+) -> list[Case]:
+    procs = await asyncio.to_thread(spawn_split, url, MODEL, f"bench{k}", even_bounds(30, k))
+    nc = await nats.connect(url)
+    try:
+        client = PipelineClient(nc, f"bench{k}", k, hidden)
+        cases: list[Case] = []
+        for batch in batches:
+            case = Case(stages=k, batch=batch)
+            out: list[list[int]] = [[] for _ in range(batch)]
+            first = True
+            async for step, ms, stage_ms in client.generate(prompts[:batch], max_new_tokens=tokens):
+                for o, t in zip(out, step, strict=True):
+                    o.append(t)
+                if not first:
+                    case.step_ms.append(ms)
+                    case.compute_ms.append(sum(stage_ms))
+                first = False
+            case.tokens = out
+            cases.append(case)
+        return cases
+    finally:
+        await nc.close()
+        await asyncio.to_thread(stop_all, procs)
+
+
+async def raw_rr_ms(url: str, payload: int, count: int) -> float:
+    """p50 of a raw NATS request-reply with ``payload`` bytes, to a responder process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RESPONDER, url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        await proc.stdout.readline()
+        nc = await nats.connect(url)
+        data = b"\0" * payload
+        samples: list[float] = []
+        for _ in range(count):
+            started = time.perf_counter()
+            await nc.request("bench.raw", data, timeout=5)
+            samples.append((time.perf_counter() - started) * 1000)
+        await nc.close()
+        return statistics.median(samples[count // 10 :])
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+def frame_bytes(batch: int, hidden: int) -> int:
+    """Size of one hop's StageRequest carrying ``batch`` decode rows."""
+    entries = tuple(StageEntry(seq_id="x" * 14, start=100, count=1) for _ in range(batch))
+    req = StageRequest(
+        instance_id="bench3", stage=1, entries=entries, hidden=b"\0" * (batch * hidden * 4)
+    )
+    return len(msgspec.msgpack.encode(req))
+
+
+def predicted_ms(k: int, batch: int, bandwidth: float, hop_ms: float) -> float:
+    """The cost model: bytes each stage reads per step / calibrated bandwidth, plus a raw
+    request-reply per crossing (client to stage 0 included)."""
+    profile = resolve(MODEL)
+    reads = profile.read_bytes(batch)
+    total = sum(reads) + profile.end_bytes(False, True)
+    return total / bandwidth * 1000 + k * hop_ms
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardplane bench pipeline", description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tokens", type=int, default=None, help="per case (default 32, quick 8)")
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--batches", default="1,4")
+    args = parser.parse_args([a for a in (argv or []) if a != "--"])
+    quick = quick or args.quick
+    tokens: int = args.tokens or (8 if quick else 32)
+    stage_counts = [int(x) for x in args.stages.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    if 1 not in stage_counts or 1 not in batches or max(batches) > len(PROMPTS):
+        parser.error(
+            f"--stages must include 1, --batches must include 1 and stay <= {len(PROMPTS)}"
+        )
+    return asyncio.run(run(tokens, stage_counts, batches))
+
+
+async def run(tokens: int, stage_counts: list[int], batches: list[int]) -> int:
+    config, shard = load_packaged_stage(MODEL, StageSpec(0, 30, True, True))
+    tok = packaged_tokenizer(MODEL)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    whole = NumpyStage.build(
+        config, shard.tensors, layer_start=0, layer_end=30, embeddings=True, head=True
+    )
+    floors = {b: floor_run(whole, prompts[:b], tokens) for b in batches}
+    del whole, shard
+    async with NatsServer() as server:
+        raw = {b: await raw_rr_ms(server.url, frame_bytes(b, config.hidden), 400) for b in batches}
+        cases: list[Case] = []
+        for k in stage_counts:
+            cases += await pipeline_run(server.url, k, batches, prompts, tokens, config.hidden)
+    return report(floors, raw, cases, tokens, config.hidden)
+
+
+def report(
+    floors: dict[int, Case], raw: dict[int, float], cases: list[Case], tokens: int, hidden: int
+) -> int:
+    profile = resolve(MODEL)
+    bandwidth = (sum(profile.read_bytes(1)) + profile.end_bytes(False, True)) / (
+        floors[1].ms / 1000
+    )
+    by = {(c.stages, c.batch): c for c in cases}
+    one = by[(1, 1)]
+    base_noncompute = statistics.median(one.noncompute())
+    deepest = max(c.stages for c in cases)
+    hop_samples = (
+        [(n - base_noncompute) / (deepest - 1) for n in by[(deepest, 1)].noncompute()]
+        if deepest > 1
+        else []
+    )
+    hop_p50 = statistics.median(hop_samples) if hop_samples else 0.0
+    rows: list[tuple[str, ...]] = []
+    figures: dict[str, Any] = {"model": MODEL, "tokens_per_case": tokens}
+    pom: dict[str, float] = {}
+    match = True
+    for c in cases:
+        ref = floors[c.batch]
+        same = c.tokens == ref.tokens
+        match = match and same
+        pred = predicted_ms(c.stages, c.batch, bandwidth, raw[c.batch])
+        pom[f"{c.stages}stage_b{c.batch}"] = round(pred / c.ms, 3)
+        rows.append(
+            (
+                str(c.stages),
+                str(c.batch),
+                f"{c.ms:.2f}",
+                f"{1000 * c.batch / c.ms:.1f}",
+                f"{statistics.median(c.compute_ms):.2f}",
+                f"{ref.ms:.2f}",
+                f"{c.ms / ref.ms:.2f}",
+                f"{pred:.2f}",
+                "yes" if same else "NO",
+            )
+        )
+        figures[f"ms_per_token_{c.stages}stage" + ("" if c.batch == 1 else f"_b{c.batch}")] = round(
+            c.ms, 3
+        )
+    headers = (
+        "stages",
+        "batch",
+        "ms/step",
+        "tok/s",
+        "compute ms",
+        "floor ms",
+        "over floor",
+        "predicted",
+        "tokens ok",
+    )
+    print(table(headers, rows))
+    print(
+        f"hop: +{hop_p50:.3f} ms per extra stage crossing (p50), raw NATS request-reply of the same "
+        f"{frame_bytes(1, hidden)} bytes {raw[1]:.3f} ms; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    figures.update(
+        floor_ms_per_token=round(floors[1].ms, 3),
+        overhead_1stage=round(one.ms / floors[1].ms, 3),
+        hop_overhead_ms_p50=round(hop_p50, 4),
+        raw_request_reply_ms_p50=round(raw[1], 4),
+        hop_over_floor=round(hop_p50 / raw[1], 3) if raw[1] else None,
+        predicted_over_measured=pom,
+        calibrated_bandwidth_gbps=round(bandwidth / 1e9, 2),
+        tokens_match_reference=match,
+    )
+    print(json.dumps(figures))
+    return 0 if match else 1
