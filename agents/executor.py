@@ -174,6 +174,11 @@ class StageBackend(Protocol):
 
     def sequences(self) -> list[str]: ...
 
+    def read_bytes(self) -> int:
+        """Weight bytes one decode step reads (layers, plus norm and head on the last stage):
+        what a measured step time is divided into for calibration."""
+        ...
+
 
 def as_f32(array: npt.NDArray[Any], dtype: str | None = None) -> F32:
     """A loaded tensor as fp32. bf16 is held as raw uint16 by the loader (numpy has no bf16):
@@ -259,6 +264,21 @@ class NumpyStage:
             )
         stage._inv = inv_frequencies(config)
         return stage
+
+    def read_bytes(self) -> int:
+        total = sum(
+            w.in_norm.nbytes
+            + w.qkv.nbytes
+            + w.o.nbytes
+            + w.post_norm.nbytes
+            + w.gate_up.nbytes
+            + w.down.nbytes
+            + (0 if w.qkv_bias is None else w.qkv_bias.nbytes)
+            for w in self._layers
+        )
+        if self.head and self._head is not None and self._final_norm is not None:
+            total += self._head.nbytes + self._final_norm.nbytes
+        return total
 
     # --- cache ------------------------------------------------------------------------------
 

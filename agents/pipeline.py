@@ -27,9 +27,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -53,6 +54,11 @@ DECODE_DEADLINE_S = 10.0
 # context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
 # loop (telemetry, other stages of this process) keeps going.
 INLINE_ROWS = 8
+CALIBRATE_EVERY = 8  # batch-1 decode steps between two step-time reports (calibration)
+
+# Called with the p50 of the last CALIBRATE_EVERY batch-1 decode steps (ms) and the bytes such a
+# step reads; the worker publishes it in ShardStatus.
+StepReport = Callable[[float, int], Awaitable[None]]
 PREFILL_DEADLINE_PER_ROW_S = 0.05
 
 _encoder = msgspec.msgpack.Encoder()
@@ -96,7 +102,8 @@ class StageServer:
     stage: int
     backend: StageBackend
     last: bool
-    step_ms: list[float] = field(default_factory=lambda: [])  # recent compute times (calibration)
+    on_steps: StepReport | None = None
+    step_ms: list[float] = field(default_factory=lambda: [])  # batch-1 decode compute times
     _sub: Any = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _touched: dict[str, float] = field(default_factory=lambda: {})
@@ -170,8 +177,8 @@ class StageServer:
                     self._touched[e.seq_id] = time.monotonic()
         except ExecutorError as exc:
             return _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
-        self.step_ms.append(ms)
-        del self.step_ms[:-256]
+        if rows == 1:
+            await self._measured(ms)
         if self.last:
             return self._finish(req, out, ms)
         reply = await self._forward(req, out, received)
@@ -181,6 +188,18 @@ class StageServer:
                     self._release(e.seq_id)
             return reply
         return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
+
+    async def _measured(self, ms: float) -> None:
+        self.step_ms.append(ms)
+        if len(self.step_ms) < CALIBRATE_EVERY:
+            return
+        p50 = statistics.median(self.step_ms)
+        self.step_ms.clear()
+        if self.on_steps is not None:
+            try:
+                await self.on_steps(p50, self.backend.read_bytes())
+            except Exception:
+                log.exception("stage %s/%d: step report failed", self.instance_id, self.stage)
 
     def _input(self, req: StageRequest, rows: int) -> np.ndarray[Any, Any]:
         if self.backend.embeddings:
@@ -440,6 +459,7 @@ class PipelineHost:
     caller asking the stage hears 'not serving'."""
 
     nc: Client
+    on_steps: Callable[[Any, float, int], Awaitable[None]] | None = None  # (key, ms, bytes)
     servers: dict[Any, StageServer] = field(default_factory=lambda: {})
 
     async def serve(self, key: Any, assignment: Any, tensors: dict[str, Any]) -> None:
@@ -462,9 +482,20 @@ class PipelineHost:
             stage=assignment.stage,
             backend=backend,
             last=assignment.head,
+            on_steps=self._reporter(key),
         )
         await server.start()
         self.servers[key] = server
+
+    def _reporter(self, key: Any) -> StepReport | None:
+        report = self.on_steps
+        if report is None:
+            return None
+
+        async def reported(ms: float, nbytes: int) -> None:
+            await report(key, ms, nbytes)
+
+        return reported
 
     async def stop(self, key: Any) -> None:
         server = self.servers.pop(key, None)

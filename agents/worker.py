@@ -112,7 +112,8 @@ class Worker:
         self._changed = asyncio.Event()
         self._inflight: tuple[ShardAssignment, threading.Event] | None = None
         self._sub: Any = None  # the durable pull subscription (JetStreamContext.PullSubscription)
-        self.pipeline = PipelineHost(nc)  # serves loaded stages of runnable models
+        # Serves loaded stages of runnable models; their step times go out in ShardStatus.
+        self.pipeline = PipelineHost(nc, on_steps=self._step_measured)
 
     # --- public view ------------------------------------------------------------------------
 
@@ -448,6 +449,21 @@ class Worker:
             load_ms=shard.load_ms,
             where=shard.where,
             tensors=len(shard.tensors),
+        )
+
+    async def _step_measured(self, key: rc.ShardKey, step_ms: float, step_bytes: int) -> None:
+        held, shard = self.held.get(key), self.shards.get(key)
+        if held is None or shard is None or held.state != "loaded":
+            return
+        await self._status(
+            held.assignment,
+            "loaded",
+            bytes_loaded=shard.nbytes,
+            load_ms=shard.load_ms,
+            where=shard.where,
+            tensors=len(shard.tensors),
+            step_ms=step_ms,
+            step_bytes=step_bytes,
         )
 
     async def _release_all(self, reason: str) -> None:

@@ -184,6 +184,9 @@ class Stage(Frozen, frozen=True):
     free_bytes: Bytes = 0  # free memory the device reported when planned
     embeddings: bool = False
     head: bool = False
+    # Added for calibration (additive): bandwidth_gbps (and so stage_ms) is what this device
+    # achieved running stages, not its datasheet figure derated by utilisation.
+    calibrated: bool = False
 
 
 class Excluded(Frozen, frozen=True):
@@ -281,6 +284,11 @@ class ShardStatus(Frozen, frozen=True):
     # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
     # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
     epoch: Timestamp = 0.0
+    # Added for calibration (additive): a serving stage's measured decode step (batch 1, p50 of
+    # its recent steps, compute only) and the bytes such a step reads (weights of its layers,
+    # plus the head on the last stage). None/0: nothing measured.
+    step_ms: NonNeg | None = None
+    step_bytes: Bytes = 0
 
 
 # --- running a placed model (core request-reply on pipeline.<instance>.<stage>) ---------------
@@ -344,6 +352,11 @@ class DeviceState(Frozen, frozen=True):
     # Stream time of the node's graceful-shutdown heartbeat, when one is newer than this
     # device's last sample (then the device is offline until a later sample arrives).
     shutdown_at: Timestamp | None = None
+    # Added for calibration (additive): memory bandwidth the device achieved running stages
+    # (GB/s, from ShardStatus.step_bytes / step_ms), the median of the recent measurements kept
+    # in ``measured_gbps_samples``; None until there are enough of them to be robust.
+    measured_gbps: NonNeg | None = None
+    measured_gbps_samples: tuple[NonNeg, ...] = ()
 
 
 class NodeState(Frozen, frozen=True):

