@@ -75,7 +75,15 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def spawn_stage(
-    nats_url: str, model: str, instance: str, stage: int, start: int, end: int, *, last: bool
+    nats_url: str,
+    model: str,
+    instance: str,
+    stage: int,
+    start: int,
+    end: int,
+    *,
+    last: bool,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """Start a stage process (not waiting for it: see ``wait_ready``)."""
     cmd = [
@@ -93,7 +101,9 @@ def spawn_stage(
         "--layers",
         f"{start}:{end}",
     ] + (["--last"] if last else [])
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
 
 
 def wait_ready(procs: Sequence[subprocess.Popen[str]], timeout: float = 120.0) -> None:
@@ -108,12 +118,18 @@ def wait_ready(procs: Sequence[subprocess.Popen[str]], timeout: float = 120.0) -
 
 
 def spawn_split(
-    nats_url: str, model: str, instance: str, bounds: Sequence[int]
+    nats_url: str,
+    model: str,
+    instance: str,
+    bounds: Sequence[int],
+    env: dict[str, str] | None = None,
 ) -> list[subprocess.Popen[str]]:
     """One process per stage of a model cut at ``bounds``, all ready when this returns."""
     last = len(bounds) - 2
     procs = [
-        spawn_stage(nats_url, model, instance, i, bounds[i], bounds[i + 1], last=i == last)
+        spawn_stage(
+            nats_url, model, instance, i, bounds[i], bounds[i + 1], last=i == last, env=env
+        )
         for i in range(last + 1)
     ]
     try:

@@ -3,7 +3,9 @@ this machine's CPU (numpy fp32), against the floors measured in the same run.
 
 Floors:
 - compute: the bare in-process numpy forward of the same model (``agents.executor.NumpyStage``
-  holding all 30 layers, no NATS, no frames); ``overhead_1stage`` = 1-stage ms/token over it;
+  holding all 30 layers, no NATS, no frames), in a process of its own started right before
+  each stage count's run (this machine is shared: conditions drift between minutes);
+  ``overhead_1stage`` = 1-stage ms/token over it;
 - transport: a raw NATS request-reply between this process and a responder process, with a
   payload of the same bytes as one hop's frame (hidden state + framing);
   ``hop_overhead_ms_p50`` is what each extra stage crossing adds to a decode step beyond the
@@ -17,6 +19,11 @@ how well that calibrated model predicts the pipeline.
 
 ``tokens_match_reference``: every case's greedy tokens equal the in-process floor's.
 
+Every process (floor and stages) runs BLAS with ``--blas-threads`` threads (default 1): on a
+shared 2-core machine, OpenBLAS threads that spin while their process waits for another stage
+steal the core the working stage needs (measured: 1 thread 47-59 ms/token, 2 threads 120-310
+ms/token for the bare forward on this machine under load).
+
 Run: ``shardplane bench pipeline [--quick] [-- --tokens 32 --stages 1,2,3 --batches 1,4]``.
 """
 
@@ -25,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +45,12 @@ import nats
 import numpy as np
 
 from shardplane.agents.executor import Entry, NumpyStage
-from shardplane.agents.gguf import load_packaged_stage, packaged_tokenizer
+from shardplane.agents.gguf import (
+    load_packaged_stage,
+    packaged_path,
+    packaged_tokenizer,
+    read_config,
+)
 from shardplane.agents.loader import StageSpec
 from shardplane.agents.pipeline import PipelineClient, even_bounds
 from shardplane.agents.stagerun import spawn_split, stop_all
@@ -82,6 +96,50 @@ class Case:
         return [w - c for w, c in zip(self.step_ms, self.compute_ms, strict=True)]
 
 
+def floor_process(tokens: int, batches: list[int], env: dict[str, str]) -> dict[int, Case]:
+    """The floor, measured in a fresh process with the stages' BLAS settings."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardplane.bench.pipeline",
+            "--floor",
+            "--tokens",
+            str(tokens),
+            "--batches",
+            ",".join(map(str, batches)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    raw = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        int(b): Case(
+            stages=0,
+            batch=int(b),
+            step_ms=c["step_ms"],
+            compute_ms=c["step_ms"],
+            tokens=c["tokens"],
+        )
+        for b, c in raw.items()
+    }
+
+
+def floor_main(tokens: int, batches: list[int]) -> int:
+    config, shard = load_packaged_stage(MODEL, StageSpec(0, 30, True, True))
+    tok = packaged_tokenizer(MODEL)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    whole = NumpyStage.build(
+        config, shard.tensors, layer_start=0, layer_end=30, embeddings=True, head=True
+    )
+    floors = {b: floor_run(whole, prompts[:b], tokens) for b in batches}
+    print(json.dumps({b: {"step_ms": c.step_ms, "tokens": c.tokens} for b, c in floors.items()}))
+    return 0
+
+
 def floor_run(stage: NumpyStage, prompts: list[list[int]], tokens: int) -> Case:
     """The bare in-process forward: prefill each prompt, then decode them together."""
     case = Case(stages=0, batch=len(prompts))
@@ -109,9 +167,16 @@ def floor_run(stage: NumpyStage, prompts: list[list[int]], tokens: int) -> Case:
 
 
 async def pipeline_run(
-    url: str, k: int, batches: list[int], prompts: list[list[int]], tokens: int, hidden: int
+    url: str,
+    k: int,
+    batches: list[int],
+    prompts: list[list[int]],
+    tokens: int,
+    hidden: int,
+    env: dict[str, str],
 ) -> list[Case]:
-    procs = await asyncio.to_thread(spawn_split, url, MODEL, f"bench{k}", even_bounds(30, k))
+    bounds = even_bounds(30, k)
+    procs = await asyncio.to_thread(spawn_split, url, MODEL, f"bench{k}", bounds, env)
     nc = await nats.connect(url)
     try:
         client = PipelineClient(nc, f"bench{k}", k, hidden)
@@ -181,6 +246,8 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="per case (default 32, quick 8)")
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--blas-threads", type=int, default=1)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # child process
     args = parser.parse_args([a for a in (argv or []) if a != "--"])
     quick = quick or args.quick
     tokens: int = args.tokens or (8 if quick else 32)
@@ -190,33 +257,38 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         parser.error(
             f"--stages must include 1, --batches must include 1 and stay <= {len(PROMPTS)}"
         )
-    return asyncio.run(run(tokens, stage_counts, batches))
+    if args.floor:
+        return floor_main(tokens, batches)
+    threads = str(args.blas_threads)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    return asyncio.run(run(tokens, stage_counts, batches, env))
 
 
-async def run(tokens: int, stage_counts: list[int], batches: list[int]) -> int:
-    config, shard = load_packaged_stage(MODEL, StageSpec(0, 30, True, True))
+async def run(tokens: int, stage_counts: list[int], batches: list[int], env: dict[str, str]) -> int:
     tok = packaged_tokenizer(MODEL)
     prompts = [tok.encode(p) for p in PROMPTS]
-    whole = NumpyStage.build(
-        config, shard.tensors, layer_start=0, layer_end=30, embeddings=True, head=True
-    )
-    floors = {b: floor_run(whole, prompts[:b], tokens) for b in batches}
-    del whole, shard
+    hidden = read_config(packaged_path(MODEL)).hidden
+    floors: dict[tuple[int, int], Case] = {}
     async with NatsServer() as server:
-        raw = {b: await raw_rr_ms(server.url, frame_bytes(b, config.hidden), 400) for b in batches}
+        raw = {b: await raw_rr_ms(server.url, frame_bytes(b, hidden), 400) for b in batches}
         cases: list[Case] = []
         for k in stage_counts:
-            cases += await pipeline_run(server.url, k, batches, prompts, tokens, config.hidden)
-    return report(floors, raw, cases, tokens, config.hidden)
+            floor = await asyncio.to_thread(floor_process, tokens, batches, env)
+            floors.update({(k, b): c for b, c in floor.items()})
+            cases += await pipeline_run(server.url, k, batches, prompts, tokens, hidden, env)
+    return report(floors, raw, cases, tokens, hidden)
 
 
 def report(
-    floors: dict[int, Case], raw: dict[int, float], cases: list[Case], tokens: int, hidden: int
+    floors: dict[tuple[int, int], Case],
+    raw: dict[int, float],
+    cases: list[Case],
+    tokens: int,
+    hidden: int,
 ) -> int:
     profile = resolve(MODEL)
-    bandwidth = (sum(profile.read_bytes(1)) + profile.end_bytes(False, True)) / (
-        floors[1].ms / 1000
-    )
+    base = floors[(1, 1)]
+    bandwidth = (sum(profile.read_bytes(1)) + profile.end_bytes(False, True)) / (base.ms / 1000)
     by = {(c.stages, c.batch): c for c in cases}
     one = by[(1, 1)]
     base_noncompute = statistics.median(one.noncompute())
@@ -232,7 +304,7 @@ def report(
     pom: dict[str, float] = {}
     match = True
     for c in cases:
-        ref = floors[c.batch]
+        ref = floors[(c.stages, c.batch)]
         same = c.tokens == ref.tokens
         match = match and same
         pred = predicted_ms(c.stages, c.batch, bandwidth, raw[c.batch])
@@ -270,8 +342,8 @@ def report(
         f"{frame_bytes(1, hidden)} bytes {raw[1]:.3f} ms; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     figures.update(
-        floor_ms_per_token=round(floors[1].ms, 3),
-        overhead_1stage=round(one.ms / floors[1].ms, 3),
+        floor_ms_per_token=round(base.ms, 3),
+        overhead_1stage=round(one.ms / base.ms, 3),
         hop_overhead_ms_p50=round(hop_p50, 4),
         raw_request_reply_ms_p50=round(raw[1], 4),
         hop_over_floor=round(hop_p50 / raw[1], 3) if raw[1] else None,
@@ -281,3 +353,7 @@ def report(
     )
     print(json.dumps(figures))
     return 0 if match else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(argv=sys.argv[1:]))
