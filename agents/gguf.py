@@ -25,7 +25,6 @@ import functools
 import importlib.util
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,8 +252,3 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
 
 def packaged_tokenizer(model: str) -> Tokenizer:
     return tokenizer_from_gguf(packaged_path(model))
-
-
-def config_mapping(config: ModelConfig) -> Mapping[str, Any]:
-    """The config as plain data (for logs and bench output)."""
-    return {k: getattr(config, k) for k in ("layers", "hidden", "heads", "kv_heads", "vocab")}

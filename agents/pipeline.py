@@ -250,6 +250,7 @@ class StageServer:
             deadline_ms=left_s * 1000,
         )
         subject = subjects.pipeline(self.instance_id, nxt)
+        sent = time.perf_counter()
         try:
             msg = await self.nc.request(subject, _encoder.encode(downstream), timeout=left_s)
         except nats.errors.NoRespondersError:
@@ -265,9 +266,12 @@ class StageServer:
                 nxt,
             )
         try:
-            return _reply_decoder.decode(msg.data)
+            reply = _reply_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
             return _fail("internal", f"stage {nxt}: invalid StageReply: {exc}", nxt)
+        spent = (time.perf_counter() - sent) * 1000
+        hop = max(0.0, spent - sum(reply.stage_ms) - sum(reply.hop_ms))
+        return msgspec.structs.replace(reply, hop_ms=(hop, *reply.hop_ms))
 
 
 # --- the caller -------------------------------------------------------------------------------
@@ -356,7 +360,6 @@ class PipelineClient:
     ) -> StageReply:
         """Feed whole prompts, chunked under max_payload; the last chunk samples."""
         per_frame = rows_per_frame(self.nc.max_payload, self.hidden)
-        reply = StageReply(ok=True)
         # Sequences go one after another so a chunk never mixes a finished and an open prompt.
         tokens: dict[str, int] = {}
         stage_ms: list[float] = []
@@ -382,8 +385,9 @@ class PipelineClient:
         top_p: float = 1.0,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
-    ) -> AsyncIterator[tuple[list[int], float, tuple[float, ...]]]:
-        """Yield each step's new tokens (one per prompt), the step's wall ms and per-stage ms.
+    ) -> AsyncIterator[tuple[list[int], float, StageReply]]:
+        """Yield each step's new tokens (one per prompt), the step's wall ms and its reply
+        (per-stage compute ``stage_ms``, per-crossing ``hop_ms``).
         A batch runs until every sequence has ``max_new_tokens`` (stop ids end a single one)."""
         if not prompts or any(not p for p in prompts):
             raise PipelineError("every prompt needs at least one token", "invalid_request")
@@ -394,7 +398,7 @@ class PipelineClient:
             started = time.perf_counter()
             reply = await self.prefill(list(zip(seq_ids, prompts, strict=True)), settings)
             last = list(reply.tokens)
-            yield last, (time.perf_counter() - started) * 1000, reply.stage_ms
+            yield last, (time.perf_counter() - started) * 1000, reply
             positions = [len(p) for p in prompts]
             for _ in range(max_new_tokens - 1):
                 if len(prompts) == 1 and last[0] in stop_ids:
@@ -407,7 +411,7 @@ class PipelineClient:
                 reply = await self.step(entries, last)
                 positions = [p + 1 for p in positions]
                 last = list(reply.tokens)
-                yield last, (time.perf_counter() - started) * 1000, reply.stage_ms
+                yield last, (time.perf_counter() - started) * 1000, reply
         finally:
             await asyncio.shield(self.release(seq_ids))
 

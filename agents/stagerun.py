@@ -101,9 +101,7 @@ def spawn_stage(
         "--layers",
         f"{start}:{end}",
     ] + (["--last"] if last else [])
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env
-    )
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env)
 
 
 def wait_ready(procs: Sequence[subprocess.Popen[str]], timeout: float = 120.0) -> None:
@@ -127,9 +125,7 @@ def spawn_split(
     """One process per stage of a model cut at ``bounds``, all ready when this returns."""
     last = len(bounds) - 2
     procs = [
-        spawn_stage(
-            nats_url, model, instance, i, bounds[i], bounds[i + 1], last=i == last, env=env
-        )
+        spawn_stage(nats_url, model, instance, i, bounds[i], bounds[i + 1], last=i == last, env=env)
         for i in range(last + 1)
     ]
     try:

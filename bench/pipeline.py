@@ -8,9 +8,10 @@ Floors:
   ``overhead_1stage`` = 1-stage ms/token over it;
 - transport: a raw NATS request-reply between this process and a responder process, with a
   payload of the same bytes as one hop's frame (hidden state + framing);
-  ``hop_overhead_ms_p50`` is what each extra stage crossing adds to a decode step beyond the
-  stages' own compute (p50 over steps of the 3-stage run, against the 1-stage run), and
-  ``hop_over_floor`` is that over the raw request-reply.
+  ``hop_overhead_ms_p50`` is the p50 over every stage-to-stage crossing of the deepest run's
+  decode steps, as the sending stage timed it (request to decoded reply, less the compute and
+  crossings the downstream stages reported: framing, NATS, scheduling), and
+  ``hop_over_floor`` is that over the raw request-reply measured right after that run.
 
 Prediction: the planner's cost model (``planner.profile``: bytes each stage reads per step)
 with this host's bandwidth calibrated once, from the compute floor at batch 1, plus one raw
@@ -86,14 +87,12 @@ class Case:
     batch: int
     step_ms: list[float] = field(default_factory=lambda: [])
     compute_ms: list[float] = field(default_factory=lambda: [])  # sum of stages' compute
+    hop_ms: list[float] = field(default_factory=lambda: [])  # every stage-to-stage crossing
     tokens: list[list[int]] = field(default_factory=lambda: [])
 
     @property
     def ms(self) -> float:
         return statistics.median(self.step_ms)
-
-    def noncompute(self) -> list[float]:
-        return [w - c for w, c in zip(self.step_ms, self.compute_ms, strict=True)]
 
 
 def floor_process(tokens: int, batches: list[int], env: dict[str, str]) -> dict[int, Case]:
@@ -185,12 +184,13 @@ async def pipeline_run(
             case = Case(stages=k, batch=batch)
             out: list[list[int]] = [[] for _ in range(batch)]
             first = True
-            async for step, ms, stage_ms in client.generate(prompts[:batch], max_new_tokens=tokens):
+            async for step, ms, reply in client.generate(prompts[:batch], max_new_tokens=tokens):
                 for o, t in zip(out, step, strict=True):
                     o.append(t)
                 if not first:
                     case.step_ms.append(ms)
-                    case.compute_ms.append(sum(stage_ms))
+                    case.compute_ms.append(sum(reply.stage_ms))
+                    case.hop_ms += reply.hop_ms
                 first = False
             case.tokens = out
             cases.append(case)
@@ -269,19 +269,22 @@ async def run(tokens: int, stage_counts: list[int], batches: list[int], env: dic
     prompts = [tok.encode(p) for p in PROMPTS]
     hidden = read_config(packaged_path(MODEL)).hidden
     floors: dict[tuple[int, int], Case] = {}
+    raw: dict[tuple[int, int], float] = {}
     async with NatsServer() as server:
-        raw = {b: await raw_rr_ms(server.url, frame_bytes(b, hidden), 400) for b in batches}
         cases: list[Case] = []
         for k in stage_counts:
             floor = await asyncio.to_thread(floor_process, tokens, batches, env)
             floors.update({(k, b): c for b, c in floor.items()})
             cases += await pipeline_run(server.url, k, batches, prompts, tokens, hidden, env)
+            # Right after the run, so that both see the same machine.
+            for b in batches:
+                raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), 300)
     return report(floors, raw, cases, tokens, hidden)
 
 
 def report(
     floors: dict[tuple[int, int], Case],
-    raw: dict[int, float],
+    raw: dict[tuple[int, int], float],
     cases: list[Case],
     tokens: int,
     hidden: int,
@@ -291,14 +294,10 @@ def report(
     bandwidth = (sum(profile.read_bytes(1)) + profile.end_bytes(False, True)) / (base.ms / 1000)
     by = {(c.stages, c.batch): c for c in cases}
     one = by[(1, 1)]
-    base_noncompute = statistics.median(one.noncompute())
     deepest = max(c.stages for c in cases)
-    hop_samples = (
-        [(n - base_noncompute) / (deepest - 1) for n in by[(deepest, 1)].noncompute()]
-        if deepest > 1
-        else []
-    )
+    hop_samples = by[(deepest, 1)].hop_ms  # every crossing of every decode step, batch 1
     hop_p50 = statistics.median(hop_samples) if hop_samples else 0.0
+    raw_hop = raw[(deepest, 1)]
     rows: list[tuple[str, ...]] = []
     figures: dict[str, Any] = {"model": MODEL, "tokens_per_case": tokens}
     pom: dict[str, float] = {}
@@ -307,7 +306,7 @@ def report(
         ref = floors[(c.stages, c.batch)]
         same = c.tokens == ref.tokens
         match = match and same
-        pred = predicted_ms(c.stages, c.batch, bandwidth, raw[c.batch])
+        pred = predicted_ms(c.stages, c.batch, bandwidth, raw[(c.stages, c.batch)])
         pom[f"{c.stages}stage_b{c.batch}"] = round(pred / c.ms, 3)
         rows.append(
             (
@@ -339,14 +338,14 @@ def report(
     print(table(headers, rows))
     print(
         f"hop: +{hop_p50:.3f} ms per extra stage crossing (p50), raw NATS request-reply of the same "
-        f"{frame_bytes(1, hidden)} bytes {raw[1]:.3f} ms; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
+        f"{frame_bytes(1, hidden)} bytes {raw_hop:.3f} ms; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     figures.update(
         floor_ms_per_token=round(base.ms, 3),
         overhead_1stage=round(one.ms / base.ms, 3),
         hop_overhead_ms_p50=round(hop_p50, 4),
-        raw_request_reply_ms_p50=round(raw[1], 4),
-        hop_over_floor=round(hop_p50 / raw[1], 3) if raw[1] else None,
+        raw_request_reply_ms_p50=round(raw_hop, 4),
+        hop_over_floor=round(hop_p50 / raw_hop, 3) if hop_samples else None,
         predicted_over_measured=pom,
         calibrated_bandwidth_gbps=round(bandwidth / 1e9, 2),
         tokens_match_reference=match,

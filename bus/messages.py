@@ -333,6 +333,9 @@ class StageReply(Frozen, frozen=True):
     tokens: tuple[int, ...] = ()
     logits: bytes = b""
     stage_ms: tuple[NonNeg, ...] = ()
+    # Each crossing's transport time as the sending stage saw it (request to decoded reply,
+    # less everything the downstream stages reported), crossing k -> k+1 at index k.
+    hop_ms: tuple[NonNeg, ...] = ()
     failed_stage: Count | None = None
     error: ErrorInfo | None = None
     v: Version = SCHEMA_VERSION

@@ -15,6 +15,7 @@ reads that field first and this sum is its fallback for older planners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -93,10 +94,14 @@ class TextCodec:
 
     def __init__(self, model: str) -> None:
         from shardplane.agents.gguf import is_packaged, packaged_tokenizer
+        from shardplane.agents.loader import LoadError
 
         self.inner: Any = None
         if is_packaged(model):
-            self.inner = packaged_tokenizer(model)
+            try:
+                self.inner = packaged_tokenizer(model)
+            except LoadError as exc:  # e.g. the package that ships the weights is missing
+                raise GenerateError(str(exc)) from None
         elif model.startswith("hf:"):
             path = Path(model[3:]).expanduser() / "tokenizer.json"
             if path.is_file():
@@ -125,12 +130,10 @@ async def wait_loaded(nc: Client, instance: str, generation: int, timeout: float
     deadline = time.monotonic() + timeout
     last: InstanceState | None = None
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # not written yet: keep polling
             entry = await kv.get(subjects.instance_key(instance))
             if entry.value is not None:
                 last = codec.decode(InstanceState, entry.value)
-        except Exception:
-            last = last  # not written yet: keep polling
         if last is not None and last.generation >= generation:
             failed = [s for s in last.stages if s.state == "failed"]
             if failed:
