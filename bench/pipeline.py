@@ -12,6 +12,10 @@ Floors:
   decode steps, as the sending stage timed it (request to decoded reply, less the compute and
   crossings the downstream stages reported: framing, NATS, scheduling), and
   ``hop_over_floor`` is that over the raw request-reply measured right after that run.
+  ``hop_over_gap_floor`` compares with a raw request-reply sent after computing as long as one
+  stage does (``raw_request_reply_after_gap_ms_p50``): on a busy host, waking a responder
+  that sat idle through a stage's compute costs several times a back-to-back round trip, and
+  every real crossing pays that.
 
 Prediction: the planner's cost model (``planner.profile``: bytes each stage reads per step)
 with this host's bandwidth calibrated once, from the compute floor at batch 1, plus one raw
@@ -200,8 +204,11 @@ async def pipeline_run(
         await asyncio.to_thread(stop_all, procs)
 
 
-async def raw_rr_ms(url: str, payload: int, count: int) -> float:
-    """p50 of a raw NATS request-reply with ``payload`` bytes, to a responder process."""
+async def raw_rr_ms(url: str, payload: int, count: int, gap_ms: float = 0.0) -> float:
+    """p50 of a raw NATS request-reply with ``payload`` bytes, to a responder process. With
+    ``gap_ms``, this process computes (busy) that long before each request, as a stage does
+    before it asks the next one: the responder has been idle meanwhile, and waking it up again
+    is part of what a crossing costs on a busy host."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", RESPONDER, url, stdout=asyncio.subprocess.PIPE
     )
@@ -212,6 +219,9 @@ async def raw_rr_ms(url: str, payload: int, count: int) -> float:
         data = b"\0" * payload
         samples: list[float] = []
         for _ in range(count):
+            busy_until = time.perf_counter() + gap_ms / 1000
+            while time.perf_counter() < busy_until:
+                pass
             started = time.perf_counter()
             await nc.request("bench.raw", data, timeout=5)
             samples.append((time.perf_counter() - started) * 1000)
@@ -279,7 +289,10 @@ async def run(tokens: int, stage_counts: list[int], batches: list[int], env: dic
             # Right after the run, so that both see the same machine.
             for b in batches:
                 raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), 300)
-    return report(floors, raw, cases, tokens, hidden)
+        deepest = next(c for c in cases if c.stages == max(stage_counts) and c.batch == 1)
+        gap = statistics.median(deepest.compute_ms) / deepest.stages
+        gapped = await raw_rr_ms(server.url, frame_bytes(1, hidden), 150, gap_ms=gap)
+    return report(floors, raw, cases, tokens, hidden, (gap, gapped))
 
 
 def report(
@@ -288,6 +301,7 @@ def report(
     cases: list[Case],
     tokens: int,
     hidden: int,
+    gapped: tuple[float, float],
 ) -> int:
     profile = resolve(MODEL)
     base = floors[(1, 1)]
@@ -338,7 +352,8 @@ def report(
     print(table(headers, rows))
     print(
         f"hop: +{hop_p50:.3f} ms per extra stage crossing (p50), raw NATS request-reply of the same "
-        f"{frame_bytes(1, hidden)} bytes {raw_hop:.3f} ms; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
+        f"{frame_bytes(1, hidden)} bytes {raw_hop:.3f} ms back to back, {gapped[1]:.3f} ms after "
+        f"{gapped[0]:.1f} ms of compute; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     figures.update(
         floor_ms_per_token=round(base.ms, 3),
@@ -346,6 +361,8 @@ def report(
         hop_overhead_ms_p50=round(hop_p50, 4),
         raw_request_reply_ms_p50=round(raw_hop, 4),
         hop_over_floor=round(hop_p50 / raw_hop, 3) if hop_samples else None,
+        raw_request_reply_after_gap_ms_p50=round(gapped[1], 4),
+        hop_over_gap_floor=round(hop_p50 / gapped[1], 3) if hop_samples else None,
         predicted_over_measured=pom,
         calibrated_bandwidth_gbps=round(bandwidth / 1e9, 2),
         tokens_match_reference=match,
