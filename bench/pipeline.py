@@ -271,10 +271,12 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         return floor_main(tokens, batches)
     threads = str(args.blas_threads)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
-    return asyncio.run(run(tokens, stage_counts, batches, env))
+    return asyncio.run(run(tokens, stage_counts, batches, env, rr_count=100 if quick else 300))
 
 
-async def run(tokens: int, stage_counts: list[int], batches: list[int], env: dict[str, str]) -> int:
+async def run(
+    tokens: int, stage_counts: list[int], batches: list[int], env: dict[str, str], rr_count: int
+) -> int:
     tok = packaged_tokenizer(MODEL)
     prompts = [tok.encode(p) for p in PROMPTS]
     hidden = read_config(packaged_path(MODEL)).hidden
@@ -288,10 +290,10 @@ async def run(tokens: int, stage_counts: list[int], batches: list[int], env: dic
             cases += await pipeline_run(server.url, k, batches, prompts, tokens, hidden, env)
             # Right after the run, so that both see the same machine.
             for b in batches:
-                raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), 300)
+                raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), rr_count)
         deepest = next(c for c in cases if c.stages == max(stage_counts) and c.batch == 1)
         gap = statistics.median(deepest.compute_ms) / deepest.stages
-        gapped = await raw_rr_ms(server.url, frame_bytes(1, hidden), 150, gap_ms=gap)
+        gapped = await raw_rr_ms(server.url, frame_bytes(1, hidden), rr_count // 2, gap_ms=gap)
     return report(floors, raw, cases, tokens, hidden, (gap, gapped))
 
 

@@ -226,24 +226,24 @@ async def test_killed_stage_process_fails_fast_and_a_retry_succeeds(
 ) -> None:
     ids = smol.tok.encode(PROMPT)
     expected = smol.greedy(ids, 4)
-    bounds = even_bounds(30, 3)
-    procs = spawn_split(nats_url, MODEL, "kill", bounds)
+    bounds = even_bounds(30, 2)  # two processes: each stage process loads for seconds
+    procs = await asyncio.to_thread(spawn_split, nats_url, MODEL, "kill", bounds)
     client_nc = await nats.connect(nats_url)
     try:
-        client = PipelineClient(client_nc, "kill", 3, smol.config.hidden)
+        client = PipelineClient(client_nc, "kill", 2, smol.config.hidden)
         got: list[int] = []
         started = 0.0
         with pytest.raises(PipelineError) as err:
             async for tokens, _, _ in client.generate([ids], max_new_tokens=1000):
                 got += tokens
                 if len(got) == 2:
-                    procs[1].send_signal(signal.SIGKILL)  # the middle stage dies mid-generation
+                    procs[1].send_signal(signal.SIGKILL)  # the last stage dies mid-generation
                     procs[1].wait()
                     started = time.monotonic()
         assert time.monotonic() - started < 5.0
         assert err.value.stage == 1 and "stage 1" in str(err.value)
         assert got[:2] == expected[:2]
-        procs[1] = spawn_stage(nats_url, MODEL, "kill", 1, bounds[1], bounds[2], last=False)
+        procs[1] = spawn_stage(nats_url, MODEL, "kill", 1, bounds[1], bounds[2], last=True)
         await asyncio.to_thread(wait_ready, [procs[1]])
         assert await collect(client, ids, 4) == expected
     finally:
