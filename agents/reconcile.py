@@ -79,7 +79,10 @@ Action = Load | Reserve | Adopt | Unload
 
 
 def is_local_checkpoint(model: str) -> bool:
-    return model.startswith("hf:")
+    """Weights this worker can really load: ``hf:<dir>`` or a model shipped in a package."""
+    from shardplane.agents.gguf import is_packaged
+
+    return model.startswith("hf:") or is_packaged(model)
 
 
 def same_weights(a: ShardAssignment, b: ShardAssignment) -> bool:

@@ -44,9 +44,8 @@ from shardplane.agents.loader import (
     LoadError,
     ReadMode,
     StageSpec,
-    checkpoint_dir,
-    load_stage,
 )
+from shardplane.agents.pipeline import PipelineHost, load_assigned
 from shardplane.bus import codec, streams, subjects
 from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
 from shardplane.bus.retry import retrying
@@ -131,6 +130,8 @@ class Worker:
         self._changed = asyncio.Event()
         self._inflight: tuple[ShardAssignment, threading.Event] | None = None
         self._sub: Any = None  # the durable pull subscription (JetStreamContext.PullSubscription)
+        # Serves loaded stages of runnable models; their step times go out in ShardStatus.
+        self.pipeline = PipelineHost(nc, on_steps=self._step_measured)
 
     # --- public view ------------------------------------------------------------------------
 
@@ -157,6 +158,7 @@ class Worker:
                 await asyncio.wait_for(reconciler, timeout=30)
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+            await self.pipeline.stop_all()
             await self._release_all("worker stopped")
 
     async def _subscribe(self, js: JetStreamContext, subject: str) -> Any:
@@ -364,6 +366,7 @@ class Worker:
         key = held.key
         self.held.pop(key, None)
         shard = self.shards.pop(key, None)
+        await self.pipeline.stop(key)
         if shard is not None:
             shard.release()
         self._hold(held.assignment, -held.held_bytes)
@@ -377,8 +380,10 @@ class Worker:
         new_bytes = rc.hold_bytes(assignment)
         self._hold(assignment, new_bytes - previous.held_bytes)
         self.held[key] = rc.Held(assignment=assignment, state=previous.state, held_bytes=new_bytes)
+        await self.pipeline.stop(old)
         if shard is not None:
             self.shards[key] = shard
+            await self.pipeline.serve(key, assignment, shard.tensors)
             await self._status(
                 assignment,
                 "loaded",
@@ -435,8 +440,8 @@ class Worker:
         self._inflight = (assignment, cancel)
         try:
             shard = await asyncio.to_thread(
-                load_stage,
-                checkpoint_dir(assignment.model),
+                load_assigned,
+                assignment.model,
                 spec_of(assignment),
                 # 0 means the plan carried no figure (older planner): nothing to check against.
                 expected_bytes=assignment.weight_bytes or None,
@@ -473,6 +478,7 @@ class Worker:
             self._inflight = None
         self.shards[key] = shard
         self.held[key] = rc.Held(assignment=assignment, state="loaded", held_bytes=amount)
+        await self.pipeline.serve(key, assignment, shard.tensors)
         log.info(
             "worker %s: %s stage %d loaded %d bytes in %.0f ms on %s",
             self.node,
@@ -489,6 +495,21 @@ class Worker:
             load_ms=shard.load_ms,
             where=shard.where,
             tensors=len(shard.tensors),
+        )
+
+    async def _step_measured(self, key: rc.ShardKey, step_ms: float, step_bytes: int) -> None:
+        held, shard = self.held.get(key), self.shards.get(key)
+        if held is None or shard is None or held.state != "loaded":
+            return
+        await self._status(
+            held.assignment,
+            "loaded",
+            bytes_loaded=shard.nbytes,
+            load_ms=shard.load_ms,
+            where=shard.where,
+            tensors=len(shard.tensors),
+            step_ms=step_ms,
+            step_bytes=step_bytes,
         )
 
     async def _release_all(self, reason: str) -> None:

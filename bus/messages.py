@@ -230,6 +230,9 @@ class Stage(Frozen, frozen=True):
     free_bytes: Bytes = 0  # free memory the device reported when planned
     embeddings: bool = False
     head: bool = False
+    # Added for calibration (additive): bandwidth_gbps (and so stage_ms) is what this device
+    # achieved running stages, not its datasheet figure derated by utilisation.
+    calibrated: bool = False
 
 
 class Excluded(Frozen, frozen=True):
@@ -339,6 +342,61 @@ class ShardStatus(Frozen, frozen=True):
     # When the publisher (agent, worker) started, seconds since the Unix epoch. ``seq`` restarts
     # at 0 with each epoch, so readers order by (epoch, seq, ts); 0.0 from older writers.
     epoch: Timestamp = 0.0
+    # Added for calibration (additive): a serving stage's measured decode step (batch 1, p50 of
+    # its recent steps, compute only) and the bytes such a step reads (weights of its layers,
+    # plus the head on the last stage). None/0: nothing measured.
+    step_ms: NonNeg | None = None
+    step_bytes: Bytes = 0
+
+
+# --- running a placed model (core request-reply on pipeline.<instance>.<stage>) ---------------
+
+SeqId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class StageEntry(Frozen, frozen=True):
+    """``count`` new tokens of one sequence at positions ``start ..``; sampling settings are
+    read by the last stage only."""
+
+    seq_id: SeqId
+    start: Annotated[int, Meta(ge=0, le=10_000_000)]
+    count: Annotated[int, Meta(ge=1, le=1_000_000)]
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+
+
+class StageRequest(Frozen, frozen=True):
+    """One step through the pipeline from stage ``stage`` on. The first stage takes ``tokens``
+    (int32 little-endian, one per row), later stages ``hidden`` (float32 little-endian,
+    rows x hidden). ``op="release"`` drops the entries' KV caches at this stage only."""
+
+    instance_id: Token
+    stage: Count
+    entries: tuple[StageEntry, ...]
+    op: Literal["forward", "release"] = "forward"
+    tokens: bytes = b""
+    hidden: bytes = b""
+    sample: bool = True  # last stage: draw a token per entry (False for inner prefill chunks)
+    want_logits: bool = False  # last stage: also return the logits (float32, entries x vocab)
+    deadline_ms: Annotated[float, Meta(gt=0.0, le=3_600_000.0)] = 10_000.0  # budget left
+    v: Version = SCHEMA_VERSION
+
+
+class StageReply(Frozen, frozen=True):
+    """The pipeline's answer from the stage asked to the end: sampled tokens, or an error
+    naming the stage that failed. ``stage_ms`` is each stage's compute time, in stage order."""
+
+    ok: bool
+    tokens: tuple[int, ...] = ()
+    logits: bytes = b""
+    stage_ms: tuple[NonNeg, ...] = ()
+    # Each crossing's transport time as the sending stage saw it (request to decoded reply,
+    # less everything the downstream stages reported), crossing k -> k+1 at index k.
+    hop_ms: tuple[NonNeg, ...] = ()
+    failed_stage: Count | None = None
+    error: ErrorInfo | None = None
+    v: Version = SCHEMA_VERSION
 
 
 # --- materialised state in the cluster_state KV bucket ----------------------------------------
@@ -355,6 +413,11 @@ class DeviceState(Frozen, frozen=True):
     # Stream time of the node's graceful-shutdown heartbeat, when one is newer than this
     # device's last sample (then the device is offline until a later sample arrives).
     shutdown_at: Timestamp | None = None
+    # Added for calibration (additive): memory bandwidth the device achieved running stages
+    # (GB/s, from ShardStatus.step_bytes / step_ms), the median of the recent measurements kept
+    # in ``measured_gbps_samples``; None until there are enough of them to be robust.
+    measured_gbps: NonNeg | None = None
+    measured_gbps_samples: tuple[NonNeg, ...] = ()
 
 
 class NodeState(Frozen, frozen=True):

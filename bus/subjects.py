@@ -8,6 +8,7 @@ PLACEMENT_REQUEST = "placement.request"
 PLACEMENT_ASSIGNED = "placement.assigned"
 SHARD_STATUS = "shard.status"
 DEADLETTER = "deadletter"
+PIPELINE = "pipeline"  # hidden states stage to stage (core request-reply, not JetStream)
 SIM_FAULT = "sim.fault"  # fault injection by command, simulated nodes only (core request-reply)
 
 
@@ -33,6 +34,12 @@ def deadletter(source_subject: str) -> str:
 
 def sim_fault(node: str) -> str:
     return f"{SIM_FAULT}.{node}"
+
+
+def pipeline(instance: str, stage: int) -> str:
+    """Where stage ``stage`` of ``instance`` takes its input (and answers with the output of
+    the rest of the pipeline)."""
+    return f"{PIPELINE}.{instance}.{stage}"
 
 
 SIM_FAULT_ANY = sim_fault("*")  # what an agent process simulating several nodes subscribes to

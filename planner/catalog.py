@@ -93,7 +93,27 @@ def _build() -> dict[str, ModelCard]:
     return cards
 
 
-CATALOG: dict[str, ModelCard] = _build()
+# Models that really run here (``agents.gguf.PACKAGED``: weights shipped in a Python package).
+# Sized as the executor holds them: dequantised to fp32 weights and an fp32 KV cache, so the
+# plan's bytes and step times describe what runs, not the Q4_1 file on disk.
+RUNNABLE: tuple[ModelCard, ...] = (
+    ModelCard(
+        name="smollm2-135m",
+        layers=30,
+        hidden=576,
+        intermediate=1536,
+        heads=9,
+        kv_heads=3,
+        head_dim=64,
+        vocab=49152,
+        tied_embeddings=True,
+        bytes_per_param=4.0,
+        kv_bytes_per_elem=4.0,
+        params_b=0.135,
+    ),
+)
+
+CATALOG: dict[str, ModelCard] = _build() | {c.name: c for c in RUNNABLE}
 
 
 class UnknownModel(LookupError):

@@ -46,6 +46,7 @@ class Device:
     nvlink_peers: frozenset[str] = frozenset()  # peer uuids or PCI bus ids
     promised_bytes: int = 0
     tflops: float = 0.0  # effective dense fp16/bf16 TFLOPS, derated like the bandwidth; 0: unknown
+    calibrated: bool = False  # bandwidth_gbps is what the device measured running stages
 
     def usable_bytes(self, headroom: float) -> int:
         """Memory a new stage may take: free, less what the ledger promised and not yet loaded,
@@ -214,7 +215,10 @@ def build_fleet(
                 node=s.node,
                 index=s.index,
                 gpu=s.name or s.vendor,
-                bandwidth_gbps=_derate(state, peak),
+                # A device that has run stages is planned at the bandwidth it achieved
+                # (projector.calibration), not at its datasheet figure.
+                bandwidth_gbps=state.measured_gbps or _derate(state, peak),
+                calibrated=state.measured_gbps is not None,
                 peak_gbps=peak,
                 total_bytes=total,
                 free_bytes=free,

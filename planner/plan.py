@@ -73,6 +73,7 @@ def to_stages(problem: Problem, ev: Evaluation, tables: Tables | None = None) ->
             free_bytes=max(0, s.device.free_bytes),
             embeddings=s.layer_start == 0,
             head=s.layer_end == L,
+            calibrated=s.device.calibrated,
         )
         for i, s in enumerate(ev.stages)
     )

@@ -35,6 +35,9 @@ from shardplane.bus.messages import (
     ShardStatus,
     StageState,
 )
+from shardplane.projector.calibration import estimate as calibration_estimate
+from shardplane.projector.calibration import fold as calibration_fold
+from shardplane.projector.calibration import measured_gbps as calibration_gbps
 
 Value = DeviceState | NodeState | InstanceState
 Event = DeviceSample | NodeHeartbeat | ShardAssignment | ShardStatus
@@ -185,7 +188,12 @@ def _max_opt(a: float | None, b: float | None) -> float | None:
 
 
 def make_device(
-    sample: DeviceSample, last_seen: float, shutdown_at: float | None, now: float, ttl: float
+    sample: DeviceSample,
+    last_seen: float,
+    shutdown_at: float | None,
+    now: float,
+    ttl: float,
+    calibration: tuple[float, ...] = (),
 ) -> DeviceState:
     # A shutdown older than the newest sample is history; dropping it keeps values canonical
     # (the same facts always encode to the same bytes, whatever order they came in).
@@ -198,6 +206,8 @@ def make_device(
         last_seen=last_seen,
         offline_reason=reason,
         shutdown_at=shutdown_at,
+        measured_gbps=calibration_estimate(calibration),
+        measured_gbps_samples=calibration,
     )
 
 
@@ -211,13 +221,15 @@ def apply_sample(
     node = node if isinstance(node, NodeState) else None
     ttl = liveness.ttl(node)
     shutdown = node_shutdown_at(node)
+    calibration: tuple[float, ...] = ()
     if isinstance(current, DeviceState):
         newest = sample if sample_order(sample) > sample_order(current.sample) else current.sample
         last_seen = max(current.last_seen, seen)
         shutdown = _max_opt(current.shutdown_at, shutdown)
+        calibration = current.measured_gbps_samples
     else:
         newest, last_seen = sample, seen
-    value = make_device(newest, last_seen, shutdown, now, ttl)
+    value = make_device(newest, last_seen, shutdown, now, ttl, calibration)
     return NO_CHANGE if value == current else Changes({key: value})
 
 
@@ -248,7 +260,12 @@ def apply_heartbeat(
             if not isinstance(device, DeviceState):
                 continue
             updated = make_device(
-                device.sample, device.last_seen, _max_opt(device.shutdown_at, seen), now, ttl
+                device.sample,
+                device.last_seen,
+                _max_opt(device.shutdown_at, seen),
+                now,
+                ttl,
+                device.measured_gbps_samples,
             )
             if updated != device:
                 changes[device_key] = updated
@@ -469,7 +486,27 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
         released_nodes=current.released_nodes,
         updated=max(current.updated, status.ts),
     )
-    return NO_CHANGE if value == current else Changes({key: value})
+    changes: dict[str, Value] = {} if value == current else {key: value}
+    changes.update(_calibrate(view, status))
+    return Changes(changes) if changes else NO_CHANGE
+
+
+def _calibrate(view: StateView, status: ShardStatus) -> dict[str, Value]:
+    """The device's measured bandwidth, folded with a stage's step timing (projector.calibration)."""
+    gbps = calibration_gbps(status)
+    if gbps is None or status.device is None:
+        return {}
+    node, _, index = status.device.rpartition("/")
+    key = subjects.device_key(node, int(index))
+    device = view.get(key)
+    if not isinstance(device, DeviceState):
+        return {}
+    samples = calibration_fold(device.measured_gbps_samples, gbps)
+    return {
+        key: msgspec.structs.replace(
+            device, measured_gbps=calibration_estimate(samples), measured_gbps_samples=samples
+        )
+    }
 
 
 # --- dispatch and sweep -------------------------------------------------------------------------
@@ -519,7 +556,12 @@ def sweep(
             )
             if online != value.online or reason != value.offline_reason:
                 changes[key] = make_device(
-                    value.sample, value.last_seen, value.shutdown_at, now, ttl
+                    value.sample,
+                    value.last_seen,
+                    value.shutdown_at,
+                    now,
+                    ttl,
+                    value.measured_gbps_samples,
                 )
         elif isinstance(value, NodeState):
             online, reason = node_liveness(

@@ -20,6 +20,7 @@ SUBCOMMANDS = (
     "planner",
     "api",
     "place",
+    "generate",
     "status",
     "demo",
     "bench",
@@ -198,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=30.0)
 
+    p = sub.add_parser("generate", help="place a runnable model and generate through its stages")
+    _common(p)
+    _one_shot(p)
+    p.add_argument("model", help="smollm2-135m, or hf:<dir>")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text (tokenized with the model's tokenizer)")
+    prompt.add_argument("--token-ids", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-stages", type=int, default=None)
+    p.add_argument("--objective", choices=("throughput", "latency"), default="throughput")
+    p.add_argument("--instance-id", default=None, help="default gen-<model>; reused if placed")
+    p.add_argument("--context", type=int, default=2048, dest="context_tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--timeout", type=float, default=30.0, help="planner answer timeout")
+
     p = sub.add_parser("status", help="print devices, nodes and instances from the KV")
     _common(p)
     _one_shot(p)
@@ -214,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet(p)
     p.add_argument("--once", action="store_true", help="exit after printing the placement")
     p.add_argument("--model", default="llama-3.1-70b")
+    p.add_argument(
+        "--no-generate",
+        action="store_false",
+        dest="generate",
+        help="skip placing SmolLM2 and generating a short completion",
+    )
     p.add_argument("--api-port", type=int, default=8080)
     p.add_argument("--interval", type=float, default=None)
     _no_auth(p)
@@ -331,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "planner": commands.planner,
         "api": commands.api,
         "place": commands.place,
+        "generate": commands.generate,
         "status": commands.status,
         "demo": commands.demo,
         "models": commands.models,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def test_demo_once_prints_the_placement_table_and_exits(tmp_path: Path) -> None:
         assert "ms per token per sequence" in text and "micro-batch" in text, text
         assert "bottleneck" not in text, text
         assert f"http://127.0.0.1:{api_port}/" in text
+        # SmolLM2 really ran across several simulated devices, measured beside the plan.
+        assert "generating with smollm2-135m" in text, text
+        assert " Paris" in text, text
+        ran = re.search(r"(\d+) tokens on (\d+) stage\(s\), measured [0-9.]+ ms/token", text)
+        assert ran is not None and int(ran.group(2)) >= 2, text
+        assert "plan predicted" in text, text
 
         # The state outlives the demo in NATS: `shardplane status` reads it back.
         status = subprocess.run(

@@ -1,0 +1,564 @@
+"""Tokens through a placed model: stage servers chained over NATS core request-reply, and the
+client that drives a generation.
+
+Why core request-reply and not JetStream: a hidden state is worth something for one step only;
+persisting it would add a disk write per hop and buy nothing. A step that fails is retried from
+the start by the caller, with a fresh sequence.
+
+Shape of one step: the caller asks stage 0 on ``pipeline.<instance>.0``; each stage runs its
+layers and asks the next one with its output, awaiting the answer; the last stage samples and
+its reply (tokens, per-stage compute times) travels back along the chain. So each hop carries a
+hidden state one way and a few bytes back, and the caller sees one request per step.
+
+Failure is bounded, never a hang: every request carries the budget it has left
+(``deadline_ms``). A stage asks the next one with what remains minus a margin, so when stage
+k+1 is gone (no responders: at once) or stuck (its budget runs out), stage k answers first, with
+an error naming stage k+1, before the caller's own timeout. A stage that fails a step drops
+that step's sequences (its cache is no longer consistent); a caller that stops (done, error,
+cancel) sends ``op="release"`` to every stage, and caches idle for ``IDLE_S`` are dropped anyway.
+
+Prefill is cut into chunks so that a frame of hidden states stays under the server's
+``max_payload``; only the last chunk samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import msgspec
+import nats.errors
+import numpy as np
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from shardplane.agents.executor import Entry, ExecutorError, StageBackend, sample
+from shardplane.bus import subjects
+from shardplane.bus.messages import ErrorInfo, StageEntry, StageReply, StageRequest
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 300.0  # a sequence untouched this long is dropped (its caller died without releasing)
+HOP_MARGIN_S = 0.25  # a stage answers this much before its caller's deadline
+FRAME_OVERHEAD = 4096  # bytes kept free in a frame for everything but the hidden state
+DECODE_DEADLINE_S = 10.0
+# Steps of at most this many rows (decode) run on the event loop: a thread handoff costs two
+# context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
+# loop (telemetry, other stages of this process) keeps going.
+INLINE_ROWS = 8
+CALIBRATE_EVERY = 8  # batch-1 decode steps between two step-time reports (calibration)
+
+# Called with the p50 of the last CALIBRATE_EVERY batch-1 decode steps (ms) and the bytes such a
+# step reads; the worker publishes it in ShardStatus.
+StepReport = Callable[[float, int], Awaitable[None]]
+PREFILL_DEADLINE_PER_ROW_S = 0.05
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(StageRequest)
+_reply_decoder = msgspec.msgpack.Decoder(StageReply)
+
+
+class PipelineError(Exception):
+    """A step failed; ``str()`` names the stage and why, ``code`` is an ErrorInfo code."""
+
+    def __init__(self, message: str, code: str = "internal", stage: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.stage = stage
+
+
+def _fail(code: Any, message: str, stage: int) -> StageReply:
+    return StageReply(ok=False, error=ErrorInfo(code=code, message=message), failed_stage=stage)
+
+
+def entries_of(request: StageRequest) -> list[Entry]:
+    return [Entry(e.seq_id, e.start, e.count) for e in request.entries]
+
+
+def rows_per_frame(max_payload: int, hidden: int) -> int:
+    """How many rows of fp32 hidden states fit a frame under ``max_payload``."""
+    rows = (max_payload - FRAME_OVERHEAD) // (hidden * 4)
+    if rows < 1:
+        raise PipelineError(
+            f"max_payload {max_payload} bytes cannot carry one hidden state of {hidden * 4} bytes"
+        )
+    return rows
+
+
+@dataclass
+class StageServer:
+    """Serves one loaded stage on ``pipeline.<instance>.<stage>``."""
+
+    nc: Client
+    instance_id: str
+    stage: int
+    backend: StageBackend
+    last: bool
+    on_steps: StepReport | None = None
+    step_ms: list[float] = field(default_factory=lambda: [])  # batch-1 decode compute times
+    _sub: Any = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _touched: dict[str, float] = field(default_factory=lambda: {})
+    _sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def subject(self) -> str:
+        return subjects.pipeline(self.instance_id, self.stage)
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self.subject, cb=self._handle)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+        async with self._lock:
+            for seq in self.backend.sequences():
+                self.backend.release(seq)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_S / 10)
+            cutoff = time.monotonic() - IDLE_S
+            async with self._lock:
+                for seq, at in list(self._touched.items()):
+                    if at < cutoff:
+                        self._release(seq)
+
+    def _release(self, seq: str) -> None:
+        self._touched.pop(seq, None)
+        self.backend.release(seq)
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            reply = await self._serve(msg.data)
+        except Exception as exc:  # every request is answered, whatever went wrong
+            log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
+            reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, _encoder.encode(reply))
+
+    async def _serve(self, data: bytes) -> StageReply:
+        received = time.monotonic()
+        try:
+            req = _request_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            return _fail(
+                "invalid_request", f"stage {self.stage}: invalid StageRequest: {exc}", self.stage
+            )
+        if req.op == "release":
+            async with self._lock:
+                for e in req.entries:
+                    self._release(e.seq_id)
+            return StageReply(ok=True)
+        entries = entries_of(req)
+        try:
+            rows = sum(e.count for e in entries)
+            x = self._input(req, rows)
+            async with self._lock:
+                started = time.perf_counter()
+                if rows <= INLINE_ROWS:
+                    out = self.backend.forward(entries, x)
+                else:
+                    out = await asyncio.to_thread(self.backend.forward, entries, x)
+                ms = (time.perf_counter() - started) * 1000
+                for e in entries:
+                    self._touched[e.seq_id] = time.monotonic()
+        except ExecutorError as exc:
+            return _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
+        if rows == 1:
+            await self._measured(ms)
+        if self.last:
+            return self._finish(req, out, ms)
+        reply = await self._forward(req, out, received)
+        if not reply.ok:
+            async with self._lock:  # the step did not complete: these caches are now stale
+                for e in entries:
+                    self._release(e.seq_id)
+            return reply
+        return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
+
+    async def _measured(self, ms: float) -> None:
+        self.step_ms.append(ms)
+        if len(self.step_ms) < CALIBRATE_EVERY:
+            return
+        p50 = statistics.median(self.step_ms)
+        self.step_ms.clear()
+        if self.on_steps is not None:
+            try:
+                await self.on_steps(p50, self.backend.read_bytes())
+            except Exception:
+                log.exception("stage %s/%d: step report failed", self.instance_id, self.stage)
+
+    def _input(self, req: StageRequest, rows: int) -> np.ndarray[Any, Any]:
+        if self.backend.embeddings:
+            if len(req.tokens) != rows * 4:
+                raise ExecutorError(
+                    f"{rows} rows need {rows * 4} bytes of token ids, got {len(req.tokens)}"
+                )
+            return np.frombuffer(req.tokens, dtype="<i4")
+        hidden = self.backend.config.hidden
+        if len(req.hidden) != rows * hidden * 4:
+            raise ExecutorError(
+                f"{rows} rows of {hidden} float32 need {rows * hidden * 4} bytes, got {len(req.hidden)}"
+            )
+        return np.frombuffer(req.hidden, dtype="<f4").reshape(rows, hidden)
+
+    def _finish(self, req: StageRequest, logits: np.ndarray[Any, Any], ms: float) -> StageReply:
+        tokens: tuple[int, ...] = ()
+        if req.sample:
+            tokens = tuple(
+                sample(
+                    logits[i],
+                    temperature=e.temperature,
+                    top_p=e.top_p,
+                    seed=e.seed,
+                    position=e.start + e.count,
+                )
+                for i, e in enumerate(req.entries)
+            )
+        data = np.ascontiguousarray(logits, dtype="<f4").tobytes() if req.want_logits else b""
+        return StageReply(ok=True, tokens=tokens, logits=data, stage_ms=(ms,))
+
+    async def _forward(
+        self, req: StageRequest, out: np.ndarray[Any, Any], received: float
+    ) -> StageReply:
+        left_s = req.deadline_ms / 1000 - (time.monotonic() - received) - HOP_MARGIN_S
+        nxt = self.stage + 1
+        if left_s <= 0:
+            return _fail(
+                "timeout",
+                f"stage {self.stage}: the step's deadline passed before stage {nxt} was asked",
+                self.stage,
+            )
+        downstream = msgspec.structs.replace(
+            req,
+            stage=nxt,
+            tokens=b"",
+            hidden=np.ascontiguousarray(out, dtype="<f4").tobytes(),
+            deadline_ms=left_s * 1000,
+        )
+        subject = subjects.pipeline(self.instance_id, nxt)
+        sent = time.perf_counter()
+        try:
+            msg = await self.nc.request(subject, _encoder.encode(downstream), timeout=left_s)
+        except nats.errors.NoRespondersError:
+            return _fail(
+                "unavailable",
+                f"stage {nxt} of instance {self.instance_id} is not serving ({subject} has no responders)",
+                nxt,
+            )
+        except nats.errors.TimeoutError:
+            return _fail(
+                "timeout",
+                f"stage {nxt} of instance {self.instance_id} did not answer within {left_s:.1f} s",
+                nxt,
+            )
+        try:
+            reply = _reply_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            return _fail("internal", f"stage {nxt}: invalid StageReply: {exc}", nxt)
+        spent = (time.perf_counter() - sent) * 1000
+        hop = max(0.0, spent - sum(reply.stage_ms) - sum(reply.hop_ms))
+        return msgspec.structs.replace(reply, hop_ms=(hop, *reply.hop_ms))
+
+
+# --- the caller -------------------------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    """What a generation produced, with its timing (decode steps only in ``step_ms``)."""
+
+    token_ids: list[int]
+    prefill_ms: float
+    step_ms: list[float]
+    stage_ms: list[list[float]]
+
+
+@dataclass
+class PipelineClient:
+    """Drives steps through ``stage_count`` stages of an instance from stage 0."""
+
+    nc: Client
+    instance_id: str
+    stage_count: int
+    hidden: int
+
+    async def step(
+        self,
+        entries: Sequence[StageEntry],
+        tokens: Sequence[int],
+        *,
+        sample: bool = True,
+        want_logits: bool = False,
+        deadline_s: float | None = None,
+    ) -> StageReply:
+        rows = sum(e.count for e in entries)
+        budget = deadline_s or DECODE_DEADLINE_S + PREFILL_DEADLINE_PER_ROW_S * rows
+        req = StageRequest(
+            instance_id=self.instance_id,
+            stage=0,
+            entries=tuple(entries),
+            tokens=np.asarray(tokens, dtype="<i4").tobytes(),
+            sample=sample,
+            want_logits=want_logits,
+            deadline_ms=budget * 1000,
+        )
+        subject = subjects.pipeline(self.instance_id, 0)
+        try:
+            msg = await self.nc.request(subject, _encoder.encode(req), timeout=budget)
+        except nats.errors.NoRespondersError:
+            raise PipelineError(
+                f"stage 0 of instance {self.instance_id} is not serving ({subject} has no responders)",
+                "unavailable",
+                0,
+            ) from None
+        except nats.errors.TimeoutError:
+            raise PipelineError(
+                f"stage 0 of instance {self.instance_id} did not answer within {budget:.1f} s",
+                "timeout",
+                0,
+            ) from None
+        reply = _reply_decoder.decode(msg.data)
+        if not reply.ok:
+            err = reply.error
+            raise PipelineError(
+                err.message if err else "step failed",
+                err.code if err else "internal",
+                reply.failed_stage,
+            )
+        return reply
+
+    async def release(self, seq_ids: Sequence[str]) -> None:
+        """Drop the sequences' caches at every stage (fire and forget: a dead stage holds none)."""
+        entries = tuple(StageEntry(seq_id=s, start=0, count=1) for s in seq_ids)
+        for stage in range(self.stage_count):
+            req = StageRequest(
+                instance_id=self.instance_id, stage=stage, entries=entries, op="release"
+            )
+            with contextlib.suppress(Exception):
+                await self.nc.publish(
+                    subjects.pipeline(self.instance_id, stage), _encoder.encode(req)
+                )
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=2)
+
+    async def prefill(
+        self, seqs: Sequence[tuple[str, Sequence[int]]], settings: dict[str, Any]
+    ) -> StageReply:
+        """Feed whole prompts, chunked under max_payload; the last chunk samples."""
+        per_frame = rows_per_frame(self.nc.max_payload, self.hidden)
+        # Sequences go one after another so a chunk never mixes a finished and an open prompt.
+        tokens: dict[str, int] = {}
+        stage_ms: list[float] = []
+        for seq_id, ids in seqs:
+            for start in range(0, len(ids), per_frame):
+                chunk = list(ids[start : start + per_frame])
+                final = start + len(chunk) == len(ids)
+                entry = StageEntry(seq_id=seq_id, start=start, count=len(chunk), **settings)
+                reply = await self.step([entry], chunk, sample=final)
+                if final:
+                    tokens[seq_id] = reply.tokens[0]
+                    stage_ms = list(reply.stage_ms)
+        return StageReply(
+            ok=True, tokens=tuple(tokens[s] for s, _ in seqs), stage_ms=tuple(stage_ms)
+        )
+
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+    ) -> AsyncIterator[tuple[list[int], float, StageReply]]:
+        """Yield each step's new tokens (one per prompt), the step's wall ms and its reply
+        (per-stage compute ``stage_ms``, per-crossing ``hop_ms``).
+        A batch runs until every sequence has ``max_new_tokens`` (stop ids end a single one)."""
+        if not prompts or any(not p for p in prompts):
+            raise PipelineError("every prompt needs at least one token", "invalid_request")
+        run = uuid.uuid4().hex[:12]
+        seq_ids = [f"{run}-{i}" for i in range(len(prompts))]
+        settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "seed": seed}
+        try:
+            started = time.perf_counter()
+            reply = await self.prefill(list(zip(seq_ids, prompts, strict=True)), settings)
+            last = list(reply.tokens)
+            yield last, (time.perf_counter() - started) * 1000, reply
+            positions = [len(p) for p in prompts]
+            for _ in range(max_new_tokens - 1):
+                if len(prompts) == 1 and last[0] in stop_ids:
+                    return
+                entries = [
+                    StageEntry(seq_id=s, start=pos, count=1, **settings)
+                    for s, pos in zip(seq_ids, positions, strict=True)
+                ]
+                started = time.perf_counter()
+                reply = await self.step(entries, last)
+                positions = [p + 1 for p in positions]
+                last = list(reply.tokens)
+                yield last, (time.perf_counter() - started) * 1000, reply
+        finally:
+            await asyncio.shield(self.release(seq_ids))
+
+
+# --- the worker's side: what serves a loaded stage ----------------------------------------------
+
+
+def runnable(model: str) -> bool:
+    """Models whose weights a worker can load and run: ``hf:<dir>`` and packaged models."""
+    from shardplane.agents.gguf import is_packaged
+
+    return model.startswith("hf:") or is_packaged(model)
+
+
+def _host_array(tensor: Any) -> np.ndarray[Any, Any]:
+    """A loaded tensor as a host numpy array (torch tensors when the loader used CUDA)."""
+    if isinstance(tensor, np.ndarray):
+        return cast("np.ndarray[Any, Any]", tensor)
+    return tensor.float().cpu().numpy()
+
+
+def build_backend(assignment: Any, tensors: dict[str, Any]) -> StageBackend:
+    """The numpy executor for a loaded stage (its architecture from config.json or GGUF)."""
+    from shardplane.agents.executor import NumpyStage, config_from_hf
+    from shardplane.agents.gguf import is_packaged, packaged_path
+    from shardplane.agents.gguf import read_config as gguf_config
+    from shardplane.agents.loader import checkpoint_dir
+    from shardplane.bus.checkpoint import read_config
+
+    model: str = assignment.model
+    if is_packaged(model):
+        config = gguf_config(packaged_path(model))
+    else:
+        config = config_from_hf(read_config(checkpoint_dir(model)))
+    return NumpyStage.build(
+        config,
+        {name: _host_array(t) for name, t in tensors.items()},
+        layer_start=assignment.layer_start,
+        layer_end=assignment.layer_end,
+        embeddings=assignment.embeddings,
+        head=assignment.head,
+    )
+
+
+@dataclass
+class PipelineHost:
+    """A worker's stage servers, one per loaded stage of a runnable model (keyed like the
+    worker's shards). Failing to serve never fails the load: the bytes are still held, and a
+    caller asking the stage hears 'not serving'."""
+
+    nc: Client
+    on_steps: Callable[[Any, float, int], Awaitable[None]] | None = None  # (key, ms, bytes)
+    servers: dict[Any, StageServer] = field(default_factory=lambda: {})
+
+    async def serve(self, key: Any, assignment: Any, tensors: dict[str, Any]) -> None:
+        await self.stop(key)
+        if not runnable(assignment.model):
+            return
+        try:
+            backend = await asyncio.to_thread(build_backend, assignment, tensors)
+        except Exception as exc:
+            log.warning(
+                "%s stage %d loaded but cannot run: %s",
+                assignment.instance_id,
+                assignment.stage,
+                exc,
+            )
+            return
+        server = StageServer(
+            self.nc,
+            instance_id=assignment.instance_id,
+            stage=assignment.stage,
+            backend=backend,
+            last=assignment.head,
+            on_steps=self._reporter(key),
+        )
+        await server.start()
+        self.servers[key] = server
+
+    def _reporter(self, key: Any) -> StepReport | None:
+        report = self.on_steps
+        if report is None:
+            return None
+
+        async def reported(ms: float, nbytes: int) -> None:
+            await report(key, ms, nbytes)
+
+        return reported
+
+    async def stop(self, key: Any) -> None:
+        server = self.servers.pop(key, None)
+        if server is not None:
+            await server.stop()
+
+    async def stop_all(self) -> None:
+        for key in list(self.servers):
+            await self.stop(key)
+
+
+def load_assigned(
+    model: str, spec: Any, *, expected_bytes: int | None = None, **kwargs: Any
+) -> Any:
+    """Load a stage of ``model``: an ``hf:<dir>`` checkpoint through ``agents.loader``, a
+    packaged GGUF model through ``agents.gguf`` (dequantised, so held as fp32 bytes, which is
+    what the catalog card counts)."""
+    from shardplane.agents.gguf import is_packaged, load_packaged_stage
+    from shardplane.agents.loader import LoadError, checkpoint_dir, load_stage
+
+    if not is_packaged(model):
+        return load_stage(checkpoint_dir(model), spec, expected_bytes=expected_bytes, **kwargs)
+    _, shard = load_packaged_stage(model, spec)
+    if expected_bytes is not None and shard.nbytes != expected_bytes:
+        raise LoadError(
+            f"byte mismatch: {model} layers [{spec.layer_start}, {spec.layer_end}) holds "
+            f"{shard.nbytes} bytes as fp32 but the plan says weight_bytes={expected_bytes} "
+            f"({expected_bytes - shard.nbytes:+d})"
+        )
+    return shard
+
+
+def even_bounds(layers: int, stages: int) -> list[int]:
+    """Stage boundaries cutting ``layers`` into ``stages`` nearly equal runs (tests, benches)."""
+    if not 1 <= stages <= layers:
+        raise PipelineError(f"cannot cut {layers} layers into {stages} stages", "invalid_request")
+    return [round(i * layers / stages) for i in range(stages + 1)]
+
+
+async def serve_split(
+    nc: Client, instance_id: str, config: Any, tensors: dict[str, Any], bounds: Sequence[int]
+) -> list[StageServer]:
+    """Stage servers for a model cut at ``bounds``, all in this process (tests, benches)."""
+    from shardplane.agents.executor import NumpyStage
+
+    servers: list[StageServer] = []
+    last = len(bounds) - 2
+    for stage, (start, end) in enumerate(itertools.pairwise(bounds)):
+        backend = NumpyStage.build(
+            config,
+            tensors,
+            layer_start=start,
+            layer_end=end,
+            embeddings=stage == 0,
+            head=stage == last,
+        )
+        server = StageServer(
+            nc, instance_id=instance_id, stage=stage, backend=backend, last=stage == last
+        )
+        await server.start()
+        servers.append(server)
+    return servers

