@@ -142,6 +142,12 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
         # Read-only: the ledger, to check an assignment's generation against what the planner
         # promised (a forged or stale assignment then fails that check too).
         pub += _read_kv(LEDGER)
+        # Running models: a stage serves its requests and calls the next stage (core
+        # request-reply). The subject names the instance and stage, not the node, so this is
+        # every pipeline's; a stage answers only for the stages its worker loaded.
+        pub += [f"{subjects.PIPELINE}.>"]
+        sub += [f"{subjects.PIPELINE}.>"]
+        responses = True
         pub += [
             f"{JS}.CONSUMER.MSG.NEXT.{PLACEMENTS}.*",
             f"{JS}.CONSUMER.DELETE.{PLACEMENTS}.*",
@@ -166,6 +172,8 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
         responses = True
     elif role in ("controller", "api"):
         pub += [*_read_kv(CLUSTER_STATE), subjects.PLACEMENT_REQUEST, "placement.release"]
+        if role == "api":
+            pub += [f"{subjects.PIPELINE}.>"]  # generation: requests to a pipeline's first stage
         if role == "controller":
             pub += _read_kv(LEDGER)
     publish: dict[str, Any] = {"allow": pub, "deny": deny} if deny else {"allow": pub}
