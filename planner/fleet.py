@@ -114,12 +114,15 @@ def peak_bandwidth(state: DeviceState) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def _derate(state: DeviceState, peak: float) -> float:
+def _derate(state: DeviceState, peak: float, own: bool = False) -> float:
     """Effective bandwidth: the share of the device left by its current utilisation (floored at
-    UTIL_FLOOR) times the clock ratio when the driver reports power throttling."""
+    UTIL_FLOOR) times the clock ratio when the driver reports power throttling. ``own``: the
+    instance being re-placed runs on this device, so the utilisation is (at least partly) its
+    own work, which it would not compete with; counting it would make every serving instance
+    look slow on its own devices and move off them for nothing."""
     s = state.sample
     factor = 1.0
-    if s.utilization_gpu_pct is not None:
+    if s.utilization_gpu_pct is not None and not own:
         factor = max(UTIL_FLOOR, 1.0 - s.utilization_gpu_pct / 100.0)
     reasons = " ".join(s.throttle_reasons).lower()
     if any(r in reasons for r in POWER_REASONS) and s.sm_clock_mhz and s.sm_clock_max_mhz:
@@ -167,9 +170,11 @@ def build_fleet(
     *,
     exclude_nodes: Iterable[str] = (),
     promised: Mapping[str, int] | None = None,
+    own: frozenset[str] = frozenset(),
 ) -> Fleet:
     """Candidates and exclusions from the KV's state. ``promised`` maps device ref -> bytes the
-    ledger promised to other instances that the device's telemetry does not show yet."""
+    ledger promised to other instances that the device's telemetry does not show yet; ``own``
+    are the devices the instance being re-placed occupies (see ``_derate``)."""
     excluded_nodes = frozenset(exclude_nodes)
     promised = promised or {}
     kept: list[Device] = []
@@ -194,7 +199,7 @@ def build_fleet(
                 node=s.node,
                 index=s.index,
                 gpu=s.name or s.vendor,
-                bandwidth_gbps=_derate(state, peak),
+                bandwidth_gbps=_derate(state, peak, ref in own),
                 peak_gbps=peak,
                 total_bytes=total,
                 free_bytes=free,

@@ -18,6 +18,8 @@ SUBCOMMANDS = (
     "planner",
     "api",
     "place",
+    "release",
+    "controller",
     "status",
     "demo",
     "bench",
@@ -111,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", choices=("vllm", "llamacpp"), default=None)
     p.add_argument("--timeout", type=float, default=30.0)
 
+    p = sub.add_parser("release", help="release a placed instance (idempotent)")
+    _common(p)
+    _one_shot(p)
+    p.add_argument("instance_id", help="the instance id a placement answered")
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+    p = sub.add_parser(
+        "controller", help="re-place instances whose devices fail or degrade (one active replica)"
+    )
+    _common(p)
+
     p = sub.add_parser("status", help="print devices, nodes and instances from the KV")
     _common(p)
     _one_shot(p)
@@ -194,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "nats_url", None):
         os.environ["NATS_URL"] = args.nats_url
     from shardplane import commands
+    from shardplane import release as release_cmd
 
     handler: Callable[[argparse.Namespace], int] | None = {
         "up": commands.up,
@@ -203,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "planner": commands.planner,
         "api": commands.api,
         "place": commands.place,
+        "release": release_cmd.release,
+        "controller": commands.controller,
         "status": commands.status,
         "demo": commands.demo,
         "models": commands.models,
