@@ -154,8 +154,9 @@ class Controller:
         if time.monotonic() < self._retry_at.get(instance_id, 0.0):
             return
         devices, nodes = self.cache.devices, self.cache.nodes
+        headroom = entry.request.memory_headroom if entry.request is not None else 0.1
         reason = health.hard_fault(stored.stages, devices, nodes) or health.full(
-            stored.stages, devices, self.config
+            stored.stages, devices, self.config, headroom
         )
         if reason is not None:
             await self._heal(instance_id, entry, reason, soft=False)
@@ -182,9 +183,14 @@ class Controller:
         better = dry.ok and health.worth_moving(
             current, health.planned_value(dry.stages, dry.objective), dry.bytes_moved or 0, cfg
         )
+        slow = ", ".join(
+            f"{st.device} at {mine[st.device]:.0f} GB/s (placed at {st.bandwidth_gbps:.0f})"
+            for st in stored.stages
+            if mine.get(st.device, st.bandwidth_gbps) < st.bandwidth_gbps / (1.0 + cfg.margin)
+        )
         why = (
-            f"step {current:.2f} ms vs {planned:.2f} ms as placed; a new plan gives "
-            f"{health.planned_value(dry.stages, dry.objective):.2f} ms"
+            f"{slow or 'slower devices'}: step {current:.2f} ms vs {planned:.2f} ms as placed; "
+            f"a new plan gives {health.planned_value(dry.stages, dry.objective):.2f} ms"
             if better
             else None
         )

@@ -33,7 +33,9 @@ class HealConfig:
     smoothing: float = 0.3  # EWMA weight of the newest bandwidth reading
     payback_s: float = 600.0  # serving time over which a move's gain must repay its load
     load_gbps: float = 2.0  # assumed load rate (GB/s) to price a move
-    full_fraction: float = 0.02  # a stage's device with less free memory than this is full
+    # A stage's device is full when others took more than this share of the headroom the
+    # request kept free (the planner left at least the headroom free when it placed it).
+    full_share: float = 0.5
     full_min_bytes: int = 256 * 2**20
     retry_s: float = 5.0  # after a failed heal, wait this long before trying again
 
@@ -57,10 +59,14 @@ def hard_fault(
 
 
 def full(
-    stages: Sequence[Stage], devices: Mapping[str, DeviceState], cfg: HealConfig
+    stages: Sequence[Stage],
+    devices: Mapping[str, DeviceState],
+    cfg: HealConfig,
+    headroom: float = 0.1,
 ) -> str | None:
-    """A stage whose device has (next to) no free memory left: it no longer fits there (the
-    instance's own memory is already inside the device's "used")."""
+    """A stage whose device no longer keeps the request's headroom: something else took the
+    memory the plan left free (the instance's own memory is already inside "used", so its own
+    load never counts). ``headroom`` is the request's ``memory_headroom``."""
     for s in stages:
         dev = devices.get(s.device)
         if dev is None:
@@ -68,7 +74,7 @@ def full(
         free, total = dev.sample.memory_free_bytes, dev.sample.memory_total_bytes
         if free is None or not total:
             continue
-        if free < max(cfg.full_min_bytes, cfg.full_fraction * total):
+        if free < max(cfg.full_min_bytes, cfg.full_share * headroom * total):
             return f"device {s.device} is full ({free / 2**30:.2f} GiB free of {total / 2**30:.0f})"
     return None
 

@@ -197,3 +197,30 @@ async def test_controller_heals_a_vanished_device_with_minimal_moves(
         total = sum(s.weight_bytes for s in stored.stages)
         assert stored.bytes_moved + (stored.bytes_kept or 0) == total
         assert stored.bytes_moved >= lost.weight_bytes
+
+
+async def _fault_moves_instance(nc: Client, nats_url: str, kind: str, instance_id: str) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        # One stage: the device the fault hits holds the whole model.
+        reply = await place(nc, model="llama-3.1-8b", instance_id=instance_id, max_stages=1)
+        assert reply.ok and len(reply.stages) == 1, reply
+        await until_instance(nc, instance_id, ready(1), "loaded")
+        hit = reply.stages[0].device
+        node, index = hit.split("/")
+        body = json.dumps({"kind": kind, "device": int(index)}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        healed = await until_instance(
+            nc, instance_id, lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
+        )
+        assert all(s.device != hit for s in healed.stages), healed
+        assert healed.health_reason is not None and hit in healed.health_reason
+
+
+async def test_controller_moves_off_a_throttled_device(nats_url: str, nc: Client) -> None:
+    await _fault_moves_instance(nc, nats_url, "throttle", "thr")
+
+
+async def test_controller_moves_off_a_full_device(nats_url: str, nc: Client) -> None:
+    await _fault_moves_instance(nc, nats_url, "fill", "full")
