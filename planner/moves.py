@@ -10,7 +10,9 @@ fast plans, and weights are tens of gigabytes a stage. So re-placing is two phas
 Phase 2 runs over candidate plans built from the previous plan: its layer ranges on its own
 devices, each stage whose device is gone put on the free device that serves it best, and then
 every single-stage swap onto a free device (which is how one throttled stage moves without the
-others). Candidates are scored by the same cost model as the solver's plan (``cost.evaluate``),
+others); and a search over which surviving stages to keep, most bytes first, completing each
+choice with every device order and optimal layer split of the gaps (``search``), bounded by a
+time budget. Candidates are scored by the same cost model as the solver's plan (``cost.evaluate``),
 so the comparison is like for like. Only the narrow interface ``keep_resident(problem, outcome,
 previous stages, slack)`` touches the planner: a solver that can express "bytes kept" in its
 own model can replace the candidate search behind it.
@@ -23,6 +25,8 @@ same embeddings/head): that is what a worker adopts without reading anything (``
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import time
 from collections.abc import Sequence
 
 from shardplane.bus.messages import Stage
@@ -31,6 +35,7 @@ from shardplane.planner.fleet import Device
 from shardplane.planner.plan import Outcome, to_stages
 
 _Key = tuple[str, int, int]
+SEARCH_BUDGET_S = 2.0  # the kept-stage search gives up (keeping the other candidates) after this
 
 
 def _key(device: str, start: int, end: int) -> _Key:
@@ -116,16 +121,138 @@ def candidates(problem: Problem, previous: Sequence[Stage]) -> list[Evaluation]:
     return [ev for ev in out if _valid(problem, ev)]
 
 
+def split_range(
+    problem: Problem, t: Tables, order: Sequence[Device], a: int, b: int, after: Device | None
+) -> tuple[float, list[tuple[int, int]]] | None:
+    """Layers [a, b) over ``order`` (each device at least one layer), minimising the slowest
+    stage with its hop (the last one's hop goes to ``after``); None when nothing fits."""
+    k = len(order)
+    if b - a < k:
+        return None
+    # best[i][x]: (bottleneck, end of stage i) of layers [x, b) over order[i:]
+    best: list[dict[int, tuple[float, int]]] = [{} for _ in range(k + 1)]
+    best[k][b] = (0.0, b)
+    for i in range(k - 1, -1, -1):
+        d = order[i]
+        nxt = order[i + 1] if i + 1 < k else after
+        hop = t.hop(d, nxt) if nxt is not None else 0.0
+        usable = problem.usable(d)
+        for x in range(a + i, b - (k - i) + 1):
+            for y in range(x + 1, b - (k - i - 1) + 1):
+                tail = best[i + 1].get(y)
+                if tail is None or t.memory(x, y) > usable:
+                    continue
+                v = max(t.stage_ms(d, x, y) + hop, tail[0])
+                if x not in best[i] or v < best[i][x][0]:
+                    best[i][x] = (v, y)
+    if a not in best[0]:
+        return None
+    ranges: list[tuple[int, int]] = []
+    x = a
+    for i in range(k):
+        y = best[i][x][1]
+        ranges.append((x, y))
+        x = y
+    return best[0][a][0], ranges
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def fill(
+    problem: Problem,
+    t: Tables,
+    kept: list[StagePlan],
+    segments: list[tuple[int, int]],
+    pool: list[Device],
+    limit: float,
+    deadline: float,
+) -> tuple[StagePlan, ...] | None:
+    """A plan within ``limit`` that keeps ``kept`` and covers ``segments`` with disjoint
+    orders of ``pool`` (every order, every split: exhaustive up to ``deadline``)."""
+    if time.monotonic() > deadline:
+        raise _OutOfTime
+    if not segments:
+        plan = tuple(sorted(kept, key=lambda s: s.layer_start))
+        ev = evaluate(problem, plan, t)
+        return plan if ev.fits and ev.value(problem.objective) <= limit else None
+    (a, b), rest = segments[0], segments[1:]
+    after = next((s.device for s in kept if s.layer_start == b), None)
+    room = problem.stage_limit - len(kept) - len(rest)
+    for k in range(1, min(len(pool), b - a, room) + 1):
+        seen: set[tuple[tuple[str, str, float, int], ...]] = set()
+        for order in itertools.permutations(pool, k):
+            # Orders that differ only by swapping identical devices of one node are one order.
+            sig = tuple((d.node, *d.signature(problem.headroom)) for d in order)
+            if sig in seen:
+                continue
+            seen.add(sig)
+            got = split_range(problem, t, order, a, b, after)
+            if got is None or got[0] > limit:
+                continue
+            stages = [StagePlan(d, x, y) for d, (x, y) in zip(order, got[1], strict=True)]
+            left = [d for d in pool if d not in order]
+            found = fill(problem, t, kept + stages, rest, left, limit, deadline)
+            if found is not None:
+                return found
+    return None
+
+
+def search(
+    problem: Problem, previous: Sequence[Stage], limit: float, budget_s: float
+) -> tuple[StagePlan, ...] | None:
+    """The plan within ``limit`` that keeps the most bytes of ``previous``: the subsets of its
+    surviving stages, most bytes first, each completed by ``fill``. None when no subset works
+    within the time budget (the empty subset is phase 1's business)."""
+    deadline = time.monotonic() + budget_s
+    t = Tables(problem)
+    devices = {d.ref: d for d in problem.devices}
+    alive = [s for s in previous if s.device in devices and s.layer_end <= problem.layers]
+    subsets = sorted(
+        (c for r in range(len(alive), 0, -1) for c in itertools.combinations(alive, r)),
+        key=lambda c: -sum(t.weights(s.layer_start, s.layer_end) for s in c),
+    )
+    try:
+        for subset in subsets:
+            kept = [StagePlan(devices[s.device], s.layer_start, s.layer_end) for s in subset]
+            segments: list[tuple[int, int]] = []
+            x = 0
+            for s in sorted(kept, key=lambda s: s.layer_start):
+                if s.layer_start > x:
+                    segments.append((x, s.layer_start))
+                x = s.layer_end
+            if x < problem.layers:
+                segments.append((x, problem.layers))
+            used = {s.device.ref for s in kept}
+            pool = [d for d in problem.devices if d.ref not in used]
+            found = fill(problem, t, kept, segments, pool, limit, deadline)
+            if found is not None:
+                return found
+    except _OutOfTime:
+        return None
+    return None
+
+
 def keep_resident(
-    problem: Problem, outcome: Outcome, previous: Sequence[Stage], slack: float
+    problem: Problem,
+    outcome: Outcome,
+    previous: Sequence[Stage],
+    slack: float,
+    budget_s: float = SEARCH_BUDGET_S,
 ) -> Outcome:
-    """Phase 2: of the solver's plan and the candidates, the one with the fewest bytes to load
-    among those within ``(1 + slack)`` of the best value; ties go to the faster plan."""
+    """Phase 2: of the solver's plan, the candidates and the kept-stage search, the one with
+    the fewest bytes to load among those within ``(1 + slack)`` of the best value; ties go to
+    the faster plan."""
     held = {_key(s.device, s.layer_start, s.layer_end) for s in previous}
     pool = [outcome.evaluation, *candidates(problem, previous)]
     objective = problem.objective
     best = min(ev.value(objective) for ev in pool)
     limit = best * (1.0 + slack) + 1e-9
+    if previous and previous[-1].layer_end == problem.layers:
+        found = search(problem, previous, limit, budget_s)
+        if found is not None:
+            pool.append(evaluate(problem, found))
     chosen = min(
         (ev for ev in pool if ev.value(objective) <= limit),
         key=lambda ev: (_moved(ev, held), ev.value(objective)),

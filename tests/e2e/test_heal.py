@@ -224,3 +224,38 @@ async def test_controller_moves_off_a_throttled_device(nats_url: str, nc: Client
 
 async def test_controller_moves_off_a_full_device(nats_url: str, nc: Client) -> None:
     await _fault_moves_instance(nc, nats_url, "fill", "full")
+
+
+async def test_controller_moves_off_a_silent_node(nats_url: str, nc: Client) -> None:
+    # Liveness is under test here: a short projector TTL, so the node goes offline quickly.
+    async with running(nats_url, ttl_s=4.0):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="quiet", max_stages=1)
+        assert reply.ok, reply
+        await until_instance(nc, "quiet", ready(1), "loaded")
+        node = reply.stages[0].node
+        body = json.dumps({"kind": "silent"}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        healed = await until_instance(
+            nc, "quiet", lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
+        )
+        assert all(s.node != node for s in healed.stages), healed
+        assert healed.health_reason is not None and node in healed.health_reason
+
+
+async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
+    """Hysteresis: a throttle that is over before the gain has held for its checks (the
+    device returns) leaves the instance where it is."""
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="blip", max_stages=1)
+        assert reply.ok, reply
+        await until_instance(nc, "blip", ready(1), "loaded")
+        node, index = reply.stages[0].device.split("/")
+        body = json.dumps({"kind": "throttle", "device": int(index), "duration_s": 1.0}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        await asyncio.sleep(10.0)  # several controller checks after the device returned
+        state = await instance(nc, "blip")
+        assert state is not None and state.generation == 1 and state.health is None, state
