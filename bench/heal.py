@@ -243,7 +243,10 @@ async def _until(nc: Client, instance_id: str, generation: int, timeout: float) 
 
 
 async def _rtt_floor(nc: Client) -> float:
-    sub = await nc.subscribe("bench.heal.echo", cb=lambda m: m.respond(b""))  # pyright: ignore[reportUnknownLambdaType, reportUnknownMemberType, reportUnknownArgumentType]
+    async def echo(msg: Msg) -> None:
+        await msg.respond(b"")
+
+    sub = await nc.subscribe("bench.heal.echo", cb=echo)
     times: list[float] = []
     for _ in range(50):
         t0 = time.perf_counter()

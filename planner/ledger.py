@@ -48,6 +48,9 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     published: bool = True  # every assignment of this generation is stored in PLACEMENTS
     released: bool = False  # this generation is a release: the instance holds nothing
     release_nodes: tuple[str, ...] = ()  # nodes this generation tells to unload
+    # Make-before-break (heals): nodes whose release waits until every stage of this
+    # generation is loaded; the repair pass publishes it then (or after a bound).
+    deferred_releases: tuple[str, ...] = ()
     request: PlacementRequest | None = None  # what was asked (the controller re-sends it)
 
 
@@ -178,6 +181,23 @@ async def mark_published(kv: KeyValue, instance_id: str, generation: int) -> boo
             return True
         instances = dict(doc.instances)
         instances[instance_id] = msgspec.structs.replace(entry, published=True)
+        try:
+            await commit(kv, LedgerDoc(instances=instances), revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return True
+    return False
+
+
+async def clear_deferred(kv: KeyValue, instance_id: str, generation: int) -> bool:
+    """Drop the deferred releases of the instance's entry (they were published)."""
+    for _attempt in range(50):
+        doc, revision = await read(kv)
+        entry = doc.instances.get(instance_id)
+        if entry is None or entry.generation != generation or not entry.deferred_releases:
+            return False
+        instances = dict(doc.instances)
+        instances[instance_id] = msgspec.structs.replace(entry, deferred_releases=())
         try:
             await commit(kv, LedgerDoc(instances=instances), revision)
         except KeyWrongLastSequenceError:

@@ -8,6 +8,11 @@ answers ``already`` (publishing it again if its publish had not finished), so th
 idempotent; the id stays in the ledger as a tombstone, so a later placement under the same id
 numbers its generation above every one published before.
 
+Make-before-break: a heal commits its generation with the releases of the nodes it leaves
+deferred (``deferred_releases``); once the KV shows every stage of the new generation loaded
+(or after ``DEFER_LIMIT_S``), the repair pass publishes them. A generation that replaces one
+with releases still owed carries them over (``service._dropped``).
+
 Repair: a generation whose publish failed, or whose planner died between commit and publish,
 stays ``published=False`` in the ledger. Every planner looks for such entries every few seconds
 and publishes them again (same Msg-Ids: nothing is stored twice), then marks them, so the
@@ -45,8 +50,13 @@ class Planner(Protocol):
         self, reply: PlacementReply, release_nodes: tuple[str, ...], plan_key: str
     ) -> None: ...
 
+    def instance_ready(self, instance_id: str, generation: int) -> bool: ...
 
-REPAIR_INTERVAL_S = 2.0
+
+REPAIR_INTERVAL_S = 1.0
+# Make-before-break gives a heal's new stages this long to load before the nodes it left are
+# told to unload anyway (their memory must not stay held by a generation that never loads).
+DEFER_LIMIT_S = 300.0
 REPAIR_AGE_S = 2.0  # leave a fresh commit to its own publisher for this long
 MAX_ATTEMPTS = 50
 
@@ -59,8 +69,14 @@ def _fail(instance_id: str, code: str, message: str) -> ReleaseReply:
     )
 
 
-async def publish_release(planner: Planner, instance_id: str, entry: ledger.LedgerEntry) -> None:
-    """The release generation's assignments: one per node that held the instance."""
+async def publish_release(
+    planner: Planner,
+    instance_id: str,
+    entry: ledger.LedgerEntry,
+    nodes: tuple[str, ...] | None = None,
+) -> None:
+    """Release assignments at the entry's generation: one per node of ``nodes`` (default: the
+    entry's ``release_nodes``, every node that held a released instance)."""
     now = time.time()
     await asyncio.gather(
         *(
@@ -79,7 +95,7 @@ async def publish_release(planner: Planner, instance_id: str, entry: ledger.Ledg
                 ),
                 f"{instance_id}-g{entry.generation}-release-{node}",
             )
-            for node in entry.release_nodes
+            for node in (entry.release_nodes if nodes is None else nodes)
         )
     )
 
@@ -131,7 +147,7 @@ async def _release(planner: Planner, instance_id: str) -> ReleaseReply:
             plan_key=ledger.plan_key(instance_id, generation, secrets.token_hex(4)),
             published=False,
             released=True,
-            release_nodes=entry.nodes,
+            release_nodes=tuple(dict.fromkeys((*entry.nodes, *entry.deferred_releases))),
             request=entry.request,
         )
         instances = dict(doc.instances)
@@ -150,7 +166,7 @@ async def _release(planner: Planner, instance_id: str) -> ReleaseReply:
             instance_id=instance_id,
             generation=generation,
             released_bytes=sum(entry.devices.values()),
-            nodes=entry.nodes,
+            nodes=gone.release_nodes,
         )
     return _fail(instance_id, "conflict", f"the ledger changed under {MAX_ATTEMPTS} attempts")
 
@@ -185,11 +201,35 @@ async def repair_once(planner: Planner, age_s: float = REPAIR_AGE_S) -> int:
     return done
 
 
+async def release_deferred(planner: Planner, now: float | None = None) -> int:
+    """Publish the releases heals deferred, once their generation is loaded (make-before-break),
+    or once ``DEFER_LIMIT_S`` has passed; how many entries were done."""
+    now = time.time() if now is None else now
+    doc, _ = await ledger.read(planner.ledger_kv)
+    done = 0
+    for instance_id, entry in sorted(doc.instances.items()):
+        if not entry.deferred_releases or not entry.published or entry.released:
+            continue
+        if not planner.instance_ready(instance_id, entry.generation) and (
+            now - entry.ts < DEFER_LIMIT_S
+        ):
+            continue
+        try:
+            await publish_release(planner, instance_id, entry, entry.deferred_releases)
+            await ledger.clear_deferred(planner.ledger_kv, instance_id, entry.generation)
+        except Exception as exc:
+            log.warning("deferred releases of %s: %r", instance_id, exc)
+            continue
+        done += 1
+    return done
+
+
 async def repair_loop(planner: Planner, stop: asyncio.Event) -> None:
     """``repair_once`` at start and every ``REPAIR_INTERVAL_S`` until ``stop``."""
     while not stop.is_set():
         try:
             await repair_once(planner)
+            await release_deferred(planner)
         except Exception as exc:  # the bus is away: next round
             log.debug("ledger repair pass failed: %r", exc)
         with contextlib.suppress(TimeoutError):

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from shardplane.bus.messages import Stage
 from shardplane.planner.cost import Evaluation, Problem, StagePlan, Tables, evaluate
@@ -35,7 +36,7 @@ from shardplane.planner.fleet import Device
 from shardplane.planner.plan import Outcome, to_stages
 
 _Key = tuple[str, int, int]
-SEARCH_BUDGET_S = 2.0  # the kept-stage search gives up (keeping the other candidates) after this
+SEARCH_BUDGET_S = 1.0  # the kept-stage search gives up (keeping the other candidates) after this
 
 
 def _key(device: str, start: int, end: int) -> _Key:
@@ -122,12 +123,23 @@ def candidates(problem: Problem, previous: Sequence[Stage]) -> list[Evaluation]:
 
 
 def split_range(
-    problem: Problem, t: Tables, order: Sequence[Device], a: int, b: int, after: Device | None
+    problem: Problem,
+    t: Tables,
+    order: Sequence[Device],
+    a: int,
+    b: int,
+    after: Device | None,
+    limit: float = math.inf,
 ) -> tuple[float, list[tuple[int, int]]] | None:
     """Layers [a, b) over ``order`` (each device at least one layer), minimising the slowest
-    stage with its hop (the last one's hop goes to ``after``); None when nothing fits."""
+    stage with its hop (the last one's hop goes to ``after``); None when nothing fits within
+    ``limit``. A stage's time and memory only grow with its end, so each stage's ends are
+    scanned only while both stay within bounds."""
     k = len(order)
     if b - a < k:
+        return None
+    # Fluid bound: the segment's bytes over the order's whole bandwidth.
+    if t.read(a, b) / (sum(d.bandwidth_gbps for d in order) * 1e9) * 1e3 > limit:
         return None
     # best[i][x]: (bottleneck, end of stage i) of layers [x, b) over order[i:]
     best: list[dict[int, tuple[float, int]]] = [{} for _ in range(k + 1)]
@@ -139,10 +151,13 @@ def split_range(
         usable = problem.usable(d)
         for x in range(a + i, b - (k - i) + 1):
             for y in range(x + 1, b - (k - i - 1) + 1):
+                own = t.stage_ms(d, x, y) + hop
+                if own > limit or t.memory(x, y) > usable:
+                    break
                 tail = best[i + 1].get(y)
-                if tail is None or t.memory(x, y) > usable:
+                if tail is None:
                     continue
-                v = max(t.stage_ms(d, x, y) + hop, tail[0])
+                v = max(own, tail[0])
                 if x not in best[i] or v < best[i][x][0]:
                     best[i][x] = (v, y)
     if a not in best[0]:
@@ -188,7 +203,7 @@ def fill(
             if sig in seen:
                 continue
             seen.add(sig)
-            got = split_range(problem, t, order, a, b, after)
+            got = split_range(problem, t, order, a, b, after, limit)
             if got is None or got[0] > limit:
                 continue
             stages = [StagePlan(d, x, y) for d, (x, y) in zip(order, got[1], strict=True)]
@@ -197,6 +212,29 @@ def fill(
             if found is not None:
                 return found
     return None
+
+
+EXACT_SUBSETS = 12  # up to this many surviving stages every subset is tried, most bytes first
+MAX_DROPPED = 2  # beyond it: subsets that drop at most this many stages, fewest first
+
+
+def _subsets(alive: list[Stage], t: Tables) -> Iterator[tuple[Stage, ...]]:
+    """Which surviving stages to keep, in the order they are tried. Up to ``EXACT_SUBSETS``
+    stages: all 2^n subsets by kept bytes, most first (exact). Beyond: generated lazily by how
+    many stages are dropped (0, 1, ... ``MAX_DROPPED``), each level by kept bytes, so a
+    hundred-stage pipeline never materialises 2^100 subsets."""
+
+    def kept(c: tuple[Stage, ...]) -> int:
+        return sum(t.weights(s.layer_start, s.layer_end) for s in c)
+
+    if len(alive) <= EXACT_SUBSETS:
+        everything = (c for r in range(len(alive), 0, -1) for c in itertools.combinations(alive, r))
+        yield from sorted(everything, key=lambda c: -kept(c))
+        return
+    for dropped in range(min(MAX_DROPPED, len(alive) - 1) + 1):
+        level = itertools.combinations(range(len(alive)), dropped)
+        keeps = (tuple(s for i, s in enumerate(alive) if i not in out) for out in level)
+        yield from sorted(keeps, key=lambda c: -kept(c))
 
 
 def search(
@@ -209,12 +247,8 @@ def search(
     t = Tables(problem)
     devices = {d.ref: d for d in problem.devices}
     alive = [s for s in previous if s.device in devices and s.layer_end <= problem.layers]
-    subsets = sorted(
-        (c for r in range(len(alive), 0, -1) for c in itertools.combinations(alive, r)),
-        key=lambda c: -sum(t.weights(s.layer_start, s.layer_end) for s in c),
-    )
     try:
-        for subset in subsets:
+        for subset in _subsets(alive, t):
             kept = [StagePlan(devices[s.device], s.layer_start, s.layer_end) for s in subset]
             segments: list[tuple[int, int]] = []
             x = 0

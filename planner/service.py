@@ -188,6 +188,16 @@ class Planner:
             own=own,
         )
 
+    def instance_ready(self, instance_id: str, generation: int) -> bool:
+        """Every stage of ``generation`` loaded or reserved, as the KV shows it."""
+        state = self.cache.instances.get(instance_id)
+        return (
+            state is not None
+            and state.generation == generation
+            and len(state.stages) == state.stage_count
+            and all(s.state in ledger.MATERIALISED for s in state.stages)
+        )
+
     async def _own_stages(self, previous: ledger.LedgerEntry) -> tuple[Stage, ...]:
         """The stages the instance holds now (its stored reply): its own load on those devices
         must not count against them, and a heal keeps what it can of them."""
@@ -295,7 +305,10 @@ class Planner:
                 ts=time.time(),
                 plan_key=key,
                 published=False,
-                release_nodes=_dropped(previous, nodes),
+                # A heal makes before it breaks: the nodes it leaves keep serving until the
+                # new generation is loaded (lifecycle.release_deferred).
+                release_nodes=() if req.heal else _dropped(previous, nodes),
+                deferred_releases=_dropped(previous, nodes) if req.heal else (),
                 request=msgspec.structs.replace(req, instance_id=instance_id, heal=False),
             )
             instances = dict(doc.instances)
@@ -483,10 +496,12 @@ def _warm_solver() -> None:
 
 
 def _dropped(previous: ledger.LedgerEntry | None, nodes: tuple[str, ...]) -> tuple[str, ...]:
-    """Nodes that held the instance and hold none of its new generation: they get a release."""
+    """Nodes that held the instance and hold none of its new generation: they get a release
+    (with the releases the previous generation still owed: it never got to send them)."""
     if previous is None or previous.released:
         return ()
-    return tuple(n for n in previous.nodes if n not in nodes)
+    held = (*previous.nodes, *previous.deferred_releases)
+    return tuple(n for n in dict.fromkeys(held) if n not in nodes)
 
 
 def _promise(outcome: Outcome) -> dict[str, int]:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from shardplane.bus import authority, codec, subjects
 from shardplane.bus.messages import (
@@ -17,6 +18,7 @@ from shardplane.bus.messages import (
     PlacementReply,
     ReleaseReply,
     ShardAssignment,
+    ShardStatus,
 )
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, PLACEMENTS, provision
 from shardplane.planner import ledger
@@ -209,6 +211,13 @@ async def _fault_moves_instance(nc: Client, nats_url: str, kind: str, instance_i
         await until_instance(nc, instance_id, ready(1), "loaded")
         hit = reply.stages[0].device
         node, index = hit.split("/")
+        statuses: list[ShardStatus] = []
+
+        async def on_status(msg: Msg) -> None:
+            statuses.append(codec.decode(ShardStatus, msg.data))
+
+        await nc.subscribe(f"{subjects.SHARD_STATUS}.{node}.>", cb=on_status)
+        await nc.subscribe(f"{subjects.SHARD_STATUS}.*.{instance_id}", cb=on_status)
         body = json.dumps({"kind": kind, "device": int(index)}).encode()
         await nc.request(subjects.sim_fault(node), body, timeout=10)
         healed = await until_instance(
@@ -216,6 +225,18 @@ async def _fault_moves_instance(nc: Client, nats_url: str, kind: str, instance_i
         )
         assert all(s.device != hit for s in healed.stages), healed
         assert healed.health_reason is not None and hit in healed.health_reason
+        # Make before break: the old node unloads only after the new stage holds its memory.
+        deadline = time.monotonic() + 30
+        while not any(s.node == node and s.state == "unloaded" for s in statuses):
+            assert time.monotonic() < deadline, f"{node} never unloaded: {statuses}"
+            await asyncio.sleep(0.1)
+        new_up = min(
+            s.ts
+            for s in statuses
+            if s.generation == healed.generation and s.state in ("loaded", "reserved")
+        )
+        old_down = min(s.ts for s in statuses if s.node == node and s.state == "unloaded")
+        assert new_up <= old_down, (new_up, old_down)
 
 
 async def test_controller_moves_off_a_throttled_device(nats_url: str, nc: Client) -> None:
