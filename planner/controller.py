@@ -123,6 +123,13 @@ class Controller:
 
     async def check_all(self, ledger_kv: KeyValue) -> None:
         doc, _ = await ledger.read(ledger_kv)
+        # What is kept per instance and plan is only kept while the ledger still has it.
+        live_keys = {e.plan_key for e in doc.instances.values()}
+        self._replies = {k: v for k, v in self._replies.items() if k in live_keys}
+        prefixes = tuple(f"{i}:" for i in doc.instances)
+        self._smoother.values = {
+            k: v for k, v in self._smoother.values.items() if k.startswith(prefixes)
+        }
         for instance_id, entry in sorted(doc.instances.items()):
             if entry.released or entry.request is None:
                 self._forget(instance_id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -280,3 +282,35 @@ async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
         await asyncio.sleep(10.0)  # several controller checks after the device returned
         state = await instance(nc, "blip")
         assert state is not None and state.generation == 1 and state.health is None, state
+
+
+async def _cli(url: str, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shardplane.cli",
+        *args,
+        env={**os.environ, "NATS_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_release_command(nats_url: str, nc: Client) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="cli-rel")
+        assert reply.ok, reply.error
+        rc, out = await _cli(nats_url, "release", "cli-rel", "--json")
+        assert rc == 0, out
+        released = codec.decode(ReleaseReply, out.strip().splitlines()[-1].encode(), "json")
+        assert released.ok and released.generation == 2 and not released.already
+        rc, out = await _cli(nats_url, "release", "cli-rel")
+        assert rc == 0 and "already released" in out, out
+        rc, out = await _cli(nats_url, "release", "no-such-instance")
+        assert rc == 1 and "not_found" in out, out
+        rc, out = await _cli(nats_url, "release", "Not An Id")
+        assert rc == 2 and "invalid instance id" in out, out
