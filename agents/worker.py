@@ -13,6 +13,9 @@ Delivery and restarts:
   first replays the node's whole assignment history (a short-lived ephemeral consumer) to
   rebuild desired state. Folding is idempotent, which is why messages are acked as soon as they are
   folded, and why redelivered duplicates are harmless.
+- Only the planner's ledger says which generation of an instance counts (``bus.authority``): an
+  assignment of another generation is stale (dropped) or unauthorised (dead-lettered with the
+  reason), so a forged higher generation cannot take an instance over.
 - Loads run in a thread (``asyncio.to_thread``), so the event loop, and with it the agent's
   telemetry on the same loop, keeps running while gigabytes are copied. An in-flight load that a
   newer plan no longer wants is cancelled between chunks.
@@ -35,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 
 from shardplane.agents import reconcile as rc
 from shardplane.agents.loader import (
@@ -46,7 +50,7 @@ from shardplane.agents.loader import (
     StageSpec,
 )
 from shardplane.agents.pipeline import PipelineHost, load_assigned
-from shardplane.bus import codec, streams, subjects
+from shardplane.bus import authority, codec, streams, subjects
 from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
 from shardplane.bus.retry import retrying
 
@@ -111,9 +115,14 @@ class Worker:
         memory_limit: int | None = None,
         read_mode: ReadMode = DEFAULT_READ_MODE,
         capacity: Capacity | None = None,
+        verify_generations: bool = True,
     ) -> None:
         self.nc = nc
         self.capacity = capacity
+        # Act only on the ledger's generation of each instance (bus.authority); off only where
+        # tests publish assignments by hand, without a planner.
+        self.verify_generations = verify_generations
+        self._ledger_kv: KeyValue | None = None
         self.node = node
         self.hold_memory = hold_memory
         self.use_cuda = use_cuda
@@ -212,9 +221,10 @@ class Worker:
                     msgs = await sub.fetch(min(pending, 256), timeout=2.0)
                 except nats.errors.TimeoutError:
                     break
+                view = await self._ledger(js)
                 for msg in msgs:
                     assignment = self._decode(msg)
-                    if assignment is not None:
+                    if assignment is not None and self._verdict(view, assignment)[0] == "current":
                         self.desired = rc.fold(self.desired, assignment)
                     count += 1
                 pending = msgs[-1].metadata.num_pending if msgs else 0
@@ -276,10 +286,20 @@ class Worker:
                             failures = 0
                     continue
                 failures = 0
+                view = await self._ledger(js)
                 for msg in msgs:
                     assignment = self._decode(msg)
                     if assignment is None:
                         await self._deadletter(js, msg)
+                        continue
+                    verdict, why = self._verdict(view, assignment)
+                    if verdict in ("unknown", "ahead", "forged"):
+                        log.warning("worker %s: rejected assignment: %s", self.node, why)
+                        await self._deadletter(js, msg, why)
+                        continue
+                    if verdict == "stale":
+                        with contextlib.suppress(Exception):
+                            await msg.ack()
                         continue
                     self.desired = rc.fold(self.desired, assignment)
                     with contextlib.suppress(Exception):
@@ -307,13 +327,29 @@ class Worker:
             return None
         return assignment
 
-    async def _deadletter(self, js: JetStreamContext, msg: Msg) -> None:
-        """Park an undecodable assignment on deadletter.<subject> and terminate it."""
+    async def _ledger(self, js: JetStreamContext) -> authority.LedgerView | None:
+        """The planner's ledger now (None: not checking). Read after the assignments arrived,
+        so it includes their commits (the planner commits before it publishes)."""
+        if not self.verify_generations:
+            return None
+        if self._ledger_kv is None:
+            self._ledger_kv = await authority.ledger_bucket(js)
+        return await authority.read(self._ledger_kv)
+
+    def _verdict(
+        self, view: authority.LedgerView | None, assignment: ShardAssignment
+    ) -> tuple[authority.Verdict, str]:
+        return ("current", "") if view is None else authority.judge(view, assignment)
+
+    async def _deadletter(self, js: JetStreamContext, msg: Msg, why: str | None = None) -> None:
+        """Park an undecodable or unauthorised assignment on deadletter.<subject>, terminate it."""
         with contextlib.suppress(Exception):
             await js.publish(
                 subjects.deadletter(msg.subject),
                 msg.data,
-                headers={"Shardplane-Reason": f"invalid ShardAssignment for worker {self.node}"},
+                headers={
+                    "Shardplane-Reason": why or f"invalid ShardAssignment for worker {self.node}"
+                },
                 timeout=2.0,
             )
         with contextlib.suppress(Exception):

@@ -21,6 +21,7 @@ from shardplane.bus.messages import (
     NodeHeartbeat,
     PlacementReply,
     PlacementRequest,
+    ReleaseReply,
 )
 
 Schema = dict[str, Any]
@@ -126,7 +127,15 @@ DEVICE_DESIGN_NAMES: Schema = {
 
 def _components() -> Schema:
     _, bus = msgspec.json.schema_components(
-        [DeviceSample, NodeHeartbeat, InstanceState, PlacementRequest, PlacementReply, ErrorInfo],
+        [
+            DeviceSample,
+            NodeHeartbeat,
+            InstanceState,
+            PlacementRequest,
+            PlacementReply,
+            ReleaseReply,
+            ErrorInfo,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     schemas: Schema = dict(bus)
@@ -256,7 +265,11 @@ def document() -> Schema:
             "invalid_request: the body failed validation here (`error.field` names the field) "
             "or at the planner",
         ),
-        "404": _json(failed, "unknown_model: the planner does not know the model"),
+        "404": _json(
+            failed,
+            "unknown_model: the planner does not know the model (not_found answers only a "
+            "release, DELETE /api/placements/{id})",
+        ),
         "409": _json(
             failed,
             "no_devices, insufficient_memory or conflict: the request is valid but the fleet's "
@@ -350,12 +363,30 @@ def document() -> Schema:
                     "responses": place_responses,
                 },
             },
-            "/api/placements/{id}": _get(
-                "one placed instance",
-                _ref("PlacementView"),
-                params=[_param("id", "path", "instance id", True)],
-                errors=(400, 404),
-            ),
+            "/api/placements/{id}": {
+                **_get(
+                    "one placed instance",
+                    _ref("PlacementView"),
+                    params=[_param("id", "path", "instance id", True)],
+                    errors=(400, 404),
+                ),
+                "delete": {
+                    "summary": "release an instance over placement.release (idempotent): "
+                    "workers unload, the ledger frees its memory, the instance reads `released`",
+                    "parameters": [_param("id", "path", "instance id", True)],
+                    "responses": {
+                        "200": _json(
+                            _ref("ReleaseReply"),
+                            "released (`already`: it was released before, nothing changed)",
+                        ),
+                        "400": ERROR,
+                        "404": _json(_ref("ReleaseReply"), "not_found: the ledger has no such id"),
+                        "500": _json(_ref("ReleaseReply"), "internal: the planner failed"),
+                        "503": ERROR,
+                        "504": ERROR,
+                    },
+                },
+            },
             "/api/events": {
                 "get": {
                     "summary": "server-sent events: `hello`, then one `device`/`node`/`instance` "

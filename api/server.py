@@ -36,7 +36,13 @@ from shardplane.bus import subjects
 from shardplane.bus.codec import BOM, DecodeError, check_limits
 from shardplane.bus.ids import TOKEN_PATTERN
 from shardplane.bus.liveness import ttl_from_env
-from shardplane.bus.messages import ErrorCode, PlacementReply, PlacementRequest
+from shardplane.bus.messages import (
+    ErrorCode,
+    PlacementReply,
+    PlacementRequest,
+    ReleaseReply,
+    ReleaseRequest,
+)
 from shardplane.bus.streams import CLUSTER_STATE, provision
 from shardplane.bus.watchguard import guard_watch
 
@@ -65,10 +71,12 @@ ERROR_STATUS: dict[ErrorCode, int] = {
     "internal": 500,
     "unavailable": 503,
     "timeout": 504,
+    "not_found": 404,
 }
 
 _request_decoder = msgspec.json.Decoder(PlacementRequest)
 _reply_decoder = msgspec.json.Decoder(PlacementReply)
+_release_decoder = msgspec.json.Decoder(ReleaseReply)
 _json = msgspec.json.Encoder()
 _TOKEN = re.compile(TOKEN_PATTERN)
 
@@ -493,6 +501,42 @@ async def place(request: web.Request) -> web.Response:
     return _json_response(msg.data, ERROR_STATUS[code])
 
 
+async def release(request: web.Request) -> web.Response:
+    """DELETE /api/placements/{id}: forward a ReleaseRequest over ``placement.release`` and
+    return the planner's ReleaseReply as is (200 also when it was released before: idempotent)."""
+    _check_query(request, frozenset())
+    state = _state(request)
+    ident = request.match_info["id"]
+    if not _TOKEN.match(ident):
+        raise ApiError(
+            400,
+            "invalid_request",
+            "`id` must be an instance id (lowercase [a-z0-9_-], 1-64 chars)",
+            "id",
+        )
+    body = _json.encode(ReleaseRequest(instance_id=ident))
+    try:
+        if not state.nc.is_connected:
+            raise ConnectionClosedError
+        msg = await state.nc.request(
+            subjects.PLACEMENT_RELEASE, body, timeout=state.request_timeout_s
+        )
+    except (NoRespondersError, ConnectionClosedError):
+        raise ApiError(
+            503, "unavailable", "no planner answers placement.release; retry in a moment"
+        ) from None
+    except NatsTimeoutError:
+        raise ApiError(504, "timeout", "the planner did not answer the release in time") from None
+    try:
+        reply = _release_decoder.decode(msg.data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ApiError(
+            502, "internal", f"the planner's reply is not a ReleaseReply: {exc}"
+        ) from None
+    code: ErrorCode | None = reply.error.code if reply.error is not None else None
+    return _json_response(msg.data, 200 if reply.ok or code is None else ERROR_STATUS[code])
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: one event per KV change (``device``, ``node``, ``instance``, each
     with ``op`` put/delete and the same view the lists return), ``resync`` when a client must
@@ -760,6 +804,7 @@ def make_app(
     r.add_get("/api/placements", placements)
     r.add_post("/api/placements", place)
     r.add_get("/api/placements/{id}", placement)
+    r.add_delete("/api/placements/{id}", release)
     r.add_get("/api/events", events)
     r.add_static("/static/", STATIC_DIR, show_index=False)
     return app

@@ -33,12 +33,12 @@ import nkeys  # pyright: ignore[reportMissingTypeStubs]
 
 from shardplane.bus import subjects
 from shardplane.bus.ids import node_id
+from shardplane.bus.lease import CONTROLLER_LEASE_BUCKET, LEASE_BUCKET
 from shardplane.bus.streams import CLUSTER_STATE, DEADLETTER, LEDGER, PLACEMENTS, SHARDS, TELEMETRY
 
 Role = Literal["admin", "agent", "worker", "projector", "planner", "controller", "api"]
 ROLES: tuple[Role, ...] = ("admin", "agent", "worker", "projector", "planner", "controller", "api")
 NODE_ROLES: tuple[Role, ...] = ("agent", "worker")  # scoped to the nodes they speak for
-LEASE_BUCKET = "projector_lease"  # projector.lease.LEASE_BUCKET (kept here: the bus owns names)
 WORKER_DURABLE = "worker-{node}"  # agents.worker.durable_name
 PROJECTOR_DURABLE = "projector_{stream}"  # projector.service.CONSUMERS
 CREDS_SUFFIX = ".creds"
@@ -164,18 +164,22 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
             pub += _consume(stream, PROJECTOR_DURABLE.format(stream=stream.lower()))
         pub += _read_kv(CLUSTER_STATE) + _write_kv(CLUSTER_STATE)
         pub += _read_kv(LEASE_BUCKET) + _write_kv(LEASE_BUCKET)
+        # The ledger, to act only on the generation the planner committed (bus.authority).
+        pub += _read_kv(LEDGER)
         pub += [f"{subjects.DEADLETTER}.>", f"{JS}.STREAM.INFO.{DEADLETTER}"]
     elif role == "planner":
         pub += _read_kv(CLUSTER_STATE) + _read_kv(LEDGER) + _write_kv(LEDGER)
         pub += [f"{subjects.PLACEMENT_ASSIGNED}.>"]
-        sub += [subjects.PLACEMENT_REQUEST, "placement.release", "$SRV.>"]
+        sub += [subjects.PLACEMENT_REQUEST, subjects.PLACEMENT_RELEASE, "$SRV.>"]
         responses = True
     elif role in ("controller", "api"):
-        pub += [*_read_kv(CLUSTER_STATE), subjects.PLACEMENT_REQUEST, "placement.release"]
+        pub += [*_read_kv(CLUSTER_STATE), subjects.PLACEMENT_REQUEST, subjects.PLACEMENT_RELEASE]
         if role == "api":
             pub += [f"{subjects.PIPELINE}.>"]  # generation: requests to a pipeline's first stage
         if role == "controller":
             pub += _read_kv(LEDGER)
+            pub += _read_kv(CONTROLLER_LEASE_BUCKET) + _write_kv(CONTROLLER_LEASE_BUCKET)
+            pub += [f"{subjects.PLACEMENT_HEALTH}.>"]  # its verdicts, into PLACEMENTS
     publish: dict[str, Any] = {"allow": pub, "deny": deny} if deny else {"allow": pub}
     perms: dict[str, Any] = {"publish": publish, "subscribe": {"allow": sub}}
     if responses:

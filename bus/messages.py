@@ -213,6 +213,12 @@ class PlacementRequest(Frozen, frozen=True, forbid_unknown_fields=True):
     # Microbatches), and the fewest stages a plan may have (forces a pipeline).
     microbatches: Microbatches = "auto"
     min_stages: Annotated[int, Meta(ge=1)] | None = None
+    # Added for healing (additive): re-plan this instance even when its stored plan still
+    # stands, keeping stages on the devices they already occupy where the step time allows it
+    # (the controller sets it; a dry run with it is how the controller prices a move).
+    heal: bool = False
+    # How much slower than the best plan (phase 1) a plan may be to move fewer bytes (phase 2).
+    move_slack: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.05
 
 
 class Stage(Frozen, frozen=True):
@@ -249,6 +255,7 @@ ErrorCode = Literal[
     "conflict",
     "internal",
     "unavailable",  # no planner answered (the API's 503): retry later, nothing was planned
+    "not_found",  # placement.release: the ledger never had this instance
 ]
 
 
@@ -292,6 +299,31 @@ class PlacementReply(Frozen, frozen=True):
     microbatches: Count = 0
     step_ms: NonNeg = 0.0
     max_batch: Count = 0
+    # Added for healing (additive): of the plan's weight bytes, how many must be loaded
+    # (devices that did not hold them at the previous generation) and how many stay resident.
+    bytes_moved: Bytes | None = None
+    bytes_kept: Bytes | None = None
+
+
+class ReleaseRequest(Frozen, frozen=True, forbid_unknown_fields=True):
+    """Body of ``placement.release``: give an instance's memory back. Idempotent."""
+
+    instance_id: Token
+    v: Version = SCHEMA_VERSION
+
+
+class ReleaseReply(Frozen, frozen=True):
+    """``generation`` is the release's own generation (workers unload at it); ``already`` says
+    the instance was released before this request and nothing changed."""
+
+    ok: bool
+    instance_id: str | None = None
+    generation: Count = 0
+    released_bytes: Bytes = 0  # memory the ledger no longer promises
+    nodes: tuple[str, ...] = ()  # nodes told to unload
+    already: bool = False
+    error: ErrorInfo | None = None
+    v: Version = SCHEMA_VERSION
 
 
 class ShardAssignment(Frozen, frozen=True):
@@ -318,6 +350,28 @@ class ShardAssignment(Frozen, frozen=True):
     head: bool = False
     release: bool = False
     ts: Timestamp = 0.0
+    v: Version = SCHEMA_VERSION
+    # Added (additive): the ledger's name for this generation's plan. Workers and the projector
+    # act on an assignment only when its generation and plan_key are the ledger's for the
+    # instance (bus.authority), so a stale or forged assignment cannot take an id over.
+    plan_key: str = ""
+
+
+HealthState = Literal["ready", "degraded", "healing", "failed"]
+
+
+class InstanceHealth(Frozen, frozen=True):
+    """The controller's verdict on an instance, on ``placement.health.<instance>``.
+
+    ``generation`` is the generation the verdict was made against (the degraded one, or the one
+    being healed to); readers keep the newest verdict by ``(ts, seq)``."""
+
+    instance_id: Token
+    generation: Annotated[int, Meta(ge=1)]
+    state: HealthState
+    ts: Timestamp
+    seq: Count = 0
+    reason: str | None = None
     v: Version = SCHEMA_VERSION
 
 
@@ -469,3 +523,10 @@ class InstanceState(Frozen, frozen=True):
     v: Version = SCHEMA_VERSION
     # Nodes told by a release=True assignment of this generation to hold nothing.
     released_nodes: tuple[Token, ...] = ()
+    # Added (additive): the controller's newest verdict (InstanceHealth), kept across
+    # generations, since a heal spans the old generation and the new one.
+    health: HealthState | None = None
+    health_reason: str | None = None
+    health_generation: Count = 0
+    health_ts: Timestamp | None = None
+    health_seq: Count = 0

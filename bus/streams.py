@@ -43,6 +43,9 @@ SHARDS = "SHARDS"
 DEADLETTER = "DEADLETTER"
 CLUSTER_STATE = "cluster_state"
 LEDGER = "placement_ledger"  # the planners' memory ledger (planner-owned, CAS-guarded)
+# The ledger's one document: every instance's promise and its current generation. Workers and
+# the projector read it too (bus.authority): an assignment counts only at the ledger's generation.
+LEDGER_RESERVATIONS_KEY = "reservations"
 
 DAY = 24 * 3600.0
 
@@ -68,7 +71,9 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=PLACEMENTS,
-            subjects=["placement.assigned.>"],
+            # Assignments (planner) and health verdicts (controller): both are instance
+            # history the projector folds into cluster_state.
+            subjects=["placement.assigned.>", "placement.health.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=30 * DAY,

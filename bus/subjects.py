@@ -6,6 +6,8 @@ TELEMETRY_GPU = "telemetry.gpu"
 TELEMETRY_NODE = "telemetry.node"
 PLACEMENT_REQUEST = "placement.request"
 PLACEMENT_ASSIGNED = "placement.assigned"
+PLACEMENT_RELEASE = "placement.release"  # client <-> planner: ReleaseRequest / ReleaseReply
+PLACEMENT_HEALTH = "placement.health"  # controller -> projector: InstanceHealth (PLACEMENTS)
 SHARD_STATUS = "shard.status"
 DEADLETTER = "deadletter"
 PIPELINE = "pipeline"  # hidden states stage to stage (core request-reply, not JetStream)
@@ -22,6 +24,10 @@ def node_heartbeat(node: str) -> str:
 
 def assigned(node: str) -> str:
     return f"{PLACEMENT_ASSIGNED}.{node}"
+
+
+def placement_health(instance: str) -> str:
+    return f"{PLACEMENT_HEALTH}.{instance}"
 
 
 def shard_status(node: str, instance: str) -> str:

@@ -132,13 +132,16 @@ def peak_tflops(state: DeviceState) -> float:
     return spec.tflops if spec else 0.0
 
 
-def _derate(state: DeviceState, peak: float) -> float:
+def _derate(state: DeviceState, peak: float, own: bool = False) -> float:
     """Effective figure (bandwidth or TFLOPS): the share of the device left by its current
-    utilisation (floored at UTIL_FLOOR) times the clock ratio when the driver reports power
-    throttling."""
+    utilisation (floored at
+    UTIL_FLOOR) times the clock ratio when the driver reports power throttling. ``own``: the
+    instance being re-placed runs on this device, so the utilisation is (at least partly) its
+    own work, which it would not compete with; counting it would make every serving instance
+    look slow on its own devices and move off them for nothing."""
     s = state.sample
     factor = 1.0
-    if s.utilization_gpu_pct is not None:
+    if s.utilization_gpu_pct is not None and not own:
         factor = max(UTIL_FLOOR, 1.0 - s.utilization_gpu_pct / 100.0)
     reasons = " ".join(s.throttle_reasons).lower()
     if any(r in reasons for r in POWER_REASONS) and s.sm_clock_mhz and s.sm_clock_max_mhz:
@@ -188,9 +191,11 @@ def build_fleet(
     *,
     exclude_nodes: Iterable[str] = (),
     promised: Mapping[str, int] | None = None,
+    own: frozenset[str] = frozenset(),
 ) -> Fleet:
     """Candidates and exclusions from the KV's state. ``promised`` maps device ref -> bytes the
-    ledger promised to other instances that the device's telemetry does not show yet."""
+    ledger promised to other instances that the device's telemetry does not show yet; ``own``
+    are the devices the instance being re-placed occupies (see ``_derate``)."""
     excluded_nodes = frozenset(exclude_nodes)
     promised = promised or {}
     kept: list[Device] = []
@@ -217,7 +222,7 @@ def build_fleet(
                 gpu=s.name or s.vendor,
                 # A device that has run stages is planned at the bandwidth it achieved
                 # (projector.calibration), not at its datasheet figure.
-                bandwidth_gbps=state.measured_gbps or _derate(state, peak),
+                bandwidth_gbps=state.measured_gbps or _derate(state, peak, ref in own),
                 calibrated=state.measured_gbps is not None,
                 peak_gbps=peak,
                 total_bytes=total,
@@ -226,7 +231,7 @@ def build_fleet(
                 pci_bus_id=s.pci_bus_id or "",
                 nvlink_peers=peers,
                 promised_bytes=int(promised.get(ref, 0)),
-                tflops=_derate(state, peak_tflops(state)),
+                tflops=_derate(state, peak_tflops(state), ref in own),
             )
         )
     links: dict[tuple[str, str], Link] = {}

@@ -8,6 +8,15 @@ that loses the race re-reads, re-checks its plan against the winner's promises a
 replans. Each plan's reply is stored under its own key (``plans.<instance>.<generation>.<nonce>``)
 before the compare-and-set, and the winning ledger entry names it, so a repeated request with
 the same ``instance_id`` answers exactly the committed plan, even across planners.
+
+The ledger owns generations: a generation is committed *before* its assignments are published
+(workers and the projector act only on the ledger's generation, ``bus.authority``), and the
+entry says whether its assignments are all stored yet (``published``). A publish that fails,
+or a planner that dies between the commit and the publish, leaves ``published=False``: the
+next request for the instance, and every planner's repair pass, publish it again (the same
+Nats-Msg-Ids, so what did land is not stored twice) and then mark it. The ledger and the
+assignments therefore agree after any crash: rolling forward, never back, because some stages
+of the generation may already be loading.
 """
 
 from __future__ import annotations
@@ -21,8 +30,9 @@ from nats.js.kv import KeyValue
 
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
 from shardplane.bus.retry import retrying
+from shardplane.bus.streams import LEDGER_RESERVATIONS_KEY
 
-RESERVATIONS_KEY = "reservations"
+RESERVATIONS_KEY = LEDGER_RESERVATIONS_KEY
 MATERIALISED = frozenset({"loaded", "reserved"})  # a worker holds the memory: telemetry shows it
 DROPPED = frozenset({"released", "failed"})  # an instance that holds nothing any more
 
@@ -35,6 +45,14 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[str, ...]
     ts: float = 0.0
     plan_key: str = ""  # where this generation's reply is stored (written before the commit)
+    # Added for healing (defaults read old entries as they were: published, live).
+    published: bool = True  # every assignment of this generation is stored in PLACEMENTS
+    released: bool = False  # this generation is a release: the instance holds nothing
+    release_nodes: tuple[str, ...] = ()  # nodes this generation tells to unload
+    # Make-before-break (heals): nodes whose release waits until every stage of this
+    # generation is loaded; the repair pass publishes it then (or after a bound).
+    deferred_releases: tuple[str, ...] = ()
+    request: PlacementRequest | None = None  # what was asked (the controller re-sends it)
 
 
 class LedgerDoc(msgspec.Struct, frozen=True, kw_only=True):
@@ -177,3 +195,49 @@ async def stored_reply(kv: KeyValue, key: str) -> PlacementReply | None:
         return _reply_dec.decode(entry.value)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
+
+
+async def mark_published(kv: KeyValue, instance_id: str, generation: int) -> bool:
+    """Set ``published`` on the instance's entry if it is still at ``generation``; False when
+    it moved on (then that newer generation's own publisher marks it)."""
+    for _attempt in range(50):
+        doc, revision = await read(kv)
+        entry = doc.instances.get(instance_id)
+        if entry is None or entry.generation != generation:
+            return False
+        if entry.published:
+            return True
+        instances = dict(doc.instances)
+        instances[instance_id] = msgspec.structs.replace(entry, published=True)
+        try:
+            await commit(kv, LedgerDoc(instances=instances), revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return True
+    return False
+
+
+async def clear_deferred(kv: KeyValue, instance_id: str, generation: int) -> bool:
+    """Drop the deferred releases of the instance's entry (they were published)."""
+    for _attempt in range(50):
+        doc, revision = await read(kv)
+        entry = doc.instances.get(instance_id)
+        if entry is None or entry.generation != generation or not entry.deferred_releases:
+            return False
+        instances = dict(doc.instances)
+        instances[instance_id] = msgspec.structs.replace(entry, deferred_releases=())
+        try:
+            await commit(kv, LedgerDoc(instances=instances), revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return True
+    return False
+
+
+def unpublished(doc: LedgerDoc, older_than: float) -> list[tuple[str, LedgerEntry]]:
+    """Entries committed before ``older_than`` whose assignments are not all stored yet."""
+    return [
+        (inst, entry)
+        for inst, entry in sorted(doc.instances.items())
+        if not entry.published and entry.ts < older_than
+    ]

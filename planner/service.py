@@ -39,16 +39,20 @@ from shardplane.bus.messages import (
     NodeState,
     PlacementReply,
     PlacementRequest,
+    ReleaseReply,
+    ReleaseRequest,
     ShardAssignment,
+    Stage,
 )
 from shardplane.bus.retry import retrying
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
 from shardplane.bus.watchguard import guard_watch
-from shardplane.planner import ledger
+from shardplane.planner import ledger, lifecycle
 from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.hf import CheckpointError
+from shardplane.planner.moves import bytes_moved, keep_resident
 from shardplane.planner.plan import Outcome, PlanError, plan
 from shardplane.planner.profile import ModelProfile
 
@@ -67,6 +71,7 @@ ERROR_STATUS = {
     "no_devices": "503",
     "timeout": "504",
     "internal": "500",
+    "not_found": "404",
 }
 
 
@@ -199,7 +204,7 @@ class Planner:
         # Checkpoints are read from disk (headers only); keep that off the event loop.
         return await asyncio.to_thread(resolve, req.model)
 
-    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
         """JetStream publish with our own retries through a leader election: nats-py does not
         retry a publish that got no answer, and the same Nats-Msg-Id makes a retry safe."""
         await retrying(
@@ -210,13 +215,32 @@ class Planner:
     async def _put_plan(self, key: str, body: bytes) -> None:
         await retrying(lambda: self.ledger_kv.put(key, body), "ledger plan write")
 
-    def _fleet(self, req: PlacementRequest, promised: dict[str, int]) -> Fleet:
+    def _fleet(
+        self, req: PlacementRequest, promised: dict[str, int], own: frozenset[str] = frozenset()
+    ) -> Fleet:
         return build_fleet(
             self.cache.judged_devices(),
             self.cache.nodes,
             exclude_nodes=req.exclude_nodes,
             promised=promised,
+            own=own,
         )
+
+    def instance_ready(self, instance_id: str, generation: int) -> bool:
+        """Every stage of ``generation`` loaded or reserved, as the KV shows it."""
+        state = self.cache.instances.get(instance_id)
+        return (
+            state is not None
+            and state.generation == generation
+            and len(state.stages) == state.stage_count
+            and all(s.state in ledger.MATERIALISED for s in state.stages)
+        )
+
+    async def _own_stages(self, previous: ledger.LedgerEntry) -> tuple[Stage, ...]:
+        """The stages the instance holds now (its stored reply): its own load on those devices
+        must not count against them, and a heal keeps what it can of them."""
+        stored = await ledger.stored_reply(self.ledger_kv, previous.plan_key)
+        return stored.stages if stored is not None else ()
 
     # -- the request ---------------------------------------------------------------------------
 
@@ -266,9 +290,15 @@ class Planner:
         for _attempt in range(MAX_COMMIT_ATTEMPTS):
             doc, revision = await ledger.read(self.ledger_kv)
             previous = doc.instances.get(instance_id) if req.instance_id else None
-            if previous is not None and previous.fingerprint == fp and not req.dry_run:
-                same = await self._same_plan(previous)
+            live = previous is not None and not previous.released
+            if live and previous is not None and previous.fingerprint == fp and not req.dry_run:
+                same = None if req.heal else await self._same_plan(previous)
                 if same is not None:
+                    if not previous.published:  # a failed or interrupted publish: finish it
+                        await self.publish_generation(
+                            same, previous.release_nodes, previous.plan_key
+                        )
+                        await ledger.mark_published(self.ledger_kv, instance_id, same.generation)
                     return same
             promised = ledger.promised_bytes(
                 doc,
@@ -276,7 +306,8 @@ class Planner:
                 instances=self.cache.instances,
                 devices=self.cache.devices,
             )
-            fleet = self._fleet(req, promised)
+            own = await self._own_stages(previous) if live and previous is not None else ()
+            fleet = self._fleet(req, promised, own=frozenset(st.device for st in own))
             problem = Problem(
                 profile=profile,
                 fleet=fleet,
@@ -308,19 +339,32 @@ class Planner:
                         f"{d} ({r})" for d, r in fleet.excluded[:8]
                     )
                 raise
+            if own:  # re-placing a live instance: phase 2 keeps what is loaded where it can
+                outcome = keep_resident(problem, outcome, own, req.move_slack)
             generation = (previous.generation + 1) if previous is not None else 1
             reply = self._reply(req, instance_id, generation, model, outcome, fleet)
+            if own or req.heal:
+                moved, kept = bytes_moved(own, reply.stages)
+                reply = msgspec.structs.replace(reply, bytes_moved=moved, bytes_kept=kept)
             if req.dry_run:
                 return msgspec.structs.replace(reply, generation=0)
             key = ledger.plan_key(instance_id, generation, secrets.token_hex(4))
+            nodes = tuple(dict.fromkeys(s.node for s in outcome.stages))
+            # Committed unpublished: the ledger owns the generation before anyone acts on it.
             entry = ledger.LedgerEntry(
                 generation=generation,
                 model=model,
                 fingerprint=fp,
                 devices=_promise(outcome),
-                nodes=tuple(dict.fromkeys(s.node for s in outcome.stages)),
+                nodes=nodes,
                 ts=time.time(),
                 plan_key=key,
+                published=False,
+                # A heal makes before it breaks: the nodes it leaves keep serving until the
+                # new generation is loaded (lifecycle.release_deferred).
+                release_nodes=() if req.heal else _dropped(previous, nodes),
+                deferred_releases=_dropped(previous, nodes) if req.heal else (),
+                request=msgspec.structs.replace(req, instance_id=instance_id, heal=False),
             )
             instances = dict(doc.instances)
             instances[instance_id] = entry
@@ -336,7 +380,18 @@ class Planner:
             if previous is not None and previous.plan_key:
                 with contextlib.suppress(Exception):
                     await self.ledger_kv.purge(previous.plan_key)
-            await self._assign(reply, previous)
+            try:
+                await self.publish_generation(reply, entry.release_nodes, key)
+            except Exception as exc:
+                log.warning("publishing %s generation %d failed: %r", instance_id, generation, exc)
+                raise PlanError(
+                    "internal",
+                    f"generation {generation} of {instance_id} is committed in the ledger but "
+                    f"its assignments were not all published ({type(exc).__name__}: {exc}); "
+                    "the planner keeps retrying the publish, and re-sending this request "
+                    "retries it at once",
+                ) from exc
+            await ledger.mark_published(self.ledger_kv, instance_id, generation)
             return reply
         raise PlanError(
             "conflict", f"the ledger changed under {MAX_COMMIT_ATTEMPTS} attempts in a row; retry"
@@ -388,7 +443,12 @@ class Planner:
             bound_ms=outcome.bound_ms,
         )
 
-    async def _assign(self, reply: PlacementReply, previous: ledger.LedgerEntry | None) -> None:
+    async def publish_generation(
+        self, reply: PlacementReply, release_nodes: tuple[str, ...], plan_key: str
+    ) -> None:
+        """Publish a committed generation: a stage assignment per stage and a release for each
+        node that held the instance before and holds nothing now. Msg-Ids are the generation's
+        own, so publishing it again (repair, re-send) stores nothing twice."""
         assert reply.instance_id is not None and reply.model is not None
         now = time.time()
         count = len(reply.stages)
@@ -412,39 +472,62 @@ class Planner:
                 embeddings=s.embeddings,
                 head=s.head,
                 ts=now,
+                plan_key=plan_key,
             )
             jobs.append(
-                self._publish(
+                self.publish(
                     subjects.assigned(s.node),
                     codec.encode(msg),
                     f"{reply.instance_id}-g{reply.generation}-s{i}",
                 )
             )
-        if previous is not None:
-            holding = {s.node for s in reply.stages}
-            for node in previous.nodes:
-                if node in holding:
-                    continue
-                msg = ShardAssignment(
-                    instance_id=reply.instance_id,
-                    generation=reply.generation,
-                    node=node,
-                    model=reply.model,
-                    stage_count=count,
-                    layers_total=total,
-                    release=True,
-                    ts=now,
+        holding = {s.node for s in reply.stages}
+        for node in release_nodes:
+            if node in holding:
+                continue
+            msg = ShardAssignment(
+                instance_id=reply.instance_id,
+                generation=reply.generation,
+                node=node,
+                model=reply.model,
+                stage_count=max(1, count),
+                layers_total=total,
+                release=True,
+                ts=now,
+                plan_key=plan_key,
+            )
+            jobs.append(
+                self.publish(
+                    subjects.assigned(node),
+                    codec.encode(msg),
+                    f"{reply.instance_id}-g{reply.generation}-release-{node}",
                 )
-                jobs.append(
-                    self._publish(
-                        subjects.assigned(node),
-                        codec.encode(msg),
-                        f"{reply.instance_id}-g{reply.generation}-release-{node}",
-                    )
-                )
+            )
         await asyncio.gather(*jobs)
 
     # -- the wire ------------------------------------------------------------------------------
+
+    async def on_release(self, request: Request) -> None:
+        """``placement.release``: JSON or MessagePack in, the same encoding out."""
+        data = request.data
+        encoding = codec.sniff_encoding(data, (request.headers or {}).get("Content-Type"))
+        try:
+            req = codec.decode(ReleaseRequest, data, encoding)
+        except DecodeError as exc:
+            reply = ReleaseReply(
+                ok=False, error=ErrorInfo(code="invalid_request", message=str(exc))
+            )
+        else:
+            reply = await lifecycle.release(self, req.instance_id)
+        body = codec.encode(reply, encoding)
+        if reply.ok or reply.error is None:
+            await request.respond(body)
+        else:
+            await request.respond_error(
+                ERROR_STATUS.get(reply.error.code, "500"),
+                f"{reply.error.code}: {reply.error.message}"[:1024],
+                data=body,
+            )
 
     async def on_request(self, request: Request) -> None:
         data = request.data
@@ -474,6 +557,15 @@ def _warm_solver() -> None:
     import shardplane.planner.solver  # noqa: F401  # pyright: ignore[reportUnusedImport]
 
 
+def _dropped(previous: ledger.LedgerEntry | None, nodes: tuple[str, ...]) -> tuple[str, ...]:
+    """Nodes that held the instance and hold none of its new generation: they get a release
+    (with the releases the previous generation still owed: it never got to send them)."""
+    if previous is None or previous.released:
+        return ()
+    held = (*previous.nodes, *previous.deferred_releases)
+    return tuple(n for n in dict.fromkeys(held) if n not in nodes)
+
+
 def _promise(outcome: Outcome) -> dict[str, int]:
     return {s.device: s.memory_bytes for s in outcome.stages}
 
@@ -494,6 +586,11 @@ def _stats_data(cache: StateCache, endpoint: object) -> dict[str, int]:
     return endpoint_data(cache)
 
 
+async def _background(planner: Planner, state_kv: KeyValue, halt: asyncio.Event) -> None:
+    """The state cache's watch and the ledger's repair pass, until ``halt``."""
+    await asyncio.gather(planner.cache.follow(state_kv, halt), lifecycle.repair_loop(planner, halt))
+
+
 async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], asyncio.Event]:
     """Provision, start the cache and the service; returns what ``run_planner`` tears down."""
     js = nc.jetstream()
@@ -502,8 +599,8 @@ async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], a
     ledger_kv = await js.key_value(LEDGER)
     cache = StateCache()
     halt = asyncio.Event()
-    follower = asyncio.create_task(cache.follow(state_kv, halt))
     planner = Planner(nc, js, cache, ledger_kv)
+    follower = asyncio.create_task(_background(planner, state_kv, halt))
     service = await add_service(
         nc,
         name=SERVICE_NAME,
@@ -519,6 +616,12 @@ async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], a
         name="request",
         subject=subjects.PLACEMENT_REQUEST,
         handler=planner.on_request,
+        metadata={},
+    )
+    await service.add_endpoint(
+        name="release",
+        subject=subjects.PLACEMENT_RELEASE,
+        handler=planner.on_release,
         metadata={},
     )
     return planner, service, follower, halt

@@ -38,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--serial-rounds", action="store_true", help="write each round before applying the next"
     )
+    parser.add_argument(
+        "--no-verify-generations",
+        action="store_true",
+        help="apply assignments the planner's ledger does not name (hand-made test traffic)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -57,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_batches=args.batches,
         direct_delivery=not args.no_direct,
         overlap_rounds=not args.serial_rounds,
+        verify_generations=not args.no_verify_generations,
     )
 
     async def run() -> None:

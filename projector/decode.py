@@ -10,18 +10,26 @@ from __future__ import annotations
 import msgspec
 
 from shardplane.bus import subjects
-from shardplane.bus.messages import DeviceSample, NodeHeartbeat, ShardAssignment, ShardStatus
+from shardplane.bus.messages import (
+    DeviceSample,
+    InstanceHealth,
+    NodeHeartbeat,
+    ShardAssignment,
+    ShardStatus,
+)
 from shardplane.projector.reducer import Event
 
 _SAMPLE = msgspec.msgpack.Decoder(DeviceSample)
 _HEARTBEAT = msgspec.msgpack.Decoder(NodeHeartbeat)
 _ASSIGNMENT = msgspec.msgpack.Decoder(ShardAssignment)
 _STATUS = msgspec.msgpack.Decoder(ShardStatus)
+_HEALTH = msgspec.msgpack.Decoder(InstanceHealth)
 
 _GPU = subjects.TELEMETRY_GPU.split(".")
 _NODE = subjects.TELEMETRY_NODE.split(".")
 _ASSIGNED = subjects.PLACEMENT_ASSIGNED.split(".")
 _STATUS_PREFIX = subjects.SHARD_STATUS.split(".")
+_HEALTH_PREFIX = subjects.PLACEMENT_HEALTH.split(".")
 
 
 class Poison(msgspec.Struct, frozen=True):
@@ -69,6 +77,15 @@ def decode_event(subject: str, data: bytes) -> Event | Poison:
                     f"{status.node} for {status.instance_id}"
                 )
             return status
+        if tokens[:2] == _HEALTH_PREFIX and len(tokens) == 3:
+            if not data:
+                return Poison("empty payload; expected an InstanceHealth")
+            health = _HEALTH.decode(data)
+            if health.instance_id != tokens[2]:
+                return Poison(
+                    f"subject names instance {tokens[2]} but the verdict is on {health.instance_id}"
+                )
+            return health
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return Poison(f"invalid payload: {exc}")
     except RecursionError:  # nested past the parser's depth (in a field it would skip)

@@ -26,6 +26,7 @@ from shardplane.bus import subjects
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
+    InstanceHealth,
     InstanceOverall,
     InstanceState,
     NodeHeartbeat,
@@ -40,7 +41,7 @@ from shardplane.projector.calibration import fold as calibration_fold
 from shardplane.projector.calibration import measured_gbps as calibration_gbps
 
 Value = DeviceState | NodeState | InstanceState
-Event = DeviceSample | NodeHeartbeat | ShardAssignment | ShardStatus
+Event = DeviceSample | NodeHeartbeat | ShardAssignment | ShardStatus | InstanceHealth
 
 DEFAULT_INTERVAL_S = 2.0  # NodeHeartbeat.interval_s default: the agent's sample interval
 TTL_FACTOR = 3.0  # offline after this many missed intervals
@@ -363,8 +364,9 @@ def _instance(
     stages: tuple[StageState, ...],
     released_nodes: tuple[str, ...],
     updated: float,
+    health: InstanceState | None = None,
 ) -> InstanceState:
-    return InstanceState(
+    value = InstanceState(
         instance_id=instance_id,
         model=model,
         generation=generation,
@@ -373,6 +375,19 @@ def _instance(
         state=overall_state(stages, stage_count, bool(released_nodes)),
         updated=updated,
         released_nodes=released_nodes,
+    )
+    return _with_health(value, health) if health is not None else value
+
+
+def _with_health(value: InstanceState, source: InstanceState) -> InstanceState:
+    """``value`` with the controller's verdict of ``source`` (verdicts span generations)."""
+    return msgspec.structs.replace(
+        value,
+        health=source.health,
+        health_reason=source.health_reason,
+        health_generation=source.health_generation,
+        health_ts=source.health_ts,
+        health_seq=source.health_seq,
     )
 
 
@@ -418,6 +433,7 @@ def apply_assignment(view: StateView, assignment: ShardAssignment) -> Outcome:
         stages=stages,
         released_nodes=released,
         updated=updated,
+        health=current,
     )
     return NO_CHANGE if value == current else Changes({key: value})
 
@@ -485,10 +501,34 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
         stages=stages,
         released_nodes=current.released_nodes,
         updated=max(current.updated, status.ts),
+        health=current,
     )
     changes: dict[str, Value] = {} if value == current else {key: value}
     changes.update(_calibrate(view, status))
     return Changes(changes) if changes else NO_CHANGE
+
+
+def apply_health(view: StateView, health: InstanceHealth) -> Outcome:
+    """The controller's verdict: the newest by ``(ts, seq)`` wins, whatever the generation (a
+    heal is judged across the old generation and the new one)."""
+    key = subjects.instance_key(health.instance_id)
+    current = view.get(key)
+    if not isinstance(current, InstanceState):
+        return Defer(f"no assignment seen yet for instance {health.instance_id}")
+    if current.health_ts is not None and (health.ts, health.seq) <= (
+        current.health_ts,
+        current.health_seq,
+    ):
+        return NO_CHANGE
+    value = msgspec.structs.replace(
+        current,
+        health=health.state,
+        health_reason=health.reason,
+        health_generation=health.generation,
+        health_ts=health.ts,
+        health_seq=health.seq,
+    )
+    return NO_CHANGE if value == current else Changes({key: value})
 
 
 def _calibrate(view: StateView, status: ShardStatus) -> dict[str, Value]:
@@ -520,6 +560,8 @@ def apply(view: StateView, event: Event, seen: float, now: float, liveness: Live
         return apply_heartbeat(view, event, seen, now, liveness)
     if isinstance(event, ShardAssignment):
         return apply_assignment(view, event)
+    if isinstance(event, InstanceHealth):
+        return apply_health(view, event)
     return apply_status(view, event)
 
 

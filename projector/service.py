@@ -38,18 +38,28 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
-from shardplane.bus import subjects
-from shardplane.bus.messages import InstanceState, NodeState
+from shardplane.bus import authority, subjects
+from shardplane.bus.messages import InstanceState, NodeState, ShardAssignment
 from shardplane.bus.retry import Outage, describe, retrying, transient
-from shardplane.bus.streams import PLACEMENTS, SHARDS, TELEMETRY, provision
+from shardplane.bus.streams import (
+    LEDGER,
+    LEDGER_RESERVATIONS_KEY,
+    PLACEMENTS,
+    SHARDS,
+    TELEMETRY,
+    provision,
+)
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
 from shardplane.projector.reducer import (
+    NO_CHANGE,
     Changes,
     Defer,
     Event,
     Liveness,
+    Outcome,
     Reject,
     Value,
     View,
@@ -102,6 +112,9 @@ class ProjectorConfig:
     atomic_batches: bool = False
     direct_delivery: bool = True  # deliveries and PubAcks straight from the read loop (wire.py)
     overlap_rounds: bool = True  # apply the next round while the last one is being written
+    # Apply an assignment only at the generation the planner's ledger names (bus.authority);
+    # off only where tests publish assignments by hand, without a planner.
+    verify_generations: bool = True
 
 
 @dataclass(slots=True)
@@ -211,11 +224,17 @@ class Projector:
         # a lost server), agents need an interval (and a retry) to get a sample stored again.
         self._hold_until = 0.0
         self._write_outage = Outage("cluster_state writes", log)
+        self._ledger = authority.EMPTY  # the planner's ledger as last seen (a KV watch)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         await provision(self.js)
+        follower = (
+            asyncio.create_task(self._follow_ledger(stop))
+            if self.config.verify_generations
+            else None
+        )
         try:
             while not stop.is_set():
                 if not self.lease.valid() and not await self.lease.acquire(stop):
@@ -237,7 +256,50 @@ class Projector:
                 finally:
                     self.leading.clear()
         finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(BaseException):
+                    await follower
             await self.lease.release()
+
+    async def _follow_ledger(self, stop: asyncio.Event) -> None:
+        """Keep ``_ledger`` current. An assignment that arrives before its commit reached this
+        watch is deferred, not lost (see ``_authorise``)."""
+        while not stop.is_set():
+            try:
+                kv = await self.js.key_value(LEDGER)
+                watcher = await kv.watch(LEDGER_RESERVATIONS_KEY)
+                try:
+                    while not stop.is_set():
+                        try:
+                            entry = await watcher.updates(timeout=1.0)
+                        except nats.errors.TimeoutError:
+                            continue
+                        if isinstance(entry, KeyValue.Entry):
+                            deleted = entry.operation in ("DEL", "PURGE")
+                            self._ledger = authority.decode(None if deleted else entry.value)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+            except Exception as exc:  # the bus is away: watch again
+                log.warning("watching the planner's ledger failed: %r", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    def _authorise(self, event: Event) -> Outcome | None:
+        """An outcome for an assignment the ledger does not name (None: apply it)."""
+        if not self.config.verify_generations or not isinstance(event, ShardAssignment):
+            return None
+        verdict, why = authority.judge(self._ledger, event)
+        if verdict == "current":
+            return None
+        if verdict == "stale":
+            return NO_CHANGE
+        if verdict == "forged":
+            return Reject(why)
+        # Ahead of (or absent from) the ledger as this projector saw it: the commit may not
+        # have reached the watch yet. Retried; dead-lettered with the reason if it never does.
+        return Defer(why)
 
     async def _lead(self, stop: asyncio.Event) -> None:
         self.stats.leaderships += 1
@@ -535,7 +597,9 @@ class Projector:
             if item.event is None:
                 continue
             seen = item.info.timestamp if item.info is not None else time.time()
-            outcome = apply(overlay, item.event, seen, now, self.liveness)
+            outcome = self._authorise(item.event) or apply(
+                overlay, item.event, seen, now, self.liveness
+            )
             if isinstance(outcome, Changes):
                 overlay.update(outcome.values)
                 round_.applied.append(item)

@@ -21,6 +21,8 @@ SUBCOMMANDS = (
     "api",
     "place",
     "generate",
+    "release",
+    "controller",
     "status",
     "demo",
     "bench",
@@ -217,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--timeout", type=float, default=30.0, help="planner answer timeout")
 
+    p = sub.add_parser("release", help="release a placed instance (idempotent)")
+    _common(p)
+    _one_shot(p)
+    p.add_argument("instance_id", help="the instance id a placement answered")
+    p.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+    p = sub.add_parser(
+        "controller", help="re-place instances whose devices fail or degrade (one active replica)"
+    )
+    _common(p)
+
     p = sub.add_parser("status", help="print devices, nodes and instances from the KV")
     _common(p)
     _one_shot(p)
@@ -347,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "creds", None) and args.command != "auth":
         os.environ["NATS_CREDS"] = str(args.creds)
     from shardplane import commands, secure
+    from shardplane import release as release_cmd
 
     handler: Callable[[argparse.Namespace], int] | None = {
         "up": commands.up,
@@ -357,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "api": commands.api,
         "place": commands.place,
         "generate": commands.generate,
+        "release": release_cmd.release,
+        "controller": commands.controller,
         "status": commands.status,
         "demo": commands.demo,
         "models": commands.models,

@@ -93,6 +93,7 @@ async def run_services(
     projector: bool = True,
     planner: bool = True,
     api: bool = True,
+    controller: bool = True,
     fleet: Path | None = None,
     api_host: str = "127.0.0.1",
     api_port: int = 8080,
@@ -139,6 +140,10 @@ async def run_services(
         from shardplane.planner.service import run_planner
 
         tasks.append(asyncio.create_task(run("planner", lambda c: run_planner(c, stop=stop))))
+    if controller:
+        from shardplane.planner.controller import run_controller
+
+        tasks.append(asyncio.create_task(run("controller", lambda c: run_controller(c, stop=stop))))
     if api:
         from shardplane.api.server import run_api
 
@@ -374,6 +379,7 @@ def _single(component: str, args: argparse.Namespace) -> int:
             projector=component == "projector",
             planner=component == "planner",
             api=component == "api",
+            controller=component == "controller",
             fleet=None,
             api_host=getattr(args, "host", "127.0.0.1"),
             api_port=getattr(args, "port", 8080),
@@ -394,6 +400,10 @@ def planner(args: argparse.Namespace) -> int:
 
 def api(args: argparse.Namespace) -> int:
     return _single("api", args)
+
+
+def controller(args: argparse.Namespace) -> int:
+    return _single("controller", args)
 
 
 def agent(args: argparse.Namespace) -> int:

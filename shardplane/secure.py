@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.api.auth import InsecureBinding, check_binding, env_token
 from shardplane.bus import auth
@@ -84,24 +82,16 @@ def api_token(folder: Path) -> str:
 
 
 async def admin_provision(nc: Client) -> None:
-    """Everything the roles may not create themselves: streams, buckets, the projector's lease
-    bucket, and atomic batches on ``cluster_state`` (an update of the stream)."""
-    from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, LEASE_BUCKET
+    """Everything the roles may not create themselves: streams, buckets, the projector's and
+    the controller's lease buckets, and atomic batches on ``cluster_state`` (an update of the
+    stream)."""
+    from shardplane.bus.lease import CONTROLLER_LEASE_BUCKET, LEASE_BUCKET, Lease
 
     js = nc.jetstream()
     await provision(js)
-    try:
-        await js.key_value(LEASE_BUCKET)
-    except (NotFoundError, BadRequestError):
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=LEASE_BUCKET,
-                description="which projector replica writes cluster_state",
-                history=1,
-                ttl=DEFAULT_LEASE_TTL_S,
-                storage=StorageType.FILE,
-            )
-        )
+    # A lease creates its bucket (replicated like the rest) on first use: as admin, here.
+    await Lease(js, bucket=LEASE_BUCKET, role="projector").bucket()
+    await Lease(js, bucket=CONTROLLER_LEASE_BUCKET, role="controller").bucket()
     await allow_atomic_batches(nc, f"KV_{CLUSTER_STATE}")
 
 

@@ -463,6 +463,27 @@ async def test_post_placement_end_to_end(
     ), reply
 
 
+async def test_delete_placement_releases_it_idempotently(
+    api_url: str, http: aiohttp.ClientSession, planner: None
+) -> None:
+    status, placed = await post(
+        http, api_url + "/api/placements", '{"model": "llama-3.1-8b", "instance_id": "del-me"}'
+    )
+    assert status == 200 and placed["ok"], placed
+    async with http.delete(api_url + "/api/placements/del-me") as r:
+        status, reply = r.status, await r.json()
+    assert status == 200 and reply["ok"] and not reply["already"], reply
+    assert reply["generation"] == 2 and reply["released_bytes"] > 0
+    async with http.delete(api_url + "/api/placements/del-me") as r:
+        status, reply = r.status, await r.json()
+    assert status == 200 and reply["already"] is True, reply
+    async with http.delete(api_url + "/api/placements/never-was") as r:
+        status, reply = r.status, await r.json()
+    assert status == 404 and reply["error"]["code"] == "not_found", reply
+    async with http.delete(api_url + "/api/placements/Not%20An%20Id") as r:
+        assert r.status == 400
+
+
 async def test_post_placement_without_planner_is_503(
     api_url: str, http: aiohttp.ClientSession
 ) -> None:

@@ -37,7 +37,8 @@ async def serving_planners(nc: Client, enough: int, collect_s: float = 1.0) -> s
                 break
             info = json.loads(msg.data)
             endpoints = info.get("endpoints") or []
-            if any(e.get("subject") == subjects.PLACEMENT_REQUEST for e in endpoints):
+            served = {e.get("subject") for e in endpoints}
+            if {subjects.PLACEMENT_REQUEST, subjects.PLACEMENT_RELEASE} <= served:
                 serving.add(str(info.get("id")))
     finally:
         await sub.unsubscribe()

@@ -52,6 +52,7 @@ def spawn(url: str, log: Path) -> subprocess.Popen[bytes]:
             [
                 *(sys.executable, "-m", "shardplane.projector", "--nats-url", url),
                 *("--ack-wait", "1.5", "--lease-ttl", "1"),
+                "--no-verify-generations",  # assignments by hand, without a planner
             ],
             cwd=ROOT,
             stdout=out,

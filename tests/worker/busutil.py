@@ -17,8 +17,28 @@ from shardplane.agents.loader import StageSpec, stage_bytes
 from shardplane.agents.worker import Worker
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, ShardAssignment, ShardStatus
+from shardplane.bus.streams import LEDGER, provision
+from shardplane.planner import ledger
 
 _ids = itertools.count()
+
+
+async def authorize(js: JetStreamContext, assignment: ShardAssignment) -> None:
+    """Commit ``assignment``'s generation and plan in the planner's ledger, as a planner does
+    before it publishes (for workers that check generations: run_agents' workers)."""
+    await provision(js)
+    kv = await js.key_value(LEDGER)
+    doc, revision = await ledger.read(kv)
+    instances = dict(doc.instances)
+    instances[assignment.instance_id] = ledger.LedgerEntry(
+        generation=assignment.generation,
+        model=assignment.model,
+        fingerprint="by-hand",
+        devices={},
+        nodes=(assignment.node,),
+        plan_key=assignment.plan_key,
+    )
+    await ledger.commit(kv, ledger.LedgerDoc(instances=instances), revision)
 
 
 async def assign(js: JetStreamContext, assignment: ShardAssignment) -> None:
@@ -132,6 +152,8 @@ async def workers(
 ) -> AsyncIterator[dict[str, Worker]]:
     """Run one Worker per node on ``nc``; stop them all on exit."""
     stop = asyncio.Event()
+    # Assignments by hand, without a planner's ledger: no generation check unless asked for.
+    options.setdefault("verify_generations", False)
     running = {n: Worker(nc, node=n, use_cuda=False, **options) for n in nodes}  # type: ignore[arg-type]
     tasks = [asyncio.create_task(w.run(stop)) for w in running.values()]
     try:

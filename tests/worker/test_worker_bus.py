@@ -261,7 +261,13 @@ async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamC
     held: list[tuple[int, int]] = []
     log = await StatusLog().start(nc)
     stop = asyncio.Event()
-    worker = Worker(nc, node="n1", hold_memory=lambda i, d: held.append((i, d)), use_cuda=False)
+    worker = Worker(
+        nc,
+        node="n1",
+        hold_memory=lambda i, d: held.append((i, d)),
+        use_cuda=False,
+        verify_generations=False,
+    )
     task = asyncio.create_task(worker.run(stop))
     try:
         a = ShardAssignment(
@@ -321,7 +327,9 @@ async def test_telemetry_keeps_flowing_while_a_shard_loads(
     log = await StatusLog().start(nc)
     a = stage(root, "slow", 1, "n1", 0, 1, 0, 4, 4)
     # Throttled so the load lasts ~1.5 s: long enough that a blocked loop would show.
-    worker = Worker(nc, node="n1", use_cuda=False, read_limit_bps=a.weight_bytes / 1.5)
+    worker = Worker(
+        nc, node="n1", use_cuda=False, read_limit_bps=a.weight_bytes / 1.5, verify_generations=False
+    )
     tasks = [asyncio.create_task(telemetry()), asyncio.create_task(worker.run(stop))]
     try:
         await assign(js, a)

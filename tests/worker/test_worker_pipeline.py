@@ -25,7 +25,14 @@ from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
 from shardplane.bus.streams import cluster_state
 from tests.worker import ckpt
-from tests.worker.busutil import StatusLog, assert_interval_kept, assign, stage, until_sample_after
+from tests.worker.busutil import (
+    StatusLog,
+    assert_interval_kept,
+    assign,
+    authorize,
+    stage,
+    until_sample_after,
+)
 
 pytest.importorskip("shardplane.planner.service")
 pytest.importorskip("shardplane.projector.service")
@@ -244,6 +251,7 @@ async def test_agent_telemetry_keeps_its_interval_while_its_worker_loads(
     agent = asyncio.create_task(run_agents(agent_nc, stop=stop, fleet=fleet, interval_s=interval))
     try:
         await asyncio.wait_for(first.wait(), timeout=10)
+        await authorize(js, a)  # run_agents' workers act only on the ledger's generation
         await assign(js, a)
         final = (await log.settled("slow", 1, 1))[0]
         assert final.state == "loaded" and final.bytes_loaded == a.weight_bytes

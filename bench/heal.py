@@ -1,0 +1,389 @@
+"""heal: how fast and how frugally a lost device is healed, and that noise moves nothing.
+
+Two parts, both in one run:
+
+1. **Live** (the demo fleet, and a 64-GPU fleet of 16 simulated nodes): an embedded
+   nats-server with every service of ``shardplane up`` (the controller included) in this
+   process, an instance of a multi-stage model placed and reserved; then one stage's device
+   vanishes (``sim.fault.<node>``). ``detect_s``: fault to the controller's ``degraded``
+   verdict (its ``ts``); ``heal_s``: fault to every stage of the new generation loaded or
+   reserved. Targets: detect <= liveness TTL + one sample interval (a vanish is reported by the
+   next sample, no TTL needed); heal <= detect + load time of the moved bytes (0 here: catalog
+   models reserve memory, read nothing) + 2 s. The floor is a raw NATS round trip, same run.
+   ``flaps``: then, with no fault, the instance is watched for ``--watch-s`` seconds of noisy
+   telemetry (the simulator's utilisation noise); every controller decision counts.
+2. **Minimal moves, exhaustively** (the demo fleet's devices without noise): for every stage of
+   the planner's plan, that device is removed; the planner's re-placement (phase 1 + phase 2)
+   moves ``bytes_moved``, and an exhaustive search over which of the surviving stages stay and
+   every device order and layer split for the rest finds ``bytes_minimal`` among all plans
+   within ``(1 + move_slack)`` of the exact optimum (``planner.exact``). Target: ratio <= 1.05.
+
+Last line: JSON with ``detect_s``, ``heal_s``, ``flaps``, ``bytes_ratio_max`` per fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+import shardplane
+from shardplane.bus import codec, subjects
+from shardplane.bus.messages import InstanceHealth, InstanceState, PlacementReply, Stage
+from shardplane.bus.streams import CLUSTER_STATE
+from shardplane.commands import run_services
+from shardplane.natsserver import NatsServer
+from shardplane.planner.catalog import resolve
+from shardplane.planner.cost import Problem, StagePlan, Tables, evaluate
+from shardplane.planner.exact import exact_plan
+from shardplane.planner.fleet import Device, Fleet, build_fleet
+from shardplane.planner.moves import bytes_moved, keep_resident
+from shardplane.planner.plan import plan
+from shardplane.planner.synthetic import HostSpec, states
+
+ROOT = Path(shardplane.__file__).resolve().parent
+DEMO_FLEET = ROOT / "fleets" / "demo.toml"
+INTERVAL_S = 0.5  # sample interval of the live runs
+TTL_S = 3 * INTERVAL_S
+
+BIG_FLEET = """
+seed = 11
+interval_s = 0.5
+[network]
+default_gbps = 25.0
+default_latency_ms = 0.05
+[[nodes]]
+name = "a100"
+gpus = [{ model = "A100-80GB", count = 4 }]
+nvlink = [[0, 1], [2, 3]]
+count = 6
+[[nodes]]
+name = "l40s"
+gpus = [{ model = "L40S", count = 4 }]
+count = 5
+[[nodes]]
+name = "mi"
+gpus = [{ model = "MI250X", count = 4 }]
+count = 5
+"""
+
+DEMO_HOSTS = (
+    HostSpec("rig-a", ("A100-80GB",), links=(("rig-d", 100.0, 0.01), ("rig-b", 25.0, 0.05))),
+    HostSpec("rig-b", ("RTX-4090", "RTX-4090")),
+    HostSpec("rig-c", ("RTX-3060-12GB", "P40")),
+    HostSpec("rig-d", ("MI250X", "MI250X"), nvlink=True),
+)
+
+
+# --- exhaustive minimal moves ------------------------------------------------------------------
+
+
+def _split(
+    problem: Problem, t: Tables, order: Sequence[Device], a: int, b: int, after: Device | None
+) -> tuple[float, list[tuple[int, int]]] | None:
+    """Layers [a, b) over ``order`` (each device at least one layer), minimising the slowest
+    stage with its hop (the last one's hop goes to ``after``); None when nothing fits."""
+    k = len(order)
+    if b - a < k:
+        return None
+    # best[i][x]: the best bottleneck of layers [x, b) over order[i:]
+    best: list[dict[int, tuple[float, int]]] = [{} for _ in range(k + 1)]
+    best[k][b] = (0.0, b)
+    for i in range(k - 1, -1, -1):
+        d = order[i]
+        nxt = order[i + 1] if i + 1 < k else after
+        hop = t.hop(d, nxt) if nxt is not None else 0.0
+        for x in range(a + i, b - (k - i) + 1):
+            for y in range(x + 1, b - (k - i - 1) + 1):
+                if y not in best[i + 1] or t.memory(x, y) > problem.usable(d):
+                    continue
+                v = max(t.stage_ms(d, x, y) + hop, best[i + 1][y][0])
+                if x not in best[i] or v < best[i][x][0]:
+                    best[i][x] = (v, y)
+    if a not in best[0]:
+        return None
+    ranges: list[tuple[int, int]] = []
+    x = a
+    for i in range(k):
+        y = best[i][x][1]
+        ranges.append((x, y))
+        x = y
+    return best[0][a][0], ranges
+
+
+def _fill(
+    problem: Problem,
+    t: Tables,
+    kept: list[StagePlan],
+    segments: list[tuple[int, int]],
+    pool: list[Device],
+    limit: float,
+) -> bool:
+    """Whether the segments can be covered by disjoint orders of ``pool`` so that the whole
+    plan is within ``limit`` (every order tried: exhaustive)."""
+    if not segments:
+        plan_ = tuple(sorted(kept, key=lambda s: s.layer_start))
+        ev = evaluate(problem, plan_, t)
+        return ev.ok and ev.step_ms <= limit
+    (a, b), rest = segments[0], segments[1:]
+    after = next(
+        (s.device for s in sorted(kept, key=lambda s: s.layer_start) if s.layer_start == b), None
+    )
+    for k in range(1, min(len(pool), b - a, problem.stage_limit) + 1):
+        for order in itertools.permutations(pool, k):
+            got = _split(problem, t, order, a, b, after)
+            if got is None or got[0] > limit:
+                continue
+            stages = [StagePlan(d, x, y) for d, (x, y) in zip(order, got[1], strict=True)]
+            left = [d for d in pool if d not in order]
+            if _fill(problem, t, kept + stages, rest, left, limit):
+                return True
+    return False
+
+
+def minimal_moved(problem: Problem, previous: Sequence[Stage], slack: float) -> int:
+    """The fewest weight bytes any plan within ``(1 + slack)`` of the exact optimum loads,
+    given what ``previous`` holds: the subsets of surviving stages to keep, most bytes first."""
+    t = Tables(problem)
+    optimum = exact_plan(problem)
+    assert optimum is not None
+    limit = evaluate(problem, optimum, t).step_ms * (1.0 + slack) + 1e-9
+    total = t.weights(0, problem.layers)
+    devices = {d.ref: d for d in problem.devices}
+    alive = [s for s in previous if s.device in devices]
+    subsets = sorted(
+        (c for r in range(len(alive), 0, -1) for c in itertools.combinations(alive, r)),
+        key=lambda c: -sum(t.weights(s.layer_start, s.layer_end) for s in c),
+    )
+    for subset in subsets:
+        kept = [StagePlan(devices[s.device], s.layer_start, s.layer_end) for s in subset]
+        cuts = sorted((s.layer_start, s.layer_end) for s in subset)
+        segments: list[tuple[int, int]] = []
+        x = 0
+        for a, b in cuts:
+            if a > x:
+                segments.append((x, a))
+            x = b
+        if x < problem.layers:
+            segments.append((x, problem.layers))
+        pool = [d for d in problem.devices if d.ref not in {s.device for s in subset}]
+        if _fill(problem, t, kept, segments, pool, limit):
+            return total - sum(t.weights(s.layer_start, s.layer_end) for s in subset)
+    return total
+
+
+def minimal_moves_table(model: str, slack: float = 0.05) -> list[dict[str, object]]:
+    devices, nodes = states(DEMO_HOSTS)
+    full = build_fleet(devices, nodes)
+    before = Problem(resolve(model), full, 8192, 1)
+    previous = plan(before, method="cp-sat").stages
+    rows: list[dict[str, object]] = []
+    for lost in previous:
+        fleet = Fleet(
+            devices=tuple(d for d in full.devices if d.ref != lost.device),
+            excluded=(),
+            node_links=full.node_links,
+        )
+        problem = Problem(resolve(model), fleet, 8192, 1)
+        phase1 = plan(problem, method="cp-sat")
+        chosen = keep_resident(problem, phase1, previous, slack)
+        moved, _kept = bytes_moved(previous, chosen.stages)
+        minimal = minimal_moved(problem, previous, slack)
+        rows.append(
+            {
+                "lost": lost.device,
+                "bytes_moved": moved,
+                "bytes_minimal": minimal,
+                "ratio": (moved / minimal) if minimal else (1.0 if moved == 0 else math.inf),
+                "phase1_moved": bytes_moved(previous, phase1.stages)[0],
+            }
+        )
+    return rows
+
+
+# --- live ----------------------------------------------------------------------------------------
+
+
+async def _instance(nc: Client, instance_id: str) -> InstanceState | None:
+    kv = await nc.jetstream().key_value(CLUSTER_STATE)
+    try:
+        entry = await kv.get(subjects.instance_key(instance_id))
+    except Exception:
+        return None
+    return codec.decode(InstanceState, entry.value) if entry.value else None
+
+
+def _ready(s: InstanceState | None, generation: int) -> bool:
+    return (
+        s is not None
+        and s.generation >= generation
+        and len(s.stages) == s.stage_count
+        and all(st.state in ("loaded", "reserved") for st in s.stages)
+    )
+
+
+async def _until(nc: Client, instance_id: str, generation: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _ready(await _instance(nc, instance_id), generation):
+            return time.time()
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{instance_id} generation {generation} not ready in {timeout:.0f} s")
+
+
+async def _rtt_floor(nc: Client) -> float:
+    async def echo(msg: Msg) -> None:
+        await msg.respond(b"")
+
+    sub = await nc.subscribe("bench.heal.echo", cb=echo)
+    times: list[float] = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        await nc.request("bench.heal.echo", b"", timeout=5)
+        times.append((time.perf_counter() - t0) * 1000)
+    await sub.unsubscribe()
+    return statistics.median(times)
+
+
+async def live(fleet: Path, model: str, devices: int, watch_s: float) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as store:
+        server = NatsServer(store_dir=Path(store))
+        await asyncio.to_thread(server.start)
+        stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            tasks = await run_services(
+                server.url, stop, fleet=fleet, api=False, interval_s=INTERVAL_S, ttl_s=TTL_S
+            )
+            nc = await nats.connect(server.url)
+            try:
+                return await _scenario(nc, model, devices, watch_s)
+            finally:
+                await nc.close()
+        finally:
+            stop.set()
+            if tasks:
+                await asyncio.wait(tasks, timeout=20)
+            await asyncio.to_thread(server.stop)
+
+
+async def _wait_devices(nc: Client, count: int) -> None:
+    kv = await nc.jetstream().key_value(CLUSTER_STATE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            keys = [k for k in await kv.keys() if k.startswith("devices.")]
+        except Exception:
+            keys = []
+        if len(keys) >= count:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"fewer than {count} devices reported")
+
+
+async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dict[str, object]:
+    await _wait_devices(nc, devices)
+    floor_ms = await _rtt_floor(nc)
+    verdicts: list[InstanceHealth] = []
+
+    async def on_health(msg: Msg) -> None:
+        verdicts.append(codec.decode(InstanceHealth, msg.data))
+
+    await nc.subscribe(f"{subjects.PLACEMENT_HEALTH}.>", cb=on_health)
+    body = json.dumps({"model": model, "instance_id": "bench-heal", "time_limit_s": 10}).encode()
+    reply = PlacementReply(ok=False)
+    for _attempt in range(50):  # the planner may still be starting
+        try:
+            msg = await nc.request(subjects.PLACEMENT_REQUEST, body, timeout=60)
+        except Exception:
+            await asyncio.sleep(0.2)
+            continue
+        reply = codec.decode(PlacementReply, msg.data, "json")
+        break
+    if not reply.ok:
+        raise RuntimeError(f"placement failed: {reply.error}")
+    await _until(nc, "bench-heal", reply.generation, 60)
+    # Noise only first: every decision while nothing is wrong is a flap.
+    await asyncio.sleep(watch_s)
+    flaps = len(verdicts)
+    lost = reply.stages[len(reply.stages) // 2]
+    node, index = lost.device.split("/")
+    fault_at = time.time()
+    await nc.request(
+        subjects.sim_fault(node),
+        json.dumps({"kind": "vanish", "device": int(index)}).encode(),
+        timeout=10,
+    )
+    healed_at = await _until(nc, "bench-heal", reply.generation + 1, 120)
+    degraded = [v for v in verdicts[flaps:] if v.state == "degraded"]
+    detect_s = (degraded[0].ts - fault_at) if degraded else math.nan
+    state = await _instance(nc, "bench-heal")
+    assert state is not None
+    healing = [v for v in verdicts if v.state == "healing"]
+    moved_text = healing[-1].reason if healing else ""
+    return {
+        "devices": devices,
+        "stages": len(reply.stages),
+        "lost": lost.device,
+        "detect_s": round(detect_s, 3),
+        "heal_s": round(healed_at - fault_at, 3),
+        "detect_target_s": TTL_S + INTERVAL_S,
+        "heal_target_s": round(detect_s + 2.0, 3),
+        "flaps": flaps,
+        "watch_s": watch_s,
+        "rtt_floor_ms": round(floor_ms, 3),
+        "moved": moved_text,
+    }
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardplane bench heal")
+    parser.add_argument("--watch-s", type=float, default=None, help="noise-only watch per fleet")
+    args = parser.parse_args(argv or [])
+    watch_s = args.watch_s if args.watch_s is not None else (20.0 if quick else 600.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big.toml"
+        big.write_text(BIG_FLEET)
+        runs = {
+            "demo": asyncio.run(live(DEMO_FLEET, "llama-3.1-70b-q8", 7, watch_s)),
+            "fleet64": asyncio.run(live(big, "llama-3.1-405b-q4", 64, watch_s)),
+        }
+    print("live: vanish one stage's device (seconds; floor = raw NATS round trip)")
+    print(
+        f"{'fleet':<8} {'stages':>6} {'detect':>7} {'target':>7} {'heal':>7} {'target':>7} {'flaps':>5} {'floor ms':>8}"
+    )
+    for name, r in runs.items():
+        print(
+            f"{name:<8} {r['stages']:>6} {r['detect_s']:>7} {r['detect_target_s']:>7} "
+            f"{r['heal_s']:>7} {r['heal_target_s']:>7} {r['flaps']:>5} {r['rtt_floor_ms']:>8}"
+        )
+        print(f"         {r['moved']}")
+    rows = minimal_moves_table("llama-3.1-70b-q8")
+    print("\nminimal moves on the demo fleet (noise-free), each stage's device lost in turn (GB)")
+    print(f"{'lost':<10} {'moved':>8} {'minimal':>8} {'ratio':>6} {'phase 1 alone':>13}")
+    for row in rows:
+        print(
+            f"{row['lost']!s:<10} {int(row['bytes_moved']) / 1e9:>8.2f} "  # pyright: ignore[reportArgumentType]
+            f"{int(row['bytes_minimal']) / 1e9:>8.2f} {float(row['ratio']):>6.3f} "  # pyright: ignore[reportArgumentType]
+            f"{int(row['phase1_moved']) / 1e9:>13.2f}"  # pyright: ignore[reportArgumentType]
+        )
+    figures = {
+        f"{name}_{key}": r[key]
+        for name, r in runs.items()
+        for key in ("detect_s", "heal_s", "flaps", "rtt_floor_ms")
+    }
+    figures["watch_s"] = watch_s
+    figures["bytes_ratio_max"] = max(float(r["ratio"]) for r in rows)  # pyright: ignore[reportArgumentType]
+    print(json.dumps(figures))
+    return 0

@@ -1,0 +1,316 @@
+"""Instances that heal, end to end on the simulated demo fleet over a real NATS server: release,
+a vanished device re-placed by the controller with minimal moves, a forged generation that
+cannot take an id over, and a failed publish that the ledger repairs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from shardplane.bus import authority, codec, subjects
+from shardplane.bus.messages import (
+    InstanceState,
+    PlacementReply,
+    ReleaseReply,
+    ShardAssignment,
+    ShardStatus,
+)
+from shardplane.bus.streams import CLUSTER_STATE, LEDGER, PLACEMENTS, provision
+from shardplane.planner import ledger
+from tests.e2e.helpers import running, wait_devices
+from tests.planner.ready import wait_planners
+
+
+async def place(nc: Client, **body: object) -> PlacementReply:
+    msg = await nc.request(subjects.PLACEMENT_REQUEST, json.dumps(body).encode(), timeout=60)
+    return codec.decode(PlacementReply, msg.data, "json")
+
+
+async def release(nc: Client, instance_id: str) -> ReleaseReply:
+    body = json.dumps({"instance_id": instance_id}).encode()
+    msg = await nc.request(subjects.PLACEMENT_RELEASE, body, timeout=30)
+    return codec.decode(ReleaseReply, msg.data, "json")
+
+
+async def instance(nc: Client, instance_id: str) -> InstanceState | None:
+    kv = await nc.jetstream().key_value(CLUSTER_STATE)
+    try:
+        entry = await kv.get(subjects.instance_key(instance_id))
+    except Exception:
+        return None
+    return codec.decode(InstanceState, entry.value) if entry.value else None
+
+
+async def until_instance(
+    nc: Client,
+    instance_id: str,
+    check: Callable[[InstanceState], bool],
+    what: str,
+    timeout: float = 60.0,
+) -> InstanceState:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await instance(nc, instance_id)
+        if last is not None and check(last):
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{instance_id}: {what} not reached in {timeout:.0f} s; last: {last}")
+
+
+def ready(generation: int) -> Callable[[InstanceState], bool]:
+    def ok(s: InstanceState) -> bool:
+        return (
+            s.generation == generation
+            and len(s.stages) == s.stage_count
+            and all(st.state in ("loaded", "reserved") for st in s.stages)
+        )
+
+    return ok
+
+
+async def test_release_frees_memory_and_is_idempotent(nats_url: str, nc: Client) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="rel-8b")
+        assert reply.ok, reply.error
+        await until_instance(nc, "rel-8b", ready(1), "loaded")
+        kv = await nc.jetstream().key_value(LEDGER)
+        doc, _ = await ledger.read(kv)
+        promised = sum(doc.instances["rel-8b"].devices.values())
+        assert promised > 0
+
+        first = await release(nc, "rel-8b")
+        assert first.ok and not first.already, first
+        assert first.generation == 2 and first.released_bytes == promised
+        assert set(first.nodes) == {s.node for s in reply.stages}
+        state = await until_instance(nc, "rel-8b", lambda s: s.state == "released", "released")
+        assert state.generation == 2 and state.stages == ()
+        doc, _ = await ledger.read(kv)
+        assert doc.instances["rel-8b"].devices == {} and doc.instances["rel-8b"].released
+
+        again = await release(nc, "rel-8b")
+        assert again.ok and again.already and again.generation == 2, again
+        missing = await release(nc, "never-placed")
+        assert not missing.ok and missing.error is not None
+        assert missing.error.code == "not_found"
+        # The id lives on: placing it again numbers above the release.
+        back = await place(nc, model="llama-3.1-8b", instance_id="rel-8b")
+        assert back.ok and back.generation == 3, back
+        await until_instance(nc, "rel-8b", ready(3), "loaded again")
+
+
+async def test_forged_generation_cannot_freeze_an_id(nats_url: str, nc: Client) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="forge")
+        assert reply.ok, reply.error
+        await until_instance(nc, "forge", ready(1), "loaded")
+        stage = reply.stages[0]
+        forged = ShardAssignment(
+            instance_id="forge",
+            generation=99,
+            node=stage.node,
+            model="llama-3.1-8b",
+            device=stage.device,
+            layer_start=0,
+            layer_end=32,
+            layers_total=32,
+            ts=time.time(),
+        )
+        js = nc.jetstream()
+        deadletters = await nc.subscribe(f"{subjects.DEADLETTER}.>")
+        await js.publish(subjects.assigned(stage.node), codec.encode(forged))
+        # The worker rejects it and reports it (dead letter with the reason).
+        msg = await deadletters.next_msg(timeout=20)
+        assert msg.headers is not None and "ledger" in json.dumps(msg.headers), msg.headers
+        # A new placement of the id still works: generation 2 is the ledger's, and it loads.
+        moved = await place(
+            nc, model="llama-3.1-8b", instance_id="forge", exclude_nodes=[stage.node]
+        )
+        assert moved.ok and moved.generation == 2, moved
+        state = await until_instance(nc, "forge", ready(2), "generation 2 loaded")
+        assert all(s.node != stage.node for s in state.stages)
+        view = authority.decode((await (await js.key_value(LEDGER)).get("reservations")).value)
+        assert view.instances["forge"].generation == 2
+
+
+async def test_failed_publish_is_repaired(nats_url: str, nc: Client) -> None:
+    """The planner commits, then publishes: a publish that fails leaves the ledger saying so
+    and the reply says so; a planner started later (repair on restart) publishes that same
+    generation, and a re-send answers it without a new one."""
+    js = nc.jetstream()
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        await js.delete_stream(PLACEMENTS)  # every assignment publish now fails
+        failed = await place(nc, model="llama-3.1-8b", instance_id="pub")
+        assert not failed.ok and failed.error is not None
+        assert failed.error.code == "internal" and "committed" in failed.error.message
+        kv = await js.key_value(LEDGER)
+        doc, _ = await ledger.read(kv)
+        entry = doc.instances["pub"]
+        assert entry.generation == 1 and not entry.published
+    await provision(js)  # the stream is back; everything restarts against it
+    async with running(nats_url):
+        # No request: the new planner's repair pass publishes generation 1 by itself.
+        await until_instance(nc, "pub", ready(1), "loaded after the repair", timeout=90)
+        doc, _ = await ledger.read(kv)
+        assert doc.instances["pub"].published and doc.instances["pub"].generation == 1
+        again = await place(nc, model="llama-3.1-8b", instance_id="pub")
+        assert again.ok and again.generation == 1, again
+
+
+async def test_controller_heals_a_vanished_device_with_minimal_moves(
+    nats_url: str, nc: Client
+) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-70b-q8", instance_id="heal")
+        assert reply.ok, reply.error
+        assert len(reply.stages) >= 2, reply.stages
+        await until_instance(nc, "heal", ready(1), "loaded")
+        lost = reply.stages[-1]
+        node, index = lost.device.split("/")
+        body = json.dumps({"kind": "vanish", "device": int(index)}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        healed = await until_instance(
+            nc, "heal", lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
+        )
+        assert all(s.device != lost.device for s in healed.stages)
+        kv = await nc.jetstream().key_value(LEDGER)
+        doc, _ = await ledger.read(kv)
+        stored = await ledger.stored_reply(kv, doc.instances["heal"].plan_key)
+        assert stored is not None and stored.bytes_moved is not None
+        kept = {(s.device, s.layer_start, s.layer_end) for s in reply.stages}
+        assert stored.bytes_kept == sum(
+            s.weight_bytes for s in stored.stages if (s.device, s.layer_start, s.layer_end) in kept
+        )
+        # Every byte of the new plan is either loaded anew or kept where it was (the pure
+        # minimal-move choice is tested in tests/planner/test_moves.py).
+        total = sum(s.weight_bytes for s in stored.stages)
+        assert stored.bytes_moved + (stored.bytes_kept or 0) == total
+        assert stored.bytes_moved >= lost.weight_bytes
+
+
+async def _fault_moves_instance(nc: Client, nats_url: str, kind: str, instance_id: str) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        # One stage: the device the fault hits holds the whole model.
+        reply = await place(nc, model="llama-3.1-8b", instance_id=instance_id, max_stages=1)
+        assert reply.ok and len(reply.stages) == 1, reply
+        await until_instance(nc, instance_id, ready(1), "loaded")
+        hit = reply.stages[0].device
+        node, index = hit.split("/")
+        statuses: list[ShardStatus] = []
+
+        async def on_status(msg: Msg) -> None:
+            statuses.append(codec.decode(ShardStatus, msg.data))
+
+        await nc.subscribe(f"{subjects.SHARD_STATUS}.{node}.>", cb=on_status)
+        await nc.subscribe(f"{subjects.SHARD_STATUS}.*.{instance_id}", cb=on_status)
+        body = json.dumps({"kind": kind, "device": int(index)}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        healed = await until_instance(
+            nc, instance_id, lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
+        )
+        assert all(s.device != hit for s in healed.stages), healed
+        assert healed.health_reason is not None and hit in healed.health_reason
+        # Make before break: the old node unloads only after the new stage holds its memory.
+        deadline = time.monotonic() + 30
+        while not any(s.node == node and s.state == "unloaded" for s in statuses):
+            assert time.monotonic() < deadline, f"{node} never unloaded: {statuses}"
+            await asyncio.sleep(0.1)
+        new_up = min(
+            s.ts
+            for s in statuses
+            if s.generation == healed.generation and s.state in ("loaded", "reserved")
+        )
+        old_down = min(s.ts for s in statuses if s.node == node and s.state == "unloaded")
+        assert new_up <= old_down, (new_up, old_down)
+
+
+async def test_controller_moves_off_a_throttled_device(nats_url: str, nc: Client) -> None:
+    await _fault_moves_instance(nc, nats_url, "throttle", "thr")
+
+
+async def test_controller_moves_off_a_full_device(nats_url: str, nc: Client) -> None:
+    await _fault_moves_instance(nc, nats_url, "fill", "full")
+
+
+async def test_controller_moves_off_a_silent_node(nats_url: str, nc: Client) -> None:
+    # Liveness is under test here: a short projector TTL, so the node goes offline quickly.
+    async with running(nats_url, ttl_s=4.0):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="quiet", max_stages=1)
+        assert reply.ok, reply
+        await until_instance(nc, "quiet", ready(1), "loaded")
+        node = reply.stages[0].node
+        body = json.dumps({"kind": "silent"}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        healed = await until_instance(
+            nc, "quiet", lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
+        )
+        assert all(s.node != node for s in healed.stages), healed
+        assert healed.health_reason is not None and node in healed.health_reason
+
+
+async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
+    """Hysteresis: a throttle that is over before the gain has held for its checks (the
+    device returns) leaves the instance where it is."""
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="blip", max_stages=1)
+        assert reply.ok, reply
+        await until_instance(nc, "blip", ready(1), "loaded")
+        node, index = reply.stages[0].device.split("/")
+        body = json.dumps({"kind": "throttle", "device": int(index), "duration_s": 1.0}).encode()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        await asyncio.sleep(10.0)  # several controller checks after the device returned
+        state = await instance(nc, "blip")
+        assert state is not None and state.generation == 1 and state.health is None, state
+
+
+async def _cli(url: str, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shardplane.cli",
+        *args,
+        env={**os.environ, "NATS_URL": url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_release_command(nats_url: str, nc: Client) -> None:
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="cli-rel")
+        assert reply.ok, reply.error
+        rc, out = await _cli(nats_url, "release", "cli-rel", "--json")
+        assert rc == 0, out
+        released = codec.decode(ReleaseReply, out.strip().splitlines()[-1].encode(), "json")
+        assert released.ok and released.generation == 2 and not released.already
+        rc, out = await _cli(nats_url, "release", "cli-rel")
+        assert rc == 0 and "already released" in out, out
+        rc, out = await _cli(nats_url, "release", "no-such-instance")
+        assert rc == 1 and "not_found" in out, out
+        rc, out = await _cli(nats_url, "release", "Not An Id")
+        assert rc == 2 and "invalid instance id" in out, out
