@@ -95,6 +95,7 @@ async def run_services(
     api: bool = True,
     controller: bool = True,
     fleet: Path | None = None,
+    workers: bool = True,
     api_host: str = "127.0.0.1",
     api_port: int = 8080,
     interval_s: float | None = None,
@@ -160,19 +161,24 @@ async def run_services(
 
         async def agents(c: Client) -> None:
             # With roles, the workers connect as `worker`: the agent may only publish telemetry.
-            workers = None
-            if "worker" in roles:
-                workers = await connect_unless_stopped(
+            worker_nc = None
+            if "worker" in roles and workers:
+                worker_nc = await connect_unless_stopped(
                     url, stop, "shardplane-workers", roles["worker"]
                 )
             try:
                 await run_agents(
-                    c, stop=stop, fleet=fleet, interval_s=interval_s, worker_nc=workers
+                    c,
+                    stop=stop,
+                    fleet=fleet,
+                    interval_s=interval_s,
+                    worker_nc=worker_nc,
+                    workers=workers,
                 )
             finally:
-                if workers is not None:
+                if worker_nc is not None:
                     with contextlib.suppress(Exception):
-                        await workers.drain()
+                        await worker_nc.drain()
 
         tasks.append(asyncio.create_task(run("agents", agents)))
     return tasks

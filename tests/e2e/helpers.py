@@ -29,13 +29,21 @@ async def running(
     api_port: int = 0,
     interval_s: float = 0.5,
     ttl_s: float | None = LONG_TTL_S,
+    workers: bool = True,
 ) -> AsyncIterator[asyncio.Event]:
     """The components of ``shardplane up`` as tasks. ``ttl_s`` is the projector's liveness TTL:
     long by default, since at 3 x a short ``interval_s`` a stall of a busy machine would mark
     devices offline and the planner would leave them out; pass None for the real default."""
     stop = asyncio.Event()
     tasks = await run_services(
-        url, stop, fleet=fleet, api=api, api_port=api_port, interval_s=interval_s, ttl_s=ttl_s
+        url,
+        stop,
+        fleet=fleet,
+        api=api,
+        api_port=api_port,
+        interval_s=interval_s,
+        ttl_s=ttl_s,
+        workers=workers,
     )
     try:
         yield stop

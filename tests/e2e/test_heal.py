@@ -149,7 +149,9 @@ async def test_failed_publish_is_repaired(nats_url: str, nc: Client) -> None:
     and the reply says so; a planner started later (repair on restart) publishes that same
     generation, and a re-send answers it without a new one."""
     js = nc.jetstream()
-    async with running(nats_url):
+    # No workers at first: a worker whose stream vanished provisions it again (self-repair),
+    # which would let the publish through.
+    async with running(nats_url, workers=False):
         await wait_devices(nc, 7)
         await wait_planners(nc)
         await js.delete_stream(PLACEMENTS)  # every assignment publish now fails
