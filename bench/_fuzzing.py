@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -36,8 +36,9 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shardplane.bench._probes import SecureBus
-from shardplane.bus import codec, subjects
-from shardplane.bus.messages import PlacementReply, ShardAssignment
+from shardplane.bus import authority, codec, subjects
+from shardplane.bus.authority import LedgerView
+from shardplane.bus.messages import PlacementReply, ShardAssignment, ShardStatus
 from shardplane.bus.streams import DEADLETTER, PLACEMENTS, SHARDS, TELEMETRY
 from shardplane.natsserver import free_port
 from shardplane.projector.decode import Poison, decode_event
@@ -332,17 +333,75 @@ def _subject(target: str, data: bytes, i: int) -> str:
     return subjects.assigned(NODE)
 
 
+# A stored stream input is one of: "poison" (no decoder takes it: it must be dead-lettered with
+# a reason), "valid" (well-formed and authorised by the planner's ledger: it must not be
+# dead-lettered) or "unauthorised" (well-formed, but for an instance, generation or plan the
+# ledger never published: the generation authority may drop it or dead-letter it, either is
+# right; bus.authority).
+Kind = Literal["poison", "valid", "unauthorised"]
+
+
+@dataclass(frozen=True)
+class Authorised:
+    """What the planner really placed before the fuzz: the ledger's view, and each placed
+    stage as (instance, generation, node, stage)."""
+
+    ledger: LedgerView
+    stages: frozenset[tuple[str, int, str, int]]
+
+
+def classify(subject: str, data: bytes, known: Authorised) -> Kind:
+    event = decode_event(subject, data)
+    match event:
+        case Poison():
+            return "poison"
+        case ShardAssignment():
+            ok = authority.judge(known.ledger, event)[0] in ("current", "stale")
+            return "valid" if ok else "unauthorised"
+        case ShardStatus():
+            key = (event.instance_id, event.generation, event.node, event.stage)
+            return "valid" if key in known.stages else "unauthorised"
+        case _:
+            return "valid"
+
+
 async def publish_stream_inputs(
-    nc: Client, target: str, inputs: list[bytes], result: FuzzResult
-) -> list[tuple[int, bool]]:
-    """Publish through JetStream; (stream sequence, valid) for each stored input."""
+    nc: Client, target: str, inputs: list[bytes], result: FuzzResult, known: Authorised
+) -> list[tuple[int, Kind]]:
+    """Publish through JetStream; (stream sequence, kind) for each stored input."""
     js = nc.jetstream()
-    stored: list[tuple[int, bool]] = []
+    stored: list[tuple[int, Kind]] = []
     for i, data in enumerate(inputs):
         subject = _subject(target, data, i)
         ack = await js.publish(subject, data, timeout=10.0)
-        stored.append((ack.seq, not isinstance(decode_event(subject, data), Poison)))
+        stored.append((ack.seq, classify(subject, data, known)))
     return stored
+
+
+async def place_for_real(api: Client, instance_id: str) -> PlacementReply:
+    """A small real placement on NODE through the planner (the model card is tiny, so it fits
+    however much the fuzz placed)."""
+    body = {
+        "model": dict(_CARD),
+        "instance_id": instance_id,
+        "context_tokens": 2048,
+        "exclude_nodes": [n for n in ("rig-a", "rig-b") if n != NODE],
+    }
+    msg = await api.request(subjects.PLACEMENT_REQUEST, json.dumps(body).encode(), timeout=30.0)
+    reply = _reply_of(msg.data)
+    if reply is None or not reply.ok:
+        raise RuntimeError(f"the fuzz's own placement of {instance_id} failed: {msg.data[:300]!r}")
+    return reply
+
+
+async def authorised(admin: Client, placed: list[PlacementReply]) -> Authorised:
+    view = await authority.read(await authority.ledger_bucket(admin.jetstream()))
+    stages = frozenset(
+        (r.instance_id or "", r.generation, s.node, i)
+        for r in placed
+        for i, s in enumerate(r.stages)
+    )
+    return Authorised(view, stages)
 
 
 async def settle(admin: Client, timeout: float = 120.0) -> bool:
@@ -380,17 +439,17 @@ async def dead_letters(admin: Client) -> dict[tuple[str, int], str]:
 
 def check_stream_inputs(
     target: str,
-    stored: list[tuple[int, bool]],
+    stored: list[tuple[int, Kind]],
     dead: dict[tuple[str, int], str],
     result: FuzzResult,
 ) -> None:
     stream = STREAM_OF[target]
-    for seq, valid in stored:
+    for seq, kind in stored:
         reason = dead.get((stream, seq))
-        if valid and reason is not None:
+        if kind == "valid" and reason is not None:
             result.valid_lost += 1
             result.note(f"{target} #{seq} was valid but dead-lettered: {reason}")
-        elif not valid and not reason:
+        elif kind == "poison" and not reason:
             result.note(f"{target} #{seq} invalid and not dead-lettered with a reason")
             continue
         result.answered[target] += 1
@@ -426,30 +485,20 @@ async def still_alive(system: System, result: FuzzResult) -> None:
 
 
 async def _worker_alive(system: System, result: FuzzResult) -> None:
-    """The worker that read every fuzzed assignment still takes a valid one and reports it."""
+    """The worker that read every fuzzed assignment still takes a real one and reports it."""
     admin = await system.bus.connect("admin")
-    planner = await system.bus.connect("planner")
+    api = await system.bus.connect("api")
     try:
         sub = await admin.subscribe(subjects.shard_status(NODE, "alive-check"))
         await admin.flush()
-        probe = ShardAssignment(
-            instance_id="alive-check",
-            generation=1,
-            node=NODE,
-            model="llama-3.1-8b",
-            device=f"{NODE}/0",
-            layer_end=1,
-            layers_total=32,
-            memory_bytes=2**30,
-        )
-        await planner.jetstream().publish(subjects.assigned(NODE), codec.encode(probe))
         try:
+            await place_for_real(api, "alive-check")
             await sub.next_msg(timeout=30.0)
-        except NatsTimeoutError:
+        except (NatsTimeoutError, RuntimeError) as exc:
             result.crashes += 1
-            result.note(f"the worker of {NODE} no longer answers a valid assignment")
+            result.note(f"the worker of {NODE} no longer answers a valid assignment: {exc!r}")
     finally:
-        await planner.close()
+        await api.close()
         await admin.close()
 
 
@@ -465,7 +514,7 @@ async def fuzz_system(
     inputs = {t: draw_inputs(t, counts.get(t, 0), seed) for t in TARGETS if counts.get(t)}
     started = time.perf_counter()
     async with secure_bus() as bus, running_system(bus) as system:
-        stored: dict[str, list[tuple[int, bool]]] = {}
+        stored: dict[str, list[tuple[int, Kind]]] = {}
         api = await bus.connect("api")
         publishers = {
             "telemetry": await bus.connect("agent"),
@@ -473,6 +522,13 @@ async def fuzz_system(
             "assignment": await bus.connect("planner"),
         }
         try:
+            # Statuses and assignments are only valid for what the planner placed: place the
+            # instance the near-valid ones name ("fuzz", generation 1, stage 0 on NODE).
+            admin = await bus.connect("admin")
+            try:
+                known = await authorised(admin, [await place_for_real(api, "fuzz")])
+            finally:
+                await admin.close()
             for target, data in inputs.items():
                 result.inputs[target] = len(data)
                 if progress:
@@ -483,7 +539,7 @@ async def fuzz_system(
                     await fuzz_http(system.api_url, data, result)
                 else:
                     stored[target] = await publish_stream_inputs(
-                        publishers[target], target, data, result
+                        publishers[target], target, data, result, known
                     )
         finally:
             for nc in [api, *publishers.values()]:

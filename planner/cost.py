@@ -284,8 +284,12 @@ def evaluate(
     memory = tuple(t.memory(s.layer_start, s.layer_end) for s in stages)
     fits = all(mem <= problem.usable(s.device) for mem, s in zip(memory, stages, strict=True))
     choices = (microbatches,) if microbatches is not None else problem.m_choices(len(stages))
-    allowed = bool(choices) and (
-        microbatches is None or microbatches in problem.m_choices(len(stages))
+    # A plan with more stages than max_stages (or fewer than min_stages) is not one the request
+    # admits, however fast: packers that split freely must not hand such a plan on.
+    allowed = (
+        bool(choices)
+        and (microbatches is None or microbatches in problem.m_choices(len(stages)))
+        and problem.stage_floor <= len(stages) <= problem.stage_limit
     )
     best: Schedule | None = None
     for m in choices or (1,):

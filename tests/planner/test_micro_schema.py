@@ -59,12 +59,16 @@ async def test_srv_replies_are_valid_micro_v1(
         validate(stats, stats_before_2023_09())
         validate(await verb(nc, "INFO"), schema("info_response"))
         validate(await verb(nc, "PING"), schema("ping_response"))
-    (endpoint,) = stats["endpoints"]
+    endpoints = {e["name"]: e for e in stats["endpoints"]}
+    assert {"request", "release"} <= set(endpoints), endpoints
     assert stats["type"] == "io.nats.micro.v1.stats_response"
+    endpoint = endpoints["request"]
     assert endpoint["num_requests"] >= 1 and endpoint["num_errors"] == 0
-    # The data is the fleet the planner plans on: the demo's hosts and devices.
-    data = endpoint["data"]
-    assert data["nodes"] == len(DEMO) and data["devices"] == data["devices_online"] > 0
+    # The data is the fleet the planner plans on: the demo's hosts and devices (every
+    # endpoint's, an object each).
+    for e in endpoints.values():
+        data = e["data"]
+        assert data["nodes"] == len(DEMO) and data["devices"] == data["devices_online"] > 0
     # RFC 3339 with a zone, as the schema's date-time asks (checked here whether or not the
     # format checker has its optional RFC 3339 parser).
     assert datetime.fromisoformat(stats["started"].replace("Z", "+00:00")).tzinfo is not None

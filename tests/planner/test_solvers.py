@@ -34,6 +34,7 @@ from shardplane.planner.plan import PlanError, plan, to_stages
 from shardplane.planner.profile import ModelProfile, profile_from_card
 from shardplane.planner.solver import solve
 from shardplane.planner.synthetic import HostSpec, random_hosts, states
+from tests.planner.fleetkit import DEMO as DEMO_HOSTS
 
 GIB = 1024**3
 GPUS = [
@@ -431,3 +432,32 @@ def test_hot_and_offline_devices_are_excluded_with_reasons() -> None:
     assert [d.ref for d in fleet.devices] == ["b/1"]
     assert fleet.devices[0].bandwidth_gbps == pytest.approx(600.0 * 0.5)  # derated by utilisation
     assert "exclude_nodes" in dict(build_fleet([fine], {}, exclude_nodes=["b"]).excluded)["b/1"]
+
+
+@pytest.mark.parametrize("free_gib", [10.0, 15.0, 20.0])
+def test_max_stages_holds_when_the_fastest_device_only_partly_fits(free_gib: float) -> None:
+    """The A100 holds part of the 8B only: splitting it with another device is faster than any
+    single device, but max_stages=1 forbids it, so the plan is one whole device (seen when the
+    controller re-placed an instance off a filled GPU: the greedy packer's 2-stage plan
+    reached the validator)."""
+    devices, nodes = states(DEMO_HOSTS)
+    filled = [
+        msgspec.structs.replace(
+            d, sample=msgspec.structs.replace(d.sample, memory_free_bytes=int(free_gib * 2**30))
+        )
+        if d.sample.node == "rig-a"
+        else d
+        for d in devices
+    ]
+    problem = Problem(
+        profile=resolve("llama-3.1-8b"),
+        fleet=build_fleet(filled, nodes),
+        context_tokens=8192,
+        batch=1,
+        headroom=0.1,
+        max_stages=1,
+    )
+    out = plan(problem)
+    assert len(out.stages) == 1
+    assert out.stages[0].device != "rig-a/0"
+    assert (out.stages[0].layer_start, out.stages[0].layer_end) == (0, 32)
