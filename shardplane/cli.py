@@ -43,6 +43,18 @@ def _one_shot(p: argparse.ArgumentParser) -> None:
     )
 
 
+def part_arg(text: str) -> tuple[int, int]:
+    """``I/K`` -> (I, K): the I-th (0-based) of K shares of a fleet's nodes."""
+    index, _, count = text.partition("/")
+    try:
+        i, k = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/K (e.g. 0/4)") from None
+    if k < 1 or not 0 <= i < k:
+        raise argparse.ArgumentTypeError(f"{text!r}: need K >= 1 and 0 <= I < K")
+    return i, k
+
+
 def _fleet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fleet",
@@ -83,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-device", action="store_true", help="expose host RAM as a CPU device")
     p.add_argument("--no-temperature", action="store_true", help="do not read temperatures")
     p.add_argument("--no-power", action="store_true", help="do not read power")
+    p.add_argument(
+        "--part",
+        type=part_arg,
+        default=None,
+        metavar="I/K",
+        help="with --fleet: run only the I-th of K equal shares of its nodes (0-based)",
+    )
 
     p = sub.add_parser("projector", help="materialise cluster state into the KV bucket")
     _common(p)

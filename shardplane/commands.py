@@ -273,6 +273,7 @@ def agent(args: argparse.Namespace) -> int:
                 cpu_device=args.cpu_device,
                 temperature=not args.no_temperature,
                 power=not args.no_power,
+                part=args.part,
             )
         finally:
             await nc.drain()
