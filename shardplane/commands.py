@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.js.errors import BucketNotFoundError
 
-from shardplane import render
+from shardplane import render, supervise
 from shardplane.bus import codec, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
@@ -180,6 +180,13 @@ def up(args: argparse.Namespace) -> int:
         _stop_on_signals(stop)
         async with _nats_for(args.nats_url) as url:
             fleet = None if args.no_agents else _fleet_path(args, DEMO_FLEET)
+            if fleet is not None and (kids := supervise.for_fleet(fleet, args)):
+                print(
+                    f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/"
+                    f" ({len(kids)} processes)",
+                    flush=True,
+                )
+                return await supervise.supervise(url, stop, kids)
             tasks = await run_services(
                 url,
                 stop,
