@@ -70,8 +70,10 @@ def children(
     interval_s: float | None,
     verbose: bool = False,
     cpus: int | None = None,
+    shares: int | None = None,
 ) -> list[Child]:
-    """The processes of a full ``up``: projector, planner, API, and the agents' shares."""
+    """The processes of a full ``up``: projector, planner, API, and the agents' shares
+    (``shares`` of them, or as many as ``agent_shares`` finds right)."""
     common = ("-v",) if verbose else ()
     out = [
         Child("projector", ("projector", *common)),
@@ -79,7 +81,7 @@ def children(
         Child("api", ("api", "--host", api_host, "--port", str(api_port), *common)),
     ]
     if fleet is not None:
-        shares = agent_shares(node_count, cpus)
+        shares = shares or agent_shares(node_count, cpus)
         interval = ("--interval", f"{interval_s:g}") if interval_s else ()
         for i in range(shares):
             argv = ("agent", "--fleet", str(fleet), "--part", f"{i}/{shares}", *interval, *common)
@@ -104,7 +106,7 @@ def for_fleet(fleet: Path, args: argparse.Namespace) -> list[Child]:
     )
 
 
-async def _spawn(child: Child, url: str) -> asyncio.subprocess.Process:
+async def spawn(child: Child, url: str) -> asyncio.subprocess.Process:
     env = {**os.environ, "NATS_URL": url, PROCESSES_ENV: "0"}
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -145,7 +147,7 @@ async def supervise(url: str, stop: asyncio.Event, kids: list[Child]) -> int:
     procs: dict[str, asyncio.subprocess.Process] = {}
     try:
         for kid in kids:
-            procs[kid.name] = await _spawn(kid, url)
+            procs[kid.name] = await spawn(kid, url)
         exits = {asyncio.ensure_future(p.wait()): n for n, p in procs.items()}
         stopped = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({stopped, *exits}, return_when=asyncio.FIRST_COMPLETED)
