@@ -55,9 +55,14 @@ def holder_id() -> str:
 
 class Lease:
     def __init__(
-        self, js: JetStreamContext, holder: str | None = None, ttl_s: float = DEFAULT_LEASE_TTL_S
+        self,
+        js: JetStreamContext,
+        holder: str | None = None,
+        ttl_s: float = DEFAULT_LEASE_TTL_S,
+        key: str = LEASE_KEY,
     ) -> None:
         self.js = js
+        self.key = key  # one key per projector partition (projector.partition)
         self.holder = holder or holder_id()
         self.ttl_s = ttl_s
         self._kv: KeyValue | None = None
@@ -95,7 +100,7 @@ class Lease:
         kv = await self.bucket()
         sent = time.monotonic()
         try:
-            revision = await kv.create(LEASE_KEY, self.holder.encode())
+            revision = await kv.create(self.key, self.holder.encode())
         except KeyWrongLastSequenceError:
             return False
         self._granted(revision, sent)
@@ -124,7 +129,7 @@ class Lease:
         kv = await self.bucket()
         sent = time.monotonic()
         try:
-            revision = await kv.update(LEASE_KEY, self.holder.encode(), last=self._revision)
+            revision = await kv.update(self.key, self.holder.encode(), last=self._revision)
         except KeyWrongLastSequenceError:
             log.warning("projector %s lost the lease", self.holder)
             self._revision = 0
@@ -154,10 +159,10 @@ class Lease:
         with contextlib.suppress(Exception):
             kv = await self.bucket()
             try:
-                await kv.delete(LEASE_KEY, last=revision)
+                await kv.delete(self.key, last=revision)
             except APIError:
                 # A renewal cancelled after it was sent may have moved the revision on: the
                 # key is still ours if it still names this holder.
-                entry = await kv.get(LEASE_KEY)
+                entry = await kv.get(self.key)
                 if entry.value == self.holder.encode():
-                    await kv.delete(LEASE_KEY, last=entry.revision)
+                    await kv.delete(self.key, last=entry.revision)
