@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ttl", type=float, default=None, help="seconds without a sample before offline"
     )
+    p.add_argument(
+        "--partition",
+        type=part_arg,
+        default=None,
+        metavar="I/K",
+        help="write only partition I of K of the device and node keys (default: all)",
+    )
 
     p = sub.add_parser("planner", help="answer placement.request with CP-SAT plans")
     _common(p)

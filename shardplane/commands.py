@@ -89,6 +89,7 @@ async def run_services(
     api_port: int = 8080,
     interval_s: float | None = None,
     ttl_s: float | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> list[asyncio.Task[None]]:
     """Start the chosen components as tasks, each on its own connection.
 
@@ -111,11 +112,16 @@ async def run_services(
                 await client.drain()
 
     if projector:
+        from shardplane.projector.partition import Partition
         from shardplane.projector.service import run_projector
 
+        part = Partition(*partition) if partition else None
         tasks.append(
             asyncio.create_task(
-                run("projector", lambda c: run_projector(c, stop=stop, ttl_s=ttl_s))
+                run(
+                    "projector",
+                    lambda c: run_projector(c, stop=stop, ttl_s=ttl_s, partition=part),
+                )
             )
         )
     if planner:
@@ -244,6 +250,7 @@ def _single(component: str, args: argparse.Namespace) -> int:
             api_host=getattr(args, "host", "127.0.0.1"),
             api_port=getattr(args, "port", 8080),
             ttl_s=getattr(args, "ttl", None),
+            partition=getattr(args, "partition", None),
         )
         return await _until_stopped(tasks, stop)
 

@@ -155,3 +155,12 @@ async def test_a_partition_leaves_other_partitions_liveness_alone(
         except KeyNotFoundError:
             after[k] = -1
     assert after == before
+
+
+def test_the_command_takes_a_partition() -> None:
+    from shardplane.cli import parse_args
+
+    assert parse_args(["projector", "--partition", "1/2"]).partition == (1, 2)
+    assert parse_args(["projector"]).partition is None
+    with pytest.raises(SystemExit):
+        parse_args(["projector", "--partition", "2/2"])
