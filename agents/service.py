@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shardplane.agents import fleet as fleet_mod
+from shardplane.agents.assignments import AssignmentFeed
 from shardplane.agents.backend import Backend
 from shardplane.agents.collector import (
     CollectorConfig,
@@ -69,11 +70,18 @@ def sim_collectors(
     only: str | None = None,
     cpu_device: bool = False,
     epoch: float | None = None,
+    part: tuple[int, int] | None = None,
 ) -> tuple[list[NodeCollector], dict[str, SimNode]]:
-    """A collector per simulated node of ``fleet`` (or only ``only``)."""
+    """A collector per simulated node of ``fleet`` (or only ``only``; or, with ``part`` =
+    ``(i, k)``, every k-th node from the i-th, so k processes share a fleet)."""
     epoch = time.time() if epoch is None else epoch
     boot = boot_id(epoch)
     specs = [s for s in fleet.nodes if only is None or s.name == only]
+    if part is not None:
+        index, count = part
+        if not 0 <= index < count:
+            raise ValueError(f"part {index} of {count}: the index must be in 0..{count - 1}")
+        specs = specs[index::count]
     if only is not None and not specs:
         raise ValueError(f"node {only!r} is not in the fleet file")
     collectors: list[NodeCollector] = []
@@ -226,11 +234,13 @@ async def run_agents(
     power: bool = True,
     workers: bool = True,
     worker_nc: Client | None = None,
+    part: tuple[int, int] | None = None,
 ) -> None:
     """Run the agents until ``stop`` is set, then mark every node offline and return.
 
     ``worker_nc``: the workers' own connection (with auth, the ``worker`` role's: an agent may
-    only publish telemetry); by default they share ``nc``."""
+    only publish telemetry); by default they share ``nc``. ``part=(i, k)`` runs the i-th of k
+    equal shares of the fleet's nodes."""
     with contextlib.suppress(Exception):  # publishing retries until the streams exist
         await provision(nc.jetstream())
     publisher = Publisher(nc)
@@ -241,7 +251,7 @@ async def run_agents(
         interval = interval_s or parsed.interval_s
         config = CollectorConfig(interval_s=interval, temperature=temperature, power=power)
         collectors, sims = sim_collectors(
-            parsed, publisher, config, only=node, cpu_device=cpu_device, epoch=epoch
+            parsed, publisher, config, only=node, cpu_device=cpu_device, epoch=epoch, part=part
         )
         sub = await _serve_faults(nc, sims)
         log.info(
@@ -267,9 +277,13 @@ async def run_agents(
 
     extra: list[Awaitable[None]] = []
     run_worker = _worker_fn() if workers else None
-    if run_worker is not None:
+    if run_worker is not None and collectors:
+        # One assignment consumer for all of this process's workers, not one per node.
+        feed = AssignmentFeed(worker_nc or nc, [c.node for c in collectors])
+        extra.append(feed.run(stop))
         for c in collectors:
             hold: HoldMemory = c.backend.hold
+            inbox = feed.inbox(c.node)
             extra.append(
                 run_worker(
                     worker_nc or nc,
@@ -277,6 +291,7 @@ async def run_agents(
                     stop=stop,
                     hold_memory=hold,
                     capacity=c.memory_total,
+                    inbox=inbox,
                 )
             )
     try:

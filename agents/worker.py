@@ -6,6 +6,9 @@ state and diffs it against what is held; ``agents.loader`` reads exactly a stage
 module only moves messages and runs the actions.
 
 Delivery and restarts:
+- In an agent process (``agents.service``) every worker reads an inbox of the process's one
+  shared consumer (``agents.assignments``: a consumer per node hits the server's consumer limit
+  at 1,000 nodes). On its own (``Worker(..., inbox=None)``, tests, embedding) a worker runs:
 - A durable pull consumer (``worker-<node>``) is the cursor through the node's assignments, so
   anything published while the worker was down is delivered when it returns.
 - A restarted process holds nothing, yet the durable consumer will not redeliver what the
@@ -41,6 +44,7 @@ from nats.js.errors import NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from shardplane.agents import reconcile as rc
+from shardplane.agents.assignments import Inbox
 from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     LoadCancelled,
@@ -116,6 +120,7 @@ class Worker:
         read_mode: ReadMode = DEFAULT_READ_MODE,
         capacity: Capacity | None = None,
         verify_generations: bool = True,
+        inbox: Inbox | None = None,
     ) -> None:
         self.nc = nc
         self.capacity = capacity
@@ -123,6 +128,7 @@ class Worker:
         # tests publish assignments by hand, without a planner.
         self.verify_generations = verify_generations
         self._ledger_kv: KeyValue | None = None
+        self.inbox = inbox  # the shared feed's inbox; None: this worker's own durable
         self.node = node
         self.hold_memory = hold_memory
         self.use_cuda = use_cuda
@@ -151,14 +157,18 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         js = self.nc.jetstream()
-        await self._ensure_streams(js)
         subject = subjects.assigned(self.node)
-        await self._rebuild(js, subject)
-        self._sub = await self._subscribe(js, subject)
-        self._changed.set()  # reconcile the rebuilt state once, even with nothing new
+        if self.inbox is None:
+            await self._ensure_streams(js)
+            await self._rebuild(js, subject)
+            self._sub = await self._subscribe(js, subject)
+            self._changed.set()  # reconcile the rebuilt state once, even with nothing new
         reconciler = asyncio.create_task(self._reconcile_loop(stop))
         try:
-            await self._fetch_loop(js, subject, stop)
+            if self.inbox is None:
+                await self._fetch_loop(js, subject, stop)
+            else:
+                await self._inbox_loop(js, self.inbox, stop)
         finally:
             if self._inflight is not None:
                 self._inflight[1].set()  # abandon an in-flight load between two chunks
@@ -286,28 +296,45 @@ class Worker:
                             failures = 0
                     continue
                 failures = 0
-                view = await self._ledger(js)
-                for msg in msgs:
-                    assignment = self._decode(msg)
-                    if assignment is None:
-                        await self._deadletter(js, msg)
-                        continue
-                    verdict, why = self._verdict(view, assignment)
-                    if verdict in ("unknown", "ahead", "forged"):
-                        log.warning("worker %s: rejected assignment: %s", self.node, why)
-                        await self._deadletter(js, msg, why)
-                        continue
-                    if verdict == "stale":
-                        with contextlib.suppress(Exception):
-                            await msg.ack()
-                        continue
-                    self.desired = rc.fold(self.desired, assignment)
-                    with contextlib.suppress(Exception):
-                        await msg.ack()
+                await self._fold(js, msgs, acked=True, live=True)
                 self._cancel_superseded()
                 self._changed.set()
         finally:
             stopped.cancel()
+
+    async def _inbox_loop(self, js: JetStreamContext, inbox: Inbox, stop: asyncio.Event) -> None:
+        """Assignments from the agent process's shared feed (``agents.assignments``): history is
+        folded quietly, and the worker acts once the feed says it has caught up."""
+        while (batch := await inbox.next(stop)) is not None:
+            await self._fold(js, batch.msgs, acked=False, live=batch.live)
+            if batch.live:
+                self._cancel_superseded()
+                self._changed.set()
+
+    async def _fold(
+        self, js: JetStreamContext, msgs: list[Msg], *, acked: bool, live: bool
+    ) -> None:
+        """Fold what the ledger authorises into the desired state (bus.authority): a stale
+        generation is passed over, an unknown, ahead or forged one dead-lettered with the
+        reason (live messages only: history is folded quietly)."""
+        view = await self._ledger(js)
+        for msg in msgs:
+            assignment = self._decode(msg)
+            if assignment is None:
+                if live:
+                    await self._deadletter(js, msg)
+                continue
+            verdict, why = self._verdict(view, assignment)
+            if verdict in ("unknown", "ahead", "forged"):
+                if live:
+                    log.warning("worker %s: rejected assignment: %s", self.node, why)
+                    await self._deadletter(js, msg, why)
+                continue
+            if verdict == "current":
+                self.desired = rc.fold(self.desired, assignment)
+            if acked:
+                with contextlib.suppress(Exception):
+                    await msg.ack()
 
     def _decode(self, msg: Msg) -> ShardAssignment | None:
         try:
@@ -598,9 +625,12 @@ async def run_worker(
     stop: asyncio.Event,
     hold_memory: HoldMemory | None = None,
     capacity: Capacity | None = None,
+    inbox: Inbox | None = None,
 ) -> None:
     """Run the shard worker of ``node`` on ``nc`` until ``stop`` is set. ``capacity`` (device
-    index -> total bytes) lets it refuse an assignment that cannot fit.
+    index -> total bytes) lets it refuse an assignment that cannot fit. With ``inbox`` it
+    takes its assignments from the agent process's shared feed instead of its own durable
+    consumer (a fleet's nodes share one consumer: see ``agents.assignments``).
 
     ``SHARDPLANE_LOAD_LIMIT_MBPS`` (MB/s), when set, throttles shard loads, so that loading a
     new plan does not starve a serving process on the same host of disk bandwidth.
@@ -614,6 +644,7 @@ async def run_worker(
         read_limit_bps=load_limit_from_env(),
         read_mode=read_mode_from_env(),
         capacity=capacity,
+        inbox=inbox,
     ).run(stop)
 
 

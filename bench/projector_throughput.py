@@ -50,13 +50,16 @@ from shardplane.bus import subjects
 from shardplane.bus.messages import DeviceSample, DeviceState
 from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY, provision
 from shardplane.natsserver import NatsServer
+from shardplane.projector import partition as partitions
 from shardplane.projector.decode import parse_ack_subject
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
+from shardplane.projector.partition import Partition
 from shardplane.projector.service import CONSUMERS
 from shardplane.projector.transport import Inbox, Puller, ack_all
 
 ROOT = Path(shardplane.__file__).resolve().parent.parent  # holds the package
 TARGET_RATIO = 0.5
+TARGET_SCALEOUT = 1.6  # 2 partitions / 1
 TARGET_RATE = 15_000.0
 TARGET_P99_MS = 250.0
 LAG_RATE = 4_000.0
@@ -163,7 +166,9 @@ def stop_projector(proc: subprocess.Popen[bytes]) -> str:
     return (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
 
 
-async def wait_leading(js: JetStreamContext, proc: subprocess.Popen[bytes]) -> float:
+async def wait_leading(
+    js: JetStreamContext, proc: subprocess.Popen[bytes], key: str = LEASE_KEY
+) -> float:
     """The moment the projector process holds the lease (it starts consuming right after)."""
     kv = None
     while True:
@@ -171,7 +176,7 @@ async def wait_leading(js: JetStreamContext, proc: subprocess.Popen[bytes]) -> f
             raise RuntimeError("the projector exited: " + stop_projector(proc)[-2000:])
         with contextlib.suppress(Exception):
             kv = kv or await js.key_value(LEASE_BUCKET)
-            entry = await kv.get(LEASE_KEY)
+            entry = await kv.get(key)
             if f"-{proc.pid}-" in (entry.value or b"").decode():
                 return time.perf_counter()
         await asyncio.sleep(0.005)
@@ -294,6 +299,88 @@ async def projector_drain(
         or s.sample.seq != rounds - 1
     )
     return total / (done - start), lost
+
+
+async def partitions_drain(
+    url: str,
+    nc: Client,
+    js: JetStreamContext,
+    fleet: Fleet,
+    rounds: int,
+    count: int,
+    server_pid: int | None,
+) -> tuple[float, int, dict[str, float]]:
+    """(messages per second, lost, CPU % of one core per process) for ``count`` partition
+    processes draining the backlog together (``projector.partition``): what was left when the
+    last one took its lease, over the time until the last has acknowledged its share."""
+    await reset(js, purge_telemetry=False)
+    parts = [Partition(i, count) for i in range(count)]
+    with contextlib.suppress(NotFoundError):
+        await js.delete_stream(partitions.stream_name(count))
+    await partitions.provision(nc, count)  # sources the whole backlog again
+    total = int((await js.stream_info(TELEMETRY)).state.messages)
+    await wait_sourced(js, partitions.stream_name(count), total)
+    procs = [spawn_projector(url, ["--partition", f"{p.index}/{count}"]) for p in parts]
+    pids = {
+        "nats-server": server_pid,
+        **{f"partition {p.index}": q.pid for p, q in zip(parts, procs, strict=True)},
+    }
+    try:
+        starts = [
+            await wait_leading(js, proc, p.lease_key) for p, proc in zip(parts, procs, strict=True)
+        ]
+        # Processes start seconds apart on a loaded machine: time only the part of the drain
+        # during which every partition runs (from the last one leading, what was left).
+        begun = time.perf_counter()
+        done_before = sum([await share_done(js, p) for p in parts])
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        ends = [await wait_share_drained(js, p) for p in parts]
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    finally:
+        for proc in procs:
+            stop_projector(proc)
+    window = max(ends) - max(begun, *starts)
+    cpu = {name: round(100 * (cpu1[name] - cpu0[name]) / window, 1) for name in pids}
+    states = await kv_devices(js)
+    lost = sum(
+        1
+        for i in range(fleet.devices)
+        if (s := states.get(subjects.device_key(*fleet.device(i)))) is None
+        or s.sample.seq != rounds - 1
+    )
+    return (total - done_before) / window, lost, cpu
+
+
+async def share_done(js: JetStreamContext, part: Partition) -> int:
+    """Messages of its share a partition has acknowledged so far."""
+    durable = part.consumers()[part.stream][0]
+    try:
+        info = await js.consumer_info(part.stream, durable)
+    except NotFoundError:
+        return 0
+    delivered = info.delivered.consumer_seq if info.delivered else 0
+    return max(0, (delivered or 0) - (info.num_ack_pending or 0))
+
+
+async def wait_sourced(js: JetStreamContext, stream: str, total: int) -> None:
+    """Until the sourced stream holds the whole backlog (the server copies it over)."""
+    while True:
+        if int((await js.stream_info(stream)).state.messages) >= total:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def wait_share_drained(js: JetStreamContext, part: Partition) -> float:
+    """A filtered consumer's ack floor stops at its last message, not the stream's: done is
+    nothing pending and nothing unacknowledged."""
+    durable = part.consumers()[part.stream][0]
+    while True:
+        with contextlib.suppress(NotFoundError):
+            info = await js.consumer_info(part.stream, durable)
+            delivered = info.delivered.stream_seq if info.delivered else 0
+            if info.num_pending == 0 and info.num_ack_pending == 0 and delivered:
+                return time.perf_counter()
+        await asyncio.sleep(0.02)
 
 
 # --- phase 2: lag at a steady rate ---------------------------------------------------------------
@@ -487,6 +574,15 @@ async def run(
                 rate, lost = await projector_drain(url, js, fleet, rounds, extra)
                 lost_total += lost
                 ablation.append((name, rate))
+        parted: list[float] = []
+        parted_cpu: dict[str, float] = {}
+        if args.partitions >= 1:
+            for _ in range(repeats):
+                rate_n, lost, parted_cpu = await partitions_drain(
+                    url, nc, js, fleet, rounds, args.partitions, server_pid
+                )
+                parted.append(rate_n)
+                lost_total += lost
         lag = await lag_run(url, nc, js, fleet, lag_seconds, args.rate, server_pid)
         lost_total += lag.lost
     finally:
@@ -515,6 +611,22 @@ async def run(
         "lost": lost_total,
         "lag_cpu_pct": lag.cpu_pct,
         "ablation": {name: round(r) for name, r in ablation},
+        **partition_figures(args.partitions, parted, rate, parted_cpu),
+    }
+
+
+def partition_figures(
+    count: int, rates: list[float], single: float, cpu: dict[str, float]
+) -> dict[str, Any]:
+    if count < 1 or not rates:
+        return {}
+    rate = statistics.median(rates)
+    return {
+        "partitions": count,
+        "partitioned_msgs_per_s": round(rate),
+        "runs_partitioned_msgs_per_s": [round(r) for r in rates],
+        "partitioned_cpu_pct": cpu,  # of one core, during the last partitioned drain
+        "scaleout_ratio": round(rate / single, 3),
     }
 
 
@@ -528,6 +640,13 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="backlog samples per GPU")
     parser.add_argument("--lag-seconds", type=float, default=None)
     parser.add_argument("--rate", type=float, default=LAG_RATE)
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="also drain the backlog with this many partition processes (scaleout_ratio; "
+        "1 measures what the partitioned path costs one projector)",
+    )
     args = parser.parse_args(argv or [])
     quick = quick or args.quick
 
@@ -577,6 +696,26 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         ),
         ("lost", str(result["lost"]), "target 0"),
         *(
+            [
+                (
+                    f"{result['partitions']} partitions: stream -> KV",
+                    f"{result['partitioned_msgs_per_s']:,} msg/s",
+                    f"runs {result['runs_partitioned_msgs_per_s']}",
+                ),
+                (
+                    "scaleout ratio (N partitions / 1)",
+                    f"{result['scaleout_ratio']:.2f}",
+                    f"target >= {TARGET_SCALEOUT}",
+                ),
+                *(
+                    (f"  CPU while partitioned: {name}", f"{pct}%", "of one core")
+                    for name, pct in result["partitioned_cpu_pct"].items()
+                ),
+            ]
+            if "scaleout_ratio" in result
+            else []
+        ),
+        *(
             (f"  CPU during lag run: {name}", f"{pct}%", "of one core")
             for name, pct in result["lag_cpu_pct"].items()
         ),
@@ -589,6 +728,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         and result["msgs_per_s"] >= TARGET_RATE
         and result["lag_p99_ms_at_4000"] <= TARGET_P99_MS
         and result["lost"] == 0
+        and (result.get("partitions", 1) < 2 or result["scaleout_ratio"] >= TARGET_SCALEOUT)
     )
     result["targets_met"] = ok
     if not ok:

@@ -148,6 +148,10 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
         pub += [f"{subjects.PIPELINE}.>"]
         sub += [f"{subjects.PIPELINE}.>"]
         responses = True
+        # An agent process's nodes share one assignment consumer (agents.assignments) whose
+        # filter names several subjects, so its create request names no filter: workers may
+        # thus read (never ack or forge) other nodes' assignments, as they already could pull.
+        pub += [f"{JS}.CONSUMER.CREATE.{PLACEMENTS}.*"]
         pub += [
             f"{JS}.CONSUMER.MSG.NEXT.{PLACEMENTS}.*",
             f"{JS}.CONSUMER.DELETE.{PLACEMENTS}.*",

@@ -77,8 +77,10 @@ class Lease:
         *,
         bucket: str = LEASE_BUCKET,
         role: str = "projector",
+        key: str = LEASE_KEY,
     ) -> None:
         self.js = js
+        self.key = key  # one key per projector partition (projector.partition)
         self.bucket_name = bucket
         self.role = role
         self.holder = holder or holder_id()
@@ -133,7 +135,7 @@ class Lease:
         kv = await self.bucket()
         sent = time.monotonic()
         try:
-            revision = await kv.create(LEASE_KEY, self.holder.encode())
+            revision = await kv.create(self.key, self.holder.encode())
         except KeyWrongLastSequenceError:
             revision = await self._reclaim(kv)
             if not revision:
@@ -147,13 +149,13 @@ class Lease:
         reconnect, a create that landed before its answer did), renew it and keep leading,
         instead of standing by for a TTL behind our own lease. 0 when it is someone else's."""
         try:
-            entry = await kv.get(LEASE_KEY)
+            entry = await kv.get(self.key)
         except (KeyNotFoundError, KeyDeletedError):
             return 0
         if entry.value != self.holder.encode() or not entry.revision:
             return 0
         try:
-            revision = await kv.update(LEASE_KEY, self.holder.encode(), last=entry.revision)
+            revision = await kv.update(self.key, self.holder.encode(), last=entry.revision)
         except KeyWrongLastSequenceError:
             return 0
         log.info(
@@ -165,7 +167,7 @@ class Lease:
         """Create the key again if it is gone (0 if someone else has it by now): a holder whose
         lease expired while the bucket could not be renewed keeps leading without a reload."""
         try:
-            revision = await kv.create(LEASE_KEY, self.holder.encode())
+            revision = await kv.create(self.key, self.holder.encode())
         except KeyWrongLastSequenceError:
             return 0
         log.info("%s %s took the lease again (it expired during an outage)", self.role, self.holder)
@@ -200,7 +202,7 @@ class Lease:
         kv = await self.bucket()
         sent = time.monotonic()
         try:
-            revision = await kv.update(LEASE_KEY, self.holder.encode(), last=self._revision)
+            revision = await kv.update(self.key, self.holder.encode(), last=self._revision)
         except KeyWrongLastSequenceError:
             # An earlier renewal may have landed with its answer lost (a reconnect, a leader
             # change): then the key moved on but is still ours. Or an outage of the bucket
@@ -238,10 +240,10 @@ class Lease:
         with contextlib.suppress(Exception):
             kv = await self.bucket()
             try:
-                await kv.delete(LEASE_KEY, last=revision)
+                await kv.delete(self.key, last=revision)
             except APIError:
                 # A renewal cancelled after it was sent may have moved the revision on: the
                 # key is still ours if it still names this holder.
-                entry = await kv.get(LEASE_KEY)
+                entry = await kv.get(self.key)
                 if entry.value == self.holder.encode():
-                    await kv.delete(LEASE_KEY, last=entry.revision)
+                    await kv.delete(self.key, last=entry.revision)

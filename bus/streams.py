@@ -48,6 +48,7 @@ LEDGER = "placement_ledger"  # the planners' memory ledger (planner-owned, CAS-g
 LEDGER_RESERVATIONS_KEY = "reservations"
 
 DAY = 24 * 3600.0
+PLACEMENT_CONSUMERS = 100_000
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -79,6 +80,9 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             max_age=30 * DAY,
             max_msgs_per_subject=10_000,
             max_bytes=512 * 1024**2,
+            # Left unset, nats-server refuses the 1,001st consumer (10026); a fleet of real hosts
+            # runs one agent, so one assignment consumer, per host.
+            max_consumers=PLACEMENT_CONSUMERS,
             duplicate_window=120.0,
             num_replicas=replicas,
         ),

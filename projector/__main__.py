@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from shardplane.bus.connect import connect
+from shardplane.cli import part_arg
+from shardplane.projector.partition import Partition
 from shardplane.projector.service import ProjectorConfig, run_projector
 
 DEFAULTS = ProjectorConfig()
@@ -43,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="apply assignments the planner's ledger does not name (hand-made test traffic)",
     )
+    parser.add_argument(
+        "--partition",
+        type=part_arg,
+        default=None,
+        metavar="I/K",
+        help="run partition I of K (projector.partition); default: one projector for every key",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -73,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loop.add_signal_handler(sig, stop.set)
         nc = await connect(args.nats_url, name="shardplane-projector")
         try:
-            await run_projector(nc, stop=stop, config=config)
+            partition = Partition(*args.partition) if args.partition else None
+            await run_projector(nc, stop=stop, config=config, partition=partition)
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()

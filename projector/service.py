@@ -51,8 +51,10 @@ from shardplane.bus.streams import (
     TELEMETRY,
     provision,
 )
+from shardplane.projector import partition as partitions
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
+from shardplane.projector.partition import Partition
 from shardplane.projector.reducer import (
     NO_CHANGE,
     Changes,
@@ -193,8 +195,11 @@ def _header_safe(text: str, limit: int = 1024) -> str:
 
 
 class Projector:
-    def __init__(self, nc: Client, config: ProjectorConfig | None = None) -> None:
+    def __init__(
+        self, nc: Client, config: ProjectorConfig | None = None, partition: Partition | None = None
+    ) -> None:
         self.nc = nc
+        self.partition = partition  # None: one projector writes every key
         self.js: JetStreamContext = nc.jetstream()
         self.config = config or ProjectorConfig()
         self.liveness = Liveness(self.config.ttl_s)
@@ -206,7 +211,11 @@ class Projector:
             batches=self.config.atomic_batches,
             direct=self.config.direct_delivery,
         )
-        self.lease = Lease(self.js, ttl_s=self.config.lease_ttl_s)
+        self.lease = Lease(
+            self.js,
+            ttl_s=self.config.lease_ttl_s,
+            **({"key": partition.lease_key} if partition else {}),
+        )
         self.stats = ProjectorStats()
         self.leading = asyncio.Event()
         # (when it goes offline if nothing newer arrives, key): a sweep pops what is due
@@ -230,6 +239,8 @@ class Projector:
 
     async def run(self, stop: asyncio.Event) -> None:
         await provision(self.js)
+        if self.partition is not None:
+            await partitions.provision(self.nc, self.partition.count)
         follower = (
             asyncio.create_task(self._follow_ledger(stop))
             if self.config.verify_generations
@@ -326,9 +337,13 @@ class Projector:
             self._track(self.store.cache.items())
             self._next_full_sweep = 0.0
             log.info("projector leading; %d keys in cluster_state", loaded)
-            for stream, durable in CONSUMERS.items():
+            consumers = {s: (d, None) for s, d in CONSUMERS.items()}
+            if self.partition is not None:
+                consumers = self.partition.consumers()
+            for stream, (durable, only) in consumers.items():
                 await retrying(
-                    lambda s=stream, d=durable: self._ensure_consumer(s, d), f"consumer {durable}"
+                    lambda s=stream, d=durable, o=only: self._ensure_consumer(s, d, o),
+                    f"consumer {durable}",
                 )
                 feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
             feeders.append(asyncio.create_task(self._probe(inbox)))
@@ -346,9 +361,10 @@ class Projector:
             # open can be redelivered into it, and dropped with it.
             await _nak_quietly([*handback, *inbox.drop_all()])
 
-    async def _ensure_consumer(self, stream: str, durable: str) -> None:
+    async def _ensure_consumer(self, stream: str, durable: str, only: str | None = None) -> None:
         config = ConsumerConfig(
             durable_name=durable,
+            filter_subject=only,
             description="shardplane projector: stream -> cluster_state",
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -548,7 +564,7 @@ class Projector:
     def _decode(self, msgs: list[Msg]) -> list[_Item]:
         items: list[_Item] = []
         for msg in msgs:
-            decoded = decode_event(msg.subject, msg.data)
+            decoded = decode_event(Partition.original_subject(msg.subject), msg.data)
             info = parse_ack_subject(msg.reply) if msg.reply else None
             if isinstance(decoded, Poison):
                 items.append(_Item(msg, info, None, decoded.reason))
@@ -685,6 +701,8 @@ class Projector:
     def _track(self, values: Iterable[tuple[str, Value]]) -> None:
         cache = self.store.cache
         for key, value in values:
+            if self.partition is not None and not self.partition.owns(key):
+                continue  # another partition's key: its own projector judges its liveness
             deadline = expires_at(cache, value, self.liveness)
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, key))
@@ -695,6 +713,8 @@ class Projector:
             self._next_full_sweep = time.monotonic() + self.config.full_sweep_interval_s
             self._deadlines = []
             self._track(self.store.cache.items())
+            if self.partition is not None:
+                return [k for k, _ in self.store.cache.items() if self.partition.owns(k)]
             return None
         due: set[str] = set()
         while self._deadlines and self._deadlines[0][0] < now:
@@ -738,9 +758,11 @@ async def run_projector(
     stop: asyncio.Event,
     ttl_s: float | None = None,
     config: ProjectorConfig | None = None,
+    partition: Partition | None = None,
 ) -> None:
-    """Materialise TELEMETRY, PLACEMENTS and SHARDS into ``cluster_state`` until ``stop``."""
+    """Materialise TELEMETRY, PLACEMENTS and SHARDS into ``cluster_state`` until ``stop``; with
+    ``partition``, only that partition's share (``projector.partition``)."""
     base = config or ProjectorConfig()
     if ttl_s is not None:
         base = dataclasses.replace(base, ttl_s=ttl_s)
-    await Projector(nc, base).run(stop)
+    await Projector(nc, base, partition).run(stop)

@@ -61,6 +61,18 @@ def _one_shot(p: argparse.ArgumentParser) -> None:
     )
 
 
+def part_arg(text: str) -> tuple[int, int]:
+    """``I/K`` -> (I, K): the I-th (0-based) of K shares of a fleet's nodes."""
+    index, _, count = text.partition("/")
+    try:
+        i, k = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/K (e.g. 0/4)") from None
+    if k < 1 or not 0 <= i < k:
+        raise argparse.ArgumentTypeError(f"{text!r}: need K >= 1 and 0 <= I < K")
+    return i, k
+
+
 def _fleet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fleet",
@@ -144,11 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the worker's own credentials (default: the agent's connection)",
     )
+    p.add_argument(
+        "--part",
+        type=part_arg,
+        default=None,
+        metavar="I/K",
+        help="with --fleet: run only the I-th of K equal shares of its nodes (0-based)",
+    )
 
     p = sub.add_parser("projector", help="materialise cluster state into the KV bucket")
     _common(p)
     p.add_argument(
         "--ttl", type=float, default=None, help="seconds without a sample before offline"
+    )
+    p.add_argument(
+        "--partition",
+        type=part_arg,
+        default=None,
+        metavar="I/K",
+        help="write only partition I of K of the device and node keys (default: all)",
     )
 
     p = sub.add_parser("planner", help="answer placement.request with CP-SAT plans")

@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NoKeysError
 
-from shardplane import render, secure
+from shardplane import render, secure, supervise
 from shardplane.bus import codec, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
@@ -102,18 +102,14 @@ async def run_services(
     ttl_s: float | None = None,
     creds: Mapping[str, Path] | None = None,
     api_token: str | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> list[asyncio.Task[None]]:
     """Start the chosen components as tasks, each on its own connection (with ``creds``, each
     as its role, after the admin provisioned the bus).
 
     Raises NatsUnreachable when ``stop`` is set before NATS answers."""
     roles: Mapping[str, Path] = creds or {}
-    nc = await connect_unless_stopped(url, stop, "shardplane-provision", roles.get("admin"))
-    if creds:
-        await secure.admin_provision(nc)
-    else:
-        await provision(nc.jetstream())
-    await nc.close()
+    await _provision_once(url, stop, creds)
     tasks: list[asyncio.Task[None]] = []
 
     async def run(name: str, body: Callable[[Client], Awaitable[None]]) -> None:
@@ -130,11 +126,16 @@ async def run_services(
                 await client.drain()
 
     if projector:
+        from shardplane.projector.partition import Partition
         from shardplane.projector.service import run_projector
 
+        part = Partition(*partition) if partition else None
         tasks.append(
             asyncio.create_task(
-                run("projector", lambda c: run_projector(c, stop=stop, ttl_s=ttl_s))
+                run(
+                    "projector",
+                    lambda c: run_projector(c, stop=stop, ttl_s=ttl_s, partition=part),
+                )
             )
         )
     if planner:
@@ -256,6 +257,20 @@ def _fleet_nodes(fleet: Path | None) -> list[Any]:
     return list(load(fleet).nodes)
 
 
+async def _provision_once(url: str, stop: asyncio.Event, creds: Mapping[str, Path] | None) -> None:
+    """Provision the bus before separate service processes start: as ``admin`` when the bus
+    has roles (no other role may create streams or buckets), else as anyone."""
+    roles: Mapping[str, Path] = creds or {}
+    nc = await connect_unless_stopped(url, stop, "shardplane-provision", roles.get("admin"))
+    try:
+        if creds:
+            await secure.admin_provision(nc)
+        else:
+            await provision(nc.jetstream())
+    finally:
+        await nc.close()
+
+
 def _api_token(args: argparse.Namespace) -> str | None:
     return secure.env_token() if args.no_auth else secure.api_token(secure.AUTH_DIR)
 
@@ -309,6 +324,17 @@ def up(args: argparse.Namespace) -> int:
             url,
             creds,
         ):
+            if fleet is not None and (kids := supervise.for_fleet(fleet, args, creds)):
+                await _provision_once(url, stop, creds)
+                if token:  # the API child reads it from its environment
+                    os.environ[secure.TOKEN_ENV] = token
+                print(
+                    f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/"
+                    f" ({len(kids)} processes)"
+                    + (f" (API token for changes: {token})" if token else ""),
+                    flush=True,
+                )
+                return await supervise.supervise(url, stop, kids)
             tasks = await run_services(
                 url,
                 stop,
@@ -390,6 +416,7 @@ def _single(component: str, args: argparse.Namespace) -> int:
             api_host=getattr(args, "host", "127.0.0.1"),
             api_port=getattr(args, "port", 8080),
             ttl_s=getattr(args, "ttl", None),
+            partition=getattr(args, "partition", None),
         )
         return await _until_stopped(tasks, stop)
 
@@ -437,6 +464,7 @@ def agent(args: argparse.Namespace) -> int:
                 temperature=not args.no_temperature,
                 power=not args.no_power,
                 worker_nc=workers,
+                part=args.part,
             )
         finally:
             if workers is not None:

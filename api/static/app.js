@@ -4,7 +4,7 @@
 // only when its revision is newer than what we hold (events and list loads may overlap).
 "use strict";
 
-const MAX_ROWS = 400; // rows drawn in the fleet table; the filter narrows larger fleets
+const HISTORY_LOAD_MAX = 400; // fleets larger than this start their charts empty, not from /api/gpu/history
 const HISTORY_WINDOW_S = 300; // the sparklines show the last five minutes
 const HISTORY_POINTS = 150;
 const PALETTE = ["#58a6ff", "#3fb970", "#f0883e", "#bc8cff", "#e5534b", "#39c5cf", "#d29922",
@@ -14,7 +14,7 @@ const state = {
   devices: new Map(), nodes: new Map(), instances: new Map(), topology: null,
   history: new Map(), revision: 0, filter: "",
 };
-const dirty = { rows: new Set(), table: false, topology: false, placements: false, summary: false };
+const dirty = { rows: new Set(), table: false, window: false, topology: false, placements: false, summary: false };
 
 // --- small helpers ------------------------------------------------------------------------
 function h(tag, attrs, ...children) {
@@ -107,7 +107,7 @@ async function loadAll() {
   for (const p of placements.placements) state.instances.set(p.id, p);
   state.topology = topo;
   state.revision = Math.max(devs.revision, nodes.revision, placements.revision);
-  if (state.devices.size <= MAX_ROWS) {
+  if (state.devices.size <= HISTORY_LOAD_MAX) {
     try {
       const hist = await getJSON("/api/gpu/history");
       for (const [id, series] of Object.entries(hist.devices)) {
@@ -185,11 +185,24 @@ function schedule() {
 }
 
 function render() {
-  if (dirty.summary) { renderSummary(); dirty.summary = false; }
-  if (dirty.table) { renderTable(); dirty.table = false; dirty.rows.clear(); }
-  else if (dirty.rows.size) { for (const id of dirty.rows) updateRow(id); dirty.rows.clear(); }
+  if (dirty.summary) summarySoon();
+  if (dirty.table) { renderTable(); dirty.table = false; dirty.window = false; dirty.rows.clear(); }
+  else {
+    if (dirty.window) { renderWindow(); dirty.window = false; }
+    if (dirty.rows.size) { for (const id of dirty.rows) updateRow(id); dirty.rows.clear(); }
+  }
   if (dirty.topology) { renderTopology(); dirty.topology = false; }
   if (dirty.placements) { renderPlacements(); dirty.placements = false; }
+}
+
+// The summary adds up every device: with thousands streaming in, at most twice a second.
+let summaryAt = 0, summaryTimer = null;
+function summarySoon() {
+  const wait = 500 - (performance.now() - summaryAt);
+  if (state.devices.size < 1000 || wait <= 0) {
+    renderSummary(); dirty.summary = false; summaryAt = performance.now(); return;
+  }
+  if (!summaryTimer) summaryTimer = setTimeout(() => { summaryTimer = null; schedule(); }, wait);
 }
 
 function renderSummary() {
@@ -213,47 +226,89 @@ function matches(d) {
   return state.filter.split(/\s+/).every((w) => hay.includes(w));
 }
 
-const rows = new Map(); // device id -> {tr, cells...}
+// The fleet table is virtualised: only the rows in (or near) the scrolled window exist, so
+// 8,000 devices cost what ~40 rows cost. ``view`` (the filtered, sorted ids) is rebuilt only
+// when devices come or go or the filter changes; a sample updates its row if one is drawn.
+// Spacer rows above and below keep the scrollbar true to the whole list.
+const rows = new Map(); // device id -> {tr, cells...}, for drawn rows only
+let view = []; // device ids passing the filter, in fleet order
+let rowHeight = 39; // measured from the first drawn row; rows are one line high by CSS
+const OVERSCAN = 8;
 
 function renderTable() {
   colorIndex = null;
-  const body = document.getElementById("fleet-body");
-  const devs = [...state.devices.values()].filter(matches).sort(deviceOrder);
+  view = [...state.devices.values()].filter(matches).sort(deviceOrder).map((d) => d.id);
+  for (const row of rows.values()) row.tr.remove();
   rows.clear();
+  const more = document.getElementById("fleet-more");
+  more.hidden = !state.filter || !state.devices.size;
+  more.textContent = `${view.length} of ${state.devices.size} devices match the filter`;
+  document.getElementById("fleet-hint").textContent = `${state.devices.size} devices`;
+  renderWindow();
+}
+
+function makeRow(d) {
+  const row = {
+    tr: h("tr", { "data-device-id": d.id }),
+    status: h("td", { class: "status" }),
+    mem: h("td", { class: "mem" }),
+    util: h("td", { class: "util num" }),
+    temp: h("td", { class: "temp num" }),
+    power: h("td", { class: "power num" }),
+    canvas: h("canvas", { class: "spark", width: 180, height: 30 }),
+  };
+  const swatch = h("i", { style: `display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:6px;background:${colorOf(d.id)}` });
+  row.tr.append(
+    h("td", { class: "id" }, swatch, d.id),
+    h("td", { class: "gpu", title: d.uuid }, d.name || "?"),
+    row.status, row.mem, row.util, row.temp, row.power, h("td", {}, row.canvas),
+  );
+  fillRow(d, row);
+  return row;
+}
+
+function spacer(cls) {
+  return h("tr", { class: `spacer ${cls}` }, h("td", { colSpan: 8 }));
+}
+
+function renderWindow() {
+  const scroller = document.getElementById("fleet-scroll");
+  const body = document.getElementById("fleet-body");
+  if (!view.length) {
+    for (const row of rows.values()) row.tr.remove();
+    rows.clear();
+    body.replaceChildren(h("tr", {}, h("td", { colSpan: 8, class: "empty" }, state.devices.size ? "no device matches the filter" : "no devices reporting yet")));
+    return;
+  }
+  // The scroller is at most 70 % of the window high (CSS); empty, it is only its header high.
+  const visible = Math.ceil(Math.max(scroller.clientHeight, window.innerHeight * 0.7) / rowHeight);
+  const first = Math.max(0, Math.floor(scroller.scrollTop / rowHeight) - OVERSCAN);
+  const last = Math.min(view.length, first + visible + 2 * OVERSCAN);
+  const wanted = view.slice(first, last);
+  const keep = new Set(wanted);
+  for (const [id, row] of rows) if (!keep.has(id)) { row.tr.remove(); rows.delete(id); }
+  const top = body.querySelector("tr.spacer.top") || spacer("top");
+  const bottom = body.querySelector("tr.spacer.bottom") || spacer("bottom");
   const frag = document.createDocumentFragment();
-  for (const d of devs.slice(0, MAX_ROWS)) {
-    const row = {
-      tr: h("tr", { "data-device-id": d.id }),
-      status: h("td", { class: "status" }),
-      mem: h("td", { class: "mem" }),
-      util: h("td", { class: "util num" }),
-      temp: h("td", { class: "temp num" }),
-      power: h("td", { class: "power num" }),
-      canvas: h("canvas", { class: "spark", width: 180, height: 30 }),
-    };
-    const swatch = h("i", { style: `display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:6px;background:${colorOf(d.id)}` });
-    row.tr.append(
-      h("td", { class: "id" }, swatch, d.id),
-      h("td", { class: "gpu", title: d.uuid }, d.name || "?"),
-      row.status, row.mem, row.util, row.temp, row.power, h("td", {}, row.canvas),
-    );
-    rows.set(d.id, row);
-    fillRow(d, row);
+  frag.append(top);
+  for (const id of wanted) {
+    let row = rows.get(id);
+    if (!row) { const d = state.devices.get(id); if (!d) continue; row = makeRow(d); rows.set(id, row); }
     frag.append(row.tr);
   }
+  frag.append(bottom);
   body.replaceChildren(frag);
-  if (!devs.length) body.append(h("tr", {}, h("td", { colSpan: 8, class: "empty" }, state.devices.size ? "no device matches the filter" : "no devices reporting yet")));
-  const more = document.getElementById("fleet-more");
-  more.hidden = devs.length <= MAX_ROWS;
-  more.textContent = `showing ${MAX_ROWS} of ${devs.length} devices; narrow with the filter`;
-  document.getElementById("fleet-hint").textContent = `${state.devices.size} devices`;
+  top.firstChild.style.height = `${first * rowHeight}px`;
+  bottom.firstChild.style.height = `${(view.length - last) * rowHeight}px`;
+  top.hidden = first === 0; bottom.hidden = last === view.length;
+  const drawn = rows.values().next().value;
+  if (drawn && drawn.tr.offsetHeight) rowHeight = drawn.tr.offsetHeight;
 }
 
 function updateRow(id) {
   const d = state.devices.get(id);
   const row = rows.get(id);
-  if (!d || !row) { if (d && matches(d) && rows.size < MAX_ROWS) dirty.table = true; return; }
-  fillRow(d, row);
+  if (row && d) fillRow(d, row);
 }
 
 function fillRow(d, row) {
@@ -533,6 +588,7 @@ document.getElementById("place-form").addEventListener("submit", submitPlacement
 document.getElementById("filter").addEventListener("input", (ev) => {
   state.filter = ev.target.value.trim().toLowerCase(); dirty.table = true; schedule();
 });
+document.getElementById("fleet-scroll").addEventListener("scroll", () => { dirty.window = true; schedule(); }, { passive: true });
 // Sparklines scroll with time even when a device is quiet.
 setInterval(() => { for (const [id, row] of rows) drawSpark(row.canvas, state.history.get(id)); }, 5000);
 connect();

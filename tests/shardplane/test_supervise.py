@@ -1,0 +1,123 @@
+"""``shardplane up`` with a large fleet: services as separate processes, stopped within seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from shardplane import supervise
+from shardplane.natsserver import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STOP_WITHIN_S = 15.0  # GRACE_S for the children plus a loaded machine's scheduling
+
+
+def test_a_large_fleet_gets_processes_and_the_agents_are_shared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(supervise.PROCESSES_ENV, raising=False)
+    assert not supervise.wants_processes(16)
+    assert supervise.wants_processes(8000)
+    monkeypatch.setenv(supervise.PROCESSES_ENV, "0")
+    assert not supervise.wants_processes(8000)
+    monkeypatch.setenv(supervise.PROCESSES_ENV, "1")
+    assert supervise.wants_processes(4)
+    assert supervise.agent_shares(1000, cpus=2) == 2
+    assert supervise.agent_shares(1000, cpus=16) == 4
+    assert supervise.agent_shares(3, cpus=16) == 1
+    kids = supervise.children(
+        fleet=Path("f.toml"), node_count=1000, api_host="h", api_port=1, interval_s=1.0, cpus=2
+    )
+    assert [k.name for k in kids] == ["projector", "planner", "api", "agents 1/2", "agents 2/2"]
+    assert kids[4].argv == ("agent", "--fleet", "f.toml", "--part", "1/2", "--interval", "1")
+
+
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is ``parent`` (from /proc: the children run in their own
+    sessions, so a process group does not name them)."""
+    out: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def devices_seen(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/gpu/devices", timeout=5) as r:
+            body = json.loads(r.read())
+    except OSError:
+        return 0
+    return len(body["devices"] if isinstance(body, dict) else body)
+
+
+def run_up_and_stop(tmp_path: Path, nodes: int, gpus: int, expect_devices: int) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'[[nodes]]\nname = "s"\ncount = {nodes}\ngpus = [{{ model = "A100", count = {gpus} }}]\n'
+    )
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        api_port = free_port()
+        env = {**os.environ, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
+        env[supervise.PROCESSES_ENV] = "1"
+        argv = ["up", "--fleet", str(fleet), "--api-port", str(api_port), "--interval", "2"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardplane.cli", *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while devices_seen(api_port) < expect_devices:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, f"{devices_seen(api_port)} devices seen"
+                time.sleep(1.0)
+            kids = child_pids(proc.pid)
+            assert len(kids) >= 5, kids  # projector, planner, api, >= 2 agent shares
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+            took = time.monotonic() - t0
+            out = proc.stdout.read() if proc.stdout else ""
+            assert code == 0, out
+            print(f"{expect_devices} devices: stopped {took:.1f} s after SIGTERM")
+            assert took < STOP_WITHIN_S, f"stopped after {took:.1f} s\n{out}"
+            assert [p for p in kids if alive(p)] == [], out
+            assert "processes)" in out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_up_runs_separate_processes_and_stops_within_seconds(tmp_path: Path) -> None:
+    run_up_and_stop(tmp_path, nodes=300, gpus=2, expect_devices=600)
+
+
+@pytest.mark.slow
+def test_up_with_1000_nodes_by_8_gpus_stops_within_seconds(tmp_path: Path) -> None:
+    run_up_and_stop(tmp_path, nodes=1000, gpus=8, expect_devices=8000)
