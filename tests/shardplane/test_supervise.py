@@ -36,8 +36,24 @@ def test_a_large_fleet_gets_processes_and_the_agents_are_shared(
     kids = supervise.children(
         fleet=Path("f.toml"), node_count=1000, api_host="h", api_port=1, interval_s=1.0, cpus=2
     )
-    assert [k.name for k in kids] == ["projector", "planner", "api", "agents 1/2", "agents 2/2"]
-    assert kids[4].argv == ("agent", "--fleet", "f.toml", "--part", "1/2", "--interval", "1")
+    names = [k.name for k in kids]
+    assert names == ["projector", "planner", "controller", "api", "agents 1/2", "agents 2/2"]
+    assert kids[5].argv == ("agent", "--fleet", "f.toml", "--part", "1/2", "--interval", "1")
+    # With roles, each process connects as its own (the agents' workers as `worker`).
+    creds = {r: Path(f"{r}.creds") for r in ("projector", "planner", "controller", "api")}
+    creds |= {"agent": Path("agent.creds"), "worker": Path("worker.creds")}
+    secured = supervise.children(
+        fleet=Path("f.toml"),
+        node_count=10,
+        api_host="h",
+        api_port=1,
+        interval_s=None,
+        cpus=1,
+        creds=creds,
+    )
+    for kid in secured[:4]:
+        assert kid.argv[-2:] == ("--creds", f"{kid.argv[0]}.creds"), kid
+    assert secured[4].argv[-4:] == ("--creds", "agent.creds", "--worker-creds", "worker.creds")
 
 
 def child_pids(parent: int) -> list[int]:
