@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -21,8 +22,9 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.agents.assignments import AssignmentFeed, filter_for, split_batches
 from shardplane.agents.worker import Worker
-from shardplane.bus import streams, subjects
+from shardplane.bus import authority, streams, subjects
 from shardplane.bus.messages import ShardAssignment
+from shardplane.bus.streams import LEDGER, LEDGER_RESERVATIONS_KEY
 from shardplane.cli import part_arg
 from tests.worker.busutil import StatusLog, assign
 
@@ -48,7 +50,10 @@ def reserve(node: str, instance: str, generation: int = 1) -> ShardAssignment:
 async def fleet_workers(nc: Client, nodes: list[str]) -> AsyncIterator[dict[str, Worker]]:
     stop = asyncio.Event()
     feed = AssignmentFeed(nc, nodes)
-    running = {n: Worker(nc, node=n, use_cuda=False, inbox=feed.inbox(n)) for n in nodes}
+    running = {
+        n: Worker(nc, node=n, use_cuda=False, inbox=feed.inbox(n), verify_generations=False)
+        for n in nodes
+    }
     tasks = [asyncio.create_task(feed.run(stop))]
     tasks += [asyncio.create_task(w.run(stop)) for w in running.values()]
     try:
@@ -226,6 +231,13 @@ async def _assign_all(url: str, count: int) -> None:
 async def run_fleet_assign(nc: Client, js: JetStreamContext, count: int) -> None:
     log = await StatusLog().start(nc)
     nodes = [f"big-{i:0{len(str(count - 1))}d}" for i in range(count)]
+    # Standing in for the planner, which commits a generation before it publishes it: the
+    # agents' workers act only on what the ledger names (bus.authority).
+    view = authority.LedgerView(
+        instances={f"b-{n}": authority.LedgerInstance(generation=1) for n in nodes}
+    )
+    ledger_kv = await js.key_value(LEDGER)
+    await ledger_kv.put(LEDGER_RESERVATIONS_KEY, msgspec.msgpack.encode(view))
     for node in nodes:
         await assign(js, reserve(node, f"b-{node}"))
 
