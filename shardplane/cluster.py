@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,26 @@ from nats.aio.client import Client
 from shardplane.natsserver import NatsServer, NatsServerError, free_port
 
 CLUSTER_NAME = "shardplane"
+
+
+# Below Linux's ephemeral range (32768-60999 by default): a member killed and started again
+# must bind the same ports, and a port the kernel hands out for outgoing connections can be
+# taken by one of them while the member is down (seen once: "bind: address already in use").
+STABLE_PORTS = range(20_000, 32_000)
+
+
+def restartable_port() -> int:
+    """A free loopback port outside the ephemeral range, else any free one."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(STABLE_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 class ClusterMember(NatsServer):
@@ -79,8 +101,10 @@ class NatsCluster:
             self._tmp = tempfile.TemporaryDirectory(prefix="shardplane-cluster-")
             store_root = self._tmp.name
         self.store_root = Path(store_root)
-        ports = [base_port + i if base_port else free_port() for i in range(size)]
-        route_ports = [base_port + 100 + i if base_port else free_port() for i in range(size)]
+        ports = [base_port + i if base_port else restartable_port() for i in range(size)]
+        route_ports = [
+            base_port + 100 + i if base_port else restartable_port() for i in range(size)
+        ]
         self.members = [
             ClusterMember(
                 name=f"nats-{i + 1}",
