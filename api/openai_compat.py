@@ -564,6 +564,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, ChatRequest)
 
 
+def curl_line(base_url: str, instance: str, token: str | None) -> str:
+    """A shell command that asks ``instance`` a chat question (what ``make demo`` prints)."""
+    body = {
+        "model": instance,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+    }
+    auth = f" -H 'Authorization: Bearer {token}'" if token else ""
+    data = msgspec.json.encode(body).decode()
+    return (
+        f"curl -s {base_url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+        f"-d '{data}'"
+    )
+
+
 def register(app: web.Application, api: HasCluster) -> None:
     """Add the /v1 routes to ``app``, serving from ``api``'s cache and NATS connection."""
     app[SERVING_KEY] = Serving(api)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import subprocess
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,7 +18,7 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client
 
-from shardplane.api.openai_compat import SERVING_KEY
+from shardplane.api.openai_compat import SERVING_KEY, curl_line
 from shardplane.api.server import make_app, start_app
 from shardplane.commands import request_placement, wait_for_devices
 from shardplane.generate import wait_loaded
@@ -137,6 +139,7 @@ async def test_openai_client_completes_chats_and_hears_errors(
         await wrong_key.completions.create(model=INSTANCE, prompt="hi", max_tokens=1)
     await _errors_on_the_wire(api_url)
     await _disconnect_frees_the_slot(api_url, app)
+    await _demo_curl_works_as_printed(api_url)
 
 
 async def _errors_on_the_wire(api_url: str) -> None:
@@ -181,3 +184,14 @@ async def _disconnect_frees_the_slot(api_url: str, app: web.Application) -> None
             break
         await asyncio.sleep(0.05)
     assert busy[INSTANCE] == 0, "the generation went on after its client left"
+
+
+async def _demo_curl_works_as_printed(api_url: str) -> None:
+    line = curl_line(api_url, INSTANCE, TOKEN)
+    out = await asyncio.to_thread(
+        subprocess.run, ["sh", "-c", line], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["object"] == "chat.completion", answer
+    assert answer["choices"][0]["message"]["content"], answer
