@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import re
 import secrets
 import time
@@ -41,6 +42,8 @@ from shardplane.agents.pipeline import PipelineClient, PipelineError, runnable
 from shardplane.api.errors import ApiError
 from shardplane.api.state import ClusterCache
 from shardplane.generate import GenerateError, TextCodec, model_hidden
+
+log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 4096  # one request's new tokens: decode runs ~25-40 ms a token here
 MAX_STOPS = 4  # OpenAI's own limit on ``stop`` strings
@@ -133,6 +136,11 @@ async def errors_middleware(
         return _error_response(
             exc.status, f"{request.method} {request.path}: {message}", None, None
         )
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # a bug, never a dropped connection: logged, answered 500
+        log.exception("%s %s failed", request.method, request.path)
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, None)
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -287,15 +295,15 @@ def _codec(model: str) -> TextCodec:
 
 
 @functools.lru_cache(maxsize=8)
+def _hidden(model: str) -> int:
+    return model_hidden(model)
+
+
+@functools.lru_cache(maxsize=8)
 def _chat_template(model: str) -> str | None:
-    from shardplane.agents.gguf import is_packaged, packaged_path
+    from shardplane.agents.gguf import is_packaged, packaged_chat_template
 
-    if not is_packaged(model):
-        return None
-    from shardplane.agents.gguf import _field, _reader  # pyright: ignore[reportPrivateUsage]
-
-    value = _field(_reader(str(packaged_path(model))), "tokenizer.chat_template")
-    return None if value is None else str(value)
+    return packaged_chat_template(model) if is_packaged(model) else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -403,7 +411,7 @@ async def _run(serving: Serving, job: Job, cut: TextCut) -> AsyncGenerator[tuple
     pipeline's sequence is released however this ends (done, stop, error, disconnect)."""
     instance = str(job.view["id"])
     client = PipelineClient(
-        serving.api.nc, instance, int(job.view["stage_count"]), model_hidden(job.model)
+        serving.api.nc, instance, int(job.view["stage_count"]), _hidden(job.model)
     )
     body = job.body
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
@@ -562,6 +570,49 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, ChatRequest)
+
+
+def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The /v1 paths and their request schemas, for the API's OpenAPI document."""
+    _, schemas = msgspec.json.schema_components(
+        [CompletionRequest, ChatRequest], ref_template="#/components/schemas/{name}"
+    )
+    error = {
+        "description": "OpenAI's error shape: `{error: {message, type, param, code}}`",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+    answer = {
+        "description": "the completion (JSON), or with `stream: true` server-sent chunks "
+        "ending with `data: [DONE]`",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+
+    def post(summary: str, schema: str) -> dict[str, Any]:
+        body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+        codes = ("400", "401", "403", "404", "500", "503", "504")
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {"required": True, "content": body},
+                "responses": {"200": answer, **dict.fromkeys(codes, error)},
+            }
+        }
+
+    paths = {
+        "/v1/models": {
+            "get": {
+                "summary": "OpenAI-compatible: loaded instances of runnable models, each with "
+                "its plan (`root` is the model, `plan.stages` its devices and layers)",
+                "responses": {"200": answer},
+            }
+        },
+        "/v1/completions": post("OpenAI-compatible completion of a prompt", "CompletionRequest"),
+        "/v1/chat/completions": post(
+            "OpenAI-compatible chat completion (the model's ChatML template, or `role: text`)",
+            "ChatRequest",
+        ),
+    }
+    return paths, dict(schemas)
 
 
 def curl_line(base_url: str, instance: str, token: str | None) -> str:

@@ -138,3 +138,19 @@ def test_error_body_is_openais_shape() -> None:
         }
     }
     assert json.loads(error_body(503, "later"))["error"]["type"] == "server_error"
+
+
+def test_the_openapi_document_lists_the_v1_endpoints() -> None:
+    from shardplane.api import openapi
+
+    doc = openapi.document()
+    assert "get" in doc["paths"]["/v1/models"]
+    for path, schema in (
+        ("/v1/completions", "CompletionRequest"),
+        ("/v1/chat/completions", "ChatRequest"),
+    ):
+        post = doc["paths"][path]["post"]
+        ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{schema}"
+        assert schema in doc["components"]["schemas"]
+        assert {"400", "401", "404", "503"} <= set(post["responses"])
