@@ -9,9 +9,11 @@ API's NATS connection; this module only turns HTTP bodies into prompts and token
 A request's ``model`` names an instance id, or a model name (then the ready instance of it with
 the fewest requests in flight serves). Ready means every stage reported ``loaded``.
 
-Chat prompts: a GGUF model's ``tokenizer.chat_template`` in ChatML form (``<|im_start|>``, as
-SmolLM2, Qwen) is rendered exactly, including its default system message; any other model gets
-the plain template ``"<role>: <content>\\n"`` per message, then ``"assistant:"``.
+Chat prompts: a GGUF model's ``tokenizer.chat_template`` that uses ChatML (``<|im_start|>``, as
+SmolLM2's) is rendered as ChatML, with the default system message SmolLM2's template writes
+in the form it writes it (no Jinja engine runs on the server); any other model gets the plain
+template ``"<role>: <content>\\n"`` per message, then ``"assistant:"``. A message's ``content``
+is text (not a list of parts); roles are system, user and assistant.
 
 Errors answer OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, including
 those raised before a handler runs (the bearer token check, unknown paths): see
@@ -222,7 +224,8 @@ class TextCut:
 
 def pick_instance(views: Sequence[dict[str, Any]], name: str, busy: Counter[str]) -> dict[str, Any]:
     """The instance ``name`` means: that instance id, or the least busy ready instance of the
-    model ``name``; a 404 or 503 saying why none serves."""
+    model ``name``; a 404 or 503 saying why none serves. Released instances are gone."""
+    views = [v for v in views if v.get("state") != "released"]
     exact = [v for v in views if v.get("id") == name]
     if not exact:
         exact = [v for v in views if v.get("model") == name]

@@ -94,6 +94,9 @@ def test_a_name_picks_the_instance_or_the_least_busy_ready_one() -> None:
     with pytest.raises(ApiError) as loading:
         pick_instance(views, "c", Counter())
     assert loading.value.status == 503 and "c: loading" in loading.value.message
+    with pytest.raises(ApiError) as released:
+        pick_instance([_view("r", "smollm2-135m", "released")], "r", Counter())
+    assert released.value.status == 404
     with pytest.raises(ApiError) as catalog_only:
         pick_instance([_view("d", "llama-3-70b")], "d", Counter())
     assert catalog_only.value.status == 400

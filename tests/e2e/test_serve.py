@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import nats
@@ -27,6 +28,7 @@ from tests.e2e.helpers import running
 openai = pytest.importorskip("openai")
 TOKEN = "serve-test-token"
 INSTANCE = "serve-smol"
+STORY = "Once upon a time, in a small village by the sea,"
 
 
 @pytest.fixture
@@ -55,11 +57,22 @@ async def test_openai_client_completes_chats_and_hears_errors(
     served: tuple[str, web.Application],
 ) -> None:
     api_url, app = served
-    client = openai.AsyncOpenAI(base_url=api_url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    base = api_url + "/v1"
+    async with (
+        openai.AsyncOpenAI(base_url=base, api_key=TOKEN, max_retries=0, timeout=120) as client,
+        openai.AsyncOpenAI(base_url=base, api_key="nope", max_retries=0) as wrong_key,
+    ):
+        await _models_and_completions(client)
+        await _streaming_chat(client)
+        await _bad_requests(client, wrong_key)
+    await _errors_on_the_wire(api_url)
+    await _disconnect_frees_the_slot(api_url, app)
+    await _demo_curl_works_as_printed(api_url)
 
+
+async def _models_and_completions(client: Any) -> None:
     listed = await client.models.list()
-    ids = [m.id for m in listed.data]
-    assert ids == [INSTANCE]
+    assert [m.id for m in listed.data] == [INSTANCE]
     card = listed.data[0].model_dump()
     assert card["root"] == "smollm2-135m"
     assert len(card["plan"]["stages"]) >= 2
@@ -67,10 +80,7 @@ async def test_openai_client_completes_chats_and_hears_errors(
 
     # Non-streaming completion, named by model (greedy: " there was", as llama.cpp says).
     done = await client.completions.create(
-        model="smollm2-135m",
-        prompt="Once upon a time, in a small village by the sea,",
-        max_tokens=4,
-        temperature=0,
+        model="smollm2-135m", prompt=STORY, max_tokens=4, temperature=0
     )
     assert done.model == INSTANCE
     assert done.choices[0].finish_reason == "length"
@@ -84,26 +94,21 @@ async def test_openai_client_completes_chats_and_hears_errors(
 
     # A stop string cuts the text before it, and says so.
     stopped = await client.completions.create(
-        model=INSTANCE,
-        prompt="Once upon a time, in a small village by the sea,",
-        max_tokens=4,
-        temperature=0,
-        stop=[" was"],
+        model=INSTANCE, prompt=STORY, max_tokens=4, temperature=0, stop=[" was"]
     )
     assert stopped.choices[0].text == " there"
     assert stopped.choices[0].finish_reason == "stop"
 
-    # Streaming chat: the chunks join to the same text as the non-streaming answer.
+
+async def _streaming_chat(client: Any) -> None:
+    """The chunks join to the same text as the non-streaming answer."""
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     whole = await client.chat.completions.create(
-        model=INSTANCE,
-        messages=messages,
-        max_tokens=6,
-        temperature=0,  # pyright: ignore[reportArgumentType]
+        model=INSTANCE, messages=messages, max_tokens=6, temperature=0
     )
     stream = await client.chat.completions.create(
         model=INSTANCE,
-        messages=messages,  # pyright: ignore[reportArgumentType]
+        messages=messages,
         max_tokens=6,
         temperature=0,
         stream=True,
@@ -126,7 +131,9 @@ async def test_openai_client_completes_chats_and_hears_errors(
     assert usage is not None and whole.usage is not None
     assert usage.completion_tokens == whole.usage.completion_tokens
 
-    # Bad requests: OpenAI's error shape and status, raised by the client as its own errors.
+
+async def _bad_requests(client: Any, wrong_key: Any) -> None:
+    """OpenAI's error shape and status, raised by the client as its own errors."""
     with pytest.raises(openai.BadRequestError) as bad:
         await client.completions.create(model=INSTANCE, prompt="hi", max_tokens=0)
     assert bad.value.status_code == 400
@@ -134,12 +141,8 @@ async def test_openai_client_completes_chats_and_hears_errors(
     with pytest.raises(openai.NotFoundError) as missing:
         await client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
     assert "no-such-model" in str(missing.value)
-    wrong_key = openai.AsyncOpenAI(base_url=api_url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.PermissionDeniedError):
         await wrong_key.completions.create(model=INSTANCE, prompt="hi", max_tokens=1)
-    await _errors_on_the_wire(api_url)
-    await _disconnect_frees_the_slot(api_url, app)
-    await _demo_curl_works_as_printed(api_url)
 
 
 async def _errors_on_the_wire(api_url: str) -> None:
