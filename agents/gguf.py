@@ -252,3 +252,9 @@ def tokenizer_from_gguf(path: Path) -> Tokenizer:
 
 def packaged_tokenizer(model: str) -> Tokenizer:
     return tokenizer_from_gguf(packaged_path(model))
+
+
+def packaged_chat_template(model: str) -> str | None:
+    """The model's ``tokenizer.chat_template`` (Jinja text), for the API's chat endpoint."""
+    value = _field(_reader(str(packaged_path(model))), "tokenizer.chat_template")
+    return None if value is None else str(value)

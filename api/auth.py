@@ -1,7 +1,8 @@
 """Who may change things through the HTTP API, and errors aiohttp answers on its own.
 
 Reading the fleet is harmless on loopback, so GET/HEAD stay open; anything that changes the
-fleet (POST /api/placements today, DELETE and generation when they exist) takes a bearer token,
+fleet or spends it (POST /api/placements, DELETE, and generation: POST /v1/completions and
+/v1/chat/completions, where OpenAI clients send the token as their ``api_key``) takes a bearer token,
 ``SHARDPLANE_API_TOKEN``, compared in constant time. Binding beyond loopback without a token
 would hand placement to anyone on the network, so the API refuses to start then
 (:func:`check_binding`).

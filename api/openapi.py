@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 import msgspec
 
+from shardplane.api import openai_compat
 from shardplane.api.metrics import RENDER_INTERVAL_S
 from shardplane.api.state import LIST_MAX_AGE_S
 from shardplane.bus.messages import (
@@ -433,8 +434,9 @@ def document() -> Schema:
                 }
             },
             "/api/openapi.json": _get("this document", {"type": "object"}, errors=()),
+            **openai_compat.openapi_parts()[0],
         },
-        "components": {"schemas": _components()},
+        "components": {"schemas": {**_components(), **openai_compat.openapi_parts()[1]}},
     }
 
 

@@ -28,7 +28,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BadRequestError, NotFoundError
 
-from shardplane.api import metrics, openapi
+from shardplane.api import metrics, openai_compat, openapi
 from shardplane.api.auth import JsonErrorRunner, check_binding, env_token, token_middleware
 from shardplane.api.errors import ApiError, request_error
 from shardplane.api.state import KINDS, Change, ClusterCache, sse_event
@@ -755,7 +755,8 @@ def make_app(
     """The whole API on one NATS connection; the watch runs while the app runs. With ``token``,
     mutating endpoints need it as a bearer token (``api.auth``)."""
     app = web.Application(
-        middlewares=[errors_middleware, token_middleware(token)], client_max_size=1024 * 1024
+        middlewares=[errors_middleware, openai_compat.errors_middleware, token_middleware(token)],
+        client_max_size=1024 * 1024,
     )
     # A misspelt host label setting stops the API here, before it serves one scrape.
     cache = ClusterCache(history_points, host_label=metrics.host_label_from_env())
@@ -807,6 +808,7 @@ def make_app(
     r.add_delete("/api/placements/{id}", release)
     r.add_get("/api/events", events)
     r.add_static("/static/", STATIC_DIR, show_index=False)
+    openai_compat.register(app, state)  # /v1/models, /v1/completions, /v1/chat/completions
     return app
 
 

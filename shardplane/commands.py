@@ -893,6 +893,12 @@ def demo(args: argparse.Namespace) -> int:
                         print(f"instance {final.instance_id}: {final.state}")
                 if args.generate:
                     await demo_generation(nc)
+                    from shardplane.api.openai_compat import curl_line
+
+                    base = f"http://127.0.0.1:{args.api_port}"
+                    print(
+                        f"\nask it over the OpenAI API:\n  {curl_line(base, DEMO_RUN.instance_id, token)}"
+                    )
                 print(
                     f"dashboard: http://127.0.0.1:{args.api_port}/   (ready in {time.monotonic() - started:.1f} s)",
                     flush=True,
