@@ -74,6 +74,9 @@ from shardplane.projector.transport import Inbox, Puller, ack_all
 
 log = logging.getLogger(__name__)
 
+# How long a stop waits for its cancelled feeders and lease holder to end.
+FEEDER_STOP_S = 2.0
+
 CONSUMERS = {
     TELEMETRY: "projector_telemetry",
     PLACEMENTS: "projector_placements",
@@ -350,11 +353,21 @@ class Projector:
             self.leading.set()
             await self._write_loop(inbox, stop, lost, handback)
         finally:
-            for task in [*feeders, holder]:
+            tasks = [*feeders, holder]
+            for task in tasks:
                 task.cancel()
-            for task in [*feeders, holder]:
-                with contextlib.suppress(BaseException):
-                    await task
+            # Bounded: a task that ignored its cancel must not hold the stop (and the lease).
+            ended, stuck = await asyncio.wait(tasks, timeout=FEEDER_STOP_S)
+            for task in ended:
+                if not task.cancelled():
+                    task.exception()  # retrieved: a failure is the feeder's own to log
+            if stuck:
+                log.warning(
+                    "%d projector task(s) still running %.0f s after being cancelled: %s",
+                    len(stuck),
+                    FEEDER_STOP_S,
+                    ", ".join(t.get_name() for t in stuck),
+                )
             # Hand what was fetched but not stored straight back instead of letting it wait
             # out the ack wait (a standby takes over at once after a graceful stop). Only now
             # that the pull subscriptions are gone: a nak while a pull request of ours is still

@@ -191,11 +191,24 @@ class Puller:
                     continue
                 # A request can vanish without a status (a reconnect in between): give up on
                 # it a little after it would have expired.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._done.wait(), self.expires_s + 0.5)
+                await wait_set(self._done, self.expires_s + 0.5)
         finally:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+
+async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``event``; True when it is set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation that arrives as the
+    event is set (fixed in 3.12), and a puller that swallowed its cancel ran on and kept a
+    graceful stop waiting for it (a 30 s handover, seen in the two-replica test)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()
 
 
 def _stored_at(reply: str) -> float:
@@ -333,8 +346,7 @@ class Writer:
         return f"{self._prefix}{self._round}-"
 
     async def _finish(self, keys: list[str], timeout_s: float) -> WriteOutcome:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._done.wait(), timeout_s)
+        await wait_set(self._done, timeout_s)
         stored, errors = self._stored, self._errors
         for key in keys:
             if key not in stored and key not in errors:
