@@ -519,15 +519,7 @@ class Planner:
             )
         else:
             reply = await lifecycle.release(self, req.instance_id)
-        body = codec.encode(reply, encoding)
-        if reply.ok or reply.error is None:
-            await request.respond(body)
-        else:
-            await request.respond_error(
-                ERROR_STATUS.get(reply.error.code, "500"),
-                f"{reply.error.code}: {reply.error.message}"[:1024],
-                data=body,
-            )
+        await _respond(request, codec.encode(reply, encoding), reply.ok, reply.error)
 
     async def on_request(self, request: Request) -> None:
         data = request.data
@@ -542,15 +534,7 @@ class Planner:
             )
         else:
             reply = await self.handle(req)
-        body = codec.encode(reply, encoding)
-        if reply.ok or reply.error is None:
-            await request.respond(body)
-        else:
-            await request.respond_error(
-                ERROR_STATUS.get(reply.error.code, "500"),
-                f"{reply.error.code}: {reply.error.message}"[:1024],
-                data=body,
-            )
+        await _respond(request, codec.encode(reply, encoding), reply.ok, reply.error)
 
 
 def _warm_solver() -> None:
@@ -568,6 +552,16 @@ def _dropped(previous: ledger.LedgerEntry | None, nodes: tuple[str, ...]) -> tup
 
 def _promise(outcome: Outcome) -> dict[str, int]:
     return {s.device: s.memory_bytes for s in outcome.stages}
+
+
+async def _respond(request: Request, body: bytes, ok: bool, error: ErrorInfo | None) -> None:
+    """A reply in the caller's encoding; an error also as the service API's error headers."""
+    if ok or error is None:
+        await request.respond(body)
+        return
+    await request.respond_error(
+        ERROR_STATUS.get(error.code, "500"), f"{error.code}: {error.message}"[:1024], data=body
+    )
 
 
 def endpoint_data(cache: StateCache) -> dict[str, int]:
