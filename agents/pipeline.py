@@ -27,12 +27,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -41,6 +40,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shardplane.agents.executor import Entry, ExecutorError, StageBackend, sample
+from shardplane.agents.steptiming import StepTimer, StepTiming
 from shardplane.bus import subjects
 from shardplane.bus.messages import ErrorInfo, StageEntry, StageReply, StageRequest
 
@@ -54,11 +54,10 @@ DECODE_DEADLINE_S = 10.0
 # context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
 # loop (telemetry, other stages of this process) keeps going.
 INLINE_ROWS = 8
-CALIBRATE_EVERY = 8  # batch-1 decode steps between two step-time reports (calibration)
 
-# Called with the p50 of the last CALIBRATE_EVERY batch-1 decode steps (ms) and the bytes such a
-# step reads; the worker publishes it in ShardStatus.
-StepReport = Callable[[float, int], Awaitable[None]]
+# Called with the median of a run of decode steps of one size (agents.steptiming); the worker
+# publishes it in ShardStatus.
+StepReport = Callable[[StepTiming], Awaitable[None]]
 PREFILL_DEADLINE_PER_ROW_S = 0.05
 
 _encoder = msgspec.msgpack.Encoder()
@@ -103,7 +102,7 @@ class StageServer:
     backend: StageBackend
     last: bool
     on_steps: StepReport | None = None
-    step_ms: list[float] = field(default_factory=lambda: [])  # batch-1 decode compute times
+    timer: StepTimer = field(default_factory=StepTimer)  # decode compute times, by step size
     _sub: Any = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _touched: dict[str, float] = field(default_factory=lambda: {})
@@ -177,8 +176,7 @@ class StageServer:
                     self._touched[e.seq_id] = time.monotonic()
         except ExecutorError as exc:
             return _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
-        if rows == 1:
-            await self._measured(ms)
+        await self._measured(entries, ms)
         if self.last:
             return self._finish(req, out, ms)
         reply = await self._forward(req, out, received)
@@ -189,15 +187,11 @@ class StageServer:
             return reply
         return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
 
-    async def _measured(self, ms: float) -> None:
-        self.step_ms.append(ms)
-        if len(self.step_ms) < CALIBRATE_EVERY:
-            return
-        p50 = statistics.median(self.step_ms)
-        self.step_ms.clear()
-        if self.on_steps is not None:
+    async def _measured(self, entries: Sequence[Entry], ms: float) -> None:
+        timing = self.timer.add(self.backend, entries, ms)
+        if timing is not None and self.on_steps is not None:
             try:
-                await self.on_steps(p50, self.backend.read_bytes())
+                await self.on_steps(timing)
             except Exception:
                 log.exception("stage %s/%d: step report failed", self.instance_id, self.stage)
 
@@ -426,16 +420,11 @@ def runnable(model: str) -> bool:
     return model.startswith("hf:") or is_packaged(model)
 
 
-def _host_array(tensor: Any) -> np.ndarray[Any, Any]:
-    """A loaded tensor as a host numpy array (torch tensors when the loader used CUDA)."""
-    if isinstance(tensor, np.ndarray):
-        return cast("np.ndarray[Any, Any]", tensor)
-    return tensor.float().cpu().numpy()
-
-
 def build_backend(assignment: Any, tensors: dict[str, Any]) -> StageBackend:
-    """The numpy executor for a loaded stage (its architecture from config.json or GGUF)."""
-    from shardplane.agents.executor import NumpyStage, config_from_hf
+    """The executor for a loaded stage (agents.backends chooses numpy or torch; the
+    architecture comes from config.json or GGUF)."""
+    from shardplane.agents.backends import build_stage
+    from shardplane.agents.executor import config_from_hf
     from shardplane.agents.gguf import is_packaged, packaged_path
     from shardplane.agents.gguf import read_config as gguf_config
     from shardplane.agents.loader import checkpoint_dir
@@ -446,9 +435,9 @@ def build_backend(assignment: Any, tensors: dict[str, Any]) -> StageBackend:
         config = gguf_config(packaged_path(model))
     else:
         config = config_from_hf(read_config(checkpoint_dir(model)))
-    return NumpyStage.build(
+    return build_stage(
         config,
-        {name: _host_array(t) for name, t in tensors.items()},
+        tensors,
         layer_start=assignment.layer_start,
         layer_end=assignment.layer_end,
         embeddings=assignment.embeddings,
@@ -463,7 +452,7 @@ class PipelineHost:
     caller asking the stage hears 'not serving'."""
 
     nc: Client
-    on_steps: Callable[[Any, float, int], Awaitable[None]] | None = None  # (key, ms, bytes)
+    on_steps: Callable[[Any, StepTiming], Awaitable[None]] | None = None  # (key, timing)
     servers: dict[Any, StageServer] = field(default_factory=lambda: {})
 
     async def serve(self, key: Any, assignment: Any, tensors: dict[str, Any]) -> None:
@@ -496,8 +485,8 @@ class PipelineHost:
         if report is None:
             return None
 
-        async def reported(ms: float, nbytes: int) -> None:
-            await report(key, ms, nbytes)
+        async def reported(timing: StepTiming) -> None:
+            await report(key, timing)
 
         return reported
 
@@ -540,21 +529,28 @@ def even_bounds(layers: int, stages: int) -> list[int]:
 
 
 async def serve_split(
-    nc: Client, instance_id: str, config: Any, tensors: dict[str, Any], bounds: Sequence[int]
+    nc: Client,
+    instance_id: str,
+    config: Any,
+    tensors: dict[str, Any],
+    bounds: Sequence[int],
+    backend_kind: str | None = None,
 ) -> list[StageServer]:
-    """Stage servers for a model cut at ``bounds``, all in this process (tests, benches)."""
-    from shardplane.agents.executor import NumpyStage
+    """Stage servers for a model cut at ``bounds``, all in this process (tests, benches);
+    ``backend_kind`` as ``agents.backends.choose`` reads it."""
+    from shardplane.agents.backends import build_stage
 
     servers: list[StageServer] = []
     last = len(bounds) - 2
     for stage, (start, end) in enumerate(itertools.pairwise(bounds)):
-        backend = NumpyStage.build(
+        backend = build_stage(
             config,
             tensors,
             layer_start=start,
             layer_end=end,
             embeddings=stage == 0,
             head=stage == last,
+            backend=backend_kind,
         )
         server = StageServer(
             nc, instance_id=instance_id, stage=stage, backend=backend, last=stage == last

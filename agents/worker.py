@@ -54,6 +54,7 @@ from shardplane.agents.loader import (
     StageSpec,
 )
 from shardplane.agents.pipeline import PipelineHost, load_assigned
+from shardplane.agents.steptiming import StepTiming
 from shardplane.bus import authority, codec, streams, subjects
 from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
 from shardplane.bus.retry import retrying
@@ -560,7 +561,7 @@ class Worker:
             tensors=len(shard.tensors),
         )
 
-    async def _step_measured(self, key: rc.ShardKey, step_ms: float, step_bytes: int) -> None:
+    async def _step_measured(self, key: rc.ShardKey, timing: StepTiming) -> None:
         held, shard = self.held.get(key), self.shards.get(key)
         if held is None or shard is None or held.state != "loaded":
             return
@@ -571,8 +572,11 @@ class Worker:
             load_ms=shard.load_ms,
             where=shard.where,
             tensors=len(shard.tensors),
-            step_ms=step_ms,
-            step_bytes=step_bytes,
+            step_ms=timing.ms,
+            step_bytes=timing.read_bytes,
+            step_rows=timing.rows,
+            step_flops=timing.flops,
+            executor=timing.executor,
         )
 
     async def _release_all(self, reason: str) -> None:

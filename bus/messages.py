@@ -401,6 +401,14 @@ class ShardStatus(Frozen, frozen=True):
     # plus the head on the last stage). None/0: nothing measured.
     step_ms: NonNeg | None = None
     step_bytes: Bytes = 0
+    # Added for compute calibration (additive): the sequences in the timed steps (1 from older
+    # writers, which timed batch 1 only), the FLOPs such a step costs (planner.profile's count)
+    # and what ran it ("numpy-cpu", "torch-cuda:0"; None from older writers). A step that ran on
+    # the host CPU for a GPU device (a simulated fleet) is not that GPU's speed: the projector
+    # keeps it out of the device's calibration (projector.calibration).
+    step_rows: Annotated[int, Meta(ge=1)] = 1
+    step_flops: NonNeg = 0.0
+    executor: str | None = None
 
 
 # --- running a placed model (core request-reply on pipeline.<instance>.<stage>) ---------------
@@ -472,6 +480,14 @@ class DeviceState(Frozen, frozen=True):
     # in ``measured_gbps_samples``; None until there are enough of them to be robust.
     measured_gbps: NonNeg | None = None
     measured_gbps_samples: tuple[NonNeg, ...] = ()
+    # Added for compute calibration (additive): effective TFLOPS the device achieved in decode
+    # steps of several sequences (ShardStatus.step_flops / step_ms), median of the recent ones;
+    # the planner plans t = max(read / measured_gbps, flops / measured_tflops). None until
+    # enough samples. ``host_substitute_steps`` counts step reports that ran on a host CPU
+    # standing in for this (GPU) device and were therefore kept out of both figures.
+    measured_tflops: NonNeg | None = None
+    measured_tflops_samples: tuple[NonNeg, ...] = ()
+    host_substitute_steps: Count = 0
 
 
 class NodeState(Frozen, frozen=True):

@@ -223,7 +223,7 @@ def build_fleet(
                 # A device that has run stages is planned at the bandwidth it achieved
                 # (projector.calibration), not at its datasheet figure.
                 bandwidth_gbps=state.measured_gbps or _derate(state, peak, ref in own),
-                calibrated=state.measured_gbps is not None,
+                calibrated=state.measured_gbps is not None or state.measured_tflops is not None,
                 peak_gbps=peak,
                 total_bytes=total,
                 free_bytes=free,
@@ -231,7 +231,8 @@ def build_fleet(
                 pci_bus_id=s.pci_bus_id or "",
                 nvlink_peers=peers,
                 promised_bytes=int(promised.get(ref, 0)),
-                tflops=_derate(state, peak_tflops(state), ref in own),
+                # Likewise the compute it achieved in multi-sequence steps, when measured.
+                tflops=state.measured_tflops or _derate(state, peak_tflops(state), ref in own),
             )
         )
     links: dict[tuple[str, str], Link] = {}

@@ -36,9 +36,7 @@ from shardplane.bus.messages import (
     ShardStatus,
     StageState,
 )
-from shardplane.projector.calibration import estimate as calibration_estimate
-from shardplane.projector.calibration import fold as calibration_fold
-from shardplane.projector.calibration import measured_gbps as calibration_gbps
+from shardplane.projector.calibration import calibrate, carried
 
 Value = DeviceState | NodeState | InstanceState
 Event = DeviceSample | NodeHeartbeat | ShardAssignment | ShardStatus | InstanceHealth
@@ -194,22 +192,21 @@ def make_device(
     shutdown_at: float | None,
     now: float,
     ttl: float,
-    calibration: tuple[float, ...] = (),
+    previous: DeviceState | None = None,
 ) -> DeviceState:
     # A shutdown older than the newest sample is history; dropping it keeps values canonical
     # (the same facts always encode to the same bytes, whatever order they came in).
     if shutdown_at is not None and shutdown_at < last_seen:
         shutdown_at = None
     online, reason = device_liveness(sample, last_seen, shutdown_at, now, ttl)
-    return DeviceState(
+    state = DeviceState(
         sample=sample,
         online=online,
         last_seen=last_seen,
         offline_reason=reason,
         shutdown_at=shutdown_at,
-        measured_gbps=calibration_estimate(calibration),
-        measured_gbps_samples=calibration,
     )
+    return carried(state, previous)
 
 
 def apply_sample(
@@ -222,15 +219,15 @@ def apply_sample(
     node = node if isinstance(node, NodeState) else None
     ttl = liveness.ttl(node)
     shutdown = node_shutdown_at(node)
-    calibration: tuple[float, ...] = ()
+    previous: DeviceState | None = None
     if isinstance(current, DeviceState):
         newest = sample if sample_order(sample) > sample_order(current.sample) else current.sample
         last_seen = max(current.last_seen, seen)
         shutdown = _max_opt(current.shutdown_at, shutdown)
-        calibration = current.measured_gbps_samples
+        previous = current
     else:
         newest, last_seen = sample, seen
-    value = make_device(newest, last_seen, shutdown, now, ttl, calibration)
+    value = make_device(newest, last_seen, shutdown, now, ttl, previous)
     return NO_CHANGE if value == current else Changes({key: value})
 
 
@@ -266,7 +263,7 @@ def apply_heartbeat(
                 _max_opt(device.shutdown_at, seen),
                 now,
                 ttl,
-                device.measured_gbps_samples,
+                device,
             )
             if updated != device:
                 changes[device_key] = updated
@@ -532,21 +529,17 @@ def apply_health(view: StateView, health: InstanceHealth) -> Outcome:
 
 
 def _calibrate(view: StateView, status: ShardStatus) -> dict[str, Value]:
-    """The device's measured bandwidth, folded with a stage's step timing (projector.calibration)."""
-    gbps = calibration_gbps(status)
-    if gbps is None or status.device is None:
+    """The device's measured bandwidth and compute, folded with a stage's step timing
+    (projector.calibration)."""
+    if not status.step_ms or status.device is None:
         return {}
     node, _, index = status.device.rpartition("/")
     key = subjects.device_key(node, int(index))
     device = view.get(key)
     if not isinstance(device, DeviceState):
         return {}
-    samples = calibration_fold(device.measured_gbps_samples, gbps)
-    return {
-        key: msgspec.structs.replace(
-            device, measured_gbps=calibration_estimate(samples), measured_gbps_samples=samples
-        )
-    }
+    updated = calibrate(device, status)
+    return {} if updated == device else {key: updated}
 
 
 # --- dispatch and sweep -------------------------------------------------------------------------
@@ -603,7 +596,7 @@ def sweep(
                     value.shutdown_at,
                     now,
                     ttl,
-                    value.measured_gbps_samples,
+                    value,
                 )
         elif isinstance(value, NodeState):
             online, reason = node_liveness(

@@ -79,3 +79,66 @@ def test_the_planner_uses_the_measured_bandwidth_and_says_so() -> None:
         [DeviceState(sample=device.sample, online=True, last_seen=NOW)], {"a": node}
     )
     assert not plain.devices[0].calibrated and plain.devices[0].bandwidth_gbps > 1000
+
+
+def stepped(
+    seq: int, step_ms: float, rows: int, flops: float, executor: str | None = None
+) -> ShardStatus:
+    return ShardStatus(
+        instance_id="i1",
+        generation=1,
+        node="a",
+        stage=0,
+        state="loaded",
+        seq=seq,
+        ts=1.0 + seq / 100,
+        device="a/0",
+        step_ms=step_ms,
+        step_bytes=int(2 * GB),
+        step_rows=rows,
+        step_flops=flops,
+        executor=executor,
+    )
+
+
+def device_of(vendor: str, statuses: list[ShardStatus]) -> DeviceState:
+    sample = DeviceSample(
+        node="a", index=0, uuid="G", seq=1, ts=NOW, name="NVIDIA A100-SXM4-80GB", vendor=vendor, **MEMORY
+    )  # fmt: skip
+    events = [(sample, NOW - 1), (assign(1, "a", 0), 1.0)] + [(s, 1.5) for s in statuses]
+    device = fold(events).get("devices.a.0")
+    assert isinstance(device, DeviceState)
+    return device
+
+
+def test_multi_sequence_steps_calibrate_compute_not_bandwidth() -> None:
+    # Batch 1: 2 GB in 1000 ms = 2 GB/s. Batch 4: 8 TFLOP in 2000 ms = 4 TFLOPS; its bytes
+    # over its time (1 GB/s) must not drag the bandwidth down.
+    ones = [stepped(i, 1000.0, 1, 1e12) for i in range(1, 4)]
+    fours = [stepped(i, 2000.0, 4, 8e12) for i in range(4, 7)]
+    fours.append(stepped(7, 0.0, 4, 8e12))  # no figure
+    fours.append(stepped(8, 2000.0, 4, 0.0))  # no FLOPs: ignored
+    device = device_of("nvidia", ones + fours)
+    assert device.measured_gbps == 2.0
+    assert device.measured_tflops == 4.0
+    assert len(device.measured_tflops_samples) == 3
+    node = NodeState(heartbeat=NodeHeartbeat(node="a", seq=1, ts=NOW), online=True, last_seen=NOW)
+    planned = build_fleet([device], {"a": node}).devices[0]
+    assert planned.calibrated and planned.tflops == 4.0 and planned.bandwidth_gbps == 2.0
+
+
+def test_host_substitute_steps_do_not_calibrate_a_gpu() -> None:
+    # A simulated A100 whose stage ran in numpy on the host: kept apart, datasheet figures stay.
+    host = [stepped(i, 1000.0, 1, 1e12, "numpy-cpu") for i in range(1, 5)]
+    host += [stepped(i, 2000.0, 4, 8e12, "torch-cpu") for i in range(5, 9)]
+    sim = device_of("sim", host)
+    assert sim.measured_gbps is None and sim.measured_tflops is None
+    assert sim.host_substitute_steps == 8
+    node = NodeState(heartbeat=NodeHeartbeat(node="a", seq=1, ts=NOW), online=True, last_seen=NOW)
+    planned = build_fleet([sim], {"a": node}).devices[0]
+    assert not planned.calibrated and planned.bandwidth_gbps > 1000
+    # The same steps on the GPU itself, or host steps for a CPU device, do calibrate.
+    gpu = [stepped(i, 1000.0, 1, 1e12, "torch-cuda:0") for i in range(1, 4)]
+    assert device_of("nvidia", gpu).measured_gbps == 2.0
+    assert device_of("cpu", host).measured_gbps == 2.0
+    assert device_of("cpu", host).measured_tflops == 4.0

@@ -9,29 +9,38 @@ import numpy as np
 import pytest
 from nats.aio.client import Client
 
-from shardplane.agents.executor import Entry, NumpyStage, config_from_hf
+from shardplane.agents.backends import build_stage
+from shardplane.agents.executor import Entry, StageBackend, config_from_hf
 from shardplane.agents.loader import StageSpec, load_stage
 from shardplane.agents.pipeline import PipelineClient, even_bounds, serve_split
 from shardplane.bus.checkpoint import read_config
 from shardplane.bus.messages import StageEntry
+from tests.worker.backends import BACKENDS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ("tiny-llama3", "tiny-qwen2")
 
 
-def whole(root: Path) -> tuple[NumpyStage, dict[str, np.ndarray]]:
+def whole(root: Path, backend: str = "numpy") -> tuple[StageBackend, dict[str, np.ndarray]]:
     config = config_from_hf(read_config(root))
     shard = load_stage(root, StageSpec(0, config.layers, True, True), use_cuda=False)
-    stage = NumpyStage.build(
-        config, shard.tensors, layer_start=0, layer_end=config.layers, embeddings=True, head=True
+    stage = build_stage(
+        config,
+        shard.tensors,
+        layer_start=0,
+        layer_end=config.layers,
+        embeddings=True,
+        head=True,
+        backend=backend,
     )
     return stage, shard.tensors
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_logits_match_transformers(name: str) -> None:
+def test_logits_match_transformers(name: str, backend: str) -> None:
     ref = np.load(FIXTURES / name / "reference.npz")
-    stage, _ = whole(FIXTURES / name)
+    stage, _ = whole(FIXTURES / name, backend)
     ids = ref["input"]
     logits = stage.forward([Entry("t", 0, len(ids))], ids, all_rows=True)
     assert np.abs(logits - ref["logits"]).max() <= 1e-4
@@ -42,8 +51,9 @@ def test_logits_match_transformers(name: str) -> None:
         assert np.abs(row[0] - ref["logits"][i]).max() <= 1e-4, f"position {i}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
-async def test_any_split_matches_transformers_greedy(name: str, nc: Client) -> None:
+async def test_any_split_matches_transformers_greedy(name: str, nc: Client, backend: str) -> None:
     ref = np.load(FIXTURES / name / "reference.npz")
     root = FIXTURES / name
     config = config_from_hf(read_config(root))
@@ -51,8 +61,10 @@ async def test_any_split_matches_transformers_greedy(name: str, nc: Client) -> N
     prompt = ref["input"].tolist()
     logits: set[bytes] = set()
     for n in (1, 2, 3):
-        instance = f"{name.replace('.', '')}-{n}"
-        servers = await serve_split(nc, instance, config, tensors, even_bounds(config.layers, n))
+        instance = f"{name.replace('.', '')}-{n}-{backend}"
+        servers = await serve_split(
+            nc, instance, config, tensors, even_bounds(config.layers, n), backend
+        )
         try:
             client = PipelineClient(nc, instance, n, config.hidden)
             reply = await client.step(

