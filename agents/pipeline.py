@@ -103,6 +103,7 @@ class StageServer:
     last: bool
     on_steps: StepReport | None = None
     timer: StepTimer = field(default_factory=StepTimer)  # decode compute times, by step size
+    _timed: list[tuple[Sequence[Entry], float]] = field(default_factory=lambda: [])
     _sub: Any = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _touched: dict[str, float] = field(default_factory=lambda: {})
@@ -147,6 +148,9 @@ class StageServer:
         if msg.reply:
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, _encoder.encode(reply))
+        # Step-time bookkeeping waits until the reply is out: it is no part of the step.
+        while self._timed:
+            await self._measured(*self._timed.pop())
 
     async def _serve(self, data: bytes) -> StageReply:
         received = time.monotonic()
@@ -176,7 +180,7 @@ class StageServer:
                     self._touched[e.seq_id] = time.monotonic()
         except ExecutorError as exc:
             return _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
-        await self._measured(entries, ms)
+        self._timed.append((entries, ms))
         if self.last:
             return self._finish(req, out, ms)
         reply = await self._forward(req, out, received)

@@ -37,10 +37,13 @@ class StepTiming:
     executor: str
 
 
-def step_flops(backend: StageBackend, entries: Sequence[Entry]) -> float:
-    """FLOPs of one step of ``entries`` through ``backend``'s layers (and head when last)."""
+def step_flops(
+    backend: StageBackend, entries: Sequence[Entry], read_bytes: int | None = None
+) -> float:
+    """FLOPs of one step of ``entries`` through ``backend``'s layers (and head when last);
+    ``read_bytes`` is ``backend.read_bytes()`` when the caller has it."""
     c = backend.config
-    params = backend.read_bytes() / 4  # fp32 weights in both backends
+    params = (backend.read_bytes() if read_bytes is None else read_bytes) / 4  # fp32 weights
     layers = backend.layer_end - backend.layer_start
     attn = 4.0 * c.heads * c.head_dim * layers
     rows = sum(e.count for e in entries)
@@ -56,6 +59,7 @@ class StepTimer:
     every: int = EVERY
     _ms: dict[int, list[float]] = field(default_factory=lambda: {})
     _flops: dict[int, list[float]] = field(default_factory=lambda: {})
+    _read: int | None = None  # the backend's read_bytes(): fixed once it is built
 
     def add(self, backend: StageBackend, entries: Sequence[Entry], ms: float) -> StepTiming | None:
         rows = sum(e.count for e in entries)
@@ -63,13 +67,15 @@ class StepTimer:
             return None  # prefill: its time is not what a decode step costs
         times = self._ms.setdefault(rows, [])
         flops = self._flops.setdefault(rows, [])
+        if self._read is None:
+            self._read = backend.read_bytes()
         times.append(ms)
-        flops.append(step_flops(backend, entries))
+        flops.append(step_flops(backend, entries, self._read))
         if len(times) < self.every:
             return None
         report = StepTiming(
             ms=statistics.median(times),
-            read_bytes=backend.read_bytes(),
+            read_bytes=self._read,
             rows=rows,
             flops=statistics.median(flops),
             executor=backend.name,

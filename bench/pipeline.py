@@ -6,21 +6,33 @@ Floors:
   holding all 30 layers, no NATS, no frames), in a process of its own started right before
   each stage count's run (this machine is shared: conditions drift between minutes);
   ``overhead_1stage`` = 1-stage ms/token over it;
-- transport: a raw NATS request-reply between this process and a responder process, with a
-  payload of the same bytes as one hop's frame (hidden state + framing);
-  ``hop_overhead_ms_p50`` is the p50 over every stage-to-stage crossing of the deepest run's
-  decode steps, as the sending stage timed it (request to decoded reply, less the compute and
-  crossings the downstream stages reported: framing, NATS, scheduling), and
-  ``hop_over_floor`` is that over the raw request-reply measured right after that run.
-  ``hop_over_gap_floor`` compares with a raw request-reply sent after computing as long as one
-  stage does (``raw_request_reply_after_gap_ms_p50``): on a busy host, waking a responder
-  that sat idle through a stage's compute costs several times a back-to-back round trip, and
-  every real crossing pays that.
+- transport: raw NATS request-replies between this process and a responder process, with a
+  payload of the same bytes as one hop's frame (hidden state + framing), measured right after
+  the runs. ``hop_overhead_ms_p50`` is the p50 over every stage-to-stage crossing of the
+  deepest run's batch-1 decode steps, as the sending stage timed it (request to decoded reply,
+  less the compute and crossings the downstream stages reported: framing, NATS, scheduling,
+  waking processes). Three floors, each named in the last line:
 
-Prediction: the planner's cost model (``planner.profile``: bytes each stage reads per step)
-with this host's bandwidth calibrated once, from the compute floor at batch 1, plus one raw
-request-reply per crossing; ``predicted_over_measured`` for each case (stages x batch) says
-how well that calibrated model predicts the pipeline.
+  - ``raw_request_reply_ms_p50`` (old floor; ``hop_over_back_to_back_floor``): requests sent
+    back to back, so both processes stay awake. No crossing of a pipeline is like that.
+  - ``raw_request_reply_after_gap_ms_p50`` (``hop_over_gap_floor``): the requester computes
+    (busy) one stage's compute time before each request, the responder answers at once.
+  - ``raw_request_reply_comparable_ms_p50`` (``hop_over_floor``): both compute one stage's
+    compute time, the responder before it answers, and its busy time is taken off the sample,
+    exactly as a stage's hop excludes the compute downstream reported. That is a crossing: the
+    next stage has sat idle through this stage's compute and must be woken, and this stage
+    then sits idle through the next one's compute and must be woken for the reply. On a busy
+    2-core host each wake-up costs several times a back-to-back round trip (profiled: request
+    to the responder's callback 0.35-0.7 ms, reply published to the requester resumed
+    0.34-0.6 ms, the stage's own work around its compute 0.2 ms).
+
+Prediction: each stage count's floor process (batch 1 and the larger batches) is turned into
+the step reports a worker publishes and calibrated by the projector's own code
+(``projector.calibration``: bandwidth from batch 1, compute from the larger batches) on a
+device that describes this host's CPU, which is what ran; each case is then the planner's
+``max(read / bandwidth, FLOPs / compute)`` per stage (``planner.schedule.stage_ms``) plus one
+comparable-floor crossing per stage. ``predicted_over_measured`` for each case (stages x batch)
+says how well that calibrated model predicts the pipeline.
 
 ``tokens_match_reference``: every case's greedy tokens equal the in-process floor's.
 
@@ -39,6 +51,7 @@ import asyncio
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -59,9 +72,10 @@ from shardplane.agents.gguf import (
 from shardplane.agents.loader import StageSpec
 from shardplane.agents.pipeline import PipelineClient, even_bounds
 from shardplane.agents.stagerun import spawn_split, stop_all
+from shardplane.agents.steptiming import step_flops
+from shardplane.bench._pipeline_model import calibrated, predicted_ms
 from shardplane.bus.messages import StageEntry, StageRequest
 from shardplane.natsserver import NatsServer
-from shardplane.planner.catalog import resolve
 from shardplane.render import table
 
 MODEL = "smollm2-135m"
@@ -72,11 +86,17 @@ PROMPTS = (
     "The three primary colors are",
 )
 RESPONDER = """
-import asyncio, sys, nats
+import asyncio, struct, sys, time, nats
 async def main():
     nc = await nats.connect(sys.argv[1])
+    gap_s = float(sys.argv[2]) / 1000
     async def echo(msg):
-        await nc.publish(msg.reply, b"x" * 64)
+        # Busy for gap_s (a stage computing), then answer with how long that took.
+        started = time.perf_counter()
+        while time.perf_counter() - started < gap_s:
+            pass
+        busy = (time.perf_counter() - started) * 1000
+        await nc.publish(msg.reply, struct.pack("<d", busy) + b"x" * 56)
     await nc.subscribe("bench.raw", cb=echo)
     await nc.flush()
     print("ready", flush=True)
@@ -93,6 +113,8 @@ class Case:
     compute_ms: list[float] = field(default_factory=lambda: [])  # sum of stages' compute
     hop_ms: list[float] = field(default_factory=lambda: [])  # every stage-to-stage crossing
     tokens: list[list[int]] = field(default_factory=lambda: [])
+    flops: list[float] = field(default_factory=lambda: [])  # per step (agents.steptiming)
+    read_bytes: int = 0
 
     @property
     def ms(self) -> float:
@@ -126,6 +148,8 @@ def floor_process(tokens: int, batches: list[int], env: dict[str, str]) -> dict[
             step_ms=c["step_ms"],
             compute_ms=c["step_ms"],
             tokens=c["tokens"],
+            flops=c["flops"],
+            read_bytes=c["read_bytes"],
         )
         for b, c in raw.items()
     }
@@ -139,7 +163,11 @@ def floor_main(tokens: int, batches: list[int]) -> int:
         config, shard.tensors, layer_start=0, layer_end=30, embeddings=True, head=True
     )
     floors = {b: floor_run(whole, prompts[:b], tokens) for b in batches}
-    print(json.dumps({b: {"step_ms": c.step_ms, "tokens": c.tokens} for b, c in floors.items()}))
+    figures = {
+        b: {"step_ms": c.step_ms, "tokens": c.tokens, "flops": c.flops, "read_bytes": c.read_bytes}
+        for b, c in floors.items()
+    }
+    print(json.dumps(figures))
     return 0
 
 
@@ -158,6 +186,7 @@ def floor_run(stage: NumpyStage, prompts: list[list[int]], tokens: int) -> Case:
         started = time.perf_counter()
         logits = stage.forward(entries, np.array(last))
         case.step_ms.append((time.perf_counter() - started) * 1000)
+        case.flops.append(step_flops(stage, entries))
         last = [int(np.argmax(row)) for row in logits]
         for o, t in zip(out, last, strict=True):
             o.append(t)
@@ -166,6 +195,7 @@ def floor_run(stage: NumpyStage, prompts: list[list[int]], tokens: int) -> Case:
         stage.release(seq)
     case.compute_ms = list(case.step_ms)
     case.tokens = out
+    case.read_bytes = stage.read_bytes()
     return case
 
 
@@ -204,13 +234,18 @@ async def pipeline_run(
         await asyncio.to_thread(stop_all, procs)
 
 
-async def raw_rr_ms(url: str, payload: int, count: int, gap_ms: float = 0.0) -> float:
+async def raw_rr_ms(
+    url: str, payload: int, count: int, gap_ms: float = 0.0, reply_gap_ms: float = 0.0
+) -> float:
     """p50 of a raw NATS request-reply with ``payload`` bytes, to a responder process. With
     ``gap_ms``, this process computes (busy) that long before each request, as a stage does
     before it asks the next one: the responder has been idle meanwhile, and waking it up again
-    is part of what a crossing costs on a busy host."""
+    is part of what a crossing costs on a busy host. With ``reply_gap_ms`` the responder
+    computes that long before it answers, as the next stage does, and its busy time is taken
+    off the sample (as a stage's hop excludes the compute downstream reported): then this
+    process has been idle as long as a waiting stage, and its wake-up is in the sample too."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RESPONDER, url, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-c", RESPONDER, url, str(reply_gap_ms), stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
@@ -223,8 +258,9 @@ async def raw_rr_ms(url: str, payload: int, count: int, gap_ms: float = 0.0) -> 
             while time.perf_counter() < busy_until:
                 pass
             started = time.perf_counter()
-            await nc.request("bench.raw", data, timeout=5)
-            samples.append((time.perf_counter() - started) * 1000)
+            msg = await nc.request("bench.raw", data, timeout=5)
+            busy = struct.unpack_from("<d", msg.data)[0]
+            samples.append((time.perf_counter() - started) * 1000 - busy)
         await nc.close()
         return statistics.median(samples[count // 10 :])
     finally:
@@ -239,15 +275,6 @@ def frame_bytes(batch: int, hidden: int) -> int:
         instance_id="bench3", stage=1, entries=entries, hidden=b"\0" * (batch * hidden * 4)
     )
     return len(msgspec.msgpack.encode(req))
-
-
-def predicted_ms(k: int, batch: int, bandwidth: float, hop_ms: float) -> float:
-    """The cost model: bytes each stage reads per step / calibrated bandwidth, plus a raw
-    request-reply per crossing (client to stage 0 included)."""
-    profile = resolve(MODEL)
-    reads = profile.read_bytes(batch)
-    total = sum(reads) + profile.end_bytes(False, True)
-    return total / bandwidth * 1000 + k * hop_ms
 
 
 def main(quick: bool = False, argv: list[str] | None = None) -> int:
@@ -291,39 +318,49 @@ async def run(
             # Right after the run, so that both see the same machine.
             for b in batches:
                 raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), rr_count)
-        deepest = next(c for c in cases if c.stages == max(stage_counts) and c.batch == 1)
-        gap = statistics.median(deepest.compute_ms) / deepest.stages
-        gapped = await raw_rr_ms(server.url, frame_bytes(1, hidden), rr_count // 2, gap_ms=gap)
-    return report(floors, raw, cases, tokens, hidden, (gap, gapped))
+        floors_of = await floor_crossings(server.url, cases, batches, hidden, rr_count // 2)
+    context = round(statistics.mean(len(p) for p in prompts) + tokens / 2)
+    return report(floors, raw, cases, tokens, hidden, floors_of, context)
 
 
-def report(
-    floors: dict[tuple[int, int], Case],
-    raw: dict[tuple[int, int], float],
-    cases: list[Case],
-    tokens: int,
-    hidden: int,
-    gapped: tuple[float, float],
-) -> int:
-    profile = resolve(MODEL)
-    base = floors[(1, 1)]
-    bandwidth = (sum(profile.read_bytes(1)) + profile.end_bytes(False, True)) / (base.ms / 1000)
-    by = {(c.stages, c.batch): c for c in cases}
-    one = by[(1, 1)]
+@dataclass
+class Crossing:
+    """Raw request-reply floors measured after the deepest run, for comparison with its hops."""
+
+    gap_ms: dict[int, float]  # one stage's compute per batch (the deepest run's p50 / stages)
+    one_sided: float  # batch 1: the requester computed gap_ms first, the responder answers at once
+    comparable: dict[int, float]  # both compute gap_ms, as adjacent stages do (busy time off)
+
+
+async def floor_crossings(
+    url: str, cases: list[Case], batches: list[int], hidden: int, count: int
+) -> Crossing:
     deepest = max(c.stages for c in cases)
-    hop_samples = by[(deepest, 1)].hop_ms  # every crossing of every decode step, batch 1
-    hop_p50 = statistics.median(hop_samples) if hop_samples else 0.0
-    raw_hop = raw[(deepest, 1)]
+    gap = {
+        c.batch: statistics.median(c.compute_ms) / c.stages for c in cases if c.stages == deepest
+    }
+    one = await raw_rr_ms(url, frame_bytes(1, hidden), count, gap_ms=gap[1])
+    comparable = {
+        b: await raw_rr_ms(url, frame_bytes(b, hidden), count, gap_ms=gap[b], reply_gap_ms=gap[b])
+        for b in batches
+    }
+    return Crossing(gap, one, comparable)
+
+
+def case_rows(
+    floors: dict[tuple[int, int], Case],
+    cases: list[Case],
+    predict: dict[tuple[int, int], float],
+) -> tuple[list[tuple[str, ...]], dict[str, Any], bool]:
+    """The table's rows, each case's ms/token figure, and whether every case's tokens match."""
     rows: list[tuple[str, ...]] = []
-    figures: dict[str, Any] = {"model": MODEL, "tokens_per_case": tokens}
-    pom: dict[str, float] = {}
+    figures: dict[str, Any] = {}
     match = True
     for c in cases:
         ref = floors[(c.stages, c.batch)]
         same = c.tokens == ref.tokens
         match = match and same
-        pred = predicted_ms(c.stages, c.batch, bandwidth, raw[(c.stages, c.batch)])
-        pom[f"{c.stages}stage_b{c.batch}"] = round(pred / c.ms, 3)
+        pred = predict[(c.stages, c.batch)]
         rows.append(
             (
                 str(c.stages),
@@ -334,41 +371,98 @@ def report(
                 f"{ref.ms:.2f}",
                 f"{c.ms / ref.ms:.2f}",
                 f"{pred:.2f}",
+                f"{pred / c.ms:.2f}",
                 "yes" if same else "NO",
             )
         )
-        figures[f"ms_per_token_{c.stages}stage" + ("" if c.batch == 1 else f"_b{c.batch}")] = round(
-            c.ms, 3
+        key = f"ms_per_token_{c.stages}stage" + ("" if c.batch == 1 else f"_b{c.batch}")
+        figures[key] = round(c.ms, 3)
+    return rows, figures, match
+
+
+HEADERS = (
+    "stages",
+    "batch",
+    "ms/step",
+    "tok/s",
+    "compute ms",
+    "floor ms",
+    "over floor",
+    "predicted",
+    "pred/meas",
+    "tokens ok",
+)
+
+
+def report(
+    floors: dict[tuple[int, int], Case],
+    raw: dict[tuple[int, int], float],
+    cases: list[Case],
+    tokens: int,
+    hidden: int,
+    crossing: Crossing,
+    context: int,
+) -> int:
+    first = min(k for k, _ in floors)
+    # Each stage count is predicted from the floor measured right before its run: this machine
+    # is shared, and its speed drifts between minutes.
+    host = {
+        k: calibrated(
+            {
+                b: (c.step_ms, c.read_bytes, statistics.median(c.flops))
+                for (kk, b), c in floors.items()
+                if kk == k
+            }
         )
-    headers = (
-        "stages",
-        "batch",
-        "ms/step",
-        "tok/s",
-        "compute ms",
-        "floor ms",
-        "over floor",
-        "predicted",
-        "tokens ok",
-    )
-    print(table(headers, rows))
+        for k in {k for k, _ in floors}
+    }
+    gbps, tflops = host[first]
+    predict = {
+        (c.stages, c.batch): predicted_ms(
+            c.stages, c.batch, *host[c.stages], crossing.comparable[c.batch], context
+        )
+        for c in cases
+    }
+    rows, figures, match = case_rows(floors, cases, predict)
+    print(table(HEADERS, rows))
+    by = {(c.stages, c.batch): c for c in cases}
+    deepest = max(c.stages for c in cases)
+    hop_samples = by[(deepest, 1)].hop_ms  # every crossing of every decode step, batch 1
+    hop = statistics.median(hop_samples) if hop_samples else 0.0
+    b2b, comparable = raw[(deepest, 1)], crossing.comparable[1]
     print(
-        f"hop: +{hop_p50:.3f} ms per extra stage crossing (p50), raw NATS request-reply of the same "
-        f"{frame_bytes(1, hidden)} bytes {raw_hop:.3f} ms back to back, {gapped[1]:.3f} ms after "
-        f"{gapped[0]:.1f} ms of compute; calibrated host bandwidth {bandwidth / 1e9:.1f} GB/s"
+        f"hop: +{hop:.3f} ms per stage crossing (p50, batch 1, {deepest} stages); raw NATS "
+        f"request-reply of the same {frame_bytes(1, hidden)} bytes between two processes: "
+        f"{b2b:.3f} ms back to back (old floor), {crossing.one_sided:.3f} ms after "
+        f"{crossing.gap_ms[1]:.1f} ms of compute on the requester only, {comparable:.3f} ms "
+        f"with {crossing.gap_ms[1]:.1f} ms of compute on both sides (comparable floor); "
+        f"calibrated host (before the 1-stage run) {gbps:.1f} GB/s, "
+        f"{(tflops or 0) * 1000:.1f} GFLOPS"
     )
-    figures.update(
-        floor_ms_per_token=round(base.ms, 3),
-        overhead_1stage=round(one.ms / base.ms, 3),
-        hop_overhead_ms_p50=round(hop_p50, 4),
-        raw_request_reply_ms_p50=round(raw_hop, 4),
-        hop_over_floor=round(hop_p50 / raw_hop, 3) if hop_samples else None,
-        raw_request_reply_after_gap_ms_p50=round(gapped[1], 4),
-        hop_over_gap_floor=round(hop_p50 / gapped[1], 3) if hop_samples else None,
-        predicted_over_measured=pom,
-        calibrated_bandwidth_gbps=round(bandwidth / 1e9, 2),
-        tokens_match_reference=match,
-    )
+
+    def ratio(floor: float) -> float | None:
+        return round(hop / floor, 3) if hop_samples else None
+
+    figures = {
+        "model": MODEL,
+        "tokens_per_case": tokens,
+        **figures,
+        "floor_ms_per_token": round(floors[(first, 1)].ms, 3),
+        "overhead_1stage": round(by[(1, 1)].ms / floors[(1, 1)].ms, 3),
+        "hop_overhead_ms_p50": round(hop, 4),
+        "raw_request_reply_ms_p50": round(b2b, 4),
+        "hop_over_back_to_back_floor": ratio(b2b),
+        "raw_request_reply_after_gap_ms_p50": round(crossing.one_sided, 4),
+        "hop_over_gap_floor": ratio(crossing.one_sided),
+        "raw_request_reply_comparable_ms_p50": round(comparable, 4),
+        "hop_over_floor": ratio(comparable),
+        "predicted_over_measured": {
+            f"{k}stage_b{b}": round(predict[(k, b)] / by[(k, b)].ms, 3) for k, b in by
+        },
+        "calibrated_bandwidth_gbps": round(gbps, 2),
+        "calibrated_gflops": round(tflops * 1000, 2) if tflops else None,
+        "tokens_match_reference": match,
+    }
     print(json.dumps(figures))
     return 0 if match else 1
 

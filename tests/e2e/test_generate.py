@@ -78,29 +78,28 @@ async def test_generate_runs_placed_models_through_the_fleet(nats_url: str) -> N
 
 
 async def _check_calibration(url: str) -> None:
-    """The devices that ran stages now carry a measured bandwidth, and a plan on them says
-    ``calibrated`` and uses it."""
+    """The demo fleet's devices are simulated GPUs whose stages ran in numpy on the host CPU:
+    their step reports arrive, say so (``executor``), and are kept out of the GPUs' calibration
+    (projector.calibration), so a later plan still sees each GPU at its own figures, not at
+    this host's speed."""
     nc = await nats.connect(url)
     try:
-        measured: dict[str, float] = {}
+        ran: dict[str, int] = {}
         for _ in range(200):
-            measured = {
-                ref: d.measured_gbps
-                for ref, d in (await device_states(nc)).items()
-                if d.measured_gbps is not None
-            }
-            if measured:
+            states = await device_states(nc)
+            ran = {r: d.host_substitute_steps for r, d in states.items() if d.host_substitute_steps}
+            if ran:
                 break
             await asyncio.sleep(0.1)
-        assert measured, "no device got a measured bandwidth from the stages' step times"
-        keep = {ref.split("/")[0] for ref in measured}
-        others = sorted({ref.split("/")[0] for ref in await device_states(nc)} - keep)
+        assert ran, "no stage's step report reached its device"
+        assert all(states[r].measured_gbps is None for r in ran), "host timings calibrated a GPU"
+        keep = {ref.split("/")[0] for ref in ran}
+        others = sorted({ref.split("/")[0] for ref in states} - keep)
         body = {"model": "smollm2-135m", "dry_run": True, "exclude_nodes": others}
         reply = await request_placement(nc, body)
         assert reply.ok and reply.stages, reply
         for stage in reply.stages:
-            if stage.device in measured:
-                assert stage.calibrated
-                assert stage.bandwidth_gbps == pytest.approx(measured[stage.device])
+            assert not stage.calibrated
+            assert stage.bandwidth_gbps > 100, stage  # a GPU's figure, not a host CPU's
     finally:
         await nc.close()
