@@ -32,7 +32,12 @@ def host_device() -> DeviceState:
 
 
 def reports(
-    step_ms: Sequence[float], read_bytes: int, rows: int, flops: float
+    step_ms: Sequence[float],
+    read_bytes: int,
+    rows: int,
+    flops: float,
+    executor: str = "numpy-cpu",
+    device: str = "host/0",
 ) -> list[ShardStatus]:
     """A worker's step reports for these steps: medians of runs of ``EVERY`` (shorter runs when
     there are too few steps for ``MIN_SAMPLES`` reports, as in --quick)."""
@@ -48,12 +53,12 @@ def reports(
                 state="loaded",
                 seq=len(out) + 1,
                 ts=1.0,
-                device="host/0",
+                device=device,
                 step_ms=statistics.median(step_ms[i : i + run]),
                 step_bytes=read_bytes,
                 step_rows=rows,
                 step_flops=flops,
-                executor="numpy-cpu",
+                executor=executor,
             )
         )
     return out

@@ -7,7 +7,9 @@ operator's choice (``SHARDPLANE_BACKEND``), never a silent fallback."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ def test_choice_rule(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_smol
 def test_torch_and_numpy_agree_on_smollm2() -> None:
     config, shard = load_packaged_stage("smollm2-135m", StageSpec(0, 12, True, False))
-    kw = dict(layer_start=0, layer_end=12, embeddings=True, head=False)
+    kw: dict[str, Any] = {"layer_start": 0, "layer_end": 12, "embeddings": True, "head": False}
     a = build_stage(config, shard.tensors, backend="numpy", **kw)
     b = build_stage(config, shard.tensors, backend="torch", **kw)
     assert (a.name, b.name) == ("numpy-cpu", "torch-cpu")
@@ -71,7 +73,12 @@ def test_torch_and_numpy_logits_agree_on_a_tiny_checkpoint() -> None:
     root = FIXTURES / "tiny-qwen2"  # q/k/v bias: the path SmolLM2 does not take
     config = config_from_hf(read_config(root))
     shard = load_stage(root, StageSpec(0, config.layers, True, True), use_cuda=False)
-    kw = dict(layer_start=0, layer_end=config.layers, embeddings=True, head=True)
+    kw: dict[str, Any] = {
+        "layer_start": 0,
+        "layer_end": config.layers,
+        "embeddings": True,
+        "head": True,
+    }
     ids = np.load(root / "reference.npz")["input"]
     out = [
         build_stage(config, shard.tensors, backend=k, **kw).forward(
@@ -119,3 +126,14 @@ def test_step_timer_groups_decode_steps_by_size() -> None:
     attn = 4.0 * config.heads * config.head_dim * config.layers * 11
     assert got.flops == pytest.approx(2 * params + attn)
     assert step_flops(stage, four) == pytest.approx(4 * (2 * params + attn))
+
+
+@needs_torch
+@needs_smol
+def test_torch_device_bench_runs_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from shardplane.bench.torch_device import main
+
+    assert main(argv=["--tokens", "3", "--batches", "1", "--device", "cpu"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["device"] == "cpu" and figures["torch_ms_per_step_b1"] > 0
+    assert figures["predicted_ms_b1"] > 0 and figures["calibrated_gbps"] > 0
