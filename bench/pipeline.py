@@ -26,7 +26,8 @@ Floors:
     to the responder's callback 0.35-0.7 ms, reply published to the requester resumed
     0.34-0.6 ms, the stage's own work around its compute 0.2 ms).
 
-Prediction: each stage count's floor process (batch 1 and the larger batches) is turned into
+Prediction: each stage count's floor processes (batch 1 and the larger batches; one right
+before the run and one right after it, pooled, since this shared machine drifts) are turned into
 the step reports a worker publishes and calibrated by the projector's own code
 (``projector.calibration``: bandwidth from batch 1, compute from the larger batches) on a
 device that describes this host's CPU, which is what ran; each case is then the planner's
@@ -115,6 +116,7 @@ class Case:
     tokens: list[list[int]] = field(default_factory=lambda: [])
     flops: list[float] = field(default_factory=lambda: [])  # per step (agents.steptiming)
     read_bytes: int = 0
+    after_ms: list[float] = field(default_factory=lambda: [])  # the floor again after the run
 
     @property
     def ms(self) -> float:
@@ -318,6 +320,9 @@ async def run(
             # Right after the run, so that both see the same machine.
             for b in batches:
                 raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), rr_count)
+            after = await asyncio.to_thread(floor_process, tokens, batches, env)
+            for b, c in after.items():
+                floors[(k, b)].after_ms = c.step_ms
         floors_of = await floor_crossings(server.url, cases, batches, hidden, rr_count // 2)
     context = round(statistics.mean(len(p) for p in prompts) + tokens / 2)
     return report(floors, raw, cases, tokens, hidden, floors_of, context)
@@ -404,12 +409,12 @@ def report(
     context: int,
 ) -> int:
     first = min(k for k, _ in floors)
-    # Each stage count is predicted from the floor measured right before its run: this machine
-    # is shared, and its speed drifts between minutes.
+    # Each stage count is predicted from the floor measured right before and right after its
+    # run: this machine is shared, and its speed drifts between minutes.
     host = {
         k: calibrated(
             {
-                b: (c.step_ms, c.read_bytes, statistics.median(c.flops))
+                b: (c.step_ms + c.after_ms, c.read_bytes, statistics.median(c.flops))
                 for (kk, b), c in floors.items()
                 if kk == k
             }
