@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,8 @@ class Batcher:
     settings: dict[str, dict[str, Any]] = field(default_factory=lambda: {})
     tickets: dict[str, Ticket] = field(default_factory=lambda: {})
     recent_ms: deque[float] = field(default_factory=lambda: deque[float](maxlen=RECENT_STEPS))
+    widest: int = 0  # the most sequences one step carried (how much batching happened)
+    steps: int = 0
     batch: Batch = field(init=False)
     _wake: list[asyncio.Event] = field(init=False)
     _lanes: list[asyncio.Task[None]] = field(default_factory=lambda: [])
@@ -142,16 +144,6 @@ class Batcher:
         release, joined = self.batch.leave(rid)
         self._release(release)
         self._joined(joined)
-
-    async def tokens(self, ticket: Ticket) -> AsyncGenerator[int]:
-        """The request's sampled tokens, in order, until its last; a failed step raises."""
-        while True:
-            event = await ticket.events.get()
-            if isinstance(event, PipelineError):
-                raise event
-            yield event.token
-            if event.done:
-                return
 
     def retry_after_s(self) -> int:
         """Seconds until a slot is likely free: the running sequence closest to its end, at
@@ -205,6 +197,8 @@ class Batcher:
                 self._wake[lane].clear()
                 await self._wake[lane].wait()
                 continue
+            self.widest = max(self.widest, len(step.work))
+            self.steps += 1
             try:
                 reply = await self.client.step(self._entries(step), self._inputs(step))
             except PipelineError as exc:

@@ -490,26 +490,25 @@ async def _until_gone(request: web.Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _tokens(request: web.Request, batcher: Batcher, ticket: Ticket) -> AsyncGenerator[int]:
-    """The ticket's tokens, ending early (ConnectionResetError) when the client leaves, also
-    while it waits in the queue or for a step."""
-    stream = batcher.tokens(ticket)
+async def _tokens(request: web.Request, ticket: Ticket) -> AsyncGenerator[int]:
+    """The ticket's tokens up to its last, ending early (ConnectionResetError) when the client
+    leaves, also while it waits in the queue or for a step; a failed step raises."""
     gone = asyncio.ensure_future(_until_gone(request))
     try:
         while True:
-            nxt = asyncio.ensure_future(anext(stream))
-            await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
+            getter = asyncio.ensure_future(ticket.events.get())
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
                 raise ConnectionResetError("the client left")
-            try:
-                token = nxt.result()
-            except StopAsyncIteration:
+            event = getter.result()
+            if isinstance(event, PipelineError):
+                raise event
+            yield event.token
+            if event.done:
                 return
-            yield token
     finally:
         gone.cancel()
-        await stream.aclose()
 
 
 async def _run(
@@ -523,7 +522,7 @@ async def _run(
     finish = "length"
     serving.busy[instance] += 1
     try:
-        async with contextlib.aclosing(_tokens(request, batcher, ticket)) as tokens:
+        async with contextlib.aclosing(_tokens(request, ticket)) as tokens:
             async for token in tokens:
                 if token in job.stop_ids:
                     finish = "stop"
