@@ -670,6 +670,33 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": ready})
 
 
+async def serving_status(request: web.Request) -> web.Response:
+    """GET /api/serving/{id}: the instance's batch as planned (batch, M, predicted step time
+    and tokens/s) and as running (sequences in the batch and in the queue, the median time
+    between two tokens of a sequence over the recent steps): what the dashboard compares."""
+    serving = request.app[SERVING_KEY]
+    name = request.match_info["id"]
+    view = await _instance(serving, name)
+    batcher = await serving.batcher(view)
+    plan = batcher.plan
+    return web.json_response(
+        {
+            "instance": view["id"],
+            "plan": {
+                "from_plan": plan.from_plan,
+                "batch": plan.batch,
+                "microbatches": plan.microbatches,
+                "step_ms": plan.step_ms,
+                "tokens_per_s": plan.tokens_per_s,
+            },
+            "running": len(batcher.batch.running),
+            "queued": len(batcher.batch.queue),
+            "queue_limit": batcher.batch.queue_limit,
+            "step_ms": batcher.step_ms(),
+        }
+    )
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, CompletionRequest)
 
@@ -747,3 +774,4 @@ def register(app: web.Application, api: HasCluster) -> None:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/api/serving/{id}", serving_status)
