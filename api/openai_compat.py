@@ -722,7 +722,7 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
 
     def post(summary: str, schema: str) -> dict[str, Any]:
         body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
-        codes = ("400", "401", "403", "404", "500", "503", "504")
+        codes = ("400", "401", "403", "404", "429", "500", "503", "504")
         return {
             "post": {
                 "summary": summary,
@@ -740,6 +740,17 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
             }
         },
         "/v1/completions": post("OpenAI-compatible completion of a prompt", "CompletionRequest"),
+        "/api/serving/{id}": {
+            "get": {
+                "summary": "An instance's continuous batch: the plan's batch, micro-batches, "
+                "step time and tokens/s, and what runs now (sequences running and queued, the "
+                "recent median time between two tokens of a sequence)",
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": answer, "404": error, "503": error},
+            }
+        },
         "/v1/chat/completions": post(
             "OpenAI-compatible chat completion (the model's ChatML template, or `role: text`)",
             "ChatRequest",
