@@ -208,6 +208,11 @@ class Batcher:
                 log.exception("instance %s: a step failed", self.client.instance_id)
                 self._fail(step, PipelineError(f"step failed: {exc!r}", "internal"))
                 continue
+            if len(reply.tokens) != len(step.work):  # a stage bug: never let it kill the lane
+                got = len(reply.tokens)
+                message = f"a step of {len(step.work)} entries came back with {got} tokens"
+                self._fail(step, PipelineError(message, "internal"))
+                continue
             now = time.perf_counter()
             if last_round is not None and all(len(w.tokens) == 1 for w in step.work):
                 self.recent_ms.append((now - last_round) * 1000)
