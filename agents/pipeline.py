@@ -108,18 +108,21 @@ class StageServer:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _touched: dict[str, float] = field(default_factory=lambda: {})
     _sweeper: asyncio.Task[None] | None = None
+    _steps: set[asyncio.Task[None]] = field(default_factory=lambda: set[asyncio.Task[None]]())
 
     @property
     def subject(self) -> str:
         return subjects.pipeline(self.instance_id, self.stage)
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.subject, cb=self._handle)
+        self._sub = await self.nc.subscribe(self.subject, cb=self._dispatch)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in list(self._steps):
+            task.cancel()
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
         async with self._lock:
@@ -138,6 +141,15 @@ class StageServer:
     def _release(self, seq: str) -> None:
         self._touched.pop(seq, None)
         self.backend.release(seq)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        # nats-py runs a subscription's callbacks one at a time, so a stage awaiting the next
+        # stage's answer would take no other request: micro-batches could not pipeline (batch
+        # i at stage k+1 while batch i+1 is at stage k). Each request is its own task; the
+        # lock still runs one forward at a time, in arrival order.
+        task = asyncio.create_task(self._handle(msg))
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
 
     async def _handle(self, msg: Msg) -> None:
         try:

@@ -3,8 +3,10 @@
 
 Why this shape: scripts, chat UIs and eval harnesses already speak OpenAI's API (as exo, vLLM,
 llama.cpp's server and Ollama do), so a placed model is useful to them without a client of our
-own. Generation is the pipeline's own loop (:meth:`PipelineClient.generate`), driven from the
-API's NATS connection; this module only turns HTTP bodies into prompts and tokens into text.
+own. Generation runs in the instance's continuous batch (``api.batcher``, ``api.batching``):
+concurrent requests share the pipeline in the plan's micro-batches, and beyond the plan's batch
+wait in a bounded queue (429 with ``Retry-After`` past it); this module turns HTTP bodies into
+prompts and tokens into text.
 
 A request's ``model`` names an instance id, or a model name (then the ready instance of it with
 the fewest requests in flight serves). Ready means every stage reported ``loaded``.
@@ -33,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol, TypeVar, cast
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -41,6 +43,8 @@ from msgspec import Meta
 from nats.aio.client import Client
 
 from shardplane.agents.pipeline import PipelineClient, PipelineError, runnable
+from shardplane.api.batcher import Batcher, PlanFigures, Ticket, plan_figures
+from shardplane.api.batching import QueueFull, Seq
 from shardplane.api.errors import ApiError
 from shardplane.api.state import ClusterCache
 from shardplane.generate import GenerateError, TextCodec, model_hidden
@@ -114,9 +118,15 @@ def error_body(
     return msgspec.json.encode(doc)
 
 
-def _error_response(status: int, message: str, param: str | None, code: str | None) -> web.Response:
+def _error_response(
+    status: int,
+    message: str,
+    param: str | None,
+    code: str | None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     body = error_body(status, message, param, code)
-    return web.Response(body=body, status=status, content_type="application/json")
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -281,12 +291,52 @@ class HasCluster(Protocol):
     synced: asyncio.Event
 
 
+# Requests that may wait for a slot, per slot of the batch (beyond them: 429). Bounded so a
+# burst costs waiting clients a bounded delay instead of growing without end.
+QUEUE_PER_SLOT = 4
+
+
 @dataclass
 class Serving:
-    """What the endpoints share: the API's state, and requests in flight per instance."""
+    """What the endpoints share: the API's state, requests in flight per instance, and each
+    instance's continuous batch (keyed by instance and generation: a re-placed instance gets
+    a batch sized by its new plan, while requests on the old one finish)."""
 
     api: HasCluster
     busy: Counter[str] = field(default_factory=lambda: Counter[str]())
+    queue_limit: int | None = None  # None: QUEUE_PER_SLOT x the plan's batch
+    batchers: dict[tuple[str, int], Batcher] = field(default_factory=lambda: {})
+    retired: list[Batcher] = field(default_factory=lambda: [])
+    _creating: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def batcher(self, view: dict[str, Any]) -> Batcher:
+        key = (str(view["id"]), int(view.get("generation") or 0))
+        async with self._creating:
+            found = self.batchers.get(key)
+            if found is not None:
+                return found
+            plan = await plan_figures(self.api.nc, key[0])
+            client = PipelineClient(
+                self.api.nc, key[0], int(view["stage_count"]), _hidden(str(view["model"]))
+            )
+            limit = (
+                self.queue_limit if self.queue_limit is not None else QUEUE_PER_SLOT * plan.batch
+            )
+            for old in [k for k in self.batchers if k[0] == key[0]]:
+                self.retired.append(self.batchers.pop(old))  # its requests finish there
+            made = self.batchers[key] = Batcher(client, plan, limit)
+            return made
+
+    def live(self, instance: str) -> tuple[Batcher | None, PlanFigures | None]:
+        """The instance's current batch (its live step time, its plan), if it served yet."""
+        mine = [b for (i, _), b in self.batchers.items() if i == instance]
+        return (mine[-1], mine[-1].plan) if mine else (None, None)
+
+    async def close(self) -> None:
+        for batcher in [*self.batchers.values(), *self.retired]:
+            await batcher.close()
+        self.batchers.clear()
+        self.retired.clear()
 
 
 SERVING_KEY = web.AppKey("shardplane_openai", Serving)
@@ -409,35 +459,75 @@ def _encode(codec: TextCodec, text: str, param: str) -> list[int]:
 PIPELINE_STATUS = {"invalid_request": 400, "unavailable": 503, "timeout": 504}
 
 
-async def _run(serving: Serving, job: Job, cut: TextCut) -> AsyncGenerator[tuple[str, str | None]]:
-    """Final text pieces as ``(text, None)``, then ``(rest, finish_reason)`` once; the
-    pipeline's sequence is released however this ends (done, stop, error, disconnect)."""
-    instance = str(job.view["id"])
-    client = PipelineClient(
-        serving.api.nc, instance, int(job.view["stage_count"]), _hidden(job.model)
-    )
+DISCONNECT_POLL_S = 0.25  # how soon a waiting request notices that its client left
+
+
+async def _admit(serving: Serving, job: Job) -> tuple[Batcher, Ticket]:
+    """A place in the instance's batch, or a 429 (with Retry-After) when its queue is full."""
+    batcher = await serving.batcher(job.view)
     body = job.body
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    steps = cast(
-        "AsyncGenerator[tuple[list[int], float, Any]]",
-        client.generate(
-            [job.prompt],
-            max_new_tokens=job.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=seed,
-            stop_ids=job.stop_ids,
-        ),
-    )
+    settings = {"temperature": body.temperature, "top_p": body.top_p, "seed": seed}
+    seq = Seq(job.rid, tuple(job.prompt), job.max_tokens, frozenset(job.stop_ids))
+    try:
+        return batcher, batcher.submit(seq, settings)
+    except QueueFull as exc:
+        raise TooBusy(str(exc), batcher.retry_after_s()) from None
+
+
+class TooBusy(Exception):
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+async def _until_gone(request: web.Request) -> None:
+    """Returns once the client's connection is closed (aiohttp does not cancel the handler)."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _tokens(request: web.Request, ticket: Ticket) -> AsyncGenerator[int]:
+    """The ticket's tokens up to its last, ending early (ConnectionResetError) when the client
+    leaves, also while it waits in the queue or for a step; a failed step raises."""
+    gone = asyncio.ensure_future(_until_gone(request))
+    try:
+        while True:
+            getter = asyncio.ensure_future(ticket.events.get())
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                raise ConnectionResetError("the client left")
+            event = getter.result()
+            if isinstance(event, PipelineError):
+                raise event
+            yield event.token
+            if event.done:
+                return
+    finally:
+        gone.cancel()
+
+
+async def _run(
+    request: web.Request, serving: Serving, job: Job, cut: TextCut, admitted: tuple[Batcher, Ticket]
+) -> AsyncGenerator[tuple[str, str | None]]:
+    """Final text pieces as ``(text, None)``, then ``(rest, finish_reason)`` once; the slot in
+    the batch (and the stages' caches) is freed however this ends (done, stop, error,
+    disconnect)."""
+    instance = str(job.view["id"])
+    batcher, ticket = admitted
     finish = "length"
     serving.busy[instance] += 1
     try:
-        async with contextlib.aclosing(steps):
-            async for tokens, _, _ in steps:
-                if tokens[0] in job.stop_ids:
+        async with contextlib.aclosing(_tokens(request, ticket)) as tokens:
+            async for token in tokens:
+                if token in job.stop_ids:
                     finish = "stop"
                     break
-                cut.add(tokens[0])
+                cut.add(token)
                 if cut.stopped:
                     finish = "stop"
                     break
@@ -447,6 +537,7 @@ async def _run(serving: Serving, job: Job, cut: TextCut) -> AsyncGenerator[tuple
         status = PIPELINE_STATUS.get(exc.code, 500)
         raise ApiError(status, exc.code, f"instance {instance}: {exc}") from None
     finally:
+        batcher.leave(job.rid)
         serving.busy[instance] -= 1
     yield cut.take(final=True), finish
 
@@ -504,14 +595,22 @@ async def _serve(
     stops = _stops(body)
     job = _prepare(await _instance(serving, body.model), body)
     cut = TextCut(job.codec.decode, stops)
-    if body.stream:
-        return await _stream(request, serving, job, cut)
-    pieces: list[str] = []
-    finish: str | None = None
-    async with contextlib.aclosing(_run(serving, job, cut)) as events:
-        async for text, why in events:
-            pieces.append(text)
-            finish = why
+    try:
+        admitted = await _admit(serving, job)
+    except TooBusy as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return _error_response(429, str(exc), None, "rate_limit_exceeded", headers)
+    try:
+        if body.stream:
+            return await _stream(request, serving, job, cut, admitted)
+        pieces: list[str] = []
+        finish: str | None = None
+        async with contextlib.aclosing(_run(request, serving, job, cut, admitted)) as events:
+            async for text, why in events:
+                pieces.append(text)
+                finish = why
+    finally:
+        admitted[0].leave(job.rid)  # also when the response failed before generation began
     doc = _envelope(job, [_choice(job, "".join(pieces), finish)])
     doc["usage"] = _usage(job, cut)
     return web.json_response(doc)
@@ -522,7 +621,11 @@ def _sse(doc: Any) -> bytes:
 
 
 async def _stream(
-    request: web.Request, serving: Serving, job: Job, cut: TextCut
+    request: web.Request,
+    serving: Serving,
+    job: Job,
+    cut: TextCut,
+    admitted: tuple[Batcher, Ticket],
 ) -> web.StreamResponse:
     """OpenAI's chunks as server-sent events, ``data: [DONE]`` last. An error after the
     headers went out is one ``data: {"error": ...}`` event (what OpenAI's clients raise on)."""
@@ -537,7 +640,7 @@ async def _stream(
     try:
         if job.chat:
             await response.write(_sse(_envelope(job, [_choice(job, "", None, first=True)])))
-        async with contextlib.aclosing(_run(serving, job, cut)) as events:
+        async with contextlib.aclosing(_run(request, serving, job, cut, admitted)) as events:
             async for text, finish in events:
                 if text or finish:
                     await response.write(_sse(_envelope(job, [_choice(job, text or None, finish)])))
@@ -567,6 +670,33 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": ready})
 
 
+async def serving_status(request: web.Request) -> web.Response:
+    """GET /api/serving/{id}: the instance's batch as planned (batch, M, predicted step time
+    and tokens/s) and as running (sequences in the batch and in the queue, the median time
+    between two tokens of a sequence over the recent steps): what the dashboard compares."""
+    serving = request.app[SERVING_KEY]
+    name = request.match_info["id"]
+    view = await _instance(serving, name)
+    batcher = await serving.batcher(view)
+    plan = batcher.plan
+    return web.json_response(
+        {
+            "instance": view["id"],
+            "plan": {
+                "from_plan": plan.from_plan,
+                "batch": plan.batch,
+                "microbatches": plan.microbatches,
+                "step_ms": plan.step_ms,
+                "tokens_per_s": plan.tokens_per_s,
+            },
+            "running": len(batcher.batch.running),
+            "queued": len(batcher.batch.queue),
+            "queue_limit": batcher.batch.queue_limit,
+            "step_ms": batcher.step_ms(),
+        }
+    )
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, CompletionRequest)
 
@@ -592,7 +722,7 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
 
     def post(summary: str, schema: str) -> dict[str, Any]:
         body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
-        codes = ("400", "401", "403", "404", "500", "503", "504")
+        codes = ("400", "401", "403", "404", "429", "500", "503", "504")
         return {
             "post": {
                 "summary": summary,
@@ -610,6 +740,17 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
             }
         },
         "/v1/completions": post("OpenAI-compatible completion of a prompt", "CompletionRequest"),
+        "/api/serving/{id}": {
+            "get": {
+                "summary": "An instance's continuous batch: the plan's batch, micro-batches, "
+                "step time and tokens/s, and what runs now (sequences running and queued, the "
+                "recent median time between two tokens of a sequence)",
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": answer, "404": error, "503": error},
+            }
+        },
         "/v1/chat/completions": post(
             "OpenAI-compatible chat completion (the model's ChatML template, or `role: text`)",
             "ChatRequest",
@@ -635,7 +776,13 @@ def curl_line(base_url: str, instance: str, token: str | None) -> str:
 
 def register(app: web.Application, api: HasCluster) -> None:
     """Add the /v1 routes to ``app``, serving from ``api``'s cache and NATS connection."""
-    app[SERVING_KEY] = Serving(api)
+    serving = app[SERVING_KEY] = Serving(api)
+
+    async def close_batches(_: web.Application) -> None:
+        await serving.close()
+
+    app.on_cleanup.append(close_batches)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/api/serving/{id}", serving_status)

@@ -53,7 +53,8 @@ ROLE_PURPOSE: dict[Role, str] = {
     "projector": "consumes telemetry, assignments and statuses; the only writer of cluster_state",
     "planner": "serves placement.request; the only publisher of assignments and the ledger",
     "controller": "reads cluster_state and the ledger, re-places through placement.request",
-    "api": "reads and watches cluster_state, sends placement requests (also `place`, `status`)",
+    "api": "reads and watches cluster_state, sends placement requests (also `place`, `status`), "
+    "reads the ledger (a plan's batch, for serving)",
 }
 
 
@@ -180,6 +181,7 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
         pub += [*_read_kv(CLUSTER_STATE), subjects.PLACEMENT_REQUEST, subjects.PLACEMENT_RELEASE]
         if role == "api":
             pub += [f"{subjects.PIPELINE}.>"]  # generation: requests to a pipeline's first stage
+            pub += _read_kv(LEDGER)  # the plan's batch and micro-batches, for serving
         if role == "controller":
             pub += _read_kv(LEDGER)
             pub += _read_kv(CONTROLLER_LEASE_BUCKET) + _write_kv(CONTROLLER_LEASE_BUCKET)

@@ -489,7 +489,96 @@ function renderPlacements() {
     h("h3", {}, inst.id, h("span", { class: `st st-${inst.state}` }, inst.state),
       h("span", { class: "meta" }, `${inst.model} · generation ${inst.generation} · ${inst.stage_count} stage${inst.stage_count === 1 ? "" : "s"} · ${inst.layers_total} layers · updated ${ago(inst.updated)}`)),
     planView(inst.stages, inst.layers_total),
+    inst.state === "loaded" ? promptBox(inst.id) : null,
   )));
+}
+
+// --- a prompt box per ready instance --------------------------------------------------------
+// Streams a chat answer through /v1/chat/completions (server-sent events, OpenAI's chunks) and
+// shows the live ms/token next to the plan's step time. Boxes outlive re-renders of the list
+// (the instance's state changes often), so what is typed and streamed is not lost.
+const promptBoxes = new Map();
+const TOKEN_KEY = "shardplane-api-token";
+
+function promptBox(id) {
+  if (promptBoxes.has(id)) return promptBoxes.get(id);
+  const input = h("input", { class: "prompt-input", type: "text", placeholder: `ask ${id}…` });
+  const token = h("input", { class: "prompt-token", type: "password", placeholder: "API token (if set)", value: sessionStorage.getItem(TOKEN_KEY) || "" });
+  const button = h("button", { type: "submit", class: "prompt-send" }, "send");
+  const answer = h("pre", { class: "prompt-answer" });
+  const speed = h("p", { class: "prompt-speed hint" });
+  const form = h("form", { class: "prompt" }, input, token, button);
+  const box = h("div", { class: "prompt-box", "data-instance-id": id }, form, answer, speed);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, token.value);
+    if (input.value.trim()) streamAnswer(id, input.value, token.value, button, answer, speed);
+  });
+  promptBoxes.set(id, box);
+  return box;
+}
+
+async function planFigures(id) {
+  try {
+    const r = await fetch(`/api/serving/${encodeURIComponent(id)}`);
+    return r.ok ? (await r.json()).plan : null;
+  } catch (e) { return null; }
+}
+
+function speedText(times, plan) {
+  const live = times.length > 1 ? (times[times.length - 1] - times[0]) / (times.length - 1) : null;
+  const parts = [`${times.length} chunk${times.length === 1 ? "" : "s"}`];
+  if (live !== null) parts.push(`live ${live.toFixed(1)} ms/token`);
+  if (plan && plan.step_ms > 0) {
+    parts.push(`plan ${plan.step_ms.toFixed(1)} ms/token (batch ${plan.batch}, M = ${plan.microbatches})`);
+    if (live !== null) parts.push(`live / plan ${(live / plan.step_ms).toFixed(2)}`);
+  } else parts.push("no plan figure");
+  return parts.join(" · ");
+}
+
+async function streamAnswer(id, prompt, token, button, answer, speed) {
+  button.disabled = true;
+  answer.textContent = "";
+  answer.classList.remove("err");
+  speed.textContent = "waiting for the first token…";
+  const plan = await planFigures(id);
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const body = { model: id, messages: [{ role: "user", content: prompt }], max_tokens: 64, stream: true };
+  const times = [];
+  try {
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body) });
+    if (!r.ok) {
+      const err = await r.json().catch(() => null);
+      throw new Error(err && err.error ? `${r.status}: ${err.error.message}` : `HTTP ${r.status}`);
+    }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffered += decoder.decode(value, { stream: true });
+      const events = buffered.split("\n\n");
+      buffered = events.pop();
+      for (const event of events) {
+        const data = event.replace(/^data: /, "");
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const text = chunk.choices && chunk.choices[0] && chunk.choices[0].delta ? chunk.choices[0].delta.content : null;
+        if (!text) continue;
+        times.push(performance.now());
+        answer.textContent += text;
+        speed.textContent = speedText(times, plan);
+      }
+    }
+    speed.textContent = speedText(times, plan) + " · done";
+  } catch (e) {
+    answer.classList.add("err");
+    answer.textContent += `\n${e.message}`;
+    speed.textContent = speedText(times, plan);
+  } finally { button.disabled = false; }
 }
 
 // --- the placement form -------------------------------------------------------------------

@@ -1,0 +1,356 @@
+"""serve: SmolLM2-135M placed by the planner over 2 stages on this machine, served through the
+OpenAI-compatible API with continuous batching, loaded by 1, 4 and 16 concurrent clients
+speaking the official ``openai`` client (streaming completions, greedy).
+
+The stack is the real one: NATS, the planner and the projector (in this process), two agent
+processes (``shardplane agent --cpu-device``, each its own node with this host's RAM as its one
+device, each running its stage in its own worker), and the API (in this process). The instance
+is placed for a batch of 16 in 2 micro-batches, so 16 clients run together, in 2 micro-batches
+pipelined over the 2 stages.
+
+Per concurrency c: every client sends ``--requests`` streaming completions one after another;
+``tokens_per_s_c`` is all completion tokens (from ``usage``) over the phase's wall time;
+TTFT is request to first text chunk, ITL the gaps between text chunks (a chunk is one token
+except where a token ends mid-character or may begin a stop string).
+
+The floor, in the same run: the pipeline driven directly (``PipelineClient.generate``, no HTTP,
+no scheduler) at batch 1 and 16, so ``over_pipeline_1``/``_16`` say what the API and the
+batching cost on top of it.
+
+The prediction: the planner's own figure at batch 16. The placement's reply was computed before
+anything ran (the CPU device's memcpy bandwidth); after the 1-client phase the workers have
+reported their measured step times (calibration), and a dry-run placement of the same request
+gives the planner's calibrated figure: that is ``predicted_tokens_per_s_16``. What calibration
+learns today is bandwidth only (the planner's compute term needs TFLOPS, unknown for a CPU), so
+at batch 16, where this CPU is bound by arithmetic rather than by reading the weights, the
+model predicts about 16 x batch 1: ``measured_over_predicted_16`` says how far that is.
+
+Run: ``shardplane bench serve [--quick] [-- --tokens 32 --requests 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from shardplane.agents.gguf import packaged_path, packaged_tokenizer, read_config
+from shardplane.agents.pipeline import PipelineClient
+from shardplane.bus.messages import PlacementReply
+from shardplane.natsserver import NatsServer
+from shardplane.render import table
+
+MODEL = "smollm2-135m"
+INSTANCE = "bench-serve"
+NODES = ("serve-a", "serve-b")
+BATCH = 16
+MICROBATCHES = 2
+CONCURRENCY = (1, 4, 16)
+PROMPTS = (
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "My favourite food is",
+    "In 1492, Columbus",
+    "Water boils at",
+    "The quick brown fox",
+    "A good night's sleep",
+    "The largest planet in our solar system",
+    "To make bread, you need",
+    "The history of Rome",
+    "Machine learning is",
+    "On a rainy afternoon,",
+    "The best way to learn a language",
+    "Dear diary, today",
+)
+
+
+@dataclass
+class Phase:
+    clients: int
+    wall_s: float = 0.0
+    tokens: int = 0
+    ttft_ms: list[float] = field(default_factory=lambda: [])
+    itl_ms: list[float] = field(default_factory=lambda: [])
+    errors: list[str] = field(default_factory=lambda: [])
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def p50(self, samples: list[float]) -> float:
+        return statistics.median(samples) if samples else 0.0
+
+
+def spawn_agents(url: str, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shardplane.cli",
+                "agent",
+                "--nats-url",
+                url,
+                "--node",
+                node,
+                "--cpu-device",
+                "--interval",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for node in NODES
+    ]
+
+
+def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def placement_body(dry_run: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "instance_id": INSTANCE if not dry_run else INSTANCE + "-calibrated",
+        "batch": BATCH,
+        "microbatches": MICROBATCHES,
+        "min_stages": 2,
+        "max_stages": 2,
+        "context_tokens": 1024,
+        "dry_run": dry_run,
+    }
+
+
+async def one_client(client: Any, index: int, requests: int, tokens: int, phase: Phase) -> None:
+    for r in range(requests):
+        prompt = PROMPTS[(index + r) % len(PROMPTS)]
+        sent = time.perf_counter()
+        last: float | None = None
+        try:
+            stream = await client.completions.create(
+                model=INSTANCE,
+                prompt=prompt,
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    phase.tokens += chunk.usage.completion_tokens
+                if not chunk.choices or not chunk.choices[0].text:
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    phase.ttft_ms.append((now - sent) * 1000)
+                else:
+                    phase.itl_ms.append((now - last) * 1000)
+                last = now
+        except Exception as exc:  # counted and reported: errors must be 0
+            phase.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+async def load(base_url: str, clients: int, requests: int, tokens: int) -> Phase:
+    import openai
+
+    phase = Phase(clients)
+    async with openai.AsyncOpenAI(
+        base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600
+    ) as client:
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(one_client(client, i, requests, tokens, phase) for i in range(clients))
+        )
+        phase.wall_s = time.perf_counter() - started
+    return phase
+
+
+async def pipeline_floor(nc: Client, batch: int, tokens: int) -> float:
+    """Tokens/s of the pipeline driven directly: prefill, then ``tokens`` decode steps."""
+    tok = packaged_tokenizer(MODEL)
+    hidden = read_config(packaged_path(MODEL)).hidden
+    client = PipelineClient(nc, INSTANCE, 2, hidden)
+    prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+    started = time.perf_counter()
+    produced = 0
+    async for step, _, _ in client.generate(prompts, max_new_tokens=tokens):
+        produced += len(step)
+    return produced / (time.perf_counter() - started)
+
+
+async def calibrated_plan(nc: Client, timeout_s: float = 30.0) -> PlacementReply:
+    """A dry run of the same placement once every stage's device is calibrated (the workers
+    report measured step times every few batch-1 decode steps); the last dry run otherwise."""
+    from shardplane.commands import request_placement
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = await request_placement(nc, placement_body(dry_run=True))
+        done = reply.ok and all(s.calibrated for s in reply.stages)
+        if done or time.monotonic() > deadline:
+            return reply
+        await asyncio.sleep(1.0)
+
+
+async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
+    from shardplane.api.server import make_app, start_app
+    from shardplane.commands import request_placement, run_services, wait_for_devices
+    from shardplane.generate import wait_loaded
+
+    async with NatsServer() as server:
+        stop = asyncio.Event()
+        tasks = await run_services(
+            server.url, stop, api=False, controller=False, workers=False, interval_s=1.0
+        )
+        agents = spawn_agents(server.url, env)
+        nc = await nats.connect(server.url)
+        try:
+            if await wait_for_devices(nc, len(NODES), 120) < len(NODES):
+                raise RuntimeError(f"the {len(NODES)} agents' CPU devices did not show up")
+            placed = await request_placement(nc, placement_body(dry_run=False))
+            if not placed.ok:
+                raise RuntimeError(f"placement failed: {placed.error}")
+            await wait_loaded(nc, INSTANCE, placed.generation, 300)
+            runner, base = await start_app(make_app(nc))
+            try:
+                floor_1 = await pipeline_floor(nc, 1, tokens)
+                phases = [await load(base, c, requests, tokens) for c in CONCURRENCY]
+                floor_16 = await pipeline_floor(nc, BATCH, tokens)
+                calibrated = await calibrated_plan(nc)
+            finally:
+                await runner.cleanup()
+        finally:
+            await nc.close()
+            await asyncio.to_thread(stop_agents, agents)
+            stop.set()
+            _, pending = await asyncio.wait(tasks, timeout=15)
+            for task in pending:
+                task.cancel()
+    return report(placed, calibrated, phases, (floor_1, floor_16), tokens, requests)
+
+
+def report(
+    placed: PlacementReply,
+    calibrated: PlacementReply,
+    phases: list[Phase],
+    floors: tuple[float, float],
+    tokens: int,
+    requests: int,
+) -> int:
+    rows = [
+        (
+            str(p.clients),
+            str(p.tokens),
+            f"{p.wall_s:.2f}",
+            f"{p.tokens_per_s:.1f}",
+            f"{p.p50(p.ttft_ms):.0f}",
+            f"{p.p50(p.itl_ms):.1f}",
+            str(len(p.errors)),
+        )
+        for p in phases
+    ]
+    print(
+        table(("clients", "tokens", "wall s", "tok/s", "TTFT ms p50", "ITL ms p50", "errors"), rows)
+    )
+    by = {p.clients: p for p in phases}
+    use_calibrated = calibrated.ok and all(s.calibrated for s in calibrated.stages)
+    predicted = calibrated if use_calibrated else placed
+    basis = (
+        "dry-run re-plan after calibration (measured bandwidth per device, no FLOPS term)"
+        if use_calibrated
+        else "the placement's plan (CPU memcpy bandwidth; calibration did not arrive)"
+    )
+
+    def split(reply: PlacementReply) -> str:
+        return " | ".join(
+            f"{s.node}/{s.device} [{s.layer_start},{s.layer_end})" for s in reply.stages
+        )
+
+    print(
+        f"placed: {split(placed)}, batch {placed.batch} in M={placed.microbatches}, "
+        f"plan {placed.tokens_per_s:.1f} tok/s (step {placed.step_ms:.2f} ms) before calibration"
+    )
+    print(
+        f"calibrated plan: {split(calibrated)}, step {calibrated.step_ms:.2f} ms, "
+        f"{calibrated.tokens_per_s:.1f} tok/s at batch {calibrated.batch}; prediction basis: {basis}"
+    )
+    print(
+        f"pipeline floor (no API, no scheduler): {floors[0]:.1f} tok/s at batch 1, {floors[1]:.1f} at 16"
+    )
+    errors = sum(len(p.errors) for p in phases)
+    for p in phases:
+        for err in p.errors[:3]:
+            print(f"error ({p.clients} clients): {err}")
+    measured_16 = by[16].tokens_per_s
+    figures: dict[str, Any] = {
+        "model": MODEL,
+        "tokens_per_request": tokens,
+        "requests_per_client": requests,
+        **{f"tokens_per_s_{c}": round(by[c].tokens_per_s, 2) for c in CONCURRENCY},
+        "ttft_ms_p50_1": round(by[1].p50(by[1].ttft_ms), 1),
+        "ttft_ms_p50_16": round(by[16].p50(by[16].ttft_ms), 1),
+        "itl_ms_p50_1": round(by[1].p50(by[1].itl_ms), 2),
+        "itl_ms_p50_16": round(by[16].p50(by[16].itl_ms), 2),
+        "predicted_tokens_per_s_16": round(predicted.tokens_per_s, 2),
+        "measured_over_predicted_16": round(measured_16 / predicted.tokens_per_s, 3)
+        if predicted.tokens_per_s
+        else None,
+        "prediction_basis": basis,
+        "placed_plan_tokens_per_s_16": round(placed.tokens_per_s, 2),
+        "pipeline_tokens_per_s_1": round(floors[0], 2),
+        "pipeline_tokens_per_s_16": round(floors[1], 2),
+        "over_pipeline_1": round(by[1].tokens_per_s / floors[0], 3) if floors[0] else None,
+        "over_pipeline_16": round(measured_16 / floors[1], 3) if floors[1] else None,
+        "errors": errors,
+    }
+    print(json.dumps(figures))
+    return 0 if errors == 0 else 1
+
+
+def main(quick: bool = False, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardplane bench serve", description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="per request (default 32, quick 12)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=None, help="per client (default 2, quick 1)"
+    )
+    parser.add_argument("--blas-threads", type=int, default=1)
+    args = parser.parse_args([a for a in (argv or []) if a != "--"])
+    quick = quick or args.quick
+    tokens: int = args.tokens or (12 if quick else 32)
+    requests: int = args.requests or (1 if quick else 2)
+    threads = str(args.blas_threads)
+    # One BLAS thread per stage process: on a shared 2-core host, spinning OpenBLAS threads of a
+    # waiting stage steal the core the working stage needs (see bench/pipeline.py).
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    for noisy in ("httpx", "httpx2", "openai"):  # a line per request would bury the table
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return asyncio.run(run(tokens, requests, env))
+
+
+if __name__ == "__main__":
+    sys.exit(main(argv=sys.argv[1:]))
