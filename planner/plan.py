@@ -220,27 +220,28 @@ def plan(
         if hint is None:
             raise PlanError("insufficient_memory", explain_infeasible(problem))
         return run.done(hint, "greedy", "feasible", bound)
+    default = time_limit_s is None and not forced
+    close = hint is not None and hint.step_ms <= bound * (1 + CLOSE_ENOUGH)
+    if default and close and hint is not None and len(problem.devices) > SMALL_FLEET:
+        # Within CLOSE_ENOUGH of a proven bound: a short CP-SAT run rarely closes such a gap
+        # on a fleet this size, and its budget would double the request's latency.
+        return run.done(hint, "greedy (within 0.5% of the bound)", "feasible", bound)
     if hint is not None:
         # Nodes no plan as good as the greedy one needs (planner.prune): the optimum, and so
         # every bound and proof, is the same over the nodes that are left.
         used = {s.device.node for ev in per_m.values() for s in ev.stages}
         run.solving = prune(problem, hint.step_ms, t, keep=used).problem
     devices = len(run.solving.devices)
-    if time_limit_s is None and not forced and hint is not None:
-        if len(problem.devices) > SMALL_FLEET and hint.step_ms <= bound * (1 + CLOSE_ENOUGH):
-            # Within CLOSE_ENOUGH of a proven bound: a short CP-SAT run rarely closes such a
-            # gap on a fleet this size, and its budget would double the request's latency.
-            return run.done(hint, "greedy (within 0.5% of the bound)", "feasible", bound)
-        if devices > CP_SAT_MAX_DEVICES:
-            # Measured: at 128-256 devices CP-SAT does not get through presolve in under a
-            # second on a small machine, so by default the greedy plan stands, with its
-            # proven gap. A request that sets time_limit_s still gets the solver.
-            return run.done(
-                hint,
-                f"greedy (cp-sat skipped: {devices} devices > {CP_SAT_MAX_DEVICES} after pruning)",
-                "feasible",
-                bound,
-            )
+    if default and hint is not None and devices > CP_SAT_MAX_DEVICES:
+        # Measured: at 128-256 devices CP-SAT does not get through presolve in under a second
+        # on a small machine, so by default the greedy plan stands, with its proven gap. A
+        # request that sets time_limit_s still gets the solver.
+        return run.done(
+            hint,
+            f"greedy (cp-sat skipped: {devices} devices > {CP_SAT_MAX_DEVICES} after pruning)",
+            "feasible",
+            bound,
+        )
     limit = time_limit_s or default_time_limit_s(devices)
     return _with_solver(run, hint, per_m, bounds, limit, forced)
 
