@@ -163,13 +163,14 @@ async def poll_api(
 
 
 async def _request(nc: Client, subject: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """One round trip, its time in ms and the decoded answer ({} when there was none)."""
+    """One round trip, its time in ms and the decoded answer (an error naming the exception
+    when there was none)."""
     t0 = time.perf_counter()
     try:
         reply = await nc.request(subject, json.dumps(body).encode(), 30.0)
         answer: dict[str, Any] = json.loads(reply.data)
-    except Exception:
-        answer = {}
+    except Exception as exc:  # no planner yet (start-up), or no answer within 30 s
+        answer = {"error": {"code": type(exc).__name__}}
     return (time.perf_counter() - t0) * 1000, answer
 
 
