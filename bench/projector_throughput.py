@@ -624,7 +624,7 @@ async def run(
         "lag_cpu_pct": lag.cpu_pct,
         "ablation": {name: round(r) for name, r in ablation},
         **partition_figures(args.partitions, parted, rate, parted_cpu, parted_msgs),
-        **cpu_accounting(args.partitions, total, single_cpu, parted_msgs, parted_cpu),
+        **cpu_accounting(args.partitions, total, single_cpu, parted_msgs, parted_cpu, rate),
     }
 
 
@@ -653,6 +653,7 @@ def cpu_accounting(
     single: dict[str, float],
     parted_msgs: int,
     parted: dict[str, float],
+    single_rate: float,
 ) -> dict[str, Any]:
     """Where the CPU goes, in microseconds of CPU per message drained, for the last single
     and partitioned drains; and the ceiling that puts on the scale-out on this machine.
@@ -660,7 +661,10 @@ def cpu_accounting(
     With one projector the drain is bound by the projector (p us/msg) while the server (q)
     runs on the other core; with N partitions on C cores every message still costs p + q
     somewhere, so N / 1 is at most min(N, C / (1 + s)) with s = q / p (the server's work per
-    unit of projector work)."""
+    unit of projector work). That assumes the single projector keeps its core busy; where it
+    waits (for the server's acks), the measured one-projector rate is below 1 / p, and the
+    ceiling is the machine's: C cores over the CPU a partitioned message costs, divided by
+    the measured one-projector rate."""
     if count < 1 or not single or not parted or not single_msgs or not parted_msgs:
         return {}
     one = {k: round(v / single_msgs * 1e6, 1) for k, v in single.items()}
@@ -668,11 +672,17 @@ def cpu_accounting(
     p = one.get("projector", 0.0)
     share = one.get("nats-server", 0.0) / p if p else 0.0
     cores = os.cpu_count() or 1
+    spent = sum(many.values())
+    bound = cores * 1e6 / spent if spent > 0 else 0.0
     return {
         "cpu_us_per_msg_single": one,
         "cpu_us_per_msg_partitioned": many,
         "server_share_s": round(share, 3),
         "scaleout_ceiling": round(min(count, cores / (1 + share)), 3),
+        "cpu_bound_msgs_per_s": round(bound) if bound else None,
+        "scaleout_ceiling_measured": round(min(count, bound / single_rate), 3)
+        if bound and single_rate
+        else None,
         "cores": cores,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
@@ -762,6 +772,11 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
                 *(
                     (f"  CPU us/msg, partitioned: {name}", f"{us}", "")
                     for name, us in result.get("cpu_us_per_msg_partitioned", {}).items()
+                ),
+                (
+                    "  ceiling: cores / CPU per partitioned msg",
+                    f"{result.get('cpu_bound_msgs_per_s') or 0:,} msg/s",
+                    f"/ one projector's measured rate = {result.get('scaleout_ceiling_measured')}",
                 ),
                 (
                     "  ceiling min(N, cores / (1 + s))",

@@ -22,3 +22,4 @@ def test_partitioned_drain_reports_scaleout(capsys: pytest.CaptureFixture[str]) 
     assert set(last["cpu_us_per_msg_partitioned"]) == parts
     assert last["cpu_us_per_msg_single"]["projector"] > 0
     assert 0 < last["scaleout_ceiling"] <= 2
+    assert last["cpu_bound_msgs_per_s"] > 0 and 0 < last["scaleout_ceiling_measured"] <= 2
