@@ -279,16 +279,25 @@ async def lean_drain(nc: Client, js: JetStreamContext, total: int) -> float:
 
 
 async def projector_drain(
-    url: str, js: JetStreamContext, fleet: Fleet, rounds: int, extra: list[str]
-) -> tuple[float, int]:
-    """(messages per second, lost) for a projector process draining the backlog."""
+    url: str,
+    js: JetStreamContext,
+    fleet: Fleet,
+    rounds: int,
+    extra: list[str],
+    server_pid: int | None = None,
+) -> tuple[float, int, dict[str, float]]:
+    """(messages per second, lost, CPU seconds per process) for a projector process draining
+    the backlog."""
     await reset(js, purge_telemetry=False)
     info = await js.stream_info(TELEMETRY)
     total, last_seq = int(info.state.messages), int(info.state.last_seq)
     proc = spawn_projector(url, extra)
+    pids = {"nats-server": server_pid, "projector": proc.pid, "bench": os.getpid()}
     try:
         start = await wait_leading(js, proc)
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         done = await wait_drained(js, TELEMETRY, CONSUMERS[TELEMETRY], last_seq)
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     finally:
         stop_projector(proc)
     states = await kv_devices(js)
@@ -298,7 +307,7 @@ async def projector_drain(
         if (s := states.get(subjects.device_key(*fleet.device(i)))) is None
         or s.sample.seq != rounds - 1
     )
-    return total / (done - start), lost
+    return total / (done - start), lost, cpu
 
 
 async def partitions_drain(
@@ -309,8 +318,8 @@ async def partitions_drain(
     rounds: int,
     count: int,
     server_pid: int | None,
-) -> tuple[float, int, dict[str, float]]:
-    """(messages per second, lost, CPU % of one core per process) for ``count`` partition
+) -> tuple[float, int, dict[str, float], int]:
+    """(messages per second, lost, CPU seconds per process, messages timed) for ``count`` partition
     processes draining the backlog together (``projector.partition``): what was left when the
     last one took its lease, over the time until the last has acknowledged its share."""
     await reset(js, purge_telemetry=False)
@@ -324,6 +333,7 @@ async def partitions_drain(
     pids = {
         "nats-server": server_pid,
         **{f"partition {p.index}": q.pid for p, q in zip(parts, procs, strict=True)},
+        "bench": os.getpid(),
     }
     try:
         starts = [
@@ -340,7 +350,7 @@ async def partitions_drain(
         for proc in procs:
             stop_projector(proc)
     window = max(ends) - max(begun, *starts)
-    cpu = {name: round(100 * (cpu1[name] - cpu0[name]) / window, 1) for name in pids}
+    cpu = {name: cpu1[name] - cpu0[name] for name in pids}
     states = await kv_devices(js)
     lost = sum(
         1
@@ -348,7 +358,7 @@ async def partitions_drain(
         if (s := states.get(subjects.device_key(*fleet.device(i)))) is None
         or s.sample.seq != rounds - 1
     )
-    return (total - done_before) / window, lost, cpu
+    return (total - done_before) / window, lost, cpu, total - done_before
 
 
 async def share_done(js: JetStreamContext, part: Partition) -> int:
@@ -563,22 +573,24 @@ async def run(
         lost_total = 0
         repeats = 1 if quick else 3
         ablation: list[tuple[str, float]] = []
+        single_cpu: dict[str, float] = {}
         for _ in range(repeats):
             raw_rates.append(await raw_drain(js, total))
             lean_rates.append(await lean_drain(nc, js, total))
-            rate, lost = await projector_drain(url, js, fleet, rounds, [])
+            rate, lost, single_cpu = await projector_drain(url, js, fleet, rounds, [], server_pid)
             rates.append(rate)
             lost_total += lost
         if args.ablation:
             for name, extra in ABLATION:
-                rate, lost = await projector_drain(url, js, fleet, rounds, extra)
+                rate, lost, _ = await projector_drain(url, js, fleet, rounds, extra)
                 lost_total += lost
                 ablation.append((name, rate))
         parted: list[float] = []
         parted_cpu: dict[str, float] = {}
+        parted_msgs = 0
         if args.partitions >= 1:
             for _ in range(repeats):
-                rate_n, lost, parted_cpu = await partitions_drain(
+                rate_n, lost, parted_cpu, parted_msgs = await partitions_drain(
                     url, nc, js, fleet, rounds, args.partitions, server_pid
                 )
                 parted.append(rate_n)
@@ -611,22 +623,68 @@ async def run(
         "lost": lost_total,
         "lag_cpu_pct": lag.cpu_pct,
         "ablation": {name: round(r) for name, r in ablation},
-        **partition_figures(args.partitions, parted, rate, parted_cpu),
+        **partition_figures(args.partitions, parted, rate, parted_cpu, parted_msgs),
+        **cpu_accounting(args.partitions, total, single_cpu, parted_msgs, parted_cpu, rate),
     }
 
 
 def partition_figures(
-    count: int, rates: list[float], single: float, cpu: dict[str, float]
+    count: int, rates: list[float], single: float, cpu: dict[str, float], msgs: int
 ) -> dict[str, Any]:
     if count < 1 or not rates:
         return {}
     rate = statistics.median(rates)
+    window = msgs / rates[-1] if rates[-1] else 0.0
     return {
         "partitions": count,
         "partitioned_msgs_per_s": round(rate),
         "runs_partitioned_msgs_per_s": [round(r) for r in rates],
-        "partitioned_cpu_pct": cpu,  # of one core, during the last partitioned drain
+        # of one core, during the last partitioned drain
+        "partitioned_cpu_pct": {k: round(100 * v / window, 1) for k, v in cpu.items()}
+        if window
+        else {},
         "scaleout_ratio": round(rate / single, 3),
+    }
+
+
+def cpu_accounting(
+    count: int,
+    single_msgs: int,
+    single: dict[str, float],
+    parted_msgs: int,
+    parted: dict[str, float],
+    single_rate: float,
+) -> dict[str, Any]:
+    """Where the CPU goes, in microseconds of CPU per message drained, for the last single
+    and partitioned drains; and the ceiling that puts on the scale-out on this machine.
+
+    With one projector the drain is bound by the projector (p us/msg) while the server (q)
+    runs on the other core; with N partitions on C cores every message still costs p + q
+    somewhere, so N / 1 is at most min(N, C / (1 + s)) with s = q / p (the server's work per
+    unit of projector work). That assumes the single projector keeps its core busy; where it
+    waits (for the server's acks), the measured one-projector rate is below 1 / p, and the
+    ceiling is the machine's: C cores over the CPU a partitioned message costs, divided by
+    the measured one-projector rate."""
+    if count < 1 or not single or not parted or not single_msgs or not parted_msgs:
+        return {}
+    one = {k: round(v / single_msgs * 1e6, 1) for k, v in single.items()}
+    many = {k: round(v / parted_msgs * 1e6, 1) for k, v in parted.items()}
+    p = one.get("projector", 0.0)
+    share = one.get("nats-server", 0.0) / p if p else 0.0
+    cores = os.cpu_count() or 1
+    spent = sum(many.values())
+    bound = cores * 1e6 / spent if spent > 0 else 0.0
+    return {
+        "cpu_us_per_msg_single": one,
+        "cpu_us_per_msg_partitioned": many,
+        "server_share_s": round(share, 3),
+        "scaleout_ceiling": round(min(count, cores / (1 + share)), 3),
+        "cpu_bound_msgs_per_s": round(bound) if bound else None,
+        "scaleout_ceiling_measured": round(min(count, bound / single_rate), 3)
+        if bound and single_rate
+        else None,
+        "cores": cores,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -708,8 +766,23 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
                     f"target >= {TARGET_SCALEOUT}",
                 ),
                 *(
-                    (f"  CPU while partitioned: {name}", f"{pct}%", "of one core")
-                    for name, pct in result["partitioned_cpu_pct"].items()
+                    (f"  CPU us/msg, 1 projector: {name}", f"{us}", "")
+                    for name, us in result.get("cpu_us_per_msg_single", {}).items()
+                ),
+                *(
+                    (f"  CPU us/msg, partitioned: {name}", f"{us}", "")
+                    for name, us in result.get("cpu_us_per_msg_partitioned", {}).items()
+                ),
+                (
+                    "  ceiling: cores / CPU per partitioned msg",
+                    f"{result.get('cpu_bound_msgs_per_s') or 0:,} msg/s",
+                    f"/ one projector's measured rate = {result.get('scaleout_ceiling_measured')}",
+                ),
+                (
+                    "  ceiling min(N, cores / (1 + s))",
+                    f"{result.get('scaleout_ceiling', float('nan'))}",
+                    f"s = server / projector CPU = {result.get('server_share_s')}, "
+                    f"load average {result.get('load_avg_1m')} on {result.get('cores')} cores",
                 ),
             ]
             if "scaleout_ratio" in result

@@ -5,19 +5,19 @@ GPUs, while the system as one process did not keep up. This runs it the way a fl
 private nats-server, the projector, planner and API as ``shardplane`` processes, and the
 simulated agents split over several processes (``agent --part I/K``), for ``--minutes``; it
 injects faults at random (``sim.fault.<node>``: vanish/return, throttle, fill/drain) and places
-instances throughout (``placement.request``; releasing them needs ``placement.release``, which
-this branch does not have, so the soak only places), and measures:
+instances throughout (``placement.request``, and once 20 are live one ``placement.release``
+of a random live one after each placement), and measures:
 
 - lag: sample -> KV, from every KV write of a device key (``$KV.cluster_state.devices.>``): the
   time it was seen minus the sample's own ``ts`` (both clocks are this machine's);
 - API: ``GET /api/gpu/devices`` (every device) once a second, p99;
-- placement: ``placement.request`` round trips, p99;
+- placement: ``placement.request`` round trips after warm-up, p99 (and ``placement.release``);
 - RSS and CPU of every process after warm-up and at the end (growth is judged after warm-up:
   the first minutes fill caches, history rings and the TELEMETRY stream by design;
   ``rss_growth_pct`` is the worst shardplane process, the nats-server's is reported apart);
 - correctness: after the agents stop and the projector drains, the KV's sample for every
   device is the last one in TELEMETRY (``lost`` counts those that differ), and the planner's
-  ledger holds exactly the instances answered ``ok``.
+  ledger holds exactly the instances answered ``ok``, released exactly where a release was.
 
 The floor, measured in the same run: a core-NATS request round trip to this server.
 Figures measured while other work loads the machine are pessimistic (lag and p99 are
@@ -32,11 +32,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
+import math
 import os
 import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +56,11 @@ from shardplane.bus.messages import DeviceSample, DeviceState
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.natsserver import NatsServer, free_port
 
+log = logging.getLogger(__name__)
 TARGETS = {"lag_p99_ms": 250.0, "api_p99_ms": 50.0, "placement_p99_ms": 1000.0}
 RSS_GROWTH_TARGET_PCT = 10.0
 MODELS = ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b")
+LIVE_INSTANCES = 20  # past this many, each placement is followed by a release
 
 
 @dataclass
@@ -66,6 +71,12 @@ class Figures:
     placement_ms: list[float] = field(default_factory=list)
     placed_ok: set[str] = field(default_factory=set)
     placement_refused: int = 0
+    warmup_placement_max_ms: float = 0.0
+    refusals: Counter[str] = field(default_factory=Counter[str])  # by error code
+    solve_ms: list[float] = field(default_factory=list)  # the planner's own share (reply)
+    released_ok: set[str] = field(default_factory=set)
+    release_ms: list[float] = field(default_factory=list)
+    release_failed: int = 0
     faults: int = 0
 
 
@@ -151,23 +162,54 @@ async def poll_api(
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
-async def place_loop(nc: Client, figures: Figures, stop: asyncio.Event, every_s: float) -> None:
+async def _request(nc: Client, subject: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """One round trip, its time in ms and the decoded answer (an error naming the exception
+    when there was none)."""
+    t0 = time.perf_counter()
+    try:
+        reply = await nc.request(subject, json.dumps(body).encode(), 30.0)
+        answer: dict[str, Any] = json.loads(reply.data)
+    except Exception as exc:  # no planner yet (start-up), or no answer within 30 s
+        answer = {"error": {"code": type(exc).__name__}}
+    return (time.perf_counter() - t0) * 1000, answer
+
+
+async def place_loop(
+    nc: Client, figures: Figures, stop: asyncio.Event, every_s: float, recording: asyncio.Event
+) -> None:
+    """Place an instance every ``every_s``; once ``LIVE_INSTANCES`` are up, release one at random
+    after each placement, so the ledger both grows and shrinks all along. Round trips count
+    after warm-up only (like lag and API: the first requests import the solver and meet a
+    planner still reading the whole fleet); the warm-up's slowest is reported apart."""
     rng = random.Random(3)
+    live: list[str] = []
     n = 0
     while not stop.is_set():
         n += 1
         body = {"model": rng.choice(MODELS), "context_tokens": 4096, "instance_id": f"soak-{n}"}
-        t0 = time.perf_counter()
-        try:
-            reply = await nc.request(subjects.PLACEMENT_REQUEST, json.dumps(body).encode(), 30.0)
-            answer = json.loads(reply.data)
-            figures.placement_ms.append((time.perf_counter() - t0) * 1000)
-            if answer.get("ok"):
-                figures.placed_ok.add(str(answer["instance_id"]))
-            else:
-                figures.placement_refused += 1
-        except Exception:
+        ms, answer = await _request(nc, subjects.PLACEMENT_REQUEST, body)
+        if answer.get("ok"):
+            figures.placed_ok.add(str(answer["instance_id"]))
+            live.append(str(answer["instance_id"]))
+        else:
             figures.placement_refused += 1
+            error = answer.get("error") or {"code": "no answer"}
+            figures.refusals[str(error.get("code"))] += 1
+            log.info("placement %s refused: %s", body["instance_id"], error)
+        if recording.is_set():
+            figures.placement_ms.append(ms)
+            figures.solve_ms.append(float(answer.get("solve_ms") or 0.0))
+        else:
+            figures.warmup_placement_max_ms = max(figures.warmup_placement_max_ms, ms)
+        if len(live) > LIVE_INSTANCES:
+            victim = live.pop(rng.randrange(len(live)))
+            ms, answer = await _request(nc, subjects.PLACEMENT_RELEASE, {"instance_id": victim})
+            if answer.get("ok"):
+                figures.released_ok.add(victim)
+            else:
+                figures.release_failed += 1
+            if recording.is_set():
+                figures.release_ms.append(ms)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every_s)
 
@@ -228,12 +270,15 @@ async def check_kv(nc: Client, nodes: list[str], gpus: int, timeout_s: float) ->
         await asyncio.sleep(2.0)
 
 
-async def check_ledger(nc: Client, placed_ok: set[str]) -> int:
+async def check_ledger(nc: Client, placed_ok: set[str], released_ok: set[str]) -> int:
+    """Instances where the ledger and the answers disagree: every instance answered ``ok``
+    has an entry, and exactly those whose release was answered ``ok`` are released."""
     from shardplane.planner import ledger
 
     kv = await nc.jetstream().key_value(streams.LEDGER)
     doc, _ = await ledger.read(kv)
-    return len(set(doc.instances) ^ placed_ok)
+    released = {i for i, e in doc.instances.items() if e.released}
+    return len(set(doc.instances) ^ placed_ok) + len(released ^ released_ok)
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -264,7 +309,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 asyncio.create_task(
                     poll_api(f"http://127.0.0.1:{api_port}", figures, stop, recording)
                 ),
-                asyncio.create_task(place_loop(nc, figures, stop, args.place_every)),
+                asyncio.create_task(place_loop(nc, figures, stop, args.place_every, recording)),
                 asyncio.create_task(fault_loop(nc, nodes, args.gpus, figures, stop)),
             ]
             try:
@@ -286,7 +331,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 agents = {n: p for n, p in procs.items() if n.startswith("agents")}
                 await supervise.stop_all(agents)
                 lost = await check_kv(nc, nodes, args.gpus, timeout_s=60.0)
-                ledger_mismatch = await check_ledger(nc, figures.placed_ok)
+                ledger_mismatch = await check_ledger(nc, figures.placed_ok, figures.released_ok)
             finally:
                 stop.set()
                 for task in loops:
@@ -328,11 +373,18 @@ def report(
         f"API GET /api/gpu/devices: p99 {api99:.1f} ms over {len(figures.api_ms)} "
         f"({figures.api_errors} failed); floor: NATS request p99 {floor_ms:.2f} ms"
     )
+    place50 = statistics.median(figures.placement_ms) if figures.placement_ms else math.nan
+    release99 = pct(figures.release_ms, 0.99) if figures.release_ms else None
     print(
-        f"placement.request: p99 {place99:.0f} ms, median "
-        f"{statistics.median(figures.placement_ms) if figures.placement_ms else float('nan'):.0f} ms, "
-        f"{len(figures.placed_ok)} placed, {figures.placement_refused} refused; released: none "
-        "(no placement.release on this branch)"
+        f"placement.request: p99 {place99:.0f} ms, median {place50:.0f} ms over "
+        f"{len(figures.placement_ms)} after warm-up (planning itself: p99 "
+        f"{pct(figures.solve_ms, 0.99) if figures.solve_ms else math.nan:.0f} ms; warm-up's slowest "
+        f"{figures.warmup_placement_max_ms:.0f} ms); {len(figures.placed_ok)} placed, "
+        f"{figures.placement_refused} refused {dict(figures.refusals)}"
+    )
+    print(
+        f"placement.release: p99 {release99 or math.nan:.0f} ms over {len(figures.release_ms)}; "
+        f"{len(figures.released_ok)} released, {figures.release_failed} failed"
     )
     print(
         f"faults injected: {figures.faults}; KV != last sample: {lost} devices; "
@@ -350,7 +402,8 @@ def report(
         "api_p99_ms": round(api99, 1),
         "placement_p99_ms": round(place99, 1),
         "placed": len(figures.placed_ok),
-        "released": 0,
+        "released": len(figures.released_ok),
+        "release_p99_ms": round(release99, 1) if release99 is not None else None,
         "faults": figures.faults,
         "floor_nats_rtt_p99_ms": round(floor_ms, 3),
         "api_p99_over_floor": round(api99 / floor_ms, 1) if floor_ms else None,

@@ -34,7 +34,16 @@ import nkeys  # pyright: ignore[reportMissingTypeStubs]
 from shardplane.bus import subjects
 from shardplane.bus.ids import node_id
 from shardplane.bus.lease import CONTROLLER_LEASE_BUCKET, LEASE_BUCKET
-from shardplane.bus.streams import CLUSTER_STATE, DEADLETTER, LEDGER, PLACEMENTS, SHARDS, TELEMETRY
+from shardplane.bus.streams import (
+    CLUSTER_STATE,
+    DEADLETTER,
+    LEDGER,
+    MAX_PARTITIONS,
+    PLACEMENTS,
+    SHARDS,
+    TELEMETRY,
+    partition_stream,
+)
 
 Role = Literal["admin", "agent", "worker", "projector", "planner", "controller", "api"]
 ROLES: tuple[Role, ...] = ("admin", "agent", "worker", "projector", "planner", "controller", "api")
@@ -167,6 +176,10 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
     elif role == "projector":
         for stream in (TELEMETRY, PLACEMENTS, SHARDS):
             pub += _consume(stream, PROJECTOR_DURABLE.format(stream=stream.lower()))
+        # Partitions (projector.partition): each consumes its share of a stream that holds
+        # only copies of TELEMETRY, which this role reads whole anyway, so any consumer name.
+        for count in range(1, MAX_PARTITIONS + 1):
+            pub += _consume(partition_stream(count))
         pub += _read_kv(CLUSTER_STATE) + _write_kv(CLUSTER_STATE)
         pub += _read_kv(LEASE_BUCKET) + _write_kv(LEASE_BUCKET)
         # The ledger, to act only on the generation the planner committed (bus.authority).

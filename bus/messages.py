@@ -264,6 +264,9 @@ class ErrorInfo(Frozen, frozen=True):
     message: str
 
 
+EXCLUDED_LISTED = 100  # PlacementReply.excluded lists at most this many (excluded_total: all)
+
+
 class PlacementReply(Frozen, frozen=True):
     ok: bool
     instance_id: str | None = None
@@ -303,6 +306,10 @@ class PlacementReply(Frozen, frozen=True):
     # (devices that did not hold them at the previous generation) and how many stay resident.
     bytes_moved: Bytes | None = None
     bytes_kept: Bytes | None = None
+    # Added at fleet scale (additive): how many devices were left out in all; ``excluded``
+    # lists the first EXCLUDED_LISTED of them (a stale half of 8,000 GPUs made every reply,
+    # and the copy the ledger stores, hundreds of kilobytes).
+    excluded_total: Count = 0
 
 
 class ReleaseRequest(Frozen, frozen=True, forbid_unknown_fields=True):

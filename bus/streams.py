@@ -46,6 +46,14 @@ LEDGER = "placement_ledger"  # the planners' memory ledger (planner-owned, CAS-g
 # The ledger's one document: every instance's promise and its current generation. Workers and
 # the projector read it too (bus.authority): an assignment counts only at the ledger's generation.
 LEDGER_RESERVATIONS_KEY = "reservations"
+# Projector partitions (projector.partition): TELEMETRY sourced into one stream per partition
+# count, TELEMETRY_P<count>; the projector role may consume those of up to MAX_PARTITIONS.
+MAX_PARTITIONS = 16
+
+
+def partition_stream(count: int) -> str:
+    return f"{TELEMETRY}_P{count}"
+
 
 DAY = 24 * 3600.0
 PLACEMENT_CONSUMERS = 100_000

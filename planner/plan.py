@@ -26,6 +26,7 @@ from shardplane.planner.cost import (
     schedule_of,
 )
 from shardplane.planner.greedy import greedy_evaluation
+from shardplane.planner.prune import prune
 
 PROOF_TOL = 2e-7  # the bounds are bisected to 1e-7; closer than this is equal
 
@@ -147,6 +148,7 @@ class _Run:
     tables: Tables
     started: float
     fluid: float
+    solving: Problem  # what CP-SAT sees: ``problem`` less the nodes pruning dropped
 
     def done(self, ev: Evaluation, solver: str, status: str, bound: float | None) -> Outcome:
         stages = to_stages(self.problem, ev, self.tables)
@@ -203,7 +205,7 @@ def plan(
         raise PlanError("no_devices", "no candidate devices (all excluded or none reporting)")
     check_request(problem)
     t = Tables(problem)
-    run = _Run(problem, t, started, lower_bound_ms(problem, t))
+    run = _Run(problem, t, started, lower_bound_ms(problem, t), problem)
     # One lower bound per M (planner.bounds); the request's is the smallest.
     bounds = {m: step_bound_ms(problem, m, t) for m in problem.all_m_choices()}
     bound = min(bounds.values(), default=math.inf)
@@ -218,22 +220,28 @@ def plan(
         if hint is None:
             raise PlanError("insufficient_memory", explain_infeasible(problem))
         return run.done(hint, "greedy", "feasible", bound)
-    devices = len(problem.devices)
-    if time_limit_s is None and not forced and hint is not None:
-        if devices > SMALL_FLEET and hint.step_ms <= bound * (1 + CLOSE_ENOUGH):
-            # Within CLOSE_ENOUGH of a proven bound: a short CP-SAT run on a fleet this size
-            # rarely closes such a gap, and its budget would double the request's latency.
-            return run.done(hint, "greedy (within 0.5% of the bound)", "feasible", bound)
-        if devices > CP_SAT_MAX_DEVICES:
-            # Measured: at 128-256 devices CP-SAT does not get through presolve in under a
-            # second on a small machine, so by default the greedy plan stands, with its proven
-            # gap. A request that sets time_limit_s still gets the solver.
-            return run.done(
-                hint,
-                f"greedy (cp-sat skipped: {devices} devices > {CP_SAT_MAX_DEVICES})",
-                "feasible",
-                bound,
-            )
+    default = time_limit_s is None and not forced
+    close = hint is not None and hint.step_ms <= bound * (1 + CLOSE_ENOUGH)
+    if default and close and hint is not None and len(problem.devices) > SMALL_FLEET:
+        # Within CLOSE_ENOUGH of a proven bound: a short CP-SAT run rarely closes such a gap
+        # on a fleet this size, and its budget would double the request's latency.
+        return run.done(hint, "greedy (within 0.5% of the bound)", "feasible", bound)
+    if hint is not None:
+        # Nodes no plan as good as the greedy one needs (planner.prune): the optimum, and so
+        # every bound and proof, is the same over the nodes that are left.
+        used = {s.device.node for ev in per_m.values() for s in ev.stages}
+        run.solving = prune(problem, hint.step_ms, t, keep=used).problem
+    devices = len(run.solving.devices)
+    if default and hint is not None and devices > CP_SAT_MAX_DEVICES:
+        # Measured: at 128-256 devices CP-SAT does not get through presolve in under a second
+        # on a small machine, so by default the greedy plan stands, with its proven gap. A
+        # request that sets time_limit_s still gets the solver.
+        return run.done(
+            hint,
+            f"greedy (cp-sat skipped: {devices} devices > {CP_SAT_MAX_DEVICES} after pruning)",
+            "feasible",
+            bound,
+        )
     limit = time_limit_s or default_time_limit_s(devices)
     return _with_solver(run, hint, per_m, bounds, limit, forced)
 
@@ -271,7 +279,7 @@ def _solve_each_m(
         left = deadline - time.perf_counter()
         seed = per_m.get(m)
         res = solve(
-            problem,
+            run.solving,
             m,
             hint=seed.stages if seed is not None else None,
             time_limit_s=max(0.01, left / (len(todo) - i)) if left > 0 else 0.01,

@@ -31,6 +31,7 @@ from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
 from shardplane.bus.liveness import judge_device, ttl_from_env
 from shardplane.bus.messages import (
+    EXCLUDED_LISTED,
     DeviceState,
     ErrorCode,
     ErrorInfo,
@@ -215,16 +216,22 @@ class Planner:
     async def _put_plan(self, key: str, body: bytes) -> None:
         await retrying(lambda: self.ledger_kv.put(key, body), "ledger plan write")
 
-    def _fleet(
+    async def _fleet(
         self, req: PlacementRequest, promised: dict[str, int], own: frozenset[str] = frozenset()
     ) -> Fleet:
-        return build_fleet(
-            self.cache.judged_devices(),
-            self.cache.nodes,
-            exclude_nodes=req.exclude_nodes,
-            promised=promised,
-            own=own,
-        )
+        """The candidates, built in a worker thread from a copy of the cache taken here (the
+        watch keeps changing the cache on this loop; at 8,000 GPUs building took the loop
+        ~0.1 s a request, while the watch had 4,000 updates a second to apply)."""
+        devices, nodes = list(self.cache.devices.values()), dict(self.cache.nodes)
+        now, ttl = time.time(), ttl_from_env()
+
+        def build() -> Fleet:
+            judged = (judge_device(d, nodes.get(d.sample.node), now, ttl) for d in devices)
+            return build_fleet(
+                judged, nodes, exclude_nodes=req.exclude_nodes, promised=promised, own=own
+            )
+
+        return await asyncio.to_thread(build)
 
     def instance_ready(self, instance_id: str, generation: int) -> bool:
         """Every stage of ``generation`` loaded or reserved, as the KV shows it."""
@@ -307,7 +314,7 @@ class Planner:
                 devices=self.cache.devices,
             )
             own = await self._own_stages(previous) if live and previous is not None else ()
-            fleet = self._fleet(req, promised, own=frozenset(st.device for st in own))
+            fleet = await self._fleet(req, promised, own=frozenset(st.device for st in own))
             problem = Problem(
                 profile=profile,
                 fleet=fleet,
@@ -438,7 +445,10 @@ class Planner:
             batch=req.batch,
             dry_run=req.dry_run,
             stages=outcome.stages,
-            excluded=tuple(Excluded(device=d, reason=r) for d, r in fleet.excluded),
+            excluded=tuple(
+                Excluded(device=d, reason=r) for d, r in fleet.excluded[:EXCLUDED_LISTED]
+            ),
+            excluded_total=len(fleet.excluded),
             gap_pct=outcome.gap_pct,
             bound_ms=outcome.bound_ms,
         )

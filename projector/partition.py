@@ -22,13 +22,20 @@ projector clients (the bottleneck) each see only their share.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
 from nats.aio.client import Client
 
 from shardplane.bus import subjects
-from shardplane.bus.streams import PLACEMENTS, SHARDS, TELEMETRY
+from shardplane.bus.streams import (
+    MAX_PARTITIONS,
+    PLACEMENTS,
+    SHARDS,
+    TELEMETRY,
+    partition_stream,
+)
 
 PREFIX = "tpart"
 _FNV_OFFSET = 0x811C9DC5
@@ -36,7 +43,7 @@ _FNV_PRIME = 0x01000193
 
 
 def stream_name(count: int) -> str:
-    return f"{TELEMETRY}_P{count}"
+    return partition_stream(count)
 
 
 def fnv1a32(text: str) -> int:
@@ -104,6 +111,23 @@ async def provision(nc: Client, count: int, api_prefix: str = "$JS.API") -> None
             raise PartitionError(f"{verb.lower()} stream {name}: {answer['error']}")
 
 
+async def ensure(nc: Client, count: int, poll_s: float = 0.5) -> None:
+    """Provision ``TELEMETRY_P<count>``, or, connected as a role that may not create streams
+    (bus.auth), wait until an admin has: ``shardplane up --partitions N`` provisions it as
+    admin before any projector starts."""
+    from shardplane.bus.auth import may_provision
+
+    if may_provision(nc):
+        await provision(nc, count)
+        return
+    name = stream_name(count)
+    while True:
+        reply = await nc.request(f"$JS.API.STREAM.INFO.{name}", b"")
+        if "error" not in json.loads(reply.data):
+            return
+        await asyncio.sleep(poll_s)
+
+
 @dataclass(frozen=True)
 class Partition:
     """Partition ``index`` of ``count``."""
@@ -114,6 +138,8 @@ class Partition:
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
             raise ValueError(f"partition {self.index} of {self.count}: need 0 <= index < count")
+        if self.count > MAX_PARTITIONS:
+            raise ValueError(f"{self.count} partitions: at most {MAX_PARTITIONS}")
 
     @property
     def stream(self) -> str:

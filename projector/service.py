@@ -243,7 +243,7 @@ class Projector:
     async def run(self, stop: asyncio.Event) -> None:
         await provision(self.js)
         if self.partition is not None:
-            await partitions.provision(self.nc, self.partition.count)
+            await partitions.ensure(self.nc, self.partition.count)
         follower = (
             asyncio.create_task(self._follow_ledger(stop))
             if self.config.verify_generations

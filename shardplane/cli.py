@@ -92,6 +92,18 @@ def _replica_count(text: str) -> int:
     return value
 
 
+def _partitions(text: str) -> int:
+    from shardplane.bus.streams import MAX_PARTITIONS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to {MAX_PARTITIONS}")
+    return value
+
+
 def _ha(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cluster",
@@ -122,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-agents", action="store_true", help="run no agents (real nodes run their own)"
     )
     p.add_argument("--interval", type=float, default=None, help="agent sample interval, seconds")
+    p.add_argument(
+        "--partitions",
+        type=_partitions,
+        default=None,
+        metavar="N",
+        help="projector partitions, each its own process (default: one per 10,000 samples/s "
+        "of the fleet, at most one per two cores)",
+    )
     _no_auth(p)
     _ha(p)
 

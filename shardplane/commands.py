@@ -257,16 +257,23 @@ def _fleet_nodes(fleet: Path | None) -> list[Any]:
     return list(load(fleet).nodes)
 
 
-async def _provision_once(url: str, stop: asyncio.Event, creds: Mapping[str, Path] | None) -> None:
+async def _provision_once(
+    url: str, stop: asyncio.Event, creds: Mapping[str, Path] | None, partitions: int = 1
+) -> None:
     """Provision the bus before separate service processes start: as ``admin`` when the bus
-    has roles (no other role may create streams or buckets), else as anyone."""
+    has roles (no other role may create streams or buckets), else as anyone; with the
+    projector partitions' stream when there are several."""
+    from shardplane.projector import partition
+
     roles: Mapping[str, Path] = creds or {}
     nc = await connect_unless_stopped(url, stop, "shardplane-provision", roles.get("admin"))
     try:
         if creds:
-            await secure.admin_provision(nc)
+            await secure.admin_provision(nc, partitions)
         else:
             await provision(nc.jetstream())
+            if partitions > 1:
+                await partition.provision(nc, partitions)
     finally:
         await nc.close()
 
@@ -324,8 +331,8 @@ def up(args: argparse.Namespace) -> int:
             url,
             creds,
         ):
-            if fleet is not None and (kids := supervise.for_fleet(fleet, args, creds)):
-                await _provision_once(url, stop, creds)
+            if kids := supervise.for_fleet(fleet, args, creds):
+                await _provision_once(url, stop, creds, supervise.partitions_of(kids))
                 if token:  # the API child reads it from its environment
                     os.environ[secure.TOKEN_ENV] = token
                 print(

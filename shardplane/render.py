@@ -62,6 +62,8 @@ def placement(reply: PlacementReply) -> str:
     )
     foot = schedule_line(reply)
     excluded = "".join(f"\n  excluded {e.device}: {e.reason}" for e in reply.excluded)
+    if (more := reply.excluded_total - len(reply.excluded)) > 0:
+        excluded += f"\n  and {more} more excluded"
     return f"{head}\n{body}\n{foot}{excluded}"
 
 

@@ -81,11 +81,12 @@ def api_token(folder: Path) -> str:
     return token
 
 
-async def admin_provision(nc: Client) -> None:
+async def admin_provision(nc: Client, partitions: int = 1) -> None:
     """Everything the roles may not create themselves: streams, buckets, the projector's and
-    the controller's lease buckets, and atomic batches on ``cluster_state`` (an update of the
-    stream)."""
+    the controller's lease buckets, atomic batches on ``cluster_state`` (an update of the
+    stream), and with ``partitions`` > 1 the projector partitions' stream."""
     from shardplane.bus.lease import CONTROLLER_LEASE_BUCKET, LEASE_BUCKET, Lease
+    from shardplane.projector import partition
 
     js = nc.jetstream()
     await provision(js)
@@ -93,6 +94,8 @@ async def admin_provision(nc: Client) -> None:
     await Lease(js, bucket=LEASE_BUCKET, role="projector").bucket()
     await Lease(js, bucket=CONTROLLER_LEASE_BUCKET, role="controller").bucket()
     await allow_atomic_batches(nc, f"KV_{CLUSTER_STATE}")
+    if partitions > 1:
+        await partition.provision(nc, partitions)
 
 
 # --- `shardplane auth` ----------------------------------------------------------------------

@@ -28,12 +28,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardplane.bus.streams import MAX_PARTITIONS
+
 log = logging.getLogger(__name__)
 
 PROCESSES_ENV = "SHARDPLANE_UP_PROCESSES"  # "1": always separate processes, "0": never
 MIN_DEVICES = 512  # below this one process keeps up easily and starts faster
 NODES_PER_AGENT = 250
 GRACE_S = 8.0
+# Half of what one projector drained from a backlog here (19.4k samples/s): headroom for the
+# live load's bursts and for the rest of its work (sweeps, statuses).
+SAMPLES_PER_PARTITION = 10_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,19 @@ def wants_processes(device_count: int) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return device_count >= MIN_DEVICES
+
+
+def partition_count(
+    device_count: int, interval_s: float, cpus: int | None = None, requested: int | None = None
+) -> int:
+    """Projector partitions for ``up``: ``requested`` (``--partitions``), else one per
+    ``SAMPLES_PER_PARTITION`` samples a second, at most one per two cores (a partition and its
+    share of nats-server's work each want most of a core; on 2 cores that is always 1)."""
+    if requested is not None:
+        return requested
+    cores = cpus if cpus is not None else (os.cpu_count() or 2)
+    wanted = math.ceil(device_count / max(interval_s, 1e-3) / SAMPLES_PER_PARTITION)
+    return max(1, min(wanted, cores // 2, MAX_PARTITIONS))
 
 
 def agent_shares(node_count: int, cpus: int | None = None) -> int:
@@ -70,10 +88,11 @@ def children(
     cpus: int | None = None,
     shares: int | None = None,
     creds: Mapping[str, Path] | None = None,
+    partitions: int = 1,
 ) -> list[Child]:
-    """The processes of a full ``up``: projector, planner, controller, API, and the agents'
-    shares (``shares`` of them, or as many as ``agent_shares`` finds right). With ``creds``
-    (role -> credentials file) each connects as its role."""
+    """The processes of a full ``up``: projector (one per partition), planner, controller, API,
+    and the agents' shares (``shares`` of them, or as many as ``agent_shares`` finds right).
+    With ``creds`` (role -> credentials file) each connects as its role."""
     common = ("-v",) if verbose else ()
 
     def role(name: str, flag: str = "--creds") -> tuple[str, ...]:
@@ -81,7 +100,15 @@ def children(
         return (flag, str(path)) if path is not None else ()
 
     out = [
-        Child("projector", ("projector", *role("projector"), *common)),
+        Child("projector", ("projector", *role("projector"), *common))
+        if partitions == 1
+        else Child(
+            f"projector {i + 1}/{partitions}",
+            ("projector", "--partition", f"{i}/{partitions}", *role("projector"), *common),
+        )
+        for i in range(partitions)
+    ]
+    out += [
         Child("planner", ("planner", *role("planner"), *common)),
         Child("controller", ("controller", *role("controller"), *common)),
         Child(
@@ -109,23 +136,33 @@ def children(
 
 
 def for_fleet(
-    fleet: Path, args: argparse.Namespace, creds: Mapping[str, Path] | None = None
+    fleet: Path | None, args: argparse.Namespace, creds: Mapping[str, Path] | None = None
 ) -> list[Child]:
-    """The children of ``up --fleet`` (its parsed options), or none when one process will do."""
+    """The children of ``up`` (its parsed options), or none when one process will do: a small
+    fleet with one projector partition."""
     from shardplane.agents.fleet import load
 
-    parsed = load(fleet)
-    if not wants_processes(parsed.device_count()):
+    parsed = load(fleet) if fleet is not None else None
+    devices = parsed.device_count() if parsed is not None else 0
+    interval = args.interval or (parsed.interval_s if parsed is not None else 2.0)
+    parts = partition_count(devices, interval, requested=getattr(args, "partitions", None))
+    if parts == 1 and not wants_processes(devices):
         return []
     return children(
         fleet=fleet,
-        node_count=len(parsed.nodes),
+        node_count=len(parsed.nodes) if parsed is not None else 0,
         api_host=args.api_host,
         api_port=args.api_port,
         interval_s=args.interval,
         verbose=bool(getattr(args, "verbose", False)),
         creds=creds,
+        partitions=parts,
     )
+
+
+def partitions_of(kids: list[Child]) -> int:
+    """How many projector partitions ``kids`` run (the stream to provision before they start)."""
+    return sum(1 for k in kids if "--partition" in k.argv) or 1
 
 
 async def spawn(child: Child, url: str) -> asyncio.subprocess.Process:

@@ -56,6 +56,28 @@ def test_a_large_fleet_gets_processes_and_the_agents_are_shared(
     assert secured[4].argv[-4:] == ("--creds", "agent.creds", "--worker-creds", "worker.creds")
 
 
+def test_projector_partitions_by_rate_and_cores_or_as_asked() -> None:
+    # 8,000 GPUs every 2 s is 4,000 samples/s: one partition keeps up
+    assert supervise.partition_count(8000, 2.0, cpus=16) == 1
+    # 80,000 GPUs every second wants 8; 16 cores allow 8, 2 cores one
+    assert supervise.partition_count(80_000, 1.0, cpus=16) == 8
+    assert supervise.partition_count(80_000, 1.0, cpus=2) == 1
+    assert supervise.partition_count(16, 2.0, cpus=2, requested=3) == 3
+    kids = supervise.children(
+        fleet=None, node_count=0, api_host="h", api_port=1, interval_s=None, partitions=2
+    )
+    assert [k.name for k in kids] == [
+        "projector 1/2",
+        "projector 2/2",
+        "planner",
+        "controller",
+        "api",
+    ]
+    assert kids[1].argv == ("projector", "--partition", "1/2")
+    assert supervise.partitions_of(kids) == 2
+    assert supervise.partitions_of(kids[2:]) == 1
+
+
 def child_pids(parent: int) -> list[int]:
     """Processes whose parent is ``parent`` (from /proc: the children run in their own
     sessions, so a process group does not name them)."""
