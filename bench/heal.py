@@ -11,7 +11,9 @@ Two parts, both in one run:
    next sample, no TTL needed); heal <= detect + load time of the moved bytes (0 here: catalog
    models reserve memory, read nothing) + 2 s. The floor is a raw NATS round trip, same run.
    ``flaps``: then, with no fault, the instance is watched for ``--watch-s`` seconds of noisy
-   telemetry (the simulator's utilisation noise); every controller decision counts.
+   telemetry (the simulator's utilisation noise and workload phases); every controller verdict
+   counts (``flap_heals``: the heals among them). The vanish then hits the instance's plan of
+   that moment (a flap may have moved it).
 2. **Minimal moves, exhaustively** (the demo fleet's devices without noise, three models): for
    every stage of the planner's plan, that device is removed; the planner's re-placement
    (phase 1 + phase 2) moves ``bytes_moved``, and ``bench._heal_reference`` (an exhaustive
@@ -265,7 +267,13 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
     # Noise only first: every decision while nothing is wrong is a flap.
     await asyncio.sleep(watch_s)
     flaps = len(verdicts)
-    lost = reply.stages[len(reply.stages) // 2]
+    flap_heals = sum(v.state == "healing" for v in verdicts)
+    # A flap may have moved the instance: the fault hits its current plan.
+    now = await _instance(nc, "bench-heal")
+    assert now is not None
+    await _until(nc, "bench-heal", now.generation, 120)
+    lost = now.stages[len(now.stages) // 2]
+    assert lost.device is not None
     node, index = lost.device.split("/")
     fault_at = time.time()
     await nc.request(
@@ -273,8 +281,8 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
         json.dumps({"kind": "vanish", "device": int(index)}).encode(),
         timeout=10,
     )
-    healed_at = await _until(nc, "bench-heal", reply.generation + 1, 120)
-    degraded = [v for v in verdicts[flaps:] if v.state == "degraded"]
+    healed_at = await _until(nc, "bench-heal", now.generation + 1, 120)
+    degraded = [v for v in verdicts[flaps:] if v.state == "degraded" and v.ts >= fault_at]
     detect_s = (degraded[0].ts - fault_at) if degraded else math.nan
     state = await _instance(nc, "bench-heal")
     assert state is not None
@@ -289,6 +297,7 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
         "detect_target_s": TTL_S + INTERVAL_S,
         "heal_target_s": round(detect_s + 2.0, 3),
         "flaps": flaps,
+        "flap_heals": flap_heals,
         "watch_s": watch_s,
         "rtt_floor_ms": round(floor_ms, 3),
         "moved": moved_text,
@@ -322,7 +331,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
     figures = {
         f"{name}_{key}": r[key]
         for name, r in runs.items()
-        for key in ("detect_s", "heal_s", "flaps", "rtt_floor_ms")
+        for key in ("detect_s", "heal_s", "flaps", "flap_heals", "rtt_floor_ms")
     }
     figures["watch_s"] = watch_s
     figures["bytes_ratio_max"] = max(r.ratio for r in rows)

@@ -36,10 +36,11 @@ class HealConfig:
     # A stage's device is full when others took more than this share of the headroom the
     # request kept free (the planner left at least the headroom free when it placed it), i.e.
     # less than ``1 - full_share`` of it is left. Measured with bench heal over 10 minutes of
-    # the simulator's workload phases (others' memory swings, no fault): the instance's own
-    # devices came down to 3.55 GiB free of 80 (others took 56 % of a 10 % headroom), so at
-    # the earlier 0.5 the controller moved a healthy instance 3 times (demo) and 12 times
-    # (64 GPUs). A fill fault (98 % used) leaves 20 % of that headroom and is still caught.
+    # the simulator's workload phases (others' memory swings, no fault): at 0.5 the instance
+    # was healed once on the demo fleet and 4 times on 64 GPUs (devices down to 3.55 GiB free
+    # of 80); at 0.75 not on the demo fleet, twice on 64 GPUs (1.86 GiB free: the phases can
+    # take any share, so no share removes these heals). A fill fault (98 % used) leaves 20 %
+    # of a 10 % headroom and is still caught.
     full_share: float = 0.75
     full_min_bytes: int = 256 * 2**20
     retry_s: float = 5.0  # after a failed heal, wait this long before trying again
