@@ -11,12 +11,14 @@ Two parts, both in one run:
    next sample, no TTL needed); heal <= detect + load time of the moved bytes (0 here: catalog
    models reserve memory, read nothing) + 2 s. The floor is a raw NATS round trip, same run.
    ``flaps``: then, with no fault, the instance is watched for ``--watch-s`` seconds of noisy
-   telemetry (the simulator's utilisation noise); every controller decision counts.
-2. **Minimal moves, exhaustively** (the demo fleet's devices without noise): for every stage of
-   the planner's plan, that device is removed; the planner's re-placement (phase 1 + phase 2)
-   moves ``bytes_moved``, and an exhaustive search over which of the surviving stages stay and
-   every device order and layer split for the rest finds ``bytes_minimal`` among all plans
-   within ``(1 + move_slack)`` of the exact optimum (``planner.exact``). Target: ratio <= 1.05.
+   telemetry (the simulator's utilisation noise and workload phases); every controller verdict
+   counts (``flap_heals``: the heals among them). The vanish then hits the instance's plan of
+   that moment (a flap may have moved it).
+2. **Minimal moves, exhaustively** (the demo fleet's devices without noise, three models): for
+   every stage of the planner's plan, that device is removed; the planner's re-placement
+   (phase 1 + phase 2) moves ``bytes_moved``, and ``bench._heal_reference`` (an exhaustive
+   search sharing no code with the planner's solvers) finds ``bytes_minimal``, the fewest bytes
+   of any plan within ``(1 + move_slack)`` of the exact optimum T*. Target: ratio <= 1.05.
 
 Last line: JSON with ``detect_s``, ``heal_s``, ``flaps``, ``bytes_ratio_max`` per fleet.
 """
@@ -25,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import math
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -39,15 +41,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 import shardplane
+from shardplane.bench._heal_reference import minimal_moves
 from shardplane.bus import codec, subjects
-from shardplane.bus.messages import InstanceHealth, InstanceState, PlacementReply, Stage
+from shardplane.bus.messages import InstanceHealth, InstanceState, PlacementReply
 from shardplane.bus.streams import CLUSTER_STATE
 from shardplane.commands import run_services
 from shardplane.natsserver import NatsServer
 from shardplane.planner.catalog import resolve
-from shardplane.planner.cost import Problem, StagePlan, Tables, evaluate
-from shardplane.planner.exact import exact_plan
-from shardplane.planner.fleet import Device, Fleet, build_fleet
+from shardplane.planner.cost import Problem
+from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.moves import bytes_moved, keep_resident
 from shardplane.planner.plan import plan
 from shardplane.planner.synthetic import HostSpec, states
@@ -78,6 +80,8 @@ gpus = [{ model = "MI250X", count = 4 }]
 count = 5
 """
 
+MOVES_MODELS = ("llama-3.1-70b-q8", "llama-3.1-70b", "mixtral-8x7b")
+
 DEMO_HOSTS = (
     HostSpec("rig-a", ("A100-80GB",), links=(("rig-d", 100.0, 0.01), ("rig-b", 25.0, 0.05))),
     HostSpec("rig-b", ("RTX-4090", "RTX-4090")),
@@ -86,130 +90,76 @@ DEMO_HOSTS = (
 )
 
 
-# --- exhaustive minimal moves ------------------------------------------------------------------
+# --- minimal moves against the exhaustive reference ------------------------------------------
 
 
-def _split(
-    problem: Problem, t: Tables, order: Sequence[Device], a: int, b: int, after: Device | None
-) -> tuple[float, list[tuple[int, int]]] | None:
-    """Layers [a, b) over ``order`` (each device at least one layer), minimising the slowest
-    stage with its hop (the last one's hop goes to ``after``); None when nothing fits."""
-    k = len(order)
-    if b - a < k:
-        return None
-    # best[i][x]: the best bottleneck of layers [x, b) over order[i:]
-    best: list[dict[int, tuple[float, int]]] = [{} for _ in range(k + 1)]
-    best[k][b] = (0.0, b)
-    for i in range(k - 1, -1, -1):
-        d = order[i]
-        nxt = order[i + 1] if i + 1 < k else after
-        hop = t.hop(d, nxt) if nxt is not None else 0.0
-        for x in range(a + i, b - (k - i) + 1):
-            for y in range(x + 1, b - (k - i - 1) + 1):
-                if y not in best[i + 1] or t.memory(x, y) > problem.usable(d):
-                    continue
-                v = max(t.stage_ms(d, x, y) + hop, best[i + 1][y][0])
-                if x not in best[i] or v < best[i][x][0]:
-                    best[i][x] = (v, y)
-    if a not in best[0]:
-        return None
-    ranges: list[tuple[int, int]] = []
-    x = a
-    for i in range(k):
-        y = best[i][x][1]
-        ranges.append((x, y))
-        x = y
-    return best[0][a][0], ranges
+@dataclass(frozen=True, slots=True)
+class MoveRow:
+    model: str
+    lost: str
+    bytes_moved: int  # the planner's re-placement (phase 1 + phase 2)
+    bytes_minimal: int  # the exhaustive reference
+    phase1_moved: int  # phase 1's plan alone
+    step_vs_optimum: float  # the chosen plan's P over the reference's T*
+    planner_s: float
+    reference_s: float
+
+    @property
+    def ratio(self) -> float:
+        if self.bytes_minimal:
+            return self.bytes_moved / self.bytes_minimal
+        return 1.0 if self.bytes_moved == 0 else math.inf
 
 
-def _fill(
-    problem: Problem,
-    t: Tables,
-    kept: list[StagePlan],
-    segments: list[tuple[int, int]],
-    pool: list[Device],
-    limit: float,
-) -> bool:
-    """Whether the segments can be covered by disjoint orders of ``pool`` so that the whole
-    plan is within ``limit`` (every order tried: exhaustive)."""
-    if not segments:
-        plan_ = tuple(sorted(kept, key=lambda s: s.layer_start))
-        ev = evaluate(problem, plan_, t)
-        return ev.ok and ev.step_ms <= limit
-    (a, b), rest = segments[0], segments[1:]
-    after = next(
-        (s.device for s in sorted(kept, key=lambda s: s.layer_start) if s.layer_start == b), None
-    )
-    for k in range(1, min(len(pool), b - a, problem.stage_limit) + 1):
-        for order in itertools.permutations(pool, k):
-            got = _split(problem, t, order, a, b, after)
-            if got is None or got[0] > limit:
-                continue
-            stages = [StagePlan(d, x, y) for d, (x, y) in zip(order, got[1], strict=True)]
-            left = [d for d in pool if d not in order]
-            if _fill(problem, t, kept + stages, rest, left, limit):
-                return True
-    return False
-
-
-def minimal_moved(problem: Problem, previous: Sequence[Stage], slack: float) -> int:
-    """The fewest weight bytes any plan within ``(1 + slack)`` of the exact optimum loads,
-    given what ``previous`` holds: the subsets of surviving stages to keep, most bytes first."""
-    t = Tables(problem)
-    optimum = exact_plan(problem)
-    assert optimum is not None
-    limit = evaluate(problem, optimum, t).step_ms * (1.0 + slack) + 1e-9
-    total = t.weights(0, problem.layers)
-    devices = {d.ref: d for d in problem.devices}
-    alive = [s for s in previous if s.device in devices]
-    subsets = sorted(
-        (c for r in range(len(alive), 0, -1) for c in itertools.combinations(alive, r)),
-        key=lambda c: -sum(t.weights(s.layer_start, s.layer_end) for s in c),
-    )
-    for subset in subsets:
-        kept = [StagePlan(devices[s.device], s.layer_start, s.layer_end) for s in subset]
-        cuts = sorted((s.layer_start, s.layer_end) for s in subset)
-        segments: list[tuple[int, int]] = []
-        x = 0
-        for a, b in cuts:
-            if a > x:
-                segments.append((x, a))
-            x = b
-        if x < problem.layers:
-            segments.append((x, problem.layers))
-        pool = [d for d in problem.devices if d.ref not in {s.device for s in subset}]
-        if _fill(problem, t, kept, segments, pool, limit):
-            return total - sum(t.weights(s.layer_start, s.layer_end) for s in subset)
-    return total
-
-
-def minimal_moves_table(model: str, slack: float = 0.05) -> list[dict[str, object]]:
+def minimal_moves_table(models: Sequence[str] = MOVES_MODELS, slack: float = 0.05) -> list[MoveRow]:
+    """For each model on the demo fleet (noise-free), each device of its plan lost in turn:
+    the planner's re-placement (phase 1 + phase 2) against the exhaustive reference."""
     devices, nodes = states(DEMO_HOSTS)
     full = build_fleet(devices, nodes)
-    before = Problem(resolve(model), full, 8192, 1)
-    previous = plan(before, method="cp-sat").stages
-    rows: list[dict[str, object]] = []
-    for lost in previous:
-        fleet = Fleet(
-            devices=tuple(d for d in full.devices if d.ref != lost.device),
-            excluded=(),
-            node_links=full.node_links,
-        )
-        problem = Problem(resolve(model), fleet, 8192, 1)
-        phase1 = plan(problem, method="cp-sat")
-        chosen = keep_resident(problem, phase1, previous, slack)
-        moved, _kept = bytes_moved(previous, chosen.stages)
-        minimal = minimal_moved(problem, previous, slack)
-        rows.append(
-            {
-                "lost": lost.device,
-                "bytes_moved": moved,
-                "bytes_minimal": minimal,
-                "ratio": (moved / minimal) if minimal else (1.0 if moved == 0 else math.inf),
-                "phase1_moved": bytes_moved(previous, phase1.stages)[0],
-            }
-        )
+    rows: list[MoveRow] = []
+    for model in models:
+        previous = plan(Problem(resolve(model), full, 8192, 1), method="cp-sat").stages
+        for lost in previous:
+            fleet = Fleet(
+                devices=tuple(d for d in full.devices if d.ref != lost.device),
+                excluded=(),
+                node_links=full.node_links,
+            )
+            problem = Problem(resolve(model), fleet, 8192, 1)
+            started = time.perf_counter()
+            phase1 = plan(problem, method="cp-sat")
+            chosen = keep_resident(problem, phase1, previous, slack)
+            planner_s = time.perf_counter() - started
+            started = time.perf_counter()
+            ref = minimal_moves(problem, previous, slack)
+            assert ref is not None
+            rows.append(
+                MoveRow(
+                    model,
+                    lost.device,
+                    bytes_moved(previous, chosen.stages)[0],
+                    ref.bytes_minimal,
+                    bytes_moved(previous, phase1.stages)[0],
+                    chosen.evaluation.step_ms / ref.step_ms,
+                    planner_s,
+                    time.perf_counter() - started,
+                )
+            )
     return rows
+
+
+def _print_moves(rows: list[MoveRow]) -> None:
+    print("\nminimal moves on the demo fleet (noise-free), each stage's device lost in turn (GB)")
+    print(
+        f"{'model':<18} {'lost':<9} {'moved':>7} {'minimal':>7} {'ratio':>6} {'phase 1':>7} "
+        f"{'P/T*':>6} {'plan s':>6} {'ref s':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r.model:<18} {r.lost:<9} {r.bytes_moved / 1e9:>7.2f} {r.bytes_minimal / 1e9:>7.2f} "
+            f"{r.ratio:>6.3f} {r.phase1_moved / 1e9:>7.2f} {r.step_vs_optimum:>6.3f} "
+            f"{r.planner_s:>6.2f} {r.reference_s:>6.2f}"
+        )
 
 
 # --- live ----------------------------------------------------------------------------------------
@@ -317,7 +267,13 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
     # Noise only first: every decision while nothing is wrong is a flap.
     await asyncio.sleep(watch_s)
     flaps = len(verdicts)
-    lost = reply.stages[len(reply.stages) // 2]
+    flap_heals = sum(v.state == "healing" for v in verdicts)
+    # A flap may have moved the instance: the fault hits its current plan.
+    now = await _instance(nc, "bench-heal")
+    assert now is not None
+    await _until(nc, "bench-heal", now.generation, 120)
+    lost = now.stages[len(now.stages) // 2]
+    assert lost.device is not None
     node, index = lost.device.split("/")
     fault_at = time.time()
     await nc.request(
@@ -325,8 +281,8 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
         json.dumps({"kind": "vanish", "device": int(index)}).encode(),
         timeout=10,
     )
-    healed_at = await _until(nc, "bench-heal", reply.generation + 1, 120)
-    degraded = [v for v in verdicts[flaps:] if v.state == "degraded"]
+    healed_at = await _until(nc, "bench-heal", now.generation + 1, 120)
+    degraded = [v for v in verdicts[flaps:] if v.state == "degraded" and v.ts >= fault_at]
     detect_s = (degraded[0].ts - fault_at) if degraded else math.nan
     state = await _instance(nc, "bench-heal")
     assert state is not None
@@ -341,6 +297,7 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
         "detect_target_s": TTL_S + INTERVAL_S,
         "heal_target_s": round(detect_s + 2.0, 3),
         "flaps": flaps,
+        "flap_heals": flap_heals,
         "watch_s": watch_s,
         "rtt_floor_ms": round(floor_ms, 3),
         "moved": moved_text,
@@ -369,21 +326,16 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
             f"{r['heal_s']:>7} {r['heal_target_s']:>7} {r['flaps']:>5} {r['rtt_floor_ms']:>8}"
         )
         print(f"         {r['moved']}")
-    rows = minimal_moves_table("llama-3.1-70b-q8")
-    print("\nminimal moves on the demo fleet (noise-free), each stage's device lost in turn (GB)")
-    print(f"{'lost':<10} {'moved':>8} {'minimal':>8} {'ratio':>6} {'phase 1 alone':>13}")
-    for row in rows:
-        print(
-            f"{row['lost']!s:<10} {int(row['bytes_moved']) / 1e9:>8.2f} "  # pyright: ignore[reportArgumentType]
-            f"{int(row['bytes_minimal']) / 1e9:>8.2f} {float(row['ratio']):>6.3f} "  # pyright: ignore[reportArgumentType]
-            f"{int(row['phase1_moved']) / 1e9:>13.2f}"  # pyright: ignore[reportArgumentType]
-        )
+    rows = minimal_moves_table(MOVES_MODELS[:2] if quick else MOVES_MODELS)
+    _print_moves(rows)
     figures = {
         f"{name}_{key}": r[key]
         for name, r in runs.items()
-        for key in ("detect_s", "heal_s", "flaps", "rtt_floor_ms")
+        for key in ("detect_s", "heal_s", "flaps", "flap_heals", "rtt_floor_ms")
     }
     figures["watch_s"] = watch_s
-    figures["bytes_ratio_max"] = max(float(r["ratio"]) for r in rows)  # pyright: ignore[reportArgumentType]
+    figures["bytes_ratio_max"] = max(r.ratio for r in rows)
+    figures["bytes_moved_total"] = sum(r.bytes_moved for r in rows)
+    figures["bytes_minimal_total"] = sum(r.bytes_minimal for r in rows)
     print(json.dumps(figures))
     return 0

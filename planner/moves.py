@@ -4,18 +4,19 @@ A re-placement (a lost device, a degraded one, a re-sent request) that starts fr
 move every stage although one device went away: the optimiser is indifferent between equally
 fast plans, and weights are tens of gigabytes a stage. So re-placing is two phases:
 
-1. the best plan's value T* (the solver's plan, or any candidate below that is faster);
-2. among plans within ``(1 + slack) x T*``, the one that loads the fewest bytes.
+1. the best plan's step time T* (``planner.plan``: greedy or CP-SAT);
+2. among plans with ``P <= (1 + slack) x T*``, the one that loads the fewest bytes, then the
+   fastest: CP-SAT's placement model itself with the residency of the old plan added
+   (``solver.solve_moves``), bounded by phase 1's plan's P in the model's own arithmetic and
+   hinted with the old plan (or phase 1's), at phase 1's M and every other M whose lower bound
+   can be within the limit.
 
-Phase 2 runs over candidate plans built from the previous plan: its layer ranges on its own
-devices, each stage whose device is gone put on the free device that serves it best, and then
-every single-stage swap onto a free device (which is how one throttled stage moves without the
-others); and a search over which surviving stages to keep, most bytes first, completing each
-choice with every device order and optimal layer split of the gaps (``search``), bounded by a
-time budget. Candidates are scored by the same cost model as the solver's plan (``cost.evaluate``),
-so the comparison is like for like. Only the narrow interface ``keep_resident(problem, outcome,
-previous stages, slack)`` touches the planner: a solver that can express "bytes kept" in its
-own model can replace the candidate search behind it.
+Every plan is re-scored in floating point (``cost.evaluate``) and must be within the limit
+there too; phase 1's plan is always a candidate, so phase 2 never answers worse than it.
+``candidates`` (the old layer ranges with each lost stage on the best free device, and every
+single-stage swap) is the fallback where CP-SAT is not run (fleets beyond
+``plan.CP_SAT_MAX_DEVICES``) or does not prove its answer within its budget: cheap, and it
+covers the common heal (one stage's device gone) even then.
 
 A stage's bytes count as kept only when the same device held exactly the same layers (with the
 same embeddings/head): that is what a worker adopts without reading anything (``agents
@@ -25,18 +26,16 @@ same embeddings/head): that is what a worker adopts without reading anything (``
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from shardplane.bus.messages import Stage
+from shardplane.planner.bounds import step_bound_ms
 from shardplane.planner.cost import Evaluation, Problem, StagePlan, Tables, evaluate, max_batch
 from shardplane.planner.fleet import Device
-from shardplane.planner.plan import Outcome, to_stages
+from shardplane.planner.plan import CP_SAT_MAX_DEVICES, Outcome, to_stages
 
 _Key = tuple[str, int, int]
-SEARCH_BUDGET_S = 1.0  # the kept-stage search gives up (keeping the other candidates) after this
 
 
 def _key(device: str, start: int, end: int) -> _Key:
@@ -122,150 +121,60 @@ def candidates(problem: Problem, previous: Sequence[Stage]) -> list[Evaluation]:
     return [ev for ev in out if _valid(problem, ev)]
 
 
-def split_range(
+MOVES_BUDGET_S = 1.0  # phase 2's CP-SAT budget over every M (a heal is rare, its load is long)
+
+
+def _phase2(
     problem: Problem,
     t: Tables,
-    order: Sequence[Device],
-    a: int,
-    b: int,
-    after: Device | None,
-    limit: float = math.inf,
-) -> tuple[float, list[tuple[int, int]]] | None:
-    """Layers [a, b) over ``order`` (each device at least one layer), minimising the slowest
-    stage with its hop (the last one's hop goes to ``after``); None when nothing fits within
-    ``limit``. A stage's time and memory only grow with its end, so each stage's ends are
-    scanned only while both stay within bounds."""
-    k = len(order)
-    if b - a < k:
-        return None
-    # Fluid bound: the segment's bytes over the order's whole bandwidth.
-    if t.read(a, b) / (sum(d.bandwidth_gbps for d in order) * 1e9) * 1e3 > limit:
-        return None
-    # best[i][x]: (bottleneck, end of stage i) of layers [x, b) over order[i:]
-    best: list[dict[int, tuple[float, int]]] = [{} for _ in range(k + 1)]
-    best[k][b] = (0.0, b)
-    for i in range(k - 1, -1, -1):
-        d = order[i]
-        nxt = order[i + 1] if i + 1 < k else after
-        hop = t.hop(d, nxt) if nxt is not None else 0.0
-        usable = problem.usable(d)
-        for x in range(a + i, b - (k - i) + 1):
-            for y in range(x + 1, b - (k - i - 1) + 1):
-                own = t.stage_ms(d, x, y) + hop
-                if own > limit or t.memory(x, y) > usable:
-                    break
-                tail = best[i + 1].get(y)
-                if tail is None:
-                    continue
-                v = max(own, tail[0])
-                if x not in best[i] or v < best[i][x][0]:
-                    best[i][x] = (v, y)
-    if a not in best[0]:
-        return None
-    ranges: list[tuple[int, int]] = []
-    x = a
-    for i in range(k):
-        y = best[i][x][1]
-        ranges.append((x, y))
-        x = y
-    return best[0][a][0], ranges
+    best: Evaluation,
+    previous: Sequence[Stage],
+    slack: float,
+    budget_s: float,
+) -> tuple[list[Evaluation], bool]:
+    """CP-SAT's fewest-bytes plan at phase 1's M, then at every other M whose bound can be
+    within the limit, each with an equal share of the time left; (plans, all proven)."""
+    from shardplane.planner.solver import solve_moves  # lazy: ortools costs ~0.25 s to import
 
-
-class _OutOfTime(Exception):
-    pass
-
-
-def fill(
-    problem: Problem,
-    t: Tables,
-    kept: list[StagePlan],
-    segments: list[tuple[int, int]],
-    pool: list[Device],
-    limit: float,
-    deadline: float,
-) -> tuple[StagePlan, ...] | None:
-    """A plan within ``limit`` that keeps ``kept`` and covers ``segments`` with disjoint
-    orders of ``pool`` (every order, every split: exhaustive up to ``deadline``)."""
-    if time.monotonic() > deadline:
-        raise _OutOfTime
-    if not segments:
-        plan = tuple(sorted(kept, key=lambda s: s.layer_start))
-        ev = evaluate(problem, plan, t)
-        return plan if ev.ok and ev.step_ms <= limit else None
-    (a, b), rest = segments[0], segments[1:]
-    after = next((s.device for s in kept if s.layer_start == b), None)
-    room = problem.stage_limit - len(kept) - len(rest)
-    for k in range(1, min(len(pool), b - a, room) + 1):
-        seen: set[tuple[tuple[str, str, float, int, float], ...]] = set()
-        for order in itertools.permutations(pool, k):
-            # Orders that differ only by swapping identical devices of one node are one order.
-            sig = tuple((d.node, *d.signature(problem.headroom)) for d in order)
-            if sig in seen:
-                continue
-            seen.add(sig)
-            got = split_range(problem, t, order, a, b, after, limit)
-            if got is None or got[0] > limit:
-                continue
-            stages = [StagePlan(d, x, y) for d, (x, y) in zip(order, got[1], strict=True)]
-            left = [d for d in pool if d not in order]
-            found = fill(problem, t, kept + stages, rest, left, limit, deadline)
-            if found is not None:
-                return found
-    return None
-
-
-EXACT_SUBSETS = 12  # up to this many surviving stages every subset is tried, most bytes first
-MAX_DROPPED = 2  # beyond it: subsets that drop at most this many stages, fewest first
-
-
-def _subsets(alive: list[Stage], t: Tables) -> Iterator[tuple[Stage, ...]]:
-    """Which surviving stages to keep, in the order they are tried. Up to ``EXACT_SUBSETS``
-    stages: all 2^n subsets by kept bytes, most first (exact). Beyond: generated lazily by how
-    many stages are dropped (0, 1, ... ``MAX_DROPPED``), each level by kept bytes, so a
-    hundred-stage pipeline never materialises 2^100 subsets."""
-
-    def kept(c: tuple[Stage, ...]) -> int:
-        return sum(t.weights(s.layer_start, s.layer_end) for s in c)
-
-    if len(alive) <= EXACT_SUBSETS:
-        everything = (c for r in range(len(alive), 0, -1) for c in itertools.combinations(alive, r))
-        yield from sorted(everything, key=lambda c: -kept(c))
-        return
-    for dropped in range(min(MAX_DROPPED, len(alive) - 1) + 1):
-        level = itertools.combinations(range(len(alive)), dropped)
-        keeps = (tuple(s for i, s in enumerate(alive) if i not in out) for out in level)
-        yield from sorted(keeps, key=lambda c: -kept(c))
-
-
-def search(
-    problem: Problem, previous: Sequence[Stage], limit: float, budget_s: float
-) -> tuple[StagePlan, ...] | None:
-    """The plan within ``limit`` that keeps the most bytes of ``previous``: the subsets of its
-    surviving stages, most bytes first, each completed by ``fill``. None when no subset works
-    within the time budget (the empty subset is phase 1's business)."""
-    deadline = time.monotonic() + budget_s
-    t = Tables(problem)
+    held = {_key(s.device, s.layer_start, s.layer_end) for s in previous}
+    limit_ms = best.step_ms * (1.0 + slack)
+    bounds = {m: step_bound_ms(problem, m, t) for m in problem.all_m_choices()}
+    others = sorted((m for m in bounds if m != best.microbatches), key=lambda m: bounds[m])
+    todo = [best.microbatches, *(m for m in others if bounds[m] <= limit_ms)]
     devices = {d.ref: d for d in problem.devices}
-    alive = [s for s in previous if s.device in devices and s.layer_end <= problem.layers]
-    try:
-        for subset in _subsets(alive, t):
-            kept = [StagePlan(devices[s.device], s.layer_start, s.layer_end) for s in subset]
-            segments: list[tuple[int, int]] = []
-            x = 0
-            for s in sorted(kept, key=lambda s: s.layer_start):
-                if s.layer_start > x:
-                    segments.append((x, s.layer_start))
-                x = s.layer_end
-            if x < problem.layers:
-                segments.append((x, problem.layers))
-            used = {s.device.ref for s in kept}
-            pool = [d for d in problem.devices if d.ref not in used]
-            found = fill(problem, t, kept, segments, pool, limit, deadline)
-            if found is not None:
-                return found
-    except _OutOfTime:
-        return None
-    return None
+    old: tuple[StagePlan, ...] | None = None
+    if all(s.device in devices for s in previous):
+        old = tuple(StagePlan(devices[s.device], s.layer_start, s.layer_end) for s in previous)
+        then = evaluate(problem, old, t)
+        if not then.ok or then.step_ms > limit_ms:
+            old = None  # no longer a plan within the limit: phase 1's plan is the better start
+    deadline = time.perf_counter() + budget_s
+    limit_units: int | None = None
+    found: list[Evaluation] = []
+    proven = True
+    for i, m in enumerate(todo):
+        left = deadline - time.perf_counter()
+        res = solve_moves(
+            problem,
+            m,
+            previous,
+            limit_units=limit_units,
+            anchor=best.stages,
+            slack=slack,
+            hint=old,
+            time_limit_s=max(0.01, left / (len(todo) - i)),
+            lower_bound_ms=bounds.get(m, 0.0),
+            tables=t,
+        )
+        limit_units = res.limit_units
+        if limit_units is None:  # the model cannot express phase 1's plan: no bound to share
+            return found, False
+        proven = proven and res.status in ("optimal", "infeasible")
+        if res.plan is not None:
+            found.append(evaluate(problem, res.plan, t))
+            if _moved(found[-1], held) == 0:
+                break  # nothing loads: no M can do better
+    return found, proven
 
 
 def keep_resident(
@@ -273,33 +182,39 @@ def keep_resident(
     outcome: Outcome,
     previous: Sequence[Stage],
     slack: float,
-    budget_s: float = SEARCH_BUDGET_S,
+    budget_s: float = MOVES_BUDGET_S,
 ) -> Outcome:
-    """Phase 2: of the solver's plan, the candidates and the kept-stage search, the one with
-    the fewest bytes to load among those within ``(1 + slack)`` of the best value; ties go to
-    the faster plan."""
+    """Phase 2: the plan loading the fewest bytes among phase 1's, CP-SAT's phase 2 and (when
+    that is not run or not proven) the candidates, of those within ``(1 + slack)`` of phase 1's
+    step time; ties go to the faster plan."""
+    if not previous or previous[-1].layer_end != problem.layers:
+        return outcome  # another model shape (a changed request): nothing carries over
+    t = Tables(problem)
     held = {_key(s.device, s.layer_start, s.layer_end) for s in previous}
-    pool = [outcome.evaluation, *candidates(problem, previous)]
-    best = min(ev.step_ms for ev in pool)
-    limit = best * (1.0 + slack) + 1e-9
-    if previous and previous[-1].layer_end == problem.layers:
-        found = search(problem, previous, limit, budget_s)
-        if found is not None:
-            pool.append(evaluate(problem, found))
+    best = outcome.evaluation
+    pool = [best]
+    proven = False
+    if len(problem.devices) <= CP_SAT_MAX_DEVICES:
+        found, proven = _phase2(problem, t, best, previous, slack, budget_s)
+        pool += found
+    if not proven:
+        pool += candidates(problem, previous)
+    limit = best.step_ms * (1.0 + slack) * (1.0 + 1e-9)
     chosen = min(
-        (ev for ev in pool if ev.step_ms <= limit),
+        (ev for ev in pool if _valid(problem, ev) and ev.step_ms <= limit),
         key=lambda ev: (_moved(ev, held), ev.step_ms),
     )
-    if chosen is outcome.evaluation:
+    if chosen is best:
         return outcome
     # The bound proven for the best plan still bounds this one; only the distance to it grows.
     bound = outcome.bound_ms if outcome.bound_ms else outcome.lower_bound_ms
     gap = max(0.0, (chosen.step_ms - bound) / chosen.step_ms * 100.0) if bound > 0 else None
+    how = "proven" if proven else "best found"
     return dataclasses.replace(
         outcome,
         stages=to_stages(problem, chosen),
         evaluation=chosen,
-        status=f"{outcome.status}; kept resident stages within {slack:.0%} of the best",
+        status=f"{outcome.status}; fewest bytes to load within {slack:.0%} of the best ({how})",
         gap_pct=gap,
         max_batch=max_batch(problem, chosen.stages),
     )

@@ -347,7 +347,10 @@ class Planner:
                     )
                 raise
             if own:  # re-placing a live instance: phase 2 keeps what is loaded where it can
-                outcome = keep_resident(problem, outcome, own, req.move_slack)
+                # A CP-SAT solve of up to moves.MOVES_BUDGET_S: off the event loop.
+                outcome = await asyncio.to_thread(
+                    keep_resident, problem, outcome, own, req.move_slack
+                )
             generation = (previous.generation + 1) if previous is not None else 1
             reply = self._reply(req, instance_id, generation, model, outcome, fleet)
             if own or req.heal:

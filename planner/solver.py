@@ -25,6 +25,13 @@ built one concern at a time, so each constraint can be found by name:
   all links between nodes are the same) likewise.
 - ``_objective``: ``P >= sum t + sum hop + ret`` and ``P >= M x t[d]``; minimise P, then fewer
   stages, then fewer nodes (lexicographic, folded into one objective).
+- ``_residency`` and ``_fewest_moves`` (phase 2 of a re-placement, ``solve_moves``): ``keep[d]``
+  when device ``d`` holds exactly the layer range it held before, and the weight bytes the plan
+  loads, ``moved``; with ``P`` bounded by ``(1 + slack)`` x phase 1's step time in this model's
+  own arithmetic, minimise ``moved``, then ``P``. Only an identical range counts as kept: that is
+  what a worker adopts without reading anything (``agents.reconcile.same_weights``); a range
+  that merely overlaps the old one is reloaded in full, so counting the overlap as free would
+  minimise a figure the fleet does not pay.
 
 Integer rounding: memory in bytes (a plan the model accepts really fits); reads in KiB and work
 in kFLOP, rounded up, and device speeds rounded down; times round up to 100 ns. The caller
@@ -33,13 +40,16 @@ re-evaluates the plan in floating point and keeps the better of it and the greed
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
+from shardplane.bus.messages import Stage
 from shardplane.planner.cost import WORKSPACE_BYTES, Problem, StagePlan, Tables
 from shardplane.planner.fleet import Device
 
@@ -64,6 +74,7 @@ class SolveResult:
     gap_pct: float | None = None
     wall_ms: float = 0.0
     bound_ms: float | None = None  # the solver's proven bound on P at this M, ms
+    limit_units: int | None = None  # phase 2 only: the bound it put on P (100 ns units)
 
 
 def _up(x: float, unit: int) -> int:
@@ -122,6 +133,12 @@ class _Model:
     # objective
     step: cp_model.IntVar | None = None
     tie_span: int = 1
+    # residency (phase 2): device -> (start, end, weight bytes) of the range it holds now
+    resident: dict[int, tuple[int, int, int]] = field(
+        default_factory=dict[int, tuple[int, int, int]]
+    )
+    keep: dict[int, cp_model.IntVar] = field(default_factory=dict[int, cp_model.IntVar])
+    moved: cp_model.LinearExpr | None = None  # KiB of weights the plan loads
 
     @property
     def D(self) -> int:
@@ -350,6 +367,8 @@ def _symmetry(mdl: _Model) -> None:
     for name in mdl.names:
         members = mdl.members[name]
         for a_, b_ in itertools.pairwise(members):
+            if a_ in mdl.resident or b_ in mdl.resident:
+                continue  # what a device holds tells it apart from its twin
             da, db = mdl.devs[a_], mdl.devs[b_]
             if da.signature(p.headroom) == db.signature(p.headroom) and _same_links(
                 p, da, db, [mdl.devs[x] for x in members]
@@ -360,6 +379,8 @@ def _symmetry(mdl: _Model) -> None:
         return
     prev: dict[tuple[object, ...], int] = {}
     for k, name in enumerate(mdl.names):
+        if any(d in mdl.resident for d in mdl.members[name]):
+            continue
         devs = [mdl.devs[d] for d in mdl.members[name]]
         key = (*sorted(d.signature(p.headroom) for d in devs), len(devs))
         if key in prev:
@@ -384,17 +405,53 @@ def _objective(mdl: _Model, lower_bound_ms: float) -> None:
     m.minimize(mdl.step * mdl.tie_span + sum(mdl.u) + sum(mdl.used_k))
 
 
+def _residency(mdl: _Model) -> None:
+    """``keep[d]``: device d holds exactly its old range again; ``moved``: the KiB of weights
+    the plan loads, every stage's weights (each layer once, the embeddings and head once, a
+    tied matrix once on a single stage) less those kept."""
+    m, t = mdl.model, mdl.t
+    assert mdl.multi is not None
+    weights: list[int] = []
+    for d, (a, b, weight) in mdl.resident.items():
+        keep = m.new_bool_var(f"keep{d}")
+        m.add_implication(keep, mdl.u[d])
+        m.add(mdl.s[d] == a).only_enforce_if(keep)
+        m.add(mdl.e[d] == b).only_enforce_if(keep)
+        mdl.keep[d] = keep
+        weights.append(weight // KIB)
+    kept = cp_model.LinearExpr.weighted_sum(list(mdl.keep.values()), weights)
+    total = _up(t.W[mdl.L] + t.embed + t.head, KIB) - t.tied // KIB
+    mdl.moved = total + t.tied // KIB * mdl.multi - kept
+
+
+def _fewest_moves(mdl: _Model, limit_units: int) -> None:
+    """Phase 2's objective: P within ``limit_units``; the fewest KiB loaded, then the least P
+    (exactly lexicographic: P never exceeds the factor)."""
+    assert mdl.step is not None and mdl.moved is not None
+    mdl.model.add(mdl.step <= limit_units)
+    mdl.model.minimize(mdl.moved * (limit_units + 1) + mdl.step)
+
+
 def build(
-    problem: Problem, t: Tables, devs: list[Device], m_count: int, lower_bound_ms: float
+    problem: Problem,
+    t: Tables,
+    devs: list[Device],
+    m_count: int,
+    lower_bound_ms: float,
+    resident: dict[int, tuple[int, int, int]] | None = None,
 ) -> _Model:
-    """The model for M = ``m_count``, concern by concern."""
-    mdl = _Model(problem, t.for_m(m_count), devs, m_count)
+    """The model for M = ``m_count``, concern by concern; ``resident`` (device index -> the
+    range it holds and its weight bytes; empty when none survives) adds phase 2's residency."""
+    mdl = _Model(problem, t.for_m(m_count), devs, m_count, resident=resident or {})
+    phase2 = resident is not None
     _layer_ranges(mdl)
     _stage_costs(mdl)
     _node_blocks(mdl)
     _hops(mdl)
     _symmetry(mdl)
     _objective(mdl, lower_bound_ms)
+    if phase2:
+        _residency(mdl)
     return mdl
 
 
@@ -411,13 +468,7 @@ def solve(
     """CP-SAT's best plan at M = ``m_count`` within ``time_limit_s`` (model building included)."""
     started = time.perf_counter()
     t = tables or Tables(problem)
-    L = t.L
-    # Devices that cannot hold even their cheapest single layer never take part.
-    smallest = min(
-        t.memory(i, i + 1) - (t.embed if i == 0 else 0) - (t.head if i + 1 == L else 0)
-        for i in range(L)
-    )
-    devs = [d for d in problem.devices if problem.usable(d) >= smallest]
+    devs = _candidates(problem, t)
     if not devs:
         return SolveResult(
             None, m_count, "infeasible", wall_ms=(time.perf_counter() - started) * 1e3
@@ -425,17 +476,82 @@ def solve(
     mdl = build(problem, t, devs, m_count, lower_bound_ms)
     if hint and len(hint) >= m_count:
         _hint(mdl, hint)
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(
-        0.01, time_limit_s - (time.perf_counter() - started)
+    solver = _solver(time_limit_s - (time.perf_counter() - started), workers)
+    code = solver.solve(mdl.model)
+    return _result(mdl, solver, code, (time.perf_counter() - started) * 1e3)
+
+
+def _candidates(problem: Problem, t: Tables) -> list[Device]:
+    """Devices that can hold at least their cheapest single layer (no other ever takes part)."""
+    L = t.L
+    smallest = min(
+        t.memory(i, i + 1) - (t.embed if i == 0 else 0) - (t.head if i + 1 == L else 0)
+        for i in range(L)
     )
+    return [d for d in problem.devices if problem.usable(d) >= smallest]
+
+
+def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
     solver.parameters.num_workers = workers
     # Measured on 16-device fleets: without presolve the complete greedy hint is a solution at
     # once; with presolve a 60 ms budget often ends with no solution at all.
     solver.parameters.cp_model_presolve = False
     solver.parameters.linearization_level = LINEARIZATION
+    return solver
+
+
+def solve_moves(
+    problem: Problem,
+    m_count: int,
+    previous: Sequence[Stage],
+    *,
+    limit_units: int | None,
+    anchor: tuple[StagePlan, ...],
+    slack: float,
+    hint: tuple[StagePlan, ...] | None,
+    time_limit_s: float,
+    lower_bound_ms: float = 0.0,
+    tables: Tables | None = None,
+) -> SolveResult:
+    """Phase 2 at M = ``m_count``: the plan loading the fewest weight bytes given what
+    ``previous`` holds, with P at most ``limit_units``, or (None) ``(1 + slack)`` x the P of
+    ``anchor``, phase 1's plan at this M, in this model's own arithmetic (so phase 1's plan is
+    always within the bound, also at slack 0). ``hint`` (default ``anchor``) starts the search;
+    the reply's ``limit_units`` is the bound used, for the other M to share."""
+    started = time.perf_counter()
+    t = tables or Tables(problem)
+    devs = _candidates(problem, t)
+    index = {dev.ref: d for d, dev in enumerate(devs)}
+    resident = {
+        index[s.device]: (s.layer_start, s.layer_end, t.weights(s.layer_start, s.layer_end))
+        for s in previous
+        if s.device in index and s.layer_end <= t.L
+    }
+    if not devs:
+        return SolveResult(None, m_count, "infeasible", wall_ms=_since(started))
+    mdl = build(problem, t, devs, m_count, lower_bound_ms, resident)
+    if limit_units is None:
+        layout = _layout(mdl, anchor)
+        if layout is None:
+            return SolveResult(None, m_count, "unknown", wall_ms=_since(started))
+        limit_units = math.floor(_values(mdl, *layout)[-1] * (1.0 + slack))
+    _fewest_moves(mdl, limit_units)
+    start = hint if hint is not None and len(hint) >= m_count else anchor
+    if len(start) >= m_count and _hint(mdl, start):
+        by_dev = {index[st.device.ref]: (st.layer_start, st.layer_end) for st in start}
+        for d, keep in mdl.keep.items():
+            mdl.model.add_hint(keep, by_dev.get(d) == mdl.resident[d][:2])
+    solver = _solver(time_limit_s - (time.perf_counter() - started), 1)
     code = solver.solve(mdl.model)
-    return _result(mdl, solver, code, (time.perf_counter() - started) * 1e3)
+    res = _result(mdl, solver, code, _since(started))
+    # The objective is bytes, not P: its bound says nothing about the step time.
+    return dataclasses.replace(res, bound_ms=None, gap_pct=None, limit_units=limit_units)
+
+
+def _since(started: float) -> float:
+    return (time.perf_counter() - started) * 1e3
 
 
 def _result(
@@ -487,14 +603,15 @@ def _node_intra_same(problem: Problem, xs: list[Device], ys: list[Device]) -> bo
     return lx == ly
 
 
-def _hint(mdl: _Model, plan: tuple[StagePlan, ...]) -> None:
-    """A complete hint (every decision variable), so CP-SAT starts from the greedy plan as a
-    solution instead of having to repair a partial one. Derived values (times, hops, P) are
-    left to propagation."""
-    m = mdl.model
+_Layout = tuple[dict[int, StagePlan], list[int], dict[int, int]]
+
+
+def _layout(mdl: _Model, plan: tuple[StagePlan, ...]) -> _Layout | None:
+    """(stage by device index, the nodes in pipeline order, each node's last layer end) of a
+    plan, or None when the model cannot take it (an unknown device, a node visited twice)."""
     index = {dev.ref: d for d, dev in enumerate(mdl.devs)}
     if any(st.device.ref not in index for st in plan):
-        return
+        return None
     by_dev = {index[st.device.ref]: st for st in plan}
     node_seq: list[int] = []
     for st in plan:
@@ -502,10 +619,22 @@ def _hint(mdl: _Model, plan: tuple[StagePlan, ...]) -> None:
         if not node_seq or node_seq[-1] != k:
             node_seq.append(k)
     if len(set(node_seq)) != len(node_seq):
-        return  # not node-contiguous: the model cannot take it
+        return None  # not node-contiguous
     node_end = {
         k: max(by_dev[d].layer_end for d in by_dev if mdl.node_of(d) == k) for k in node_seq
     }
+    return by_dev, node_seq, node_end
+
+
+def _hint(mdl: _Model, plan: tuple[StagePlan, ...]) -> bool:
+    """A complete hint (every decision variable), so CP-SAT starts from the greedy plan as a
+    solution instead of having to repair a partial one; False when the model cannot take the
+    plan. Derived values (times, hops, P) get their least values too (``_values``)."""
+    m = mdl.model
+    layout = _layout(mdl, plan)
+    if layout is None:
+        return False
+    by_dev, node_seq, node_end = layout
     for d in range(mdl.D):
         st = by_dev.get(d)
         m.add_hint(mdl.u[d], st is not None)
@@ -532,15 +661,26 @@ def _hint(mdl: _Model, plan: tuple[StagePlan, ...]) -> None:
         chosen = set(zip([depot, *node_seq], [*node_seq, depot], strict=True))
         for key, lit in mdl.arcs.items():
             m.add_hint(lit, key in chosen)
-    _hint_values(mdl, by_dev, node_seq, node_end)
+    same = len(plan) >= 2 and node_seq[0] == node_seq[-1]
+    if mdl.same_ends is not None:
+        m.add_hint(mdl.same_ends, same)
+        for k, z in enumerate(mdl.ends_at):
+            m.add_hint(z, same and k == node_seq[0])
+    times, hops, ret, step = _values(mdl, *layout)
+    for d in range(mdl.D):
+        m.add_hint(mdl.time[d], times[d])
+        m.add_hint(mdl.hop[d], hops[d])
+    assert mdl.ret is not None and mdl.step is not None
+    m.add_hint(mdl.ret, ret)
+    m.add_hint(mdl.step, step)
+    return True
 
 
-def _hint_values(
+def _values(
     mdl: _Model, by_dev: dict[int, StagePlan], node_seq: list[int], node_end: dict[int, int]
-) -> None:
-    """Hints for the derived variables (times, hops, the return hop, P), each at the least
-    value its constraints allow, so the hint is a complete solution."""
-    m = mdl.model
+) -> tuple[list[int], list[int], int, int]:
+    """(times, hops, return hop, P) of a plan in this model's units, each at the least value
+    its constraints allow: the plan's figures as the model sees them."""
     times: list[int] = []
     hops: list[int] = []
     for d in range(mdl.D):
@@ -560,28 +700,19 @@ def _hint_values(
                 hop_value = min(mdl.hop_units(d, o) for o in mdl.members[mdl.names[k]] if o != d)
             elif not is_last:
                 hop_value = mdl.node_hop[k][node_seq[node_seq.index(k) + 1]]
-        m.add_hint(mdl.time[d], t_value)
-        m.add_hint(mdl.hop[d], hop_value)
         times.append(t_value)
         hops.append(hop_value)
     ret = _return_value(mdl, node_seq, len(by_dev) >= 2)
-    assert mdl.ret is not None and mdl.step is not None
-    m.add_hint(mdl.ret, ret)
     step = max(sum(times) + sum(hops) + ret, mdl.m_count * max(times), mdl.lower_units)
-    m.add_hint(mdl.step, step)
+    return times, hops, ret, step
 
 
 def _return_value(mdl: _Model, node_seq: list[int], multi: bool) -> int:
     """The return hop's least value for a plan visiting ``node_seq`` (see _return_hop)."""
     first, last = node_seq[0], node_seq[-1]
-    same = multi and first == last
-    if mdl.same_ends is not None:
-        mdl.model.add_hint(mdl.same_ends, same)
-        for k, z in enumerate(mdl.ends_at):
-            mdl.model.add_hint(z, same and k == first)
     if not multi:
         return 0
-    if same:
+    if first == last:
         members = mdl.members[mdl.names[first]]
         return min(mdl.return_units(a, b) for a in members for b in members if a != b)
     rep = [mdl.members[name][0] for name in mdl.names]

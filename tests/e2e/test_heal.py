@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -24,7 +25,7 @@ from shardplane.bus.messages import (
 )
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, PLACEMENTS, provision
 from shardplane.planner import ledger
-from tests.e2e.helpers import running, wait_devices
+from tests.e2e.helpers import LONG_TTL_S, running, wait_devices
 from tests.planner.ready import wait_planners
 
 
@@ -205,68 +206,60 @@ async def test_controller_heals_a_vanished_device_with_minimal_moves(
         assert stored.bytes_moved >= lost.weight_bytes
 
 
-async def _fault_moves_instance(nc: Client, nats_url: str, kind: str, instance_id: str) -> None:
-    async with running(nats_url):
+async def _statuses(nc: Client, node: str, instance_id: str) -> list[ShardStatus]:
+    """Every ShardStatus of ``node`` and of the instance from now on, in arrival order."""
+    statuses: list[ShardStatus] = []
+
+    async def on_status(msg: Msg) -> None:
+        statuses.append(codec.decode(ShardStatus, msg.data))
+
+    await nc.subscribe(f"{subjects.SHARD_STATUS}.{node}.>", cb=on_status)
+    await nc.subscribe(f"{subjects.SHARD_STATUS}.*.{instance_id}", cb=on_status)
+    return statuses
+
+
+async def _made_before_broken(statuses: list[ShardStatus], node: str, generation: int) -> None:
+    """The old node unloads only after the new stage holds its memory."""
+    deadline = time.monotonic() + 30
+    while not any(s.node == node and s.state == "unloaded" for s in statuses):
+        assert time.monotonic() < deadline, f"{node} never unloaded: {statuses}"
+        await asyncio.sleep(0.1)
+    new_up = min(
+        s.ts for s in statuses if s.generation == generation and s.state in ("loaded", "reserved")
+    )
+    old_down = min(s.ts for s in statuses if s.node == node and s.state == "unloaded")
+    assert new_up <= old_down, (new_up, old_down)
+
+
+@pytest.mark.parametrize("kind", ["throttle", "fill", "silent"])
+async def test_controller_moves_off_a_faulty_device(nats_url: str, nc: Client, kind: str) -> None:
+    """A one-stage instance (the device the fault hits holds the whole model) moves off a
+    throttled or full device, or a silent node, and the verdict names what was wrong. A device
+    fault leaves its node reporting, so there make-before-break is observed too. A silent node
+    is a liveness matter: a short projector TTL, so it goes offline quickly."""
+    silent = kind == "silent"
+    instance_id = f"fault-{kind}"
+    async with running(nats_url, ttl_s=4.0 if silent else LONG_TTL_S):
         await wait_devices(nc, 7)
         await wait_planners(nc)
-        # One stage: the device the fault hits holds the whole model.
         reply = await place(nc, model="llama-3.1-8b", instance_id=instance_id, max_stages=1)
         assert reply.ok and len(reply.stages) == 1, reply
         await until_instance(nc, instance_id, ready(1), "loaded")
-        hit = reply.stages[0].device
-        node, index = hit.split("/")
-        statuses: list[ShardStatus] = []
-
-        async def on_status(msg: Msg) -> None:
-            statuses.append(codec.decode(ShardStatus, msg.data))
-
-        await nc.subscribe(f"{subjects.SHARD_STATUS}.{node}.>", cb=on_status)
-        await nc.subscribe(f"{subjects.SHARD_STATUS}.*.{instance_id}", cb=on_status)
-        body = json.dumps({"kind": kind, "device": int(index)}).encode()
-        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        hit = reply.stages[0]
+        node, index = hit.device.split("/")
+        statuses = await _statuses(nc, node, instance_id)
+        fault: dict[str, object] = (
+            {"kind": kind} if silent else {"kind": kind, "device": int(index)}
+        )
+        await nc.request(subjects.sim_fault(node), json.dumps(fault).encode(), timeout=10)
         healed = await until_instance(
             nc, instance_id, lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
         )
-        assert all(s.device != hit for s in healed.stages), healed
-        assert healed.health_reason is not None and hit in healed.health_reason
-        # Make before break: the old node unloads only after the new stage holds its memory.
-        deadline = time.monotonic() + 30
-        while not any(s.node == node and s.state == "unloaded" for s in statuses):
-            assert time.monotonic() < deadline, f"{node} never unloaded: {statuses}"
-            await asyncio.sleep(0.1)
-        new_up = min(
-            s.ts
-            for s in statuses
-            if s.generation == healed.generation and s.state in ("loaded", "reserved")
-        )
-        old_down = min(s.ts for s in statuses if s.node == node and s.state == "unloaded")
-        assert new_up <= old_down, (new_up, old_down)
-
-
-async def test_controller_moves_off_a_throttled_device(nats_url: str, nc: Client) -> None:
-    await _fault_moves_instance(nc, nats_url, "throttle", "thr")
-
-
-async def test_controller_moves_off_a_full_device(nats_url: str, nc: Client) -> None:
-    await _fault_moves_instance(nc, nats_url, "fill", "full")
-
-
-async def test_controller_moves_off_a_silent_node(nats_url: str, nc: Client) -> None:
-    # Liveness is under test here: a short projector TTL, so the node goes offline quickly.
-    async with running(nats_url, ttl_s=4.0):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-8b", instance_id="quiet", max_stages=1)
-        assert reply.ok, reply
-        await until_instance(nc, "quiet", ready(1), "loaded")
-        node = reply.stages[0].node
-        body = json.dumps({"kind": "silent"}).encode()
-        await nc.request(subjects.sim_fault(node), body, timeout=10)
-        healed = await until_instance(
-            nc, "quiet", lambda s: s.health == "ready" and s.generation >= 2, "healed", 90
-        )
-        assert all(s.node != node for s in healed.stages), healed
-        assert healed.health_reason is not None and node in healed.health_reason
+        gone = node if silent else hit.device
+        assert all(gone not in (s.node, s.device) for s in healed.stages), healed
+        assert healed.health_reason is not None and gone in healed.health_reason
+        if not silent:
+            await _made_before_broken(statuses, node, healed.generation)
 
 
 async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:

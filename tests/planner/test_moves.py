@@ -1,14 +1,20 @@
-"""Minimal moves (phase 2 over candidate plans) and the controller's hysteresis, pure."""
+"""Minimal moves (phase 2 in the CP-SAT model, checked against the bench's exhaustive reference)
+and the controller's hysteresis, pure."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
+import pytest
+
+from shardplane.bench._heal_reference import minimal_moves
+from shardplane.bus.messages import DeviceSample, DeviceState, Stage
 from shardplane.planner import health
-from shardplane.planner.cost import Problem, StagePlan, evaluate
-from shardplane.planner.fleet import Fleet
-from shardplane.planner.moves import bytes_moved, keep_resident
-from shardplane.planner.plan import Outcome, to_stages
+from shardplane.planner.cost import GIB, Problem, StagePlan, Tables, evaluate
+from shardplane.planner.fleet import Device, Fleet
+from shardplane.planner.moves import bytes_moved, candidates, keep_resident
+from shardplane.planner.plan import Outcome, plan, to_stages
 from tests.planner.test_solvers import _dev, _tiny  # pyright: ignore[reportPrivateUsage]
 
 
@@ -85,3 +91,113 @@ def test_a_move_must_beat_the_margin_and_pay_back_its_load() -> None:
     assert health.worth_moving(10.0, 7.0, 10 * 10**9, cfg)  # 30 % for 5 s of loading
     # 30 % over 10 minutes is 180 s of gain; 400 GB at 2 GB/s is 200 s of loading.
     assert not health.worth_moving(10.0, 7.0, 400 * 10**9, cfg)
+
+
+def _fits(ref: str, bw: float, need: int) -> Device:
+    return replace(_dev(ref, bw, 1), total_bytes=need, free_bytes=need)
+
+
+def test_the_model_splits_a_lost_range_that_no_free_device_holds() -> None:
+    """b is lost and no free device holds its two layers: the old ranges cannot be kept with a
+    substitute (``candidates`` has nothing), but the model keeps a's range and splits b's over
+    c and d, which is the fewest bytes the exhaustive reference finds too."""
+    prof = _tiny(4)
+    t = Tables(Problem(prof, Fleet(devices=(_dev("x/0", 1.0, 80),)), 1000, 1, headroom=0.0))
+    a = _fits("a/0", 1000.0, t.memory(0, 2))
+    b = _fits("b/0", 1000.0, t.memory(2, 4))
+    c, d = _fits("c/0", 1000.0, t.memory(3, 4)), _fits("d/0", 1000.0, t.memory(3, 4))
+    before = Problem(prof, Fleet(devices=(a, b)), 1000, 1, headroom=0.0)
+    previous = _outcome(before, (StagePlan(a, 0, 2), StagePlan(b, 2, 4))).stages
+    after = Problem(prof, Fleet(devices=(a, c, d)), 1000, 1, headroom=0.0)
+    # An equally fast phase 1 plan that moves a's range too (so loads everything).
+    phase1 = _outcome(after, (StagePlan(c, 0, 1), StagePlan(a, 1, 3), StagePlan(d, 3, 4)))
+    assert bytes_moved(previous, phase1.stages)[1] == 0
+    assert candidates(after, previous) == []
+    chosen = keep_resident(after, phase1, previous, 0.05)
+    moved, kept = bytes_moved(previous, chosen.stages)
+    assert kept == t.weights(0, 2) and moved == t.weights(2, 4)
+    assert chosen.evaluation.step_ms <= phase1.evaluation.step_ms * 1.05
+    ref = minimal_moves(after, previous, 0.05)
+    assert ref is not None and ref.bytes_minimal == moved
+
+
+def test_an_old_plan_that_is_still_optimal_moves_nothing() -> None:
+    """Two identical devices: phase 1 may answer the twin, equally fast; the instance stays."""
+    a, b = _dev("a/0", 1000.0, 8), _dev("b/0", 1000.0, 8)
+    problem = Problem(_tiny(), Fleet(devices=(a, b)), 1000, 1, headroom=0.0)
+    previous = _outcome(problem, (StagePlan(a, 0, 4),)).stages
+    twin = _outcome(problem, (StagePlan(b, 0, 4),))
+    chosen = keep_resident(problem, twin, previous, 0.0)
+    assert bytes_moved(previous, chosen.stages) == (0, previous[0].weight_bytes)
+    assert chosen.evaluation.step_ms == twin.evaluation.step_ms
+
+
+def _random_case(seed: int) -> tuple[Problem, tuple[Stage, ...]]:
+    """A small random fleet (memory-bound: two to four stages), its optimal plan, then the
+    fleet with one of that plan's devices lost or throttled."""
+    rng = random.Random(seed)
+    prof = _tiny(6)
+    devs = tuple(
+        _dev(
+            f"n{i // 2}/{i % 2}", rng.choice((300.0, 600.0, 1000.0, 2000.0)), rng.choice((3, 4, 6))
+        )
+        for i in range(rng.randint(4, 5))
+    )
+    batch = rng.choice((1, 4))
+    before = Problem(prof, Fleet(devices=devs), 1000, batch, headroom=0.0)
+    previous = plan(before, method="cp-sat", time_limit_s=5.0).stages
+    hit = rng.choice(previous).device
+    if rng.random() < 0.5:
+        left = tuple(d for d in devs if d.ref != hit)
+    else:
+        left = tuple(
+            replace(d, bandwidth_gbps=d.bandwidth_gbps / 3) if d.ref == hit else d for d in devs
+        )
+    return Problem(prof, Fleet(devices=left), 1000, batch, headroom=0.0), previous
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fewest_bytes_match_the_exhaustive_reference(seed: int) -> None:
+    """Against the bench's exhaustive reference (no code shared with the solvers): the bytes
+    phase 2 loads are the fewest any plan within the slack loads, at slack 0, 5 % and 50 %,
+    and the chosen plan's step time is within the slack of phase 1's."""
+    problem, previous = _random_case(seed)
+    phase1 = plan(problem, method="cp-sat", time_limit_s=5.0)
+    for slack in (0.0, 0.05, 0.5):
+        ref = minimal_moves(problem, previous, slack)
+        assert ref is not None
+        assert phase1.evaluation.step_ms == pytest.approx(ref.step_ms, rel=1e-9)
+        chosen = keep_resident(problem, phase1, previous, slack)
+        limit = phase1.evaluation.step_ms * (1 + slack) * (1 + 1e-9)
+        assert chosen.evaluation.step_ms <= limit
+        assert bytes_moved(previous, chosen.stages)[0] == ref.bytes_minimal, (slack, ref)
+
+
+def _device_with_free(free: int, total: int) -> DeviceState:
+    sample = DeviceSample(
+        node="a",
+        index=0,
+        uuid="GPU-a0",
+        seq=1,
+        ts=1.0,
+        memory_total_bytes=total,
+        memory_used_bytes=total - free,
+        memory_free_bytes=free,
+    )
+    return DeviceState(sample=sample, online=True, last_seen=1.0)
+
+
+def test_full_means_others_took_most_of_the_headroom() -> None:
+    """The simulator's workload phases took a device down to 3.55 GiB free of 80 with no fault
+    (bench heal, 10 minutes): not full. Its fill fault (98 % used) is."""
+    total = 80 * GIB
+    stages = _outcome(
+        Problem(_tiny(), Fleet(devices=(_dev("a/0", 1000.0, 80),)), 1000, 1, headroom=0.0),
+        (StagePlan(_dev("a/0", 1000.0, 80), 0, 4),),
+    ).stages
+    cfg = health.HealConfig()
+    swing = {"a/0": _device_with_free(int(3.55 * GIB), total)}
+    assert health.full(stages, swing, cfg, headroom=0.1) is None
+    filled = {"a/0": _device_with_free(total - int(0.98 * total), total)}
+    reason = health.full(stages, filled, cfg, headroom=0.1)
+    assert reason is not None and "a/0 is full" in reason
