@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from shardplane import __version__ as AGENT_VERSION
 from shardplane.agents.backend import Backend
 from shardplane.agents.hostinfo import HostInfo
 from shardplane.agents.publisher import Publisher
+from shardplane.bus import VERSION as AGENT_VERSION
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, NetLink, NodeHeartbeat
 
