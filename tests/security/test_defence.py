@@ -11,7 +11,7 @@ from shardplane.agents.worker import misfit
 from shardplane.bus.messages import DeviceSample, DeviceState, ShardAssignment
 from shardplane.planner.fleet import build_fleet
 from shardplane.planner.plausible import MAX_MEMORY, implausible
-from tests.worker.busutil import StatusLog, assign, workers
+from tests.agents.busutil import StatusLog, assign, workers
 
 GIB = 1024**3
 

@@ -22,8 +22,8 @@ from shardplane.agents.loader import CHUNK_BYTES
 from shardplane.agents.worker import Worker
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, ShardAssignment
-from tests.worker import ckpt
-from tests.worker.busutil import (
+from tests.agents import ckpt
+from tests.agents.busutil import (
     StatusLog,
     assert_interval_kept,
     assign,

@@ -29,7 +29,7 @@ from shardplane.planner.catalog import resolve
 from shardplane.planner.cost import Problem, evaluate, stages_from_counts
 from shardplane.planner.fleet import Device, Fleet
 from shardplane.planner.plan import to_stages
-from tests.worker import ckpt
+from tests.agents import ckpt
 
 SPLITS = [
     StageSpec(0, 2, embeddings=True),

@@ -26,7 +26,7 @@ from shardplane.bus import authority, streams, subjects
 from shardplane.bus.messages import ShardAssignment
 from shardplane.bus.streams import LEDGER, LEDGER_RESERVATIONS_KEY
 from shardplane.cli import part_arg
-from tests.worker.busutil import StatusLog, assign
+from tests.agents.busutil import StatusLog, assign
 
 SERVER_CONSUMER_LIMIT = 1000  # nats-server's per-stream default, measured below
 

@@ -24,8 +24,8 @@ from shardplane.bus import codec, subjects
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
 from shardplane.bus.streams import cluster_state
-from tests.worker import ckpt
-from tests.worker.busutil import (
+from tests.agents import ckpt
+from tests.agents.busutil import (
     StatusLog,
     assert_interval_kept,
     assign,
