@@ -55,6 +55,7 @@ from shardplane.bus.checkpoint import (
     read_index,
     tied_embeddings,
 )
+from shardplane.bus.errors import AgentError
 
 CHUNK_BYTES = 64 * 1024 * 1024  # copy granularity: cancellation and rate-limit checkpoints
 PARALLEL_CHUNK = 16 * 1024 * 1024  # per-thread chunk when copying with several threads
@@ -86,7 +87,7 @@ ReadMode = Literal["mmap", "pread"]
 DEFAULT_READ_MODE: ReadMode = "pread"
 
 
-class LoadError(Exception):
+class LoadError(AgentError):
     """A stage could not be loaded; ``str()`` is the operator-facing reason."""
 
 

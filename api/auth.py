@@ -25,6 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from shardplane.api.errors import ApiError
+from shardplane.bus.errors import ApiServerError
 
 TOKEN_ENV = "SHARDPLANE_API_TOKEN"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -32,7 +33,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class InsecureBinding(RuntimeError):
+class InsecureBinding(ApiServerError, RuntimeError):
     """The API would serve mutating endpoints to the network without a token."""
 
 

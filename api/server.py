@@ -32,7 +32,7 @@ from shardplane.api import metrics, openai_compat, openapi
 from shardplane.api.auth import JsonErrorRunner, check_binding, env_token, token_middleware
 from shardplane.api.errors import ApiError, request_error
 from shardplane.api.state import KINDS, Change, ClusterCache, sse_event
-from shardplane.bus import subjects
+from shardplane.bus import keys, subjects
 from shardplane.bus.codec import BOM, DecodeError, check_limits
 from shardplane.bus.ids import TOKEN_PATTERN
 from shardplane.bus.liveness import ttl_from_env
@@ -398,8 +398,8 @@ async def history(request: web.Request) -> web.Response:
             "device",
         )
     if wanted is not None:
-        node, _, index = wanted.rpartition("/")
-        key = f"devices.{node}.{index}"
+        index = wanted.rpartition("/")[2]
+        key = keys.key_of_ref(wanted)
         series = cache.history.series(key) if index.isdigit() else None
         if series is None:
             raise ApiError(404, "not_found", f"no history for device {wanted!r}", "device")

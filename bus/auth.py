@@ -32,6 +32,7 @@ from typing import Any, Literal
 import nkeys  # pyright: ignore[reportMissingTypeStubs]
 
 from shardplane.bus import subjects
+from shardplane.bus.errors import BusError
 from shardplane.bus.ids import node_id
 from shardplane.bus.lease import CONTROLLER_LEASE_BUCKET, LEASE_BUCKET
 from shardplane.bus.streams import CLUSTER_STATE, DEADLETTER, LEDGER, PLACEMENTS, SHARDS, TELEMETRY
@@ -57,7 +58,7 @@ ROLE_PURPOSE: dict[Role, str] = {
 }
 
 
-class AuthError(ValueError):
+class AuthError(BusError, ValueError):
     """A credentials file or folder that cannot be used; ``str()`` says which and why."""
 
 

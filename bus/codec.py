@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from shardplane.bus.errors import BusError
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -36,7 +37,7 @@ Encoding = Literal["json", "msgpack"]
 T = TypeVar("T")
 
 
-class DecodeError(ValueError):
+class DecodeError(BusError, ValueError):
     """A payload that is not a valid message; ``str()`` says what was wrong, naming the field."""
 
 

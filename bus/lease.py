@@ -49,6 +49,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from shardplane.bus import keys
 from shardplane.bus.retry import ELECTION_DEADLINE_S, Outage, transient
 from shardplane.bus.streams import ensure_bucket, wanted_replicas
 
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 LEASE_BUCKET = "projector_lease"  # the projector's (the default, for compatibility)
 CONTROLLER_LEASE_BUCKET = "controller_lease"
-LEASE_KEY = "leader"
+LEASE_KEY = keys.LEASE
 DEFAULT_LEASE_TTL_S = 3.0
 # A standby asks this often (or every TTL/3 if that is sooner): a graceful stop deletes the
 # key, and the standby should notice in a fraction of a second whatever the TTL.

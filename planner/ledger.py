@@ -28,6 +28,7 @@ import msgspec
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from shardplane.bus import keys
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
 from shardplane.bus.retry import retrying
 from shardplane.bus.streams import LEDGER_RESERVATIONS_KEY
@@ -179,7 +180,7 @@ async def commit(kv: KeyValue, doc: LedgerDoc, revision: int) -> int:
 def plan_key(instance_id: str, generation: int, nonce: str) -> str:
     """A key per attempt: two planners racing for one instance never overwrite each other's
     reply; the ledger entry that wins the compare-and-set names the one that counts."""
-    return f"plans.{instance_id}.{generation}.{nonce}"
+    return keys.plan_key(instance_id, generation, nonce)
 
 
 async def stored_reply(kv: KeyValue, key: str) -> PlacementReply | None:

@@ -41,6 +41,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shardplane.bus import authority, subjects
+from shardplane.bus.errors import ProjectorError
 from shardplane.bus.messages import InstanceState, NodeState, ShardAssignment
 from shardplane.bus.retry import Outage, describe, retrying, transient
 from shardplane.bus.streams import (
@@ -160,7 +161,7 @@ class ProjectorStats:
         }
 
 
-class LeaseLost(Exception):
+class LeaseLost(ProjectorError):
     pass
 
 

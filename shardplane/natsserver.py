@@ -16,12 +16,14 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlparse
 
+from shardplane.bus.errors import CommandError
+
 # Package data (nats.conf, fleets/) sits inside the package: in a checkout as links to the
 # top-level files, in a wheel as copies, so one path works for both.
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class NatsServerError(RuntimeError):
+class NatsServerError(CommandError, RuntimeError):
     pass
 
 

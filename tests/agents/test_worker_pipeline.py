@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from shardplane.agents.loader import StageSpec, stage_bytes
 from shardplane.agents.worker import Worker
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
 from shardplane.bus.streams import cluster_state
@@ -117,7 +117,7 @@ async def wait_filled_devices(nc: Client, timeout: float = 20.0) -> None:
         free: dict[str, int | None] = {}
         for node in NODES:
             with contextlib.suppress(Exception):
-                entry = await kv.get(subjects.device_key(node, 0))
+                entry = await kv.get(keys.device_key(node, 0))
                 if entry.value:
                     state = codec.decode(DeviceState, entry.value)
                     free[node] = state.sample.memory_free_bytes if state.online else None
@@ -145,7 +145,7 @@ async def wait_instance(
     last: InstanceState | None = None
     while asyncio.get_running_loop().time() < deadline:
         with contextlib.suppress(Exception):
-            entry = await kv.get(subjects.instance_key(instance))
+            entry = await kv.get(keys.instance_key(instance))
             if entry.value:
                 last = codec.decode(InstanceState, entry.value)
                 if last.generation == generation and last.state in ("loaded", "failed", "degraded"):

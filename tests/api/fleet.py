@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from nats.js.kv import KeyValue
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -153,13 +153,13 @@ def instance_state(instance_id: str = "llama-demo", state: str = "loading") -> I
 
 async def put_device(kv: KeyValue, gpu: Gpu, **kwargs: object) -> int:
     return await kv.put(
-        subjects.device_key(gpu.node, gpu.index), codec.encode(device_state(gpu, **kwargs))
+        keys.device_key(gpu.node, gpu.index), codec.encode(device_state(gpu, **kwargs))
     )  # type: ignore[arg-type]
 
 
 async def write_fleet(kv: KeyValue) -> None:
     for node in NODES:
-        await kv.put(subjects.node_key(node), codec.encode(node_state(node)))
+        await kv.put(keys.node_key(node), codec.encode(node_state(node)))
     for gpu in FLEET:
         await put_device(kv, gpu)
 

@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardplane.api.server import LARGE_BODY, make_app, start_app
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import ErrorCode, PlacementReply
 from tests.api.fleet import FLEET, GIB, Gpu, instance_state, put_device, uuid_of
 
@@ -201,7 +201,7 @@ async def test_placements_list_and_by_id(
 ) -> None:
     status, body = await get(http, api_url + "/api/placements")
     assert (status, body["placements"]) == (200, [])
-    await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+    await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
 
     async def listed() -> None:
         _, body = await get(http, api_url + "/api/placements")
@@ -282,7 +282,7 @@ async def test_readyz_not_ready_without_nats(
 async def test_metrics_parse_with_dcgm_names(
     api_url: str, http: aiohttp.ClientSession, fleet_kv: KeyValue
 ) -> None:
-    await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+    await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
 
     async def scrape() -> dict[str, Any]:
         async with http.get(api_url + "/metrics") as r:
@@ -412,11 +412,11 @@ async def test_sse_delivers_changes_promptly(
         assert (kind, event["op"], event["id"]) == ("device", "put", "rig-c/0")
         assert event["key"] == "devices.rig-c.0" and event["value"]["temperature_c"] == 71.0
 
-        await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+        await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
         kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["id"], event["value"]["layers_total"]) == ("instance", "llama-demo", 80)
 
-        await fleet_kv.delete(subjects.instance_key("llama-demo"))
+        await fleet_kv.delete(keys.instance_key("llama-demo"))
         kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["op"], event["value"]) == ("instance", "delete", None)
 
@@ -427,7 +427,7 @@ async def test_sse_kinds_filter(
     async with http.get(api_url + "/api/events?kinds=instance") as resp:
         assert (await next_event(resp, EVENT_WAIT_S))[0] == "hello"
         await put_device(fleet_kv, FLEET[0], seq=5)
-        await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+        await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
         kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["id"]) == ("instance", "llama-demo")  # the device change was filtered
     status, err = await get(http, api_url + "/api/events?kinds=devices")

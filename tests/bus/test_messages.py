@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import InvalidId, device_id, node_id, node_id_from_hostname, split_device_id
 from shardplane.bus.messages import (
@@ -242,9 +242,9 @@ def test_subjects_and_keys() -> None:
     assert subjects.shard_status("rig-b", "i1") == "shard.status.rig-b.i1"
     assert subjects.sim_fault("rig-b") == "sim.fault.rig-b"  # `nats req sim.fault.<node>` users
     assert subjects.SIM_FAULT_ANY == "sim.fault.*"
-    assert subjects.device_key("rig-a", 0) == "devices.rig-a.0"
-    assert subjects.node_key("rig-a") == "nodes.rig-a"
-    assert subjects.instance_key("i1") == "instances.i1"
+    assert keys.device_key("rig-a", 0) == "devices.rig-a.0"
+    assert keys.node_key("rig-a") == "nodes.rig-a"
+    assert keys.instance_key("i1") == "instances.i1"
 
 
 def test_ids() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nats.aio.client import Client
 
-from shardplane.bus import codec
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, Stage
 from shardplane.bus.streams import cluster_state
 from shardplane.commands import run_services
@@ -65,7 +65,7 @@ async def device_states(nc: Client) -> dict[str, DeviceState]:
     except Exception:
         return out
     for key in keys:
-        if key.startswith("devices."):
+        if keys.prefix(key) == keys.DEVICES:
             entry = await kv.get(key)
             if entry.value:
                 state = codec.decode(DeviceState, entry.value)
@@ -92,7 +92,7 @@ async def wait_instance(
     last: InstanceState | None = None
     while asyncio.get_running_loop().time() < deadline:
         with contextlib.suppress(Exception):
-            entry = await kv.get(f"instances.{instance}")
+            entry = await kv.get(keys.instance_key(instance))
             if entry.value:
                 last = codec.decode(InstanceState, entry.value)
                 if all(s.state in settled for s in last.stages):

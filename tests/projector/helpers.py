@@ -14,7 +14,7 @@ import nats
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
-from shardplane.bus import subjects
+from shardplane.bus import keys
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -71,15 +71,15 @@ async def get(nc: Client, kind: type[T], key: str) -> T | None:
 
 
 async def device(nc: Client, node: str, index: int) -> DeviceState | None:
-    return await get(nc, DeviceState, subjects.device_key(node, index))
+    return await get(nc, DeviceState, keys.device_key(node, index))
 
 
 async def node_state(nc: Client, node: str) -> NodeState | None:
-    return await get(nc, NodeState, subjects.node_key(node))
+    return await get(nc, NodeState, keys.node_key(node))
 
 
 async def instance(nc: Client, instance_id: str) -> InstanceState | None:
-    return await get(nc, InstanceState, subjects.instance_key(instance_id))
+    return await get(nc, InstanceState, keys.instance_key(instance_id))
 
 
 async def until(

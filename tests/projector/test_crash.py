@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, NodeState
 from shardplane.bus.streams import TELEMETRY, cluster_state
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
@@ -114,7 +114,7 @@ class Publisher:
         # Only what JetStream acknowledged is ground truth.
         for _, message in sends:
             if isinstance(message, DeviceSample):
-                self.last[subjects.device_key(message.node, message.index)] = message
+                self.last[keys.device_key(message.node, message.index)] = message
             else:
                 self.events.append(message)  # pyright: ignore[reportArgumentType]
 
@@ -142,7 +142,7 @@ def expected_instance(events: list[Event]) -> InstanceState | None:
         if isinstance(outcome, Changes):
             for key, value in outcome.values.items():
                 view.set(key, value)
-    value = view.get(subjects.instance_key("crash"))
+    value = view.get(keys.instance_key("crash"))
     return value if isinstance(value, InstanceState) else None
 
 
@@ -211,12 +211,12 @@ async def sigkill_run(
                 ):
                     return False
             for n in range(nodes):
-                got = snapshot.get(subjects.node_key(f"node-{n}"))
+                got = snapshot.get(keys.node_key(f"node-{n}"))
                 if got is None:
                     return False
                 if msgspec.msgpack.decode(got, type=NodeState).heartbeat.seq != publisher.seq:
                     return False
-            got = snapshot.get(subjects.instance_key("crash"))
+            got = snapshot.get(keys.instance_key("crash"))
             return got is not None and msgspec.msgpack.decode(got, type=InstanceState) == want
 
         snapshot = await until(lambda: kv_snapshot(nc), converged, timeout=30)
@@ -227,11 +227,11 @@ async def sigkill_run(
         state = msgspec.msgpack.decode(snapshot[key], type=DeviceState)
         assert state.sample == sample_want, key
     node_keys = {k for k in snapshot if k.startswith("nodes.")}
-    assert node_keys == {subjects.node_key(f"node-{n}") for n in range(nodes)}
+    assert node_keys == {keys.node_key(f"node-{n}") for n in range(nodes)}
     for key in node_keys:
         node = msgspec.msgpack.decode(snapshot[key], type=NodeState)
         assert node.heartbeat.seq == publisher.seq, key
-    got = msgspec.msgpack.decode(snapshot[subjects.instance_key("crash")], type=InstanceState)
+    got = msgspec.msgpack.decode(snapshot[keys.instance_key("crash")], type=InstanceState)
     assert got == want
     assert "Traceback" not in log.read_text(errors="replace")
 
@@ -322,7 +322,7 @@ async def test_a_graceful_stop_abandons_a_round_the_kv_never_answers_after_the_g
         await nc.flush()
         rounds = runner.stats.rounds
         ack = await js.publish(subjects.gpu_sample("stuck", 0), codec.encode(sample("stuck", 0, 1)))
-        key = KV_PREFIX + subjects.device_key("stuck", 0)
+        key = KV_PREFIX + keys.device_key("stuck", 0)
         await until(lambda: asyncio.sleep(0.02, key in unanswered), bool, timeout=10)
         # More arrive while that write hangs: the next round is prepared and waits on it.
         later = [

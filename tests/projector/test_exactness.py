@@ -10,7 +10,7 @@ import time
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
@@ -25,9 +25,9 @@ async def test_a_newer_value_stored_by_another_writer_is_never_overwritten(
         await until(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 5)
         # Another writer (say, a replica that still held the lease) stores seq 10, by CAS.
         kv = await cluster_state(js)
-        entry = await kv.get(subjects.device_key("n1", 0))
+        entry = await kv.get(keys.device_key("n1", 0))
         newer = DeviceState(sample=sample("n1", 0, 10), online=True, last_seen=time.time())
-        await kv.update(subjects.device_key("n1", 0), codec.encode(newer), last=entry.revision)
+        await kv.update(keys.device_key("n1", 0), codec.encode(newer), last=entry.revision)
         # The projector's cached revision is stale now: its write of seq 6 must conflict,
         # re-read, and join (seq 10 stays), not overwrite.
         await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 6)))

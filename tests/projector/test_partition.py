@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.projector import partition as partitions
@@ -58,8 +58,8 @@ async def present(js: JetStreamContext) -> set[str]:
 
 
 def keys_of(nodes: list[str]) -> set[str]:
-    out = {subjects.node_key(n) for n in nodes}
-    return out | {subjects.device_key(n, i) for n in nodes for i in range(2)}
+    out = {keys.node_key(n) for n in nodes}
+    return out | {keys.device_key(n, i) for n in nodes for i in range(2)}
 
 
 async def wait_keys(js: JetStreamContext, want: set[str], timeout: float = 30.0) -> set[str]:
@@ -76,9 +76,9 @@ def test_partition_spec() -> None:
     assert Partition.original_subject("tpart.1.telemetry.gpu.a.0") == "telemetry.gpu.a.0"
     assert Partition.original_subject("shard.status.a.x") == "shard.status.a.x"
     p = Partition(1, 2)
-    assert p.owns(subjects.device_key("x", 3)) == (partition_of("x", 2) == 1)
-    assert p.owns(subjects.node_key("x")) == (partition_of("x", 2) == 1)
-    assert not p.owns(subjects.instance_key("i")) and Partition(0, 2).owns("instances.i")
+    assert p.owns(keys.device_key("x", 3)) == (partition_of("x", 2) == 1)
+    assert p.owns(keys.node_key("x")) == (partition_of("x", 2) == 1)
+    assert not p.owns(keys.instance_key("i")) and Partition(0, 2).owns("instances.i")
     assert set(Partition(0, 2).consumers()) == {"TELEMETRY_P2", "PLACEMENTS", "SHARDS"}
     assert set(p.consumers()) == {"TELEMETRY_P2"}
     with pytest.raises(ValueError, match="partition 2 of 2"):
@@ -119,7 +119,7 @@ async def test_each_partition_writes_its_share_and_together_all(
 
             async def all_at_seq_2() -> bool:
                 for node in NODES:
-                    entry = await kv.get(subjects.device_key(node, 1))
+                    entry = await kv.get(keys.device_key(node, 1))
                     if codec.decode(DeviceState, entry.value or b"").sample.seq != 2:
                         return False
                 return True

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardplane.bus import subjects
+from shardplane.bus import keys
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -106,7 +106,7 @@ def test_any_order_of_a_devices_samples_ends_at_its_highest_sequence_sample(
 ) -> None:
     events = data.draw(shuffled_with_duplicates(history))
     view = fold(events)
-    state = view.get(subjects.device_key("n1", 0))
+    state = view.get(keys.device_key("n1", 0))
     assert isinstance(state, DeviceState)
     newest = max((e for e, _ in history if isinstance(e, DeviceSample)), key=sample_order)
     assert state.sample == newest
@@ -149,7 +149,7 @@ def test_any_order_of_a_nodes_heartbeats_and_samples_ends_in_the_same_state(
     # A device is "node shut down" exactly when a shutdown came after its last sample.
     byes = [seen for e, seen in history if isinstance(e, NodeHeartbeat) and not e.online]
     for index in (0, 1):
-        state = expected.get(subjects.device_key("n1", index))
+        state = expected.get(keys.device_key("n1", index))
         if not isinstance(state, DeviceState):
             continue
         shut = any(b >= state.last_seen for b in byes)

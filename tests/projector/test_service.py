@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState, NodeState
 from shardplane.bus.streams import DEADLETTER
 from shardplane.projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
@@ -219,7 +219,7 @@ async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_
     nats_url: str, nc: Client, js: JetStreamContext
 ) -> None:
     interval = 0.4  # TTL defaults to 3 intervals: 1.2 s
-    device_key, node_key = subjects.device_key("quiet", 0), subjects.node_key("quiet")
+    device_key, node_key = keys.device_key("quiet", 0), keys.node_key("quiet")
 
     # Every value the projector stores, with the server's time of storing it: how long the
     # silence took to show is measured on the server's clock, from the last beat stored to
