@@ -581,7 +581,7 @@ def _drive(
     numpy and the read syscalls release the GIL, so two or more threads overlap them. Each thread
     walks its own interleaved chunks, so the kernel still sees sequential access per thread."""
     if pool is not None and read_limit_bps is None and n > PARALLEL_CHUNK:
-        workers = pool._max_workers  # pyright: ignore[reportPrivateUsage]
+        workers = pool._max_workers
         stride = PARALLEL_CHUNK * workers
 
         def work(first: int) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nkeys  # pyright: ignore[reportMissingTypeStubs]
+import nkeys
 
 from shardplane.bus import subjects
 from shardplane.bus.errors import BusError
@@ -214,7 +214,7 @@ class Credentials:
 
     @property
     def public_key(self) -> str:
-        pair: Any = nkeys.from_seed(bytearray(self.seed.encode()))  # pyright: ignore[reportUnknownMemberType]
+        pair: Any = nkeys.from_seed(bytearray(self.seed.encode()))
         return str(pair.public_key.decode())
 
     def text(self) -> str:
@@ -228,7 +228,7 @@ class Credentials:
 def new_seed() -> str:
     """A fresh user nkey seed (``SU...``), from 32 random bytes."""
     raw = secrets.token_bytes(32)
-    encoded: Any = nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER)  # pyright: ignore[reportUnknownMemberType]
+    encoded: Any = nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER)
     return bytes(encoded).decode()
 
 
@@ -260,11 +260,11 @@ def parse_credentials(text: str, source: str = "credentials") -> Credentials:
     if not seed.startswith("SU"):
         raise AuthError(f"{source}: no user nkey seed (a line starting with SU)")
     try:
-        nkeys.from_seed(bytearray(seed.encode()))  # pyright: ignore[reportUnknownMemberType]
+        nkeys.from_seed(bytearray(seed.encode()))
     except Exception as exc:
         raise AuthError(f"{source}: the seed is not a valid nkey: {exc!r}") from None
     nodes = tuple(n for n in header.get("nodes", "").split(",") if n)
-    return Credentials(user=header.get("user") or role, role=role, seed=seed, nodes=nodes)  # type: ignore[arg-type]
+    return Credentials(user=header.get("user") or role, role=role, seed=seed, nodes=nodes)
 
 
 def read_credentials(path: str | Path) -> Credentials:

@@ -151,7 +151,7 @@ def peek_identity(data: bytes, encoding: Encoding) -> tuple[str | None, str | No
     fields: dict[Any, Any] = doc  # pyright: ignore[reportUnknownVariableType]
     ident, model = fields.get("instance_id"), fields.get("model")
     if isinstance(model, dict):
-        model = fields["model"].get("name")  # pyright: ignore[reportUnknownMemberType]
+        model = fields["model"].get("name")
     return (
         ident[:64] if isinstance(ident, str) and _TOKEN.match(ident) else None,
         model[:128] if isinstance(model, str) and model else None,

@@ -751,7 +751,7 @@ class Projector:
             future = await self.js.publish_async(
                 subjects.deadletter(item.msg.subject), item.msg.data or b"", headers=headers
             )
-            futures.append(future)  # pyright: ignore[reportArgumentType]
+            futures.append(future)
         done, _ = await asyncio.wait(futures, timeout=self.config.write_timeout_s)
         for (item, reason), future in zip(dead, futures, strict=True):
             if future in done and future.exception() is None:

@@ -1,5 +1,5 @@
 """shardplane: the command line and the process wiring around the components."""
 
-from shardplane.bus import VERSION as __version__
+from shardplane.bus import VERSION
 
-__all__ = ["__version__"]
+__version__ = VERSION

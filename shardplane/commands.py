@@ -198,7 +198,7 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -
 
 
 @contextlib.asynccontextmanager
-async def _nats_for(  # type: ignore[no-untyped-def]
+async def _nats_for(
     url: str | None, secured: bool = False, fleet: Path | None = None, cluster: int = 0
 ):
     """(URL, role credentials or None). ``secured``: an embedded server (or local cluster) runs

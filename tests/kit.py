@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, overload
 
 import msgspec
 from nats.aio.client import Client
@@ -41,13 +41,29 @@ def _passes(value: object) -> bool:
     return value is not False
 
 
+@overload
 async def eventually(
-    probe: Callable[[], T | Awaitable[T]],
-    ok: Callable[[T], bool] = _passes,
+    probe: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool] = ...,
+    *,
+    timeout: float = ...,
+    what: str = ...,
+) -> T: ...
+@overload
+async def eventually(
+    probe: Callable[[], T],
+    ok: Callable[[T], bool] = ...,
+    *,
+    timeout: float = ...,
+    what: str = ...,
+) -> T: ...
+async def eventually(
+    probe: Callable[[], Any],
+    ok: Callable[[Any], bool] = _passes,
     *,
     timeout: float = 15.0,
     what: str = "condition",
-) -> T:
+) -> Any:
     """Call ``probe`` (sync or async) until ``ok`` holds for what it returns, and return that.
     A probe that raises AssertionError has not passed yet; with no ``ok``, a probe passes when
     it neither raises nor returns False (a check written with asserts returns None). After
@@ -59,7 +75,7 @@ async def eventually(
         last: object = None
         try:
             got = probe()
-            value: T = await got if inspect.isawaitable(got) else got  # pyright: ignore[reportAssignmentType]
+            value = await got if inspect.isawaitable(got) else got
             last = value
             if ok(value):
                 return value
@@ -74,12 +90,12 @@ async def eventually(
 
 @contextlib.asynccontextmanager
 async def running(
-    service: Callable[[asyncio.Event], Awaitable[Any]],
+    service: Callable[[asyncio.Event], Coroutine[Any, Any, Any]],
     *,
     ready: Callable[[], Awaitable[object]] | None = None,
     stop_timeout: float = 20.0,
     ready_timeout: float = 20.0,
-) -> AsyncIterator[asyncio.Event]:
+) -> AsyncGenerator[asyncio.Event, None]:
     """Run ``service(stop)`` as a task until the block ends; yield its stop event (a test may set
     it early to stop the service itself). ``ready``, when given, is awaited before the block
     starts (the service leads, subscribed, ...). On exit the stop is set and the task awaited;
@@ -89,7 +105,7 @@ async def running(
     task = asyncio.create_task(service(stop))
     try:
         if ready is not None:
-            await asyncio.wait_for(ready(), ready_timeout)
+            await _ready_or_dead(task, ready(), ready_timeout)
         yield stop
     finally:
         stop.set()
@@ -101,6 +117,20 @@ async def running(
             raise AssertionError(f"service did not stop within {stop_timeout:g} s of its stop")
         if not task.cancelled() and (exc := task.exception()) is not None:
             raise exc
+
+
+async def _ready_or_dead(task: asyncio.Task[Any], ready: Awaitable[object], timeout: float) -> None:
+    """Wait for ``ready``, failing at once with the service's own error if it stops first."""
+    waiting = asyncio.ensure_future(ready)
+    await asyncio.wait((waiting, task), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if waiting.done():
+        waiting.result()
+        return
+    waiting.cancel()
+    if task.done():
+        task.result()  # raises what stopped it
+        raise AssertionError("the service returned before it was ready")
+    raise AssertionError(f"the service was not ready in {timeout:g} s")
 
 
 async def kv_value(nc: Client, kind: type[S], key: str) -> S | None:

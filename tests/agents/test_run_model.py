@@ -150,7 +150,7 @@ async def test_sampling_is_seeded_and_split_independent(
     smol: Smol, nc: Client, servers_cleanup: list[StageServer]
 ) -> None:
     ids = smol.tok.encode("Once upon a time")
-    clients = {}
+    clients: dict[int, PipelineClient] = {}
     for n in (1, 3):
         servers_cleanup += await serve_split(
             nc, f"seed{n}", smol.config, smol.tensors, even_bounds(30, n)

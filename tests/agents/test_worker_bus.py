@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -142,9 +143,7 @@ async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
         for s in [*good, *lost, *cut]:
             await assign(js, s)
         # A plan whose bytes disagree with the files.
-        await assign(
-            js, ShardAssignment(**{**codec.to_builtins(garbled[0]), "weight_bytes": 12345})
-        )
+        await assign(js, msgspec.structs.replace(garbled[0], weight_bytes=12345))
         ok = await log.settled("good", 1, 3)
         assert all(s.state == "loaded" for s in ok.values()), ok
         lost_final = await log.settled("lost", 1, 3)

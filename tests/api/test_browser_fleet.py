@@ -124,7 +124,7 @@ async def _drive(browser: Any, url: str, kv: KeyValue) -> None:
     page = await browser.new_page(viewport={"width": 1500, "height": 1000})
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))  # pyright: ignore[reportUnknownLambdaType, reportUnknownArgumentType]
     await page.add_init_script(PROBE)
     t0 = time.monotonic()
     await page.goto(url + "/")

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from shardplane.natsserver import NatsServer, free_port
 
@@ -89,7 +90,7 @@ def test_up_serves_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                     with urllib.request.urlopen(
                         f"http://127.0.0.1:{api_port}/api/gpu/devices", timeout=2
                     ) as resp:
-                        body = json.loads(resp.read())
+                        body: dict[str, Any] | list[Any] = json.loads(resp.read())
                         devices = body["devices"] if isinstance(body, dict) else body
                         if len(devices) >= 6:
                             break

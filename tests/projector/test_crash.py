@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 
 import msgspec
@@ -31,15 +31,8 @@ from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
 from shardplane.projector.reducer import Changes, Event, Liveness, View, apply
 from shardplane.projector.service import CONSUMERS, Projector
 from shardplane.projector.store import KV_PREFIX, KV_STREAM
-from tests.projector.helpers import (
-    FAST,
-    assignment,
-    heartbeat,
-    running,
-    sample,
-    status,
-    until,
-)
+from tests.kit import eventually
+from tests.projector.helpers import FAST, assignment, heartbeat, running, sample, status
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES, GPUS = 12, 4
@@ -62,7 +55,9 @@ def spawn(url: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def reaped(procs: list[subprocess.Popen[bytes]]):  # pyright: ignore[reportUnknownParameterType]
+def reaped(
+    procs: list[subprocess.Popen[bytes]],
+) -> Generator[list[subprocess.Popen[bytes]], None, None]:
     try:
         yield procs
     finally:
@@ -149,7 +144,7 @@ def expected_instance(events: list[Event]) -> InstanceState | None:
 @contextlib.asynccontextmanager
 async def publishing(
     js: JetStreamContext, period: float = 0.1, nodes: int = NODES
-) -> AsyncIterator[Publisher]:
+) -> AsyncGenerator[Publisher, None]:
     publisher = Publisher(js, nodes)
     done = asyncio.Event()
 
@@ -192,7 +187,7 @@ async def sigkill_run(
                 procs.append(proc)
                 # Kill it once it leads, at a random point: loading the cache, in the middle
                 # of a write round, between the writes and the acks, while acking.
-                await until(lambda: lease_holder(js), lambda h, p=proc: f"-{p.pid}-" in h)
+                await eventually(lambda: lease_holder(js), lambda h, p=proc: f"-{p.pid}-" in h)
                 await asyncio.sleep(rng.uniform(0.0, 0.8))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -219,7 +214,7 @@ async def sigkill_run(
             got = snapshot.get(keys.instance_key("crash"))
             return got is not None and msgspec.msgpack.decode(got, type=InstanceState) == want
 
-        snapshot = await until(lambda: kv_snapshot(nc), converged, timeout=30)
+        snapshot = await eventually(lambda: kv_snapshot(nc), converged, timeout=30)
 
     devices = {k for k in snapshot if k.startswith("devices.")}
     assert devices == set(publisher.last), "a device is missing or one appeared from nowhere"
@@ -282,7 +277,7 @@ async def test_two_replicas_one_writer_and_a_takeover_loses_nothing(
                 for key, want in publisher.last.items()
             )
 
-        await until(lambda: kv_snapshot(nc), converged, timeout=20)
+        await eventually(lambda: kv_snapshot(nc), converged, timeout=20)
         assert second.stats.writes > 0
         stops[1].set()
         await asyncio.wait_for(second_task, 10)
@@ -323,7 +318,7 @@ async def test_a_graceful_stop_abandons_a_round_the_kv_never_answers_after_the_g
         rounds = runner.stats.rounds
         ack = await js.publish(subjects.gpu_sample("stuck", 0), codec.encode(sample("stuck", 0, 1)))
         key = KV_PREFIX + keys.device_key("stuck", 0)
-        await until(lambda: asyncio.sleep(0.02, key in unanswered), bool, timeout=10)
+        await eventually(lambda: asyncio.sleep(0.02, key in unanswered), bool, timeout=10)
         # More arrive while that write hangs: the next round is prepared and waits on it.
         later = [
             await js.publish(subjects.gpu_sample("stuck", i), codec.encode(sample("stuck", i, 1)))

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -20,25 +19,17 @@ from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
-from shardplane.projector.service import Projector
-from tests.projector.helpers import FAST, heartbeat, sample
+from tests.projector.helpers import FAST, heartbeat, running, sample
 
 NODES = [f"node-{i:03d}" for i in range(24)]
 
 
 @contextlib.asynccontextmanager
-async def partition_running(url: str, part: Partition, **config: float) -> AsyncIterator[None]:
-    client = await nats.connect(url)
-    stop = asyncio.Event()
-    runner = Projector(client, dataclasses.replace(FAST, **config), part)
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        await asyncio.wait_for(runner.leading.wait(), 20)
+async def partition_running(
+    url: str, part: Partition, **config: float
+) -> AsyncGenerator[None, None]:
+    async with running(url, dataclasses.replace(FAST, **config), part):
         yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
-        await client.drain()
 
 
 async def publish_fleet(js: JetStreamContext, seq: int) -> None:
@@ -151,7 +142,9 @@ async def test_a_partition_leaves_other_partitions_liveness_alone(
     after: dict[str, int] = {}
     for k in theirs:
         try:
-            after[k] = (await kv.get(k)).revision
+            entry = await kv.get(k)
+            assert entry.revision is not None
+            after[k] = entry.revision
         except KeyNotFoundError:
             after[k] = -1
     assert after == before

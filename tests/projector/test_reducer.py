@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from shardplane.projector.reducer import (
     sample_order,
     sweep,
 )
+from tests import kit
 
 NOW = 1_000.0
 LIVE = Liveness(ttl_s=6.0)
@@ -199,32 +201,12 @@ def test_the_default_ttl_is_three_agent_intervals() -> None:
 # --- instances --------------------------------------------------------------------------------
 
 
-def assign(gen: int, node: str, stage: int, count: int = 2, **kw: object) -> ShardAssignment:
-    return ShardAssignment(
-        instance_id="i1",
-        generation=gen,
-        node=node,
-        model="m",
-        stage=stage,
-        stage_count=count,
-        device=f"{node}/0",
-        layer_start=stage * 10,
-        layer_end=stage * 10 + 10,
-        ts=float(gen),
-        **kw,  # pyright: ignore[reportArgumentType]
-    )
+def assign(gen: int, node: str, stage: int, count: int = 2, **kw: Any) -> ShardAssignment:
+    return kit.assignment("i1", gen, node, stage, count, model="m", ts=float(gen), **kw)
 
 
 def report(gen: int, node: str, stage: int, state: str, seq: int) -> ShardStatus:
-    return ShardStatus(
-        instance_id="i1",
-        generation=gen,
-        node=node,
-        stage=stage,
-        state=state,  # pyright: ignore[reportArgumentType]
-        seq=seq,
-        ts=float(gen) + seq / 100,
-    )
+    return kit.status("i1", gen, node, stage, state, seq, ts=float(gen) + seq / 100)
 
 
 INSTANCE_HISTORY: list[Timed] = [

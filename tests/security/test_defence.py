@@ -79,9 +79,14 @@ async def test_a_worker_refuses_an_assignment_that_cannot_fit(
 ) -> None:
     log = await StatusLog().start(nc)
     held: list[int] = []
-    async with workers(
-        nc, ["n1"], capacity=lambda index: 24 * GIB, hold_memory=lambda i, d: held.append(d)
-    ):
+
+    def capacity(_index: int) -> int:
+        return 24 * GIB
+
+    def hold_memory(_index: int, nbytes: int) -> None:
+        held.append(nbytes)
+
+    async with workers(nc, ["n1"], capacity=capacity, hold_memory=hold_memory):
         await assign(js, _assignment(60))
         final = await log.settled("big", 1, 1, states=("reserved",))
     await log.stop()

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,7 +84,7 @@ def alive(pid: int) -> bool:
 def devices_seen(port: int) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/gpu/devices", timeout=5) as r:
-            body = json.loads(r.read())
+            body: dict[str, Any] | list[Any] = json.loads(r.read())
     except OSError:
         return 0
     return len(body["devices"] if isinstance(body, dict) else body)
