@@ -32,7 +32,8 @@ PROOF_TOL = 2e-7  # the bounds are bisected to 1e-7; closer than this is equal
 
 
 class PlanError(PlannerError):
-    """A request that cannot be planned; ``code`` is one of DESIGN.md's error codes."""
+    """A request that cannot be planned; ``code`` is one of the reply's error codes
+    (``bus.messages.ErrorCode``, the list the contract in ../shared/DESIGN.md publishes)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
