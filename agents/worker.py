@@ -40,11 +40,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shardplane.agents import reconcile as rc
-from shardplane.agents.assignments import Inbox
+from shardplane.agents.assignments import Inbox, fetch_backoff
 from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     LoadCancelled,
@@ -269,22 +269,9 @@ class Worker:
                     # Connection trouble (the client reconnects by itself) or the durable was
                     # deleted (stream re-provisioned): after a few failures, subscribe again.
                     failures += 1
-                    delay = min(5.0, 0.2 * failures)
-                    log.warning(
-                        "worker %s: fetching assignments from %s failed (%s), attempt %d; "
-                        "retrying in %.1f s",
-                        self.node,
-                        streams.PLACEMENTS,
-                        describe_error(exc),
-                        failures,
-                        delay,
-                    )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
-                    # 503/404 on a fetch: the consumer is most likely gone; otherwise give a
-                    # reconnect a few tries first.
-                    gone = isinstance(exc, ServiceUnavailableError | NotFoundError)
-                    if (gone or failures >= 3) and not stop.is_set():
+                    what = f"worker {self.node}: fetching assignments"
+                    described = describe_error(exc)
+                    if await fetch_backoff(log, what, described, exc, failures, stop):
                         # Drop the old subscription first: left behind, it would still collect
                         # status replies for the dead consumer that nothing reads, and closing
                         # the connection would wait the whole drain timeout for them.

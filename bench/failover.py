@@ -50,6 +50,7 @@ from shardplane.bus.streams import (
     SHARDS,
     TELEMETRY,
 )
+from shardplane.bus.wait import wait_set
 from shardplane.cluster import NatsCluster, stream_cluster, stream_leader
 from shardplane.planner import ledger
 from shardplane.planner.synthetic import device_state
@@ -129,8 +130,7 @@ async def agent(
         )
         seen.acked.setdefault(subject, []).append((ack.seq, seq))
         seen.last_acked[key] = seq
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), load.interval_s)
+        await wait_set(stop, load.interval_s)
 
 
 async def requester(nc: Client, load: Load, seen: Observed, stop: asyncio.Event) -> None:
@@ -162,8 +162,7 @@ async def requester(nc: Client, load: Load, seen: Observed, stop: asyncio.Event)
             code = reply.error.code if reply.error else "?"
             seen.placement_errors[code] = seen.placement_errors.get(code, 0) + 1
             log.info("placement request failed: %s", reply.error)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), load.placement_every_s)
+        await wait_set(stop, load.placement_every_s)
 
 
 async def observer(url: str, seen: Observed) -> Client:

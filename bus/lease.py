@@ -52,6 +52,7 @@ from nats.js.kv import KeyValue
 from shardplane.bus import keys
 from shardplane.bus.retry import ELECTION_DEADLINE_S, Outage, transient
 from shardplane.bus.streams import ensure_bucket, wanted_replicas
+from shardplane.bus.wait import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ class Lease:
                         self.holder,
                     )
                     waited = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(self.ttl_s / 3, STANDBY_POLL_S))
+            await wait_set(stop, min(self.ttl_s / 3, STANDBY_POLL_S))
         return False
 
     async def renew(self) -> bool:

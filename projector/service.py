@@ -52,6 +52,7 @@ from shardplane.bus.streams import (
     TELEMETRY,
     provision,
 )
+from shardplane.bus.wait import wait_set
 from shardplane.projector import partition as partitions
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
@@ -266,8 +267,7 @@ class Projector:
                         log.warning("projector round failed (%s); resuming in 1 s", describe(exc))
                     else:
                         log.exception("projector round failed; resuming in 1 s")
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
+                    await wait_set(stop, 1.0)
                 finally:
                     self.leading.clear()
         finally:
@@ -298,8 +298,7 @@ class Projector:
                         await watcher.stop()
             except Exception as exc:  # the bus is away: watch again
                 log.warning("watching the planner's ledger failed: %r", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_set(stop, 1.0)
 
     def _authorise(self, event: Event) -> Outcome | None:
         """An outcome for an assignment the ledger does not name (None: apply it)."""

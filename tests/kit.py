@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -117,6 +117,18 @@ async def running(
             raise AssertionError(f"service did not stop within {stop_timeout:g} s of its stop")
         if not task.cancelled() and (exc := task.exception()) is not None:
             raise exc
+
+
+async def stop_tasks(
+    stop: asyncio.Event, tasks: Iterable[asyncio.Task[Any]], timeout: float = 20.0
+) -> set[asyncio.Task[Any]]:
+    """Set ``stop`` and give ``tasks`` ``timeout`` seconds to return; cancel the ones that do
+    not. The tasks that returned (or raised) are returned, for a caller that wants errors."""
+    stop.set()
+    done, pending = await asyncio.wait(list(tasks), timeout=timeout)
+    for task in pending:
+        task.cancel()
+    return done
 
 
 async def _ready_or_dead(task: asyncio.Task[Any], ready: Awaitable[object], timeout: float) -> None:

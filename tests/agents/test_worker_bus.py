@@ -23,6 +23,7 @@ from shardplane.agents.loader import CHUNK_BYTES
 from shardplane.agents.worker import Worker
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, ShardAssignment
+from tests import kit
 from tests.agents import ckpt
 from tests.agents.busutil import (
     StatusLog,
@@ -269,17 +270,18 @@ async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamC
     )
     task = asyncio.create_task(worker.run(stop))
     try:
-        a = ShardAssignment(
-            instance_id="cat",
-            generation=1,
-            node="n1",
+        sizes = {"weight_bytes": 5 * 2**30, "kv_bytes": 2**30, "memory_bytes": 7 * 2**30}
+        a = kit.assignment(
+            "cat",
+            1,
+            "n1",
+            0,
+            1,
             model="llama-3.1-70b",
             device="n1/1",
-            layer_start=0,
             layer_end=40,
-            weight_bytes=5 * 2**30,
-            kv_bytes=2**30,
-            memory_bytes=7 * 2**30,
+            ts=0.0,
+            **sizes,
         )
         await assign(js, a)
         final = await log.settled("cat", 1, 1, states=("reserved",))

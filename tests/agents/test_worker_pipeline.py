@@ -37,7 +37,7 @@ from tests.agents.busutil import (
     stage,
     until_sample_after,
 )
-from tests.kit import wait_instance
+from tests.kit import stop_tasks, wait_instance
 
 NODES = {"w-a": "RTX-3060-12GB", "w-b": "P40", "w-c": "T4", "w-d": "A10"}
 LAYERS = 8
@@ -96,10 +96,7 @@ async def pipeline(url: str, fleet: Path) -> AsyncGenerator[dict[str, Worker], N
     try:
         yield workers
     finally:
-        stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=20)
-        for task in pending:
-            task.cancel()
+        await stop_tasks(stop, tasks)
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.close()

@@ -27,6 +27,7 @@ from shardplane.bus.messages import (
     Stage,
     StageState,
 )
+from tests import kit
 
 GIB = 1024**3
 
@@ -87,15 +88,8 @@ REPLY = PlacementReply(
     stages=(STAGE,),
     excluded=(Excluded(device="rig-c/0", reason="offline"),),
 )
-ASSIGNMENT = ShardAssignment(
-    instance_id="inst-1",
-    generation=1,
-    node="rig-a",
-    model="llama-3.1-70b",
-    device="rig-a/0",
-    layer_start=0,
-    layer_end=40,
-    layers_total=80,
+ASSIGNMENT = kit.assignment(
+    "inst-1", 1, "rig-a", 0, 1, model="llama-3.1-70b", layer_end=40, layers_total=80, ts=0.0
 )
 STATUS = ShardStatus(
     instance_id="inst-1",

@@ -14,7 +14,7 @@ from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, Stage
 from shardplane.bus.streams import cluster_state
 from shardplane.commands import run_services
-from tests.kit import eventually
+from tests.kit import eventually, stop_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_FLEET = ROOT / "fleets" / "demo.toml"
@@ -49,11 +49,7 @@ async def running(
     try:
         yield stop
     finally:
-        stop.set()
-        done, pending = await asyncio.wait(tasks, timeout=15)
-        for task in pending:
-            task.cancel()
-        for task in done:
+        for task in await stop_tasks(stop, tasks, timeout=15):
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
 

@@ -11,6 +11,7 @@ from shardplane.agents.worker import misfit
 from shardplane.bus.messages import DeviceSample, DeviceState, ShardAssignment
 from shardplane.planner.fleet import build_fleet
 from shardplane.planner.plausible import MAX_MEMORY, implausible
+from tests import kit
 from tests.agents.busutil import StatusLog, assign, workers
 
 GIB = 1024**3
@@ -54,15 +55,9 @@ def test_plausibility_limits() -> None:
 
 
 def _assignment(memory_gib: float) -> ShardAssignment:
-    return ShardAssignment(
-        instance_id="big",
-        generation=1,
-        node="n1",
-        model="llama-3.1-8b",
-        device="n1/0",
-        layer_end=4,
-        layers_total=4,
-        memory_bytes=int(memory_gib * GIB),
+    memory = int(memory_gib * GIB)
+    return kit.assignment(
+        "big", 1, "n1", 0, 1, layer_end=4, layers_total=4, memory_bytes=memory, ts=0.0
     )
 
 
