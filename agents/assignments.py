@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,22 @@ INACTIVE_S = 120.0
 # Past this many nodes one wildcard filter is cheaper than a filter subject per node; the
 # process then drops the few assignments of nodes another process runs.
 MAX_FILTER_SUBJECTS = 256
+
+
+async def fetch_unless_stopped(
+    pull: Coroutine[Any, Any, list[Msg]], stopped: asyncio.Future[Any]
+) -> asyncio.Future[list[Msg]] | None:
+    """Run a fetch until it completes or ``stopped`` does: the finished fetch (its result or
+    its error), or None when the stop came first. A fetch cut short is cancelled, and the
+    messages it would have taken are redelivered later."""
+    fetch = asyncio.ensure_future(pull)
+    await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if fetch.done():
+        return fetch
+    fetch.cancel()
+    with contextlib.suppress(BaseException):
+        await fetch
+    return None
 
 
 async def fetch_backoff(
@@ -218,14 +234,9 @@ class AssignmentFeed:
         stopped = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(
-                    self._pull().fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-                )
-                await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await fetch
+                pull = self._pull().fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                fetch = await fetch_unless_stopped(pull, stopped)
+                if fetch is None:
                     break
                 try:
                     msgs: list[Msg] = fetch.result()

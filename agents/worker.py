@@ -44,7 +44,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shardplane.agents import reconcile as rc
-from shardplane.agents.assignments import Inbox, fetch_backoff
+from shardplane.agents.assignments import Inbox, fetch_backoff, fetch_unless_stopped
 from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     LoadCancelled,
@@ -250,13 +250,9 @@ class Worker:
         failures = 0
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(self._sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S))
-                await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    # Stopping: messages this fetch would have taken are redelivered later.
-                    fetch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await fetch
+                pull = self._sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                fetch = await fetch_unless_stopped(pull, stopped)
+                if fetch is None:
                     break
                 try:
                     msgs = fetch.result()
@@ -434,14 +430,7 @@ class Worker:
         if shard is not None:
             self.shards[key] = shard
             await self.pipeline.serve(key, assignment, shard.tensors)
-            await self._status(
-                assignment,
-                "loaded",
-                bytes_loaded=shard.nbytes,
-                load_ms=shard.load_ms,
-                where=shard.where,
-                tensors=len(shard.tensors),
-            )
+            await self._loaded(assignment, shard)
         else:
             await self._status(assignment, previous.state)
 
@@ -538,14 +527,7 @@ class Worker:
             shard.load_ms,
             shard.where,
         )
-        await self._status(
-            assignment,
-            "loaded",
-            bytes_loaded=shard.nbytes,
-            load_ms=shard.load_ms,
-            where=shard.where,
-            tensors=len(shard.tensors),
-        )
+        await self._loaded(assignment, shard)
 
     async def _step_measured(self, key: rc.ShardKey, step_ms: float, step_bytes: int) -> None:
         held, shard = self.held.get(key), self.shards.get(key)
@@ -569,6 +551,16 @@ class Worker:
                 await asyncio.wait_for(self._unload(held, reason), timeout=2.0)
 
     # --- status -----------------------------------------------------------------------------
+
+    async def _loaded(self, assignment: ShardAssignment, shard: LoadedShard) -> None:
+        await self._status(
+            assignment,
+            "loaded",
+            bytes_loaded=shard.nbytes,
+            load_ms=shard.load_ms,
+            where=shard.where,
+            tensors=len(shard.tensors),
+        )
 
     async def _status(self, assignment: ShardAssignment, state: ShardState, **fields: Any) -> None:
         self._seq += 1

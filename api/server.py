@@ -295,6 +295,19 @@ def _state(request: web.Request) -> ApiState:
     return request.app[STATE_KEY]
 
 
+def _instance_id(request: web.Request) -> str:
+    """The ``{id}`` of the path, refused unless it is an instance id."""
+    ident = request.match_info["id"]
+    if not _TOKEN.match(ident):
+        raise ApiError(
+            400,
+            "invalid_request",
+            "`id` must be an instance id (lowercase [a-z0-9_-], 1-64 chars)",
+            "id",
+        )
+    return ident
+
+
 async def _synced(state: ApiState, timeout: float = 5.0) -> None:
     # Right after start the first watch may still be replaying the bucket; wait briefly so a
     # client never sees a half-empty fleet, but never hang a request on a dead bus.
@@ -414,39 +427,30 @@ async def history(request: web.Request) -> web.Response:
     return _json_response(_json.encode({"points": cache.history.points, "devices": out}))
 
 
-async def topology(request: web.Request) -> web.StreamResponse:
-    _check_query(request, frozenset())
-    state = _state(request)
-    await _synced(state)
-    return await _send(request, state.cache.topology_body())
+def _listing(
+    body: Callable[[ApiState], bytes],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A GET of a whole list the cache keeps ready-built: no parameters, the body as is."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        _check_query(request, frozenset())
+        state = _state(request)
+        await _synced(state)
+        return await _send(request, body(state))
+
+    return handler
 
 
-async def nodes(request: web.Request) -> web.StreamResponse:
-    _check_query(request, frozenset())
-    state = _state(request)
-    await _synced(state)
-    return await _send(request, state.cache.nodes_body())
-
-
-async def placements(request: web.Request) -> web.StreamResponse:
-    _check_query(request, frozenset())
-    state = _state(request)
-    await _synced(state)
-    return await _send(request, state.cache.placements_body())
+topology = _listing(lambda state: state.cache.topology_body())
+nodes = _listing(lambda state: state.cache.nodes_body())
+placements = _listing(lambda state: state.cache.placements_body())
 
 
 async def placement(request: web.Request) -> web.Response:
     _check_query(request, frozenset())
     state = _state(request)
     await _synced(state)
-    ident = request.match_info["id"]
-    if not _TOKEN.match(ident):
-        raise ApiError(
-            400,
-            "invalid_request",
-            "`id` must be an instance id (lowercase [a-z0-9_-], 1-64 chars)",
-            "id",
-        )
+    ident = _instance_id(request)
     body = state.cache.instance_json(ident)
     if body is None:
         raise ApiError(404, "not_found", f"no placement {ident!r}", "id")
@@ -506,14 +510,7 @@ async def release(request: web.Request) -> web.Response:
     return the planner's ReleaseReply as is (200 also when it was released before: idempotent)."""
     _check_query(request, frozenset())
     state = _state(request)
-    ident = request.match_info["id"]
-    if not _TOKEN.match(ident):
-        raise ApiError(
-            400,
-            "invalid_request",
-            "`id` must be an instance id (lowercase [a-z0-9_-], 1-64 chars)",
-            "id",
-        )
+    ident = _instance_id(request)
     body = _json.encode(ReleaseRequest(instance_id=ident))
     try:
         if not state.nc.is_connected:

@@ -403,14 +403,19 @@ class ClusterCache:
         self._bodies[name] = (body, now)
         return body
 
-    def devices_body(self) -> bytes:
-        def build() -> bytes:
-            parts = self.json["device"]
-            keys = self.sorted_keys("device")
-            head = f'{{"count":{len(keys)},"revision":{self.revision},"devices":['.encode()
-            return b"".join((head, b",".join(map(parts.__getitem__, keys)), b"]}"))
+    def _joined(self, kind: Kind, field: str) -> bytes:
+        """``{"count", "revision", field: [...]}`` joined from the entries' ready-made JSON."""
 
-        return self._cached("device", build)
+        def build() -> bytes:
+            parts = self.json[kind]
+            names = self.sorted_keys(kind)
+            head = f'{{"count":{len(names)},"revision":{self.revision},"{field}":['.encode()
+            return b"".join((head, b",".join(map(parts.__getitem__, names)), b"]}"))
+
+        return self._cached(kind, build)
+
+    def devices_body(self) -> bytes:
+        return self._joined("device", "devices")
 
     def device_list(self) -> list[View]:
         """Full device views, decoded from their JSON (for the topology, rebuilt rarely)."""
@@ -435,13 +440,7 @@ class ClusterCache:
         return self._cached("node", build)
 
     def placements_body(self) -> bytes:
-        def build() -> bytes:
-            parts = self.json["instance"]
-            keys = self.sorted_keys("instance")
-            head = f'{{"count":{len(keys)},"revision":{self.revision},"placements":['.encode()
-            return b"".join((head, b",".join(map(parts.__getitem__, keys)), b"]}"))
-
-        return self._cached("instance", build)
+        return self._joined("instance", "placements")
 
     def topology_body(self) -> bytes:
         def build() -> bytes:

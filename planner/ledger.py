@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -206,15 +207,8 @@ async def mark_published(kv: KeyValue, instance_id: str, generation: int) -> boo
         entry = doc.instances.get(instance_id)
         if entry is None or entry.generation != generation:
             return False
-        if entry.published:
+        if entry.published or await _replaced(kv, doc, revision, instance_id, published=True):
             return True
-        instances = dict(doc.instances)
-        instances[instance_id] = msgspec.structs.replace(entry, published=True)
-        try:
-            await commit(kv, LedgerDoc(instances=instances), revision)
-        except KeyWrongLastSequenceError:
-            continue
-        return True
     return False
 
 
@@ -225,14 +219,23 @@ async def clear_deferred(kv: KeyValue, instance_id: str, generation: int) -> boo
         entry = doc.instances.get(instance_id)
         if entry is None or entry.generation != generation or not entry.deferred_releases:
             return False
-        instances = dict(doc.instances)
-        instances[instance_id] = msgspec.structs.replace(entry, deferred_releases=())
-        try:
-            await commit(kv, LedgerDoc(instances=instances), revision)
-        except KeyWrongLastSequenceError:
-            continue
-        return True
+        if await _replaced(kv, doc, revision, instance_id, deferred_releases=()):
+            return True
     return False
+
+
+async def _replaced(
+    kv: KeyValue, doc: LedgerDoc, revision: int, instance_id: str, **changes: Any
+) -> bool:
+    """Commit ``doc`` with the instance's entry changed; False when another planner wrote the
+    ledger since ``revision`` (then the caller reads it again and retries)."""
+    instances = dict(doc.instances)
+    instances[instance_id] = msgspec.structs.replace(instances[instance_id], **changes)
+    try:
+        await commit(kv, LedgerDoc(instances=instances), revision)
+    except KeyWrongLastSequenceError:
+        return False
+    return True
 
 
 def unpublished(doc: LedgerDoc, older_than: float) -> list[tuple[str, LedgerEntry]]:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import time
+import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar, overload
 
@@ -174,6 +176,17 @@ async def wait_instance(
     found = await eventually(probe, settled, timeout=timeout, what=f"instance {instance} {what}")
     assert found is not None
     return found
+
+
+def api_devices(port: int, timeout: float = 2.0) -> int:
+    """How many devices the status API on ``port`` lists; 0 while it does not answer."""
+    try:
+        url = f"http://127.0.0.1:{port}/api/gpu/devices"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: dict[str, Any] | list[Any] = json.loads(response.read())
+    except OSError:
+        return 0
+    return len(body["devices"] if isinstance(body, dict) else body)
 
 
 # --- message factories: the fields a test does not care about, filled in one way ------------

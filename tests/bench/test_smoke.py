@@ -32,6 +32,11 @@ def _figures(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     return figures
 
 
+def _has(figures: dict[str, Any], names: str) -> None:
+    missing = set(names.split()) - figures.keys()
+    assert not missing, f"the JSON line lacks {sorted(missing)}: {figures}"
+
+
 def _run(
     main: Callable[..., int], argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, dict[str, Any]]:
@@ -42,13 +47,11 @@ def _run(
 def test_agent_overhead(capsys: pytest.CaptureFixture[str]) -> None:
     code, figures = _run(agent_overhead.main, ["--cycles", "3"], capsys)
     assert code == 0
-    assert {
-        "cpu_pct_one_core_8dev_2s",
-        "init_s_no_gpu",
-        "cpu_ms_per_cycle_8dev",
-        "floor_cpu_ms_per_cycle_publish",
-        "init_floor_s",
-    } <= figures.keys()
+    _has(
+        figures,
+        "cpu_pct_one_core_8dev_2s init_s_no_gpu cpu_ms_per_cycle_8dev "
+        "floor_cpu_ms_per_cycle_publish init_floor_s",
+    )
     assert figures["cycles"] == 3 and figures["messages_per_cycle"] == 9
     assert figures["cpu_ms_per_cycle_8dev"] > 0 and figures["floor_cpu_ms_per_cycle_publish"] > 0
 
@@ -67,14 +70,11 @@ def test_fuzz_verdict_follows_its_figures(capsys: pytest.CaptureFixture[str]) ->
 def test_placement_quality(capsys: pytest.CaptureFixture[str]) -> None:
     code, figures = _run(placement_quality.main, ["--cases", "2"], capsys)
     assert code == 0
-    assert {
-        "cases",
-        "overclaim_max",
-        "worse_than_exo",
-        "worse_than_best_single_device",
-        "max_gap_vs_exact_pct",
-        "solve_p50_ms",
-    } <= figures.keys()
+    _has(
+        figures,
+        "cases overclaim_max worse_than_exo worse_than_best_single_device "
+        "max_gap_vs_exact_pct solve_p50_ms",
+    )
     assert figures["cases"] >= 2
     assert figures["worse_than_exo"] == figures["worse_than_best_single_device"] == 0
 
@@ -103,8 +103,7 @@ def test_projector_throughput_verdict_follows_its_figures(
     argv = ["--nodes", "4", "--gpus", "2", "--rounds", "2", "--lag-seconds", "1"]
     code, figures = _run(projector_throughput.main, argv, capsys)
     assert code == 0
-    for key in ("msgs_per_s", "raw_drain_msgs_per_s", "ratio", "lag_p99_ms_at_4000", "lost"):
-        assert key in figures, key
+    _has(figures, "msgs_per_s raw_drain_msgs_per_s ratio lag_p99_ms_at_4000 lost")
     assert figures["msgs_per_s"] > 0 and figures["raw_drain_msgs_per_s"] > 0
     missed = (
         figures["ratio"] < projector_throughput.TARGET_RATIO
@@ -120,8 +119,7 @@ def test_projector_throughput_verdict_follows_its_figures(
 def test_failover_verdict_follows_its_figures(capsys: pytest.CaptureFixture[str]) -> None:
     code, figures = _run(failover.main, ["--kills", "1", "--nodes", "2", "--gpus", "1"], capsys)
     assert figures["kills"] == 1
-    for key in ("unavailable_s_max", "floor_s_max", "vs_floor_max", "lost", "false_offline"):
-        assert key in figures, key
+    _has(figures, "unavailable_s_max floor_s_max vs_floor_max lost false_offline")
     met = (
         figures["unavailable_s_max"] is not None
         and figures["unavailable_s_max"] <= failover.TARGET_UNAVAILABLE_S

@@ -91,16 +91,7 @@ REPLY = PlacementReply(
 ASSIGNMENT = kit.assignment(
     "inst-1", 1, "rig-a", 0, 1, model="llama-3.1-70b", layer_end=40, layers_total=80, ts=0.0
 )
-STATUS = ShardStatus(
-    instance_id="inst-1",
-    generation=1,
-    node="rig-a",
-    stage=0,
-    state="loaded",
-    seq=3,
-    ts=1.7e9,
-    bytes_loaded=100,
-)
+STATUS = kit.status("inst-1", 1, "rig-a", 0, "loaded", 3, ts=1.7e9, bytes_loaded=100)
 EXAMPLES: list[msgspec.Struct] = [
     SAMPLE,
     HEARTBEAT,

@@ -16,11 +16,11 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from shardplane.natsserver import MONITOR_PORT_ENV, NatsServer, free_port
+from tests.kit import api_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shardplane.cli"]
@@ -68,15 +68,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             ready = False
             while time.monotonic() < deadline and not ready:
                 assert proc.poll() is None, "up exited"
-                try:
-                    with urllib.request.urlopen(
-                        f"http://127.0.0.1:{api_port}/api/gpu/devices", timeout=2
-                    ) as resp:
-                        body: dict[str, Any] | list[Any] = json.loads(resp.read())
-                        devices = body["devices"] if isinstance(body, dict) else body
-                        ready = len(devices) >= 6
-                except OSError:
-                    pass
+                ready = api_devices(api_port) >= 6
                 time.sleep(0.3)
             assert ready, "the demo fleet never reported"
             yield server.url

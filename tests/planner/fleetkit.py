@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import CLUSTER_STATE
-from shardplane.planner.fleet import Fleet, build_fleet
+from shardplane.planner.fleet import Device, Fleet, build_fleet
 from shardplane.planner.synthetic import HostSpec, states
 
 
@@ -41,3 +41,18 @@ async def publish_fleet(js: JetStreamContext, hosts: Sequence[HostSpec]) -> None
 async def put_device(js: JetStreamContext, state: DeviceState) -> None:
     kv = await js.key_value(CLUSTER_STATE)
     await kv.put(keys.device_key(state.sample.node, state.sample.index), codec.encode(state))
+
+
+def device(ref: str, bw: float, *, gib: float = 80, tflops: float = 0.0) -> Device:
+    """A planner device ``<node>/<index>`` with ``gib`` GiB, all free, and the given speeds."""
+    node, _, idx = ref.partition("/")
+    return Device(
+        ref=ref,
+        node=node,
+        index=int(idx),
+        gpu="g",
+        bandwidth_gbps=bw,
+        total_bytes=int(gib * 1024**3),
+        free_bytes=int(gib * 1024**3),
+        tflops=tflops,
+    )

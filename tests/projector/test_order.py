@@ -8,6 +8,9 @@ higher seq, earlier ts) and a repeat of a seq (ts decides)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 
 from shardplane.bus.keys import device_key, node_key
@@ -24,6 +27,7 @@ from shardplane.projector.reducer import (
 )
 from tests import kit
 
+T = TypeVar("T")
 NOW = 1000.0
 LIVE = Liveness(ttl_s=60.0)
 
@@ -32,15 +36,22 @@ def _sample(epoch: float, seq: int, ts: float, free_gib: int) -> DeviceSample:
     return kit.sample("n", 0, seq, epoch=epoch, ts=ts, free=free_gib * kit.GIB)
 
 
-def _kept_sample(*arrivals: DeviceSample) -> DeviceSample:
-    """The sample the KV holds after ``arrivals``, in that order."""
+def _folded(
+    arrivals: tuple[T, ...], apply: Callable[[View, T, float, float, Liveness], object]
+) -> View:
+    """The view after ``arrivals`` in that order; each must change it or leave it as is."""
     view = View()
-    for sample in arrivals:
-        outcome = apply_sample(view, sample, NOW, NOW, LIVE)
+    for event in arrivals:
+        outcome = apply(view, event, NOW, NOW, LIVE)
         assert isinstance(outcome, Changes)
         for key, value in outcome.values.items():
             view.set(key, value)
-    state = view.get(device_key("n", 0))
+    return view
+
+
+def _kept_sample(*arrivals: DeviceSample) -> DeviceSample:
+    """The sample the KV holds after ``arrivals``, in that order."""
+    state = _folded(arrivals, apply_sample).get(device_key("n", 0))
     assert isinstance(state, DeviceState)
     return state.sample
 
@@ -75,13 +86,7 @@ def test_heartbeats_follow_the_same_rule() -> None:
     new = kit.heartbeat("n", 2, epoch=600.0, ts=949.0, hostname="after")
     assert heartbeat_order(old) < heartbeat_order(new)
     for arrivals in ((old, new), (new, old)):
-        view = View()
-        for hb in arrivals:
-            outcome = apply_heartbeat(view, hb, NOW, NOW, LIVE)
-            assert isinstance(outcome, Changes)
-            for key, value in outcome.values.items():
-                view.set(key, value)
-        state = view.get(node_key("n"))
+        state = _folded(arrivals, apply_heartbeat).get(node_key("n"))
         assert isinstance(state, NodeState)
         assert state.heartbeat == new, arrivals
 
