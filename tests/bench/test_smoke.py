@@ -9,7 +9,8 @@ smoke tests in tests/agents/.)"""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +23,16 @@ from shardplane.bench import (
     placement_quality,
     projector_throughput,
 )
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A benchmark may quiet the ``shardplane`` loggers for its own run (fuzz does): in this
+    process the next test would find them quiet, so their level is put back."""
+    root = logging.getLogger("shardplane")
+    level = root.level
+    yield
+    root.setLevel(level)
 
 
 def _figures(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
