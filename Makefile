@@ -39,6 +39,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m basedpyright
+	$(VENV)/bin/lint-imports --no-cache
 
 fmt: $(STAMP)
 	$(PY) -m ruff format .

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from shardplane.bus import streams, subjects
+from shardplane.bus.wait import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,48 @@ INACTIVE_S = 120.0
 # Past this many nodes one wildcard filter is cheaper than a filter subject per node; the
 # process then drops the few assignments of nodes another process runs.
 MAX_FILTER_SUBJECTS = 256
+
+
+async def fetch_unless_stopped(
+    pull: Coroutine[Any, Any, list[Msg]], stopped: asyncio.Future[Any]
+) -> asyncio.Future[list[Msg]] | None:
+    """Run a fetch until it completes or ``stopped`` does: the finished fetch (its result or
+    its error), or None when the stop came first. A fetch cut short is cancelled, and the
+    messages it would have taken are redelivered later."""
+    fetch = asyncio.ensure_future(pull)
+    await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if fetch.done():
+        return fetch
+    fetch.cancel()
+    with contextlib.suppress(BaseException):
+        await fetch
+    return None
+
+
+async def fetch_backoff(
+    logger: logging.Logger,
+    what: str,
+    described: str,
+    exc: BaseException,
+    failures: int,
+    stop: asyncio.Event,
+) -> bool:
+    """After the ``failures``-th failed fetch of assignments: log it, wait min(5, 0.2 x
+    failures) s (less if stopped), and say whether to make the consumer anew. A 503/404 on a
+    fetch means the consumer is most likely gone; any other error (connection trouble, which
+    the client mends by itself) gets a few tries first. Never after a stop."""
+    delay = min(5.0, 0.2 * failures)
+    logger.warning(
+        "%s from %s failed (%s), attempt %d; retrying in %.1f s",
+        what,
+        streams.PLACEMENTS,
+        described,
+        failures,
+        delay,
+    )
+    await wait_set(stop, delay)
+    gone = isinstance(exc, ServiceUnavailableError | NotFoundError)
+    return (gone or failures >= 3) and not stop.is_set()
 
 
 @dataclass(frozen=True)
@@ -186,20 +229,14 @@ class AssignmentFeed:
             except Exception as exc:  # JetStream not answering yet: the agent keeps retrying
                 failures += 1
                 log.warning("assignment feed: cannot start yet (%r), attempt %d", exc, failures)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=min(5.0, 0.2 * failures))
+                await wait_set(stop, min(5.0, 0.2 * failures))
         failures = 0
         stopped = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(
-                    self._pull().fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-                )
-                await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await fetch
+                pull = self._pull().fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                fetch = await fetch_unless_stopped(pull, stopped)
+                if fetch is None:
                     break
                 try:
                     msgs: list[Msg] = fetch.result()
@@ -223,18 +260,8 @@ class AssignmentFeed:
     ) -> bool:
         """Wait a little; when the consumer looks gone (or keeps failing), make a new one from
         the next unseen sequence. True when it did."""
-        delay = min(5.0, 0.2 * failures)
-        log.warning(
-            "assignment feed: fetching from %s failed (%s), attempt %d; retrying in %.1f s",
-            streams.PLACEMENTS,
-            type(exc).__name__ + (f": {exc}" if str(exc) else ""),
-            failures,
-            delay,
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        gone = isinstance(exc, ServiceUnavailableError | NotFoundError)
-        if (gone or failures >= 3) and not stop.is_set():
+        described = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        if await fetch_backoff(log, "assignment feed: fetching", described, exc, failures, stop):
             with contextlib.suppress(Exception):
                 await self._pull().unsubscribe()
             try:

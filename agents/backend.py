@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from shardplane.bus.errors import AgentError
 from shardplane.bus.messages import DeviceSample
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(AgentError):
     """A backend that cannot serve this host; ``str()`` is the reason, for the heartbeat."""
 
 

@@ -6,7 +6,6 @@ thousands of simulated nodes cost one task, spread evenly over the interval (no 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -15,12 +14,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from shardplane import __version__ as AGENT_VERSION
 from shardplane.agents.backend import Backend
 from shardplane.agents.hostinfo import HostInfo
 from shardplane.agents.publisher import Publisher
+from shardplane.bus import VERSION as AGENT_VERSION
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, NetLink, NodeHeartbeat
+from shardplane.bus.wait import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,7 @@ class NodeCollector:
 async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
     if delay <= 0:
         return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay)
+    await wait_set(stop, delay)
 
 
 def slot_of(i: int, n: int, slots: int) -> int:

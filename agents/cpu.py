@@ -46,6 +46,34 @@ def cpu_bandwidth_gbps() -> float:
     return measure_copy_bandwidth_gbps()
 
 
+def host_sample(
+    node: str,
+    index: int,
+    ts: float,
+    threads: int | None,
+    total: int,
+    used: int,
+    busy_pct: float,
+    bandwidth_gbps: float,
+) -> DeviceSample:
+    """Host RAM as a device: what the real and the simulated host report alike."""
+    vendor: Literal["cpu"] = "cpu"
+    return DeviceSample(
+        node=node,
+        index=index,
+        uuid=f"CPU-{node}",
+        seq=0,
+        ts=ts,
+        vendor=vendor,
+        name=f"CPU ({threads} threads)",
+        memory_total_bytes=total,
+        memory_used_bytes=used,
+        memory_free_bytes=total - used,
+        utilization_gpu_pct=busy_pct,
+        bandwidth_gbps=bandwidth_gbps,
+    )
+
+
 class HostCpuDevice:
     """Reads the real host: total and available RAM (psutil), CPU utilisation."""
 
@@ -62,20 +90,9 @@ class HostCpuDevice:
         vm = self._psutil.virtual_memory()
         total = int(vm.total)
         used = min(total, int(vm.total - vm.available) + self.held_bytes)
-        vendor: Literal["cpu"] = "cpu"
-        return DeviceSample(
-            node=self.node,
-            index=index,
-            uuid=f"CPU-{self.node}",
-            seq=0,
-            ts=ts,
-            vendor=vendor,
-            name=f"CPU ({os.cpu_count()} threads)",
-            memory_total_bytes=total,
-            memory_used_bytes=used,
-            memory_free_bytes=total - used,
-            utilization_gpu_pct=min(100.0, float(self._psutil.cpu_percent(None))),
-            bandwidth_gbps=self.bandwidth_gbps,
+        busy = min(100.0, float(self._psutil.cpu_percent(None)))
+        return host_sample(
+            self.node, index, ts, os.cpu_count(), total, used, busy, self.bandwidth_gbps
         )
 
 
@@ -91,20 +108,8 @@ class SimCpuDevice:
 
     def sample(self, index: int, ts: float) -> DeviceSample:
         used = min(self.total, int(0.12 * self.total) + self.held_bytes)
-        vendor: Literal["cpu"] = "cpu"
-        return DeviceSample(
-            node=self.node,
-            index=index,
-            uuid=f"CPU-{self.node}",
-            seq=0,
-            ts=ts,
-            vendor=vendor,
-            name=f"CPU ({self.cpu_count} threads)",
-            memory_total_bytes=self.total,
-            memory_used_bytes=used,
-            memory_free_bytes=self.total - used,
-            utilization_gpu_pct=10.0,
-            bandwidth_gbps=self.bandwidth_gbps,
+        return host_sample(
+            self.node, index, ts, self.cpu_count, self.total, used, 10.0, self.bandwidth_gbps
         )
 
 

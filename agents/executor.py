@@ -68,7 +68,7 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     spellings are read."""
     text = raw.get("text_config")
     if isinstance(text, Mapping):
-        raw = {**raw, **text}  # pyright: ignore[reportUnknownArgumentType]
+        raw = {**raw, **text}
     heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
     params: Mapping[str, Any] = raw.get("rope_parameters") or {}

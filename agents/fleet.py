@@ -46,6 +46,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from shardplane.bus.errors import AgentError
 from shardplane.bus.gpus import GpuSpec, gpu_spec
 from shardplane.bus.ids import TOKEN_PATTERN
 
@@ -59,7 +60,7 @@ FaultKind = Literal[
 NODE_FAULTS: frozenset[str] = frozenset({"silent", "resume"})
 
 
-class FleetError(ValueError):
+class FleetError(AgentError, ValueError):
     """A fleet file that cannot be simulated; ``str()`` names the file, field and value."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from shardplane.agents.backend import BackendUnavailable, LogOnce, theoretical_bandwidth_gbps
+from shardplane.bus.errors import AgentError
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample, NvLink
 
@@ -51,7 +52,7 @@ def _text(value: object) -> str:
     return str(value)
 
 
-class GpuLost(Exception):
+class GpuLost(AgentError):
     """The device fell off the bus: stop reading it for this cycle."""
 
 

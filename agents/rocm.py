@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from shardplane.agents.backend import BackendUnavailable, LogOnce
+from shardplane.bus.errors import AgentError
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample
 
@@ -26,7 +27,7 @@ pyrsmi_log = logging.getLogger("shardplane.agents.rocm.pyrsmi")
 T = TypeVar("T")
 
 
-class Failed(Exception):
+class Failed(AgentError):
     """A getter said -1: the field is unavailable this time."""
 
 

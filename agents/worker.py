@@ -40,11 +40,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shardplane.agents import reconcile as rc
-from shardplane.agents.assignments import Inbox
+from shardplane.agents.assignments import Inbox, fetch_backoff, fetch_unless_stopped
 from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     LoadCancelled,
@@ -251,13 +251,9 @@ class Worker:
         failures = 0
         try:
             while not stop.is_set():
-                fetch = asyncio.ensure_future(self._sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S))
-                await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    # Stopping: messages this fetch would have taken are redelivered later.
-                    fetch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await fetch
+                pull = self._sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                fetch = await fetch_unless_stopped(pull, stopped)
+                if fetch is None:
                     break
                 try:
                     msgs = fetch.result()
@@ -270,22 +266,9 @@ class Worker:
                     # Connection trouble (the client reconnects by itself) or the durable was
                     # deleted (stream re-provisioned): after a few failures, subscribe again.
                     failures += 1
-                    delay = min(5.0, 0.2 * failures)
-                    log.warning(
-                        "worker %s: fetching assignments from %s failed (%s), attempt %d; "
-                        "retrying in %.1f s",
-                        self.node,
-                        streams.PLACEMENTS,
-                        describe_error(exc),
-                        failures,
-                        delay,
-                    )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
-                    # 503/404 on a fetch: the consumer is most likely gone; otherwise give a
-                    # reconnect a few tries first.
-                    gone = isinstance(exc, ServiceUnavailableError | NotFoundError)
-                    if (gone or failures >= 3) and not stop.is_set():
+                    what = f"worker {self.node}: fetching assignments"
+                    described = describe_error(exc)
+                    if await fetch_backoff(log, what, described, exc, failures, stop):
                         # Drop the old subscription first: left behind, it would still collect
                         # status replies for the dead consumer that nothing reads, and closing
                         # the connection would wait the whole drain timeout for them.
@@ -448,14 +431,7 @@ class Worker:
         if shard is not None:
             self.shards[key] = shard
             await self.pipeline.serve(key, assignment, shard.tensors)
-            await self._status(
-                assignment,
-                "loaded",
-                bytes_loaded=shard.nbytes,
-                load_ms=shard.load_ms,
-                where=shard.where,
-                tensors=len(shard.tensors),
-            )
+            await self._loaded(assignment, shard)
         else:
             await self._status(assignment, previous.state)
 
@@ -552,14 +528,7 @@ class Worker:
             shard.load_ms,
             shard.where,
         )
-        await self._status(
-            assignment,
-            "loaded",
-            bytes_loaded=shard.nbytes,
-            load_ms=shard.load_ms,
-            where=shard.where,
-            tensors=len(shard.tensors),
-        )
+        await self._loaded(assignment, shard)
 
     async def _step_measured(self, key: rc.ShardKey, timing: StepTiming) -> None:
         held, shard = self.held.get(key), self.shards.get(key)
@@ -586,6 +555,16 @@ class Worker:
                 await asyncio.wait_for(self._unload(held, reason), timeout=2.0)
 
     # --- status -----------------------------------------------------------------------------
+
+    async def _loaded(self, assignment: ShardAssignment, shard: LoadedShard) -> None:
+        await self._status(
+            assignment,
+            "loaded",
+            bytes_loaded=shard.nbytes,
+            load_ms=shard.load_ms,
+            where=shard.where,
+            tensors=len(shard.tensors),
+        )
 
     async def _status(self, assignment: ShardAssignment, state: ShardState, **fields: Any) -> None:
         self._seq += 1

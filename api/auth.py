@@ -25,6 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from shardplane.api.errors import ApiError
+from shardplane.bus.errors import ApiServerError
 
 TOKEN_ENV = "SHARDPLANE_API_TOKEN"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -32,7 +33,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class InsecureBinding(RuntimeError):
+class InsecureBinding(ApiServerError, RuntimeError):
     """The API would serve mutating endpoints to the network without a token."""
 
 
@@ -108,7 +109,7 @@ class _JsonErrorHandler(RequestHandler):
 
 class _JsonErrorServer(web.Server):
     def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)  # pyright: ignore[reportPrivateUsage, reportUnknownMemberType, reportUnknownArgumentType, reportAttributeAccessIssue]
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
 
 class JsonErrorRunner(web.AppRunner):

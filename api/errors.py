@@ -14,6 +14,7 @@ import re
 import msgspec
 
 from shardplane.bus.codec import DecodeError, peek_identity
+from shardplane.bus.errors import ApiServerError
 from shardplane.bus.messages import PlacementRequest
 
 _encoder = msgspec.json.Encoder()
@@ -21,7 +22,7 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
-class ApiError(Exception):
+class ApiError(ApiServerError):
     def __init__(
         self,
         status: int,

@@ -32,15 +32,14 @@ from shardplane.api.views import (
     node_view,
     topology_signature,
 )
-from shardplane.bus import codec
+from shardplane.bus import codec, keys
 from shardplane.bus.liveness import judge_device, judge_node, reader_ttl
 from shardplane.bus.messages import DeviceState, InstanceState, NodeState
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["device", "node", "instance"]
+Kind = keys.Kind
 KINDS: tuple[Kind, ...] = ("device", "node", "instance")
-PREFIX: dict[str, Kind] = {"devices.": "device", "nodes.": "node", "instances.": "instance"}
 
 _json = msgspec.json.Encoder()
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode
@@ -55,10 +54,7 @@ LIST_MAX_AGE_S = 0.25
 
 
 def kind_of(key: str) -> Kind | None:
-    for prefix, kind in PREFIX.items():
-        if key.startswith(prefix):
-            return kind
-    return None
+    return keys.kind_of(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +248,7 @@ class ClusterCache:
         changes: list[Change] = []
         # The shortest TTL any device can have: younger samples need no closer look (this
         # runs every half second over every device, on the API's event loop).
-        nodes = [v for k, (v, _) in self._written.items() if k.startswith("nodes.")]
+        nodes = [v for k, (v, _) in self._written.items() if keys.prefix(k) == keys.NODES]
         floor = min(
             (reader_ttl(n, ttl_s) for n in nodes if isinstance(n, NodeState)),
             default=reader_ttl(None, ttl_s),
@@ -265,7 +261,7 @@ class ClusterCache:
                 if written is None or not isinstance(device, DeviceState):
                     continue
                 revision = written[1]
-                node = self._written.get(f"nodes.{device.sample.node}", (None, 0))[0]
+                node = self._written.get(keys.node_key(device.sample.node), (None, 0))[0]
                 judged = judge_device(
                     device, node if isinstance(node, NodeState) else None, now, ttl_s
                 )
@@ -407,14 +403,19 @@ class ClusterCache:
         self._bodies[name] = (body, now)
         return body
 
-    def devices_body(self) -> bytes:
-        def build() -> bytes:
-            parts = self.json["device"]
-            keys = self.sorted_keys("device")
-            head = f'{{"count":{len(keys)},"revision":{self.revision},"devices":['.encode()
-            return b"".join((head, b",".join(map(parts.__getitem__, keys)), b"]}"))
+    def _joined(self, kind: Kind, field: str) -> bytes:
+        """``{"count", "revision", field: [...]}`` joined from the entries' ready-made JSON."""
 
-        return self._cached("device", build)
+        def build() -> bytes:
+            parts = self.json[kind]
+            names = self.sorted_keys(kind)
+            head = f'{{"count":{len(names)},"revision":{self.revision},"{field}":['.encode()
+            return b"".join((head, b",".join(map(parts.__getitem__, names)), b"]}"))
+
+        return self._cached(kind, build)
+
+    def devices_body(self) -> bytes:
+        return self._joined("device", "devices")
 
     def device_list(self) -> list[View]:
         """Full device views, decoded from their JSON (for the topology, rebuilt rarely)."""
@@ -439,13 +440,7 @@ class ClusterCache:
         return self._cached("node", build)
 
     def placements_body(self) -> bytes:
-        def build() -> bytes:
-            parts = self.json["instance"]
-            keys = self.sorted_keys("instance")
-            head = f'{{"count":{len(keys)},"revision":{self.revision},"placements":['.encode()
-            return b"".join((head, b",".join(map(parts.__getitem__, keys)), b"]}"))
-
-        return self._cached("instance", build)
+        return self._joined("instance", "placements")
 
     def topology_body(self) -> bytes:
         def build() -> bytes:
@@ -456,10 +451,10 @@ class ClusterCache:
         return self._cached("topology", build)
 
     def instance_json(self, instance_id: str) -> bytes | None:
-        return self.json["instance"].get(f"instances.{instance_id}")
+        return self.json["instance"].get(keys.instance_key(instance_id))
 
     def device_json(self, node: str, index: int) -> bytes | None:
-        return self.json["device"].get(f"devices.{node}.{index}")
+        return self.json["device"].get(keys.device_key(node, index))
 
     def summary_metrics(self) -> bytes:
         devices = Counter(b.status for b in self.briefs.values())

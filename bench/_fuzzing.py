@@ -231,7 +231,7 @@ class System:
 
 
 @contextlib.asynccontextmanager
-async def running_system(bus: SecureBus):  # type: ignore[no-untyped-def]
+async def running_system(bus: SecureBus):
     from shardplane import secure
     from shardplane.commands import run_services, wait_for_devices
 

@@ -40,7 +40,7 @@ import msgspec
 import nats
 
 import shardplane
-from shardplane.bus import subjects
+from shardplane.bus import keys
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -145,11 +145,11 @@ async def write_fleet(url: str, nodes: int) -> float:
         now = time.time()
         started = time.perf_counter()
         puts = [
-            (subjects.node_key(node_name(n)), _ENCODER.encode(node_state(n, nodes, now)))
+            (keys.node_key(node_name(n)), _ENCODER.encode(node_state(n, nodes, now)))
             for n in range(nodes)
         ]
         puts += [
-            (subjects.device_key(node_name(n), i), _ENCODER.encode(device_state(n, i, 1, now)))
+            (keys.device_key(node_name(n), i), _ENCODER.encode(device_state(n, i, 1, now)))
             for n in range(nodes)
             for i in range(GPUS_PER_NODE)
         ]
@@ -193,7 +193,7 @@ async def writer(url: str, nodes: int, rate: float, seconds: float) -> None:
                 seq += 1
             batch.append(
                 kv.put(
-                    subjects.device_key(node_name(d // GPUS_PER_NODE), d % GPUS_PER_NODE),
+                    keys.device_key(node_name(d // GPUS_PER_NODE), d % GPUS_PER_NODE),
                     _ENCODER.encode(device_state(d // GPUS_PER_NODE, d % GPUS_PER_NODE, seq, now)),
                 )
             )

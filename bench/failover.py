@@ -38,7 +38,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.connect import connect
 from shardplane.bus.messages import DeviceSample, DeviceState, PlacementReply
 from shardplane.bus.retry import Outage, retrying
@@ -50,6 +50,7 @@ from shardplane.bus.streams import (
     SHARDS,
     TELEMETRY,
 )
+from shardplane.bus.wait import wait_set
 from shardplane.cluster import NatsCluster, stream_cluster, stream_leader
 from shardplane.planner import ledger
 from shardplane.planner.synthetic import device_state
@@ -110,7 +111,7 @@ async def agent(
     js = nc.jetstream()
     template = device_state(node, index, "A100-80GB").sample
     epoch = time.time()
-    key = subjects.device_key(node, index)
+    key = keys.device_key(node, index)
     subject = subjects.gpu_sample(node, index)
     seq = 0
     while not stop.is_set():
@@ -129,8 +130,7 @@ async def agent(
         )
         seen.acked.setdefault(subject, []).append((ack.seq, seq))
         seen.last_acked[key] = seq
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), load.interval_s)
+        await wait_set(stop, load.interval_s)
 
 
 async def requester(nc: Client, load: Load, seen: Observed, stop: asyncio.Event) -> None:
@@ -162,8 +162,7 @@ async def requester(nc: Client, load: Load, seen: Observed, stop: asyncio.Event)
             code = reply.error.code if reply.error else "?"
             seen.placement_errors[code] = seen.placement_errors.get(code, 0) + 1
             log.info("placement request failed: %s", reply.error)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), load.placement_every_s)
+        await wait_set(stop, load.placement_every_s)
 
 
 async def observer(url: str, seen: Observed) -> Client:
@@ -173,7 +172,7 @@ async def observer(url: str, seen: Observed) -> Client:
     async def on_write(msg: Msg) -> None:
         key = msg.subject[len(KV_PREFIX) :]
         seen.writes_seen += 1
-        if not key.startswith("devices.") or not msg.data:
+        if keys.prefix(key) != keys.DEVICES or not msg.data:
             return
         try:
             state = codec.decode(DeviceState, msg.data)
@@ -481,7 +480,7 @@ async def run(
 async def _report(nc: Client, seen: Observed, load: Load, done: list[Kill]) -> Report:
     """The checks, once the load has stopped: what was acknowledged is still there."""
     wrong = await kv_mismatches(nc, seen)
-    known = {subjects.device_key(n, i) for n, i in load.devices()}
+    known = {keys.device_key(n, i) for n, i in load.devices()}
     return Report(
         kills=done,
         lost_telemetry=await lost_telemetry(nc, seen),

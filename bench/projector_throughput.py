@@ -46,7 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 import shardplane
-from shardplane.bus import subjects
+from shardplane.bus import keys, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState
 from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY, provision
 from shardplane.natsserver import NatsServer
@@ -304,7 +304,7 @@ async def projector_drain(
     lost = sum(
         1
         for i in range(fleet.devices)
-        if (s := states.get(subjects.device_key(*fleet.device(i)))) is None
+        if (s := states.get(keys.device_key(*fleet.device(i)))) is None
         or s.sample.seq != rounds - 1
     )
     return total / (done - start), lost, cpu
@@ -355,7 +355,7 @@ async def partitions_drain(
     lost = sum(
         1
         for i in range(fleet.devices)
-        if (s := states.get(subjects.device_key(*fleet.device(i)))) is None
+        if (s := states.get(keys.device_key(*fleet.device(i)))) is None
         or s.sample.seq != rounds - 1
     )
     return (total - done_before) / window, lost, cpu, total - done_before
@@ -521,7 +521,7 @@ async def lag_run(
     lost += sum(
         1
         for device, seq in last_seq.items()
-        if (s := final.get(subjects.device_key(*device))) is None or s.sample.seq != seq
+        if (s := final.get(keys.device_key(*device))) is None or s.sample.seq != seq
     )
     return LagResult(lags, stage, published, lost, cpu)
 

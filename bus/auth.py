@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nkeys  # pyright: ignore[reportMissingTypeStubs]
+import nkeys
 
 from shardplane.bus import subjects
+from shardplane.bus.errors import BusError
 from shardplane.bus.ids import node_id
 from shardplane.bus.lease import CONTROLLER_LEASE_BUCKET, LEASE_BUCKET
 from shardplane.bus.streams import (
@@ -67,7 +68,7 @@ ROLE_PURPOSE: dict[Role, str] = {
 }
 
 
-class AuthError(ValueError):
+class AuthError(BusError, ValueError):
     """A credentials file or folder that cannot be used; ``str()`` says which and why."""
 
 
@@ -228,7 +229,7 @@ class Credentials:
 
     @property
     def public_key(self) -> str:
-        pair: Any = nkeys.from_seed(bytearray(self.seed.encode()))  # pyright: ignore[reportUnknownMemberType]
+        pair: Any = nkeys.from_seed(bytearray(self.seed.encode()))
         return str(pair.public_key.decode())
 
     def text(self) -> str:
@@ -242,7 +243,7 @@ class Credentials:
 def new_seed() -> str:
     """A fresh user nkey seed (``SU...``), from 32 random bytes."""
     raw = secrets.token_bytes(32)
-    encoded: Any = nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER)  # pyright: ignore[reportUnknownMemberType]
+    encoded: Any = nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER)
     return bytes(encoded).decode()
 
 
@@ -274,11 +275,11 @@ def parse_credentials(text: str, source: str = "credentials") -> Credentials:
     if not seed.startswith("SU"):
         raise AuthError(f"{source}: no user nkey seed (a line starting with SU)")
     try:
-        nkeys.from_seed(bytearray(seed.encode()))  # pyright: ignore[reportUnknownMemberType]
+        nkeys.from_seed(bytearray(seed.encode()))
     except Exception as exc:
         raise AuthError(f"{source}: the seed is not a valid nkey: {exc!r}") from None
     nodes = tuple(n for n in header.get("nodes", "").split(",") if n)
-    return Credentials(user=header.get("user") or role, role=role, seed=seed, nodes=nodes)  # type: ignore[arg-type]
+    return Credentials(user=header.get("user") or role, role=role, seed=seed, nodes=nodes)
 
 
 def read_credentials(path: str | Path) -> Credentials:

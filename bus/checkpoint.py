@@ -24,6 +24,8 @@ from typing import Any, Literal, cast
 
 import msgspec
 
+from shardplane.bus.errors import BusError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -51,7 +53,7 @@ DTYPE_BITS: dict[str, int] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BusError, ValueError):
     """A checkpoint that cannot be used; ``str()`` names the file and what is wrong with it."""
 
 

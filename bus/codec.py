@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from shardplane.bus.errors import BusError
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -36,7 +37,7 @@ Encoding = Literal["json", "msgpack"]
 T = TypeVar("T")
 
 
-class DecodeError(ValueError):
+class DecodeError(BusError, ValueError):
     """A payload that is not a valid message; ``str()`` says what was wrong, naming the field."""
 
 
@@ -150,7 +151,7 @@ def peek_identity(data: bytes, encoding: Encoding) -> tuple[str | None, str | No
     fields: dict[Any, Any] = doc  # pyright: ignore[reportUnknownVariableType]
     ident, model = fields.get("instance_id"), fields.get("model")
     if isinstance(model, dict):
-        model = fields["model"].get("name")  # pyright: ignore[reportUnknownMemberType]
+        model = fields["model"].get("name")
     return (
         ident[:64] if isinstance(ident, str) and _TOKEN.match(ident) else None,
         model[:128] if isinstance(model, str) and model else None,

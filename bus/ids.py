@@ -6,6 +6,8 @@ import re
 import socket
 from typing import NewType
 
+from shardplane.bus.errors import BusError
+
 NodeId = NewType("NodeId", str)
 InstanceId = NewType("InstanceId", str)
 DeviceId = NewType("DeviceId", str)  # "<node>/<index>", the human address of a GPU
@@ -14,7 +16,7 @@ TOKEN_PATTERN = r"^[a-z0-9_-]{1,64}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
 
 
-class InvalidId(ValueError):
+class InvalidId(BusError, ValueError):
     pass
 
 

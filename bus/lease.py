@@ -49,14 +49,16 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from shardplane.bus import keys
 from shardplane.bus.retry import ELECTION_DEADLINE_S, Outage, transient
 from shardplane.bus.streams import ensure_bucket, wanted_replicas
+from shardplane.bus.wait import wait_set
 
 log = logging.getLogger(__name__)
 
 LEASE_BUCKET = "projector_lease"  # the projector's (the default, for compatibility)
 CONTROLLER_LEASE_BUCKET = "controller_lease"
-LEASE_KEY = "leader"
+LEASE_KEY = keys.LEASE
 DEFAULT_LEASE_TTL_S = 3.0
 # A standby asks this often (or every TTL/3 if that is sooner): a graceful stop deletes the
 # key, and the standby should notice in a fraction of a second whatever the TTL.
@@ -192,8 +194,7 @@ class Lease:
                         self.holder,
                     )
                     waited = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), min(self.ttl_s / 3, STANDBY_POLL_S))
+            await wait_set(stop, min(self.ttl_s / 3, STANDBY_POLL_S))
         return False
 
     async def renew(self) -> bool:

@@ -29,6 +29,8 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from shardplane.bus import keys
+from shardplane.bus.errors import BusError
 from shardplane.bus.retry import retrying
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ CLUSTER_STATE = "cluster_state"
 LEDGER = "placement_ledger"  # the planners' memory ledger (planner-owned, CAS-guarded)
 # The ledger's one document: every instance's promise and its current generation. Workers and
 # the projector read it too (bus.authority): an assignment counts only at the ledger's generation.
-LEDGER_RESERVATIONS_KEY = "reservations"
+LEDGER_RESERVATIONS_KEY = keys.LEDGER_RESERVATIONS
 # Projector partitions (projector.partition): TELEMETRY sourced into one stream per partition
 # count, TELEMETRY_P<count>; the projector role may consume those of up to MAX_PARTITIONS.
 MAX_PARTITIONS = 16
@@ -139,7 +141,7 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
     ]
 
 
-class ReplicasError(ValueError):
+class ReplicasError(BusError, ValueError):
     pass
 
 

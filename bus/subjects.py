@@ -1,6 +1,8 @@
-"""Subject and KV-key builders: the only place subject strings are spelled."""
+"""Subject builders: the only place subject strings are spelled (KV keys: bus.keys)."""
 
 from __future__ import annotations
+
+from shardplane.bus import keys
 
 TELEMETRY_GPU = "telemetry.gpu"
 TELEMETRY_NODE = "telemetry.node"
@@ -51,14 +53,8 @@ def pipeline(instance: str, stage: int) -> str:
 SIM_FAULT_ANY = sim_fault("*")  # what an agent process simulating several nodes subscribes to
 
 
-# KV keys in the cluster_state bucket (written by the projector only).
-def device_key(node: str, index: int) -> str:
-    return f"devices.{node}.{index}"
-
-
-def node_key(node: str) -> str:
-    return f"nodes.{node}"
-
-
-def instance_key(instance: str) -> str:
-    return f"instances.{instance}"
+# The KV key builders moved to bus.keys (one module for the key layout); these names stay so a
+# caller that spells ``subjects.device_key`` keeps working.
+device_key = keys.device_key
+node_key = keys.node_key
+instance_key = keys.instance_key

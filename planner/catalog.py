@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from shardplane.bus.errors import PlannerError
 from shardplane.bus.messages import ModelCard
 from shardplane.planner.profile import ModelProfile, card_params, profile_from_card
 
@@ -116,7 +117,7 @@ RUNNABLE: tuple[ModelCard, ...] = (
 CATALOG: dict[str, ModelCard] = _build() | {c.name: c for c in RUNNABLE}
 
 
-class UnknownModel(LookupError):
+class UnknownModel(PlannerError, LookupError):
     """The model named in a request is not in the catalog (``str()`` lists close names)."""
 
 

@@ -40,6 +40,7 @@ from shardplane.bus.messages import (
     Stage,
 )
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
+from shardplane.bus.wait import wait_set
 from shardplane.planner import health, ledger
 from shardplane.planner.fleet import UTIL_FLOOR, build_fleet, peak_bandwidth
 from shardplane.planner.service import StateCache
@@ -111,15 +112,13 @@ class Controller:
                 await follower
 
     async def _lead(self, ledger_kv: KeyValue, stop: asyncio.Event, lost: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.cache.ready.wait(), 10.0)
+        await wait_set(self.cache.ready, 10.0)
         while not stop.is_set() and not lost.is_set():
             try:
                 await self.check_all(ledger_kv)
             except Exception:  # the bus is away, a bad value...: the next check tries again
                 log.exception("controller check failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.interval_s)
+            await wait_set(stop, self.config.interval_s)
 
     async def check_all(self, ledger_kv: KeyValue) -> None:
         doc, _ = await ledger.read(ledger_kv)

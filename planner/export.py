@@ -32,6 +32,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from shardplane.bus.errors import PlannerError
 from shardplane.bus.gpus import compute_capability, gpu_spec
 from shardplane.bus.messages import DeviceSample, NodeHeartbeat, PlacementReply, Stage
 from shardplane.planner.schedule import ENGINE_MICROBATCHES, engine_microbatches
@@ -44,7 +45,7 @@ VLLM_MIN_CC = (7, 0)
 EXPORT_KINDS = ("vllm", "llamacpp")
 
 
-class ExportError(ValueError):
+class ExportError(PlannerError, ValueError):
     """The plan cannot be run by this engine as planned; the message says why and what to do."""
 
 

@@ -111,8 +111,8 @@ def dtype_bytes(config: dict[str, Any]) -> float:
 def rope_theta(config: dict[str, Any]) -> float | None:
     """``rope_parameters.rope_theta`` (transformers 5.x) or top-level ``rope_theta`` (older)."""
     params = config.get("rope_parameters")
-    value = params.get("rope_theta") if isinstance(params, dict) else config.get("rope_theta")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-    return float(value) if isinstance(value, int | float) else None  # pyright: ignore[reportUnknownArgumentType]
+    value = params.get("rope_theta") if isinstance(params, dict) else config.get("rope_theta")  # pyright: ignore[reportUnknownVariableType]
+    return float(value) if isinstance(value, int | float) else None
 
 
 def card_from_config(config: dict[str, Any], name: str) -> ModelCard:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from shardplane.bus import keys
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
 from shardplane.bus.retry import retrying
 from shardplane.bus.streams import LEDGER_RESERVATIONS_KEY
@@ -179,7 +181,7 @@ async def commit(kv: KeyValue, doc: LedgerDoc, revision: int) -> int:
 def plan_key(instance_id: str, generation: int, nonce: str) -> str:
     """A key per attempt: two planners racing for one instance never overwrite each other's
     reply; the ledger entry that wins the compare-and-set names the one that counts."""
-    return f"plans.{instance_id}.{generation}.{nonce}"
+    return keys.plan_key(instance_id, generation, nonce)
 
 
 async def stored_reply(kv: KeyValue, key: str) -> PlacementReply | None:
@@ -205,15 +207,8 @@ async def mark_published(kv: KeyValue, instance_id: str, generation: int) -> boo
         entry = doc.instances.get(instance_id)
         if entry is None or entry.generation != generation:
             return False
-        if entry.published:
+        if entry.published or await _replaced(kv, doc, revision, instance_id, published=True):
             return True
-        instances = dict(doc.instances)
-        instances[instance_id] = msgspec.structs.replace(entry, published=True)
-        try:
-            await commit(kv, LedgerDoc(instances=instances), revision)
-        except KeyWrongLastSequenceError:
-            continue
-        return True
     return False
 
 
@@ -224,14 +219,23 @@ async def clear_deferred(kv: KeyValue, instance_id: str, generation: int) -> boo
         entry = doc.instances.get(instance_id)
         if entry is None or entry.generation != generation or not entry.deferred_releases:
             return False
-        instances = dict(doc.instances)
-        instances[instance_id] = msgspec.structs.replace(entry, deferred_releases=())
-        try:
-            await commit(kv, LedgerDoc(instances=instances), revision)
-        except KeyWrongLastSequenceError:
-            continue
-        return True
+        if await _replaced(kv, doc, revision, instance_id, deferred_releases=()):
+            return True
     return False
+
+
+async def _replaced(
+    kv: KeyValue, doc: LedgerDoc, revision: int, instance_id: str, **changes: Any
+) -> bool:
+    """Commit ``doc`` with the instance's entry changed; False when another planner wrote the
+    ledger since ``revision`` (then the caller reads it again and retries)."""
+    instances = dict(doc.instances)
+    instances[instance_id] = msgspec.structs.replace(instances[instance_id], **changes)
+    try:
+        await commit(kv, LedgerDoc(instances=instances), revision)
+    except KeyWrongLastSequenceError:
+        return False
+    return True
 
 
 def unpublished(doc: LedgerDoc, older_than: float) -> list[tuple[str, LedgerEntry]]:

@@ -33,6 +33,7 @@ from nats.js.kv import KeyValue
 
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import ErrorInfo, PlacementReply, ReleaseReply, ShardAssignment
+from shardplane.bus.wait import wait_set
 from shardplane.planner import ledger
 
 log = logging.getLogger(__name__)
@@ -232,5 +233,4 @@ async def repair_loop(planner: Planner, stop: asyncio.Event) -> None:
             await release_deferred(planner)
         except Exception as exc:  # the bus is away: next round
             log.debug("ledger repair pass failed: %r", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), REPAIR_INTERVAL_S)
+        await wait_set(stop, REPAIR_INTERVAL_S)

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from shardplane.bus.errors import PlannerError
 from shardplane.bus.messages import ErrorCode, SolverMethod, Stage
 from shardplane.planner import validate
 from shardplane.planner.bounds import step_bound_ms
@@ -31,8 +32,9 @@ from shardplane.planner.prune import prune
 PROOF_TOL = 2e-7  # the bounds are bisected to 1e-7; closer than this is equal
 
 
-class PlanError(Exception):
-    """A request that cannot be planned; ``code`` is one of DESIGN.md's error codes."""
+class PlanError(PlannerError):
+    """A request that cannot be planned; ``code`` is one of the reply's error codes
+    (``bus.messages.ErrorCode``, the list the contract in ../shared/DESIGN.md publishes)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)

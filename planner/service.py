@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from nats.micro import add_service  # pyright: ignore[reportUnknownVariableType]
 from nats.micro.request import Request
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
 from shardplane.bus.liveness import judge_device, ttl_from_env
@@ -91,19 +91,19 @@ class StateCache:
         self.revision = max(self.revision, revision)
         kind, _, rest = key.partition(".")
         try:
-            if kind == "devices":
+            if kind == keys.DEVICES:
                 node, _, index = rest.rpartition(".")
                 ref = f"{node}/{index}"
                 if deleted or not value:
                     self.devices.pop(ref, None)
                 else:
                     self.devices[ref] = codec.decode(DeviceState, value)
-            elif kind == "nodes":
+            elif kind == keys.NODES:
                 if deleted or not value:
                     self.nodes.pop(rest, None)
                 else:
                     self.nodes[rest] = codec.decode(NodeState, value)
-            elif kind == "instances":
+            elif kind == keys.INSTANCES:
                 if deleted or not value:
                     self.instances.pop(rest, None)
                 else:

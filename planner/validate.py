@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shardplane.bus.errors import PlannerError
 from shardplane.bus.messages import Stage
 from shardplane.planner import schedule
 from shardplane.planner.cost import WORKSPACE_BYTES, Problem
@@ -16,7 +17,7 @@ GIB = 1024**3
 REL_TOL = 1e-6
 
 
-class InvalidPlan(ValueError):
+class InvalidPlan(PlannerError, ValueError):
     """A plan that must not be published; ``problems`` lists every violation found."""
 
     def __init__(self, problems: Sequence[str]) -> None:

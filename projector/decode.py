@@ -7,6 +7,10 @@ state, so it is poison, not telemetry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import msgspec
 
 from shardplane.bus import subjects
@@ -25,67 +29,80 @@ _ASSIGNMENT = msgspec.msgpack.Decoder(ShardAssignment)
 _STATUS = msgspec.msgpack.Decoder(ShardStatus)
 _HEALTH = msgspec.msgpack.Decoder(InstanceHealth)
 
-_GPU = subjects.TELEMETRY_GPU.split(".")
-_NODE = subjects.TELEMETRY_NODE.split(".")
-_ASSIGNED = subjects.PLACEMENT_ASSIGNED.split(".")
-_STATUS_PREFIX = subjects.SHARD_STATUS.split(".")
-_HEALTH_PREFIX = subjects.PLACEMENT_HEALTH.split(".")
+_GPU = tuple(subjects.TELEMETRY_GPU.split("."))
+_NODE = tuple(subjects.TELEMETRY_NODE.split("."))
+_ASSIGNED = tuple(subjects.PLACEMENT_ASSIGNED.split("."))
+_STATUS_PREFIX = tuple(subjects.SHARD_STATUS.split("."))
+_HEALTH_PREFIX = tuple(subjects.PLACEMENT_HEALTH.split("."))
 
 
 class Poison(msgspec.Struct, frozen=True):
     reason: str
 
 
+# Each check says how the payload disagrees with the subject it came on (None: it agrees).
+def _sample_mismatch(s: DeviceSample, t: list[str]) -> str | None:
+    if (s.node, str(s.index)) == (t[2], t[3]):
+        return None
+    return f"subject names device {t[2]}/{t[3]} but the sample is for {s.node}/{s.index}"
+
+
+def _heartbeat_mismatch(h: NodeHeartbeat, t: list[str]) -> str | None:
+    return (
+        None if h.node == t[2] else f"subject names node {t[2]} but the heartbeat is from {h.node}"
+    )
+
+
+def _assignment_mismatch(a: ShardAssignment, t: list[str]) -> str | None:
+    return (
+        None if a.node == t[2] else f"subject names node {t[2]} but the assignment is for {a.node}"
+    )
+
+
+def _status_mismatch(s: ShardStatus, t: list[str]) -> str | None:
+    if (s.node, s.instance_id) == (t[2], t[3]):
+        return None
+    return f"subject names {t[2]}/{t[3]} but the status is from {s.node} for {s.instance_id}"
+
+
+def _health_mismatch(h: InstanceHealth, t: list[str]) -> str | None:
+    if h.instance_id == t[2]:
+        return None
+    return f"subject names instance {t[2]} but the verdict is on {h.instance_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Subjects ``prefix.*`` of ``size`` tokens carry ``expected``, read by ``decoder``."""
+
+    prefix: tuple[str, ...]
+    size: int
+    expected: str
+    decoder: msgspec.msgpack.Decoder[Any]
+    mismatch: Callable[[Any, list[str]], str | None]
+
+
+_ROUTES = (
+    _Route(_GPU, 4, "a DeviceSample", _SAMPLE, _sample_mismatch),
+    _Route(_NODE, 3, "a NodeHeartbeat", _HEARTBEAT, _heartbeat_mismatch),
+    _Route(_ASSIGNED, 3, "a ShardAssignment", _ASSIGNMENT, _assignment_mismatch),
+    _Route(_STATUS_PREFIX, 4, "a ShardStatus", _STATUS, _status_mismatch),
+    _Route(_HEALTH_PREFIX, 3, "an InstanceHealth", _HEALTH, _health_mismatch),
+)
+
+
 def decode_event(subject: str, data: bytes) -> Event | Poison:
     tokens = subject.split(".")
+    head = tuple(tokens[:2])
     try:
-        if tokens[:2] == _GPU and len(tokens) == 4:
+        for route in _ROUTES:
+            if head != route.prefix or len(tokens) != route.size:
+                continue
             if not data:
-                return Poison("empty payload; expected a DeviceSample")
-            sample = _SAMPLE.decode(data)
-            if (sample.node, str(sample.index)) != (tokens[2], tokens[3]):
-                return Poison(
-                    f"subject names device {tokens[2]}/{tokens[3]} but the sample is for "
-                    f"{sample.node}/{sample.index}"
-                )
-            return sample
-        if tokens[:2] == _NODE and len(tokens) == 3:
-            if not data:
-                return Poison("empty payload; expected a NodeHeartbeat")
-            heartbeat = _HEARTBEAT.decode(data)
-            if heartbeat.node != tokens[2]:
-                return Poison(
-                    f"subject names node {tokens[2]} but the heartbeat is from {heartbeat.node}"
-                )
-            return heartbeat
-        if tokens[:2] == _ASSIGNED and len(tokens) == 3:
-            if not data:
-                return Poison("empty payload; expected a ShardAssignment")
-            assignment = _ASSIGNMENT.decode(data)
-            if assignment.node != tokens[2]:
-                return Poison(
-                    f"subject names node {tokens[2]} but the assignment is for {assignment.node}"
-                )
-            return assignment
-        if tokens[:2] == _STATUS_PREFIX and len(tokens) == 4:
-            if not data:
-                return Poison("empty payload; expected a ShardStatus")
-            status = _STATUS.decode(data)
-            if (status.node, status.instance_id) != (tokens[2], tokens[3]):
-                return Poison(
-                    f"subject names {tokens[2]}/{tokens[3]} but the status is from "
-                    f"{status.node} for {status.instance_id}"
-                )
-            return status
-        if tokens[:2] == _HEALTH_PREFIX and len(tokens) == 3:
-            if not data:
-                return Poison("empty payload; expected an InstanceHealth")
-            health = _HEALTH.decode(data)
-            if health.instance_id != tokens[2]:
-                return Poison(
-                    f"subject names instance {tokens[2]} but the verdict is on {health.instance_id}"
-                )
-            return health
+                return Poison(f"empty payload; expected {route.expected}")
+            event: Event = route.decoder.decode(data)
+            mismatch = route.mismatch(event, tokens)
+            return event if mismatch is None else Poison(mismatch)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return Poison(f"invalid payload: {exc}")
     except RecursionError:  # nested past the parser's depth (in a field it would skip)

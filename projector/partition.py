@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client
 
-from shardplane.bus import subjects
+from shardplane.bus import keys, subjects
+from shardplane.bus.errors import ProjectorError
 from shardplane.bus.streams import (
     MAX_PARTITIONS,
     PLACEMENTS,
@@ -61,12 +62,7 @@ def partition_of(node: str, count: int) -> int:
 def node_of_key(key: str) -> str | None:
     """The node of a device or node key (``devices.<node>.<i>``, ``nodes.<node>``); None for
     anything else (instances, which partition 0 owns)."""
-    parts = key.split(".")
-    if len(parts) == 3 and parts[0] == "devices":
-        return parts[1]
-    if len(parts) == 2 and parts[0] == "nodes":
-        return parts[1]
-    return None
+    return keys.node_of(key)
 
 
 def transforms(count: int) -> list[dict[str, str]]:
@@ -94,7 +90,7 @@ def stream_config(count: int) -> dict[str, object]:
     }
 
 
-class PartitionError(RuntimeError):
+class PartitionError(ProjectorError, RuntimeError):
     pass
 
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import msgspec
 
-from shardplane.bus import subjects
+from shardplane.bus.keys import device_key, instance_key, node_key
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -213,9 +213,9 @@ def apply_sample(
     view: StateView, sample: DeviceSample, seen: float, now: float, liveness: Liveness
 ) -> Outcome:
     """``seen``: when the bus stored the sample (stream time, one clock for every agent)."""
-    key = subjects.device_key(sample.node, sample.index)
+    key = device_key(sample.node, sample.index)
     current = view.get(key)
-    node = view.get(subjects.node_key(sample.node))
+    node = view.get(node_key(sample.node))
     node = node if isinstance(node, NodeState) else None
     ttl = liveness.ttl(node)
     shutdown = node_shutdown_at(node)
@@ -234,7 +234,7 @@ def apply_sample(
 def apply_heartbeat(
     view: StateView, heartbeat: NodeHeartbeat, seen: float, now: float, liveness: Liveness
 ) -> Outcome:
-    key = subjects.node_key(heartbeat.node)
+    key = node_key(heartbeat.node)
     current = view.get(key)
     shutdown = None if heartbeat.online else seen
     if isinstance(current, NodeState):
@@ -389,7 +389,7 @@ def _with_health(value: InstanceState, source: InstanceState) -> InstanceState:
 
 
 def apply_assignment(view: StateView, assignment: ShardAssignment) -> Outcome:
-    key = subjects.instance_key(assignment.instance_id)
+    key = instance_key(assignment.instance_id)
     current = view.get(key)
     current = current if isinstance(current, InstanceState) else None
     if not assignment.release and assignment.stage >= assignment.stage_count:
@@ -440,7 +440,7 @@ def status_order(status: ShardStatus) -> tuple[float, int, float]:
 
 
 def apply_status(view: StateView, status: ShardStatus) -> Outcome:
-    key = subjects.instance_key(status.instance_id)
+    key = instance_key(status.instance_id)
     current = view.get(key)
     if not isinstance(current, InstanceState):
         return Defer(f"no assignment seen yet for instance {status.instance_id}")
@@ -508,7 +508,7 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
 def apply_health(view: StateView, health: InstanceHealth) -> Outcome:
     """The controller's verdict: the newest by ``(ts, seq)`` wins, whatever the generation (a
     heal is judged across the old generation and the new one)."""
-    key = subjects.instance_key(health.instance_id)
+    key = instance_key(health.instance_id)
     current = view.get(key)
     if not isinstance(current, InstanceState):
         return Defer(f"no assignment seen yet for instance {health.instance_id}")
@@ -534,7 +534,7 @@ def _calibrate(view: StateView, status: ShardStatus) -> dict[str, Value]:
     if not status.step_ms or status.device is None:
         return {}
     node, _, index = status.device.rpartition("/")
-    key = subjects.device_key(node, int(index))
+    key = device_key(node, int(index))
     device = view.get(key)
     if not isinstance(device, DeviceState):
         return {}
@@ -565,7 +565,7 @@ def expires_at(view: StateView, value: Value, liveness: Liveness) -> float | Non
     if isinstance(value, DeviceState):
         if not value.online:
             return None
-        node = view.get(subjects.node_key(value.sample.node))
+        node = view.get(node_key(value.sample.node))
         return value.last_seen + liveness.ttl(node if isinstance(node, NodeState) else None)
     if isinstance(value, NodeState):
         return value.last_seen + liveness.ttl(value) if value.online else None
@@ -584,7 +584,7 @@ def sweep(
         candidates = ((key, view.get(key)) for key in keys)
     for key, value in candidates:
         if isinstance(value, DeviceState):
-            node = view.get(subjects.node_key(value.sample.node))
+            node = view.get(node_key(value.sample.node))
             ttl = liveness.ttl(node if isinstance(node, NodeState) else None)
             online, reason = device_liveness(
                 value.sample, value.last_seen, value.shutdown_at, now, ttl

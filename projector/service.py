@@ -41,6 +41,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shardplane.bus import authority, subjects
+from shardplane.bus.errors import ProjectorError
 from shardplane.bus.messages import InstanceState, NodeState, ShardAssignment
 from shardplane.bus.retry import Outage, describe, retrying, transient
 from shardplane.bus.streams import (
@@ -51,6 +52,7 @@ from shardplane.bus.streams import (
     TELEMETRY,
     provision,
 )
+from shardplane.bus.wait import wait_set
 from shardplane.projector import partition as partitions
 from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
 from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
@@ -160,7 +162,7 @@ class ProjectorStats:
         }
 
 
-class LeaseLost(Exception):
+class LeaseLost(ProjectorError):
     pass
 
 
@@ -265,8 +267,7 @@ class Projector:
                         log.warning("projector round failed (%s); resuming in 1 s", describe(exc))
                     else:
                         log.exception("projector round failed; resuming in 1 s")
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
+                    await wait_set(stop, 1.0)
                 finally:
                     self.leading.clear()
         finally:
@@ -297,8 +298,7 @@ class Projector:
                         await watcher.stop()
             except Exception as exc:  # the bus is away: watch again
                 log.warning("watching the planner's ledger failed: %r", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_set(stop, 1.0)
 
     def _authorise(self, event: Event) -> Outcome | None:
         """An outcome for an assignment the ledger does not name (None: apply it)."""
@@ -750,7 +750,7 @@ class Projector:
             future = await self.js.publish_async(
                 subjects.deadletter(item.msg.subject), item.msg.data or b"", headers=headers
             )
-            futures.append(future)  # pyright: ignore[reportArgumentType]
+            futures.append(future)
         done, _ = await asyncio.wait(futures, timeout=self.config.write_timeout_s)
         for (item, reason), future in zip(dead, futures, strict=True):
             if future in done and future.exception() is None:

@@ -20,6 +20,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
+from shardplane.bus import keys
+from shardplane.bus.errors import ProjectorError
 from shardplane.bus.messages import DeviceState, InstanceState, NodeState
 from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches
 from shardplane.projector.reducer import Value, View
@@ -40,13 +42,13 @@ _DECODERS: dict[
     | msgspec.msgpack.Decoder[NodeState]
     | msgspec.msgpack.Decoder[InstanceState],
 ] = {
-    "devices": msgspec.msgpack.Decoder(DeviceState),
-    "nodes": msgspec.msgpack.Decoder(NodeState),
-    "instances": msgspec.msgpack.Decoder(InstanceState),
+    keys.DEVICES: msgspec.msgpack.Decoder(DeviceState),
+    keys.NODES: msgspec.msgpack.Decoder(NodeState),
+    keys.INSTANCES: msgspec.msgpack.Decoder(InstanceState),
 }
 
 
-class WriteError(RuntimeError):
+class WriteError(ProjectorError, RuntimeError):
     """A write round failed for a reason other than a revision conflict (no stream answer,
     timeout): nothing may be acknowledged; the caller refreshes ``keys`` and retries."""
 
@@ -58,7 +60,7 @@ class WriteError(RuntimeError):
 def decode_value(key: str, data: bytes) -> Value | None:
     """The stored value, or None when it is missing or unreadable (then the next write for the
     key replaces it, still conditional on its revision)."""
-    decoder = _DECODERS.get(key.split(".", 1)[0])
+    decoder = _DECODERS.get(keys.prefix(key))
     if decoder is None or not data:
         return None
     try:

@@ -28,6 +28,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shardplane.bus.wait import wait_set  # re-exported: the projector's callers use it
 from shardplane.projector.wire import (
     Publish,
     framing_available,
@@ -195,20 +196,6 @@ class Puller:
         finally:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-
-
-async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for ``event``; True when it is set.
-
-    Not ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation that arrives as the
-    event is set (fixed in 3.12), and a puller that swallowed its cancel ran on and kept a
-    graceful stop waiting for it (a 30 s handover, seen in the two-replica test)."""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({waiter}, timeout=timeout_s)
-    finally:
-        waiter.cancel()
-    return event.is_set()
 
 
 def _stored_at(reply: str) -> float:

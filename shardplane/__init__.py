@@ -1,3 +1,5 @@
 """shardplane: the command line and the process wiring around the components."""
 
-__version__ = "0.1.0"
+from shardplane.bus import VERSION
+
+__version__ = VERSION

@@ -12,7 +12,6 @@ start them again on the same ports and store, as a crashed machine would come ba
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import signal
@@ -20,13 +19,12 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 import msgspec
 import nats
 from nats.aio.client import Client
 
-from shardplane.natsserver import NatsServer, NatsServerError, free_port
+from shardplane.natsserver import NatsServer, NatsServerError, Scratch, free_port
 
 CLUSTER_NAME = "shardplane"
 
@@ -78,7 +76,7 @@ class ClusterMember(NatsServer):
         ]
 
 
-class NatsCluster:
+class NatsCluster(Scratch):
     """``size`` clustered servers with JetStream; a (sync or async) context manager.
 
     ``base_port``: client ports base_port, base_port+1...; route ports base_port+100+i; without
@@ -144,23 +142,6 @@ class NatsCluster:
         for m in self.members:
             m.stop()
 
-    def cleanup(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                self._tmp.cleanup()
-
-    def __enter__(self) -> NatsCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
     async def __aenter__(self) -> NatsCluster:
         try:
             for m in self.members:
@@ -170,14 +151,6 @@ class NatsCluster:
             await asyncio.to_thread(self.stop)
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.cleanup)
 
 
 PROBE_STREAM = "shardplane_cluster_probe"

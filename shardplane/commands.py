@@ -23,7 +23,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NoKeysError
 
 from shardplane import render, secure, supervise
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.connect import nats_url
 from shardplane.bus.ids import slug
 from shardplane.bus.liveness import judge_device, judge_node, ttl_from_env
@@ -198,7 +198,7 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], stop: asyncio.Event) -
 
 
 @contextlib.asynccontextmanager
-async def _nats_for(  # type: ignore[no-untyped-def]
+async def _nats_for(
     url: str | None, secured: bool = False, fleet: Path | None = None, cluster: int = 0
 ):
     """(URL, role credentials or None). ``secured``: an embedded server (or local cluster) runs
@@ -608,10 +608,10 @@ async def _export_facts(nc: Client, reply: PlacementReply) -> Facts:
     nodes: dict[str, NodeHeartbeat] = {}
     for s in reply.stages:
         node, index = s.device.rsplit("/", 1)
-        key = subjects.device_key(node, int(index))
+        key = keys.device_key(node, int(index))
         if (device := decoded(DeviceState, key, await value(key))) is not None:
             devices[s.device] = device.sample
-        key = subjects.node_key(s.node)
+        key = keys.node_key(s.node)
         if s.node not in nodes and (state := decoded(NodeState, key, await value(key))):
             nodes[s.node] = state.heartbeat
     return Facts(devices=devices, nodes=nodes)
@@ -667,20 +667,20 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     except BucketNotFoundError:  # nothing provisioned it yet: an empty cluster, not a crash
         return devices, nodes, instances
     try:
-        keys = await retrying(lambda: kv.keys(), "listing cluster_state")
+        names = await retrying(lambda: kv.keys(), "listing cluster_state")
     except NoKeysError:  # an empty bucket
-        keys = []
-    for key in keys:
+        names = []
+    for key in names:
         try:
             entry = await retrying(lambda k=key: kv.get(k), "reading cluster_state")
         except (KeyNotFoundError, KeyDeletedError):
             continue  # deleted between the listing and the read
-        kind = key.partition(".")[0]
-        if kind == "devices":
+        kind = keys.prefix(key)
+        if kind == keys.DEVICES:
             devices.extend(filter(None, [decoded(DeviceState, key, entry.value)]))
-        elif kind == "nodes":
+        elif kind == keys.NODES:
             nodes.extend(filter(None, [decoded(NodeState, key, entry.value)]))
-        elif kind == "instances":
+        elif kind == keys.INSTANCES:
             instances.extend(filter(None, [decoded(InstanceState, key, entry.value)]))
     now, ttl = time.time(), ttl_from_env()
     nodes = [judge_node(n, now, ttl) for n in nodes]
@@ -792,11 +792,11 @@ async def wait_for_devices(nc: Client, expected: int, timeout: float, since: flo
     fresh = 0
     while time.monotonic() < deadline:
         try:
-            keys = [k for k in await kv.keys() if k.startswith("devices.")]
+            names = [k for k in await kv.keys() if keys.prefix(k) == keys.DEVICES]
         except Exception:
-            keys = []
+            names = []
         fresh = 0
-        for key in keys:
+        for key in names:
             with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
                 entry = await kv.get(key)
                 state = decoded(DeviceState, key, entry.value)
@@ -833,13 +833,13 @@ async def follow_instance(
     last_rev = -1
     while time.monotonic() < deadline:
         try:
-            entry = await kv.get(subjects.instance_key(instance))
+            entry = await kv.get(keys.instance_key(instance))
         except Exception:
             await asyncio.sleep(0.1)
             continue
         if entry.value is not None and (entry.revision or 0) != last_rev:
             last_rev = entry.revision or 0
-            state = decoded(InstanceState, subjects.instance_key(instance), entry.value)
+            state = decoded(InstanceState, keys.instance_key(instance), entry.value)
             if state is None:
                 await asyncio.sleep(0.1)
                 continue

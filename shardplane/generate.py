@@ -27,12 +27,13 @@ from nats.aio.client import Client
 
 from shardplane.agents.executor import config_from_hf
 from shardplane.agents.pipeline import PipelineClient, PipelineError
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
+from shardplane.bus.errors import CommandError
 from shardplane.bus.messages import InstanceState, PlacementReply
 from shardplane.bus.streams import cluster_state
 
 
-class GenerateError(Exception):
+class GenerateError(CommandError):
     """Generation could not start or finish; ``str()`` says why, with the numbers."""
 
 
@@ -129,7 +130,7 @@ async def wait_loaded(nc: Client, instance: str, generation: int, timeout: float
     last: InstanceState | None = None
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):  # not written yet: keep polling
-            entry = await kv.get(subjects.instance_key(instance))
+            entry = await kv.get(keys.instance_key(instance))
             if entry.value is not None:
                 last = codec.decode(InstanceState, entry.value)
         if last is not None and last.generation >= generation:

@@ -14,14 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import urlparse
+
+from shardplane.bus.errors import CommandError
 
 # Package data (nats.conf, fleets/) sits inside the package: in a checkout as links to the
 # top-level files, in a wheel as copies, so one path works for both.
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class NatsServerError(RuntimeError):
+class NatsServerError(CommandError, RuntimeError):
     pass
 
 
@@ -65,7 +68,46 @@ def default_config() -> Path | None:
     return None
 
 
-class NatsServer:
+class Scratch:
+    """The lifecycle a server and a cluster share: a (sync or async) context manager that
+    starts on entry and, on exit, stops and removes the scratch store it made (a store the
+    caller named is kept). Subclasses set ``_tmp`` and define ``start`` and ``stop``."""
+
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.cleanup)
+
+
+class NatsServer(Scratch):
     """A nats-server child process with JetStream on. Use as a (sync or async) context manager.
 
     Without ``config`` it runs from flags alone on ``port`` (a free loopback port by default)
@@ -153,33 +195,8 @@ class NatsServer:
             self.proc.wait()
         self.proc = None
 
-    def cleanup(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                self._tmp.cleanup()
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
-
     async def __aenter__(self) -> NatsServer:
         return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.cleanup)
 
 
 CLIENT_PORT = 4222

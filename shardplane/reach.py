@@ -16,11 +16,12 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client
 
 from shardplane.bus.connect import connect
+from shardplane.bus.errors import CommandError
 
 log = logging.getLogger(__name__)
 
 
-class NatsUnreachable(RuntimeError):
+class NatsUnreachable(CommandError, RuntimeError):
     """Stopped before the first connection to ``url`` succeeded."""
 
     def __init__(self, url: str, reason: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from shardplane.natsserver import NatsServer
 
@@ -15,30 +15,30 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _container() -> Iterator[str]:
+def _container() -> Generator[str, None, None]:
     # The constructor itself raises DockerException without an engine, so it sits in the try.
-    from testcontainers.community.nats import NatsContainer  # pyright: ignore[reportMissingImports]
+    from testcontainers.community.nats import NatsContainer
 
-    container = NatsContainer("nats:2.11", jetstream=True)  # pyright: ignore[reportUnknownVariableType]
-    with container as running:  # pyright: ignore[reportUnknownVariableType]
-        yield str(running.nats_uri())  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+    container = NatsContainer("nats:2.11", jetstream=True)
+    with container as running:
+        yield str(running.nats_uri())
 
 
 def docker_answers() -> bool:
     if os.environ.get("SHARDPLANE_TEST_NATS") == "binary":
         return False
     try:
-        import docker  # pyright: ignore[reportMissingTypeStubs]
+        import docker
 
-        client = docker.from_env(timeout=2)  # pyright: ignore[reportUnknownMemberType]
-        client.ping()  # pyright: ignore[reportUnknownMemberType]
+        client = docker.from_env(timeout=2)
+        client.ping()
         return True
     except Exception:
         return False
 
 
 @contextlib.contextmanager
-def real_nats_server() -> Iterator[str]:
+def real_nats_server() -> Generator[str, None, None]:
     if docker_answers():
         try:
             with _container() as url:

@@ -8,8 +8,9 @@ import contextlib
 import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import nats
@@ -24,20 +25,16 @@ from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, NodeHeartbeat
 from shardplane.bus.streams import TELEMETRY, provision
 from shardplane.natsserver import NatsServer, free_port
+from tests.kit import eventually, running
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "fleets" / "demo.toml"
 
 
 @contextlib.asynccontextmanager
-async def agents(nc: Client, **kwargs: object) -> AsyncIterator[asyncio.Event]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_agents(nc, stop=stop, **kwargs))  # type: ignore[arg-type]
-    try:
+async def agents(nc: Client, **kwargs: Any) -> AsyncGenerator[asyncio.Event, None]:
+    async with running(lambda stop: run_agents(nc, stop=stop, **kwargs), stop_timeout=15) as stop:
         yield stop
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 async def collect(nc: Client, subject: str) -> tuple[list[Msg], object]:
@@ -50,21 +47,12 @@ async def collect(nc: Client, subject: str) -> tuple[list[Msg], object]:
     return got, sub
 
 
-async def until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 async def test_samples_arrive_decodable_with_increasing_seq(
     nc: Client, js: JetStreamContext
 ) -> None:
     got, _ = await collect(nc, "telemetry.>")
     async with agents(nc, fleet=DEMO, interval_s=0.2, workers=False):
-        await until(lambda: sum(".gpu." in m.subject for m in got) >= 7 * 4)
+        await eventually(lambda: sum(".gpu." in m.subject for m in got) >= 7 * 4)
     await nc.flush()
     await asyncio.sleep(0.2)
 
@@ -99,14 +87,14 @@ async def test_samples_arrive_decodable_with_increasing_seq(
 async def test_fault_by_command(nc: Client, js: JetStreamContext) -> None:
     got, _ = await collect(nc, "telemetry.gpu.rig-b.1")
     async with agents(nc, fleet=DEMO, interval_s=0.2, workers=False):
-        await until(lambda: len(got) >= 1)
+        await eventually(lambda: len(got) >= 1)
         reply = await nc.request(
             subjects.sim_fault("rig-b"),
             json.dumps({"kind": "vanish", "device": 1}).encode(),
             timeout=5,
         )
         assert json.loads(reply.data)["ok"] is True
-        await until(lambda: not codec.decode(DeviceSample, got[-1].data).present)
+        await eventually(lambda: not codec.decode(DeviceSample, got[-1].data).present)
         bad = await nc.request(subjects.sim_fault("rig-b"), b'{"kind": "melt"}', timeout=5)
         answer = json.loads(bad.data)
         assert answer["ok"] is False and "kind" in answer["error"]
@@ -114,7 +102,7 @@ async def test_fault_by_command(nc: Client, js: JetStreamContext) -> None:
             subjects.sim_fault("rig-b"), b'{"kind": "return", "device": 1}', timeout=5
         )
         assert json.loads(reply.data)["ok"] is True
-        await until(lambda: codec.decode(DeviceSample, got[-1].data).present)
+        await eventually(lambda: codec.decode(DeviceSample, got[-1].data).present)
 
 
 async def test_host_without_gpus_heartbeats_with_zero_devices(
@@ -123,7 +111,7 @@ async def test_host_without_gpus_heartbeats_with_zero_devices(
     monkeypatch.setenv("SHARDPLANE_CPU_BANDWIDTH_GBPS", "40")
     got, _ = await collect(nc, "telemetry.>")
     async with agents(nc, node="bare-host", interval_s=0.2, cpu_device=True, workers=False):
-        await until(lambda: len(got) >= 4)
+        await eventually(lambda: len(got) >= 4)
     hb = next(codec.decode(NodeHeartbeat, m.data) for m in got if ".node." in m.subject)
     assert hb.node == "bare-host" and hb.backend == "none"
     assert "nvml" in hb.skipped and "rocm" in hb.skipped

@@ -71,10 +71,12 @@ def test_temperature_follows_load() -> None:
     for dev in node.devices:
         dev.util = dev.util_mu
     # keep the phases fixed for the check: no random phase change
+    last: list[DeviceSample] = []
     for i in range(60):
         for dev, mu in zip(node.devices, (95.0, 1.0), strict=True):
             dev.util_mu = mu
-        hot, cold = node.read(float(i))
+        last = node.read(float(i))
+    hot, cold = last
     assert hot.temperature_c is not None and cold.temperature_c is not None
     assert hot.power_w is not None and cold.power_w is not None
     assert hot.temperature_c > cold.temperature_c + 15
@@ -115,7 +117,8 @@ def test_fill_and_drain_memory() -> None:
     assert s.memory_free_bytes <= 0.01 * s.memory_total_bytes + 1
     node.read(2.0)
     s = node.read(3.0)[1]  # 4 simulated seconds later it drained
-    assert s.memory_free_bytes is not None and s.memory_free_bytes > 0.3 * s.memory_total_bytes
+    assert s.memory_free_bytes is not None and s.memory_total_bytes is not None
+    assert s.memory_free_bytes > 0.3 * s.memory_total_bytes
 
 
 def test_silent_node_and_resume() -> None:

@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -13,7 +11,7 @@ from nats.js.kv import KeyValue
 from shardplane.api.server import make_app, start_app
 from shardplane.bus.streams import cluster_state
 from tests.api.fleet import write_fleet
-from tests.planner.ready import wait_serving
+from tests.planner.ready import planner_running
 
 
 @pytest.fixture
@@ -44,16 +42,5 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def planner(nats_url: str, js: JetStreamContext) -> AsyncIterator[None]:
     """The real planner service on its own connection, as ``shardplane up`` runs it."""
-    from shardplane.planner.service import run_planner
-
-    client = await nats.connect(nats_url)
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_planner(client, stop=stop))
-    try:
-        # Wait until its placement.request endpoint is subscribed ($SRV.PING answers before).
-        await wait_serving(client, task)
+    async with planner_running(nats_url):
         yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await client.drain()

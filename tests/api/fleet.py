@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from nats.js.kv import KeyValue
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -23,6 +24,7 @@ from shardplane.bus.messages import (
     NodeHeartbeat,
     NodeState,
     NvLink,
+    ShardState,
     StageState,
 )
 
@@ -72,9 +74,9 @@ def uuid_of(gpu: Gpu) -> str:
     return f"GPU-{gpu.node}-{gpu.index:02d}-0000-4000-8000"
 
 
-def sample(gpu: Gpu, *, seq: int = 1, ts: float | None = None, **figures: object) -> DeviceSample:
+def sample(gpu: Gpu, *, seq: int = 1, ts: float | None = None, **figures: Any) -> DeviceSample:
     ts = time.time() if ts is None else ts
-    used_gib = float(figures.pop("used_gib", 2.0 + gpu.index))  # type: ignore[arg-type]
+    used_gib = float(figures.pop("used_gib", 2.0 + gpu.index))
     nvlinks: tuple[NvLink, ...] = ()
     if gpu.node == "rig-d":
         peer = next(g for g in FLEET if g.node == "rig-d" and g.index != gpu.index)
@@ -109,7 +111,7 @@ def sample(gpu: Gpu, *, seq: int = 1, ts: float | None = None, **figures: object
     )
 
 
-def device_state(gpu: Gpu, *, online: bool = True, seq: int = 1, **figures: object) -> DeviceState:
+def device_state(gpu: Gpu, *, online: bool = True, seq: int = 1, **figures: Any) -> DeviceState:
     s = sample(gpu, seq=seq, **figures)
     return DeviceState(
         sample=s, online=online, last_seen=s.ts, offline_reason=None if online else "silent"
@@ -151,15 +153,15 @@ def instance_state(instance_id: str = "llama-demo", state: str = "loading") -> I
     )
 
 
-async def put_device(kv: KeyValue, gpu: Gpu, **kwargs: object) -> int:
+async def put_device(kv: KeyValue, gpu: Gpu, **kwargs: Any) -> int:
     return await kv.put(
-        subjects.device_key(gpu.node, gpu.index), codec.encode(device_state(gpu, **kwargs))
-    )  # type: ignore[arg-type]
+        keys.device_key(gpu.node, gpu.index), codec.encode(device_state(gpu, **kwargs))
+    )
 
 
 async def write_fleet(kv: KeyValue) -> None:
     for node in NODES:
-        await kv.put(subjects.node_key(node), codec.encode(node_state(node)))
+        await kv.put(keys.node_key(node), codec.encode(node_state(node)))
     for gpu in FLEET:
         await put_device(kv, gpu)
 
@@ -185,20 +187,21 @@ async def write_history(kv: KeyValue, points: int = 40, step_s: float = 5.0) -> 
             )
 
 
-def instance_from_reply(reply: dict[str, object], states: tuple[str, ...]) -> InstanceState:
+def instance_from_reply(reply: dict[str, object], states: tuple[ShardState, ...]) -> InstanceState:
     """What the projector would write for a placement reply, with the given stage states."""
-    stages_raw = reply["stages"]
+    stages_raw: Any = reply["stages"]
     assert isinstance(stages_raw, list)
+    listed = cast("list[dict[str, Any]]", stages_raw)
     stages = tuple(
         StageState(
             stage=i,
-            node=str(st["node"]),  # type: ignore[index]
-            device=str(st["device"]),  # type: ignore[index]
-            layer_start=int(st["layer_start"]),  # type: ignore[index]
-            layer_end=int(st["layer_end"]),  # type: ignore[index]
-            state=states[i % len(states)],  # type: ignore[arg-type]
+            node=str(st["node"]),
+            device=str(st["device"]),
+            layer_start=int(st["layer_start"]),
+            layer_end=int(st["layer_end"]),
+            state=states[i % len(states)],
         )
-        for i, st in enumerate(stages_raw)  # type: ignore[arg-type]
+        for i, st in enumerate(listed)
     )
     return InstanceState(
         instance_id=str(reply["instance_id"]),

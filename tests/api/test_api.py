@@ -18,9 +18,10 @@ from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardplane.api.server import LARGE_BODY, make_app, start_app
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import ErrorCode, PlacementReply
 from tests.api.fleet import FLEET, GIB, Gpu, instance_state, put_device, uuid_of
+from tests.kit import eventually
 
 AGENT_INTERVAL_S = 2.0  # the simulated agents' default sample interval
 EVENT_WAIT_S = 30.0  # how long a test waits for an event whose timing it does not assert
@@ -35,18 +36,6 @@ async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
 async def post(http: aiohttp.ClientSession, url: str, data: bytes | str) -> tuple[int, Any]:
     async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
         return r.status, json.loads(await r.read())
-
-
-async def eventually(check: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await check()
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 # --- reads ----------------------------------------------------------------------------------
@@ -114,7 +103,7 @@ async def test_large_bodies_stream_whole_and_head_has_none(
         _, body = await get(http, api_url + "/api/gpu/devices")
         assert body["count"] == want == len(body["devices"])
 
-    await eventually(all_there, 30.0)
+    await eventually(all_there, timeout=30.0)
     async with http.get(api_url + "/api/gpu/devices") as r:
         raw = await r.read()
     assert len(raw) > LARGE_BODY and int(r.headers["Content-Length"]) == len(raw)
@@ -132,7 +121,7 @@ async def test_large_bodies_stream_whole_and_head_has_none(
         )
         assert len(util.samples) == want - sum(g.vendor == "amd" for g in FLEET)  # DCGM: NVIDIA
 
-    await eventually(scraped, 30.0)
+    await eventually(scraped, timeout=30.0)
 
 
 async def test_device_goes_offline(
@@ -201,7 +190,7 @@ async def test_placements_list_and_by_id(
 ) -> None:
     status, body = await get(http, api_url + "/api/placements")
     assert (status, body["placements"]) == (200, [])
-    await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+    await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
 
     async def listed() -> None:
         _, body = await get(http, api_url + "/api/placements")
@@ -282,7 +271,7 @@ async def test_readyz_not_ready_without_nats(
 async def test_metrics_parse_with_dcgm_names(
     api_url: str, http: aiohttp.ClientSession, fleet_kv: KeyValue
 ) -> None:
-    await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+    await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
 
     async def scrape() -> dict[str, Any]:
         async with http.get(api_url + "/metrics") as r:
@@ -412,11 +401,11 @@ async def test_sse_delivers_changes_promptly(
         assert (kind, event["op"], event["id"]) == ("device", "put", "rig-c/0")
         assert event["key"] == "devices.rig-c.0" and event["value"]["temperature_c"] == 71.0
 
-        await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+        await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
         kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["id"], event["value"]["layers_total"]) == ("instance", "llama-demo", 80)
 
-        await fleet_kv.delete(subjects.instance_key("llama-demo"))
+        await fleet_kv.delete(keys.instance_key("llama-demo"))
         kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["op"], event["value"]) == ("instance", "delete", None)
 
@@ -427,7 +416,7 @@ async def test_sse_kinds_filter(
     async with http.get(api_url + "/api/events?kinds=instance") as resp:
         assert (await next_event(resp, EVENT_WAIT_S))[0] == "hello"
         await put_device(fleet_kv, FLEET[0], seq=5)
-        await fleet_kv.put(subjects.instance_key("llama-demo"), codec.encode(instance_state()))
+        await fleet_kv.put(keys.instance_key("llama-demo"), codec.encode(instance_state()))
         kind, event = await next_event(resp, EVENT_WAIT_S)
         assert (kind, event["id"]) == ("instance", "llama-demo")  # the device change was filtered
     status, err = await get(http, api_url + "/api/events?kinds=devices")
@@ -622,7 +611,7 @@ async def test_run_api_stops_cleanly_with_clients_connected(
         except aiohttp.ClientConnectionError as exc:
             raise AssertionError("not listening yet") from exc
 
-    await eventually(up, 30.0)
+    await eventually(up, timeout=30.0)
     async with http.get(url + "/api/events") as resp:
         assert (await next_event(resp, EVENT_WAIT_S))[0] == "hello"
         stop.set()

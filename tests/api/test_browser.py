@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from nats.js.kv import KeyValue
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from tests.api.fleet import FLEET, instance_from_reply, put_device, write_history
 
 pytestmark = pytest.mark.browser
@@ -64,7 +64,7 @@ async def _dashboard_live(api_url: str, fleet_kv: KeyValue, executable: str) -> 
             # Minutes of history for the charts: the fixture's samples are stamped now, so they
             # are removed first (the API drops a device's ring with its key).
             for gpu in FLEET:
-                await fleet_kv.delete(subjects.device_key(gpu.node, gpu.index))
+                await fleet_kv.delete(keys.device_key(gpu.node, gpu.index))
             await write_history(fleet_kv)
             page = await browser.new_page(viewport={"width": 1500, "height": 1400})
             page.set_default_timeout(WAIT_MS)  # actions (fill, click) and navigation
@@ -114,7 +114,7 @@ async def _dashboard_live(api_url: str, fleet_kv: KeyValue, executable: str) -> 
             # The projector's view of that instance (written as the projector would): the
             # placements panel draws it layer by layer with each stage's status.
             inst = instance_from_reply(reply, ("loaded", "loading", "pending"))
-            await fleet_kv.put(subjects.instance_key(inst.instance_id), codec.encode(inst))
+            await fleet_kv.put(keys.instance_key(inst.instance_id), codec.encode(inst))
             drawn = page.locator(f'#placements .placement[data-instance-id="{inst.instance_id}"]')
             await expect(drawn.locator(".layers > i")).to_have_count(32)
             await expect(drawn.locator(".stages > div")).to_have_count(len(inst.stages))

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from shardplane.api.server import make_app, start_app
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import NodeHeartbeat, NodeState
 from shardplane.bus.streams import cluster_state
 from tests.api.fleet import Gpu, device_state
@@ -73,14 +73,14 @@ def node_value(node: str) -> bytes:
 
 def device_value(gpu: Gpu, seq: int, temperature: float) -> tuple[str, bytes]:
     state = device_state(gpu, seq=seq, temperature_c=temperature)
-    return subjects.device_key(gpu.node, gpu.index), codec.encode(state)
+    return keys.device_key(gpu.node, gpu.index), codec.encode(state)
 
 
 @pytest.fixture
 async def big_api(nc: Client, js: JetStreamContext) -> AsyncIterator[tuple[str, KeyValue]]:
     kv = await cluster_state(js)
     nodes = sorted({g.node for g in FLEET})
-    await put_all(kv, [(subjects.node_key(n), node_value(n)) for n in nodes])
+    await put_all(kv, [(keys.node_key(n), node_value(n)) for n in nodes])
     await put_all(kv, [device_value(g, 1, 40.0) for g in FLEET])
     runner, url = await start_app(make_app(nc, request_timeout_s=20.0))
     yield url, kv
@@ -124,7 +124,7 @@ async def _drive(browser: Any, url: str, kv: KeyValue) -> None:
     page = await browser.new_page(viewport={"width": 1500, "height": 1000})
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))  # pyright: ignore[reportUnknownLambdaType, reportUnknownArgumentType]
     await page.add_init_script(PROBE)
     t0 = time.monotonic()
     await page.goto(url + "/")

@@ -27,8 +27,14 @@ DASHBOARD = Path(shardplane.__file__).resolve().parent / "api" / "grafana" / "sh
 DEMO_FLEET = Path(shardplane.__file__).resolve().parent / "fleets" / "demo.toml"
 
 # PromQL words that are neither metrics nor functions.
-KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
-KEYWORDS |= {"and", "or", "unless", "offset", "inf", "nan"}
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"} | {
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 SELECTOR = re.compile(r"\{([^}]*)\}")
 MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")

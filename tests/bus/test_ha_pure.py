@@ -10,7 +10,7 @@ import nats.js.errors
 import pytest
 
 from shardplane.api.state import ClusterCache
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.liveness import judge_device, judge_node, reader_ttl
 from shardplane.bus.messages import NodeHeartbeat, NodeState
 from shardplane.bus.retry import Outage, retrying, transient
@@ -120,8 +120,8 @@ def test_the_api_shows_a_silent_device_stale_and_its_view_age() -> None:
     now = time.time()
     old = device_state("rig", 0, "A100-80GB", ts=now - 30)
     fresh = device_state("rig", 1, "A100-80GB", ts=now)
-    cache.apply(subjects.device_key("rig", 0), codec.encode(old), 1)
-    cache.apply(subjects.device_key("rig", 1), codec.encode(fresh), 2)
+    cache.apply(keys.device_key("rig", 0), codec.encode(old), 1)
+    cache.apply(keys.device_key("rig", 1), codec.encode(fresh), 2)
     assert cache.briefs["devices.rig.0"].status == "online"  # as written
     changes = cache.expire(now)
     assert [c.key for c in changes] == ["devices.rig.0"]
@@ -134,7 +134,7 @@ def test_the_api_shows_a_silent_device_stale_and_its_view_age() -> None:
     assert cache.view_ttl() == reader_ttl(None)
     # The projector writes again: its value replaces the judgement.
     back = device_state("rig", 0, "A100-80GB", ts=now + 1)
-    cache.apply(subjects.device_key("rig", 0), codec.encode(back), 3)
+    cache.apply(keys.device_key("rig", 0), codec.encode(back), 3)
     assert cache.briefs["devices.rig.0"].status == "online"
 
 

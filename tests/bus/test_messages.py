@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import InvalidId, device_id, node_id, node_id_from_hostname, split_device_id
 from shardplane.bus.messages import (
@@ -27,6 +27,7 @@ from shardplane.bus.messages import (
     Stage,
     StageState,
 )
+from tests import kit
 
 GIB = 1024**3
 
@@ -87,26 +88,10 @@ REPLY = PlacementReply(
     stages=(STAGE,),
     excluded=(Excluded(device="rig-c/0", reason="offline"),),
 )
-ASSIGNMENT = ShardAssignment(
-    instance_id="inst-1",
-    generation=1,
-    node="rig-a",
-    model="llama-3.1-70b",
-    device="rig-a/0",
-    layer_start=0,
-    layer_end=40,
-    layers_total=80,
+ASSIGNMENT = kit.assignment(
+    "inst-1", 1, "rig-a", 0, 1, model="llama-3.1-70b", layer_end=40, layers_total=80, ts=0.0
 )
-STATUS = ShardStatus(
-    instance_id="inst-1",
-    generation=1,
-    node="rig-a",
-    stage=0,
-    state="loaded",
-    seq=3,
-    ts=1.7e9,
-    bytes_loaded=100,
-)
+STATUS = kit.status("inst-1", 1, "rig-a", 0, "loaded", 3, ts=1.7e9, bytes_loaded=100)
 EXAMPLES: list[msgspec.Struct] = [
     SAMPLE,
     HEARTBEAT,
@@ -242,9 +227,9 @@ def test_subjects_and_keys() -> None:
     assert subjects.shard_status("rig-b", "i1") == "shard.status.rig-b.i1"
     assert subjects.sim_fault("rig-b") == "sim.fault.rig-b"  # `nats req sim.fault.<node>` users
     assert subjects.SIM_FAULT_ANY == "sim.fault.*"
-    assert subjects.device_key("rig-a", 0) == "devices.rig-a.0"
-    assert subjects.node_key("rig-a") == "nodes.rig-a"
-    assert subjects.instance_key("i1") == "instances.i1"
+    assert keys.device_key("rig-a", 0) == "devices.rig-a.0"
+    assert keys.node_key("rig-a") == "nodes.rig-a"
+    assert keys.instance_key("i1") == "instances.i1"
 
 
 def test_ids() -> None:

@@ -98,7 +98,7 @@ def test_the_nats_service_command_opens_its_monitor_on_every_interface() -> None
         auth.init_dir(Path(store) / "auth", base_config=ROOT / "nats.conf")
         server_conf = Path(store) / "auth" / auth.SERVER_CONF
         swap = {"/auth/server.conf": str(server_conf), "/data": store, "8222": str(mon)}
-        args = [swap.get(a, a) for a in command] + ["-p", str(client)]
+        args = [str(swap.get(a, a)) for a in command] + ["-p", str(client)]
         proc = subprocess.Popen([str(server_binary()), *args], stderr=subprocess.PIPE)
         try:
             status, body = wait_monitor(mon, "/healthz")  # what the healthcheck asks

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from nats.aio.client import Client
 
-from shardplane.bus import codec
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, Stage
 from shardplane.bus.streams import cluster_state
 from shardplane.commands import run_services
+from tests.kit import eventually, stop_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_FLEET = ROOT / "fleets" / "demo.toml"
@@ -30,7 +31,7 @@ async def running(
     interval_s: float = 0.5,
     ttl_s: float | None = LONG_TTL_S,
     workers: bool = True,
-) -> AsyncIterator[asyncio.Event]:
+) -> AsyncGenerator[asyncio.Event, None]:
     """The components of ``shardplane up`` as tasks. ``ttl_s`` is the projector's liveness TTL:
     long by default, since at 3 x a short ``interval_s`` a stall of a busy machine would mark
     devices offline and the planner would leave them out; pass None for the real default."""
@@ -48,11 +49,7 @@ async def running(
     try:
         yield stop
     finally:
-        stop.set()
-        done, pending = await asyncio.wait(tasks, timeout=15)
-        for task in pending:
-            task.cancel()
-        for task in done:
+        for task in await stop_tasks(stop, tasks, timeout=15):
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
 
@@ -61,11 +58,11 @@ async def device_states(nc: Client) -> dict[str, DeviceState]:
     kv = await cluster_state(nc.jetstream())
     out: dict[str, DeviceState] = {}
     try:
-        keys = await kv.keys()
+        names = await kv.keys()
     except Exception:
         return out
-    for key in keys:
-        if key.startswith("devices."):
+    for key in names:
+        if keys.prefix(key) == keys.DEVICES:
             entry = await kv.get(key)
             if entry.value:
                 state = codec.decode(DeviceState, entry.value)
@@ -74,31 +71,17 @@ async def device_states(nc: Client) -> dict[str, DeviceState]:
 
 
 async def wait_devices(nc: Client, expected: int, timeout: float = 60.0) -> dict[str, DeviceState]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    states: dict[str, DeviceState] = {}
-    while asyncio.get_running_loop().time() < deadline:
-        states = await device_states(nc)
-        if len(states) >= expected and all(s.online for s in states.values()):
-            return states
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"only {len(states)}/{expected} devices reached the KV in {timeout}s")
+    def enough(states: dict[str, DeviceState]) -> bool:
+        return len(states) >= expected and all(s.online for s in states.values())
+
+    return await eventually(
+        lambda: device_states(nc), enough, timeout=timeout, what=f"{expected} devices online"
+    )
 
 
-async def wait_instance(
-    nc: Client, instance: str, settled: set[str], timeout: float = 60.0
-) -> InstanceState:
-    kv = await cluster_state(nc.jetstream())
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: InstanceState | None = None
-    while asyncio.get_running_loop().time() < deadline:
-        with contextlib.suppress(Exception):
-            entry = await kv.get(f"instances.{instance}")
-            if entry.value:
-                last = codec.decode(InstanceState, entry.value)
-                if all(s.state in settled for s in last.stages):
-                    return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"instance {instance} did not settle in {timeout}s; last state: {last}")
+def settled_in(states: set[str]) -> Callable[[InstanceState], bool]:
+    """An instance whose every stage is in one of ``states``."""
+    return lambda s: all(st.state in states for st in s.stages)
 
 
 def assert_valid_plan(reply: PlacementReply, layers: int, devices: dict[str, DeviceState]) -> None:

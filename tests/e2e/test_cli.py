@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from shardplane.natsserver import NatsServer, free_port
+from tests.kit import api_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,21 +83,13 @@ def test_up_serves_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         )
         try:
             deadline = time.monotonic() + 60
-            devices: list[object] = []
+            devices = 0
             while time.monotonic() < deadline:
                 assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                try:
-                    with urllib.request.urlopen(
-                        f"http://127.0.0.1:{api_port}/api/gpu/devices", timeout=2
-                    ) as resp:
-                        body = json.loads(resp.read())
-                        devices = body["devices"] if isinstance(body, dict) else body
-                        if len(devices) >= 6:
-                            break
-                except OSError:
-                    pass
+                if (devices := api_devices(api_port)) >= 6:
+                    break
                 time.sleep(0.3)
-            assert len(devices) >= 6, devices
+            assert devices >= 6, devices
             with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/healthz", timeout=30) as resp:
                 assert resp.status == 200
             proc.send_signal(signal.SIGINT)

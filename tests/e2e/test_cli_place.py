@@ -3,6 +3,7 @@ processes people type against a real NATS server and the simulated demo fleet.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pty
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from shardplane.natsserver import MONITOR_PORT_ENV, NatsServer, free_port
+from tests.kit import api_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 CMD = [sys.executable, "-m", "shardplane.cli"]
@@ -66,15 +68,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             ready = False
             while time.monotonic() < deadline and not ready:
                 assert proc.poll() is None, "up exited"
-                try:
-                    with urllib.request.urlopen(
-                        f"http://127.0.0.1:{api_port}/api/gpu/devices", timeout=2
-                    ) as resp:
-                        body = json.loads(resp.read())
-                        devices = body["devices"] if isinstance(body, dict) else body
-                        ready = len(devices) >= 6
-                except OSError:
-                    pass
+                ready = api_devices(api_port) >= 6
                 time.sleep(0.3)
             assert ready, "the demo fleet never reported"
             yield server.url
@@ -104,6 +98,28 @@ def test_export_is_a_dry_run_unless_commit(fleet: str) -> None:
 
     out = _run(fleet, "place", "llama-3.2-1b", "--commit")
     assert out.returncode == 2 and "--commit goes with --export" in out.stderr
+
+
+def test_place_prints_the_plan_and_reserves_it(fleet: str) -> None:
+    out = _run(fleet, "place", "llama-3.2-1b", "--instance-id", "plain-1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "llama-3.2-1b" in out.stdout and "instance=plain-1" in out.stdout, out.stdout
+    for column in ("stage", "node", "device", "GPU", "layers", "GiB", "est. ms"):
+        assert column in out.stdout, f"column {column!r} missing from:\n{out.stdout}"
+    assert "plain-1" in _instances(fleet)
+
+
+def test_place_json_is_the_reply_with_every_layer_placed(fleet: str) -> None:
+    out = _run(fleet, "place", "llama-3.2-1b", "--instance-id", "json-1", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["ok"] is True and reply["instance_id"] == "json-1", reply
+    stages = reply["stages"]
+    assert stages and stages[0]["layer_start"] == 0
+    for before, after in itertools.pairwise(stages):
+        assert before["layer_end"] == after["layer_start"], stages
+    assert stages[-1]["layer_end"] == 16  # llama-3.2-1b's layers
+    assert "json-1" in _instances(fleet)
 
 
 def test_vllm_export_refuses_the_demo_fleets_mixed_plan(fleet: str) -> None:

@@ -20,7 +20,7 @@ from shardplane.commands import request_placement, wait_for_devices
 from tests.e2e.helpers import device_states, running
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "worker" / "fixtures"
+FIXTURES = ROOT / "tests" / "agents" / "fixtures"
 
 
 async def _generate(url: str, *args: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shardplane.bus import authority, codec, subjects
+from shardplane.bus import authority, codec, keys, subjects
 from shardplane.bus.messages import (
     InstanceState,
     PlacementReply,
@@ -23,8 +23,9 @@ from shardplane.bus.messages import (
     ShardAssignment,
     ShardStatus,
 )
-from shardplane.bus.streams import CLUSTER_STATE, LEDGER, PLACEMENTS, provision
+from shardplane.bus.streams import LEDGER, PLACEMENTS, provision
 from shardplane.planner import ledger
+from tests import kit
 from tests.e2e.helpers import LONG_TTL_S, running, wait_devices
 from tests.planner.ready import wait_planners
 
@@ -41,12 +42,7 @@ async def release(nc: Client, instance_id: str) -> ReleaseReply:
 
 
 async def instance(nc: Client, instance_id: str) -> InstanceState | None:
-    kv = await nc.jetstream().key_value(CLUSTER_STATE)
-    try:
-        entry = await kv.get(subjects.instance_key(instance_id))
-    except Exception:
-        return None
-    return codec.decode(InstanceState, entry.value) if entry.value else None
+    return await kit.kv_value(nc, InstanceState, keys.instance_key(instance_id))
 
 
 async def until_instance(
@@ -56,14 +52,7 @@ async def until_instance(
     what: str,
     timeout: float = 60.0,
 ) -> InstanceState:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await instance(nc, instance_id)
-        if last is not None and check(last):
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{instance_id}: {what} not reached in {timeout:.0f} s; last: {last}")
+    return await kit.wait_instance(nc, instance_id, check, what=what, timeout=timeout)
 
 
 def ready(generation: int) -> Callable[[InstanceState], bool]:

@@ -12,7 +12,8 @@ from shardplane.bus import codec, subjects
 from shardplane.bus.messages import PlacementReply, ShardAssignment
 from shardplane.bus.streams import PLACEMENTS
 from shardplane.commands import fleet_device_count
-from tests.e2e.helpers import DEMO_FLEET, assert_valid_plan, running, wait_devices, wait_instance
+from tests.e2e.helpers import DEMO_FLEET, assert_valid_plan, running, settled_in, wait_devices
+from tests.kit import wait_instance
 from tests.planner.ready import wait_planners
 
 LLAMA_70B_LAYERS = 80
@@ -41,7 +42,7 @@ async def test_demo_fleet_placement_flows_end_to_end(nats_url: str, nc: Client) 
             assert assignment.instance_id == "e2e-70b" and assignment.node == stage.node
 
         # ...and every worker answered: the instance in the KV shows each stage reported.
-        state = await wait_instance(nc, "e2e-70b", {"reserved", "loaded"})
+        state = await wait_instance(nc, "e2e-70b", settled_in({"reserved", "loaded"}))
         assert state.generation == reply.generation
         assert [(s.node, s.layer_start, s.layer_end) for s in state.stages] == [
             (s.node, s.layer_start, s.layer_end) for s in reply.stages

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import CLUSTER_STATE
-from shardplane.planner.fleet import Fleet, build_fleet
+from shardplane.planner.fleet import Device, Fleet, build_fleet
 from shardplane.planner.synthetic import HostSpec, states
 
 
@@ -33,11 +33,26 @@ async def publish_fleet(js: JetStreamContext, hosts: Sequence[HostSpec]) -> None
     kv = await js.key_value(CLUSTER_STATE)
     devices, node_states = states(hosts)
     for d in devices:
-        await kv.put(subjects.device_key(d.sample.node, d.sample.index), codec.encode(d))
+        await kv.put(keys.device_key(d.sample.node, d.sample.index), codec.encode(d))
     for name, n in node_states.items():
-        await kv.put(subjects.node_key(name), codec.encode(n))
+        await kv.put(keys.node_key(name), codec.encode(n))
 
 
 async def put_device(js: JetStreamContext, state: DeviceState) -> None:
     kv = await js.key_value(CLUSTER_STATE)
-    await kv.put(subjects.device_key(state.sample.node, state.sample.index), codec.encode(state))
+    await kv.put(keys.device_key(state.sample.node, state.sample.index), codec.encode(state))
+
+
+def device(ref: str, bw: float, *, gib: float = 80, tflops: float = 0.0) -> Device:
+    """A planner device ``<node>/<index>`` with ``gib`` GiB, all free, and the given speeds."""
+    node, _, idx = ref.partition("/")
+    return Device(
+        ref=ref,
+        node=node,
+        index=int(idx),
+        gpu="g",
+        bandwidth_gbps=bw,
+        total_bytes=int(gib * 1024**3),
+        free_bytes=int(gib * 1024**3),
+        tflops=tflops,
+    )

@@ -9,11 +9,17 @@ connection as the INFO reply, so a reply listing it means a request sent after i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncGenerator
+from typing import Any
 
+import nats
 from nats.aio.client import Client
 
 from shardplane.bus import subjects
+from shardplane.planner.service import run_planner
+from tests.kit import running
 
 SERVICE = "shardplane-planner"
 
@@ -35,8 +41,8 @@ async def serving_planners(nc: Client, enough: int, collect_s: float = 1.0) -> s
                 break
             if not msg.data:  # the server's "no responders" status: no service yet
                 break
-            info = json.loads(msg.data)
-            endpoints = info.get("endpoints") or []
+            info: dict[str, Any] = json.loads(msg.data)
+            endpoints: list[dict[str, Any]] = info.get("endpoints") or []
             served = {e.get("subject") for e in endpoints}
             if {subjects.PLACEMENT_REQUEST, subjects.PLACEMENT_RELEASE} <= served:
                 serving.add(str(info.get("id")))
@@ -72,3 +78,21 @@ async def wait_serving(nc: Client, task: asyncio.Task[None], timeout: float = 60
         task.result()  # raises what stopped it
         raise AssertionError("the planner returned before serving")
     await waiting
+
+
+@contextlib.asynccontextmanager
+async def planner_running(url: str) -> AsyncGenerator[None, None]:
+    """The real planner service on its own connection, as ``shardplane up`` runs it, once its
+    endpoints are subscribed (it provisions, starts its watch and registers first)."""
+    client = await nats.connect(url)
+    try:
+        service = running(
+            lambda stop: run_planner(client, stop=stop),
+            ready=lambda: wait_planners(client),
+            ready_timeout=60,
+            stop_timeout=30,
+        )
+        async with service:
+            yield
+    finally:
+        await client.drain()

@@ -12,7 +12,8 @@ from nats.aio.client import Client
 
 from shardplane.bus import codec
 from shardplane.bus.messages import PlacementReply
-from tests.e2e.helpers import LONG_TTL_S, running, wait_devices, wait_instance
+from tests.e2e.helpers import LONG_TTL_S, running, settled_in, wait_devices
+from tests.kit import wait_instance
 from tests.planner.ready import wait_planners
 
 
@@ -59,5 +60,5 @@ async def test_cp_sat_places_70b_on_the_simulated_fleet_optimally(
         # Each node's devices are contiguous in the pipeline.
         nodes = [s.node for s in reply.stages]
         assert nodes == sorted(nodes, key=nodes.index)
-        state = await wait_instance(nc, "sim-70b", {"loaded", "reserved"})
+        state = await wait_instance(nc, "sim-70b", settled_in({"loaded", "reserved"}))
         assert state.generation == reply.generation and len(state.stages) == len(reply.stages)

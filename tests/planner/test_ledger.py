@@ -113,7 +113,7 @@ async def test_two_planner_processes_share_one_ledger(
             stats_inbox = nc.new_inbox()
             sub = await nc.subscribe(stats_inbox)
             await nc.publish("$SRV.STATS.shardplane-planner", b"", reply=stats_inbox)
-            served = []
+            served: list[int] = []
             for _ in range(2):
                 msg = await sub.next_msg(timeout=10)
                 served.append(json.loads(msg.data)["endpoints"][0]["num_requests"])

@@ -76,7 +76,7 @@ async def test_srv_replies_are_valid_micro_v1(
 
 def test_the_schemas_catch_what_nats_py_sends_without_a_stats_handler() -> None:
     """nats-py's default endpoint ``data`` (null) fails the older schema: the check can fail."""
-    reply = {
+    reply: dict[str, Any] = {
         "type": "io.nats.micro.v1.stats_response",
         "name": "shardplane-planner",
         "id": "abc",

@@ -80,7 +80,8 @@ def test_noisy_telemetry_never_crosses_the_margin() -> None:
             flaps += 1
     assert flaps == 0
     # A real throttle (half the bandwidth) reads as degraded within a few checks.
-    for _ in range(5):
+    bw = smoother.update({"a/0": 500.0})
+    for _ in range(4):
         bw = smoother.update({"a/0": 500.0})
     assert health.degraded(health.value(previous, "throughput", bw), planned, cfg)
 

@@ -14,22 +14,13 @@ from shardplane.planner.cost import Problem, StagePlan, Tables, evaluate, schedu
 from shardplane.planner.fleet import Device, Fleet, Link
 from shardplane.planner.plan import plan, to_stages
 from shardplane.planner.profile import ModelProfile
+from tests.planner.fleetkit import device
 
 GB = 10**9
 
 
-def _dev(ref: str, bw: float, tflops: float = 100.0, gib: float = 80) -> Device:
-    node, _, idx = ref.partition("/")
-    return Device(
-        ref=ref,
-        node=node,
-        index=int(idx),
-        gpu="g",
-        bandwidth_gbps=bw,
-        total_bytes=int(gib * 1024**3),
-        free_bytes=int(gib * 1024**3),
-        tflops=tflops,
-    )
+def _dev(ref: str, bw: float, tflops: float = 100.0) -> Device:
+    return device(ref, bw, tflops=tflops)
 
 
 def _tiny() -> ModelProfile:

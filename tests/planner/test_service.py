@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
 
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -16,29 +14,12 @@ from nats.js import JetStreamContext
 from shardplane.bus import codec
 from shardplane.bus.messages import PlacementReply, ShardAssignment
 from shardplane.bus.streams import PLACEMENTS
-from shardplane.planner.service import run_planner
 from shardplane.planner.synthetic import device_state
 from tests.planner.fleetkit import DEMO, publish_fleet, put_device
-from tests.planner.ready import wait_serving
+from tests.planner.ready import planner_running
 
 
-@contextlib.asynccontextmanager
-async def planner_running(url: str) -> AsyncIterator[None]:
-    client = await nats.connect(url)
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_planner(client, stop=stop))
-    try:
-        # It provisions, starts its watch and registers its service first: wait until its
-        # endpoint is subscribed (or the planner died trying, which the wait reports).
-        await wait_serving(client, task)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
-        await client.close()
-
-
-async def ask(nc: Client, body: dict[str, object], timeout: float = 30.0) -> PlacementReply:
+async def ask(nc: Client, body: Mapping[str, object], timeout: float = 30.0) -> PlacementReply:
     msg = await nc.request("placement.request", json.dumps(body).encode(), timeout=timeout)
     return codec.decode(PlacementReply, msg.data, "json")
 

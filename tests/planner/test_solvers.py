@@ -34,6 +34,7 @@ from shardplane.planner.plan import PlanError, plan, to_stages
 from shardplane.planner.profile import ModelProfile, profile_from_card
 from shardplane.planner.solver import solve
 from shardplane.planner.synthetic import HostSpec, random_hosts, states
+from tests.planner import fleetkit
 from tests.planner.fleetkit import DEMO as DEMO_HOSTS
 
 GIB = 1024**3
@@ -52,16 +53,7 @@ GPUS = [
 
 
 def _dev(ref: str, bw: float, gib: float) -> Device:
-    node, _, idx = ref.partition("/")
-    return Device(
-        ref=ref,
-        node=node,
-        index=int(idx),
-        gpu="g",
-        bandwidth_gbps=bw,
-        total_bytes=int(gib * GIB),
-        free_bytes=int(gib * GIB),
-    )
+    return fleetkit.device(ref, bw, gib=gib)
 
 
 def _tiny(layers: int = 4) -> ModelProfile:

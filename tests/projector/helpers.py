@@ -1,12 +1,11 @@
-"""Plumbing for the projector tests: a projector on its own connection, typed KV reads,
-message builders, and a poll-until helper."""
+"""Plumbing for the projector tests: a projector on its own connection and typed KV reads (the
+message factories and the wait are the kit's: tests/kit.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from typing import TypeVar
 
 import msgspec
@@ -14,18 +13,23 @@ import nats
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
-from shardplane.bus import subjects
+from shardplane.bus import keys
 from shardplane.bus.messages import (
-    DeviceSample,
     DeviceState,
     InstanceState,
-    NodeHeartbeat,
     NodeState,
-    ShardAssignment,
-    ShardStatus,
 )
 from shardplane.bus.streams import cluster_state
+from shardplane.projector.partition import Partition
 from shardplane.projector.service import Projector, ProjectorConfig
+from tests.kit import assignment, heartbeat, sample, status
+
+__all__ = [
+    "assignment",
+    "heartbeat",
+    "sample",
+    "status",
+]  # the kit's factories, as these tests know them
 
 T = TypeVar("T")
 # These tests publish assignments by hand, without a planner and its ledger: no generation
@@ -37,13 +41,13 @@ FAST = ProjectorConfig(
 
 @contextlib.asynccontextmanager
 async def running(
-    url: str, config: ProjectorConfig = FAST
-) -> AsyncIterator[tuple[Projector, asyncio.Event, asyncio.Task[None]]]:
+    url: str, config: ProjectorConfig = FAST, part: Partition | None = None
+) -> AsyncGenerator[tuple[Projector, asyncio.Event, asyncio.Task[None]], None]:
     """A projector task on its own connection that leads (waits until it does): the runner, its
     stop event and its task. Stopped on exit, if the caller has not stopped it already."""
     client = await nats.connect(url)
     stop = asyncio.Event()
-    runner = Projector(client, config)
+    runner = Projector(client, config) if part is None else Projector(client, config, part)
     task = asyncio.create_task(runner.run(stop))
     try:
         await asyncio.wait_for(runner.leading.wait(), 20)
@@ -55,7 +59,7 @@ async def running(
 
 
 @contextlib.asynccontextmanager
-async def projector(url: str, config: ProjectorConfig = FAST) -> AsyncIterator[Projector]:
+async def projector(url: str, config: ProjectorConfig = FAST) -> AsyncGenerator[Projector, None]:
     """A projector task that leads (waits until it does) and is stopped on exit."""
     async with running(url, config) as (runner, _, _):
         yield runner
@@ -71,75 +75,12 @@ async def get(nc: Client, kind: type[T], key: str) -> T | None:
 
 
 async def device(nc: Client, node: str, index: int) -> DeviceState | None:
-    return await get(nc, DeviceState, subjects.device_key(node, index))
+    return await get(nc, DeviceState, keys.device_key(node, index))
 
 
 async def node_state(nc: Client, node: str) -> NodeState | None:
-    return await get(nc, NodeState, subjects.node_key(node))
+    return await get(nc, NodeState, keys.node_key(node))
 
 
 async def instance(nc: Client, instance_id: str) -> InstanceState | None:
-    return await get(nc, InstanceState, subjects.instance_key(instance_id))
-
-
-async def until(
-    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 15.0
-) -> T:
-    deadline = time.monotonic() + timeout
-    last = await probe()
-    while not ok(last):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s; last: {last!r}")
-        await asyncio.sleep(0.05)
-        last = await probe()
-    return last
-
-
-def sample(node: str, index: int, seq: int, **fields: object) -> DeviceSample:
-    return DeviceSample(
-        node=node,
-        index=index,
-        uuid=f"GPU-{node}-{index}",
-        seq=seq,
-        ts=fields.pop("ts", time.time()),  # pyright: ignore[reportArgumentType]
-        memory_total_bytes=80 * 2**30,
-        memory_free_bytes=fields.pop("free", 70 * 2**30),  # pyright: ignore[reportArgumentType]
-        **fields,  # pyright: ignore[reportArgumentType]
-    )
-
-
-def heartbeat(node: str, seq: int, **fields: object) -> NodeHeartbeat:
-    return NodeHeartbeat(node=node, seq=seq, ts=time.time(), **fields)  # pyright: ignore[reportArgumentType]
-
-
-def assignment(
-    instance_id: str, generation: int, node: str, stage: int, count: int, **fields: object
-) -> ShardAssignment:
-    return ShardAssignment(
-        instance_id=instance_id,
-        generation=generation,
-        node=node,
-        model="llama-3.1-8b",
-        stage=stage,
-        stage_count=count,
-        device=f"{node}/0",
-        layer_start=stage * 10,
-        layer_end=stage * 10 + 10,
-        ts=time.time(),
-        **fields,  # pyright: ignore[reportArgumentType]
-    )
-
-
-def status(
-    instance_id: str, generation: int, node: str, stage: int, state: str, seq: int, **fields: object
-) -> ShardStatus:
-    return ShardStatus(
-        instance_id=instance_id,
-        generation=generation,
-        node=node,
-        stage=stage,
-        state=state,  # pyright: ignore[reportArgumentType]
-        seq=seq,
-        ts=time.time(),
-        **fields,  # pyright: ignore[reportArgumentType]
-    )
+    return await get(nc, InstanceState, keys.instance_key(instance_id))

@@ -15,7 +15,8 @@ from shardplane.bus import codec, subjects
 from shardplane.bus.streams import LEDGER, provision
 from shardplane.planner import ledger
 from shardplane.projector.service import REASON_HEADER
-from tests.projector.helpers import FAST, assignment, instance, projector, until
+from tests.kit import eventually
+from tests.projector.helpers import FAST, assignment, instance, projector
 
 CHECKING = dataclasses.replace(FAST, verify_generations=True, max_defers=4, defer_delay_s=0.1)
 
@@ -39,7 +40,9 @@ async def test_only_the_ledgers_generation_reaches_the_kv(nats_url: str, nc: Cli
     async with projector(nats_url, CHECKING):
         good = assignment("auth", 2, "rig-a", 0, 1, plan_key="p2")
         await js.publish(subjects.assigned("rig-a"), codec.encode(good))
-        await until(lambda: instance(nc, "auth"), lambda s: s is not None and s.generation == 2)
+        await eventually(
+            lambda: instance(nc, "auth"), lambda s: s is not None and s.generation == 2
+        )
         forged = msgspec.structs.replace(good, plan_key="guess", layer_end=99)
         ahead = assignment("auth", 9, "rig-a", 0, 1, plan_key="p2")
         await js.publish(subjects.assigned("rig-a"), codec.encode(forged))

@@ -3,13 +3,19 @@ bad figures, kept across samples, and the planner plans with it (``calibrated: t
 
 from __future__ import annotations
 
+from typing import Any
+
 from shardplane.bus.messages import DeviceSample, DeviceState, NodeHeartbeat, NodeState, ShardStatus
 from shardplane.planner.fleet import build_fleet
 from shardplane.projector.calibration import MIN_SAMPLES, WINDOW
 from tests.projector.test_reducer import NOW, assign, fold
 
 GB = 1e9
-MEMORY = {"memory_total_bytes": 80 * 2**30, "memory_free_bytes": 80 * 2**30, "memory_used_bytes": 0}
+MEMORY: dict[str, Any] = {
+    "memory_total_bytes": 80 * 2**30,
+    "memory_free_bytes": 80 * 2**30,
+    "memory_used_bytes": 0,
+}
 
 
 def timed(seq: int, step_ms: float | None, step_bytes: int = int(2 * GB)) -> ShardStatus:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from shardplane.projector.transport import wait_set
+from shardplane.bus.wait import wait_set
 
 Waiter = Callable[[asyncio.Event, float], Awaitable[object]]
 

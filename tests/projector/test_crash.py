@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 
 import msgspec
@@ -24,22 +24,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, NodeState
 from shardplane.bus.streams import TELEMETRY, cluster_state
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
 from shardplane.projector.reducer import Changes, Event, Liveness, View, apply
 from shardplane.projector.service import CONSUMERS, Projector
 from shardplane.projector.store import KV_PREFIX, KV_STREAM
-from tests.projector.helpers import (
-    FAST,
-    assignment,
-    heartbeat,
-    running,
-    sample,
-    status,
-    until,
-)
+from tests.kit import eventually
+from tests.projector.helpers import FAST, assignment, heartbeat, running, sample, status
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES, GPUS = 12, 4
@@ -62,7 +55,9 @@ def spawn(url: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def reaped(procs: list[subprocess.Popen[bytes]]):  # pyright: ignore[reportUnknownParameterType]
+def reaped(
+    procs: list[subprocess.Popen[bytes]],
+) -> Generator[list[subprocess.Popen[bytes]], None, None]:
     try:
         yield procs
     finally:
@@ -114,7 +109,7 @@ class Publisher:
         # Only what JetStream acknowledged is ground truth.
         for _, message in sends:
             if isinstance(message, DeviceSample):
-                self.last[subjects.device_key(message.node, message.index)] = message
+                self.last[keys.device_key(message.node, message.index)] = message
             else:
                 self.events.append(message)  # pyright: ignore[reportArgumentType]
 
@@ -142,14 +137,14 @@ def expected_instance(events: list[Event]) -> InstanceState | None:
         if isinstance(outcome, Changes):
             for key, value in outcome.values.items():
                 view.set(key, value)
-    value = view.get(subjects.instance_key("crash"))
+    value = view.get(keys.instance_key("crash"))
     return value if isinstance(value, InstanceState) else None
 
 
 @contextlib.asynccontextmanager
 async def publishing(
     js: JetStreamContext, period: float = 0.1, nodes: int = NODES
-) -> AsyncIterator[Publisher]:
+) -> AsyncGenerator[Publisher, None]:
     publisher = Publisher(js, nodes)
     done = asyncio.Event()
 
@@ -192,7 +187,7 @@ async def sigkill_run(
                 procs.append(proc)
                 # Kill it once it leads, at a random point: loading the cache, in the middle
                 # of a write round, between the writes and the acks, while acking.
-                await until(lambda: lease_holder(js), lambda h, p=proc: f"-{p.pid}-" in h)
+                await eventually(lambda: lease_holder(js), lambda h, p=proc: f"-{p.pid}-" in h)
                 await asyncio.sleep(rng.uniform(0.0, 0.8))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -211,15 +206,15 @@ async def sigkill_run(
                 ):
                     return False
             for n in range(nodes):
-                got = snapshot.get(subjects.node_key(f"node-{n}"))
+                got = snapshot.get(keys.node_key(f"node-{n}"))
                 if got is None:
                     return False
                 if msgspec.msgpack.decode(got, type=NodeState).heartbeat.seq != publisher.seq:
                     return False
-            got = snapshot.get(subjects.instance_key("crash"))
+            got = snapshot.get(keys.instance_key("crash"))
             return got is not None and msgspec.msgpack.decode(got, type=InstanceState) == want
 
-        snapshot = await until(lambda: kv_snapshot(nc), converged, timeout=30)
+        snapshot = await eventually(lambda: kv_snapshot(nc), converged, timeout=30)
 
     devices = {k for k in snapshot if k.startswith("devices.")}
     assert devices == set(publisher.last), "a device is missing or one appeared from nowhere"
@@ -227,11 +222,11 @@ async def sigkill_run(
         state = msgspec.msgpack.decode(snapshot[key], type=DeviceState)
         assert state.sample == sample_want, key
     node_keys = {k for k in snapshot if k.startswith("nodes.")}
-    assert node_keys == {subjects.node_key(f"node-{n}") for n in range(nodes)}
+    assert node_keys == {keys.node_key(f"node-{n}") for n in range(nodes)}
     for key in node_keys:
         node = msgspec.msgpack.decode(snapshot[key], type=NodeState)
         assert node.heartbeat.seq == publisher.seq, key
-    got = msgspec.msgpack.decode(snapshot[subjects.instance_key("crash")], type=InstanceState)
+    got = msgspec.msgpack.decode(snapshot[keys.instance_key("crash")], type=InstanceState)
     assert got == want
     assert "Traceback" not in log.read_text(errors="replace")
 
@@ -282,7 +277,7 @@ async def test_two_replicas_one_writer_and_a_takeover_loses_nothing(
                 for key, want in publisher.last.items()
             )
 
-        await until(lambda: kv_snapshot(nc), converged, timeout=20)
+        await eventually(lambda: kv_snapshot(nc), converged, timeout=20)
         assert second.stats.writes > 0
         stops[1].set()
         await asyncio.wait_for(second_task, 10)
@@ -322,8 +317,8 @@ async def test_a_graceful_stop_abandons_a_round_the_kv_never_answers_after_the_g
         await nc.flush()
         rounds = runner.stats.rounds
         ack = await js.publish(subjects.gpu_sample("stuck", 0), codec.encode(sample("stuck", 0, 1)))
-        key = KV_PREFIX + subjects.device_key("stuck", 0)
-        await until(lambda: asyncio.sleep(0.02, key in unanswered), bool, timeout=10)
+        key = KV_PREFIX + keys.device_key("stuck", 0)
+        await eventually(lambda: asyncio.sleep(0.02, key in unanswered), bool, timeout=10)
         # More arrive while that write hangs: the next round is prepared and waits on it.
         later = [
             await js.publish(subjects.gpu_sample("stuck", i), codec.encode(sample("stuck", i, 1)))

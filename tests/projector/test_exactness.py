@@ -10,11 +10,12 @@ import time
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
-from tests.projector.helpers import device, projector, sample, until
+from tests.kit import eventually
+from tests.projector.helpers import device, projector, sample
 
 
 async def test_a_newer_value_stored_by_another_writer_is_never_overwritten(
@@ -22,20 +23,22 @@ async def test_a_newer_value_stored_by_another_writer_is_never_overwritten(
 ) -> None:
     async with projector(nats_url) as runner:
         await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 5)))
-        await until(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 5)
+        await eventually(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 5)
         # Another writer (say, a replica that still held the lease) stores seq 10, by CAS.
         kv = await cluster_state(js)
-        entry = await kv.get(subjects.device_key("n1", 0))
+        entry = await kv.get(keys.device_key("n1", 0))
         newer = DeviceState(sample=sample("n1", 0, 10), online=True, last_seen=time.time())
-        await kv.update(subjects.device_key("n1", 0), codec.encode(newer), last=entry.revision)
+        await kv.update(keys.device_key("n1", 0), codec.encode(newer), last=entry.revision)
         # The projector's cached revision is stale now: its write of seq 6 must conflict,
         # re-read, and join (seq 10 stays), not overwrite.
         await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 6)))
-        await until(lambda: asyncio.sleep(0.05, runner.stats.conflicts), lambda c: c >= 1)
+        await eventually(lambda: asyncio.sleep(0.05, runner.stats.conflicts), lambda c: c >= 1)
         state = await device(nc, "n1", 0)
         assert state is not None and state.sample.seq == 10
         await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 11)))
-        await until(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 11)
+        await eventually(
+            lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 11
+        )
 
 
 async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_again(
@@ -43,7 +46,7 @@ async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_
 ) -> None:
     async with projector(nats_url) as runner:
         await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 1)))
-        await until(lambda: device(nc, "n1", 0), lambda s: s is not None)
+        await eventually(lambda: device(nc, "n1", 0), lambda s: s is not None)
         lease_kv = await js.key_value(LEASE_BUCKET)
         await lease_kv.put(LEASE_KEY, b"someone-else")  # the lease is taken from it
 
@@ -56,7 +59,9 @@ async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_
 
         holding = asyncio.create_task(intruder())
         try:
-            await until(lambda: asyncio.sleep(0.02, runner.leading.is_set()), lambda lead: not lead)
+            await eventually(
+                lambda: asyncio.sleep(0.02, runner.leading.is_set()), lambda lead: not lead
+            )
             rounds = runner.stats.rounds
             await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 2)))
             await asyncio.sleep(0.3)
@@ -68,5 +73,5 @@ async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_
             with contextlib.suppress(asyncio.CancelledError):
                 await holding
         # The intruder stops renewing: its key ages out, the projector takes over and catches up.
-        await until(lambda: asyncio.sleep(0.05, runner.leading.is_set()), bool, timeout=10)
-        await until(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 2)
+        await eventually(lambda: asyncio.sleep(0.05, runner.leading.is_set()), bool, timeout=10)
+        await eventually(lambda: device(nc, "n1", 0), lambda s: s is not None and s.sample.seq == 2)

@@ -21,7 +21,8 @@ from nats.js import JetStreamContext
 
 from shardplane.bus import codec, subjects
 from shardplane.projector.wire import fast_path_state, is_direct, subscribe_direct
-from tests.projector.helpers import FAST, device, projector, sample, until
+from tests.kit import eventually
+from tests.projector.helpers import FAST, device, projector, sample
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +59,7 @@ async def test_a_direct_subscription_takes_the_fast_path(nats_url: str) -> None:
         for i in range(20):
             await nc.publish("fast.path", b"%d" % i)
         await nc.publish("fast.path", b"h", headers={"A": "1"})  # nats-py's own path
-        await until(lambda: _len(got), lambda n: n == 21)
+        await eventually(lambda: _len(got), lambda n: n == 21)
         assert got == [b"%d" % i for i in range(20)] + [b"h"]
         assert fast_path_state(nc).fast_frames == 20  # every plain frame, and only those
     finally:
@@ -75,7 +76,9 @@ async def test_the_projector_runs_on_the_fast_path(
     async with projector(nats_url) as runner:
         for seq in range(5):
             await js.publish(subjects.gpu_sample("rig-a", 0), codec.encode(sample("rig-a", 0, seq)))
-        await until(lambda: device(nc, "rig-a", 0), lambda s: s is not None and s.sample.seq == 4)
+        await eventually(
+            lambda: device(nc, "rig-a", 0), lambda s: s is not None and s.sample.seq == 4
+        )
         state = fast_path_state(runner.nc)
         direct = [s for s in runner.nc._subs.values() if is_direct(s)]  # pyright: ignore[reportPrivateUsage]
     assert state.framing and state.parser
@@ -92,7 +95,7 @@ async def test_the_check_sees_a_projector_off_the_fast_path(
     slow = dataclasses.replace(FAST, direct_delivery=False)
     async with projector(nats_url, slow) as runner:
         await js.publish(subjects.gpu_sample("rig-a", 0), codec.encode(sample("rig-a", 0, 1)))
-        await until(lambda: device(nc, "rig-a", 0), lambda s: s is not None)
+        await eventually(lambda: device(nc, "rig-a", 0), lambda s: s is not None)
         state = fast_path_state(runner.nc)
         direct = [s for s in runner.nc._subs.values() if is_direct(s)]  # pyright: ignore[reportPrivateUsage]
     assert (state.parser, state.fast_frames, direct) == (False, 0, [])

@@ -7,38 +7,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
-from shardplane.projector.service import Projector
-from tests.projector.helpers import FAST, heartbeat, sample
+from tests.projector.helpers import FAST, heartbeat, running, sample
 
 NODES = [f"node-{i:03d}" for i in range(24)]
 
 
 @contextlib.asynccontextmanager
-async def partition_running(url: str, part: Partition, **config: float) -> AsyncIterator[None]:
-    client = await nats.connect(url)
-    stop = asyncio.Event()
-    runner = Projector(client, dataclasses.replace(FAST, **config), part)
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        await asyncio.wait_for(runner.leading.wait(), 20)
+async def partition_running(
+    url: str, part: Partition, **config: float
+) -> AsyncGenerator[None, None]:
+    async with running(url, dataclasses.replace(FAST, **config), part):
         yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
-        await client.drain()
 
 
 async def publish_fleet(js: JetStreamContext, seq: int) -> None:
@@ -58,8 +49,8 @@ async def present(js: JetStreamContext) -> set[str]:
 
 
 def keys_of(nodes: list[str]) -> set[str]:
-    out = {subjects.node_key(n) for n in nodes}
-    return out | {subjects.device_key(n, i) for n in nodes for i in range(2)}
+    out = {keys.node_key(n) for n in nodes}
+    return out | {keys.device_key(n, i) for n in nodes for i in range(2)}
 
 
 async def wait_keys(js: JetStreamContext, want: set[str], timeout: float = 30.0) -> set[str]:
@@ -76,9 +67,9 @@ def test_partition_spec() -> None:
     assert Partition.original_subject("tpart.1.telemetry.gpu.a.0") == "telemetry.gpu.a.0"
     assert Partition.original_subject("shard.status.a.x") == "shard.status.a.x"
     p = Partition(1, 2)
-    assert p.owns(subjects.device_key("x", 3)) == (partition_of("x", 2) == 1)
-    assert p.owns(subjects.node_key("x")) == (partition_of("x", 2) == 1)
-    assert not p.owns(subjects.instance_key("i")) and Partition(0, 2).owns("instances.i")
+    assert p.owns(keys.device_key("x", 3)) == (partition_of("x", 2) == 1)
+    assert p.owns(keys.node_key("x")) == (partition_of("x", 2) == 1)
+    assert not p.owns(keys.instance_key("i")) and Partition(0, 2).owns("instances.i")
     assert set(Partition(0, 2).consumers()) == {"TELEMETRY_P2", "PLACEMENTS", "SHARDS"}
     assert set(p.consumers()) == {"TELEMETRY_P2"}
     with pytest.raises(ValueError, match="partition 2 of 2"):
@@ -119,7 +110,7 @@ async def test_each_partition_writes_its_share_and_together_all(
 
             async def all_at_seq_2() -> bool:
                 for node in NODES:
-                    entry = await kv.get(subjects.device_key(node, 1))
+                    entry = await kv.get(keys.device_key(node, 1))
                     if codec.decode(DeviceState, entry.value or b"").sample.seq != 2:
                         return False
                 return True
@@ -151,7 +142,9 @@ async def test_a_partition_leaves_other_partitions_liveness_alone(
     after: dict[str, int] = {}
     for k in theirs:
         try:
-            after[k] = (await kv.get(k)).revision
+            entry = await kv.get(k)
+            assert entry.revision is not None
+            after[k] = entry.revision
         except KeyNotFoundError:
             after[k] = -1
     assert after == before

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardplane.bus import subjects
+from shardplane.bus import keys
 from shardplane.bus.messages import (
     DeviceSample,
     DeviceState,
@@ -31,6 +32,7 @@ from shardplane.projector.reducer import (
     sample_order,
     sweep,
 )
+from tests import kit
 
 NOW = 1_000.0
 LIVE = Liveness(ttl_s=6.0)
@@ -106,7 +108,7 @@ def test_any_order_of_a_devices_samples_ends_at_its_highest_sequence_sample(
 ) -> None:
     events = data.draw(shuffled_with_duplicates(history))
     view = fold(events)
-    state = view.get(subjects.device_key("n1", 0))
+    state = view.get(keys.device_key("n1", 0))
     assert isinstance(state, DeviceState)
     newest = max((e for e, _ in history if isinstance(e, DeviceSample)), key=sample_order)
     assert state.sample == newest
@@ -149,7 +151,7 @@ def test_any_order_of_a_nodes_heartbeats_and_samples_ends_in_the_same_state(
     # A device is "node shut down" exactly when a shutdown came after its last sample.
     byes = [seen for e, seen in history if isinstance(e, NodeHeartbeat) and not e.online]
     for index in (0, 1):
-        state = expected.get(subjects.device_key("n1", index))
+        state = expected.get(keys.device_key("n1", index))
         if not isinstance(state, DeviceState):
             continue
         shut = any(b >= state.last_seen for b in byes)
@@ -199,32 +201,12 @@ def test_the_default_ttl_is_three_agent_intervals() -> None:
 # --- instances --------------------------------------------------------------------------------
 
 
-def assign(gen: int, node: str, stage: int, count: int = 2, **kw: object) -> ShardAssignment:
-    return ShardAssignment(
-        instance_id="i1",
-        generation=gen,
-        node=node,
-        model="m",
-        stage=stage,
-        stage_count=count,
-        device=f"{node}/0",
-        layer_start=stage * 10,
-        layer_end=stage * 10 + 10,
-        ts=float(gen),
-        **kw,  # pyright: ignore[reportArgumentType]
-    )
+def assign(gen: int, node: str, stage: int, count: int = 2, **kw: Any) -> ShardAssignment:
+    return kit.assignment("i1", gen, node, stage, count, model="m", ts=float(gen), **kw)
 
 
 def report(gen: int, node: str, stage: int, state: str, seq: int) -> ShardStatus:
-    return ShardStatus(
-        instance_id="i1",
-        generation=gen,
-        node=node,
-        stage=stage,
-        state=state,  # pyright: ignore[reportArgumentType]
-        seq=seq,
-        ts=float(gen) + seq / 100,
-    )
+    return kit.status("i1", gen, node, stage, state, seq, ts=float(gen) + seq / 100)
 
 
 INSTANCE_HISTORY: list[Timed] = [

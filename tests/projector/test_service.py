@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Callable
+from typing import TypeVar, cast
 
 import msgspec
 from nats.aio.client import Client
@@ -15,11 +15,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState, NodeState
 from shardplane.bus.streams import DEADLETTER
 from shardplane.projector.service import CONSUMERS, REASON_HEADER, SOURCE_SUBJECT_HEADER
 from shardplane.projector.store import KV_PREFIX, KV_STREAM
+from tests.kit import eventually
 from tests.projector.helpers import (
     FAST,
     assignment,
@@ -30,7 +31,6 @@ from tests.projector.helpers import (
     projector,
     sample,
     status,
-    until,
 )
 
 T = TypeVar("T", DeviceState, NodeState)
@@ -43,11 +43,11 @@ async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
         for seq in range(5):
             await js.publish(subjects.gpu_sample("rig-a", 0), codec.encode(sample("rig-a", 0, seq)))
         await js.publish(subjects.node_heartbeat("rig-a"), codec.encode(heartbeat("rig-a", 1)))
-        state = await until(
+        state = await eventually(
             lambda: device(nc, "rig-a", 0), lambda s: s is not None and s.sample.seq == 4
         )
         assert state is not None and state.online
-        node = await until(lambda: node_state(nc, "rig-a"), lambda s: s is not None)
+        node = await eventually(lambda: node_state(nc, "rig-a"), lambda s: s is not None)
         assert node is not None and node.online
 
         # Status first (SHARDS and PLACEMENTS are separate streams): deferred, then applied.
@@ -59,7 +59,7 @@ async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
             await js.publish(
                 subjects.assigned(node_id), codec.encode(assignment("inst", 1, node_id, stage, 2))
             )
-        inst = await until(
+        inst = await eventually(
             lambda: instance(nc, "inst"), lambda s: s is not None and s.stages[0].state == "loaded"
         )
         assert inst is not None and inst.state == "loading"
@@ -67,7 +67,7 @@ async def test_samples_heartbeats_assignments_and_statuses_reach_the_kv(
             subjects.shard_status("rig-b", "inst"),
             codec.encode(status("inst", 1, "rig-b", 1, "loaded", 1)),
         )
-        inst = await until(
+        inst = await eventually(
             lambda: instance(nc, "inst"), lambda s: s is not None and s.state == "loaded"
         )
 
@@ -77,7 +77,8 @@ async def _dead_letters(js: JetStreamContext) -> list[tuple[str, dict[str, str],
     info = await js.stream_info(DEADLETTER)
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await js.get_msg(DEADLETTER, seq)
-        out.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
+        headers = cast("dict[str, str]", msg.headers or {})
+        out.append((msg.subject or "", dict(headers), msg.data or b""))
     return out
 
 
@@ -136,12 +137,14 @@ async def test_garbage_on_every_subject_is_dead_lettered_and_valid_traffic_flows
         )
         await js.publish(subjects.gpu_sample("rig-a", 1), codec.encode(sample("rig-a", 1, 99)))
 
-        await until(lambda: device(nc, "rig-a", 1), lambda s: s is not None and s.sample.seq == 99)
-        inst = await until(
+        await eventually(
+            lambda: device(nc, "rig-a", 1), lambda s: s is not None and s.sample.seq == 99
+        )
+        inst = await eventually(
             lambda: instance(nc, "inst"), lambda s: s is not None and s.state == "loaded"
         )
         assert inst is not None
-        letters = await until(lambda: _dead_letters(js), lambda d: len(d) == len(poison) + 1)
+        letters = await eventually(lambda: _dead_letters(js), lambda d: len(d) == len(poison) + 1)
         assert runner.stats.deadlettered == len(poison) + 1
 
     expected = [(f"deadletter.{s}", data, why) for s, data, why in poison]
@@ -180,7 +183,7 @@ class _Beat:
 @contextlib.asynccontextmanager
 async def _beating(
     js: JetStreamContext, node: str, first_seq: int, interval_s: float, period_s: float = 0.3
-) -> AsyncIterator[list[_Beat]]:
+) -> AsyncGenerator[list[_Beat], None]:
     """A node's agent: a heartbeat (announcing ``interval_s``) and a sample of device 0 every
     ``period_s`` until the block ends. A beat under way when it ends is finished first, so
     the last beat in the list is the last one published (the silence starts there)."""
@@ -219,7 +222,7 @@ async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_
     nats_url: str, nc: Client, js: JetStreamContext
 ) -> None:
     interval = 0.4  # TTL defaults to 3 intervals: 1.2 s
-    device_key, node_key = subjects.device_key("quiet", 0), subjects.node_key("quiet")
+    device_key, node_key = keys.device_key("quiet", 0), keys.node_key("quiet")
 
     # Every value the projector stores, with the server's time of storing it: how long the
     # silence took to show is measured on the server's clock, from the last beat stored to
@@ -247,21 +250,21 @@ async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_
     async with projector(nats_url):
         # Beat until the node and its device are seen online, then fall silent.
         async with _beating(js, "quiet", 0, interval) as beats:
-            state = await until(
+            state = await eventually(
                 lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online, timeout=10
             )
-            await until(
+            await eventually(
                 lambda: node_state(nc, "quiet"), lambda s: s is not None and s.online, timeout=10
             )
         last = beats[-1]
-        node_off = await until(
+        node_off = await eventually(
             lambda: asyncio.sleep(
                 0, first_offline(node_key, NodeState, lambda n: n.heartbeat.seq, last.seq)
             ),
             lambda found: found is not None,
             timeout=10,
         )
-        device_off = await until(
+        device_off = await eventually(
             lambda: asyncio.sleep(
                 0, first_offline(device_key, DeviceState, lambda d: d.sample.seq, last.seq)
             ),
@@ -285,10 +288,10 @@ async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_
         # It comes back. From here on the agent announces a 5 s interval (TTL 15 s), so
         # nothing below can go offline for silence: only the graceful shutdown can do it.
         async with _beating(js, "quiet", last.seq + 10, 5.0) as beats:
-            back = await until(
+            back = await eventually(
                 lambda: device(nc, "quiet", 0), lambda s: s is not None and s.online, timeout=10
             )
-            await until(
+            await eventually(
                 lambda: node_state(nc, "quiet"), lambda s: s is not None and s.online, timeout=10
             )
         assert back is not None and back.sample.seq >= last.seq + 10
@@ -298,7 +301,7 @@ async def test_a_silent_node_goes_offline_within_ttl_plus_an_interval_and_comes_
             subjects.node_heartbeat("quiet"),
             codec.encode(heartbeat("quiet", beats[-1].seq + 1, interval_s=5.0, online=False)),
         )
-        gone = await until(
+        gone = await eventually(
             lambda: device(nc, "quiet", 0), lambda s: s is not None and not s.online, timeout=10
         )
         assert gone is not None and gone.offline_reason == "node shut down"

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state
 from shardplane.projector.reducer import Value
@@ -25,7 +25,7 @@ def _supports_atomic_batches(nc: Client) -> bool:
 
 def _states(nodes: int, seq: int) -> dict[str, Value]:
     return {
-        subjects.device_key(f"n{i}", 0): DeviceState(
+        keys.device_key(f"n{i}", 0): DeviceState(
             sample=sample(f"n{i}", 0, seq), online=True, last_seen=time.time()
         )
         for i in range(nodes)
@@ -52,7 +52,7 @@ async def test_writes_record_the_servers_revisions_and_detect_conflicts(
 
     # Someone else writes one key of the middle batch: that key conflicts, every other key
     # of every batch is stored, and the other writer's value survives.
-    intruder_key = subjects.device_key("n1500", 0)
+    intruder_key = keys.device_key("n1500", 0)
     intruder = DeviceState(sample=sample("n1500", 0, 99), online=True, last_seen=time.time())
     await kv.update(intruder_key, codec.encode(intruder), last=store.cache.revision(intruder_key))
     second = _states(2500, seq=2)
@@ -63,7 +63,7 @@ async def test_writes_record_the_servers_revisions_and_detect_conflicts(
     assert codec.decode(DeviceState, entry.value or b"") == intruder
     if store.batches:
         assert store.batch_fallbacks == 1  # only the batch holding the conflict was re-sent
-    for key in (subjects.device_key("n0", 0), subjects.device_key("n1499", 0)):
+    for key in (keys.device_key("n0", 0), keys.device_key("n1499", 0)):
         entry = await kv.get(key)
         assert store.cache.revision(key) == entry.revision
         assert codec.decode(DeviceState, entry.value or b"") == second[key]

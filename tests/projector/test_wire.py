@@ -8,18 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shardplane.projector.wire import FastParser, fast_parser, subscribe_direct
-from tests.projector.helpers import until
+from tests.kit import eventually
 
 
 @contextlib.asynccontextmanager
-async def _clients(url: str) -> AsyncIterator[tuple[Client, Client]]:
+async def _clients(url: str) -> AsyncGenerator[tuple[Client, Client], None]:
     """(receiver, sender): two connections, so frames cross the real socket."""
     receiver = await nats.connect(url)
     sender = await nats.connect(url)
@@ -58,7 +58,7 @@ async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss
             # (and drops what it had queued), which says nothing about the parser. A window
             # of ~200 messages (~9 MB) keeps it within reach; frames still straddle reads.
             sent = len(expected) + len(expected_other)
-            await until(
+            await eventually(
                 lambda: asyncio.sleep(0.01, len(direct) + len(ordinary)),
                 lambda got: got >= sent - window,
                 timeout=60,
@@ -80,10 +80,10 @@ async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss
         await sender.flush()
 
         # About 138 MB through one process (the test's): generous on a slow, shared machine.
-        await until(
+        await eventually(
             lambda: asyncio.sleep(0.05, len(direct)), lambda n: n >= len(expected), timeout=60
         )
-        await until(
+        await eventually(
             lambda: asyncio.sleep(0.05, len(ordinary)),
             lambda n: n >= len(expected_other),
             timeout=60,
@@ -120,7 +120,7 @@ async def test_raw_handlers_get_plain_frames_and_headers_still_reach_the_msg_han
             want.append((subject.encode(), payload, headers))
             await sender.publish(subject, payload, headers=headers)
         await sender.flush()
-        await until(lambda: asyncio.sleep(0.05, len(got)), lambda n: n >= len(want))
+        await eventually(lambda: asyncio.sleep(0.05, len(got)), lambda n: n >= len(want))
         assert [(s, p, h) for _, s, p, h in got] == want
         # Frames with headers always come parsed, with their headers; most plain ones raw.
         assert all(kind == "msg" for kind, _, _, h in got if h)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncGenerator
 
 import aiohttp
 import pytest
@@ -18,7 +19,7 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture
-async def api(nc: Client, js: JetStreamContext):  # type: ignore[no-untyped-def]
+async def api(nc: Client, js: JetStreamContext) -> AsyncGenerator[str, None]:
     runner, url = await start_app(make_app(nc, request_timeout_s=2.0, token=TOKEN))
     try:
         yield url

@@ -11,7 +11,8 @@ from shardplane.agents.worker import misfit
 from shardplane.bus.messages import DeviceSample, DeviceState, ShardAssignment
 from shardplane.planner.fleet import build_fleet
 from shardplane.planner.plausible import MAX_MEMORY, implausible
-from tests.worker.busutil import StatusLog, assign, workers
+from tests import kit
+from tests.agents.busutil import StatusLog, assign, workers
 
 GIB = 1024**3
 
@@ -54,15 +55,9 @@ def test_plausibility_limits() -> None:
 
 
 def _assignment(memory_gib: float) -> ShardAssignment:
-    return ShardAssignment(
-        instance_id="big",
-        generation=1,
-        node="n1",
-        model="llama-3.1-8b",
-        device="n1/0",
-        layer_end=4,
-        layers_total=4,
-        memory_bytes=int(memory_gib * GIB),
+    memory = int(memory_gib * GIB)
+    return kit.assignment(
+        "big", 1, "n1", 0, 1, layer_end=4, layers_total=4, memory_bytes=memory, ts=0.0
     )
 
 
@@ -79,9 +74,14 @@ async def test_a_worker_refuses_an_assignment_that_cannot_fit(
 ) -> None:
     log = await StatusLog().start(nc)
     held: list[int] = []
-    async with workers(
-        nc, ["n1"], capacity=lambda index: 24 * GIB, hold_memory=lambda i, d: held.append(d)
-    ):
+
+    def capacity(_index: int) -> int:
+        return 24 * GIB
+
+    def hold_memory(_index: int, nbytes: int) -> None:
+        held.append(nbytes)
+
+    async with workers(nc, ["n1"], capacity=capacity, hold_memory=hold_memory):
         await assign(js, _assignment(60))
         final = await log.settled("big", 1, 1, states=("reserved",))
     await log.stop()

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,8 +29,10 @@ from shardplane.natsserver import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _cli(
+    *argv: str, env: dict[str, str] | None = None, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "shardplane.cli", *argv],
         cwd=ROOT,
@@ -38,7 +41,7 @@ def _cli(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
@@ -181,15 +184,7 @@ def test_embedded_server_monitor_port_steps_aside(monkeypatch: pytest.MonkeyPatc
 def test_status_on_a_fresh_server_and_a_watch_into_head(tmp_path: Path) -> None:
     with NatsServer(store_dir=tmp_path / "nats") as server:
         env = {**os.environ, "NATS_URL": server.url}
-        out = subprocess.run(
-            [sys.executable, "-m", "shardplane.cli", "status"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = _cli("status", env=env)
         # No KV bucket yet (nothing provisioned it): an empty cluster, said plainly.
         assert out.returncode == 0, out.stderr
         assert "0 nodes, 0 devices" in out.stdout and "nothing in the KV yet" in out.stdout

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from shardplane import supervise
 from shardplane.natsserver import NatsServer, free_port
+from tests.kit import api_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_WITHIN_S = 15.0  # GRACE_S for the children plus a loaded machine's scheduling
@@ -103,12 +102,7 @@ def alive(pid: int) -> bool:
 
 
 def devices_seen(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/gpu/devices", timeout=5) as r:
-            body = json.loads(r.read())
-    except OSError:
-        return 0
-    return len(body["devices"] if isinstance(body, dict) else body)
+    return api_devices(port, timeout=5)
 
 
 def run_up_and_stop(tmp_path: Path, nodes: int, gpus: int, expect_devices: int) -> None:

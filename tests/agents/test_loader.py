@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import save_file  # pyright: ignore[reportUnknownVariableType]
 
 from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
@@ -29,7 +29,7 @@ from shardplane.planner.catalog import resolve
 from shardplane.planner.cost import Problem, evaluate, stages_from_counts
 from shardplane.planner.fleet import Device, Fleet
 from shardplane.planner.plan import to_stages
-from tests.worker import ckpt
+from tests.agents import ckpt
 
 SPLITS = [
     StageSpec(0, 2, embeddings=True),
@@ -254,6 +254,7 @@ def test_unload_gives_the_memory_back(tmp_path: Path, mode: ReadMode) -> None:
     )
     loaded = proc.memory_info().rss
     assert shard.nbytes > 190 * 2**20
+    layer = None
     for i in range(4):  # big runs go through the multi-threaded copy: check every byte landed
         layer = shard.tensors[f"model.layers.{i}.mlp.up_proj.weight"].view(np.float16)
         assert layer.shape == (24 * 1024, 1024)

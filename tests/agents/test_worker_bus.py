@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -22,8 +23,9 @@ from shardplane.agents.loader import CHUNK_BYTES
 from shardplane.agents.worker import Worker
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, ShardAssignment
-from tests.worker import ckpt
-from tests.worker.busutil import (
+from tests import kit
+from tests.agents import ckpt
+from tests.agents.busutil import (
     StatusLog,
     assert_interval_kept,
     assign,
@@ -142,9 +144,7 @@ async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
         for s in [*good, *lost, *cut]:
             await assign(js, s)
         # A plan whose bytes disagree with the files.
-        await assign(
-            js, ShardAssignment(**{**codec.to_builtins(garbled[0]), "weight_bytes": 12345})
-        )
+        await assign(js, msgspec.structs.replace(garbled[0], weight_bytes=12345))
         ok = await log.settled("good", 1, 3)
         assert all(s.state == "loaded" for s in ok.values()), ok
         lost_final = await log.settled("lost", 1, 3)
@@ -270,17 +270,18 @@ async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamC
     )
     task = asyncio.create_task(worker.run(stop))
     try:
-        a = ShardAssignment(
-            instance_id="cat",
-            generation=1,
-            node="n1",
+        sizes = {"weight_bytes": 5 * 2**30, "kv_bytes": 2**30, "memory_bytes": 7 * 2**30}
+        a = kit.assignment(
+            "cat",
+            1,
+            "n1",
+            0,
+            1,
             model="llama-3.1-70b",
             device="n1/1",
-            layer_start=0,
             layer_end=40,
-            weight_bytes=5 * 2**30,
-            kv_bytes=2**30,
-            memory_bytes=7 * 2**30,
+            ts=0.0,
+            **sizes,
         )
         await assign(js, a)
         final = await log.settled("cat", 1, 1, states=("reserved",))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -19,13 +19,17 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shardplane.agents.loader import StageSpec, stage_bytes
+from shardplane.agents.service import run_agents
 from shardplane.agents.worker import Worker
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
 from shardplane.bus.streams import cluster_state
-from tests.worker import ckpt
-from tests.worker.busutil import (
+from shardplane.planner.cost import WORKSPACE_BYTES
+from shardplane.planner.service import run_planner
+from shardplane.projector.service import run_projector
+from tests.agents import ckpt
+from tests.agents.busutil import (
     StatusLog,
     assert_interval_kept,
     assign,
@@ -33,15 +37,7 @@ from tests.worker.busutil import (
     stage,
     until_sample_after,
 )
-
-pytest.importorskip("shardplane.planner.service")
-pytest.importorskip("shardplane.projector.service")
-pytest.importorskip("shardplane.agents.service")
-
-from shardplane.agents.service import run_agents
-from shardplane.planner.cost import WORKSPACE_BYTES
-from shardplane.planner.service import run_planner
-from shardplane.projector.service import run_projector
+from tests.kit import stop_tasks, wait_instance
 
 NODES = {"w-a": "RTX-3060-12GB", "w-b": "P40", "w-c": "T4", "w-d": "A10"}
 LAYERS = 8
@@ -71,7 +67,7 @@ def fleet_file(path: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def pipeline(url: str, fleet: Path) -> AsyncIterator[dict[str, Worker]]:
+async def pipeline(url: str, fleet: Path) -> AsyncGenerator[dict[str, Worker], None]:
     """Projector, planner and simulated agents (telemetry only) each on their own connection,
     plus one Worker per node whose held tensors the test can look at."""
     stop = asyncio.Event()
@@ -100,10 +96,7 @@ async def pipeline(url: str, fleet: Path) -> AsyncIterator[dict[str, Worker]]:
     try:
         yield workers
     finally:
-        stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=20)
-        for task in pending:
-            task.cancel()
+        await stop_tasks(stop, tasks)
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.close()
@@ -117,7 +110,7 @@ async def wait_filled_devices(nc: Client, timeout: float = 20.0) -> None:
         free: dict[str, int | None] = {}
         for node in NODES:
             with contextlib.suppress(Exception):
-                entry = await kv.get(subjects.device_key(node, 0))
+                entry = await kv.get(keys.device_key(node, 0))
                 if entry.value:
                     state = codec.decode(DeviceState, entry.value)
                     free[node] = state.sample.memory_free_bytes if state.online else None
@@ -137,21 +130,9 @@ async def place(nc: Client, body: dict[str, object]) -> PlacementReply:
     return reply
 
 
-async def wait_instance(
-    nc: Client, instance: str, generation: int, timeout: float = 30.0
-) -> InstanceState:
-    kv = await cluster_state(nc.jetstream())
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: InstanceState | None = None
-    while asyncio.get_running_loop().time() < deadline:
-        with contextlib.suppress(Exception):
-            entry = await kv.get(subjects.instance_key(instance))
-            if entry.value:
-                last = codec.decode(InstanceState, entry.value)
-                if last.generation == generation and last.state in ("loaded", "failed", "degraded"):
-                    return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"instance {instance} generation {generation} did not settle: {last}")
+def settled_at(generation: int) -> Callable[[InstanceState], bool]:
+    """Generation ``generation`` loaded, failed or degraded: no stage still on its way."""
+    return lambda s: s.generation == generation and s.state in ("loaded", "failed", "degraded")
 
 
 def names_for(start: int, end: int) -> list[str]:
@@ -183,7 +164,7 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
         }
         reply = await place(nc, request)
         assert len(reply.stages) >= 3, reply.stages  # the fill forces a split
-        state = await wait_instance(nc, "tiny", reply.generation)
+        state = await wait_instance(nc, "tiny", settled_at(reply.generation), timeout=30)
         assert state.state == "loaded", state
         for planned, st in zip(reply.stages, state.stages, strict=True):
             spec = StageSpec(
@@ -204,7 +185,7 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
         moved = await place(nc, {**request, "exclude_nodes": [gone]})
         assert moved.generation == reply.generation + 1
         assert gone not in {s.node for s in moved.stages}
-        state = await wait_instance(nc, "tiny", moved.generation)
+        state = await wait_instance(nc, "tiny", settled_at(moved.generation), timeout=30)
         assert state.state == "loaded", state
         by_node = {n: [] for n in NODES}
         for s in moved.stages:

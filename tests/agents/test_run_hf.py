@@ -15,7 +15,7 @@ from shardplane.agents.loader import StageSpec, load_stage
 from shardplane.agents.pipeline import PipelineClient, even_bounds, serve_split
 from shardplane.bus.checkpoint import read_config
 from shardplane.bus.messages import StageEntry
-from tests.worker.backends import BACKENDS
+from tests.agents.backends import BACKENDS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ("tiny-llama3", "tiny-qwen2")

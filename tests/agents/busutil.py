@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -149,7 +149,7 @@ class StatusLog:
 @contextlib.asynccontextmanager
 async def workers(
     nc: Client, nodes: list[str], **options: object
-) -> AsyncIterator[dict[str, Worker]]:
+) -> AsyncGenerator[dict[str, Worker], None]:
     """Run one Worker per node on ``nc``; stop them all on exit."""
     stop = asyncio.Event()
     # Assignments by hand, without a planner's ledger: no generation check unless asked for.

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -26,7 +26,7 @@ from shardplane.bus import authority, streams, subjects
 from shardplane.bus.messages import ShardAssignment
 from shardplane.bus.streams import LEDGER, LEDGER_RESERVATIONS_KEY
 from shardplane.cli import part_arg
-from tests.worker.busutil import StatusLog, assign
+from tests.agents.busutil import StatusLog, assign
 
 SERVER_CONSUMER_LIMIT = 1000  # nats-server's per-stream default, measured below
 
@@ -47,7 +47,7 @@ def reserve(node: str, instance: str, generation: int = 1) -> ShardAssignment:
 
 
 @contextlib.asynccontextmanager
-async def fleet_workers(nc: Client, nodes: list[str]) -> AsyncIterator[dict[str, Worker]]:
+async def fleet_workers(nc: Client, nodes: list[str]) -> AsyncGenerator[dict[str, Worker], None]:
     stop = asyncio.Event()
     feed = AssignmentFeed(nc, nodes)
     running = {

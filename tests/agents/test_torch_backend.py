@@ -20,7 +20,7 @@ from shardplane.agents.gguf import load_packaged_stage
 from shardplane.agents.loader import StageSpec, load_stage
 from shardplane.agents.steptiming import StepTimer, step_flops
 from shardplane.bus.checkpoint import read_config
-from tests.worker.backends import NO_TORCH
+from tests.agents.backends import NO_TORCH
 
 FIXTURES = Path(__file__).parent / "fixtures"
 needs_torch = pytest.mark.skipif(not torch_installed(), reason=NO_TORCH)
