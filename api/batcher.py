@@ -64,7 +64,6 @@ class PlanFigures:
 
 async def plan_figures(nc: Client, instance: str, timeout_s: float = 5.0) -> PlanFigures:
     """The instance's plan as the ledger holds it now; the defaults when it cannot be read."""
-    from shardplane.planner.ledger import stored_reply
 
     async def read() -> PlanFigures:
         kv = await authority.ledger_bucket(nc.jetstream())
@@ -73,7 +72,7 @@ async def plan_figures(nc: Client, instance: str, timeout_s: float = 5.0) -> Pla
         entry = (await authority.read(kv)).instances.get(instance)
         if entry is None or entry.released:
             return PlanFigures()
-        reply = await stored_reply(kv, entry.plan_key)
+        reply = await authority.stored_reply(kv, entry.plan_key)
         return PlanFigures.of(reply) if reply is not None and reply.ok else PlanFigures()
 
     try:

@@ -73,7 +73,7 @@ async def serve(url: str) -> None:
         computed[1] = time.monotonic()
         return out
 
-    backend.forward = timed_forward  # type: ignore[method-assign]
+    backend.forward = timed_forward
     nc = await nats.connect(url)
     server = StageServer(nc, instance_id="hop", stage=1, backend=backend, last=True)
     handle = server._handle  # pyright: ignore[reportPrivateUsage]
@@ -89,8 +89,8 @@ async def serve(url: str) -> None:
         entered[0] = time.monotonic()
         await handle(msg)
 
-    nc.publish = stamped_publish  # type: ignore[method-assign]
-    server._handle = stamped_handle  # type: ignore[method-assign]  # pyright: ignore[reportPrivateUsage]
+    nc.publish = stamped_publish
+    server._handle = stamped_handle  # pyright: ignore[reportPrivateUsage]
     await server.start()
     await nc.flush()
     print("ready", flush=True)

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from shardplane.bus.messages import ShardAssignment
+from shardplane.bus.messages import PlacementReply, ShardAssignment
 from shardplane.bus.streams import LEDGER, LEDGER_RESERVATIONS_KEY
 
 Verdict = Literal["current", "stale", "unknown", "ahead", "forged"]
@@ -94,3 +94,24 @@ async def read(kv: KeyValue | None) -> LedgerView:
     except (KeyNotFoundError, KeyDeletedError):
         return EMPTY
     return decode(entry.value)
+
+
+_reply_dec = msgspec.msgpack.Decoder(PlacementReply)
+
+
+async def stored_reply(kv: KeyValue, key: str) -> PlacementReply | None:
+    """The placement reply a ledger entry's ``plan_key`` names (what the instance runs now),
+    or None when it is missing or unreadable. Read by the planner, the controller and the
+    API's serving layer alike, so it lives with the other ledger readers."""
+    if not key:
+        return None
+    try:
+        entry = await kv.get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return None
+    if not entry.value:
+        return None
+    try:
+        return _reply_dec.decode(entry.value)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None

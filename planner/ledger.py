@@ -30,7 +30,8 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from shardplane.bus import keys
-from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, PlacementRequest
+from shardplane.bus.authority import stored_reply as stored_reply  # the planner's name for it
+from shardplane.bus.messages import DeviceState, InstanceState, PlacementRequest
 from shardplane.bus.retry import retrying
 from shardplane.bus.streams import LEDGER_RESERVATIONS_KEY
 
@@ -64,7 +65,6 @@ class LedgerDoc(msgspec.Struct, frozen=True, kw_only=True):
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(LedgerDoc)
-_reply_dec = msgspec.msgpack.Decoder(PlacementReply)
 
 
 def fingerprint(req: PlacementRequest) -> str:
@@ -182,21 +182,6 @@ def plan_key(instance_id: str, generation: int, nonce: str) -> str:
     """A key per attempt: two planners racing for one instance never overwrite each other's
     reply; the ledger entry that wins the compare-and-set names the one that counts."""
     return keys.plan_key(instance_id, generation, nonce)
-
-
-async def stored_reply(kv: KeyValue, key: str) -> PlacementReply | None:
-    if not key:
-        return None
-    try:
-        entry = await kv.get(key)
-    except (KeyNotFoundError, KeyDeletedError):
-        return None
-    if not entry.value:
-        return None
-    try:
-        return _reply_dec.decode(entry.value)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        return None
 
 
 async def mark_published(kv: KeyValue, instance_id: str, generation: int) -> bool:

@@ -16,6 +16,7 @@ import nats
 import numpy as np
 import pytest
 
+from shardplane.bus.messages import DeviceState
 from shardplane.commands import request_placement, wait_for_devices
 from tests.e2e.helpers import device_states, running
 
@@ -85,6 +86,7 @@ async def _check_calibration(url: str) -> None:
     nc = await nats.connect(url)
     try:
         ran: dict[str, int] = {}
+        states: dict[str, DeviceState] = {}
         for _ in range(200):
             states = await device_states(nc)
             ran = {r: d.host_substitute_steps for r, d in states.items() if d.host_substitute_steps}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import nats
@@ -167,7 +167,7 @@ async def _full_queue_answers_429_and_a_leaver_lets_the_queue_in(
             await client.completions.create(model=INSTANCE, prompt="hi", max_tokens=1)
         assert refused.value.status_code == 429
         assert int(refused.value.response.headers["Retry-After"]) >= 1
-        body = refused.value.body
+        body = cast("dict[str, object]", refused.value.body)
         assert isinstance(body, dict) and body.get("code") == "rate_limit_exceeded"
         assert "all 4 batch slots are busy" in str(body.get("message"))
 

@@ -54,7 +54,7 @@ def _fleet(rng: random.Random) -> Fleet:
             peers = (
                 frozenset(f"u-{name}-{j}" for j in range(count) if j != i)
                 if nvlink
-                else frozenset()
+                else frozenset[str]()
             )
             devices.append(
                 Device(

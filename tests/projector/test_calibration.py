@@ -3,7 +3,7 @@ bad figures, kept across samples, and the planner plans with it (``calibrated: t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from shardplane.bus.messages import DeviceSample, DeviceState, NodeHeartbeat, NodeState, ShardStatus
 from shardplane.planner.fleet import build_fleet
@@ -107,7 +107,9 @@ def stepped(
     )
 
 
-def device_of(vendor: str, statuses: list[ShardStatus]) -> DeviceState:
+def device_of(
+    vendor: Literal["nvidia", "amd", "sim", "cpu"], statuses: list[ShardStatus]
+) -> DeviceState:
     sample = DeviceSample(
         node="a", index=0, uuid="G", seq=1, ts=NOW, name="NVIDIA A100-SXM4-80GB", vendor=vendor, **MEMORY
     )  # fmt: skip
