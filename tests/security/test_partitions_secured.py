@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from nats.js.errors import BucketNotFoundError
+
 from shardplane.bus import auth, subjects
 from shardplane.bus.connect import connect
 from shardplane.bus.streams import CLUSTER_STATE, partition_stream
@@ -24,9 +26,15 @@ async def _keys_of_every_node(url: str, admin: Path, deadline_s: float) -> set[s
     """The nodes with device keys in cluster_state, once all four have one (or the deadline)."""
     nc = await connect(url, name="test-admin", creds=admin)
     try:
-        kv = await nc.jetstream().key_value(CLUSTER_STATE)
         seen: set[str] = set()
         deadline = time.monotonic() + deadline_s
+        kv = None
+        while kv is None and time.monotonic() < deadline:
+            try:  # the admin's creds are written before `up` has provisioned the buckets
+                kv = await nc.jetstream().key_value(CLUSTER_STATE)
+            except BucketNotFoundError:
+                await asyncio.sleep(0.25)
+        assert kv is not None, f"{CLUSTER_STATE} was never provisioned"
         while time.monotonic() < deadline and seen != set(DEMO_NODES):
             for node in DEMO_NODES:
                 try:
