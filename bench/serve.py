@@ -204,14 +204,24 @@ async def pipeline_floor(nc: Client, batch: int, tokens: int) -> float:
     return produced / (time.perf_counter() - started)
 
 
-def fully_calibrated(placed: PlacementReply, devices: list[DeviceState]) -> bool:
-    """Every placed device has both its measured bandwidth and its measured compute."""
+def missing_calibration(placed: PlacementReply, devices: list[DeviceState]) -> list[str]:
+    """What calibration has not measured yet on the placed devices (empty: both figures on
+    every device)."""
     by_ref = {f"{d.sample.node}/{d.sample.index}": d for d in devices}
-    wanted = [by_ref.get(s.device) for s in placed.stages]
-    return all(
-        d is not None and d.measured_gbps is not None and d.measured_tflops is not None
-        for d in wanted
-    )
+    missing: list[str] = []
+    for s in placed.stages:
+        d = by_ref.get(s.device)
+        if d is None:
+            missing.append(f"{s.device} not in the state")
+            continue
+        lacks = [
+            what
+            for what, value in (("bandwidth", d.measured_gbps), ("compute", d.measured_tflops))
+            if value is None
+        ]
+        if lacks:
+            missing.append(f"{s.device} lacks measured {' and '.join(lacks)}")
+    return missing
 
 
 async def calibrated_state(
@@ -224,7 +234,7 @@ async def calibrated_state(
     deadline = time.monotonic() + timeout_s
     while True:
         devices, nodes, _ = await read_state(nc)
-        if fully_calibrated(placed, devices) or time.monotonic() > deadline:
+        if not missing_calibration(placed, devices) or time.monotonic() > deadline:
             return devices, nodes
         await asyncio.sleep(1.0)
 
@@ -251,7 +261,7 @@ def predict(
     nodes: list[NodeState],
     replanned: PlacementReply,
 ) -> Prediction:
-    calibrated = fully_calibrated(placed, devices)
+    missing = missing_calibration(placed, devices)
     try:
         ev = rescore(placed, resolve(MODEL), devices, nodes)
     except ValueError as exc:
@@ -259,9 +269,9 @@ def predict(
     basis = (
         "the placed plan (its devices, layer ranges, batch and M) scored by the planner's cost "
         "model with calibrated figures: measured bandwidth and measured compute per device"
-        if calibrated
-        else "the placed plan scored with the figures the state has; calibration incomplete "
-        "(some device lacks measured bandwidth or compute)"
+        if not missing
+        else "the placed plan scored with the figures the state has (the CPU's memcpy bandwidth "
+        f"where none was measured, no compute term where none was); incomplete: {'; '.join(missing)}"
     )
     return Prediction(ev, basis, replanned)
 
