@@ -17,13 +17,14 @@ The floor, in the same run: the pipeline driven directly (``PipelineClient.gener
 no scheduler) at batch 1 and 16, so ``over_pipeline_1``/``_16`` say what the API and the
 batching cost on top of it.
 
-The prediction: the planner's own figure at batch 16. The placement's reply was computed before
-anything ran (the CPU device's memcpy bandwidth); after the 1-client phase the workers have
-reported their measured step times (calibration), and a dry-run placement of the same request
-gives the planner's calibrated figure: that is ``predicted_tokens_per_s_16``. What calibration
-learns today is bandwidth only (the planner's compute term needs TFLOPS, unknown for a CPU), so
-at batch 16, where this CPU is bound by arithmetic rather than by reading the weights, the
-model predicts about 16 x batch 1: ``measured_over_predicted_16`` says how far that is.
+The prediction: the planner's own figure for the PLACED plan at batch 16. The placement's reply
+was computed before anything ran (the CPU device's memcpy bandwidth, no compute term: a CPU has
+no TFLOPS figure). The workers report measured step times (calibration: bandwidth from batch-1
+steps, compute from steps of several sequences); after the 16-client phase, the placed stages
+(same devices, same layer ranges, batch 16 in M=2) are scored again with those figures by the
+planner's own cost model (planner.rescore): that is ``predicted_tokens_per_s_16``. A dry-run
+re-placement of the same request may pick another split; its figure is kept as
+``replan_tokens_per_s_16`` for comparison, not as the prediction.
 
 Run: ``shardplane bench serve [--quick] [-- --tokens 32 --requests 2]``.
 """
@@ -47,8 +48,11 @@ from nats.aio.client import Client
 
 from shardplane.agents.gguf import packaged_path, packaged_tokenizer, read_config
 from shardplane.agents.pipeline import PipelineClient
-from shardplane.bus.messages import PlacementReply
+from shardplane.bus.messages import DeviceState, NodeState, PlacementReply
 from shardplane.natsserver import NatsServer
+from shardplane.planner.catalog import resolve
+from shardplane.planner.cost import Evaluation
+from shardplane.planner.rescore import rescore
 from shardplane.render import table
 
 MODEL = "smollm2-135m"
@@ -200,18 +204,76 @@ async def pipeline_floor(nc: Client, batch: int, tokens: int) -> float:
     return produced / (time.perf_counter() - started)
 
 
-async def calibrated_plan(nc: Client, timeout_s: float = 30.0) -> PlacementReply:
-    """A dry run of the same placement once every stage's device is calibrated (the workers
-    report measured step times every few batch-1 decode steps); the last dry run otherwise."""
-    from shardplane.commands import request_placement
+def missing_calibration(placed: PlacementReply, devices: list[DeviceState]) -> list[str]:
+    """What calibration has not measured yet on the placed devices (empty: both figures on
+    every device)."""
+    by_ref = {f"{d.sample.node}/{d.sample.index}": d for d in devices}
+    missing: list[str] = []
+    for s in placed.stages:
+        d = by_ref.get(s.device)
+        if d is None:
+            missing.append(f"{s.device} not in the state")
+            continue
+        lacks = [
+            what
+            for what, value in (("bandwidth", d.measured_gbps), ("compute", d.measured_tflops))
+            if value is None
+        ]
+        if lacks:
+            missing.append(f"{s.device} lacks measured {' and '.join(lacks)}")
+    return missing
+
+
+async def calibrated_state(
+    nc: Client, placed: PlacementReply, timeout_s: float = 30.0
+) -> tuple[list[DeviceState], list[NodeState]]:
+    """The cluster state once every placed device is calibrated (the projector folds in the
+    workers' step times as they come); the last state read otherwise."""
+    from shardplane.commands import read_state
 
     deadline = time.monotonic() + timeout_s
     while True:
-        reply = await request_placement(nc, placement_body(dry_run=True))
-        done = reply.ok and all(s.calibrated for s in reply.stages)
-        if done or time.monotonic() > deadline:
-            return reply
+        devices, nodes, _ = await read_state(nc)
+        if not missing_calibration(placed, devices) or time.monotonic() > deadline:
+            return devices, nodes
         await asyncio.sleep(1.0)
+
+
+async def replan(nc: Client) -> PlacementReply:
+    """A dry run of the same placement request with the calibrated state (for comparison)."""
+    from shardplane.commands import request_placement
+
+    return await request_placement(nc, placement_body(dry_run=True))
+
+
+@dataclass
+class Prediction:
+    """The placed plan scored with the calibrated figures, and how far calibration got."""
+
+    evaluation: Evaluation | None
+    basis: str
+    replan: PlacementReply
+
+
+def predict(
+    placed: PlacementReply,
+    devices: list[DeviceState],
+    nodes: list[NodeState],
+    replanned: PlacementReply,
+) -> Prediction:
+    missing = missing_calibration(placed, devices)
+    try:
+        ev = rescore(placed, resolve(MODEL), devices, nodes)
+    except ValueError as exc:
+        return Prediction(None, f"placed plan not scorable: {exc}", replanned)
+    basis = (
+        "the placed plan (its devices, layer ranges, batch and M) scored by the planner's cost "
+        "model with calibrated figures: measured bandwidth and measured compute per device"
+        if not missing
+        else "the placed plan scored with the figures the state has (the CPU's memcpy bandwidth "
+        f"where none was measured, no compute term where none was); incomplete: {'; '.join(missing)}"
+    )
+    return Prediction(ev, basis, replanned)
 
 
 async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
@@ -238,7 +300,8 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
                 floor_1 = await pipeline_floor(nc, 1, tokens)
                 phases = [await load(base, c, requests, tokens) for c in CONCURRENCY]
                 floor_16 = await pipeline_floor(nc, BATCH, tokens)
-                calibrated = await calibrated_plan(nc)
+                devices, node_states = await calibrated_state(nc, placed)
+                prediction = predict(placed, devices, node_states, await replan(nc))
             finally:
                 await runner.cleanup()
         finally:
@@ -248,12 +311,12 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
             _, pending = await asyncio.wait(tasks, timeout=15)
             for task in pending:
                 task.cancel()
-    return report(placed, calibrated, phases, (floor_1, floor_16), tokens, requests)
+    return report(placed, prediction, phases, (floor_1, floor_16), tokens, requests)
 
 
 def report(
     placed: PlacementReply,
-    calibrated: PlacementReply,
+    prediction: Prediction,
     phases: list[Phase],
     floors: tuple[float, float],
     tokens: int,
@@ -275,13 +338,8 @@ def report(
         table(("clients", "tokens", "wall s", "tok/s", "TTFT ms p50", "ITL ms p50", "errors"), rows)
     )
     by = {p.clients: p for p in phases}
-    use_calibrated = calibrated.ok and all(s.calibrated for s in calibrated.stages)
-    predicted = calibrated if use_calibrated else placed
-    basis = (
-        "dry-run re-plan after calibration (measured bandwidth per device, no FLOPS term)"
-        if use_calibrated
-        else "the placement's plan (CPU memcpy bandwidth; calibration did not arrive)"
-    )
+    ev, replanned = prediction.evaluation, prediction.replan
+    predicted_16 = ev.tokens_per_s if ev is not None else 0.0
 
     def split(reply: PlacementReply) -> str:
         return " | ".join(
@@ -290,11 +348,23 @@ def report(
 
     print(
         f"placed: {split(placed)}, batch {placed.batch} in M={placed.microbatches}, "
-        f"plan {placed.tokens_per_s:.1f} tok/s (step {placed.step_ms:.2f} ms) before calibration"
+        f"plan {placed.tokens_per_s:.1f} tok/s (step {placed.step_ms:.2f} ms) before calibration; "
+        "planned at " + ", ".join(f"{s.device} {s.bandwidth_gbps:.2f} GB/s" for s in placed.stages)
     )
+    if ev is not None:
+        print(
+            f"placed plan, calibrated: step {ev.step_ms:.2f} ms, {ev.tokens_per_s:.1f} tok/s at "
+            f"batch {ev.schedule.batch} in M={ev.microbatches}; "
+            + ", ".join(
+                f"{s.device.ref} {s.device.bandwidth_gbps:.2f} GB/s {s.device.tflops:.3f} TFLOPS "
+                f"t={t:.2f} ms"
+                for s, t in zip(ev.stages, ev.stage_ms, strict=True)
+            )
+        )
+    print(f"prediction basis: {prediction.basis}")
     print(
-        f"calibrated plan: {split(calibrated)}, step {calibrated.step_ms:.2f} ms, "
-        f"{calibrated.tokens_per_s:.1f} tok/s at batch {calibrated.batch}; prediction basis: {basis}"
+        f"re-plan (dry run, calibrated; not the prediction): {split(replanned)}, "
+        f"step {replanned.step_ms:.2f} ms, {replanned.tokens_per_s:.1f} tok/s"
     )
     print(
         f"pipeline floor (no API, no scheduler): {floors[0]:.1f} tok/s at batch 1, {floors[1]:.1f} at 16"
@@ -313,12 +383,13 @@ def report(
         "ttft_ms_p50_16": round(by[16].p50(by[16].ttft_ms), 1),
         "itl_ms_p50_1": round(by[1].p50(by[1].itl_ms), 2),
         "itl_ms_p50_16": round(by[16].p50(by[16].itl_ms), 2),
-        "predicted_tokens_per_s_16": round(predicted.tokens_per_s, 2),
-        "measured_over_predicted_16": round(measured_16 / predicted.tokens_per_s, 3)
-        if predicted.tokens_per_s
+        "predicted_tokens_per_s_16": round(predicted_16, 2),
+        "measured_over_predicted_16": round(measured_16 / predicted_16, 3)
+        if predicted_16
         else None,
-        "prediction_basis": basis,
+        "prediction_basis": prediction.basis,
         "placed_plan_tokens_per_s_16": round(placed.tokens_per_s, 2),
+        "replan_tokens_per_s_16": round(replanned.tokens_per_s, 2) if replanned.ok else None,
         "pipeline_tokens_per_s_1": round(floors[0], 2),
         "pipeline_tokens_per_s_16": round(floors[1], 2),
         "over_pipeline_1": round(by[1].tokens_per_s / floors[0], 3) if floors[0] else None,

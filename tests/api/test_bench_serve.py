@@ -27,3 +27,6 @@ def test_serve_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     for key in ("tokens_per_s_1", "tokens_per_s_4", "tokens_per_s_16", "predicted_tokens_per_s_16"):
         assert figures[key] > 0, key
     assert figures["ttft_ms_p50_16"] >= figures["ttft_ms_p50_1"] > 0
+    # The prediction is the placed plan's own figure, never a re-plan's (kept apart).
+    assert figures["prediction_basis"].startswith("the placed plan")
+    assert "replan_tokens_per_s_16" in figures
