@@ -40,6 +40,25 @@ class ExecutorError(Exception):
     ``str()`` says which numbers were wrong."""
 
 
+def cache_need(entry: Entry, have: int, layers: tuple[int, int], max_positions: int) -> int:
+    """The positions ``entry``'s sequence holds once it is computed (its cache grows to at least
+    this). An ExecutorError when the entry does not continue the ``have`` cached positions of
+    ``layers`` or passes the model's ``max_positions``; every executor checks the same."""
+    if entry.start != have:
+        raise ExecutorError(
+            f"sequence {entry.seq_id!r} has {have} cached positions at layers "
+            f"[{layers[0]}, {layers[1]}) but the request starts at position "
+            f"{entry.start}"
+        )
+    need = entry.start + entry.count
+    if need > max_positions:
+        raise ExecutorError(
+            f"sequence {entry.seq_id!r} would reach {need} positions; the model allows "
+            f"{max_positions}"
+        )
+    return need
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture facts the arithmetic needs (from config.json or GGUF metadata)."""
@@ -305,18 +324,7 @@ class NumpyStage:
         c = self.config
         cache = self._caches.get(entry.seq_id)
         have = 0 if cache is None else cache.length
-        if entry.start != have:
-            raise ExecutorError(
-                f"sequence {entry.seq_id!r} has {have} cached positions at layers "
-                f"[{self.layer_start}, {self.layer_end}) but the request starts at position "
-                f"{entry.start}"
-            )
-        need = entry.start + entry.count
-        if need > c.max_positions:
-            raise ExecutorError(
-                f"sequence {entry.seq_id!r} would reach {need} positions; the model allows "
-                f"{c.max_positions}"
-            )
+        need = cache_need(entry, have, (self.layer_start, self.layer_end), c.max_positions)
         if cache is None or need > cache.k.shape[2]:
             cap = max(MIN_CACHE, 1 << (need - 1).bit_length())
             shape = (len(self._layers), c.kv_heads, cap, c.head_dim)

@@ -37,6 +37,7 @@ from shardplane.agents.executor import (
     ExecutorError,
     ModelConfig,
     as_f32,
+    cache_need,
     inv_frequencies,
 )
 
@@ -188,18 +189,7 @@ class TorchStage:
         c = self.config
         cache = self._caches.get(entry.seq_id)
         have = 0 if cache is None else cache.length
-        if entry.start != have:
-            raise ExecutorError(
-                f"sequence {entry.seq_id!r} has {have} cached positions at layers "
-                f"[{self.layer_start}, {self.layer_end}) but the request starts at position "
-                f"{entry.start}"
-            )
-        need = entry.start + entry.count
-        if need > c.max_positions:
-            raise ExecutorError(
-                f"sequence {entry.seq_id!r} would reach {need} positions; the model allows "
-                f"{c.max_positions}"
-            )
+        need = cache_need(entry, have, (self.layer_start, self.layer_end), c.max_positions)
         if cache is None or need > cache.k.shape[2]:
             cap = max(MIN_CACHE, 1 << (need - 1).bit_length())
             shape = (len(self._layers), c.kv_heads, cap, c.head_dim)

@@ -62,20 +62,8 @@ _HBM = {
 _ROW_REMAP = {"H100-SXM", "H200", "A100-40GB", "A100-80GB", "A100-80GB-PCIE", "A10"}
 # What a simulated agent reports as its driver: the vendor's, in the vendor's format.
 SIM_DRIVER = {"nvidia": "550.54.15", "amd": "6.8.5"}
-_ECC = {
-    "H100-SXM",
-    "H200",
-    "A100-40GB",
-    "A100-80GB",
-    "A100-80GB-PCIE",
-    "V100-32GB",
-    "MI250X",
-    "MI300X",
-    "A10",
-    "T4",
-    "L40S",
-    "P40",
-}
+# Every high-bandwidth-memory part reports ECC, and so do these GDDR datacenter parts.
+_ECC = _HBM | {"A10", "T4", "L40S", "P40"}
 
 
 def stable_seed(*parts: object) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -45,64 +44,41 @@ from nats.js.kv import KeyValue
 
 from shardplane.agents import reconcile as rc
 from shardplane.agents.assignments import Inbox, fetch_backoff, fetch_unless_stopped
+from shardplane.agents.fit import device_index as device_index
+from shardplane.agents.fit import misfit as misfit
+from shardplane.agents.fit import spec_of
+from shardplane.agents.intake import (
+    deadletter,
+    decode_assignment,
+    describe_error,
+    durable_name,
+    ensure_streams,
+    idle_poll,
+    subscribe,
+)
 from shardplane.agents.loader import (
     DEFAULT_READ_MODE,
     LoadCancelled,
     LoadedShard,
     LoadError,
     ReadMode,
-    StageSpec,
 )
 from shardplane.agents.pipeline import PipelineHost, load_assigned
+from shardplane.agents.statuses import publish_status
 from shardplane.agents.steptiming import StepTiming
-from shardplane.bus import authority, codec, streams, subjects
+from shardplane.agents.workerenv import load_limit_from_env as load_limit_from_env
+from shardplane.agents.workerenv import read_mode_from_env as read_mode_from_env
+from shardplane.bus import authority, streams, subjects
 from shardplane.bus.messages import ShardAssignment, ShardState, ShardStatus
-from shardplane.bus.retry import retrying
 
 log = logging.getLogger(__name__)
 
 HoldMemory = Callable[[int, int], None]
 Capacity = Callable[[int], "int | None"]  # device index -> its total memory, None if unknown
-GIB = 1024**3
+
 
 FETCH_BATCH = 64
 FETCH_TIMEOUT_S = 2.0  # long poll; stopping does not wait for it (raced with stop)
-LOAD_LIMIT_ENV = "SHARDPLANE_LOAD_LIMIT_MBPS"
-READ_MODE_ENV = "SHARDPLANE_LOAD_READ"
-
-
-def durable_name(node: str) -> str:
-    return f"worker-{node}"
-
-
-def device_index(assignment: ShardAssignment) -> int:
-    """The device's index from ``<node>/<index>``; a stage without a device is on device 0."""
-    if assignment.device is None:
-        return 0
-    return int(assignment.device.rpartition("/")[2])
-
-
-def misfit(assignment: ShardAssignment, total_bytes: int | None, held_elsewhere: int) -> str | None:
-    """Why the device cannot hold what ``assignment`` asks for, or None. The planner checked
-    this already; the worker checks again, since an assignment is only as good as its sender
-    and a device's memory is the one thing it can measure itself."""
-    need = rc.hold_bytes(assignment)
-    if total_bytes is None or need + held_elsewhere <= total_bytes:
-        return None
-    return (
-        f"the assignment needs {need / GIB:.2f} GiB on device {device_index(assignment)}, which "
-        f"has {total_bytes / GIB:.2f} GiB in total ({held_elsewhere / GIB:.2f} GiB already held "
-        "by other stages): refused"
-    )
-
-
-def spec_of(assignment: ShardAssignment) -> StageSpec:
-    return StageSpec(
-        layer_start=assignment.layer_start,
-        layer_end=assignment.layer_end,
-        embeddings=assignment.embeddings,
-        head=assignment.head,
-    )
 
 
 class Worker:
@@ -160,9 +136,9 @@ class Worker:
         js = self.nc.jetstream()
         subject = subjects.assigned(self.node)
         if self.inbox is None:
-            await self._ensure_streams(js)
+            await ensure_streams(js)
             await self._rebuild(js, subject)
-            self._sub = await self._subscribe(js, subject)
+            self._sub = await subscribe(js, self.node, subject)
             self._changed.set()  # reconcile the rebuilt state once, even with nothing new
         reconciler = asyncio.create_task(self._reconcile_loop(stop))
         try:
@@ -180,29 +156,6 @@ class Worker:
                 await self._sub.unsubscribe()
             await self.pipeline.stop_all()
             await self._release_all("worker stopped")
-
-    async def _subscribe(self, js: JetStreamContext, subject: str) -> Any:
-        # The config applies only when the durable is created; an existing one is reused as is.
-        return await js.pull_subscribe(
-            subject,
-            durable=durable_name(self.node),
-            stream=streams.PLACEMENTS,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_ack_pending=1000,
-                description=f"shard worker of {self.node}",
-            ),
-        )
-
-    async def _ensure_streams(self, js: JetStreamContext) -> None:
-        # Provisioning per worker is wasteful in a fleet of thousands; only do it when missing.
-        try:
-            await js.stream_info(streams.PLACEMENTS)
-            await js.stream_info(streams.SHARDS)
-        except NotFoundError:
-            await streams.provision(js)
 
     async def _rebuild(self, js: JetStreamContext, subject: str) -> None:
         """Replay the node's assignment history when an earlier incarnation already acked some."""
@@ -234,7 +187,7 @@ class Worker:
                     break
                 view = await self._ledger(js)
                 for msg in msgs:
-                    assignment = self._decode(msg)
+                    assignment = decode_assignment(msg, self.node)
                     if assignment is not None and self._verdict(view, assignment)[0] == "current":
                         self.desired = rc.fold(self.desired, assignment)
                     count += 1
@@ -275,8 +228,8 @@ class Worker:
                         with contextlib.suppress(Exception):
                             await self._sub.unsubscribe()
                         with contextlib.suppress(Exception):
-                            await self._ensure_streams(js)
-                            self._sub = await self._subscribe(js, subject)
+                            await ensure_streams(js)
+                            self._sub = await subscribe(js, self.node, subject)
                             failures = 0
                     continue
                 failures = 0
@@ -303,40 +256,22 @@ class Worker:
         reason (live messages only: history is folded quietly)."""
         view = await self._ledger(js)
         for msg in msgs:
-            assignment = self._decode(msg)
+            assignment = decode_assignment(msg, self.node)
             if assignment is None:
                 if live:
-                    await self._deadletter(js, msg)
+                    await deadletter(js, msg, self.node)
                 continue
             verdict, why = self._verdict(view, assignment)
             if verdict in ("unknown", "ahead", "forged"):
                 if live:
                     log.warning("worker %s: rejected assignment: %s", self.node, why)
-                    await self._deadletter(js, msg, why)
+                    await deadletter(js, msg, self.node, why)
                 continue
             if verdict == "current":
                 self.desired = rc.fold(self.desired, assignment)
             if acked:
                 with contextlib.suppress(Exception):
                     await msg.ack()
-
-    def _decode(self, msg: Msg) -> ShardAssignment | None:
-        try:
-            assignment = codec.decode(ShardAssignment, msg.data)
-        except codec.DecodeError as exc:
-            log.warning(
-                "worker %s: dropping invalid assignment on %s: %s", self.node, msg.subject, exc
-            )
-            return None
-        if assignment.node != self.node:
-            log.warning(
-                "worker %s: dropping assignment for node %s delivered on %s",
-                self.node,
-                assignment.node,
-                msg.subject,
-            )
-            return None
-        return assignment
 
     async def _ledger(self, js: JetStreamContext) -> authority.LedgerView | None:
         """The planner's ledger now (None: not checking). Read after the assignments arrived,
@@ -351,20 +286,6 @@ class Worker:
         self, view: authority.LedgerView | None, assignment: ShardAssignment
     ) -> tuple[authority.Verdict, str]:
         return ("current", "") if view is None else authority.judge(view, assignment)
-
-    async def _deadletter(self, js: JetStreamContext, msg: Msg, why: str | None = None) -> None:
-        """Park an undecodable or unauthorised assignment on deadletter.<subject>, terminate it."""
-        with contextlib.suppress(Exception):
-            await js.publish(
-                subjects.deadletter(msg.subject),
-                msg.data,
-                headers={
-                    "Shardplane-Reason": why or f"invalid ShardAssignment for worker {self.node}"
-                },
-                timeout=2.0,
-            )
-        with contextlib.suppress(Exception):
-            await msg.term()
 
     def _cancel_superseded(self) -> None:
         if self._inflight is None:
@@ -583,24 +504,6 @@ class Worker:
         await publish_status(self.nc.jetstream(), status)
 
 
-async def publish_status(js: JetStreamContext, status: ShardStatus) -> None:
-    """Publish to SHARDS, retrying through a leader election (bus.retry) with the same
-    Nats-Msg-Id (nats-py does not retry a publish that got no stream answer; the id makes a
-    retry that did land a no-op)."""
-    subject = subjects.shard_status(status.node, status.instance_id)
-    data = codec.encode(status)
-    # The epoch is in the id because seq restarts with each incarnation, and a restarted worker's
-    # statuses must not be dropped as duplicates of its predecessor's.
-    msg_id = f"{status.node}.{status.instance_id}.{status.epoch:.6f}.{status.seq}"
-    try:
-        await retrying(
-            lambda: js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=2.0),
-            f"status {status.state} on {subject}",
-        )
-    except Exception as exc:  # past the election deadline: a later status supersedes it
-        log.warning("status %s on %s not stored: %s", status.state, subject, exc)
-
-
 async def run_worker(
     nc: Client,
     *,
@@ -629,47 +532,3 @@ async def run_worker(
         capacity=capacity,
         inbox=inbox,
     ).run(stop)
-
-
-def idle_poll(exc: BaseException) -> bool:
-    """True when a fetch just found nothing within its long poll: the worker's normal idle
-    state, not a failure. nats-py says so with its own TimeoutError (FetchTimeoutError when
-    heartbeats came), or, from some paths of ``fetch``, the builtin TimeoutError with an empty
-    message; all are TimeoutError. Real trouble (consumer gone: 503/404, connection closed) is
-    not."""
-    return isinstance(exc, TimeoutError)
-
-
-def describe_error(exc: BaseException) -> str:
-    """The error's type and message (many nats-py errors have an empty message, so the type is
-    the news; some already put it in the message)."""
-    name, text = type(exc).__name__, str(exc).strip()
-    if not text:
-        return name
-    return text if name in text else f"{name}: {text}"
-
-
-def read_mode_from_env() -> ReadMode:
-    """``SHARDPLANE_LOAD_READ``: ``pread`` (default) or ``mmap``."""
-    raw = os.environ.get(READ_MODE_ENV, "").strip().lower()
-    if raw == "mmap":
-        return "mmap"
-    if raw in ("", "pread"):
-        return "pread"
-    log.warning("%s=%r is neither pread nor mmap; using %s", READ_MODE_ENV, raw, DEFAULT_READ_MODE)
-    return DEFAULT_READ_MODE
-
-
-def load_limit_from_env() -> float | None:
-    raw = os.environ.get(LOAD_LIMIT_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        mbps = float(raw)
-    except ValueError:
-        log.warning("%s=%r is not a number of MB/s; loads are not throttled", LOAD_LIMIT_ENV, raw)
-        return None
-    if mbps <= 0:
-        log.warning("%s=%r must be positive; loads are not throttled", LOAD_LIMIT_ENV, raw)
-        return None
-    return mbps * 1e6

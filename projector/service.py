@@ -29,33 +29,36 @@ import logging
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
-from shardplane.bus import authority, subjects
-from shardplane.bus.errors import ProjectorError
+from shardplane.bus import authority
 from shardplane.bus.messages import InstanceState, NodeState, ShardAssignment
 from shardplane.bus.retry import Outage, describe, retrying, transient
 from shardplane.bus.streams import (
     LEDGER,
     LEDGER_RESERVATIONS_KEY,
-    PLACEMENTS,
-    SHARDS,
     TELEMETRY,
     provision,
 )
 from shardplane.bus.wait import wait_set
 from shardplane.projector import partition as partitions
-from shardplane.projector.decode import AckInfo, Poison, decode_event, parse_ack_subject
-from shardplane.projector.lease import DEFAULT_LEASE_TTL_S, Lease
+from shardplane.projector.config import CONSUMERS as CONSUMERS
+from shardplane.projector.config import LeaseLost, ProjectorStats
+from shardplane.projector.config import ProjectorConfig as ProjectorConfig
+from shardplane.projector.deadletter import REASON_HEADER as REASON_HEADER
+from shardplane.projector.deadletter import SOURCE_SEQ_HEADER as SOURCE_SEQ_HEADER
+from shardplane.projector.deadletter import SOURCE_STREAM_HEADER as SOURCE_STREAM_HEADER
+from shardplane.projector.deadletter import SOURCE_SUBJECT_HEADER as SOURCE_SUBJECT_HEADER
+from shardplane.projector.deadletter import dead_letter
+from shardplane.projector.decode import Poison, decode_event, parse_ack_subject
+from shardplane.projector.feed import ensure_consumer, feed, nak_quietly
+from shardplane.projector.lease import Lease
 from shardplane.projector.partition import Partition
 from shardplane.projector.reducer import (
     NO_CHANGE,
@@ -71,132 +74,14 @@ from shardplane.projector.reducer import (
     expires_at,
     sweep,
 )
+from shardplane.projector.rounds import Item, Round
 from shardplane.projector.store import Overlay, Store, WriteError
-from shardplane.projector.transport import Inbox, Puller, ack_all
+from shardplane.projector.transport import Inbox, ack_all
 
 log = logging.getLogger(__name__)
 
 # How long a stop waits for its cancelled feeders and lease holder to end.
 FEEDER_STOP_S = 2.0
-
-CONSUMERS = {
-    TELEMETRY: "projector_telemetry",
-    PLACEMENTS: "projector_placements",
-    SHARDS: "projector_shards",
-}
-REASON_HEADER = "Shardplane-Deadletter-Reason"
-SOURCE_SUBJECT_HEADER = "Shardplane-Source-Subject"
-SOURCE_STREAM_HEADER = "Shardplane-Source-Stream"
-SOURCE_SEQ_HEADER = "Shardplane-Source-Seq"
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectorConfig:
-    ttl_s: float | None = None  # liveness TTL; None: 3 x each node's heartbeat interval
-    fetch_batch: int = 1000
-    max_round: int = 8000  # messages applied (and coalesced) per write round
-    lean_pull: bool = True  # our pull loop (transport.Puller) instead of nats-py's fetch()
-    pull_depth: int = 2  # pull requests outstanding per consumer (lean pull loop)
-    fetch_timeout_s: float = 1.0
-    ack_wait_s: float = 10.0  # redelivery after a crash waits this long
-    max_ack_pending: int = 40_000  # >= the round being written + the next + the inbox
-    sweep_interval_s: float = 0.5
-    full_sweep_interval_s: float = 30.0  # safety net under the deadline heap (TTL changes)
-    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
-    defer_delay_s: float = 0.25
-    max_defers: int = 240  # a status whose assignment never comes is dead-lettered (~1 min)
-    write_timeout_s: float = 10.0
-    # A graceful stop finishes the round being written for at most this long (holding the
-    # lease); past it the round is abandoned and its messages handed back for redelivery, so
-    # a write the server is slow to answer cannot hold the standby off for write_timeout_s.
-    stop_grace_s: float = 2.0
-    stats_interval_s: float = 60.0  # log the counters this often
-    probe_interval_s: float = 0.5  # how often TELEMETRY's leader is asked whether it is there
-    slow_round_s: float = 0.25  # log rounds slower than this (latency diagnosis)
-    pipeline_writes: bool = True  # False: one write at a time (only to measure what it buys)
-    # Atomic batch writes where the server has them (2.12+): one PubAck per 1,000 writes, but
-    # measured slower on the server than one PubAck each (README "Throughput"), so opt-in.
-    atomic_batches: bool = False
-    direct_delivery: bool = True  # deliveries and PubAcks straight from the read loop (wire.py)
-    overlap_rounds: bool = True  # apply the next round while the last one is being written
-    # Apply an assignment only at the generation the planner's ledger names (bus.authority);
-    # off only where tests publish assignments by hand, without a planner.
-    verify_generations: bool = True
-
-
-@dataclass(slots=True)
-class ProjectorStats:
-    received: int = 0
-    applied: int = 0
-    rounds: int = 0
-    writes: int = 0
-    conflicts: int = 0
-    write_errors: int = 0
-    deferred: int = 0
-    deadlettered: int = 0
-    sweeps: int = 0
-    leaderships: int = 0
-    # Where the writer's time goes (seconds): applying, waiting for the KV's answers, acking.
-    apply_s: float = 0.0
-    write_wait_s: float = 0.0
-    ack_s: float = 0.0
-    idle_s: float = 0.0
-    deadletter_reasons: dict[str, int] = field(default_factory=dict[str, int])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "received": self.received,
-            "applied": self.applied,
-            "rounds": self.rounds,
-            "writes": self.writes,
-            "conflicts": self.conflicts,
-            "write_errors": self.write_errors,
-            "deferred": self.deferred,
-            "deadlettered": self.deadlettered,
-            "sweeps": self.sweeps,
-            "leaderships": self.leaderships,
-            "apply_s": round(self.apply_s, 3),
-            "write_wait_s": round(self.write_wait_s, 3),
-            "ack_s": round(self.ack_s, 3),
-            "idle_s": round(self.idle_s, 3),
-        }
-
-
-class LeaseLost(ProjectorError):
-    pass
-
-
-@dataclass(slots=True)
-class _Item:
-    msg: Msg
-    info: AckInfo | None
-    event: Event | None  # None: poison
-    reason: str = ""
-
-
-@dataclass(slots=True)
-class _Round:
-    """Messages taken together: decoded, applied over a base view, written, settled."""
-
-    items: list[_Item]
-    sweep_due: bool
-    due_keys: list[str] | None
-    size: int
-    now: float  # the time liveness is judged at: never past what TELEMETRY has delivered
-    overlay: Overlay = field(init=False)
-    deferred: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
-    rejected: list[tuple[_Item, str]] = field(default_factory=list[tuple[_Item, str]])
-    applied: list[_Item] = field(default_factory=list[_Item])
-
-
-async def _nak_quietly(msgs: Iterable[Msg]) -> None:
-    for msg in msgs:
-        with contextlib.suppress(Exception):
-            await msg.nak()
-
-
-def _header_safe(text: str, limit: int = 1024) -> str:
-    return text.replace("\r", " ").replace("\n", " ")[:limit]
 
 
 class Projector:
@@ -345,10 +230,14 @@ class Projector:
                 consumers = self.partition.consumers()
             for stream, (durable, only) in consumers.items():
                 await retrying(
-                    lambda s=stream, d=durable, o=only: self._ensure_consumer(s, d, o),
+                    lambda s=stream, d=durable, o=only: ensure_consumer(
+                        self.js, self.config, s, d, o
+                    ),
                     f"consumer {durable}",
                 )
-                feeders.append(asyncio.create_task(self._feed(stream, durable, inbox)))
+                feeders.append(
+                    asyncio.create_task(feed(self.nc, self.js, self.config, stream, durable, inbox))
+                )
             feeders.append(asyncio.create_task(self._probe(inbox)))
             self.leading.set()
             await self._write_loop(inbox, stop, lost, handback)
@@ -372,68 +261,7 @@ class Projector:
             # out the ack wait (a standby takes over at once after a graceful stop). Only now
             # that the pull subscriptions are gone: a nak while a pull request of ours is still
             # open can be redelivered into it, and dropped with it.
-            await _nak_quietly([*handback, *inbox.drop_all()])
-
-    async def _ensure_consumer(self, stream: str, durable: str, only: str | None = None) -> None:
-        config = ConsumerConfig(
-            durable_name=durable,
-            filter_subject=only,
-            description="shardplane projector: stream -> cluster_state",
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.config.ack_wait_s,
-            max_ack_pending=self.config.max_ack_pending,
-            max_deliver=-1,
-        )
-        try:
-            info = await self.js.consumer_info(stream, durable)
-            current = info.config
-            if (current.ack_wait, current.max_ack_pending) != (
-                config.ack_wait,
-                config.max_ack_pending,
-            ):
-                await self.js.add_consumer(stream, config)  # an update of editable fields
-        except NotFoundError:
-            await self.js.add_consumer(stream, config)
-
-    async def _feed(self, stream: str, durable: str, inbox: Inbox) -> None:
-        if self.config.lean_pull:
-            # Several requests outstanding, so the server always holds one to fill while the
-            # answer to the other is on its way (one at a time left the stream idle each RTT).
-            pullers = [
-                Puller(
-                    self.nc,
-                    stream,
-                    durable,
-                    inbox,
-                    batch=self.config.fetch_batch,
-                    fast=self.config.direct_delivery,
-                )
-                for _ in range(self.config.pull_depth)
-            ]
-            await asyncio.gather(*(puller.run() for puller in pullers))
-            return
-        # nats-py's own fetch: kept to measure what the lean puller buys (bench --ablation).
-        sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
-        try:
-            while True:
-                await inbox.room.wait()
-                try:
-                    msgs = await sub.fetch(
-                        self.config.fetch_batch, timeout=self.config.fetch_timeout_s
-                    )
-                except (TimeoutError, nats.errors.TimeoutError):
-                    inbox.caught_up[stream] = time.time()  # nothing left to deliver
-                    continue
-                except Exception as exc:
-                    log.warning("fetch failed: %r", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    inbox.put(msg)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await nak_quietly([*handback, *inbox.drop_all()])
 
     async def _write_loop(
         self, inbox: Inbox, stop: asyncio.Event, lost: asyncio.Event, handback: list[Msg]
@@ -450,7 +278,7 @@ class Projector:
         stopping = asyncio.create_task(stop.wait())
         losing = asyncio.create_task(lost.wait())
         inflight: asyncio.Task[bool] | None = None
-        inflight_round: _Round | None = None
+        inflight_round: Round | None = None
         try:
             while not stop.is_set():
                 if lost.is_set():
@@ -574,19 +402,19 @@ class Projector:
             log.info("projector caught up with %s; liveness sweeps on", TELEMETRY)
         self._clock = max(self._clock, min(time.time(), caught_up))
 
-    def _decode(self, msgs: list[Msg]) -> list[_Item]:
-        items: list[_Item] = []
+    def _decode(self, msgs: list[Msg]) -> list[Item]:
+        items: list[Item] = []
         for msg in msgs:
             decoded = decode_event(Partition.original_subject(msg.subject), msg.data)
             info = parse_ack_subject(msg.reply) if msg.reply else None
             if isinstance(decoded, Poison):
-                items.append(_Item(msg, info, None, decoded.reason))
+                items.append(Item(msg, info, None, decoded.reason))
             else:
-                items.append(_Item(msg, info, decoded))
+                items.append(Item(msg, info, decoded))
         self.stats.received += len(msgs)
         return items
 
-    def _prepare(self, msgs: list[Msg], sweep_due: bool, base: View | Overlay) -> _Round:
+    def _prepare(self, msgs: list[Msg], sweep_due: bool, base: View | Overlay) -> Round:
         """Decode ``msgs`` and apply them over ``base`` (the cache, or the values of the round
         still being written, which the cache will hold once that round is stored)."""
         started = time.perf_counter()
@@ -595,12 +423,12 @@ class Projector:
         sweep_due = sweep_due and self._caught_up and time.monotonic() >= self._hold_until
         now = self._clock
         due_keys = self._due(now) if sweep_due else None
-        round_ = _Round(items, sweep_due, due_keys, len(msgs), now)
+        round_ = Round(items, sweep_due, due_keys, len(msgs), now)
         self._apply(round_, base)
         self.stats.apply_s += time.perf_counter() - started
         return round_
 
-    def _extend(self, round_: _Round, msgs: list[Msg], *, apply_now: bool) -> None:
+    def _extend(self, round_: Round, msgs: list[Msg], *, apply_now: bool) -> None:
         """Add what arrived while the round before was being written (updates of one key
         coalesce into one write across both batches of messages)."""
         started = time.perf_counter()
@@ -611,7 +439,7 @@ class Projector:
             self._apply_items(round_, items, round_.now)
         self.stats.apply_s += time.perf_counter() - started
 
-    def _apply(self, round_: _Round, base: View | Overlay) -> None:
+    def _apply(self, round_: Round, base: View | Overlay) -> None:
         now = round_.now
         round_.overlay = Overlay(base)
         round_.deferred, round_.rejected, round_.applied = [], [], []
@@ -620,7 +448,7 @@ class Projector:
             overlay = round_.overlay
             overlay.update(sweep(overlay, now, self.liveness, round_.due_keys))
 
-    def _apply_items(self, round_: _Round, items: list[_Item], now: float) -> None:
+    def _apply_items(self, round_: Round, items: list[Item], now: float) -> None:
         overlay = round_.overlay
         for item in items:
             if item.event is None:
@@ -637,7 +465,7 @@ class Projector:
             elif isinstance(outcome, Reject):  # pyright: ignore[reportUnnecessaryIsInstance]
                 round_.rejected.append((item, outcome.reason))
 
-    async def _commit(self, round_: _Round) -> bool:
+    async def _commit(self, round_: Round) -> bool:
         """Write the round's changes until stored, then settle its messages. True when it went
         through as prepared (no conflict, no failed write): a round prepared on top of this
         one is still valid."""
@@ -682,9 +510,9 @@ class Projector:
             self.stats.sweeps += 1
         self.stats.applied += len(round_.applied)
 
-        dead: list[tuple[_Item, str]] = [(i, i.reason) for i in round_.items if i.event is None]
+        dead: list[tuple[Item, str]] = [(i, i.reason) for i in round_.items if i.event is None]
         dead += round_.rejected
-        retry: list[_Item] = []
+        retry: list[Item] = []
         for item, reason in round_.deferred:
             delivered = item.info.delivered if item.info is not None else 1
             if delivered >= self.config.max_defers:
@@ -692,7 +520,7 @@ class Projector:
             else:
                 retry.append(item)
         if dead:
-            await self._dead_letter(dead)
+            await dead_letter(self.js, dead, self.config.write_timeout_s, self.stats)
         for item in retry:
             self.stats.deferred += 1
             await item.msg.nak(delay=self.config.defer_delay_s)
@@ -733,36 +561,6 @@ class Projector:
         while self._deadlines and self._deadlines[0][0] < now:
             due.add(heapq.heappop(self._deadlines)[1])
         return sorted(due)
-
-    async def _dead_letter(self, dead: list[tuple[_Item, str]]) -> None:
-        futures: list[asyncio.Future[Any]] = []
-        for item, reason in dead:
-            info = item.info
-            headers = {
-                REASON_HEADER: _header_safe(reason),
-                SOURCE_SUBJECT_HEADER: item.msg.subject,
-            }
-            if info is not None:
-                headers[SOURCE_STREAM_HEADER] = info.stream
-                headers[SOURCE_SEQ_HEADER] = str(info.stream_seq)
-                # A redelivery after a crash between the copy and the term() dedups here.
-                headers["Nats-Msg-Id"] = f"deadletter-{info.stream}-{info.stream_seq}"
-            future = await self.js.publish_async(
-                subjects.deadletter(item.msg.subject), item.msg.data or b"", headers=headers
-            )
-            futures.append(future)
-        done, _ = await asyncio.wait(futures, timeout=self.config.write_timeout_s)
-        for (item, reason), future in zip(dead, futures, strict=True):
-            if future in done and future.exception() is None:
-                self.stats.deadlettered += 1
-                key = reason.split(":", 1)[0][:80]
-                self.stats.deadletter_reasons[key] = self.stats.deadletter_reasons.get(key, 0) + 1
-                log.warning("dead-lettered %s: %s", item.msg.subject, reason)
-                await item.msg.term()
-            else:
-                future.cancel()
-                # Not copied: leave it to come back (never drop a message unrecorded).
-                await item.msg.nak(delay=1.0)
 
 
 async def run_projector(

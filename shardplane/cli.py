@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["NATS_URL"] = args.nats_url
     if getattr(args, "creds", None) and args.command != "auth":
         os.environ["NATS_CREDS"] = str(args.creds)
-    from shardplane import commands, secure
+    from shardplane import commands, demo, models, placing, secure, status
     from shardplane import release as release_cmd
 
     handler: Callable[[argparse.Namespace], int] | None = {
@@ -416,13 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "projector": commands.projector,
         "planner": commands.planner,
         "api": commands.api,
-        "place": commands.place,
-        "generate": commands.generate,
+        "place": placing.place,
+        "generate": models.generate,
         "release": release_cmd.release,
         "controller": commands.controller,
-        "status": commands.status,
-        "demo": commands.demo,
-        "models": commands.models,
+        "status": status.status,
+        "demo": demo.demo,
+        "models": models.models,
         "auth": secure.command,
     }.get(args.command)
     try:

@@ -232,7 +232,7 @@ def serve_cluster(cluster: NatsCluster, replicas: int | None = None) -> int:
     try:
         cluster.start()
         if replicas is not None:
-            from shardplane.commands import provision_replicas
+            from shardplane.wiring import provision_replicas
 
             provision_replicas(cluster.url, replicas)
         print(f"NATS cluster of {len(cluster.members)} (JetStream) on {cluster.url}", flush=True)

@@ -15,7 +15,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import ReleaseReply, ReleaseRequest
-from shardplane.commands import _serve, connect_briefly  # pyright: ignore[reportPrivateUsage]
+from shardplane.wiring import connect_briefly, run_command
 
 
 def describe(reply: ReleaseReply) -> str:
@@ -60,4 +60,4 @@ def release(args: argparse.Namespace) -> int:
         print(msg.data.decode() if args.json else describe(reply))
         return 0 if reply.ok else 1
 
-    return _serve(main)
+    return run_command(main)

@@ -142,7 +142,7 @@ def test_an_undecodable_value_is_skipped_with_its_key_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from shardplane.bus.messages import DeviceState
-    from shardplane.commands import decoded
+    from shardplane.status import decoded
 
     with caplog.at_level(logging.WARNING):
         assert decoded(DeviceState, "devices.rig.0", b"\x01garbage") is None

@@ -8,12 +8,15 @@ import itertools
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
+from aiohttp import web
 from nats.aio.client import Client
 
+from shardplane.api.server import make_app, start_app
 from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, Stage
 from shardplane.bus.streams import cluster_state
 from shardplane.commands import run_services
+from shardplane.generate import wait_loaded
 from tests.kit import eventually, stop_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +55,21 @@ async def running(
         for task in await stop_tasks(stop, tasks, timeout=15):
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
+
+
+@contextlib.asynccontextmanager
+async def serving_api(
+    nc: Client, instance: str, generation: int, token: str
+) -> AsyncGenerator[tuple[str, web.Application], None]:
+    """The API (with ``token``) in front of ``instance`` once every stage of ``generation`` is
+    loaded: (its URL, the app); stopped on the way out."""
+    await wait_loaded(nc, instance, generation, 120)
+    app = make_app(nc, token=token)
+    runner, url = await start_app(app)
+    try:
+        yield url, app
+    finally:
+        await runner.cleanup()
 
 
 async def device_states(nc: Client) -> dict[str, DeviceState]:

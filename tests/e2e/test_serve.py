@@ -20,10 +20,8 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from shardplane.api.openai_compat import SERVING_KEY, curl_line
-from shardplane.api.server import make_app, start_app
 from shardplane.commands import request_placement, wait_for_devices
-from shardplane.generate import wait_loaded
-from tests.e2e.helpers import running
+from tests.e2e.helpers import running, serving_api
 
 openai = pytest.importorskip("openai")
 TOKEN = "serve-test-token"
@@ -42,13 +40,8 @@ async def served(nats_url: str) -> AsyncIterator[tuple[str, web.Application]]:
             body = {"model": "smollm2-135m", "min_stages": 2, "instance_id": INSTANCE}
             reply = await request_placement(nc, body)
             assert reply.ok and len(reply.stages) >= 2, reply
-            await wait_loaded(nc, INSTANCE, reply.generation, 120)
-            app = make_app(nc, token=TOKEN)
-            runner, url = await start_app(app)
-            try:
-                yield url, app
-            finally:
-                await runner.cleanup()
+            async with serving_api(nc, INSTANCE, reply.generation, TOKEN) as served:
+                yield served
         finally:
             await nc.close()
 

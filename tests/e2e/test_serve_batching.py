@@ -28,10 +28,8 @@ from nats.aio.client import Client
 
 from shardplane.api.batcher import Batcher
 from shardplane.api.openai_compat import SERVING_KEY
-from shardplane.api.server import make_app, start_app
 from shardplane.commands import request_placement, run_services, wait_for_devices
-from shardplane.generate import wait_loaded
-from tests.e2e.helpers import DEMO_FLEET, LONG_TTL_S
+from tests.e2e.helpers import DEMO_FLEET, LONG_TTL_S, serving_api
 
 openai = pytest.importorskip("openai")
 TOKEN = "batch-test-token"
@@ -77,13 +75,8 @@ async def served(nats_url: str) -> AsyncIterator[tuple[str, web.Application]]:
             }
             reply = await request_placement(nc, body)
             assert reply.ok and len(reply.stages) >= 2 and reply.microbatches == 2, reply
-            await wait_loaded(nc, INSTANCE, reply.generation, 120)
-            app = make_app(nc, token=TOKEN)
-            runner, url = await start_app(app)
-            try:
-                yield url, app
-            finally:
-                await runner.cleanup()
+            async with serving_api(nc, INSTANCE, reply.generation, TOKEN) as served:
+                yield served
         finally:
             await nc.close()
     finally:

@@ -444,7 +444,7 @@ def test_exports_say_which_schedule_they_were_planned_for() -> None:
 def test_place_export_asks_for_the_engines_schedule() -> None:
     import argparse
 
-    from shardplane.commands import _request_from_args  # pyright: ignore[reportPrivateUsage]
+    from shardplane.placing import _request_from_args  # pyright: ignore[reportPrivateUsage]
     from shardplane.planner.schedule import engine_microbatches
 
     base = dict(

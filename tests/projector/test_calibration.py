@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import msgspec
+
 from shardplane.bus.messages import DeviceSample, DeviceState, NodeHeartbeat, NodeState, ShardStatus
 from shardplane.planner.fleet import build_fleet
 from shardplane.projector.calibration import MIN_SAMPLES, WINDOW
@@ -90,20 +92,8 @@ def test_the_planner_uses_the_measured_bandwidth_and_says_so() -> None:
 def stepped(
     seq: int, step_ms: float, rows: int, flops: float, executor: str | None = None
 ) -> ShardStatus:
-    return ShardStatus(
-        instance_id="i1",
-        generation=1,
-        node="a",
-        stage=0,
-        state="loaded",
-        seq=seq,
-        ts=1.0 + seq / 100,
-        device="a/0",
-        step_ms=step_ms,
-        step_bytes=int(2 * GB),
-        step_rows=rows,
-        step_flops=flops,
-        executor=executor,
+    return msgspec.structs.replace(
+        timed(seq, step_ms), step_rows=rows, step_flops=flops, executor=executor
     )
 
 

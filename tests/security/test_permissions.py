@@ -5,6 +5,7 @@ would have seen an allowed action go through."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import nats
 import pytest
@@ -13,6 +14,7 @@ from nats.errors import Error as NatsError
 from shardplane.bench._probes import forbidden_actions, probe_roles, secure_bus
 from shardplane.bus import auth, streams
 from shardplane.bus.streams import provision
+from tests.kit import eventually
 
 
 async def test_every_role_is_refused_every_forbidden_action() -> None:
@@ -48,7 +50,9 @@ async def test_anonymous_and_unknown_keys_are_refused(tmp_path: object) -> None:
             )
 
 
-async def test_a_role_waits_for_admin_instead_of_provisioning() -> None:
+async def test_a_role_waits_for_admin_instead_of_provisioning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A service connected as a role never creates streams: provision() only checks them."""
     async with secure_bus() as bus:
         planner = await bus.connect("planner")
@@ -63,8 +67,14 @@ async def test_a_role_waits_for_admin_instead_of_provisioning() -> None:
             assert auth.may_provision(admin)
             # A stream goes missing: the planner waits for it rather than creating it...
             await admin.jetstream().delete_stream(streams.DEADLETTER)
+            caplog.set_level(logging.WARNING, logger=streams.log.name)
             waiting = asyncio.create_task(provision(planner.jetstream()))
-            await asyncio.sleep(1.5)
+            # It has found the stream missing (and says so) before this looks at it.
+            await eventually(
+                lambda: [r for r in caplog.records if "waiting for an admin" in r.getMessage()],
+                bool,
+                what="provision() saying it waits for an admin",
+            )
             assert not waiting.done()
             # ...and carries on once the admin has provisioned again.
             await provision(admin.jetstream())

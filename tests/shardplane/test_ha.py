@@ -34,11 +34,11 @@ from shardplane.bus.streams import (
     stream_configs,
 )
 from shardplane.cluster import NatsCluster
-from shardplane.commands import read_state
 from shardplane.natsserver import reachable
 from shardplane.planner.synthetic import device_state
 from shardplane.projector.lease import LEASE_KEY, Lease
 from shardplane.projector.service import ProjectorConfig
+from shardplane.status import read_state
 from tests.projector.helpers import running
 
 EVERY = [c.name for c in stream_configs()] + [f"KV_{b.bucket}" for b in bucket_configs()]
