@@ -229,7 +229,7 @@ async def calibrated_state(
 ) -> tuple[list[DeviceState], list[NodeState]]:
     """The cluster state once every placed device is calibrated (the projector folds in the
     workers' step times as they come); the last state read otherwise."""
-    from shardplane.commands import read_state
+    from shardplane.status import read_state
 
     deadline = time.monotonic() + timeout_s
     while True:
