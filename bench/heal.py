@@ -13,7 +13,7 @@ Two parts, both in one run:
    ``flaps``: then, with no fault, the instance is watched for ``--watch-s`` seconds of noisy
    telemetry (the simulator's utilisation noise and workload phases); every controller verdict
    counts (``flap_heals``: the heals among them). The vanish then hits the instance's plan of
-   that moment (a flap may have moved it).
+   that moment (a flap may have moved it). ``-- --fleet fleet64`` runs one fleet's live part.
 2. **Minimal moves, exhaustively** (the demo fleet's devices without noise, three models): for
    every stage of the planner's plan, that device is removed; the planner's re-placement
    (phase 1 + phase 2) moves ``bytes_moved``, and ``bench._heal_reference`` (an exhaustive
