@@ -2,15 +2,16 @@
 
 Hard faults (a stage's device lost or offline, its node offline, its device out of memory) are
 acted on at once: the instance cannot serve. Memory has two lines. *Out of memory*: the stage
-already holds its weights + KV (its own memory is inside the device's "used"), so what it still
-needs is working memory for its runtime's allocations (``full_min_bytes``); free memory below
-that means the stage cannot run, and it moves now. *Getting full*: others ate most of the
+already holds its weights + KV (its own memory is inside the device's "used"), so what it
+still needs is working memory for its runtime's allocations (``full_min_bytes``); with less
+free than that the stage cannot run, and it moves now. *Getting full*: others ate most of the
 headroom the request kept free, but the stage still fits. That is where memory flaps: the
 simulator's workload phases (and real neighbours) swing for tens of seconds, so it moves only
-once the line has been crossed on every check for ``full_hold_s`` (``FullWatch``), and one
-reading back above the line starts the count again. Soft ones (a throttled or busier device) are where
-controllers flap: telemetry is noisy, and a plan that is 3 % faster this second is 3 % slower
-the next. So a soft move needs all of:
+once the line has been crossed on every check for ``full_hold_s`` (``FullWatch``); one reading
+back above the line starts the count again.
+
+Soft reasons (a throttled or busier device) are where controllers flap: telemetry is noisy,
+and a plan that is 3 % faster this second is 3 % slower the next. So a soft move needs all of:
 
 - a degradation: the current plan, priced with *smoothed* bandwidth (an exponential moving
   average per device), is worse than when it was placed by more than ``margin``;
@@ -46,8 +47,9 @@ class HealConfig:
     # of the simulator's workload phases (others' memory swings, no fault): healed at once at
     # 0.5, the instance moved once on the demo fleet and 4 times on 64 GPUs (devices down to
     # 3.55 GiB free of 80); at 0.75 not on the demo fleet, twice on 64 GPUs (1.86 GiB free: the
-    # phases can take any share, so no share alone removes these moves: ``full_hold_s`` does).
-    # A fill fault (98 % used) leaves 20 % of a 10 % headroom and is still caught.
+    # phases can take any share). Held for ``full_hold_s`` (30 s) first: no move in the same
+    # 10 minutes on 64 GPUs. A fill fault (98 % used) leaves 20 % of a 10 % headroom and is
+    # still caught, ``full_hold_s`` after it began (tests/e2e/test_heal.py).
     full_share: float = 0.75
     full_hold_s: float = 30.0  # getting full must hold on every check this long (and 3 checks)
     full_hold_checks: int = 3
