@@ -13,7 +13,7 @@ Two parts, both in one run:
    ``flaps``: then, with no fault, the instance is watched for ``--watch-s`` seconds of noisy
    telemetry (the simulator's utilisation noise and workload phases); every controller verdict
    counts (``flap_heals``: the heals among them). The vanish then hits the instance's plan of
-   that moment (a flap may have moved it).
+   that moment (a flap may have moved it). ``-- --fleet fleet64`` runs one fleet's live part.
 2. **Minimal moves, exhaustively** (the demo fleet's devices without noise, three models): for
    every stage of the planner's plan, that device is removed; the planner's re-placement
    (phase 1 + phase 2) moves ``bytes_moved``, and ``bench._heal_reference`` (an exhaustive
@@ -307,15 +307,23 @@ async def _scenario(nc: Client, model: str, devices: int, watch_s: float) -> dic
 def main(quick: bool = False, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardplane bench heal")
     parser.add_argument("--watch-s", type=float, default=None, help="noise-only watch per fleet")
+    parser.add_argument(
+        "--fleet",
+        choices=("demo", "fleet64"),
+        action="append",
+        help="run only this fleet's live part (repeatable; default: both)",
+    )
     args = parser.parse_args(argv or [])
     watch_s = args.watch_s if args.watch_s is not None else (20.0 if quick else 600.0)
+    chosen: list[str] = args.fleet or ["demo", "fleet64"]
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "big.toml"
         big.write_text(BIG_FLEET)
-        runs = {
-            "demo": asyncio.run(live(DEMO_FLEET, "llama-3.1-70b-q8", 7, watch_s)),
-            "fleet64": asyncio.run(live(big, "llama-3.1-405b-q4", 64, watch_s)),
+        live_runs = {
+            "demo": (DEMO_FLEET, "llama-3.1-70b-q8", 7),
+            "fleet64": (big, "llama-3.1-405b-q4", 64),
         }
+        runs = {name: asyncio.run(live(*live_runs[name], watch_s)) for name in chosen}
     print("live: vanish one stage's device (seconds; floor = raw NATS round trip)")
     print(
         f"{'fleet':<8} {'stages':>6} {'detect':>7} {'target':>7} {'heal':>7} {'target':>7} {'flaps':>5} {'floor ms':>8}"

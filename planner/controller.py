@@ -77,6 +77,7 @@ class Controller:
     cache: StateCache = field(default_factory=StateCache)
     _smoother: health.Smoother = field(init=False)
     _streaks: dict[str, health.Streak] = field(default_factory=dict[str, health.Streak])
+    _filling: dict[str, health.FullWatch] = field(default_factory=dict[str, health.FullWatch])
     _healing: dict[str, _Healing] = field(default_factory=dict[str, _Healing])
     _retry_at: dict[str, float] = field(default_factory=dict[str, float])
     _replies: dict[str, PlacementReply] = field(default_factory=dict[str, PlacementReply])
@@ -142,6 +143,7 @@ class Controller:
     def _forget(self, instance_id: str) -> None:
         self._healing.pop(instance_id, None)
         self._streaks.pop(instance_id, None)
+        self._filling.pop(instance_id, None)
         self._retry_at.pop(instance_id, None)
 
     async def _reply(self, kv: KeyValue, entry: ledger.LedgerEntry) -> PlacementReply | None:
@@ -161,11 +163,16 @@ class Controller:
             return
         devices, nodes = self.cache.devices, self.cache.nodes
         headroom = entry.request.memory_headroom if entry.request is not None else 0.1
-        reason = health.hard_fault(stored.stages, devices, nodes) or health.full(
-            stored.stages, devices, self.config, headroom
+        reason = health.hard_fault(stored.stages, devices, nodes) or health.out_of_memory(
+            stored.stages, devices, self.config
         )
         if reason is not None:
             await self._heal(instance_id, entry, reason, soft=False)
+            return
+        filling = self._filling.setdefault(instance_id, health.FullWatch())
+        full = health.getting_full(stored.stages, devices, self.config, headroom)
+        if (why := filling.hold(full, time.monotonic(), self.config)) is not None:
+            await self._heal(instance_id, entry, why, soft=True)
             return
         await self._check_soft(instance_id, entry, stored)
 
@@ -221,6 +228,7 @@ class Controller:
         self, instance_id: str, entry: ledger.LedgerEntry, reason: str, *, soft: bool
     ) -> None:
         log.warning("controller: healing %s: %s", instance_id, reason)
+        self._filling.pop(instance_id, None)  # the new plan's devices start their own count
         await self._verdict(instance_id, entry.generation, "degraded", reason)
         assert entry.request is not None
         reply = await self._request(msgspec.structs.replace(entry.request, heal=True), soft=soft)

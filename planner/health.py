@@ -1,9 +1,17 @@
 """The controller's judgement, pure: is an instance broken, degraded enough to move, or fine?
 
-Hard faults (a stage's device lost or offline, its node offline, its device full) are acted on
-at once: the instance cannot serve. Soft ones (a throttled or busier device) are where
-controllers flap: telemetry is noisy, and a plan that is 3 % faster this second is 3 % slower
-the next. So a soft move needs all of:
+Hard faults (a stage's device lost or offline, its node offline, its device out of memory) are
+acted on at once: the instance cannot serve. Memory has two lines. *Out of memory*: the stage
+already holds its weights + KV (its own memory is inside the device's "used"), so what it
+still needs is working memory for its runtime's allocations (``full_min_bytes``); with less
+free than that the stage cannot run, and it moves now. *Getting full*: others ate most of the
+headroom the request kept free, but the stage still fits. That is where memory flaps: the
+simulator's workload phases (and real neighbours) swing for tens of seconds, so it moves only
+once the line has been crossed on every check for ``full_hold_s`` (``FullWatch``); one reading
+back above the line starts the count again.
+
+Soft reasons (a throttled or busier device) are where controllers flap: telemetry is noisy,
+and a plan that is 3 % faster this second is 3 % slower the next. So a soft move needs all of:
 
 - a degradation: the current plan, priced with *smoothed* bandwidth (an exponential moving
   average per device), is worse than when it was placed by more than ``margin``;
@@ -33,15 +41,19 @@ class HealConfig:
     smoothing: float = 0.3  # EWMA weight of the newest bandwidth reading
     payback_s: float = 600.0  # serving time over which a move's gain must repay its load
     load_gbps: float = 2.0  # assumed load rate (GB/s) to price a move
-    # A stage's device is full when others took more than this share of the headroom the
-    # request kept free (the planner left at least the headroom free when it placed it), i.e.
-    # less than ``1 - full_share`` of it is left. Measured with bench heal over 10 minutes of
-    # the simulator's workload phases (others' memory swings, no fault): at 0.5 the instance
-    # was healed once on the demo fleet and 4 times on 64 GPUs (devices down to 3.55 GiB free
-    # of 80); at 0.75 not on the demo fleet, twice on 64 GPUs (1.86 GiB free: the phases can
-    # take any share, so no share removes these heals). A fill fault (98 % used) leaves 20 %
-    # of a 10 % headroom and is still caught.
+    # A stage's device is getting full when others took more than this share of the headroom
+    # the request kept free (the planner left at least the headroom free when it placed it),
+    # i.e. less than ``1 - full_share`` of it is left. Measured with bench heal over 10 minutes
+    # of the simulator's workload phases (others' memory swings, no fault): healed at once at
+    # 0.5, the instance moved once on the demo fleet and 4 times on 64 GPUs (devices down to
+    # 3.55 GiB free of 80); at 0.75 not on the demo fleet, twice on 64 GPUs (1.86 GiB free: the
+    # phases can take any share). Held for ``full_hold_s`` (30 s) first: no move in the same
+    # 10 minutes on 64 GPUs. A fill fault (98 % used) leaves 20 % of a 10 % headroom and is
+    # still caught, ``full_hold_s`` after it began (tests/e2e/test_heal.py).
     full_share: float = 0.75
+    full_hold_s: float = 30.0  # getting full must hold on every check this long (and 3 checks)
+    full_hold_checks: int = 3
+    # Out of memory: free below this, the stage's runtime has no working memory left.
     full_min_bytes: int = 256 * 2**20
     retry_s: float = 5.0  # after a failed heal, wait this long before trying again
 
@@ -64,7 +76,25 @@ def hard_fault(
     return None
 
 
-def full(
+def out_of_memory(
+    stages: Sequence[Stage], devices: Mapping[str, DeviceState], cfg: HealConfig
+) -> str | None:
+    """A stage's device has less free memory than the stage still needs: its weights + KV are
+    already held (inside "used"), so that is its runtime's working memory,
+    ``cfg.full_min_bytes``. A device reporting everything used (others took part of what the
+    stage held) is the extreme case."""
+    for s in stages:
+        free, total = _memory(devices, s.device)
+        if free is not None and free < cfg.full_min_bytes:
+            return (
+                f"device {s.device} is out of memory ({free / 2**20:.0f} MiB free of "
+                f"{total / 2**30:.0f} GiB; the stage holds {s.memory_bytes / 2**30:.1f} GiB and "
+                f"needs {cfg.full_min_bytes / 2**20:.0f} MiB more to run)"
+            )
+    return None
+
+
+def getting_full(
     stages: Sequence[Stage],
     devices: Mapping[str, DeviceState],
     cfg: HealConfig,
@@ -72,17 +102,55 @@ def full(
 ) -> str | None:
     """A stage whose device no longer keeps the request's headroom: something else took the
     memory the plan left free (the instance's own memory is already inside "used", so its own
-    load never counts). ``headroom`` is the request's ``memory_headroom``."""
+    load never counts). ``headroom`` is the request's ``memory_headroom``. Not a reason to move
+    by itself: ``FullWatch`` wants it held."""
     for s in stages:
-        dev = devices.get(s.device)
-        if dev is None:
+        free, total = _memory(devices, s.device)
+        if free is None:
             continue
-        free, total = dev.sample.memory_free_bytes, dev.sample.memory_total_bytes
-        if free is None or not total:
-            continue
-        if free < max(cfg.full_min_bytes, (1.0 - cfg.full_share) * headroom * total):
-            return f"device {s.device} is full ({free / 2**30:.2f} GiB free of {total / 2**30:.0f})"
+        line = (1.0 - cfg.full_share) * headroom * total
+        if free < max(cfg.full_min_bytes, line):
+            return (
+                f"device {s.device} is full ({free / 2**30:.2f} GiB free of {total / 2**30:.0f}, "
+                f"under {line / 2**30:.2f} GiB: {1.0 - cfg.full_share:.0%} of the "
+                f"{headroom:.0%} headroom)"
+            )
     return None
+
+
+def _memory(devices: Mapping[str, DeviceState], ref: str) -> tuple[int | None, int]:
+    dev = devices.get(ref)
+    if dev is None:
+        return None, 0
+    free, total = dev.sample.memory_free_bytes, dev.sample.memory_total_bytes
+    if free is None or not total:
+        return None, 0
+    return free, total
+
+
+@dataclass(slots=True)
+class FullWatch:
+    """Since when "getting full" has held on every check of one instance. A window, not an
+    average: a fill that stays is caught ``full_hold_s`` after it starts whatever its depth,
+    and any one check with the headroom back (a phase that ends, a spike that passes) resets
+    it."""
+
+    since: float | None = None
+    checks: int = 0
+
+    def hold(self, reason: str | None, now: float, cfg: HealConfig) -> str | None:
+        """The reason to move now (with how long it held), or None."""
+        if reason is None:
+            self.since, self.checks = None, 0
+            return None
+        if self.since is None:
+            self.since = now
+        self.checks += 1
+        held = now - self.since
+        if held >= cfg.full_hold_s and self.checks >= cfg.full_hold_checks:
+            self.since, self.checks = None, 0
+            return f"{reason} for {held:.0f} s"
+        return None
 
 
 def value(stages: Sequence[Stage], objective: str, bandwidth: Mapping[str, float]) -> float:

@@ -268,6 +268,29 @@ async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
         assert state is not None and state.generation == 1 and state.health is None, state
 
 
+async def test_a_device_out_of_memory_moves_at_once(nats_url: str, nc: Client) -> None:
+    """A fill that takes every byte (free 0: the stage cannot run) is out of memory: healed
+    without the hold that getting full needs (``HealConfig.full_hold_s``, 30 s), and the
+    verdict says so. The 98 % fill of the test above is getting full: it waits the hold."""
+    async with running(nats_url):
+        await wait_devices(nc, 7)
+        await wait_planners(nc)
+        reply = await place(nc, model="llama-3.1-8b", instance_id="oom", max_stages=1)
+        assert reply.ok, reply
+        await until_instance(nc, "oom", ready(1), "loaded")
+        device = reply.stages[0].device
+        node, index = device.split("/")
+        body = json.dumps({"kind": "fill", "device": int(index), "fraction": 1.0}).encode()
+        fault_at = time.monotonic()
+        await nc.request(subjects.sim_fault(node), body, timeout=10)
+        moved = await until_instance(nc, "oom", lambda s: s.generation >= 2, "healed", 60)
+        assert time.monotonic() - fault_at < 15.0
+        healed = await until_instance(nc, "oom", lambda s: s.health == "ready", "ready", 60)
+        assert all(st.device != device for st in moved.stages), moved
+        assert healed.health_reason is not None
+        assert f"{device} is out of memory" in healed.health_reason, healed.health_reason
+
+
 async def _cli(url: str, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

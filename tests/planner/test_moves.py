@@ -198,7 +198,7 @@ def test_full_means_others_took_most_of_the_headroom() -> None:
     ).stages
     cfg = health.HealConfig()
     swing = {"a/0": _device_with_free(int(3.55 * GIB), total)}
-    assert health.full(stages, swing, cfg, headroom=0.1) is None
+    assert health.getting_full(stages, swing, cfg, headroom=0.1) is None
     filled = {"a/0": _device_with_free(total - int(0.98 * total), total)}
-    reason = health.full(stages, filled, cfg, headroom=0.1)
+    reason = health.getting_full(stages, filled, cfg, headroom=0.1)
     assert reason is not None and "a/0 is full" in reason
