@@ -24,9 +24,9 @@ sequence against its own cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -153,15 +153,46 @@ class Entry:
     count: int
 
 
+T = TypeVar("T")
+
+
 @dataclass
-class _Layer:
-    in_norm: F32
-    qkv: F32  # [q; k; v] rows stacked: one matmul instead of three
-    qkv_bias: F32 | None
-    o: F32
-    post_norm: F32
-    gate_up: F32  # [gate; up] rows stacked
-    down: F32
+class LayerWeights(Generic[T]):
+    """One decoder layer's weights in a backend's array type (numpy or torch): the layout both
+    executors share, read once by ``read_layer`` so the Hugging Face names live in one place."""
+
+    in_norm: T
+    qkv: T  # [q; k; v] rows stacked: one matmul instead of three
+    qkv_bias: T | None
+    o: T
+    post_norm: T
+    gate_up: T  # [gate; up] rows stacked
+    down: T
+
+
+def read_layer(
+    get: Callable[[str], T], cat: Callable[[list[T]], T], index: int, bias: bool
+) -> LayerWeights[T]:
+    """Layer ``index`` from Hugging Face tensor names; ``cat`` stacks rows in the backend."""
+    p = f"model.layers.{index}."
+    return LayerWeights(
+        in_norm=get(p + "input_layernorm.weight"),
+        qkv=cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+        qkv_bias=cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if bias else None,
+        o=get(p + "self_attn.o_proj.weight"),
+        post_norm=get(p + "post_attention_layernorm.weight"),
+        gate_up=cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+        down=get(p + "mlp.down_proj.weight"),
+    )
+
+
+def read_head(get: Callable[[str], T], names: Container[str], embed: T | None) -> tuple[T, T]:
+    """The last stage's final norm and output head. A tied head (no ``lm_head.weight``) reuses
+    the embedding matrix when this stage holds it, so it is kept once."""
+    if "lm_head.weight" in names:
+        return get("model.norm.weight"), get("lm_head.weight")
+    tied = embed if embed is not None else get("model.embed_tokens.weight")
+    return get("model.norm.weight"), tied
 
 
 @dataclass
@@ -226,7 +257,7 @@ class NumpyStage:
     layer_end: int
     embeddings: bool
     head: bool
-    _layers: list[_Layer] = field(default_factory=lambda: [])
+    _layers: list[LayerWeights[F32]] = field(default_factory=lambda: [])
     _embed: F32 | None = None
     _final_norm: F32 | None = None
     _head: F32 | None = None
@@ -259,33 +290,11 @@ class NumpyStage:
 
         stage = cls(config, layer_start, layer_end, embeddings, head)
         for i in range(layer_start, layer_end):
-            p = f"model.layers.{i}."
-            bias = None
-            if config.attention_bias:
-                bias = np.concatenate(
-                    [get(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
-                )
-            stage._layers.append(
-                _Layer(
-                    in_norm=get(p + "input_layernorm.weight"),
-                    qkv=np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                    qkv_bias=bias,
-                    o=get(p + "self_attn.o_proj.weight"),
-                    post_norm=get(p + "post_attention_layernorm.weight"),
-                    gate_up=np.concatenate(
-                        [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-                    ),
-                    down=get(p + "mlp.down_proj.weight"),
-                )
-            )
+            stage._layers.append(read_layer(get, np.concatenate, i, config.attention_bias))
         if embeddings:
             stage._embed = get("model.embed_tokens.weight")
         if head:
-            stage._final_norm = get("model.norm.weight")
-            name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-            stage._head = (
-                stage._embed if name == "model.embed_tokens.weight" and embeddings else get(name)
-            )
+            stage._final_norm, stage._head = read_head(get, tensors, stage._embed)
         stage._inv = inv_frequencies(config)
         return stage
 

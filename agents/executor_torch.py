@@ -35,22 +35,14 @@ from shardplane.agents.executor import (
     MIN_CACHE,
     Entry,
     ExecutorError,
+    LayerWeights,
     ModelConfig,
     as_f32,
     cache_need,
     inv_frequencies,
+    read_head,
+    read_layer,
 )
-
-
-@dataclass
-class _Layer:
-    in_norm: torch.Tensor
-    qkv: torch.Tensor  # [q; k; v] rows stacked, as in the numpy executor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
 
 
 @dataclass
@@ -90,7 +82,7 @@ class TorchStage:
     embeddings: bool
     head: bool
     device: torch.device
-    _layers: list[_Layer] = field(default_factory=lambda: [])
+    _layers: list[LayerWeights[torch.Tensor]] = field(default_factory=lambda: [])
     _embed: torch.Tensor | None = None
     _final_norm: torch.Tensor | None = None
     _head: torch.Tensor | None = None
@@ -135,31 +127,11 @@ class TorchStage:
 
         stage = cls(config, layer_start, layer_end, embeddings, head, dev)
         for i in range(layer_start, layer_end):
-            p = f"model.layers.{i}."
-            bias = None
-            if config.attention_bias:
-                bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-            stage._layers.append(
-                _Layer(
-                    in_norm=get(p + "input_layernorm.weight"),
-                    qkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                    qkv_bias=bias,
-                    o=get(p + "self_attn.o_proj.weight"),
-                    post_norm=get(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat(
-                        [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-                    ),
-                    down=get(p + "mlp.down_proj.weight"),
-                )
-            )
+            stage._layers.append(read_layer(get, torch.cat, i, config.attention_bias))
         if embeddings:
             stage._embed = get("model.embed_tokens.weight")
         if head:
-            stage._final_norm = get("model.norm.weight")
-            name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-            stage._head = (
-                stage._embed if name == "model.embed_tokens.weight" and embeddings else get(name)
-            )
+            stage._final_norm, stage._head = read_head(get, tensors, stage._embed)
         stage._inv = inv_frequencies(config)
         return stage
 
