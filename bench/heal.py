@@ -41,6 +41,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 import shardplane
+from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
 from shardplane.bus import codec, subjects
 from shardplane.bus.messages import InstanceHealth, InstanceState, PlacementReply
@@ -193,17 +194,7 @@ async def _until(nc: Client, instance_id: str, generation: int, timeout: float) 
 
 
 async def _rtt_floor(nc: Client) -> float:
-    async def echo(msg: Msg) -> None:
-        await msg.respond(b"")
-
-    sub = await nc.subscribe("bench.heal.echo", cb=echo)
-    times: list[float] = []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        await nc.request("bench.heal.echo", b"", timeout=5)
-        times.append((time.perf_counter() - t0) * 1000)
-    await sub.unsubscribe()
-    return statistics.median(times)
+    return statistics.median(await echo_round_trips_ms(nc, "bench.heal.echo", 50))
 
 
 async def live(fleet: Path, model: str, devices: int, watch_s: float) -> dict[str, object]:

@@ -51,6 +51,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shardplane import supervise
+from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bus import codec, streams, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState
 from shardplane.bus.streams import cluster_state, provision
@@ -233,17 +234,7 @@ async def fault_loop(
 
 
 async def floor_rtt_ms(nc: Client) -> float:
-    async def echo(msg: Msg) -> None:
-        await msg.respond(b"")
-
-    sub = await nc.subscribe("soak.echo", cb=echo)
-    times: list[float] = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        await nc.request("soak.echo", b"x", 5.0)
-        times.append((time.perf_counter() - t0) * 1000)
-    await sub.unsubscribe()
-    return pct(times, 0.99)
+    return pct(await echo_round_trips_ms(nc, "soak.echo", 200), 0.99)
 
 
 async def check_kv(nc: Client, nodes: list[str], gpus: int, timeout_s: float) -> int:
