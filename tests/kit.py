@@ -24,10 +24,13 @@ from nats.aio.client import Client
 from shardplane.bus import codec, keys
 from shardplane.bus.messages import (
     DeviceSample,
+    DeviceState,
     InstanceState,
     NodeHeartbeat,
     ShardAssignment,
     ShardStatus,
+    Stage,
+    StageState,
 )
 from shardplane.bus.streams import cluster_state
 
@@ -209,6 +212,21 @@ def sample(node: str, index: int, seq: int, **fields: Any) -> DeviceSample:
     return msgspec.structs.replace(base, **fields)
 
 
+def device_state(sample: DeviceSample, **fields: Any) -> DeviceState:
+    """``sample``'s device online, last seen when the sample was taken."""
+    base = DeviceState(sample=sample, online=True, last_seen=sample.ts)
+    return msgspec.structs.replace(base, **fields)
+
+
+def device_with_free(free: int, total: int = 80 * GIB, ts: float = 1.0) -> DeviceState:
+    """Device a/0 online with ``free`` of ``total`` bytes free (the rest used), sampled at
+    ``ts``: what the controller's memory lines read."""
+    sampled = sample(
+        "a", 0, 1, ts=ts, memory_total_bytes=total, memory_used_bytes=total - free, free=free
+    )
+    return device_state(sampled)
+
+
 def heartbeat(node: str, seq: int, **fields: Any) -> NodeHeartbeat:
     return msgspec.structs.replace(NodeHeartbeat(node=node, seq=seq, ts=time.time()), **fields)
 
@@ -243,5 +261,30 @@ def status(
         state=state,  # pyright: ignore[reportArgumentType]
         seq=seq,
         ts=time.time(),
+    )
+    return msgspec.structs.replace(base, **fields)
+
+
+def stage(node: str, start: int, end: int, **fields: Any) -> Stage:
+    """A plan's stage of layers [start, end) on ``node``'s device 0, its figures all zero (a
+    test that reads a figure gives it)."""
+    figures = dict.fromkeys(("weight_bytes", "kv_bytes", "bandwidth_gbps", "stage_ms", "hop_ms"), 0)
+    base = Stage(
+        node=node, device=f"{node}/0", gpu="A100-80GB", layer_start=start, layer_end=end, **figures
+    )
+    return msgspec.structs.replace(base, **fields)
+
+
+def instance(instance_id: str, stages: tuple[StageState, ...] = (), **fields: Any) -> InstanceState:
+    """Instance ``instance_id`` of model "m", generation 1, as the projector writes it: one
+    stage a ``StageState``, loaded unless a field says otherwise."""
+    base = InstanceState(
+        instance_id=instance_id,
+        model="m",
+        generation=1,
+        stage_count=len(stages),
+        state="loaded",
+        updated=1.0,
+        stages=stages,
     )
     return msgspec.structs.replace(base, **fields)
