@@ -56,16 +56,7 @@ def plan(
 
 
 def expected_names(a: int, b: int) -> list[str]:
-    names = ckpt.layer_names(a, b)
-    if a == 0:
-        names.add("model.embed_tokens.weight")
-    if b == LAYERS:
-        names |= {"model.norm.weight", "lm_head.weight"}
-    return sorted(names)
-
-
-def held_names(worker: Worker) -> list[str]:
-    return sorted(n for names in worker.tensor_names().values() for n in names)
+    return ckpt.stage_names(a, b, LAYERS)
 
 
 async def until_consumer_exists(
@@ -115,7 +106,7 @@ async def test_every_stage_loads_exactly_its_layers(
                 expected_names(s.layer_start, s.layer_end)
             )
             assert status.load_ms > 0
-            assert held_names(running[s.node]) == expected_names(s.layer_start, s.layer_end)
+            assert ckpt.held_names(running[s.node]) == expected_names(s.layer_start, s.layer_end)
         # loading came before loaded, per stage, with rising seq
         for s in stages:
             states = [x.state for x in log.of("tiny", 1) if x.stage == s.stage]
@@ -198,9 +189,9 @@ async def test_new_generation_moves_layers_and_release_unloads(
             "all generation-1 stages unloaded",
             lambda lg: {s.stage for s in lg.of("m", 1) if s.state == "unloaded"} == {0, 1, 2},
         )
-        assert held_names(running["n1"]) == expected_names(0, 4)
-        assert held_names(running["n2"]) == expected_names(4, 6)
-        assert held_names(running["n3"]) == []
+        assert ckpt.held_names(running["n1"]) == expected_names(0, 4)
+        assert ckpt.held_names(running["n2"]) == expected_names(4, 6)
+        assert ckpt.held_names(running["n3"]) == []
         unload_reasons = {s.reason for s in log.of("m", 1) if s.state == "unloaded"}
         assert unload_reasons == {"replaced by generation 2", "released at generation 2"}
     await log.stop()
@@ -218,7 +209,7 @@ async def test_duplicates_and_stale_generations_are_harmless(
         await log.settled("d", 2, 1)
         await asyncio.sleep(1.5)  # time for any (wrong) extra work to show
         assert [s.state for s in log.of("d")] == ["loading", "loaded"]
-        assert held_names(running["n1"]) == expected_names(0, LAYERS)
+        assert ckpt.held_names(running["n1"]) == expected_names(0, LAYERS)
     await log.stop()
 
 

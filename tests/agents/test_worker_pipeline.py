@@ -136,16 +136,7 @@ def settled_at(generation: int) -> Callable[[InstanceState], bool]:
 
 
 def names_for(start: int, end: int) -> list[str]:
-    names = ckpt.layer_names(start, end)
-    if start == 0:
-        names.add("model.embed_tokens.weight")
-    if end == LAYERS:
-        names |= {"model.norm.weight", "lm_head.weight"}
-    return sorted(names)
-
-
-def held(worker: Worker) -> list[str]:
-    return sorted(n for names in worker.tensor_names().values() for n in names)
+    return ckpt.stage_names(start, end, LAYERS)
 
 
 async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
@@ -178,7 +169,7 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
         for s in reply.stages:
             by_node[s.node] += names_for(s.layer_start, s.layer_end)
         for node, worker in workers.items():
-            assert held(worker) == sorted(by_node[node]), node
+            assert ckpt.held_names(worker) == sorted(by_node[node]), node
 
         # Re-plan without one of the nodes: its layers move, it gets a release and unloads.
         gone = reply.stages[0].node
@@ -197,7 +188,7 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
                 break
             await asyncio.sleep(0.1)
         for node, worker in workers.items():
-            assert held(worker) == sorted(by_node[node]), node
+            assert ckpt.held_names(worker) == sorted(by_node[node]), node
 
 
 async def test_agent_telemetry_keeps_its_interval_while_its_worker_loads(
