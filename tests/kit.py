@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import inspect
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -37,6 +40,7 @@ from shardplane.bus.streams import cluster_state
 T = TypeVar("T")
 S = TypeVar("S", bound=msgspec.Struct)
 
+ROOT = Path(__file__).resolve().parents[1]
 POLL_MIN_S = 0.02
 POLL_MAX_S = 0.2
 GIB = 2**30
@@ -91,6 +95,50 @@ async def eventually(
             raise AssertionError(f"{what} not met in {timeout:g} s; {detail}") from failure
         await asyncio.sleep(interval)
         interval = min(interval * 2, POLL_MAX_S)
+
+
+def until_serving(
+    proc: subprocess.Popen[Any], probe: Callable[[], bool], *, timeout: float, what: str
+) -> None:
+    """For a test without an event loop: poll ``probe`` with ``eventually``'s back-off until it
+    holds, while ``proc`` (the process that should make it hold) runs. A process that exits
+    first fails the test with its output; a timeout names ``what``."""
+    deadline = time.monotonic() + timeout
+    interval = POLL_MIN_S
+    while not probe():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, f"{what} not met in {timeout:g} s"
+        time.sleep(interval)
+        interval = min(interval * 2, POLL_MAX_S)
+
+
+def shardplane(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``shardplane ARGS`` as a process of this interpreter, run from the repository root, its
+    output and errors in one text pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardplane.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def shardplane_ran(
+    *args: str, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``shardplane ARGS`` run to its end (``timeout`` at most), its output and errors kept
+    apart; the caller judges the exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", "shardplane.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @contextlib.asynccontextmanager
