@@ -126,10 +126,10 @@ def shardplane(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def shardplane_ran(
-    *args: str, env: dict[str, str], timeout: float
+    *args: str, env: dict[str, str], timeout: float, **run: Any
 ) -> subprocess.CompletedProcess[str]:
     """``shardplane ARGS`` run to its end (``timeout`` at most), its output and errors kept
-    apart; the caller judges the exit status."""
+    apart; the caller judges the exit status. ``run`` goes to ``subprocess.run`` (input=...)."""
     return subprocess.run(
         [sys.executable, "-m", "shardplane.cli", *args],
         cwd=ROOT,
@@ -138,6 +138,7 @@ def shardplane_ran(
         text=True,
         timeout=timeout,
         check=False,
+        **run,
     )
 
 
