@@ -63,15 +63,14 @@ def expected_names(a: int, b: int) -> list[str]:
 async def until_consumer_exists(
     js: JetStreamContext, stream: str, durable: str, timeout: float = 20.0
 ) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    async def exists() -> bool:
         try:
             await js.consumer_info(stream, durable)
-            return
         except NotFoundError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"consumer {durable} on {stream} never appeared") from None
-        await asyncio.sleep(0.05)
+            return False
+        return True
+
+    await kit.eventually(exists, bool, timeout=timeout, what=f"consumer {durable} on {stream}")
 
 
 def process_read_bytes() -> int:
@@ -83,11 +82,9 @@ def process_read_bytes() -> int:
 
 
 async def until_read(total: int, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while process_read_bytes() < total:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"read {process_read_bytes()} bytes, not {total}, in {timeout} s")
-        await asyncio.sleep(0.01)
+    await kit.eventually(
+        process_read_bytes, lambda n: n >= total, timeout=timeout, what=f"{total} bytes read"
+    )
 
 
 @pytest.fixture
@@ -256,7 +253,6 @@ async def test_catalog_model_is_reserved_never_loaded(
     log: StatusLog, nc: Client, js: JetStreamContext
 ) -> None:
     held: list[tuple[int, int]] = []
-    stop = asyncio.Event()
     worker = Worker(
         nc,
         node="n1",
@@ -264,8 +260,7 @@ async def test_catalog_model_is_reserved_never_loaded(
         use_cuda=False,
         verify_generations=False,
     )
-    task = asyncio.create_task(worker.run(stop))
-    try:
+    async with kit.running(worker.run):
         sizes = {"weight_bytes": 5 * 2**30, "kv_bytes": 2**30, "memory_bytes": 7 * 2**30}
         a = kit.assignment(
             "cat",
@@ -292,9 +287,6 @@ async def test_catalog_model_is_reserved_never_loaded(
         await log.wait("released", lambda lg: lg.of("cat", 1)[-1].state == "unloaded")
         assert held == [(1, 7 * 2**30), (1, -7 * 2**30)]
         assert worker.tensor_names() == {}
-    finally:
-        stop.set()
-        await task
 
 
 async def test_telemetry_keeps_flowing_while_a_shard_loads(
@@ -374,11 +366,7 @@ async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
             return sum("no assignment within 0.2 s" in r.getMessage() for r in idle())
 
         # Several empty polls (counted, not slept for: a busy machine starts the worker late).
-        for _ in range(150):
-            if empty_polls() >= 3:
-                break
-            await asyncio.sleep(0.1)
-        assert empty_polls() >= 3, [r.getMessage() for r in idle()]
+        await kit.eventually(empty_polls, lambda n: n >= 3, timeout=15, what="3 empty polls")
         assert [r.getMessage() for r in idle() if r.levelno >= logging.WARNING] == []
         await js.delete_consumer("PLACEMENTS", "worker-n1")
         await assign(js, stage(model, "w", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
