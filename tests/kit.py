@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import msgspec
+import pytest
 from nats.aio.client import Client
 
 from shardplane.bus import codec, keys
@@ -140,6 +142,23 @@ def shardplane_ran(
         check=False,
         **run,
     )
+
+
+async def until_logged(
+    caplog: pytest.LogCaptureFixture, logger: str, text: str, *, timeout: float = 20.0
+) -> logging.LogRecord:
+    """The first record of ``logger`` whose message holds ``text``, once logged: a positive
+    marker for a negative check (a standby says it stands by; then "only one leads" is a fact,
+    not a guess made after a fixed sleep). Set ``caplog``'s level for ``logger`` before the
+    code that logs starts, or the record is never captured."""
+
+    def found() -> logging.LogRecord | None:
+        records = caplog.records
+        return next((r for r in records if r.name == logger and text in r.getMessage()), None)
+
+    record = await eventually(found, lambda r: r is not None, timeout=timeout, what=repr(text))
+    assert record is not None
+    return record
 
 
 @contextlib.asynccontextmanager
