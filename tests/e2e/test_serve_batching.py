@@ -31,6 +31,7 @@ from shardplane.api.openai_compat import SERVING_KEY
 from shardplane.bench import serve
 from shardplane.commands import request_placement, wait_for_devices
 from tests.e2e.helpers import running, serving_api
+from tests.kit import eventually
 
 openai = pytest.importorskip("openai")
 TOKEN = "batch-test-token"
@@ -149,10 +150,9 @@ async def _full_queue_answers_429_and_a_leaver_lets_the_queue_in(
         for response in [*streams[1:], waiting]:
             response.close()
     busy = app[SERVING_KEY].busy
-    for _ in range(400):  # 20 s on a loaded machine
-        if not busy[INSTANCE] and not batcher.batch.running:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: not busy[INSTANCE] and not batcher.batch.running, timeout=20, what="slots freed"
+    )
     assert busy[INSTANCE] == 0 and not batcher.batch.running, (
         "slots stayed taken after clients left"
     )
