@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from shardplane.bus import authority, codec, keys, subjects
 from shardplane.bus.messages import (
+    DeviceState,
     InstanceState,
     PlacementReply,
     ReleaseReply,
@@ -251,15 +252,39 @@ async def test_controller_moves_off_a_faulty_device(nats_url: str, nc: Client, k
             await _made_before_broken(statuses, node, healed.generation)
 
 
+def _unthrottled(state: DeviceState) -> bool:
+    return not {"hw_slowdown", "hw_thermal_slowdown"} & set(state.sample.throttle_reasons)
+
+
 async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
     """Hysteresis: a throttle that is over before the gain has held for its checks (the
     device returns) leaves the instance where it is."""
     async with running(nats_url):
         reply = await placed(nc, "blip", max_stages=1)
         node, index = reply.stages[0].device.split("/")
+        mark = await placed(nc, "mark", max_stages=1, exclude_nodes=[node])
+        fault_at = time.time()
         body = json.dumps({"kind": "throttle", "device": int(index), "duration_s": 1.0}).encode()
         await nc.request(subjects.sim_fault(node), body, timeout=10)
-        await asyncio.sleep(10.0)  # several controller checks after the device returned
+
+        async def back() -> DeviceState | None:
+            return await kit.kv_value(nc, DeviceState, keys.device_key(node, int(index)))
+
+        await kit.eventually(
+            back,
+            lambda d: d is not None and d.sample.ts > fault_at + 1.0 and _unthrottled(d),
+            timeout=30,
+            what=f"{node}/{index} sampled unthrottled after the blip",
+        )
+        # The marker: the controller checks every instance in one pass, so the passes that
+        # heal "mark" (its device vanished now) and follow it until it is ready also judged
+        # "blip" with its device back; a move the blip wrongly earned would show by then.
+        mark_node, mark_index = mark.stages[0].device.split("/")
+        body = json.dumps({"kind": "vanish", "device": int(mark_index)}).encode()
+        await nc.request(subjects.sim_fault(mark_node), body, timeout=10)
+        await until_instance(
+            nc, "mark", lambda s: s.health == "ready" and s.generation >= 2, "marker healed", 90
+        )
         state = await instance(nc, "blip")
         assert state is not None and state.generation == 1 and state.health is None, state
 
