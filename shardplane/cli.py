@@ -87,26 +87,25 @@ def _fleet(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _replica_count(text: str) -> int:
+def _one_to(text: str, high: int) -> int:
+    """``text`` as a whole number from 1 to ``high``, or argparse's error saying which."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to 5")
+    if not 1 <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to {high}")
     return value
+
+
+def _replica_count(text: str) -> int:
+    return _one_to(text, 5)
 
 
 def _partitions(text: str) -> int:
     from shardplane.bus.streams import MAX_PARTITIONS
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_PARTITIONS:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to {MAX_PARTITIONS}")
-    return value
+    return _one_to(text, MAX_PARTITIONS)
 
 
 def _ha(p: argparse.ArgumentParser) -> None:
