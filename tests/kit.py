@@ -99,19 +99,33 @@ async def eventually(
         interval = min(interval * 2, POLL_MAX_S)
 
 
+def waited(
+    probe: Callable[[], T],
+    ok: Callable[[T], bool] = _passes,
+    *,
+    timeout: float = 15.0,
+    what: str = "condition",
+) -> T:
+    """``eventually`` for a test without an event loop (it runs one for the wait): the same
+    clock, back-off and failure. Not for a coroutine: there, await ``eventually``."""
+    return asyncio.run(eventually(probe, ok, timeout=timeout, what=what))
+
+
 def until_serving(
     proc: subprocess.Popen[Any], probe: Callable[[], bool], *, timeout: float, what: str
 ) -> None:
-    """For a test without an event loop: poll ``probe`` with ``eventually``'s back-off until it
-    holds, while ``proc`` (the process that should make it hold) runs. A process that exits
-    first fails the test with its output; a timeout names ``what``."""
-    deadline = time.monotonic() + timeout
-    interval = POLL_MIN_S
-    while not probe():
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert time.monotonic() < deadline, f"{what} not met in {timeout:g} s"
-        time.sleep(interval)
-        interval = min(interval * 2, POLL_MAX_S)
+    """``waited`` for ``probe`` while ``proc`` (the process that should make it hold) runs: a
+    process that exits first fails the test at once, with its output."""
+
+    def alive_and_ready() -> bool:
+        if probe():
+            return True
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the process exited ({proc.returncode}) before {what}: {output}")
+        return False
+
+    waited(alive_and_ready, bool, timeout=timeout, what=what)
 
 
 def shardplane(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:

@@ -228,16 +228,14 @@ def test_status_watch_piped_prints_frame_after_frame(fleet: str) -> None:
 
 
 def _wait_healthy(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def status() -> int | None:
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                return resp.status
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.2)
+            return None
+
+    kit.waited(status, lambda code: code == 200, timeout=timeout, what=f"{url} healthy")
 
 
 def test_two_ups_do_not_collide(tmp_path: Path) -> None:
