@@ -31,11 +31,13 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from shardplane.bus.errors import AgentError
+
 F32 = npt.NDArray[Any]  # float32 throughout (numpy's stubs widen it at every operator)
 MIN_CACHE = 64  # initial KV capacity in positions; doubled when a sequence outgrows it
 
 
-class ExecutorError(Exception):
+class ExecutorError(AgentError):
     """A request the stage cannot run (bad positions, unknown sequence, wrong shapes);
     ``str()`` says which numbers were wrong."""
 

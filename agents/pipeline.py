@@ -42,6 +42,7 @@ from nats.aio.msg import Msg
 from shardplane.agents.executor import Entry, ExecutorError, StageBackend, sample
 from shardplane.agents.steptiming import StepTimer, StepTiming
 from shardplane.bus import subjects
+from shardplane.bus.errors import AgentError
 from shardplane.bus.messages import ErrorInfo, StageEntry, StageReply, StageRequest
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ _request_decoder = msgspec.msgpack.Decoder(StageRequest)
 _reply_decoder = msgspec.msgpack.Decoder(StageReply)
 
 
-class PipelineError(Exception):
+class PipelineError(AgentError):
     """A step failed; ``str()`` names the stage and why, ``code`` is an ErrorInfo code."""
 
     def __init__(self, message: str, code: str = "internal", stage: int | None = None) -> None:

@@ -9,6 +9,7 @@ import logging
 import os
 
 from shardplane.agents.loader import DEFAULT_READ_MODE, ReadMode
+from shardplane.bus.envnum import positive_float
 
 # The worker's logger: these lines keep the name they had before this module was split off.
 log = logging.getLogger("shardplane.agents.worker")
@@ -29,15 +30,10 @@ def read_mode_from_env() -> ReadMode:
 
 
 def load_limit_from_env() -> float | None:
-    raw = os.environ.get(LOAD_LIMIT_ENV, "").strip()
-    if not raw:
-        return None
+    """``SHARDPLANE_LOAD_LIMIT_MBPS`` in bytes a second; None (no throttle) when unset or bad."""
     try:
-        mbps = float(raw)
-    except ValueError:
-        log.warning("%s=%r is not a number of MB/s; loads are not throttled", LOAD_LIMIT_ENV, raw)
+        mbps = positive_float(LOAD_LIMIT_ENV, "MB/s")
+    except ValueError as exc:
+        log.warning("%s; loads are not throttled", exc)
         return None
-    if mbps <= 0:
-        log.warning("%s=%r must be positive; loads are not throttled", LOAD_LIMIT_ENV, raw)
-        return None
-    return mbps * 1e6
+    return None if mbps is None else mbps * 1e6

@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 import shardplane
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import PlacementReply
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
 from shardplane.natsserver import NatsServer
@@ -96,9 +96,9 @@ async def _publish_fleet(js: JetStreamContext, size: int) -> tuple[list[str], li
         hosts = random_hosts(size, seed=size, gpus=GPUS, prefix=f"s{size}n", fast_links=1)
     devs, nodes = states(hosts)
     for d in devs:
-        await kv.put(subjects.device_key(d.sample.node, d.sample.index), codec.encode(d))
+        await kv.put(keys.device_key(d.sample.node, d.sample.index), codec.encode(d))
     for name, n in nodes.items():
-        await kv.put(subjects.node_key(name), codec.encode(n))
+        await kv.put(keys.node_key(name), codec.encode(n))
     fleet = build_fleet(devs, nodes)
     usable = sum(d.usable_bytes(0.1) for d in fleet.devices)
     fitting = [m for m in MODELS if resolve(m).weight_bytes < 0.7 * usable]

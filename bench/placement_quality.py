@@ -42,7 +42,7 @@ from shardplane.planner.exact import count_vectors, exact_search
 from shardplane.planner.fleet import build_fleet
 from shardplane.planner.greedy import exo_plan, min_bottleneck_plan, single_device_plans
 from shardplane.planner.plan import PlanError, plan, to_stages
-from shardplane.planner.synthetic import HostSpec, states
+from shardplane.planner.synthetic import HostSpec, draw_hosts, states
 from shardplane.planner.validate import stage_times
 
 GPU_POOL = (
@@ -93,20 +93,7 @@ class Case:
 
 def _hosts(rng: random.Random, devices: int, idx: int) -> list[HostSpec]:
     kinds = rng.sample(GPU_POOL, rng.randint(2, 4))
-    hosts: list[HostSpec] = []
-    left = devices
-    while left > 0:
-        k = min(left, rng.randint(1, 4))
-        gpu = rng.choice(kinds)
-        hosts.append(
-            HostSpec(
-                f"c{idx}h{len(hosts)}",
-                (gpu,) * k,
-                nvlink=k > 1 and rng.random() < 0.5,
-                used_gib=rng.choice((0.0, 0.5, 1.0, 3.0)),
-            )
-        )
-        left -= k
+    hosts = draw_hosts(rng, devices, kinds, prefix=f"c{idx}h", used_gib=(0.0, 0.5, 1.0, 3.0))
     if len(hosts) > 2 and rng.random() < 0.5:  # a faster link between two hosts
         a, b = rng.sample(range(len(hosts)), 2)
         ha = hosts[a]

@@ -20,18 +20,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from shardplane.bus import messages
 from shardplane.bus.errors import BusError
-from shardplane.bus.messages import (
-    DeviceSample,
-    DeviceState,
-    InstanceState,
-    NodeHeartbeat,
-    NodeState,
-    PlacementReply,
-    PlacementRequest,
-    ShardAssignment,
-    ShardStatus,
-)
 
 Encoding = Literal["json", "msgpack"]
 T = TypeVar("T")
@@ -83,15 +73,15 @@ def _decoders(kind: type[T]) -> tuple[msgspec.msgpack.Decoder[T], msgspec.json.D
 _DECODERS: dict[type[Any], tuple[msgspec.msgpack.Decoder[Any], msgspec.json.Decoder[Any]]] = {
     kind: _decoders(kind)
     for kind in (
-        DeviceSample,
-        NodeHeartbeat,
-        PlacementRequest,
-        PlacementReply,
-        ShardAssignment,
-        ShardStatus,
-        DeviceState,
-        NodeState,
-        InstanceState,
+        messages.DeviceSample,
+        messages.NodeHeartbeat,
+        messages.PlacementRequest,
+        messages.PlacementReply,
+        messages.ShardAssignment,
+        messages.ShardStatus,
+        messages.DeviceState,
+        messages.NodeState,
+        messages.InstanceState,
     )
 }
 

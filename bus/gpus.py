@@ -26,6 +26,9 @@ class GpuSpec:
     memory_clock_max_mhz: float
     sm_clock_max_mhz: float
     aliases: tuple[str, ...] = ()
+    # CUDA compute capability (NVIDIA's CUDA GPUs page; None: not NVIDIA). Engines gate on it:
+    # vLLM needs 7.0 or newer, so a P40 (6.1) cannot join a vLLM deployment.
+    compute_capability: tuple[int, int] | None = None
 
 
 def _gib(n: float) -> int:
@@ -45,8 +48,21 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         2619.0,
         1980.0,
         ("h100",),
+        compute_capability=(9, 0),
     ),
-    GpuSpec("H200", "NVIDIA H200", "nvidia", _gib(141), 4800.0, 989.0, 700.0, 6144, 3201.0, 1980.0),
+    GpuSpec(
+        "H200",
+        "NVIDIA H200",
+        "nvidia",
+        _gib(141),
+        4800.0,
+        989.0,
+        700.0,
+        6144,
+        3201.0,
+        1980.0,
+        compute_capability=(9, 0),
+    ),
     GpuSpec(
         "A100-40GB",
         "NVIDIA A100-SXM4-40GB",
@@ -58,6 +74,7 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         5120,
         1215.0,
         1410.0,
+        compute_capability=(8, 0),
     ),
     GpuSpec(
         "A100-80GB",
@@ -71,6 +88,7 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         1593.0,
         1410.0,
         ("a100",),
+        compute_capability=(8, 0),
     ),
     GpuSpec(
         "A100-80GB-PCIE",
@@ -83,9 +101,34 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         5120,
         1512.0,
         1410.0,
+        compute_capability=(8, 0),
     ),
-    GpuSpec("L40S", "NVIDIA L40S", "nvidia", _gib(48), 864.0, 362.0, 350.0, 384, 9001.0, 2520.0),
-    GpuSpec("A10", "NVIDIA A10", "nvidia", _gib(24), 600.0, 125.0, 150.0, 384, 6251.0, 1695.0),
+    GpuSpec(
+        "L40S",
+        "NVIDIA L40S",
+        "nvidia",
+        _gib(48),
+        864.0,
+        362.0,
+        350.0,
+        384,
+        9001.0,
+        2520.0,
+        compute_capability=(8, 9),
+    ),
+    GpuSpec(
+        "A10",
+        "NVIDIA A10",
+        "nvidia",
+        _gib(24),
+        600.0,
+        125.0,
+        150.0,
+        384,
+        6251.0,
+        1695.0,
+        compute_capability=(8, 6),
+    ),
     GpuSpec(
         "RTX-4090",
         "NVIDIA GeForce RTX 4090",
@@ -98,6 +141,7 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         10501.0,
         2520.0,
         ("4090",),
+        compute_capability=(8, 9),
     ),
     GpuSpec(
         "RTX-3090",
@@ -111,6 +155,7 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         9751.0,
         1695.0,
         ("3090",),
+        compute_capability=(8, 6),
     ),
     GpuSpec(
         "RTX-3060-12GB",
@@ -124,8 +169,21 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         7501.0,
         1777.0,
         ("3060",),
+        compute_capability=(8, 6),
     ),
-    GpuSpec("T4", "Tesla T4", "nvidia", _gib(16), 320.0, 65.0, 70.0, 256, 5001.0, 1590.0),
+    GpuSpec(
+        "T4",
+        "Tesla T4",
+        "nvidia",
+        _gib(16),
+        320.0,
+        65.0,
+        70.0,
+        256,
+        5001.0,
+        1590.0,
+        compute_capability=(7, 5),
+    ),
     GpuSpec(
         "V100-32GB",
         "Tesla V100-SXM2-32GB",
@@ -138,8 +196,21 @@ KNOWN_GPUS: tuple[GpuSpec, ...] = (
         877.0,
         1530.0,
         ("v100",),
+        compute_capability=(7, 0),
     ),
-    GpuSpec("P40", "Tesla P40", "nvidia", _gib(24), 346.0, 0.18, 250.0, 384, 3615.0, 1531.0),
+    GpuSpec(
+        "P40",
+        "Tesla P40",
+        "nvidia",
+        _gib(24),
+        346.0,
+        0.18,
+        250.0,
+        384,
+        3615.0,
+        1531.0,
+        compute_capability=(6, 1),
+    ),
     # An MI250X package shows up as two 64 GB devices (GCDs) of 1.6 TB/s each.
     GpuSpec(
         "MI250X",
@@ -193,26 +264,7 @@ def gpu_spec(name: str) -> GpuSpec | None:
     return best
 
 
-# CUDA compute capability of the table's NVIDIA GPUs (NVIDIA's CUDA GPUs page). Engines gate on
-# it: vLLM needs 7.0 or newer, so a P40 (6.1) cannot join a vLLM deployment.
-COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
-    "H100-SXM": (9, 0),
-    "H200": (9, 0),
-    "A100-40GB": (8, 0),
-    "A100-80GB": (8, 0),
-    "A100-80GB-PCIE": (8, 0),
-    "L40S": (8, 9),
-    "A10": (8, 6),
-    "RTX-4090": (8, 9),
-    "RTX-3090": (8, 6),
-    "RTX-3060-12GB": (8, 6),
-    "T4": (7, 5),
-    "V100-32GB": (7, 0),
-    "P40": (6, 1),
-}
-
-
 def compute_capability(name: str) -> tuple[int, int] | None:
     """The CUDA compute capability of a known NVIDIA GPU, by any name :func:`gpu_spec` takes."""
     spec = gpu_spec(name)
-    return COMPUTE_CAPABILITY.get(spec.key) if spec else None
+    return spec.compute_capability if spec else None

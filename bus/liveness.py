@@ -15,10 +15,9 @@ never shows a reader contradicting its projector.
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 
+from shardplane.bus.envnum import positive_float
 from shardplane.bus.messages import DeviceState, NodeState
 
 TTL_ENV = "SHARDPLANE_TTL"
@@ -29,16 +28,7 @@ STALE_PREFIX = "stale"
 
 
 def ttl_from_env() -> float | None:
-    raw = os.environ.get(TTL_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        ttl = float(raw)
-    except ValueError:
-        raise ValueError(f"{TTL_ENV}={raw!r} is not a number of seconds") from None
-    if not ttl > 0:
-        raise ValueError(f"{TTL_ENV}={ttl:g} must be above 0 seconds")
-    return ttl
+    return positive_float(TTL_ENV, "seconds")
 
 
 def reader_ttl(node: NodeState | None, ttl_s: float | None = None) -> float:

@@ -59,6 +59,14 @@ def partition_stream(count: int) -> str:
 
 DAY = 24 * 3600.0
 PLACEMENT_CONSUMERS = 100_000
+DEDUPE_S = 120.0  # a publish retried within this window (same Nats-Msg-Id) is stored once
+
+
+def _kept(name: str, subjects: list[str], replicas: int, **limits: Any) -> StreamConfig:
+    """A stream as every one of ours is: on file, kept by its limits (never by interest or
+    acks, so any number of readers may replay it), ``replicas`` copies."""
+    limits.update(retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas)
+    return StreamConfig(name=name, subjects=subjects, **limits)
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -68,76 +76,69 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     replay buffer for the projector), placements and statuses keep enough to rebuild state.
     """
     return [
-        StreamConfig(
-            name=TELEMETRY,
-            subjects=["telemetry.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
+        _kept(
+            TELEMETRY,
+            ["telemetry.>"],
+            replicas,
             max_msgs_per_subject=64,
             max_age=3600.0,
             max_bytes=2 * 1024**3,
             discard=DiscardPolicy.OLD,
-            duplicate_window=120.0,
-            num_replicas=replicas,
+            duplicate_window=DEDUPE_S,
         ),
-        StreamConfig(
-            name=PLACEMENTS,
-            # Assignments (planner) and health verdicts (controller): both are instance
-            # history the projector folds into cluster_state.
-            subjects=["placement.assigned.>", "placement.health.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
+        # Assignments (planner) and health verdicts (controller): both are instance history
+        # the projector folds into cluster_state. Left unset, max_consumers makes nats-server
+        # refuse the 1,001st consumer (10026); a fleet of real hosts runs one agent, so one
+        # assignment consumer, per host.
+        _kept(
+            PLACEMENTS,
+            ["placement.assigned.>", "placement.health.>"],
+            replicas,
             max_age=30 * DAY,
             max_msgs_per_subject=10_000,
             max_bytes=512 * 1024**2,
-            # Left unset, nats-server refuses the 1,001st consumer (10026); a fleet of real hosts
-            # runs one agent, so one assignment consumer, per host.
             max_consumers=PLACEMENT_CONSUMERS,
-            duplicate_window=120.0,
-            num_replicas=replicas,
+            duplicate_window=DEDUPE_S,
         ),
-        StreamConfig(
-            name=SHARDS,
-            subjects=["shard.status.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
+        _kept(
+            SHARDS,
+            ["shard.status.>"],
+            replicas,
             max_age=7 * DAY,
             max_msgs_per_subject=256,
             max_bytes=512 * 1024**2,
-            duplicate_window=120.0,
-            num_replicas=replicas,
+            duplicate_window=DEDUPE_S,
         ),
-        StreamConfig(
-            name=DEADLETTER,
-            subjects=["deadletter.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
+        _kept(
+            DEADLETTER,
+            ["deadletter.>"],
+            replicas,
             max_age=7 * DAY,
             max_msgs=100_000,
             max_bytes=256 * 1024**2,
-            num_replicas=replicas,
         ),
     ]
 
 
+BUCKETS = {
+    CLUSTER_STATE: "materialised cluster state; written by the projector only",
+    LEDGER: "memory promised to placed instances; planners update it by CAS",
+}
+
+
 def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
+    """Both buckets keep one value a key (readers want the newest, never a history) and
+    answer direct gets (any replica reads, not only the stream leader)."""
     return [
         KeyValueConfig(
-            bucket=CLUSTER_STATE,
-            description="materialised cluster state; written by the projector only",
+            bucket=bucket,
+            description=description,
             history=1,
             storage=StorageType.FILE,
             replicas=replicas,
             direct=True,
-        ),
-        KeyValueConfig(
-            bucket=LEDGER,
-            description="memory promised to placed instances; planners update it by CAS",
-            history=1,
-            storage=StorageType.FILE,
-            replicas=replicas,
-            direct=True,
-        ),
+        )
+        for bucket, description in BUCKETS.items()
     ]
 
 

@@ -97,6 +97,30 @@ def states(hosts: Sequence[HostSpec]) -> tuple[list[DeviceState], dict[str, Node
     return devices, {h.name: node_state(h) for h in hosts}
 
 
+def draw_hosts(
+    rng: random.Random,
+    devices: int,
+    gpus: Sequence[str],
+    *,
+    per_host: tuple[int, int] = (1, 4),
+    prefix: str = "n",
+    used_gib: Sequence[float] = (0.0, 0.5, 1.0, 2.0),
+) -> list[HostSpec]:
+    """``devices`` GPUs drawn with ``rng`` onto hosts of ``per_host`` GPUs each (one model per
+    host, as real boxes are), each host NVLinked or not and with some memory already in use."""
+    hosts: list[HostSpec] = []
+    left = devices
+    while left > 0:
+        k = min(left, rng.randint(*per_host))
+        gpu = rng.choice(list(gpus))
+        nvlink = k > 1 and rng.random() < 0.5
+        hosts.append(
+            HostSpec(f"{prefix}{len(hosts)}", (gpu,) * k, nvlink, used_gib=rng.choice(used_gib))
+        )
+        left -= k
+    return hosts
+
+
 def random_hosts(
     devices: int,
     *,
@@ -109,20 +133,7 @@ def random_hosts(
     """``devices`` GPUs on hosts of ``per_host`` GPUs each (one model per host, as real boxes
     are), a few hosts linked by faster networks than the 10 GbE default."""
     rng = random.Random(seed)
-    hosts: list[HostSpec] = []
-    left = devices
-    while left > 0:
-        k = min(left, rng.randint(*per_host))
-        gpu = rng.choice(list(gpus))
-        hosts.append(
-            HostSpec(
-                f"{prefix}{len(hosts)}",
-                (gpu,) * k,
-                nvlink=k > 1 and rng.random() < 0.5,
-                used_gib=rng.choice((0.0, 0.5, 1.0, 2.0)),
-            )
-        )
-        left -= k
+    hosts = draw_hosts(rng, devices, gpus, per_host=per_host, prefix=prefix)
     if fast_links and len(hosts) > 1:
         out: list[HostSpec] = []
         for h in hosts:

@@ -73,6 +73,11 @@ def part_arg(text: str) -> tuple[int, int]:
     return i, k
 
 
+def add_share(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An ``I/K`` option (``part_arg``): which share of K this process takes."""
+    p.add_argument(flag, type=part_arg, default=None, metavar="I/K", help=help)
+
+
 def _fleet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fleet",
@@ -82,26 +87,25 @@ def _fleet(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _replica_count(text: str) -> int:
+def _one_to(text: str, high: int) -> int:
+    """``text`` as a whole number from 1 to ``high``, or argparse's error saying which."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to 5")
+    if not 1 <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to {high}")
     return value
+
+
+def _replica_count(text: str) -> int:
+    return _one_to(text, 5)
 
 
 def _partitions(text: str) -> int:
     from shardplane.bus.streams import MAX_PARTITIONS
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_PARTITIONS:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: 1 to {MAX_PARTITIONS}")
-    return value
+    return _one_to(text, MAX_PARTITIONS)
 
 
 def _ha(p: argparse.ArgumentParser) -> None:
@@ -176,12 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the worker's own credentials (default: the agent's connection)",
     )
-    p.add_argument(
-        "--part",
-        type=part_arg,
-        default=None,
-        metavar="I/K",
-        help="with --fleet: run only the I-th of K equal shares of its nodes (0-based)",
+    add_share(
+        p, "--part", "with --fleet: run only the I-th of K equal shares of its nodes (0-based)"
     )
 
     p = sub.add_parser("projector", help="materialise cluster state into the KV bucket")
@@ -189,12 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ttl", type=float, default=None, help="seconds without a sample before offline"
     )
-    p.add_argument(
-        "--partition",
-        type=part_arg,
-        default=None,
-        metavar="I/K",
-        help="write only partition I of K of the device and node keys (default: all)",
+    add_share(
+        p, "--partition", "write only partition I of K of the device and node keys (default: all)"
     )
 
     p = sub.add_parser("planner", help="answer placement.request with CP-SAT plans")

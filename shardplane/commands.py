@@ -28,6 +28,7 @@ from shardplane.wiring import (
     provision_once,
     provision_replicas,
     replicas_to_env,
+    run_all,
     run_command,
     run_services,
     stop_on_signals,
@@ -60,16 +61,7 @@ def up(args: argparse.Namespace) -> int:
                     flush=True,
                 )
                 return await supervise.supervise(url, stop, kids)
-            tasks = await run_services(
-                url,
-                stop,
-                fleet=fleet,
-                api_host=args.api_host,
-                api_port=args.api_port,
-                interval_s=args.interval,
-                creds=creds,
-                api_token=token,
-            )
+            tasks = await run_all(args, url, stop, fleet, creds, token)
             print(
                 f"shardplane up: NATS {url}, dashboard http://{args.api_host}:{args.api_port}/"
                 + (f" (API token for changes: {token})" if token else ""),

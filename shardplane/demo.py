@@ -25,8 +25,8 @@ from shardplane.wiring import (
     fleet_device_count,
     fleet_path,
     nats_for,
+    run_all,
     run_command,
-    run_services,
     stop_on_signals,
     until_stopped,
 )
@@ -42,15 +42,7 @@ def demo(args: argparse.Namespace) -> int:
         expected = fleet_device_count(fleet)
         async with nats_for(args.nats_url, not args.no_auth, fleet) as (url, creds):
             token = api_token_of(args)
-            tasks = await run_services(
-                url,
-                stop,
-                fleet=fleet,
-                api_port=args.api_port,
-                interval_s=args.interval,
-                creds=creds,
-                api_token=token,
-            )
+            tasks = await run_all(args, url, stop, fleet, creds, token)
             client = (creds or {}).get(secure.CLIENT_ROLE)
             nc = await connect_unless_stopped(url, stop, "shardplane-demo", client)
             try:

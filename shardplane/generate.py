@@ -146,15 +146,23 @@ async def wait_loaded(nc: Client, instance: str, generation: int, timeout: float
     raise GenerateError(f"instance {instance} not loaded within {timeout:g} s (stages: {states})")
 
 
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How the next token is chosen: greedy at ``temperature`` 0, else sampled from the
+    ``top_p`` nucleus with ``seed`` (the same seed, the same tokens)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 async def generate(
     nc: Client,
     reply: PlacementReply,
     prompt: list[int],
+    sampling: Sampling,
     *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
     stop_ids: list[int] | None = None,
     load_timeout: float = 120.0,
     on_tokens: Callable[[list[int]], None] | None = None,
@@ -174,10 +182,10 @@ async def generate(
     try:
         async for tokens, ms, _ in client.generate(
             [prompt],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
             stop_ids=stop_ids or [],
         ):
             if out.token_ids or out.prefill_ms:

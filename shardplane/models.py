@@ -57,7 +57,7 @@ async def run_generation(
     nc: Client, args: argparse.Namespace, *, stream: bool, timeout: float = 30.0
 ) -> Any:
     """Place (or re-place) the model, then generate; returns ``shardplane.generate.Outcome``."""
-    from shardplane.generate import GenerateError, TextCodec, generate
+    from shardplane.generate import GenerateError, Sampling, TextCodec, generate
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise GenerateError(
@@ -106,17 +106,9 @@ async def run_generation(
         shown = now if now is not None else shown
         print(piece, end="", flush=True)
 
-    out = await generate(
-        nc,
-        reply,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_ids=text.eos,
-        on_tokens=show if stream else None,
-    )
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    on_tokens = show if stream else None
+    out = await generate(nc, reply, prompt, sampling, stop_ids=text.eos, on_tokens=on_tokens)
     out.text = text.decode(out.token_ids)
     return out
 

@@ -69,6 +69,28 @@ def fleet_device_count(path: Path) -> int:
     return load(path).device_count()
 
 
+async def run_all(
+    args: argparse.Namespace,
+    url: str,
+    stop: asyncio.Event,
+    fleet: Path | None,
+    creds: Mapping[str, Path] | None,
+    token: str | None,
+) -> list[asyncio.Task[None]]:
+    """Every component in this process, as the options ``up`` and ``demo`` share ask for (the
+    API's port and host, the agents' interval), with ``fleet`` simulated."""
+    return await run_services(
+        url,
+        stop,
+        fleet=fleet,
+        api_host=getattr(args, "api_host", "127.0.0.1"),
+        api_port=args.api_port,
+        interval_s=args.interval,
+        creds=creds,
+        api_token=token,
+    )
+
+
 async def run_services(
     url: str,
     stop: asyncio.Event,

@@ -13,27 +13,36 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import msgspec
+import pytest
 from nats.aio.client import Client
 
 from shardplane.bus import codec, keys
 from shardplane.bus.messages import (
     DeviceSample,
+    DeviceState,
     InstanceState,
     NodeHeartbeat,
     ShardAssignment,
     ShardStatus,
+    Stage,
+    StageState,
 )
 from shardplane.bus.streams import cluster_state
 
 T = TypeVar("T")
 S = TypeVar("S", bound=msgspec.Struct)
 
+ROOT = Path(__file__).resolve().parents[1]
 POLL_MIN_S = 0.02
 POLL_MAX_S = 0.2
 GIB = 2**30
@@ -88,6 +97,82 @@ async def eventually(
             raise AssertionError(f"{what} not met in {timeout:g} s; {detail}") from failure
         await asyncio.sleep(interval)
         interval = min(interval * 2, POLL_MAX_S)
+
+
+def waited(
+    probe: Callable[[], T],
+    ok: Callable[[T], bool] = _passes,
+    *,
+    timeout: float = 15.0,
+    what: str = "condition",
+) -> T:
+    """``eventually`` for a test without an event loop (it runs one for the wait): the same
+    clock, back-off and failure. Not for a coroutine: there, await ``eventually``."""
+    return asyncio.run(eventually(probe, ok, timeout=timeout, what=what))
+
+
+def until_serving(
+    proc: subprocess.Popen[Any], probe: Callable[[], bool], *, timeout: float, what: str
+) -> None:
+    """``waited`` for ``probe`` while ``proc`` (the process that should make it hold) runs: a
+    process that exits first fails the test at once, with its output."""
+
+    def alive_and_ready() -> bool:
+        if probe():
+            return True
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the process exited ({proc.returncode}) before {what}: {output}")
+        return False
+
+    waited(alive_and_ready, bool, timeout=timeout, what=what)
+
+
+def shardplane(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``shardplane ARGS`` as a process of this interpreter, run from the repository root, its
+    output and errors in one text pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardplane.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def shardplane_ran(
+    *args: str, env: dict[str, str], timeout: float, **run: Any
+) -> subprocess.CompletedProcess[str]:
+    """``shardplane ARGS`` run to its end (``timeout`` at most), its output and errors kept
+    apart; the caller judges the exit status. ``run`` goes to ``subprocess.run`` (input=...)."""
+    return subprocess.run(
+        [sys.executable, "-m", "shardplane.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **run,
+    )
+
+
+async def until_logged(
+    caplog: pytest.LogCaptureFixture, logger: str, text: str, *, timeout: float = 20.0
+) -> logging.LogRecord:
+    """The first record of ``logger`` whose message holds ``text``, once logged: a positive
+    marker for a negative check (a standby says it stands by; then "only one leads" is a fact,
+    not a guess made after a fixed sleep). Set ``caplog``'s level for ``logger`` before the
+    code that logs starts, or the record is never captured."""
+
+    def found() -> logging.LogRecord | None:
+        records = caplog.records
+        return next((r for r in records if r.name == logger and text in r.getMessage()), None)
+
+    record = await eventually(found, lambda r: r is not None, timeout=timeout, what=repr(text))
+    assert record is not None
+    return record
 
 
 @contextlib.asynccontextmanager
@@ -209,6 +294,21 @@ def sample(node: str, index: int, seq: int, **fields: Any) -> DeviceSample:
     return msgspec.structs.replace(base, **fields)
 
 
+def device_state(sample: DeviceSample, **fields: Any) -> DeviceState:
+    """``sample``'s device online, last seen when the sample was taken."""
+    base = DeviceState(sample=sample, online=True, last_seen=sample.ts)
+    return msgspec.structs.replace(base, **fields)
+
+
+def device_with_free(free: int, total: int = 80 * GIB, ts: float = 1.0) -> DeviceState:
+    """Device a/0 online with ``free`` of ``total`` bytes free (the rest used), sampled at
+    ``ts``: what the controller's memory lines read."""
+    sampled = sample(
+        "a", 0, 1, ts=ts, memory_total_bytes=total, memory_used_bytes=total - free, free=free
+    )
+    return device_state(sampled)
+
+
 def heartbeat(node: str, seq: int, **fields: Any) -> NodeHeartbeat:
     return msgspec.structs.replace(NodeHeartbeat(node=node, seq=seq, ts=time.time()), **fields)
 
@@ -243,5 +343,30 @@ def status(
         state=state,  # pyright: ignore[reportArgumentType]
         seq=seq,
         ts=time.time(),
+    )
+    return msgspec.structs.replace(base, **fields)
+
+
+def stage(node: str, start: int, end: int, **fields: Any) -> Stage:
+    """A plan's stage of layers [start, end) on ``node``'s device 0, its figures all zero (a
+    test that reads a figure gives it)."""
+    figures = dict.fromkeys(("weight_bytes", "kv_bytes", "bandwidth_gbps", "stage_ms", "hop_ms"), 0)
+    base = Stage(
+        node=node, device=f"{node}/0", gpu="A100-80GB", layer_start=start, layer_end=end, **figures
+    )
+    return msgspec.structs.replace(base, **fields)
+
+
+def instance(instance_id: str, stages: tuple[StageState, ...] = (), **fields: Any) -> InstanceState:
+    """Instance ``instance_id`` of model "m", generation 1, as the projector writes it: one
+    stage a ``StageState``, loaded unless a field says otherwise."""
+    base = InstanceState(
+        instance_id=instance_id,
+        model="m",
+        generation=1,
+        stage_count=len(stages),
+        state="loaded",
+        updated=1.0,
+        stages=stages,
     )
     return msgspec.structs.replace(base, **fields)

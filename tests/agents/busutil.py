@@ -19,6 +19,7 @@ from shardplane.bus import codec, subjects
 from shardplane.bus.messages import DeviceSample, ShardAssignment, ShardStatus
 from shardplane.bus.streams import LEDGER, provision
 from shardplane.planner import ledger
+from tests.kit import eventually
 
 _ids = itertools.count()
 
@@ -87,13 +88,11 @@ class StatusLog:
 
     def __init__(self) -> None:
         self.items: list[ShardStatus] = []
-        self._changed = asyncio.Event()
         self._sub: Subscription | None = None
 
     async def start(self, nc: Client) -> StatusLog:
         async def on(msg: Msg) -> None:
             self.items.append(codec.decode(ShardStatus, msg.data))
-            self._changed.set()
 
         self._sub = await nc.subscribe(f"{subjects.SHARD_STATUS}.>", cb=on)
         return self
@@ -114,15 +113,12 @@ class StatusLog:
     async def wait(
         self, what: str, predicate: Callable[[StatusLog], bool], timeout: float = 20.0
     ) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate(self):
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
+        def holds() -> None:
+            if not predicate(self):
                 tail = "\n".join(repr(s) for s in self.items[-12:])
-                raise AssertionError(f"timed out waiting for {what}; last statuses:\n{tail}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.5))
+                raise AssertionError(f"last statuses:\n{tail}")
+
+        await eventually(holds, timeout=timeout, what=what)
 
     async def settled(
         self,
@@ -167,15 +163,13 @@ async def until_sample_after(
     samples: list[DeviceSample], ts: float, timeout: float = 10.0
 ) -> DeviceSample:
     """The first sample (in arrival order) taken after ``ts``, once it has arrived."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        late = next((s for s in samples if s.ts > ts), None)
-        if late is not None:
-            return late
-        if asyncio.get_running_loop().time() > deadline:
-            last = samples[-1].ts if samples else None
-            raise AssertionError(f"no sample taken after {ts} arrived (latest taken at {last})")
-        await asyncio.sleep(0.05)
+
+    def late() -> DeviceSample:
+        found = next((s for s in samples if s.ts > ts), None)
+        assert found is not None, f"latest taken at {samples[-1].ts if samples else None}"
+        return found
+
+    return await eventually(late, timeout=timeout, what=f"a sample taken after {ts}")
 
 
 def assert_interval_kept(

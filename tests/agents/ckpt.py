@@ -14,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from safetensors.numpy import save_file  # pyright: ignore[reportUnknownVariableType]
 
+from shardplane.agents.worker import Worker
+
 LAYER_SUFFIXES = (
     "input_layernorm.weight",
     "post_attention_layernorm.weight",
@@ -121,6 +123,22 @@ def write(
 
 def layer_names(start: int, end: int) -> set[str]:
     return {f"model.layers.{i}.{s}" for i in range(start, end) for s in LAYER_SUFFIXES}
+
+
+def stage_names(start: int, end: int, layers: int) -> list[str]:
+    """The tensor names a worker holds for layers [start, end) of a ``layers``-layer
+    checkpoint: those layers, the embedding on the first stage, the norm and head on the last."""
+    names = layer_names(start, end)
+    if start == 0:
+        names.add("model.embed_tokens.weight")
+    if end == layers:
+        names |= {"model.norm.weight", "lm_head.weight"}
+    return sorted(names)
+
+
+def held_names(worker: Worker) -> list[str]:
+    """Every tensor name ``worker`` holds, over all its stages."""
+    return sorted(n for names in worker.tensor_names().values() for n in names)
 
 
 def write_big(root: Path, layers: int = 4, mib_per_layer: int = 48) -> None:

@@ -186,11 +186,7 @@ async def test_rides_out_a_server_restart(tmp_path: Path) -> None:
                 assert msg.data
                 return codec.decode(DeviceSample, msg.data).seq
 
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                if await last_seq() >= 3:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(last_seq, lambda seq: seq >= 3, timeout=10, what="3 samples stored")
             at_stop = await last_seq()
             await asyncio.to_thread(server.stop)
             # ~30 samples are taken while the server is away: even with the loop stalled for a
@@ -199,14 +195,9 @@ async def test_rides_out_a_server_restart(tmp_path: Path) -> None:
             await asyncio.to_thread(server.start)
 
             async def until_stored_beyond(seq: int) -> int:
-                deadline = time.monotonic() + 15
-                after = 0
-                while time.monotonic() < deadline:
-                    after = await last_seq()
-                    if after > seq:
-                        break
-                    await asyncio.sleep(0.1)
-                return after
+                with contextlib.suppress(AssertionError):  # the caller says what was missed
+                    return await eventually(last_seq, lambda after: after > seq, timeout=15)
+                return await last_seq()
 
             # Publishing resumes, and goes on after the first (pending) sample is out.
             resumed = await until_stored_beyond(at_stop + 14)

@@ -10,7 +10,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from shardplane.bus.messages import ShardAssignment
 from shardplane.bus.streams import LEDGER, LEDGER_RESERVATIONS_KEY
 from shardplane.cli import part_arg
 from tests.agents.busutil import StatusLog, assign
+from tests.kit import eventually
 
 SERVER_CONSUMER_LIMIT = 1000  # nats-server's per-stream default, measured below
 
@@ -219,10 +219,9 @@ async def _assign_all(url: str, count: int) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    deadline = time.monotonic() + 300
-    while await consumers(js) < 2:
-        assert time.monotonic() < deadline, "agent processes never subscribed"
-        await asyncio.sleep(0.5)
+    await eventually(
+        lambda: consumers(js), lambda n: n >= 2, timeout=300, what="2 agent processes subscribed"
+    )
     await run_fleet_assign(nc, js, count)
     assert await consumers(js) == 2
     await nc.close()

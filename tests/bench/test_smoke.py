@@ -55,14 +55,22 @@ def _run(
     return code, _figures(capsys)
 
 
+def _passed(
+    main: Callable[..., int], argv: list[str], capsys: pytest.CaptureFixture[str], names: str
+) -> dict[str, Any]:
+    """The figures of a run that must exit 0 and whose JSON line must hold ``names``."""
+    code, figures = _run(main, argv, capsys)
+    assert code == 0, figures
+    _has(figures, names)
+    return figures
+
+
 def test_agent_overhead(capsys: pytest.CaptureFixture[str]) -> None:
-    code, figures = _run(agent_overhead.main, ["--cycles", "3"], capsys)
-    assert code == 0
-    _has(
-        figures,
+    names = (
         "cpu_pct_one_core_8dev_2s init_s_no_gpu cpu_ms_per_cycle_8dev "
-        "floor_cpu_ms_per_cycle_publish init_floor_s",
+        "floor_cpu_ms_per_cycle_publish init_floor_s"
     )
+    figures = _passed(agent_overhead.main, ["--cycles", "3"], capsys, names)
     assert figures["cycles"] == 3 and figures["messages_per_cycle"] == 9
     assert figures["cpu_ms_per_cycle_8dev"] > 0 and figures["floor_cpu_ms_per_cycle_publish"] > 0
 
@@ -79,13 +87,11 @@ def test_fuzz_verdict_follows_its_figures(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_placement_quality(capsys: pytest.CaptureFixture[str]) -> None:
-    code, figures = _run(placement_quality.main, ["--cases", "2"], capsys)
-    assert code == 0
-    _has(
-        figures,
+    names = (
         "cases overclaim_max worse_than_exo worse_than_best_single_device "
-        "max_gap_vs_exact_pct solve_p50_ms",
+        "max_gap_vs_exact_pct solve_p50_ms"
     )
+    figures = _passed(placement_quality.main, ["--cases", "2"], capsys, names)
     assert figures["cases"] >= 2
     assert figures["worse_than_exo"] == figures["worse_than_best_single_device"] == 0
 
@@ -112,9 +118,8 @@ def test_projector_throughput_verdict_follows_its_figures(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["--nodes", "4", "--gpus", "2", "--rounds", "2", "--lag-seconds", "1"]
-    code, figures = _run(projector_throughput.main, argv, capsys)
-    assert code == 0
-    _has(figures, "msgs_per_s raw_drain_msgs_per_s ratio lag_p99_ms_at_4000 lost")
+    names = "msgs_per_s raw_drain_msgs_per_s ratio lag_p99_ms_at_4000 lost"
+    figures = _passed(projector_throughput.main, argv, capsys, names)
     assert figures["msgs_per_s"] > 0 and figures["raw_drain_msgs_per_s"] > 0
     missed = (
         figures["ratio"] < projector_throughput.TARGET_RATIO

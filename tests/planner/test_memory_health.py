@@ -3,8 +3,9 @@ it has held on every check for ``full_hold_s``."""
 
 from __future__ import annotations
 
-from shardplane.bus.messages import DeviceSample, DeviceState, Stage
+from shardplane.bus.messages import DeviceState, Stage
 from shardplane.planner import health
+from tests import kit
 
 GIB = 2**30
 TOTAL = 80 * GIB
@@ -14,33 +15,12 @@ LINE = int((1.0 - CFG.full_share) * 0.1 * TOTAL)
 
 
 def _stage(device: str = "a/0") -> Stage:
-    return Stage(
-        node="a",
-        device=device,
-        gpu="A100-80GB",
-        layer_start=0,
-        layer_end=40,
-        weight_bytes=40 * GIB,
-        kv_bytes=8 * GIB,
-        bandwidth_gbps=1500.0,
-        stage_ms=30.0,
-        hop_ms=0.0,
-        memory_bytes=50 * GIB,
-    )
+    held = {"weight_bytes": 40 * GIB, "kv_bytes": 8 * GIB, "memory_bytes": 50 * GIB}
+    return kit.stage("a", 0, 40, device=device, bandwidth_gbps=1500.0, stage_ms=30.0, **held)
 
 
 def _devices(free: int, ref: str = "a/0") -> dict[str, DeviceState]:
-    sample = DeviceSample(
-        node="a",
-        index=0,
-        uuid="GPU-a0",
-        seq=1,
-        ts=1.0,
-        memory_total_bytes=TOTAL,
-        memory_used_bytes=TOTAL - free,
-        memory_free_bytes=free,
-    )
-    return {ref: DeviceState(sample=sample, online=True, last_seen=1.0)}
+    return {ref: kit.device_with_free(free, TOTAL)}
 
 
 def _watch(frees: list[int], interval_s: float = 1.0) -> list[str | None]:

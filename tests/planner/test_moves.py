@@ -9,12 +9,13 @@ from dataclasses import replace
 import pytest
 
 from shardplane.bench._heal_reference import minimal_moves
-from shardplane.bus.messages import DeviceSample, DeviceState, Stage
+from shardplane.bus.messages import Stage
 from shardplane.planner import health
 from shardplane.planner.cost import GIB, Problem, StagePlan, Tables, evaluate
 from shardplane.planner.fleet import Device, Fleet
 from shardplane.planner.moves import bytes_moved, candidates, keep_resident
 from shardplane.planner.plan import Outcome, plan, to_stages
+from tests import kit
 from tests.planner.test_solvers import _dev, _tiny  # pyright: ignore[reportPrivateUsage]
 
 
@@ -174,20 +175,6 @@ def test_fewest_bytes_match_the_exhaustive_reference(seed: int) -> None:
         assert bytes_moved(previous, chosen.stages)[0] == ref.bytes_minimal, (slack, ref)
 
 
-def _device_with_free(free: int, total: int) -> DeviceState:
-    sample = DeviceSample(
-        node="a",
-        index=0,
-        uuid="GPU-a0",
-        seq=1,
-        ts=1.0,
-        memory_total_bytes=total,
-        memory_used_bytes=total - free,
-        memory_free_bytes=free,
-    )
-    return DeviceState(sample=sample, online=True, last_seen=1.0)
-
-
 def test_full_means_others_took_most_of_the_headroom() -> None:
     """The simulator's workload phases took a device down to 3.55 GiB free of 80 with no fault
     (bench heal, 10 minutes): not full. Its fill fault (98 % used) is."""
@@ -197,8 +184,8 @@ def test_full_means_others_took_most_of_the_headroom() -> None:
         (StagePlan(_dev("a/0", 1000.0, 80), 0, 4),),
     ).stages
     cfg = health.HealConfig()
-    swing = {"a/0": _device_with_free(int(3.55 * GIB), total)}
+    swing = {"a/0": kit.device_with_free(int(3.55 * GIB), total)}
     assert health.getting_full(stages, swing, cfg, headroom=0.1) is None
-    filled = {"a/0": _device_with_free(total - int(0.98 * total), total)}
+    filled = {"a/0": kit.device_with_free(total - int(0.98 * total), total)}
     reason = health.getting_full(stages, filled, cfg, headroom=0.1)
     assert reason is not None and "a/0 is full" in reason

@@ -19,20 +19,14 @@ from shardplane.planner.profile import ModelProfile
 from shardplane.planner.prune import node_budget, prune
 from shardplane.planner.solver import solve
 from shardplane.planner.synthetic import random_hosts, states
+from tests.planner import fleetkit
 
 GIB = 1024**3
 
 
 def _profile(layers: int) -> ModelProfile:
     # 1 GB layers, hidden 4096: a hop between nodes costs about a tenth of a layer on a slow card
-    return ModelProfile(
-        name="p",
-        layer_bytes=(10**9,) * layers,
-        kv_bytes_per_token=(1000,) * layers,
-        embed_bytes=2 * 10**8,
-        head_bytes=2 * 10**8,
-        hidden=4096,
-    )
+    return fleetkit.gb_layers(layers, name="p", ends_bytes=2 * 10**8, hidden=4096)
 
 
 def _fleet(rng: random.Random) -> Fleet:

@@ -15,6 +15,7 @@ from shardplane.planner.profile import ModelProfile
 from shardplane.planner.rescore import rescore
 from shardplane.planner.synthetic import HostSpec, states
 from shardplane.planner.validate import stage_times
+from tests import kit
 
 HOSTS = (HostSpec("a", ("RTX-4090",)), HostSpec("b", ("RTX-4090",)))
 BATCH, M, CONTEXT = 16, 2, 1024
@@ -29,18 +30,7 @@ def placed(split: int, layers: int) -> PlacementReply:
     its own figures (zeros here) play no part in the rescoring."""
 
     def stage(node: str, start: int, end: int) -> Stage:
-        return Stage(
-            node=node,
-            device=f"{node}/0",
-            gpu="RTX-4090",
-            layer_start=start,
-            layer_end=end,
-            weight_bytes=0,
-            kv_bytes=0,
-            bandwidth_gbps=0.0,
-            stage_ms=0.0,
-            hop_ms=0.0,
-        )
+        return kit.stage(node, start, end, gpu="RTX-4090")
 
     return PlacementReply(
         ok=True,

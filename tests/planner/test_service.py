@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
 
@@ -12,9 +11,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shardplane.bus import codec
-from shardplane.bus.messages import PlacementReply, ShardAssignment
+from shardplane.bus.messages import Excluded, PlacementReply, ShardAssignment
 from shardplane.bus.streams import PLACEMENTS
 from shardplane.planner.synthetic import device_state
+from tests.kit import eventually
 from tests.planner.fleetkit import DEMO, publish_fleet, put_device
 from tests.planner.ready import planner_running
 
@@ -149,17 +149,18 @@ async def test_offline_device_excluded_with_reason_and_release_on_move(
 async def _until_excluded(nc: Client, device: str, reason: str, timeout: float = 30.0) -> None:
     """Dry runs (which change nothing) until the planner's watch-fed cache has the device's new
     state: its replies list the device as excluded for ``reason``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+
+    async def excluded() -> tuple[Excluded, ...]:
         dry = await ask(nc, {"model": "llama-3.1-8b", "dry_run": True, "max_stages": 1})
         assert dry.ok and dry.dry_run, dry.error
-        if any(e.device == device and reason in e.reason for e in dry.excluded):
-            return
-        assert loop.time() < deadline, (
-            f"{device} not excluded ({reason}) after {timeout:.0f} s: {dry.excluded}"
-        )
-        await asyncio.sleep(0.1)
+        return dry.excluded
+
+    await eventually(
+        excluded,
+        lambda got: any(e.device == device and reason in e.reason for e in got),
+        timeout=timeout,
+        what=f"{device} excluded ({reason})",
+    )
 
 
 def _key(gpu_name: str) -> str:

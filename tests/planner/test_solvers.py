@@ -57,15 +57,7 @@ def _dev(ref: str, bw: float, gib: float) -> Device:
 
 
 def _tiny(layers: int = 4) -> ModelProfile:
-    # 1 GB layers, 0.5 GB embed/head, 1000 B of KV per token per layer, hidden 1000.
-    return ModelProfile(
-        name="t",
-        layer_bytes=(10**9,) * layers,
-        kv_bytes_per_token=(1000,) * layers,
-        embed_bytes=5 * 10**8,
-        head_bytes=5 * 10**8,
-        hidden=1000,
-    )
+    return fleetkit.gb_layers(layers, name="t", ends_bytes=5 * 10**8, hidden=1000)
 
 
 def test_a_single_stage_holds_a_tied_matrix_once() -> None:

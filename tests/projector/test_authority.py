@@ -4,7 +4,6 @@ waited long enough for the ledger to catch up, and neither touches the instance.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import msgspec
@@ -47,10 +46,7 @@ async def test_only_the_ledgers_generation_reaches_the_kv(nats_url: str, nc: Cli
         ahead = assignment("auth", 9, "rig-a", 0, 1, plan_key="p2")
         await js.publish(subjects.assigned("rig-a"), codec.encode(forged))
         await js.publish(subjects.assigned("rig-a"), codec.encode(ahead))
-        deadline = asyncio.get_running_loop().time() + 20
-        while len(letters) < 2:
-            assert asyncio.get_running_loop().time() < deadline, letters
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(letters), lambda n: n >= 2, timeout=20, what="2 dead letters")
         reasons = sorted((m.headers or {}).get(REASON_HEADER, "") for m in letters)
         assert "not the ledger's" in reasons[0] or "not the ledger's" in reasons[1], reasons
         assert any("only at generation 2" in r for r in reasons), reasons

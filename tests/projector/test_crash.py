@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 import signal
@@ -31,12 +32,13 @@ from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
 from shardplane.projector.reducer import Changes, Event, Liveness, View, apply
 from shardplane.projector.service import CONSUMERS, Projector
 from shardplane.projector.store import KV_PREFIX, KV_STREAM
-from tests.kit import eventually
+from tests.kit import eventually, until_logged
 from tests.projector.helpers import FAST, assignment, heartbeat, running, sample, status
 
 ROOT = Path(__file__).resolve().parents[2]
 NODES, GPUS = 12, 4
 LONG_LEASE_S = 60.0
+LEASE_LOG = "shardplane.bus.lease"
 
 
 def spawn(url: str, log: Path) -> subprocess.Popen[bytes]:
@@ -232,8 +234,9 @@ async def sigkill_run(
 
 
 async def test_two_replicas_one_writer_and_a_takeover_loses_nothing(
-    nats_url: str, nc: Client, js: JetStreamContext
+    nats_url: str, nc: Client, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=LEASE_LOG)
     clients = [await nats.connect(nats_url) for _ in range(2)]
     stops = [asyncio.Event(), asyncio.Event()]
     # A lease far longer than the test: the standby can only take over because the first
@@ -246,7 +249,9 @@ async def test_two_replicas_one_writer_and_a_takeover_loses_nothing(
             await asyncio.wait_for(first.leading.wait(), 10)
             second_task = asyncio.create_task(second.run(stops[1]))
             assert not second_task.done()
-            await asyncio.sleep(1.0)
+            # The markers: the second replica was told to stand by, the first has written.
+            await until_logged(caplog, LEASE_LOG, f"{second.lease.holder} is standing by")
+            await eventually(lambda: first.stats.writes, lambda n: n > 0, what="first writes")
             # Only the lease holder reads and writes; the other stands by.
             assert first.leading.is_set() and not second.leading.is_set()
             assert first.stats.writes > 0 and second.stats.rounds == 0
@@ -320,11 +325,15 @@ async def test_a_graceful_stop_abandons_a_round_the_kv_never_answers_after_the_g
         key = KV_PREFIX + keys.device_key("stuck", 0)
         await eventually(lambda: asyncio.sleep(0.02, key in unanswered), bool, timeout=10)
         # More arrive while that write hangs: the next round is prepared and waits on it.
+        received = runner.stats.received
         later = [
             await js.publish(subjects.gpu_sample("stuck", i), codec.encode(sample("stuck", i, 1)))
             for i in (1, 2)
         ]
-        await asyncio.sleep(0.5)  # the write is well under way and nothing has answered it
+        # The marker: the projector has taken both in while nothing answered the write.
+        await eventually(
+            lambda: runner.stats.received, lambda n: n >= received + 2, what="2 more received"
+        )
         assert runner.leading.is_set() and not task.done(), "the projector gave up leading"
         assert runner.stats.rounds == rounds and runner.stats.write_errors == 0
 

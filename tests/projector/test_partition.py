@@ -19,6 +19,8 @@ from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
+from tests import kit
+from tests.kit import eventually
 from tests.projector.helpers import FAST, heartbeat, running, sample
 
 NODES = [f"node-{i:03d}" for i in range(24)]
@@ -54,13 +56,19 @@ def keys_of(nodes: list[str]) -> set[str]:
 
 
 async def wait_keys(js: JetStreamContext, want: set[str], timeout: float = 30.0) -> set[str]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (have := await present(js)) != want:
-        if asyncio.get_running_loop().time() > deadline:
-            missing, extra = sorted(want - have)[:5], sorted(have - want)[:5]
-            raise AssertionError(f"missing {missing}, unexpected {extra}")
-        await asyncio.sleep(0.2)
-    return have
+    async def exactly() -> set[str]:
+        have = await present(js)
+        missing, extra = sorted(want - have)[:5], sorted(have - want)[:5]
+        assert have == want, f"missing {missing}, unexpected {extra}"
+        return have
+
+    return await eventually(exactly, timeout=timeout, what=f"exactly {len(want)} keys")
+
+
+async def device_seq(nc: Client, node: str, index: int) -> int | None:
+    """The seq of the sample the KV holds for ``node``'s device ``index`` (None: no value)."""
+    state = await kit.kv_value(nc, DeviceState, keys.device_key(node, index))
+    return None if state is None else state.sample.seq
 
 
 def test_partition_spec() -> None:
@@ -101,25 +109,22 @@ async def test_each_partition_writes_its_share_and_together_all(
     assert 0 < len(mine) < len(NODES)
     async with partition_running(nats_url, Partition(0, 2)):
         await wait_keys(js, keys_of(mine))
-        await asyncio.sleep(1.0)  # anything of partition 1 would show by now
+        # The marker: a sample published after the whole fleet, written once partition 0 has
+        # taken in everything before it; anything of partition 1 it took would show by then.
+        marker = sample(mine[0], 0, 2)
+        await js.publish(subjects.gpu_sample(mine[0], 0), codec.encode(marker))
+        await eventually(lambda: device_seq(nc, mine[0], 0), lambda seq: seq == 2, what="marker")
         assert await present(js) == keys_of(mine)
         async with partition_running(nats_url, Partition(1, 2)):
             await wait_keys(js, keys_of(NODES))
             await publish_fleet(js, 2)
-            kv = await cluster_state(js)
 
-            async def all_at_seq_2() -> bool:
-                for node in NODES:
-                    entry = await kv.get(keys.device_key(node, 1))
-                    if codec.decode(DeviceState, entry.value or b"").sample.seq != 2:
-                        return False
-                return True
+            async def seqs() -> list[int | None]:
+                return [await device_seq(nc, node, 1) for node in NODES]
 
-            for _ in range(150):
-                if await all_at_seq_2():
-                    break
-                await asyncio.sleep(0.2)
-            assert await all_at_seq_2()
+            await eventually(
+                seqs, lambda got: got == [2] * len(NODES), timeout=30, what="every device at seq 2"
+            )
 
 
 async def test_a_partition_leaves_other_partitions_liveness_alone(

@@ -5,6 +5,7 @@ single permission violation (the server's log and every process's output say non
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -12,12 +13,14 @@ import time
 from pathlib import Path
 
 from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
 
-from shardplane.bus import auth, subjects
+from shardplane.bus import auth, keys
 from shardplane.bus.connect import connect
 from shardplane.bus.streams import CLUSTER_STATE, partition_stream
 from shardplane.natsserver import free_port
 from shardplane.projector.partition import partition_of
+from tests.kit import eventually
 
 DEMO_NODES = ("rig-a", "rig-b", "rig-c", "rig-d")
 
@@ -28,21 +31,29 @@ async def _keys_of_every_node(url: str, admin: Path, deadline_s: float) -> set[s
     try:
         seen: set[str] = set()
         deadline = time.monotonic() + deadline_s
-        kv = None
-        while kv is None and time.monotonic() < deadline:
+
+        async def bucket() -> KeyValue | None:
             try:  # the admin's creds are written before `up` has provisioned the buckets
-                kv = await nc.jetstream().key_value(CLUSTER_STATE)
+                return await nc.jetstream().key_value(CLUSTER_STATE)
             except BucketNotFoundError:
-                await asyncio.sleep(0.25)
-        assert kv is not None, f"{CLUSTER_STATE} was never provisioned"
-        while time.monotonic() < deadline and seen != set(DEMO_NODES):
+                return None
+
+        kv = await eventually(
+            bucket, lambda b: b is not None, timeout=deadline_s, what=f"{CLUSTER_STATE} provisioned"
+        )
+        assert kv is not None
+
+        async def nodes_seen() -> set[str]:
             for node in DEMO_NODES:
-                try:
-                    await kv.get(subjects.device_key(node, 0))
+                with contextlib.suppress(Exception):  # not written yet
+                    await kv.get(keys.device_key(node, 0))
                     seen.add(node)
-                except Exception:  # not written yet
-                    pass
-            await asyncio.sleep(0.5)
+            return seen
+
+        # A miss is reported by the caller, with the processes' output.
+        with contextlib.suppress(AssertionError):
+            left = max(0.0, deadline - time.monotonic())
+            await eventually(nodes_seen, lambda s: s == set(DEMO_NODES), timeout=left)
         info = await nc.jetstream().stream_info(partition_stream(2))
         assert info.state.messages > 0  # the projectors consumed the sourced copies
         return seen
@@ -71,10 +82,7 @@ async def test_two_partitions_run_secured_without_violations(tmp_path: Path) -> 
     )
     try:
         admin = auth.creds_path(tmp_path / "data" / "auth", "admin")
-        for _ in range(240):
-            if admin.exists():
-                break
-            await asyncio.sleep(0.25)
+        await eventually(admin.exists, timeout=60, what="the admin's credentials written")
         seen = await _keys_of_every_node(env["NATS_URL"], admin, deadline_s=120.0)
     finally:
         if proc.returncode is None:

@@ -25,6 +25,7 @@ from shardplane.natsserver import (
     free_port,
     port_or_free,
 )
+from tests import kit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,16 +34,7 @@ def _cli(
     *argv: str, env: dict[str, str] | None = None, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "shardplane.cli", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        **kw,
-    )
+    return kit.shardplane_ran(*argv, env=env, timeout=60, **kw)
 
 
 def test_version() -> None:

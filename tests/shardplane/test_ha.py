@@ -39,6 +39,7 @@ from shardplane.planner.synthetic import device_state
 from shardplane.projector.lease import LEASE_KEY, Lease
 from shardplane.projector.service import ProjectorConfig
 from shardplane.status import read_state
+from tests.kit import eventually
 from tests.projector.helpers import running
 
 EVERY = [c.name for c in stream_configs()] + [f"KV_{b.bucket}" for b in bucket_configs()]
@@ -101,14 +102,14 @@ async def _until_led(cnc: Client, stream: str, timeout: float = 20.0) -> None:
     """A freshly created R3 stream answers no write until its replicas elected a leader
     (seconds on a loaded machine); the lease's own code is not under test for that here."""
     js = cnc.jetstream()
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def leader() -> str | None:
         with contextlib.suppress(Exception):
             info = await js.stream_info(stream)
-            if info.cluster is not None and info.cluster.leader:
-                return
-        assert time.monotonic() < deadline, f"{stream} elected no leader in {timeout:g} s"
-        await asyncio.sleep(0.1)
+            return info.cluster.leader if info.cluster is not None else None
+        return None
+
+    await eventually(leader, bool, timeout=timeout, what=f"{stream} electing a leader")
 
 
 async def test_the_lease_survives_a_renewal_whose_answer_was_lost(cnc: Client) -> None:

@@ -3,14 +3,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nats
 import pytest
 
 from shardplane.natsserver import NatsServer, embedded_for, free_port, reachable, server_binary
+from tests import kit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,31 +53,15 @@ def test_unreachable_url_gets_an_embedded_server_on_its_port(
 def test_shardplane_nats_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port, monitor = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shardplane.cli",
-            "nats",
-            "--port",
-            str(port),
-            "--store",
-            str(tmp_path / "s"),
-            "--monitor-port",
-            str(monitor),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = ("nats", "--port", str(port), "--store", str(tmp_path / "s"))
+    proc = kit.shardplane(*args, "--monitor-port", str(monitor), env=env)
     try:
-        deadline = time.monotonic() + 20
-        while not reachable(f"nats://127.0.0.1:{port}"):
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "shardplane nats never accepted connections"
-            time.sleep(0.05)
+        kit.until_serving(
+            proc,
+            lambda: reachable(f"nats://127.0.0.1:{port}"),
+            timeout=20,
+            what="shardplane nats accepting connections",
+        )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) in (0, 130)
     finally:

@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from nats.aio.msg import Msg
 
 from shardplane.bus import subjects
 from shardplane.natsserver import free_port
+from tests import kit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,14 +26,7 @@ def _run(*argv: str, timeout: float = 30.0) -> tuple[int, str, float]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NATS_URL", None)
     started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "shardplane.cli", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out = kit.shardplane_ran(*argv, env=env, timeout=timeout)
     return out.returncode, out.stdout + out.stderr, time.monotonic() - started
 
 

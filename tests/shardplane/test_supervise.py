@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from shardplane import supervise
 from shardplane.natsserver import NatsServer, free_port
+from tests import kit
 from tests.kit import api_devices
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,20 +114,14 @@ def run_up_and_stop(tmp_path: Path, nodes: int, gpus: int, expect_devices: int) 
         env = {**os.environ, "NATS_URL": server.url, "PYTHONUNBUFFERED": "1"}
         env[supervise.PROCESSES_ENV] = "1"
         argv = ["up", "--fleet", str(fleet), "--api-port", str(api_port), "--interval", "2"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shardplane.cli", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        proc = kit.shardplane(*argv, env=env)
         try:
-            deadline = time.monotonic() + 180
-            while devices_seen(api_port) < expect_devices:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                assert time.monotonic() < deadline, f"{devices_seen(api_port)} devices seen"
-                time.sleep(1.0)
+            kit.until_serving(
+                proc,
+                lambda: devices_seen(api_port) >= expect_devices,
+                timeout=180,
+                what=f"{expect_devices} devices seen",
+            )
             kids = child_pids(proc.pid)
             assert len(kids) >= 5, kids  # projector, planner, api, >= 2 agent shares
             t0 = time.monotonic()
