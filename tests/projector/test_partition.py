@@ -4,7 +4,6 @@ together write every key, and a partition never judges another's liveness."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator
@@ -130,8 +129,9 @@ async def test_each_partition_writes_its_share_and_together_all(
 async def test_a_partition_leaves_other_partitions_liveness_alone(
     nats_url: str, nc: Client, js: JetStreamContext
 ) -> None:
-    """Partition 1's devices went silent while only partition 0 runs, with a short TTL and full
-    sweeps: partition 0 marks none of them offline (that is partition 1's judgement)."""
+    """The whole fleet went silent while only partition 0 runs, with a short TTL and full
+    sweeps: partition 0 marks its own devices offline (the marker that it swept) and none of
+    partition 1's (that is partition 1's judgement)."""
     await provision(js)
     await partitions.provision(nc, 2)
     await publish_fleet(js, 1)
@@ -140,10 +140,16 @@ async def test_a_partition_leaves_other_partitions_liveness_alone(
     kv = await cluster_state(js)
     theirs = sorted(keys_of([n for n in NODES if partition_of(n, 2) == 1]))
     before = {k: (await kv.get(k)).revision for k in theirs}
+    mine = [n for n in NODES if partition_of(n, 2) == 0]
+
+    async def my_offline() -> list[bool]:
+        states = [await kit.kv_value(nc, DeviceState, keys.device_key(n, 0)) for n in mine]
+        return [s is not None and not s.online for s in states]
+
     async with partition_running(
         nats_url, Partition(0, 2), ttl_s=0.5, full_sweep_interval_s=0.3, sweep_interval_s=0.1
     ):
-        await asyncio.sleep(3.0)
+        await eventually(my_offline, all, timeout=30, what="partition 0's own devices offline")
     after: dict[str, int] = {}
     for k in theirs:
         try:
