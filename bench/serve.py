@@ -14,8 +14,12 @@ TTFT is request to first text chunk, ITL the gaps between text chunks (a chunk i
 except where a token ends mid-character or may begin a stop string).
 
 The floor, in the same run: the pipeline driven directly (``PipelineClient.generate``, no HTTP,
-no scheduler) at batch 1 and 16, so ``over_pipeline_1``/``_16`` say what the API and the
-batching cost on top of it.
+no scheduler) at batch 1, and at batch 16 as the plan's M micro-batches, each its own
+concurrent generation (the schedule the batcher runs), so ``over_pipeline_1``/``_16`` say what
+the API and the batching cost on top of it. Its decode steps are the profile: the wall time
+of a micro-batch's step (``pipeline_step_ms_p50_16``: one micro-batch's round, P(M) when the
+stages overlap) and each stage's compute as the stage timed it
+(``pipeline_stage_ms_p50_16``, to compare with the calibrated t_s of the prediction).
 
 The prediction: the planner's own figure for the PLACED plan at batch 16. The placement's reply
 was computed before anything ran (the CPU device's memcpy bandwidth, no compute term: a CPU has
@@ -191,17 +195,58 @@ async def load(base_url: str, clients: int, requests: int, tokens: int) -> Phase
     return phase
 
 
-async def pipeline_floor(nc: Client, batch: int, tokens: int) -> float:
-    """Tokens/s of the pipeline driven directly: prefill, then ``tokens`` decode steps."""
+@dataclass
+class Floor:
+    """The pipeline driven directly: tokens/s, and each decode step of each micro-batch (its
+    wall ms, and each stage's compute ms as the stage timed it)."""
+
+    batch: int
+    microbatches: int
+    tokens_per_s: float = 0.0
+    step_ms: list[float] = field(default_factory=lambda: [])
+    stage_ms: list[tuple[float, ...]] = field(default_factory=lambda: [])
+
+    @property
+    def step_ms_p50(self) -> float:
+        return statistics.median(self.step_ms) if self.step_ms else 0.0
+
+    @property
+    def stage_ms_p50(self) -> tuple[float, ...]:
+        """Per stage, the median compute of its decode steps (empty when none ran)."""
+        return tuple(statistics.median(column) for column in zip(*self.stage_ms, strict=True))
+
+
+def lanes_of(prompts: list[list[int]], microbatches: int) -> list[list[list[int]]]:
+    """The prompts dealt into ``microbatches`` lanes as the batcher fills them (each joins the
+    lane with the fewest, so sizes differ by at most one); no empty lane."""
+    lanes = [prompts[i :: max(1, microbatches)] for i in range(max(1, microbatches))]
+    return [lane for lane in lanes if lane]
+
+
+async def pipeline_floor(nc: Client, batch: int, microbatches: int, tokens: int) -> Floor:
+    """The pipeline driven directly: ``batch`` prompts in ``microbatches`` concurrent
+    generations (prefill, then ``tokens`` - 1 decode steps each)."""
     tok = packaged_tokenizer(MODEL)
     hidden = read_config(packaged_path(MODEL)).hidden
     client = PipelineClient(nc, INSTANCE, 2, hidden)
     prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
-    started = time.perf_counter()
+    floor = Floor(batch, microbatches)
     produced = 0
-    async for step, _, _ in client.generate(prompts, max_new_tokens=tokens):
-        produced += len(step)
-    return produced / (time.perf_counter() - started)
+
+    async def lane(group: list[list[int]]) -> None:
+        nonlocal produced
+        first = True
+        async for step, ms, reply in client.generate(group, max_new_tokens=tokens):
+            produced += len(step)
+            if not first:  # the first is the prefill
+                floor.step_ms.append(ms)
+                floor.stage_ms.append(tuple(reply.stage_ms))
+            first = False
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane(group) for group in lanes_of(prompts, microbatches)))
+    floor.tokens_per_s = produced / (time.perf_counter() - started)
+    return floor
 
 
 def missing_calibration(placed: PlacementReply, devices: list[DeviceState]) -> list[str]:
@@ -297,9 +342,9 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
             await wait_loaded(nc, INSTANCE, placed.generation, 300)
             runner, base = await start_app(make_app(nc))
             try:
-                floor_1 = await pipeline_floor(nc, 1, tokens)
+                floor_1 = await pipeline_floor(nc, 1, 1, tokens)
                 phases = [await load(base, c, requests, tokens) for c in CONCURRENCY]
-                floor_16 = await pipeline_floor(nc, BATCH, tokens)
+                floor_16 = await pipeline_floor(nc, BATCH, placed.microbatches, tokens)
                 devices, node_states = await calibrated_state(nc, placed)
                 prediction = predict(placed, devices, node_states, await replan(nc))
             finally:
@@ -318,7 +363,7 @@ def report(
     placed: PlacementReply,
     prediction: Prediction,
     phases: list[Phase],
-    floors: tuple[float, float],
+    floors: tuple[Floor, Floor],
     tokens: int,
     requests: int,
 ) -> int:
@@ -366,8 +411,14 @@ def report(
         f"re-plan (dry run, calibrated; not the prediction): {split(replanned)}, "
         f"step {replanned.step_ms:.2f} ms, {replanned.tokens_per_s:.1f} tok/s"
     )
+    floor_1, floor_16 = floors
     print(
-        f"pipeline floor (no API, no scheduler): {floors[0]:.1f} tok/s at batch 1, {floors[1]:.1f} at 16"
+        f"pipeline floor (no API, no scheduler): {floor_1.tokens_per_s:.1f} tok/s at batch 1, "
+        f"{floor_16.tokens_per_s:.1f} at {floor_16.batch} in M={floor_16.microbatches}; "
+        f"its decode steps at {floor_16.batch}: p50 {floor_16.step_ms_p50:.1f} ms per "
+        "micro-batch round, stage compute p50 "
+        + " / ".join(f"{t:.1f}" for t in floor_16.stage_ms_p50)
+        + " ms"
     )
     errors = sum(len(p.errors) for p in phases)
     for p in phases:
@@ -390,10 +441,16 @@ def report(
         "prediction_basis": prediction.basis,
         "placed_plan_tokens_per_s_16": round(placed.tokens_per_s, 2),
         "replan_tokens_per_s_16": round(replanned.tokens_per_s, 2) if replanned.ok else None,
-        "pipeline_tokens_per_s_1": round(floors[0], 2),
-        "pipeline_tokens_per_s_16": round(floors[1], 2),
-        "over_pipeline_1": round(by[1].tokens_per_s / floors[0], 3) if floors[0] else None,
-        "over_pipeline_16": round(measured_16 / floors[1], 3) if floors[1] else None,
+        "pipeline_tokens_per_s_1": round(floor_1.tokens_per_s, 2),
+        "pipeline_tokens_per_s_16": round(floor_16.tokens_per_s, 2),
+        "pipeline_step_ms_p50_16": round(floor_16.step_ms_p50, 2),
+        "pipeline_stage_ms_p50_16": [round(t, 2) for t in floor_16.stage_ms_p50],
+        "over_pipeline_1": round(by[1].tokens_per_s / floor_1.tokens_per_s, 3)
+        if floor_1.tokens_per_s
+        else None,
+        "over_pipeline_16": round(measured_16 / floor_16.tokens_per_s, 3)
+        if floor_16.tokens_per_s
+        else None,
         "errors": errors,
     }
     print(json.dumps(figures))

@@ -1,0 +1,31 @@
+"""The serve bench's floor runs the batch as the batcher does (the plan's M lanes, sizes
+differing by at most one) and profiles its decode steps per stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardplane.bench.serve import Floor, lanes_of
+
+
+def test_sixteen_prompts_in_two_lanes_are_two_lanes_of_eight() -> None:
+    prompts = [[i] for i in range(16)]
+    lanes = lanes_of(prompts, 2)
+    assert [len(lane) for lane in lanes] == [8, 8]
+    assert sorted(p for lane in lanes for p in lane) == prompts
+
+
+@pytest.mark.parametrize(("batch", "m", "sizes"), [(5, 2, [3, 2]), (1, 1, [1]), (2, 3, [1, 1])])
+def test_lanes_differ_by_at_most_one_and_none_is_empty(
+    batch: int, m: int, sizes: list[int]
+) -> None:
+    assert [len(lane) for lane in lanes_of([[i] for i in range(batch)], m)] == sizes
+
+
+def test_the_profile_is_the_median_per_stage() -> None:
+    floor = Floor(16, 2, step_ms=[80.0, 90.0, 200.0])
+    floor.stage_ms = [(20.0, 30.0), (22.0, 34.0), (90.0, 31.0)]
+    assert floor.step_ms_p50 == 90.0
+    assert floor.stage_ms_p50 == (22.0, 31.0)
+    assert Floor(1, 1).stage_ms_p50 == ()
+    assert Floor(1, 1).step_ms_p50 == 0.0
