@@ -19,7 +19,10 @@ concurrent generation (the schedule the batcher runs), so ``over_pipeline_1``/``
 the API and the batching cost on top of it. Its decode steps are the profile: the wall time
 of a micro-batch's step (``pipeline_step_ms_p50_16``: one micro-batch's round, P(M) when the
 stages overlap) and each stage's compute as the stage timed it
-(``pipeline_stage_ms_p50_16``, to compare with the calibrated t_s of the prediction).
+(``pipeline_stage_ms_p50_16``, to compare with the calibrated t_s of the prediction). And
+where the host's cores went in each phase (``cpu_cores_16``: CPU seconds over wall seconds of
+this process, which holds the API, the batcher and the clients, of each agent and of NATS):
+the two stages overlap only as far as the other processes leave them cores.
 
 The prediction: the planner's own figure for the PLACED plan at batch 16. The placement's reply
 was computed before anything ran (the CPU device's memcpy bandwidth, no compute term: a CPU has
@@ -93,6 +96,7 @@ class Phase:
     ttft_ms: list[float] = field(default_factory=lambda: [])
     itl_ms: list[float] = field(default_factory=lambda: [])
     errors: list[str] = field(default_factory=lambda: [])
+    cpu_s: dict[str, float] = field(default_factory=lambda: {})  # CPU seconds per process
 
     @property
     def tokens_per_s(self) -> float:
@@ -180,18 +184,45 @@ async def one_client(client: Any, index: int, requests: int, tokens: int, phase:
             phase.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-async def load(base_url: str, clients: int, requests: int, tokens: int) -> Phase:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (a gone process is left out)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = times.user + times.system
+    return out
+
+
+def cores_used(
+    before: dict[str, float], after: dict[str, float], wall_s: float
+) -> dict[str, float]:
+    """CPU seconds per process over a phase, as cores kept busy on average."""
+    if wall_s <= 0:
+        return {}
+    return {n: (after[n] - before[n]) / wall_s for n in after if n in before}
+
+
+async def load(
+    base_url: str, clients: int, requests: int, tokens: int, pids: dict[str, int]
+) -> Phase:
     import openai
 
     phase = Phase(clients)
     async with openai.AsyncOpenAI(
         base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600
     ) as client:
+        cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
         await asyncio.gather(
             *(one_client(client, i, requests, tokens, phase) for i in range(clients))
         )
         phase.wall_s = time.perf_counter() - started
+        phase.cpu_s = cores_used(cpu_before, cpu_seconds(pids), phase.wall_s)
     return phase
 
 
@@ -343,7 +374,12 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
             runner, base = await start_app(make_app(nc))
             try:
                 floor_1 = await pipeline_floor(nc, 1, 1, tokens)
-                phases = [await load(base, c, requests, tokens) for c in CONCURRENCY]
+                pids = {
+                    "bench": os.getpid(),  # the API, the batcher, the clients, planner, projector
+                    **{node: proc.pid for node, proc in zip(NODES, agents, strict=True)},
+                    **({"nats": server.proc.pid} if server.proc is not None else {}),
+                }
+                phases = [await load(base, c, requests, tokens, pids) for c in CONCURRENCY]
                 floor_16 = await pipeline_floor(nc, BATCH, placed.microbatches, tokens)
                 devices, node_states = await calibrated_state(nc, placed)
                 prediction = predict(placed, devices, node_states, await replan(nc))
@@ -420,6 +456,13 @@ def report(
         + " / ".join(f"{t:.1f}" for t in floor_16.stage_ms_p50)
         + " ms"
     )
+    print(
+        f"CPU over each phase, in cores ({os.cpu_count()} on this host): "
+        + "; ".join(
+            f"{p.clients} clients: " + ", ".join(f"{n} {c:.2f}" for n, c in p.cpu_s.items())
+            for p in phases
+        )
+    )
     errors = sum(len(p.errors) for p in phases)
     for p in phases:
         for err in p.errors[:3]:
@@ -445,6 +488,7 @@ def report(
         "pipeline_tokens_per_s_16": round(floor_16.tokens_per_s, 2),
         "pipeline_step_ms_p50_16": round(floor_16.step_ms_p50, 2),
         "pipeline_stage_ms_p50_16": [round(t, 2) for t in floor_16.stage_ms_p50],
+        "cpu_cores_16": {n: round(c, 2) for n, c in by[16].cpu_s.items()},
         "over_pipeline_1": round(by[1].tokens_per_s / floor_1.tokens_per_s, 3)
         if floor_1.tokens_per_s
         else None,

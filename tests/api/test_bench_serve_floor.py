@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardplane.bench.serve import Floor, lanes_of
+from shardplane.bench.serve import Floor, cores_used, cpu_seconds, lanes_of
 
 
 def test_sixteen_prompts_in_two_lanes_are_two_lanes_of_eight() -> None:
@@ -29,3 +29,17 @@ def test_the_profile_is_the_median_per_stage() -> None:
     assert floor.stage_ms_p50 == (22.0, 31.0)
     assert Floor(1, 1).stage_ms_p50 == ()
     assert Floor(1, 1).step_ms_p50 == 0.0
+
+
+def test_cores_used_is_cpu_seconds_over_wall_seconds() -> None:
+    before = {"bench": 10.0, "serve-a": 3.0, "gone": 1.0}
+    after = {"bench": 11.5, "serve-a": 5.0, "new": 9.0}
+    assert cores_used(before, after, 2.0) == {"bench": 0.75, "serve-a": 1.0}
+    assert cores_used(before, after, 0.0) == {}
+
+
+def test_cpu_seconds_reads_this_process_and_skips_a_gone_one() -> None:
+    import os
+
+    busy = cpu_seconds({"me": os.getpid(), "gone": 2**22 + 7})
+    assert set(busy) == {"me"} and busy["me"] > 0
