@@ -31,7 +31,11 @@ steps, compute from steps of several sequences); after the 16-client phase, the 
 (same devices, same layer ranges, batch 16 in M=2) are scored again with those figures by the
 planner's own cost model (planner.rescore): that is ``predicted_tokens_per_s_16``. A dry-run
 re-placement of the same request may pick another split; its figure is kept as
-``replan_tokens_per_s_16`` for comparison, not as the prediction.
+``replan_tokens_per_s_16`` for comparison, not as the prediction. The placement asks for the
+context the bench's sequences reach (the longest prompt plus ``--tokens``): the planner prices
+every step at ``context_tokens`` (KV reads and attention over the context, DESIGN "Planner
+model"), so a plan priced at a longer context than the one run would predict slower steps
+than those measured (at 1024 the attention term alone adds a third to a layer's FLOPs).
 
 Run: ``shardplane bench serve [--quick] [-- --tokens 32 --requests 2]``.
 """
@@ -142,7 +146,20 @@ def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def placement_body(dry_run: bool) -> dict[str, Any]:
+def workload_context(prompt_tokens: list[int], tokens: int) -> int:
+    """The context the bench's sequences reach: the longest prompt plus the tokens each
+    request generates."""
+    if not prompt_tokens or tokens < 1:
+        raise ValueError(f"need prompts and tokens >= 1, got {prompt_tokens} and {tokens}")
+    return max(prompt_tokens) + tokens
+
+
+def prompt_lengths() -> list[int]:
+    tok = packaged_tokenizer(MODEL)
+    return [len(tok.encode(p)) for p in PROMPTS]
+
+
+def placement_body(dry_run: bool, context_tokens: int) -> dict[str, Any]:
     return {
         "model": MODEL,
         "instance_id": INSTANCE if not dry_run else INSTANCE + "-calibrated",
@@ -150,7 +167,7 @@ def placement_body(dry_run: bool) -> dict[str, Any]:
         "microbatches": MICROBATCHES,
         "min_stages": 2,
         "max_stages": 2,
-        "context_tokens": 1024,
+        "context_tokens": context_tokens,
         "dry_run": dry_run,
     }
 
@@ -315,11 +332,11 @@ async def calibrated_state(
         await asyncio.sleep(1.0)
 
 
-async def replan(nc: Client) -> PlacementReply:
+async def replan(nc: Client, context_tokens: int) -> PlacementReply:
     """A dry run of the same placement request with the calibrated state (for comparison)."""
     from shardplane.commands import request_placement
 
-    return await request_placement(nc, placement_body(dry_run=True))
+    return await request_placement(nc, placement_body(True, context_tokens))
 
 
 @dataclass
@@ -367,7 +384,8 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
         try:
             if await wait_for_devices(nc, len(NODES), 120) < len(NODES):
                 raise RuntimeError(f"the {len(NODES)} agents' CPU devices did not show up")
-            placed = await request_placement(nc, placement_body(dry_run=False))
+            context = workload_context(prompt_lengths(), tokens)
+            placed = await request_placement(nc, placement_body(False, context))
             if not placed.ok:
                 raise RuntimeError(f"placement failed: {placed.error}")
             await wait_loaded(nc, INSTANCE, placed.generation, 300)
@@ -382,7 +400,7 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
                 phases = [await load(base, c, requests, tokens, pids) for c in CONCURRENCY]
                 floor_16 = await pipeline_floor(nc, BATCH, placed.microbatches, tokens)
                 devices, node_states = await calibrated_state(nc, placed)
-                prediction = predict(placed, devices, node_states, await replan(nc))
+                prediction = predict(placed, devices, node_states, await replan(nc, context))
             finally:
                 await runner.cleanup()
         finally:
@@ -428,7 +446,7 @@ def report(
         )
 
     print(
-        f"placed: {split(placed)}, batch {placed.batch} in M={placed.microbatches}, "
+        f"placed: {split(placed)}, batch {placed.batch} in M={placed.microbatches} at context {placed.context_tokens}, "
         f"plan {placed.tokens_per_s:.1f} tok/s (step {placed.step_ms:.2f} ms) before calibration; "
         "planned at " + ", ".join(f"{s.device} {s.bandwidth_gbps:.2f} GB/s" for s in placed.stages)
     )
@@ -483,6 +501,7 @@ def report(
         else None,
         "prediction_basis": prediction.basis,
         "placed_plan_tokens_per_s_16": round(placed.tokens_per_s, 2),
+        "context_tokens": placed.context_tokens,
         "replan_tokens_per_s_16": round(replanned.tokens_per_s, 2) if replanned.ok else None,
         "pipeline_tokens_per_s_1": round(floor_1.tokens_per_s, 2),
         "pipeline_tokens_per_s_16": round(floor_16.tokens_per_s, 2),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardplane.bench.serve import Floor, cores_used, cpu_seconds, lanes_of
+from shardplane.bench.serve import Floor, cores_used, cpu_seconds, lanes_of, workload_context
 
 
 def test_sixteen_prompts_in_two_lanes_are_two_lanes_of_eight() -> None:
@@ -43,3 +43,11 @@ def test_cpu_seconds_reads_this_process_and_skips_a_gone_one() -> None:
 
     busy = cpu_seconds({"me": os.getpid(), "gone": 2**22 + 7})
     assert set(busy) == {"me"} and busy["me"] > 0
+
+
+def test_the_plan_is_asked_for_the_context_the_sequences_reach() -> None:
+    assert workload_context([4, 9, 6], 32) == 41
+    with pytest.raises(ValueError, match="tokens >= 1"):
+        workload_context([4], 0)
+    with pytest.raises(ValueError, match="need prompts"):
+        workload_context([], 3)
