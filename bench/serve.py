@@ -459,6 +459,9 @@ def report(
                 f"t={t:.2f} ms"
                 for s, t in zip(ev.stages, ev.stage_ms, strict=True)
             )
+            + "; hops h="
+            + " / ".join(f"{h:.3f}" for h in ev.schedule.hop_ms)
+            + f" ms (cycle {ev.schedule.cycle_ms:.2f}, M x busiest {ev.microbatches * ev.schedule.busiest_ms:.2f})"
         )
     print(f"prediction basis: {prediction.basis}")
     print(
