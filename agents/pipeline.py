@@ -53,7 +53,14 @@ FRAME_OVERHEAD = 4096  # bytes kept free in a frame for everything but the hidde
 DECODE_DEADLINE_S = 10.0
 # Steps of at most this many rows (decode) run on the event loop: a thread handoff costs two
 # context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
-# loop (telemetry, other stages of this process) keeps going.
+# loop (telemetry, other stages of this process) keeps going. An inline step blocks the loop,
+# so before it starts the loop gets one turn (``_serve``): the previous step's answer, already
+# handed to nats-py, is only written to the socket by its flusher task, which is queued behind
+# a step that was waiting for the lock. Without that turn, two micro-batches that reach a stage
+# together leave it together (the first one's answer waits out the second one's compute), and
+# every later stage sees them together too: the M micro-batches move in lockstep through the
+# stages, one stage at a time, and the pipeline never overlaps (bench serve: 2 x 8 rows over 2
+# stages took 2 (t0 + t1) per step instead of about 2 max(t0, t1)).
 INLINE_ROWS = 8
 
 # Called with the median of a run of decode steps of one size (agents.steptiming); the worker
@@ -183,6 +190,8 @@ class StageServer:
             rows = sum(e.count for e in entries)
             x = self._input(req, rows)
             async with self._lock:
+                if rows <= INLINE_ROWS:
+                    await asyncio.sleep(0)  # the flusher first (see INLINE_ROWS)
                 started = time.perf_counter()
                 if rows <= INLINE_ROWS:
                     out = self.backend.forward(entries, x)

@@ -218,11 +218,17 @@ class Batcher:
             last_round = now
             sampled, release = self.batch.finished(step, reply.tokens)
             self._release(release)
-            for token in sampled:
-                ticket = self.tickets.get(token.rid)
-                if ticket is not None:
-                    ticket.events.put_nowait(token)
             self._joined(self.batch.promote())
+            # The requests get their tokens once the lane's next step is on its way: handed
+            # over now, their handlers (a server-sent event each) would run before nats-py's
+            # flusher writes that step out, and every step would wait for them.
+            asyncio.get_running_loop().call_soon(self._deliver, sampled)
+
+    def _deliver(self, sampled: Sequence[Sampled]) -> None:
+        for token in sampled:
+            ticket = self.tickets.get(token.rid)
+            if ticket is not None:
+                ticket.events.put_nowait(token)
 
     def _entries(self, step: Step) -> list[StageEntry]:
         return [

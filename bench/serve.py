@@ -14,8 +14,15 @@ TTFT is request to first text chunk, ITL the gaps between text chunks (a chunk i
 except where a token ends mid-character or may begin a stop string).
 
 The floor, in the same run: the pipeline driven directly (``PipelineClient.generate``, no HTTP,
-no scheduler) at batch 1 and 16, so ``over_pipeline_1``/``_16`` say what the API and the
-batching cost on top of it.
+no scheduler) at batch 1, and at batch 16 as the plan's M micro-batches, each its own
+concurrent generation (the schedule the batcher runs), so ``over_pipeline_1``/``_16`` say what
+the API and the batching cost on top of it. Its decode steps are the profile: the wall time
+of a micro-batch's step (``pipeline_step_ms_p50_16``: one micro-batch's round, P(M) when the
+stages overlap) and each stage's compute as the stage timed it
+(``pipeline_stage_ms_p50_16``, to compare with the calibrated t_s of the prediction). And
+where the host's cores went in each phase (``cpu_cores_16``: CPU seconds over wall seconds of
+this process, which holds the API, the batcher and the clients, of each agent and of NATS):
+the two stages overlap only as far as the other processes leave them cores.
 
 The prediction: the planner's own figure for the PLACED plan at batch 16. The placement's reply
 was computed before anything ran (the CPU device's memcpy bandwidth, no compute term: a CPU has
@@ -24,7 +31,11 @@ steps, compute from steps of several sequences); after the 16-client phase, the 
 (same devices, same layer ranges, batch 16 in M=2) are scored again with those figures by the
 planner's own cost model (planner.rescore): that is ``predicted_tokens_per_s_16``. A dry-run
 re-placement of the same request may pick another split; its figure is kept as
-``replan_tokens_per_s_16`` for comparison, not as the prediction.
+``replan_tokens_per_s_16`` for comparison, not as the prediction. The placement asks for the
+context the bench's sequences reach (the longest prompt plus ``--tokens``): the planner prices
+every step at ``context_tokens`` (KV reads and attention over the context, DESIGN "Planner
+model"), so a plan priced at a longer context than the one run would predict slower steps
+than those measured (at 1024 the attention term alone adds a third to a layer's FLOPs).
 
 Run: ``shardplane bench serve [--quick] [-- --tokens 32 --requests 2]``.
 """
@@ -89,6 +100,7 @@ class Phase:
     ttft_ms: list[float] = field(default_factory=lambda: [])
     itl_ms: list[float] = field(default_factory=lambda: [])
     errors: list[str] = field(default_factory=lambda: [])
+    cpu_s: dict[str, float] = field(default_factory=lambda: {})  # CPU seconds per process
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,7 +146,20 @@ def stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def placement_body(dry_run: bool) -> dict[str, Any]:
+def workload_context(prompt_tokens: list[int], tokens: int) -> int:
+    """The context the bench's sequences reach: the longest prompt plus the tokens each
+    request generates."""
+    if not prompt_tokens or tokens < 1:
+        raise ValueError(f"need prompts and tokens >= 1, got {prompt_tokens} and {tokens}")
+    return max(prompt_tokens) + tokens
+
+
+def prompt_lengths() -> list[int]:
+    tok = packaged_tokenizer(MODEL)
+    return [len(tok.encode(p)) for p in PROMPTS]
+
+
+def placement_body(dry_run: bool, context_tokens: int) -> dict[str, Any]:
     return {
         "model": MODEL,
         "instance_id": INSTANCE if not dry_run else INSTANCE + "-calibrated",
@@ -142,7 +167,7 @@ def placement_body(dry_run: bool) -> dict[str, Any]:
         "microbatches": MICROBATCHES,
         "min_stages": 2,
         "max_stages": 2,
-        "context_tokens": 1024,
+        "context_tokens": context_tokens,
         "dry_run": dry_run,
     }
 
@@ -176,32 +201,100 @@ async def one_client(client: Any, index: int, requests: int, tokens: int, phase:
             phase.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-async def load(base_url: str, clients: int, requests: int, tokens: int) -> Phase:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (a gone process is left out)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[name] = times.user + times.system
+    return out
+
+
+def cores_used(
+    before: dict[str, float], after: dict[str, float], wall_s: float
+) -> dict[str, float]:
+    """CPU seconds per process over a phase, as cores kept busy on average."""
+    if wall_s <= 0:
+        return {}
+    return {n: (after[n] - before[n]) / wall_s for n in after if n in before}
+
+
+async def load(
+    base_url: str, clients: int, requests: int, tokens: int, pids: dict[str, int]
+) -> Phase:
     import openai
 
     phase = Phase(clients)
     async with openai.AsyncOpenAI(
         base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600
     ) as client:
+        cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
         await asyncio.gather(
             *(one_client(client, i, requests, tokens, phase) for i in range(clients))
         )
         phase.wall_s = time.perf_counter() - started
+        phase.cpu_s = cores_used(cpu_before, cpu_seconds(pids), phase.wall_s)
     return phase
 
 
-async def pipeline_floor(nc: Client, batch: int, tokens: int) -> float:
-    """Tokens/s of the pipeline driven directly: prefill, then ``tokens`` decode steps."""
+@dataclass
+class Floor:
+    """The pipeline driven directly: tokens/s, and each decode step of each micro-batch (its
+    wall ms, and each stage's compute ms as the stage timed it)."""
+
+    batch: int
+    microbatches: int
+    tokens_per_s: float = 0.0
+    step_ms: list[float] = field(default_factory=lambda: [])
+    stage_ms: list[tuple[float, ...]] = field(default_factory=lambda: [])
+
+    @property
+    def step_ms_p50(self) -> float:
+        return statistics.median(self.step_ms) if self.step_ms else 0.0
+
+    @property
+    def stage_ms_p50(self) -> tuple[float, ...]:
+        """Per stage, the median compute of its decode steps (empty when none ran)."""
+        return tuple(statistics.median(column) for column in zip(*self.stage_ms, strict=True))
+
+
+def lanes_of(prompts: list[list[int]], microbatches: int) -> list[list[list[int]]]:
+    """The prompts dealt into ``microbatches`` lanes as the batcher fills them (each joins the
+    lane with the fewest, so sizes differ by at most one); no empty lane."""
+    lanes = [prompts[i :: max(1, microbatches)] for i in range(max(1, microbatches))]
+    return [lane for lane in lanes if lane]
+
+
+async def pipeline_floor(nc: Client, batch: int, microbatches: int, tokens: int) -> Floor:
+    """The pipeline driven directly: ``batch`` prompts in ``microbatches`` concurrent
+    generations (prefill, then ``tokens`` - 1 decode steps each)."""
     tok = packaged_tokenizer(MODEL)
     hidden = read_config(packaged_path(MODEL)).hidden
     client = PipelineClient(nc, INSTANCE, 2, hidden)
     prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
-    started = time.perf_counter()
+    floor = Floor(batch, microbatches)
     produced = 0
-    async for step, _, _ in client.generate(prompts, max_new_tokens=tokens):
-        produced += len(step)
-    return produced / (time.perf_counter() - started)
+
+    async def lane(group: list[list[int]]) -> None:
+        nonlocal produced
+        first = True
+        async for step, ms, reply in client.generate(group, max_new_tokens=tokens):
+            produced += len(step)
+            if not first:  # the first is the prefill
+                floor.step_ms.append(ms)
+                floor.stage_ms.append(tuple(reply.stage_ms))
+            first = False
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane(group) for group in lanes_of(prompts, microbatches)))
+    floor.tokens_per_s = produced / (time.perf_counter() - started)
+    return floor
 
 
 def missing_calibration(placed: PlacementReply, devices: list[DeviceState]) -> list[str]:
@@ -239,11 +332,11 @@ async def calibrated_state(
         await asyncio.sleep(1.0)
 
 
-async def replan(nc: Client) -> PlacementReply:
+async def replan(nc: Client, context_tokens: int) -> PlacementReply:
     """A dry run of the same placement request with the calibrated state (for comparison)."""
     from shardplane.commands import request_placement
 
-    return await request_placement(nc, placement_body(dry_run=True))
+    return await request_placement(nc, placement_body(True, context_tokens))
 
 
 @dataclass
@@ -291,17 +384,23 @@ async def run(tokens: int, requests: int, env: dict[str, str]) -> int:
         try:
             if await wait_for_devices(nc, len(NODES), 120) < len(NODES):
                 raise RuntimeError(f"the {len(NODES)} agents' CPU devices did not show up")
-            placed = await request_placement(nc, placement_body(dry_run=False))
+            context = workload_context(prompt_lengths(), tokens)
+            placed = await request_placement(nc, placement_body(False, context))
             if not placed.ok:
                 raise RuntimeError(f"placement failed: {placed.error}")
             await wait_loaded(nc, INSTANCE, placed.generation, 300)
             runner, base = await start_app(make_app(nc))
             try:
-                floor_1 = await pipeline_floor(nc, 1, tokens)
-                phases = [await load(base, c, requests, tokens) for c in CONCURRENCY]
-                floor_16 = await pipeline_floor(nc, BATCH, tokens)
+                floor_1 = await pipeline_floor(nc, 1, 1, tokens)
+                pids = {
+                    "bench": os.getpid(),  # the API, the batcher, the clients, planner, projector
+                    **{node: proc.pid for node, proc in zip(NODES, agents, strict=True)},
+                    **({"nats": server.proc.pid} if server.proc is not None else {}),
+                }
+                phases = [await load(base, c, requests, tokens, pids) for c in CONCURRENCY]
+                floor_16 = await pipeline_floor(nc, BATCH, placed.microbatches, tokens)
                 devices, node_states = await calibrated_state(nc, placed)
-                prediction = predict(placed, devices, node_states, await replan(nc))
+                prediction = predict(placed, devices, node_states, await replan(nc, context))
             finally:
                 await runner.cleanup()
         finally:
@@ -318,7 +417,7 @@ def report(
     placed: PlacementReply,
     prediction: Prediction,
     phases: list[Phase],
-    floors: tuple[float, float],
+    floors: tuple[Floor, Floor],
     tokens: int,
     requests: int,
 ) -> int:
@@ -347,7 +446,7 @@ def report(
         )
 
     print(
-        f"placed: {split(placed)}, batch {placed.batch} in M={placed.microbatches}, "
+        f"placed: {split(placed)}, batch {placed.batch} in M={placed.microbatches} at context {placed.context_tokens}, "
         f"plan {placed.tokens_per_s:.1f} tok/s (step {placed.step_ms:.2f} ms) before calibration; "
         "planned at " + ", ".join(f"{s.device} {s.bandwidth_gbps:.2f} GB/s" for s in placed.stages)
     )
@@ -360,14 +459,30 @@ def report(
                 f"t={t:.2f} ms"
                 for s, t in zip(ev.stages, ev.stage_ms, strict=True)
             )
+            + "; hops h="
+            + " / ".join(f"{h:.3f}" for h in ev.schedule.hop_ms)
+            + f" ms (cycle {ev.schedule.cycle_ms:.2f}, M x busiest {ev.microbatches * ev.schedule.busiest_ms:.2f})"
         )
     print(f"prediction basis: {prediction.basis}")
     print(
         f"re-plan (dry run, calibrated; not the prediction): {split(replanned)}, "
         f"step {replanned.step_ms:.2f} ms, {replanned.tokens_per_s:.1f} tok/s"
     )
+    floor_1, floor_16 = floors
     print(
-        f"pipeline floor (no API, no scheduler): {floors[0]:.1f} tok/s at batch 1, {floors[1]:.1f} at 16"
+        f"pipeline floor (no API, no scheduler): {floor_1.tokens_per_s:.1f} tok/s at batch 1, "
+        f"{floor_16.tokens_per_s:.1f} at {floor_16.batch} in M={floor_16.microbatches}; "
+        f"its decode steps at {floor_16.batch}: p50 {floor_16.step_ms_p50:.1f} ms per "
+        "micro-batch round, stage compute p50 "
+        + " / ".join(f"{t:.1f}" for t in floor_16.stage_ms_p50)
+        + " ms"
+    )
+    print(
+        f"CPU over each phase, in cores ({os.cpu_count()} on this host): "
+        + "; ".join(
+            f"{p.clients} clients: " + ", ".join(f"{n} {c:.2f}" for n, c in p.cpu_s.items())
+            for p in phases
+        )
     )
     errors = sum(len(p.errors) for p in phases)
     for p in phases:
@@ -389,11 +504,19 @@ def report(
         else None,
         "prediction_basis": prediction.basis,
         "placed_plan_tokens_per_s_16": round(placed.tokens_per_s, 2),
+        "context_tokens": placed.context_tokens,
         "replan_tokens_per_s_16": round(replanned.tokens_per_s, 2) if replanned.ok else None,
-        "pipeline_tokens_per_s_1": round(floors[0], 2),
-        "pipeline_tokens_per_s_16": round(floors[1], 2),
-        "over_pipeline_1": round(by[1].tokens_per_s / floors[0], 3) if floors[0] else None,
-        "over_pipeline_16": round(measured_16 / floors[1], 3) if floors[1] else None,
+        "pipeline_tokens_per_s_1": round(floor_1.tokens_per_s, 2),
+        "pipeline_tokens_per_s_16": round(floor_16.tokens_per_s, 2),
+        "pipeline_step_ms_p50_16": round(floor_16.step_ms_p50, 2),
+        "pipeline_stage_ms_p50_16": [round(t, 2) for t in floor_16.stage_ms_p50],
+        "cpu_cores_16": {n: round(c, 2) for n, c in by[16].cpu_s.items()},
+        "over_pipeline_1": round(by[1].tokens_per_s / floor_1.tokens_per_s, 3)
+        if floor_1.tokens_per_s
+        else None,
+        "over_pipeline_16": round(measured_16 / floor_16.tokens_per_s, 3)
+        if floor_16.tokens_per_s
+        else None,
         "errors": errors,
     }
     print(json.dumps(figures))
