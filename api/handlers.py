@@ -95,15 +95,16 @@ async def _send(
         return web.Response(body=whole, headers={"Content-Type": content_type, **(headers or {})})
     response = web.StreamResponse(headers={"Content-Type": content_type, **(headers or {})})
     response.content_length = len(body)
-    await response.prepare(request)
-    if isinstance(body, Joined):
-        for piece in body.slices(LARGE_BODY):
-            await response.write(piece)
-    else:
-        view = memoryview(body)
-        for at in range(0, len(body), LARGE_BODY):
-            await response.write(view[at : at + LARGE_BODY])
-    await response.write_eof()
+    with _state(request).priority.sending():  # the watch waits meanwhile (api.priority)
+        await response.prepare(request)
+        if isinstance(body, Joined):
+            for piece in body.slices(LARGE_BODY):
+                await response.write(piece)
+        else:
+            view = memoryview(body)
+            for at in range(0, len(body), LARGE_BODY):
+                await response.write(view[at : at + LARGE_BODY])
+        await response.write_eof()
     return response
 
 
