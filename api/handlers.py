@@ -21,6 +21,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shardplane.api import openapi
+from shardplane.api.body import Body, Joined
 from shardplane.api.errors import ApiError, request_error
 from shardplane.api.hub import JSON, PROMETHEUS, STATE_KEY, ApiState, Subscriber
 from shardplane.api.scrape import SCRAPED_RECENTLY_S, render_metrics
@@ -76,27 +77,34 @@ LARGE_BODY = 256 * 1024  # bodies above this are written in slices of this size
 
 async def _send(
     request: web.Request,
-    body: bytes,
+    body: Body,
     content_type: str = JSON,
     headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Answer 200 with ``body``; a large one (the device list is ~8 MB, a scrape ~40 MB at
-    8,000 devices) in slices of a view of it.
+    """Answer 200 with ``body``; a large one (the device list is ~12 MB, a scrape ~40 MB at
+    8,000 devices) in slices: of a view of it, or joined slice by slice from a list snapshot
+    (api.body).
 
     A plain ``web.Response`` copies such a body three times on the event loop before the
     kernel has it (aiohttp joins headers and body on Python < 3.12.9, asyncio copies what the
     socket did not take, then appends it to its buffer): tens of milliseconds a request under
-    load. Slices of a memoryview go to the socket as they are, and the loop serves others while
-    the client reads."""
+    load. Slices go to the socket as they are, and the loop serves others while the client
+    reads."""
     if len(body) <= LARGE_BODY or request.method == "HEAD":  # (a HEAD answer has no body)
-        return web.Response(body=body, headers={"Content-Type": content_type, **(headers or {})})
+        whole = body if isinstance(body, bytes) else bytes(body)
+        return web.Response(body=whole, headers={"Content-Type": content_type, **(headers or {})})
     response = web.StreamResponse(headers={"Content-Type": content_type, **(headers or {})})
     response.content_length = len(body)
-    await response.prepare(request)
-    view = memoryview(body)
-    for at in range(0, len(body), LARGE_BODY):
-        await response.write(view[at : at + LARGE_BODY])
-    await response.write_eof()
+    with _state(request).priority.sending():  # the watch waits meanwhile (api.priority)
+        await response.prepare(request)
+        if isinstance(body, Joined):
+            for piece in body.slices(LARGE_BODY):
+                await response.write(piece)
+        else:
+            view = memoryview(body)
+            for at in range(0, len(body), LARGE_BODY):
+                await response.write(view[at : at + LARGE_BODY])
+        await response.write_eof()
     return response
 
 
@@ -199,7 +207,7 @@ async def devices(request: web.Request) -> web.StreamResponse:
     ]
     head = f'{{"count":{len(keys)},"revision":{cache.revision},"devices":['.encode()
     parts = cache.json["device"]
-    return await _send(request, b"".join((head, b",".join(parts[k] for k in keys), b"]}")))
+    return await _send(request, Joined(head, [parts[k] for k in keys], b"]}"))
 
 
 async def device(request: web.Request) -> web.Response:
@@ -252,7 +260,7 @@ async def history(request: web.Request) -> web.Response:
 
 
 def _listing(
-    body: Callable[[ApiState], bytes],
+    body: Callable[[ApiState], Body],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """A GET of a whole list the cache keeps ready-built: no parameters, the body as is."""
 

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from nats.aio.client import Client
 
+from shardplane.api.priority import RequestsFirst
 from shardplane.api.state import ClusterCache, sse_event
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class ApiState:
     ttl_s: float | None = None  # liveness TTL for judging staleness (None: per node)
     watcher: Any = None  # the current KV watch (bus.watchguard stops it when it stalls)
     watched: int = 0  # the highest stream sequence the watch delivered, any key
+    priority: RequestsFirst = field(default_factory=RequestsFirst)  # large bodies before the watch
 
 
 STATE_KEY = web.AppKey("shardplane_api", ApiState)

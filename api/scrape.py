@@ -65,6 +65,7 @@ async def render_metrics(state: ApiState) -> Rendition:
     while cache.format_stale(64):
         if time.perf_counter() - slice_start > LOOP_SLICE_S:
             await asyncio.sleep(0)  # the watch and requests run between slices
+            await state.priority.give_way()
             slice_start = time.perf_counter()
     version = cache.metrics.version
     parts: list[bytes] = []

@@ -1,8 +1,9 @@
 """The one background task that watches the whole ``cluster_state`` bucket into the cache.
 
 Handlers only read the cache; this is the only writer. It yields to requests every
-``LOOP_SLICE_S`` (thousands of changes a second would otherwise hold the loop), restarts a
-watch that stalls, and marks entries stale that the projector stopped refreshing.
+``LOOP_SLICE_S`` (thousands of changes a second would otherwise hold the loop) and waits while a
+large body is sent (api.priority), restarts a watch that stalls, and marks entries stale that
+the projector stopped refreshing.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ async def watch_cluster_state(state: ApiState) -> None:
             initial = True
             slice_start = time.perf_counter()
             async for entry in watcher:
+                if state.priority.should_wait():
+                    await state.priority.give_way()  # a large body is going out (api.priority)
+                    slice_start = time.perf_counter()
                 if entry is None:
                     if initial:
                         initial = False
@@ -112,5 +116,6 @@ async def expire_stale(state: ApiState, interval_s: float = 0.5) -> None:
     nobody rewrites ``online``, and the API must not keep serving it as fresh."""
     while True:
         await asyncio.sleep(interval_s)
+        await state.priority.give_way()
         for change in state.cache.expire(time.time(), state.ttl_s):
             _publish(state, change)

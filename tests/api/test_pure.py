@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+from dataclasses import replace
 from typing import Any, get_args
 
 import msgspec
@@ -9,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardplane.api import metrics, openapi
+from shardplane.api.body import Joined
 from shardplane.api.errors import field_of
 from shardplane.api.server import ERROR_STATUS
 from shardplane.api.state import ClusterCache
@@ -21,7 +25,7 @@ from shardplane.api.views import (
 )
 from shardplane.bus import codec
 from shardplane.bus.messages import DeviceState, ErrorCode
-from tests.api.fleet import FLEET, device_state, instance_state, node_state
+from tests.api.fleet import FLEET, NODES, device_state, instance_state, node_state
 
 
 def with_sample(state: DeviceState, **fields: Any) -> DeviceState:
@@ -260,7 +264,7 @@ def test_metric_families_rebuild_only_where_a_line_changed() -> None:
         book.set(f"d{i}", metrics.device_lines(brief, metrics.device_labels(brief, None)))
     before = dict(zip(metrics.DEVICE_FAMILIES, book.blocks(), strict=True))
     version = book.version
-    hotter = briefs[0]._replace(temperature_c=91.0)
+    hotter = msgspec.structs.replace(briefs[0], temperature_c=91.0)
     book.set("d0", metrics.device_lines(hotter, metrics.device_labels(hotter, None)))
     assert book.version == version + 1  # one line changed, in one family
     after = dict(zip(metrics.DEVICE_FAMILIES, book.blocks(), strict=True))
@@ -310,7 +314,7 @@ def test_cache_is_idempotent_on_revision_and_skips_bad_values() -> None:
     assert cache.revisions["devices.rig-a.0"] == 2
     gone = cache.apply("devices.rig-a.0", None, 8, deleted=True)
     assert gone is not None and gone.op == "delete" and b'"value":null' in gone.event()
-    assert cache.devices_body().startswith(b'{"count":0,')
+    assert bytes(cache.devices_body()).startswith(b'{"count":0,')
 
 
 def test_every_error_code_has_an_http_status() -> None:
@@ -332,9 +336,76 @@ def test_list_bodies_rebuilt_at_most_every_max_age() -> None:
         cache.apply("devices.rig-a.0", codec.encode(device_state(FLEET[0])), 1)
         cache.devices_body()
         cache.apply("devices.rig-a.0", codec.encode(device_state(FLEET[0], seq=2)), 2)
-    assert held.devices_body().startswith(b'{"count":1,"revision":1,')  # within its max age
-    assert fresh.devices_body().startswith(b'{"count":1,"revision":2,')
+    assert bytes(held.devices_body()).startswith(b'{"count":1,"revision":1,')  # within max age
+    assert bytes(fresh.devices_body()).startswith(b'{"count":1,"revision":2,')
     assert fresh.devices_body() is fresh.devices_body()  # unchanged: not joined again
+
+
+def test_list_body_is_a_snapshot_sent_in_slices() -> None:
+    """The device list is taken as a snapshot of the entries' JSON and joined slice by slice
+    as it is sent: the slices make exactly the joined body, of the declared length, and a
+    change applied while it is being sent does not alter it."""
+    cache = ClusterCache(max_age_s=0.0)
+    for n, gpu in enumerate(FLEET):
+        cache.apply(f"devices.{gpu.node}.{gpu.index}", codec.encode(device_state(gpu)), n + 1)
+    body = cache.devices_body()
+    assert isinstance(body, Joined)
+    whole = bytes(body)
+    assert len(body) == len(whole) and msgspec.json.decode(whole)["count"] == len(FLEET)
+    entry = max(map(len, body.parts)) + 1  # an entry and its separator
+    for limit in (1, 100, 700, len(whole), 10 * len(whole)):
+        pieces = list(body.slices(limit))
+        assert b"".join(pieces) == whole, limit
+        assert all(len(p) < limit + entry + len(body.head) for p in pieces), limit
+    changed = device_state(FLEET[0], seq=2, utilization_gpu_pct=99.0)
+    cache.apply(f"devices.{FLEET[0].node}.0", codec.encode(changed), 100)
+    assert bytes(body) == whole  # the snapshot held
+    assert bytes(cache.devices_body()) != whole and b'"revision":100' in bytes(cache.devices_body())
+    empty = Joined(b"[", [], b"]")
+    assert (bytes(empty), len(empty), b"".join(empty.slices(4))) == (b"[]", 2, b"[]")
+
+
+def test_expire_marks_only_devices_past_their_ttl() -> None:
+    """The liveness pass judges each device on the API's clock by its node's interval: a
+    device past its TTL is shown offline (stale); a younger one, and one already offline,
+    are left alone."""
+    cache = ClusterCache()
+    now = time.time()
+    for rev, node in enumerate(NODES, 1):
+        cache.apply(f"nodes.{node}", codec.encode(node_state(node)), rev)
+    ages = {("rig-a", 0): 1.0, ("rig-b", 0): 3600.0, ("rig-b", 1): 3600.0}
+    for rev, gpu in enumerate(FLEET, 100):
+        age = ages.get((gpu.node, gpu.index), 0.0)
+        online = (gpu.node, gpu.index) != ("rig-b", 1)
+        state = msgspec.structs.replace(device_state(gpu, online=online), last_seen=now - age)
+        cache.apply(f"devices.{gpu.node}.{gpu.index}", codec.encode(state), rev)
+    changes = cache.expire(now)
+    assert {c.key for c in changes} == {"devices.rig-b.0"}
+    assert cache.briefs["devices.rig-b.0"].online is False
+    assert b"no update for 3600s" in cache.json["device"]["devices.rig-b.0"]
+    assert cache.briefs["devices.rig-a.0"].online is True
+    assert cache.expire(now) == []  # judged once: nothing shown online is past its TTL now
+
+
+def test_devices_add_next_to_nothing_for_the_cycle_collector() -> None:
+    """At 8,000 devices each replaced every interval, whatever the cache keeps per device and
+    the cycle collector tracks is walked by every full collection, on the event loop: a
+    device's brief and its value as written are plain (untracked), so a device costs the
+    collector about one object (its chart ring), however often it changes."""
+    cache = ClusterCache()
+    gpu = FLEET[0]
+    cache.apply("devices.rig-a.0", codec.encode(device_state(gpu)), 1)
+    gc.collect()
+    base = len(gc.get_objects())
+    count = 200
+    for seq in (1, 2, 3):
+        for n in range(count):
+            state = device_state(replace(gpu, node=f"n{n:03d}"), seq=seq)
+            cache.apply(f"devices.n{n:03d}.0", codec.encode(state), seq * 1000 + n)
+    gc.collect()
+    per_device = (len(gc.get_objects()) - base) / count
+    assert len(cache.briefs) == count + 1 and per_device < 2.5, per_device
+    assert not gc.is_tracked(cache.briefs["devices.n000.0"])
 
 
 def test_error_fields() -> None:

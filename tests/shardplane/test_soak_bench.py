@@ -37,3 +37,4 @@ def test_short_soak(capsys: pytest.CaptureFixture[str]) -> None:
     assert last["ledger_mismatch"] == 0
     assert last["placed"] >= 1 and last["faults"] >= 1
     assert last["lag_p99_ms"] > 0 and last["api_p99_ms"] > 0
+    assert 0 < last["api_headers_p99_ms"] <= last["api_p99_ms"]  # headers come before the body
