@@ -121,3 +121,7 @@ async def test_a_consumer_that_acked_each_message_is_recreated_at_its_floor(
     info = await js.consumer_info(TELEMETRY, DURABLE)
     assert info.config.ack_policy == AckPolicy.ALL
     assert [m.metadata.sequence.stream for m in await pull(js, 2)] == seqs[1:]
+    # a later change of an editable field keeps where the rewound consumer starts
+    await ensure_consumer(js, ProjectorConfig(ack_wait_s=33.0), TELEMETRY, DURABLE)
+    info = await js.consumer_info(TELEMETRY, DURABLE)
+    assert info.config.ack_wait == 33.0 and info.config.opt_start_seq == seqs[1]
