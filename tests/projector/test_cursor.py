@@ -6,7 +6,6 @@ each message) to its ack floor, over a real nats-server."""
 from __future__ import annotations
 
 import pytest
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -76,16 +75,15 @@ async def pull(js: JetStreamContext, count: int) -> list[Msg]:
         await sub.unsubscribe()
 
 
-async def test_unacknowledged_deliveries_come_back_at_once(
-    nc: Client, js: JetStreamContext
-) -> None:
+async def test_unacknowledged_deliveries_come_back_at_once(js: JetStreamContext) -> None:
     await provision(js)
     config = ProjectorConfig(ack_wait_s=60.0)  # only a rewind brings them back within the test
     assert await ensure_consumer(js, config, TELEMETRY, DURABLE) == 0
     seqs = await publish(js, 6)
     first = await pull(js, 6)
-    await first[1].ack()  # cumulative: the first two are done, the other four were lost
-    await nc.flush()
+    # cumulative: the first two are done, the other four were lost (ack_sync: the server
+    # answers once the consumer has taken the ack, so the info below already counts it)
+    await first[1].ack_sync()
     info = await js.consumer_info(TELEMETRY, DURABLE)
     assert info.num_ack_pending == 4
     assert info.ack_floor is not None and info.ack_floor.stream_seq == seqs[1]
@@ -93,8 +91,7 @@ async def test_unacknowledged_deliveries_come_back_at_once(
     assert await ensure_consumer(js, config, TELEMETRY, DURABLE) == 0  # rewound
     again = await pull(js, 4)
     assert [m.metadata.sequence.stream for m in again] == seqs[2:]
-    await again[-1].ack()
-    await nc.flush()
+    await again[-1].ack_sync()
     info = await js.consumer_info(TELEMETRY, DURABLE)
     assert info.num_ack_pending == 0 and info.config.ack_policy == AckPolicy.ALL
     # nothing unacknowledged: kept as it is, and the next delivery must follow the last one
