@@ -32,10 +32,12 @@ def header_safe(text: str, limit: int = 1024) -> str:
 
 async def dead_letter(
     js: JetStreamContext, dead: list[tuple[Item, str]], timeout_s: float, stats: ProjectorStats
-) -> None:
+) -> list[Item]:
     """Copy each poison message to ``deadletter.<subject>`` with why, then terminate it;
-    one whose copy was not stored is nak'ed to come back (never dropped unrecorded)."""
+    one whose copy was not stored is nak'ed to come back (never dropped unrecorded) and
+    returned (a cumulative ack must not cover it: ``projector.cursor``)."""
     futures: list[asyncio.Future[Any]] = []
+    failed: list[Item] = []
     for item, reason in dead:
         info = item.info
         headers = {
@@ -63,3 +65,5 @@ async def dead_letter(
             future.cancel()
             # Not copied: leave it to come back (never drop a message unrecorded).
             await item.msg.nak(delay=1.0)
+            failed.append(item)
+    return failed

@@ -118,6 +118,7 @@ class AckInfo(msgspec.Struct, frozen=True):
     delivered: int
     stream_seq: int
     timestamp: float  # when the stream stored it, seconds since the Unix epoch
+    consumer_seq: int = 0  # the delivery's sequence on its consumer (every delivery counts)
 
 
 def parse_ack_subject(reply: str) -> AckInfo | None:
@@ -140,6 +141,7 @@ def parse_ack_subject(reply: str) -> AckInfo | None:
             delivered=int(tokens[offset + 2]),
             stream_seq=int(tokens[offset + 3]),
             timestamp=int(tokens[offset + 5]) / 1e9,
+            consumer_seq=int(tokens[offset + 4]),
         )
     except ValueError:
         return None

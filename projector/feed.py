@@ -17,9 +17,10 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from shardplane.projector import cursor
 from shardplane.projector.config import ProjectorConfig
 from shardplane.projector.transport import Inbox, Puller
 
@@ -39,13 +40,16 @@ async def ensure_consumer(
     stream: str,
     durable: str,
     only: str | None = None,
-) -> None:
-    """Create the durable consumer, or update the fields this configuration may change."""
+) -> int:
+    """Create the durable consumer, or update the fields this configuration may change; a
+    cumulative one (``projector.cursor``) is rewound where anything is unacknowledged.
+    Returns the consumer's last delivery sequence (where the next leadership's deliveries
+    must follow on)."""
     wanted = ConsumerConfig(
         durable_name=durable,
         filter_subject=only,
         description="shardplane projector: stream -> cluster_state",
-        ack_policy=AckPolicy.EXPLICIT,
+        ack_policy=cursor.ack_policy(stream),
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=config.ack_wait_s,
         max_ack_pending=config.max_ack_pending,
@@ -53,14 +57,18 @@ async def ensure_consumer(
     )
     try:
         info = await js.consumer_info(stream, durable)
-        current = info.config
-        if (current.ack_wait, current.max_ack_pending) != (
-            wanted.ack_wait,
-            wanted.max_ack_pending,
-        ):
-            await js.add_consumer(stream, wanted)  # an update of editable fields
     except NotFoundError:
         await js.add_consumer(stream, wanted)
+        return 0
+    if cursor.cumulative(stream) and cursor.needs_rewind(info):
+        await cursor.rewind(js, stream, info, wanted)
+        return 0
+    current = info.config
+    if (current.ack_wait, current.max_ack_pending) != (wanted.ack_wait, wanted.max_ack_pending):
+        # An update of editable fields; where it was rewound, it keeps its start.
+        wanted.deliver_policy, wanted.opt_start_seq = current.deliver_policy, current.opt_start_seq
+        await js.add_consumer(stream, wanted)
+    return info.delivered.consumer_seq or 0 if info.delivered else 0
 
 
 async def feed(

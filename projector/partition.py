@@ -23,6 +23,7 @@ projector clients (the bottleneck) each see only their share.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from dataclasses import dataclass
 
@@ -54,8 +55,10 @@ def fnv1a32(text: str) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def partition_of(node: str, count: int) -> int:
-    """The partition nats-server's ``partition(count, node)`` transform puts ``node`` in."""
+    """The partition nats-server's ``partition(count, node)`` transform puts ``node`` in
+    (remembered: every write asks it, and the hash is a Python loop over the name)."""
     return fnv1a32(node) % count
 
 

@@ -47,6 +47,7 @@ from shardplane.bus.streams import (
     provision,
 )
 from shardplane.bus.wait import wait_set
+from shardplane.projector import cursor
 from shardplane.projector import partition as partitions
 from shardplane.projector.config import CONSUMERS as CONSUMERS
 from shardplane.projector.config import LeaseLost, ProjectorStats
@@ -124,6 +125,7 @@ class Projector:
         self._hold_until = 0.0
         self._write_outage = Outage("cluster_state writes", log)
         self._ledger = authority.EMPTY  # the planner's ledger as last seen (a KV watch)
+        self._deliveries = cursor.Deliveries()  # gaps in what cumulative consumers delivered
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -228,13 +230,15 @@ class Projector:
             consumers = {s: (d, None) for s, d in CONSUMERS.items()}
             if self.partition is not None:
                 consumers = self.partition.consumers()
+            self._deliveries = cursor.Deliveries()
             for stream, (durable, only) in consumers.items():
-                await retrying(
+                delivered = await retrying(
                     lambda s=stream, d=durable, o=only: ensure_consumer(
                         self.js, self.config, s, d, o
                     ),
                     f"consumer {durable}",
                 )
+                self._deliveries.start(stream, durable, delivered)
                 feeders.append(
                     asyncio.create_task(feed(self.nc, self.js, self.config, stream, durable, inbox))
                 )
@@ -414,6 +418,7 @@ class Projector:
             else:
                 items.append(Item(msg, info, decoded))
         self.stats.received += len(msgs)
+        self._deliveries.check(items)
         return items
 
     def _prepare(self, msgs: list[Msg], sweep_due: bool, base: View | Overlay) -> Round:
@@ -522,12 +527,16 @@ class Projector:
             else:
                 retry.append(item)
         if dead:
-            await dead_letter(self.js, dead, self.config.write_timeout_s, self.stats)
+            failed = await dead_letter(self.js, dead, self.config.write_timeout_s, self.stats)
+            if cursor.covers(failed):
+                raise WriteError("a dead-letter copy was not stored; starting over", [])
         for item in retry:
             self.stats.deferred += 1
             await item.msg.nak(delay=self.config.defer_delay_s)
         acking = time.perf_counter()
-        await ack_all(self.nc, [item.msg for item in round_.applied])
+        if not self.lease.valid():
+            raise LeaseLost  # an ex-leader's cumulative ack could cover a new leader's work
+        await ack_all(self.nc, cursor.to_ack(round_.applied))
         self.stats.ack_s += time.perf_counter() - acking
         self.stats.write_wait_s += write_s
         took = time.perf_counter() - started

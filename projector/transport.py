@@ -166,7 +166,11 @@ class Puller:
 
     async def run(self) -> None:
         reply = self.nc.new_inbox()
-        self._sub = await subscribe_direct(self.nc, reply, self._on_msg, fast=self.fast)
+        # Deliveries from a partitions' stream carry a Nats-Stream-Source header each; the
+        # pull loop reads only a status from headers, so they may skip nats-py's header path.
+        self._sub = await subscribe_direct(
+            self.nc, reply, self._on_msg, fast=self.fast, status_only=True
+        )
         request = json.dumps(
             {
                 "batch": self.batch,

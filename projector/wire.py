@@ -114,12 +114,20 @@ class _Direct:
 
 
 async def subscribe_direct(
-    nc: Client, subject: str, handler: Handler, *, fast: bool = True, raw: RawHandler | None = None
+    nc: Client,
+    subject: str,
+    handler: Handler,
+    *,
+    fast: bool = True,
+    raw: RawHandler | None = None,
+    status_only: bool = False,
 ) -> Subscription:
     """Subscribe ``handler`` (a plain function that must not block or raise) to ``subject``
     (``fast`` False: through nats-py's queue and callback task, to measure what this buys).
     With ``raw``, plain MSG frames go to ``raw(subject, payload)`` on the fast path, and only
-    what nats-py parses (frames with headers) reaches ``handler``."""
+    what nats-py parses (frames with headers) reaches ``handler``. With ``status_only``, the
+    handler reads no header but a status: messages with headers and no status may come
+    without their headers (those the fast path takes)."""
     sub = await nc.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
     if fast and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
         sub._pending_queue = _Direct(sub, handler)  # pyright: ignore[reportPrivateUsage, reportAttributeAccessIssue]
@@ -128,6 +136,8 @@ async def subscribe_direct(
             parser.direct[sub._id] = handler  # pyright: ignore[reportPrivateUsage]
             if raw is not None:
                 parser.raw[sub._id] = raw  # pyright: ignore[reportPrivateUsage]
+            if status_only:
+                parser.bare.add(sub._id)  # pyright: ignore[reportPrivateUsage]
         return sub
     await sub.unsubscribe()
 
@@ -137,18 +147,27 @@ async def subscribe_direct(
     return await nc.subscribe(subject, cb=callback, pending_msgs_limit=-1, pending_bytes_limit=-1)
 
 
+# The header block of a message with headers and no status line.
+_NO_STATUS = b"NATS/1.0\r\n"
+
+
 class FastParser(Parser):
-    """nats-py's parser with a fast path for plain ``MSG`` deliveries to direct subscriptions.
+    """nats-py's parser with a fast path for deliveries to direct subscriptions.
 
     Complete ``MSG`` frames at the front of the buffer whose subscription is registered in
-    :attr:`direct` are cut out with ``split`` and handed to the handler at once; the first
-    frame that is anything else (or incomplete) ends the fast path, and nats-py's own parser
-    takes the rest of the buffer exactly as it would have."""
+    :attr:`direct` are cut out with ``split`` and handed to the handler at once; so are
+    ``HMSG`` frames without a status line for subscriptions in :attr:`bare`, as plain
+    messages, their headers dropped (the pull loop reads nothing from headers but a status,
+    and every delivery from a partitions' stream carries the server's ``Nats-Stream-Source``
+    header, which sent each one through nats-py's slow path). The first frame that is anything else
+    (a status, another subscription's, incomplete) ends the fast path, and nats-py's own
+    parser takes the rest of the buffer exactly as it would have."""
 
     # Set by fast_parser(), which turns the client's own parser into one of these.
     client: Client
     direct: dict[int, Handler]
     raw: dict[int, RawHandler]
+    bare: set[int]  # direct subscriptions that want a status from headers, nothing else
     fast_frames: int  # frames this fast path delivered (what fast_path_state reports)
 
     async def parse(self, data: bytes = b"") -> None:
@@ -172,13 +191,19 @@ class FastParser(Parser):
         size = len(buf)
         pos = 0
         waiting = False  # an incomplete frame of ours at the end: wait for the rest
-        while buf.startswith(b"MSG ", pos):
+        while True:
+            if buf.startswith(b"MSG ", pos):
+                skip, fields = 4, 3
+            elif buf.startswith(b"HMSG ", pos):
+                skip, fields = 5, 4  # ... <header bytes> <total bytes>
+            else:
+                break
             eol = buf.find(b"\r\n", pos, pos + 4096)
             if eol < 0:
                 waiting = size - pos < 4096
                 break
-            parts = bytes(buf[pos + 4 : eol]).split()
-            if len(parts) not in (3, 4):
+            parts = bytes(buf[pos + skip : eol]).split()
+            if len(parts) not in (fields, fields + 1):
                 break  # malformed: nats-py's parser reports it
             sid = int(parts[1])
             handler = direct.get(sid)
@@ -189,9 +214,17 @@ class FastParser(Parser):
             if end + 2 > size:
                 waiting = True
                 break
-            payload = bytes(buf[start:end])
+            head = int(parts[-2]) if fields == 4 else 0
+            if head and (
+                sid not in self.bare
+                or not buf.startswith(_NO_STATUS, start)
+                or buf.find(b"Status:", start, start + head) >= 0
+            ):
+                break  # headers wanted, or a status (heartbeat, 404...): nats-py reads them
+            payload = bytes(buf[start + head : end])
             pos = end + 2
-            self._deliver(sid, handler, parts[0], parts[2] if len(parts) == 4 else b"", payload)
+            reply = parts[2] if len(parts) == fields + 1 else b""
+            self._deliver(sid, handler, parts[0], reply, payload)
         if pos:
             del buf[:pos]
         if not waiting:
@@ -243,6 +276,7 @@ def fast_parser(nc: Client) -> FastParser | None:
     fast.client = nc
     fast.direct = {}
     fast.raw = {}
+    fast.bare = set()
     fast.fast_frames = 0
     return fast
 

@@ -23,5 +23,7 @@ def test_partitioned_drain_reports_scaleout(capsys: pytest.CaptureFixture[str]) 
     # (a drain this small may take under one CPU tick: the figures can be 0, never missing)
     assert last["cpu_us_per_msg_single"]["projector"] >= 0
     assert 0 < last["scaleout_ceiling"] <= 2
+    # what copying the backlog into the partitions' stream cost the server, outside the timing
+    assert last["sourcing_server_us_per_msg"] >= 0
     measured = last["scaleout_ceiling_measured"]
     assert measured is None or 0 < measured <= 2

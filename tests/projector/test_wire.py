@@ -125,3 +125,38 @@ async def test_raw_handlers_get_plain_frames_and_headers_still_reach_the_msg_han
         # Frames with headers always come parsed, with their headers; most plain ones raw.
         assert all(kind == "msg" for kind, _, _, h in got if h)
         assert sum(kind == "raw" for kind, *_ in got) > len(want) // 2
+
+
+async def test_a_status_only_subscription_takes_headed_frames_on_the_fast_path(
+    nats_url: str,
+) -> None:
+    async with _clients(nats_url) as (receiver, sender):
+        got: list[tuple[bytes, dict[str, str] | None]] = []
+
+        def on_msg(msg: Msg) -> None:
+            got.append((msg.data, msg.headers))
+
+        await subscribe_direct(receiver, "wire.pull", on_msg, status_only=True)
+        await receiver.flush()
+        parser = fast_parser(receiver)
+        assert parser is not None
+        before = parser.fast_frames
+        payloads: list[bytes] = []
+        statuses: set[int] = set()
+        for i in range(1000):
+            payload = b"sample %d " % i * (1 + i % 50)
+            payloads.append(payload)
+            if i in (0, 500, 999):  # a status (a heartbeat, a 404): it must keep its headers
+                statuses.add(i)
+                headers: dict[str, str] | None = {"Status": "100"}
+            else:  # like a sourced stream's deliveries: a header the pull loop never reads
+                headers = {"Nats-Stream-Source": f"TELEMETRY {i}"}
+            await sender.publish("wire.pull", payload, headers=headers)
+        await sender.flush()
+        await eventually(lambda: asyncio.sleep(0.05, len(got)), lambda n: n >= len(payloads))
+        assert [data for data, _ in got] == payloads
+        for i, (_, headers) in enumerate(got):
+            assert (headers or {}).get("Status") == ("100" if i in statuses else None), i
+        # Every frame has headers: any the fast path took, it took despite them (frames after
+        # a status, or after a frame nats-py's parser began, go its way, headers and all).
+        assert parser.fast_frames > before
