@@ -122,6 +122,21 @@ def candidates(problem: Problem, previous: Sequence[Stage]) -> list[Evaluation]:
 
 
 MOVES_BUDGET_S = 1.0  # phase 2's CP-SAT budget over every M (a heal is rare, its load is long)
+# A heal's whole planning (phase 1 + phase 2) gets this much; phase 2 what phase 1 left, at
+# least MOVES_MIN_S. Measured (bench heal, 64 GPUs, a stage's device vanished, traced): phase 1
+# took 0.26-0.63 s and phase 2 then ran its full MOVES_BUDGET_S without a proof in half the
+# runs, so planning alone took 1.3-1.7 s of the 2 s a heal may take beyond its detection on a
+# quiet machine, and more on a busy one (phase 1 is CPU-bound; 4.6 s heals were seen). With
+# 0.1 s phase 2 found the same plan as with 1 s in the captured cases; the candidates stand in
+# where it proves nothing.
+REPLAN_BUDGET_S = 1.0
+MOVES_MIN_S = 0.1
+
+
+def phase2_budget(phase1_s: float) -> float:
+    """Phase 2's budget after a phase 1 that took ``phase1_s``: what is left of
+    REPLAN_BUDGET_S, never less than MOVES_MIN_S nor more than MOVES_BUDGET_S."""
+    return min(MOVES_BUDGET_S, max(MOVES_MIN_S, REPLAN_BUDGET_S - max(0.0, phase1_s)))
 
 
 def _phase2(

@@ -53,7 +53,7 @@ from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.hf import CheckpointError
-from shardplane.planner.moves import bytes_moved, keep_resident
+from shardplane.planner.moves import bytes_moved, keep_resident, phase2_budget
 from shardplane.planner.plan import Outcome, PlanError, plan
 from shardplane.planner.profile import ModelProfile
 
@@ -347,9 +347,11 @@ class Planner:
                     )
                 raise
             if own:  # re-placing a live instance: phase 2 keeps what is loaded where it can
-                # A CP-SAT solve of up to moves.MOVES_BUDGET_S: off the event loop.
+                # A CP-SAT solve within what phase 1 left of moves.REPLAN_BUDGET_S: off the
+                # event loop (a heal's instance is down while it plans).
+                budget = phase2_budget(outcome.solve_ms / 1e3)
                 outcome = await asyncio.to_thread(
-                    keep_resident, problem, outcome, own, req.move_slack
+                    keep_resident, problem, outcome, own, req.move_slack, budget
                 )
             generation = (previous.generation + 1) if previous is not None else 1
             reply = self._reply(req, instance_id, generation, model, outcome, fleet)
