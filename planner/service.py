@@ -53,7 +53,12 @@ from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.hf import CheckpointError
-from shardplane.planner.moves import bytes_moved, keep_resident, phase2_budget
+from shardplane.planner.moves import (
+    bytes_moved,
+    heal_phase1_limit,
+    keep_resident,
+    phase2_budget,
+)
 from shardplane.planner.plan import Outcome, PlanError, plan
 from shardplane.planner.profile import ModelProfile
 
@@ -326,12 +331,11 @@ class Planner:
                 microbatches=req.microbatches,
                 min_stages=req.min_stages,
             )
+            limit = heal_phase1_limit(req.time_limit_s) if req.heal else req.time_limit_s
             try:
                 # The solver bounds itself; this only catches a planner stuck far beyond that.
                 outcome = await asyncio.wait_for(
-                    asyncio.to_thread(
-                        plan, problem, time_limit_s=req.time_limit_s, method=req.solver
-                    ),
+                    asyncio.to_thread(plan, problem, time_limit_s=limit, method=req.solver),
                     timeout=(req.time_limit_s or 2.0) + PLAN_GRACE_S,
                 )
             except TimeoutError as exc:

@@ -14,11 +14,13 @@ from shardplane.planner import health
 from shardplane.planner.cost import GIB, Problem, StagePlan, Tables, evaluate
 from shardplane.planner.fleet import Device, Fleet
 from shardplane.planner.moves import (
+    HEAL_PHASE1_S,
     MOVES_BUDGET_S,
     MOVES_MIN_S,
     REPLAN_BUDGET_S,
     bytes_moved,
     candidates,
+    heal_phase1_limit,
     keep_resident,
     phase2_budget,
 )
@@ -61,6 +63,16 @@ def test_phase2_gets_what_phase1_left_of_the_heal_budget() -> None:
     assert phase2_budget(REPLAN_BUDGET_S * 3) == MOVES_MIN_S  # a slow phase 1: still a try
     assert phase2_budget(-1.0) <= MOVES_BUDGET_S  # a clock step back gives no extra time
     assert MOVES_MIN_S <= phase2_budget(0.5) <= REPLAN_BUDGET_S
+
+
+def test_a_heal_plans_within_one_budget_whatever_its_request_allowed() -> None:
+    # The stored request's time_limit_s (10 s in bench heal) was for its first placement; a
+    # heal of it may not spend that while the instance is down.
+    assert heal_phase1_limit(10.0) == HEAL_PHASE1_S
+    assert heal_phase1_limit(0.05) == 0.05  # a tighter request stays as tight
+    assert heal_phase1_limit(None) is None  # the planner's default is below the cap already
+    worst = HEAL_PHASE1_S + phase2_budget(HEAL_PHASE1_S)
+    assert worst <= max(REPLAN_BUDGET_S, HEAL_PHASE1_S + MOVES_MIN_S)
 
 
 def test_the_smallest_phase2_budget_still_keeps_the_survivors() -> None:
