@@ -54,6 +54,7 @@ from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.hf import CheckpointError
 from shardplane.planner.moves import (
+    MOVES_BUDGET_S,
     bytes_moved,
     heal_phase1_limit,
     keep_resident,
@@ -351,9 +352,9 @@ class Planner:
                     )
                 raise
             if own:  # re-placing a live instance: phase 2 keeps what is loaded where it can
-                # A CP-SAT solve within what phase 1 left of moves.REPLAN_BUDGET_S: off the
-                # event loop (a heal's instance is down while it plans).
-                budget = phase2_budget(outcome.solve_ms / 1e3)
+                # A CP-SAT solve, off the event loop; a heal's within what phase 1 left of
+                # moves.REPLAN_BUDGET_S (its instance may be down while it plans).
+                budget = phase2_budget(outcome.solve_ms / 1e3) if req.heal else MOVES_BUDGET_S
                 outcome = await asyncio.to_thread(
                     keep_resident, problem, outcome, own, req.move_slack, budget
                 )
