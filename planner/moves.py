@@ -122,6 +122,31 @@ def candidates(problem: Problem, previous: Sequence[Stage]) -> list[Evaluation]:
 
 
 MOVES_BUDGET_S = 1.0  # phase 2's CP-SAT budget over every M (a heal is rare, its load is long)
+# A heal plans within REPLAN_BUDGET_S in all: its instance cannot serve meanwhile, and the
+# bench's target gives a heal 2 s beyond its detection (plus the load). Phase 1 gets at most
+# HEAL_PHASE1_S of it (the stored request's own time_limit_s was for a first placement); phase
+# 2 what phase 1 left, at least MOVES_MIN_S. Measured (bench heal, 64 GPUs, one stage's device
+# vanished, traced): phase 1 with the request's 10 s proved its plan in 0.2-0.6 s, but took
+# 3.0-3.2 s (1.6 s of CPU) in 2 of 5 runs on the loaded 2-core machine, and phase 2 then ran
+# its full MOVES_BUDGET_S without a proof in half the runs: heals of 4.1-4.6 s against
+# targets of 2.8-2.9 s. CP-SAT's time limit is wall time, so the cap holds on a busy machine;
+# a capped phase 1 answers its best plan found (never worse than greedy's), and a better one
+# is the controller's soft path's to find, with its hysteresis.
+REPLAN_BUDGET_S = 1.0
+HEAL_PHASE1_S = 0.6
+MOVES_MIN_S = 0.1
+
+
+def heal_phase1_limit(time_limit_s: float | None) -> float | None:
+    """A heal's phase 1 budget: the request's own, at most HEAL_PHASE1_S (None: the
+    planner's default, 10 ms + 1 ms a device, already below it up to 590 devices)."""
+    return None if time_limit_s is None else min(time_limit_s, HEAL_PHASE1_S)
+
+
+def phase2_budget(phase1_s: float) -> float:
+    """Phase 2's budget after a phase 1 that took ``phase1_s``: what is left of
+    REPLAN_BUDGET_S, never less than MOVES_MIN_S nor more than MOVES_BUDGET_S."""
+    return min(MOVES_BUDGET_S, max(MOVES_MIN_S, REPLAN_BUDGET_S - max(0.0, phase1_s)))
 
 
 def _phase2(

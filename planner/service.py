@@ -53,7 +53,13 @@ from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.hf import CheckpointError
-from shardplane.planner.moves import bytes_moved, keep_resident
+from shardplane.planner.moves import (
+    MOVES_BUDGET_S,
+    bytes_moved,
+    heal_phase1_limit,
+    keep_resident,
+    phase2_budget,
+)
 from shardplane.planner.plan import Outcome, PlanError, plan
 from shardplane.planner.profile import ModelProfile
 
@@ -326,12 +332,11 @@ class Planner:
                 microbatches=req.microbatches,
                 min_stages=req.min_stages,
             )
+            limit = heal_phase1_limit(req.time_limit_s) if req.heal else req.time_limit_s
             try:
                 # The solver bounds itself; this only catches a planner stuck far beyond that.
                 outcome = await asyncio.wait_for(
-                    asyncio.to_thread(
-                        plan, problem, time_limit_s=req.time_limit_s, method=req.solver
-                    ),
+                    asyncio.to_thread(plan, problem, time_limit_s=limit, method=req.solver),
                     timeout=(req.time_limit_s or 2.0) + PLAN_GRACE_S,
                 )
             except TimeoutError as exc:
@@ -347,9 +352,11 @@ class Planner:
                     )
                 raise
             if own:  # re-placing a live instance: phase 2 keeps what is loaded where it can
-                # A CP-SAT solve of up to moves.MOVES_BUDGET_S: off the event loop.
+                # A CP-SAT solve, off the event loop; a heal's within what phase 1 left of
+                # moves.REPLAN_BUDGET_S (its instance may be down while it plans).
+                budget = phase2_budget(outcome.solve_ms / 1e3) if req.heal else MOVES_BUDGET_S
                 outcome = await asyncio.to_thread(
-                    keep_resident, problem, outcome, own, req.move_slack
+                    keep_resident, problem, outcome, own, req.move_slack, budget
                 )
             generation = (previous.generation + 1) if previous is not None else 1
             reply = self._reply(req, instance_id, generation, model, outcome, fleet)
