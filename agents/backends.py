@@ -16,6 +16,8 @@ is ``SHARDPLANE_BACKEND``:
 What ran is in the backend's ``name`` (``numpy-cpu``, ``torch-cuda:0``); the worker reports it
 with each step timing (``ShardStatus.executor``), which is how calibration tells a step run on
 the device from one run on a host stand-in (``projector.calibration``).
+
+A numpy stage caps this process's BLAS threads (``agents.blasthreads``) when it is built.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from shardplane.agents.blasthreads import cap_blas_threads
 from shardplane.agents.executor import ExecutorError, ModelConfig, NumpyStage, StageBackend
 
 BACKEND_ENV = "SHARDPLANE_BACKEND"
@@ -90,6 +93,7 @@ def build_stage(
         from shardplane.agents.executor_torch import TorchStage
 
         return TorchStage.build(config, tensors, device=device, **bounds)
+    cap_blas_threads()
     return NumpyStage.build(config, {n: host_array(t) for n, t in tensors.items()}, **bounds)
 
 

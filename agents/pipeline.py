@@ -154,7 +154,12 @@ class StageServer:
         # nats-py runs a subscription's callbacks one at a time, so a stage awaiting the next
         # stage's answer would take no other request: micro-batches could not pipeline (batch
         # i at stage k+1 while batch i+1 is at stage k). Each request is its own task; the
-        # lock still runs one forward at a time, in arrival order.
+        # lock still runs one forward at a time, in arrival order. The last stage awaits no
+        # other stage, so it has nothing to overlap: it handles the request in the callback,
+        # sparing the loop turn a task's start costs on every crossing.
+        if self.last:
+            await self._handle(msg)
+            return
         task = asyncio.create_task(self._handle(msg))
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
@@ -169,6 +174,10 @@ class StageServer:
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, _encoder.encode(reply))
         # Step-time bookkeeping waits until the reply is out: it is no part of the step.
+        # nats-py's publish only queues the bytes for its flusher task, so yield once to let
+        # the flusher write them before the bookkeeping runs.
+        if self._timed:
+            await asyncio.sleep(0)
         while self._timed:
             await self._measured(*self._timed.pop())
 

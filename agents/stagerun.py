@@ -9,13 +9,18 @@ same ``StageServer`` behind a command line.
     python -m shardplane.agents.stagerun --nats URL --model smollm2-135m \\
         --instance bench --stage 1 --layers 10:20 [--last]
 
-Prints ``ready <subject>`` on stdout once it answers, and serves until SIGTERM/SIGINT.
+Prints ``ready <subject>`` on stdout once it answers, and serves until SIGTERM/SIGINT. With
+``--report-steps`` it also prints each step report a worker would publish in ``ShardStatus``
+(``steps {json}``, from the same ``StepTimer``), so that a bench can calibrate from what the
+stages measured, as the projector does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -26,6 +31,7 @@ import nats
 
 from shardplane.agents.loader import StageSpec
 from shardplane.agents.pipeline import StageServer, build_backend, load_assigned
+from shardplane.agents.steptiming import StepTiming
 from shardplane.bus.messages import ShardAssignment
 
 
@@ -39,7 +45,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", type=int, required=True)
     p.add_argument("--layers", required=True, help="START:END, END exclusive")
     p.add_argument("--last", action="store_true", help="this stage applies the norm and head")
+    p.add_argument(
+        "--report-steps", action="store_true", help="print step reports as 'steps {json}' lines"
+    )
     return p.parse_args(argv)
+
+
+async def print_steps(timing: StepTiming) -> None:
+    print("steps " + json.dumps(dataclasses.asdict(timing)), flush=True)
+
+
+def read_steps(text: str) -> list[StepTiming]:
+    """The step reports in a stage process's output (``--report-steps``)."""
+    prefix = "steps "
+    return [
+        StepTiming(**json.loads(line[len(prefix) :]))
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    ]
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -60,7 +83,12 @@ async def serve(args: argparse.Namespace) -> None:
     backend = await asyncio.to_thread(build_backend, assignment, shard.tensors)
     nc = await nats.connect(args.nats)
     server = StageServer(
-        nc, instance_id=args.instance, stage=args.stage, backend=backend, last=args.last
+        nc,
+        instance_id=args.instance,
+        stage=args.stage,
+        backend=backend,
+        last=args.last,
+        on_steps=print_steps if args.report_steps else None,
     )
     await server.start()
     await nc.flush()
@@ -84,6 +112,7 @@ def spawn_stage(
     *,
     last: bool,
     env: dict[str, str] | None = None,
+    report_steps: bool = False,
 ) -> subprocess.Popen[str]:
     """Start a stage process (not waiting for it: see ``wait_ready``)."""
     cmd = [
@@ -100,7 +129,8 @@ def spawn_stage(
         str(stage),
         "--layers",
         f"{start}:{end}",
-    ] + (["--last"] if last else [])
+    ]
+    cmd += (["--last"] if last else []) + (["--report-steps"] if report_steps else [])
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env)
 
 
@@ -121,11 +151,22 @@ def spawn_split(
     instance: str,
     bounds: Sequence[int],
     env: dict[str, str] | None = None,
+    report_steps: bool = False,
 ) -> list[subprocess.Popen[str]]:
     """One process per stage of a model cut at ``bounds``, all ready when this returns."""
     last = len(bounds) - 2
     procs = [
-        spawn_stage(nats_url, model, instance, i, bounds[i], bounds[i + 1], last=i == last, env=env)
+        spawn_stage(
+            nats_url,
+            model,
+            instance,
+            i,
+            bounds[i],
+            bounds[i + 1],
+            last=i == last,
+            env=env,
+            report_steps=report_steps,
+        )
         for i in range(last + 1)
     ]
     try:

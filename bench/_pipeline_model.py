@@ -8,6 +8,10 @@ FLOPs: agents.steptiming), folded by ``projector.calibration.calibrate`` into a 
 that describes this host's CPU (vendor ``cpu``: what actually ran, so the host-substitute rule
 does not apply), and each case is predicted with ``planner.schedule.stage_ms`` per stage (max of
 bytes / measured bandwidth and FLOPs / measured compute) plus one crossing per stage.
+
+After a run, the host is calibrated as in production: from the step reports the stage processes
+themselves made (``StepTiming``, what a worker publishes in ``ShardStatus``), so a later plan is
+predicted from what stages cut like this really took, not only from the bare forward.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import statistics
 from collections.abc import Sequence
 
 from shardplane.agents.pipeline import even_bounds
+from shardplane.agents.steptiming import StepTiming
 from shardplane.bus.messages import DeviceSample, DeviceState, ShardStatus
 from shardplane.planner import schedule
 from shardplane.planner.catalog import resolve
@@ -73,6 +78,22 @@ def calibrated(floors: dict[int, tuple[list[float], int, float]]) -> tuple[float
             device = calibrate(device, status)
     if device.measured_gbps is None:
         raise ValueError("too few batch-1 steps to calibrate bandwidth (need 3 reports)")
+    return device.measured_gbps, device.measured_tflops
+
+
+def from_steps(timings: Sequence[StepTiming]) -> tuple[float | None, float | None]:
+    """(GB/s, TFLOPS) of this host from stage processes' own step reports, folded in the order
+    they were made; None for a figure with fewer than ``MIN_SAMPLES`` reports."""
+    device = host_device()
+    for i, t in enumerate(timings):
+        device = calibrate(
+            device,
+            ShardStatus(
+                instance_id="bench", generation=1, node="host", stage=0, state="loaded",
+                seq=i + 1, ts=1.0, device="host/0", step_ms=t.ms, step_bytes=t.read_bytes,
+                step_rows=t.rows, step_flops=t.flops, executor=t.executor,
+            ),
+        )  # fmt: skip
     return device.measured_gbps, device.measured_tflops
 
 

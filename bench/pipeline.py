@@ -25,8 +25,27 @@ Floors:
     2-core host each wake-up costs several times a back-to-back round trip (profiled: request
     to the responder's callback 0.35-0.7 ms, reply published to the requester resumed
     0.34-0.6 ms, the stage's own work around its compute 0.2 ms).
+  - ``raw_request_reply_streaming_ms_p50`` (``hop_over_streaming_floor``, for information): as
+    the comparable floor, but the busy time on both sides streams memory (sums over 64 MB in
+    8 MB blocks, twice this host's 32 MB L3) the way a stage's forward streams its weights,
+    instead of spinning in place. A stage's compute evicts from the caches everything the
+    crossing's code and data (the kernel's socket paths, the interpreter, asyncio, nats-py, the
+    NATS server) then has to fetch again; a spinning floor keeps them warm. Measured while
+    profiling (a raw responder, 7 ms busy on both sides, streaming as matrix-vector products
+    over 140 MB): spinning 0.57-0.74 ms, streaming 1.2-1.6 ms, the same crossing code.
 
-Prediction: each stage count's floor processes (batch 1 and the larger batches; one right
+Prediction (``predicted_over_measured``): as production predicts a later plan, from the step
+reports the stages of the run before made (``agents.stagerun --report-steps``: the worker's own
+``StepTimer`` figures, which a worker publishes in ``ShardStatus``), calibrated by the
+projector's code into this host's GB/s and GFLOPS; the first stage count has no run before it
+and is predicted from the floor as below. Why not the floor throughout: a stage process computes
+its layers in bursts after sitting idle through the other stages' compute, in a process of its
+own beside the others, and on this shared 2-core host that is measurably slower than the bare
+forward back to back (last session, load 3.6: three stages' compute summed to 1.24x the floor's;
+unloaded, 1.0-1.05x); a calibration from the floor cannot know it, the workers' reports do.
+
+Prediction from the floor (``predicted_over_measured_floor_calibrated``, kept for comparison):
+each stage count's floor processes (batch 1 and the larger batches; one right
 before the run and one right after it, pooled, since this shared machine drifts) are turned into
 the step reports a worker publishes and calibrated by the projector's own code
 (``projector.calibration``: bandwidth from batch 1, compute from the larger batches) on a
@@ -72,9 +91,9 @@ from shardplane.agents.gguf import (
 )
 from shardplane.agents.loader import StageSpec
 from shardplane.agents.pipeline import PipelineClient, even_bounds
-from shardplane.agents.stagerun import spawn_split, stop_all
-from shardplane.agents.steptiming import step_flops
-from shardplane.bench._pipeline_model import calibrated, predicted_ms
+from shardplane.agents.stagerun import read_steps, spawn_split, stop_all
+from shardplane.agents.steptiming import StepTiming, step_flops
+from shardplane.bench._pipeline_model import calibrated, from_steps, predicted_ms
 from shardplane.bus.messages import StageEntry, StageRequest
 from shardplane.natsserver import NatsServer
 from shardplane.render import table
@@ -88,14 +107,14 @@ PROMPTS = (
 )
 RESPONDER = """
 import asyncio, struct, sys, time, nats
+from shardplane.bench.pipeline import busy_wait
 async def main():
     nc = await nats.connect(sys.argv[1])
-    gap_s = float(sys.argv[2]) / 1000
+    gap_ms, streaming = float(sys.argv[2]), sys.argv[3] == "stream"
     async def echo(msg):
-        # Busy for gap_s (a stage computing), then answer with how long that took.
+        # Busy for gap_ms (a stage computing), then answer with how long that took.
         started = time.perf_counter()
-        while time.perf_counter() - started < gap_s:
-            pass
+        busy_wait(gap_ms, streaming)
         busy = (time.perf_counter() - started) * 1000
         await nc.publish(msg.reply, struct.pack("<d", busy) + b"x" * 56)
     await nc.subscribe("bench.raw", cb=echo)
@@ -209,9 +228,24 @@ async def pipeline_run(
     tokens: int,
     hidden: int,
     env: dict[str, str],
-) -> list[Case]:
+) -> tuple[list[Case], list[StepTiming]]:
+    """The run's cases and the step reports its stage processes made, in order."""
     bounds = even_bounds(30, k)
-    procs = await asyncio.to_thread(spawn_split, url, MODEL, f"bench{k}", bounds, env)
+    procs = await asyncio.to_thread(spawn_split, url, MODEL, f"bench{k}", bounds, env, True)
+    try:
+        cases = await drive_cases(url, k, batches, prompts, tokens, hidden)
+    finally:
+        await asyncio.to_thread(stop_all, procs)
+    steps: list[StepTiming] = []
+    for proc in procs:
+        assert proc.stdout is not None
+        steps += read_steps(proc.stdout.read())
+    return cases, steps
+
+
+async def drive_cases(
+    url: str, k: int, batches: list[int], prompts: list[list[int]], tokens: int, hidden: int
+) -> list[Case]:
     nc = await nats.connect(url)
     try:
         client = PipelineClient(nc, f"bench{k}", k, hidden)
@@ -233,11 +267,36 @@ async def pipeline_run(
         return cases
     finally:
         await nc.close()
-        await asyncio.to_thread(stop_all, procs)
+
+
+STREAM_BLOCKS = 8  # 8 blocks of 8 MB: 64 MB streamed in steps of about 0.3 ms
+_streamed: list[np.ndarray[Any, Any]] = []
+
+
+def busy_wait(ms: float, streaming: bool = False) -> None:
+    """Keep this core busy ``ms``: spinning in place, or (``streaming``) streaming 64 MB of
+    memory through the caches, as a stage's forward streams its weights (sums, not BLAS, so the
+    figure does not depend on this process's BLAS threads)."""
+    until = time.perf_counter() + ms / 1000
+    if not streaming:
+        while time.perf_counter() < until:
+            pass
+        return
+    if not _streamed:
+        _streamed.extend(np.ones(2 << 20, np.float32) for _ in range(STREAM_BLOCKS))
+    i = 0
+    while time.perf_counter() < until:
+        _streamed[i % STREAM_BLOCKS].sum()
+        i += 1
 
 
 async def raw_rr_ms(
-    url: str, payload: int, count: int, gap_ms: float = 0.0, reply_gap_ms: float = 0.0
+    url: str,
+    payload: int,
+    count: int,
+    gap_ms: float = 0.0,
+    reply_gap_ms: float = 0.0,
+    streaming: bool = False,
 ) -> float:
     """p50 of a raw NATS request-reply with ``payload`` bytes, to a responder process. With
     ``gap_ms``, this process computes (busy) that long before each request, as a stage does
@@ -245,10 +304,13 @@ async def raw_rr_ms(
     is part of what a crossing costs on a busy host. With ``reply_gap_ms`` the responder
     computes that long before it answers, as the next stage does, and its busy time is taken
     off the sample (as a stage's hop excludes the compute downstream reported): then this
-    process has been idle as long as a waiting stage, and its wake-up is in the sample too."""
+    process has been idle as long as a waiting stage, and its wake-up is in the sample too.
+    ``streaming``: both sides stream memory while busy instead of spinning (``busy_wait``)."""
+    mode = "stream" if streaming else "spin"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RESPONDER, url, str(reply_gap_ms), stdout=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-c", RESPONDER, url, str(reply_gap_ms), mode,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     try:
         assert proc.stdout is not None
         await proc.stdout.readline()
@@ -256,9 +318,7 @@ async def raw_rr_ms(
         data = b"\0" * payload
         samples: list[float] = []
         for _ in range(count):
-            busy_until = time.perf_counter() + gap_ms / 1000
-            while time.perf_counter() < busy_until:
-                pass
+            busy_wait(gap_ms, streaming)
             started = time.perf_counter()
             msg = await nc.request("bench.raw", data, timeout=5)
             busy = struct.unpack_from("<d", msg.data)[0]
@@ -311,12 +371,16 @@ async def run(
     hidden = read_config(packaged_path(MODEL)).hidden
     floors: dict[tuple[int, int], Case] = {}
     raw: dict[tuple[int, int], float] = {}
+    steps: dict[int, list[StepTiming]] = {}
     async with NatsServer() as server:
         cases: list[Case] = []
         for k in stage_counts:
             floor = await asyncio.to_thread(floor_process, tokens, batches, env)
             floors.update({(k, b): c for b, c in floor.items()})
-            cases += await pipeline_run(server.url, k, batches, prompts, tokens, hidden, env)
+            run_cases, steps[k] = await pipeline_run(
+                server.url, k, batches, prompts, tokens, hidden, env
+            )
+            cases += run_cases
             # Right after the run, so that both see the same machine.
             for b in batches:
                 raw[(k, b)] = await raw_rr_ms(server.url, frame_bytes(b, hidden), rr_count)
@@ -325,7 +389,7 @@ async def run(
                 floors[(k, b)].after_ms = c.step_ms
         floors_of = await floor_crossings(server.url, cases, batches, hidden, rr_count // 2)
     context = round(statistics.mean(len(p) for p in prompts) + tokens / 2)
-    return report(floors, raw, cases, tokens, hidden, floors_of, context)
+    return report(floors, raw, cases, tokens, hidden, floors_of, context, steps)
 
 
 @dataclass
@@ -335,6 +399,7 @@ class Crossing:
     gap_ms: dict[int, float]  # one stage's compute per batch (the deepest run's p50 / stages)
     one_sided: float  # batch 1: the requester computed gap_ms first, the responder answers at once
     comparable: dict[int, float]  # both compute gap_ms, as adjacent stages do (busy time off)
+    streaming: float  # batch 1, as comparable, the busy time streaming memory (information)
 
 
 async def floor_crossings(
@@ -349,7 +414,10 @@ async def floor_crossings(
         b: await raw_rr_ms(url, frame_bytes(b, hidden), count, gap_ms=gap[b], reply_gap_ms=gap[b])
         for b in batches
     }
-    return Crossing(gap, one, comparable)
+    streaming = await raw_rr_ms(
+        url, frame_bytes(1, hidden), count, gap_ms=gap[1], reply_gap_ms=gap[1], streaming=True
+    )
+    return Crossing(gap, one, comparable, streaming)
 
 
 def case_rows(
@@ -399,6 +467,36 @@ HEADERS = (
 )
 
 
+def floor_host(floors: dict[tuple[int, int], Case], k: int) -> tuple[float, float | None]:
+    """This host calibrated from the floor measured right before and right after the ``k``-stage
+    run (this machine is shared, and its speed drifts between minutes)."""
+    return calibrated(
+        {
+            b: (c.step_ms + c.after_ms, c.read_bytes, statistics.median(c.flops))
+            for (kk, b), c in floors.items()
+            if kk == k
+        }
+    )
+
+
+def hosts(
+    floors: dict[tuple[int, int], Case], steps: dict[int, list[StepTiming]]
+) -> tuple[dict[int, tuple[float, float | None]], dict[int, str]]:
+    """The host each stage count is predicted with, and where it came from: the step reports
+    of the run before it (as the projector would hold them when the planner plans the next
+    one), figure by figure, else the floor around its own run."""
+    host: dict[int, tuple[float, float | None]] = {}
+    source: dict[int, str] = {}
+    before: int | None = None
+    for k in steps:  # in the order they ran
+        floor_gbps, floor_tflops = floor_host(floors, k)
+        gbps, tflops = from_steps(steps[before]) if before is not None else (None, None)
+        host[k] = (gbps or floor_gbps, tflops or floor_tflops)
+        source[k] = f"{before}stage_steps" if gbps is not None else "floor"
+        before = k
+    return host, source
+
+
 def report(
     floors: dict[tuple[int, int], Case],
     raw: dict[tuple[int, int], float],
@@ -407,27 +505,22 @@ def report(
     hidden: int,
     crossing: Crossing,
     context: int,
+    steps: dict[int, list[StepTiming]],
 ) -> int:
     first = min(k for k, _ in floors)
-    # Each stage count is predicted from the floor measured right before and right after its
-    # run: this machine is shared, and its speed drifts between minutes.
-    host = {
-        k: calibrated(
-            {
-                b: (c.step_ms + c.after_ms, c.read_bytes, statistics.median(c.flops))
-                for (kk, b), c in floors.items()
-                if kk == k
-            }
-        )
-        for k in {k for k, _ in floors}
-    }
-    gbps, tflops = host[first]
-    predict = {
-        (c.stages, c.batch): predicted_ms(
-            c.stages, c.batch, *host[c.stages], crossing.comparable[c.batch], context
-        )
-        for c in cases
-    }
+    host, source = hosts(floors, steps)
+    gbps, tflops = floor_host(floors, first)
+
+    def predictions(of: dict[int, tuple[float, float | None]]) -> dict[tuple[int, int], float]:
+        return {
+            (c.stages, c.batch): predicted_ms(
+                c.stages, c.batch, *of[c.stages], crossing.comparable[c.batch], context
+            )
+            for c in cases
+        }
+
+    predict = predictions(host)
+    predict_floor = predictions({k: floor_host(floors, k) for k in steps})
     rows, figures, match = case_rows(floors, cases, predict)
     print(table(HEADERS, rows))
     by = {(c.stages, c.batch): c for c in cases}
@@ -440,7 +533,8 @@ def report(
         f"request-reply of the same {frame_bytes(1, hidden)} bytes between two processes: "
         f"{b2b:.3f} ms back to back (old floor), {crossing.one_sided:.3f} ms after "
         f"{crossing.gap_ms[1]:.1f} ms of compute on the requester only, {comparable:.3f} ms "
-        f"with {crossing.gap_ms[1]:.1f} ms of compute on both sides (comparable floor); "
+        f"with {crossing.gap_ms[1]:.1f} ms of compute on both sides (comparable floor), "
+        f"{crossing.streaming:.3f} ms when that compute streams memory as a stage does; "
         f"calibrated host (before the 1-stage run) {gbps:.1f} GB/s, "
         f"{(tflops or 0) * 1000:.1f} GFLOPS"
     )
@@ -461,8 +555,14 @@ def report(
         "hop_over_gap_floor": ratio(crossing.one_sided),
         "raw_request_reply_comparable_ms_p50": round(comparable, 4),
         "hop_over_floor": ratio(comparable),
+        "raw_request_reply_streaming_ms_p50": round(crossing.streaming, 4),
+        "hop_over_streaming_floor": ratio(crossing.streaming),
         "predicted_over_measured": {
             f"{k}stage_b{b}": round(predict[(k, b)] / by[(k, b)].ms, 3) for k, b in by
+        },
+        "calibrated_from": {f"{k}stage": source[k] for k in steps},
+        "predicted_over_measured_floor_calibrated": {
+            f"{k}stage_b{b}": round(predict_floor[(k, b)] / by[(k, b)].ms, 3) for k, b in by
         },
         "calibrated_bandwidth_gbps": round(gbps, 2),
         "calibrated_gflops": round(tflops * 1000, 2) if tflops else None,

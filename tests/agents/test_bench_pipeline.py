@@ -21,3 +21,7 @@ def test_pipeline_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert figures["ms_per_token_1stage"] > 0 and figures["floor_ms_per_token"] > 0
     assert figures["overhead_1stage"] > 0 and figures["raw_request_reply_ms_p50"] > 0
     assert set(figures["predicted_over_measured"]) == {"1stage_b1"}
+    # One stage count: no run before it whose stage reports could calibrate it.
+    assert figures["calibrated_from"] == {"1stage": "floor"}
+    assert set(figures["predicted_over_measured_floor_calibrated"]) == {"1stage_b1"}
+    assert figures["raw_request_reply_streaming_ms_p50"] > 0
