@@ -28,8 +28,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from shardplane.bus.errors import ApiServerError
 
-class QueueFull(Exception):
+
+class QueueFull(ApiServerError):
     """Every slot is taken and the wait queue is at its bound."""
 
     def __init__(self, capacity: int, waiting: int) -> None:

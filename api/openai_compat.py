@@ -47,6 +47,7 @@ from shardplane.api.batcher import Batcher, PlanFigures, Ticket, plan_figures
 from shardplane.api.batching import QueueFull, Seq
 from shardplane.api.errors import ApiError
 from shardplane.api.state import ClusterCache
+from shardplane.bus.errors import ApiServerError
 from shardplane.generate import GenerateError, TextCodec, model_hidden
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ async def _admit(serving: Serving, job: Job) -> tuple[Batcher, Ticket]:
         raise TooBusy(str(exc), batcher.retry_after_s()) from None
 
 
-class TooBusy(Exception):
+class TooBusy(ApiServerError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
