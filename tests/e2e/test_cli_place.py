@@ -44,6 +44,14 @@ def _instances(url: str) -> list[str]:
     return [i["instance_id"] for i in json.loads(out.stdout)["instances"]]
 
 
+def _listed(url: str, instance_id: str) -> None:
+    """``place`` answers once the planner has published the assignment; ``status`` reads the
+    KV, which the projector writes from that assignment a moment later."""
+    kit.waited(
+        lambda: _instances(url), lambda ids: instance_id in ids, what=f"{instance_id} listed"
+    )
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A NATS server with `up` (demo fleet, every service) running against it."""
@@ -83,7 +91,7 @@ def test_export_is_a_dry_run_unless_commit(fleet: str) -> None:
         fleet, "place", "llama-3.2-1b", "--export", "llamacpp", "--commit", "--instance-id", "exp-c"
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "exp-c" in _instances(fleet)
+    _listed(fleet, "exp-c")
 
     out = _run(fleet, "place", "llama-3.2-1b", "--commit")
     assert out.returncode == 2 and "--commit goes with --export" in out.stderr
@@ -95,7 +103,7 @@ def test_place_prints_the_plan_and_reserves_it(fleet: str) -> None:
     assert "llama-3.2-1b" in out.stdout and "instance=plain-1" in out.stdout, out.stdout
     for column in ("stage", "node", "device", "GPU", "layers", "GiB", "est. ms"):
         assert column in out.stdout, f"column {column!r} missing from:\n{out.stdout}"
-    assert "plain-1" in _instances(fleet)
+    _listed(fleet, "plain-1")
 
 
 def test_place_json_is_the_reply_with_every_layer_placed(fleet: str) -> None:
@@ -108,7 +116,7 @@ def test_place_json_is_the_reply_with_every_layer_placed(fleet: str) -> None:
     for before, after in itertools.pairwise(stages):
         assert before["layer_end"] == after["layer_start"], stages
     assert stages[-1]["layer_end"] == 16  # llama-3.2-1b's layers
-    assert "json-1" in _instances(fleet)
+    _listed(fleet, "json-1")
 
 
 def test_vllm_export_refuses_the_demo_fleets_mixed_plan(fleet: str) -> None:
