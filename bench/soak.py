@@ -141,7 +141,7 @@ async def watch_lag(nc: Client, figures: Figures, recording: asyncio.Event) -> A
             return
         figures.lags_ms.append((time.time() - state.sample.ts) * 1000)
 
-    return await nc.subscribe(f"$KV.{streams.CLUSTER_STATE}.{keys.DEVICES}.>", cb=on)
+    return await nc.subscribe(streams.kv_subject(streams.CLUSTER_STATE, f"{keys.DEVICES}.>"), cb=on)
 
 
 async def poll_api(
