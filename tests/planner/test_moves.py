@@ -41,13 +41,19 @@ def _outcome(problem: Problem, stages: tuple[StagePlan, ...]) -> Outcome:
     )
 
 
-def test_a_lost_stage_moves_alone_when_an_equal_plan_keeps_the_rest() -> None:
+def _b_lost() -> tuple[Problem, tuple[Stage, ...], Outcome]:
+    """Two stages on a and b of four equal devices; b is lost, and the solver's new plan
+    (equally fast) happens to move both stages, to c and d. Returns the problem after the loss,
+    the plan before it and phase 1's plan."""
     a, b, c, d = (_dev(f"{n}/0", 1000.0, 8) for n in "abcd")
     before = Problem(_tiny(), Fleet(devices=(a, b)), 1000, 1, headroom=0.0)
     previous = _outcome(before, (StagePlan(a, 0, 2), StagePlan(b, 2, 4))).stages
-    # b is lost; the solver's plan (equally fast) happens to move both stages.
     after = Problem(_tiny(), Fleet(devices=(a, c, d)), 1000, 1, headroom=0.0)
-    phase1 = _outcome(after, (StagePlan(c, 0, 2), StagePlan(d, 2, 4)))
+    return after, previous, _outcome(after, (StagePlan(c, 0, 2), StagePlan(d, 2, 4)))
+
+
+def test_a_lost_stage_moves_alone_when_an_equal_plan_keeps_the_rest() -> None:
+    after, previous, phase1 = _b_lost()
     assert bytes_moved(previous, phase1.stages)[1] == 0
     chosen = keep_resident(after, phase1, previous, 0.05)
     moved, kept = bytes_moved(previous, chosen.stages)
@@ -77,11 +83,7 @@ def test_a_heal_plans_within_one_budget_whatever_its_request_allowed() -> None:
 
 
 def test_the_smallest_phase2_budget_still_keeps_the_survivors() -> None:
-    a, b, c, d = (_dev(f"{n}/0", 1000.0, 8) for n in "abcd")
-    before = Problem(_tiny(), Fleet(devices=(a, b)), 1000, 1, headroom=0.0)
-    previous = _outcome(before, (StagePlan(a, 0, 2), StagePlan(b, 2, 4))).stages
-    after = Problem(_tiny(), Fleet(devices=(a, c, d)), 1000, 1, headroom=0.0)
-    phase1 = _outcome(after, (StagePlan(c, 0, 2), StagePlan(d, 2, 4)))
+    after, previous, phase1 = _b_lost()
     chosen = keep_resident(after, phase1, previous, 0.05, budget_s=MOVES_MIN_S)
     moved, kept = bytes_moved(previous, chosen.stages)
     assert kept == previous[0].weight_bytes and moved == previous[1].weight_bytes
