@@ -41,6 +41,7 @@ from shardplane.bus.authority import LedgerView
 from shardplane.bus.messages import PlacementReply, ShardAssignment, ShardStatus
 from shardplane.bus.streams import DEADLETTER, PLACEMENTS, SHARDS, TELEMETRY
 from shardplane.natsserver import free_port
+from shardplane.placing import request_with_retry
 from shardplane.projector.decode import Poison, decode_event
 from shardplane.projector.service import (
     CONSUMERS,
@@ -380,17 +381,20 @@ async def publish_stream_inputs(
 
 async def place_for_real(api: Client, instance_id: str) -> PlacementReply:
     """A small real placement on NODE through the planner (the model card is tiny, so it fits
-    however much the fuzz placed)."""
-    body = {
+    however much the fuzz placed).
+
+    The first one runs as soon as the devices are in the KV, which says nothing of the planner:
+    it may still be subscribing, and the server answers "no responders" at once until it has,
+    so that answer (and only that) is retried until the planner serves."""
+    body: dict[str, Any] = {
         "model": dict(_CARD),
         "instance_id": instance_id,
         "context_tokens": 2048,
         "exclude_nodes": [n for n in ("rig-a", "rig-b") if n != NODE],
     }
-    msg = await api.request(subjects.PLACEMENT_REQUEST, json.dumps(body).encode(), timeout=30.0)
-    reply = _reply_of(msg.data)
-    if reply is None or not reply.ok:
-        raise RuntimeError(f"the fuzz's own placement of {instance_id} failed: {msg.data[:300]!r}")
+    reply = await request_with_retry(api, body, timeout=30.0)
+    if not reply.ok:
+        raise RuntimeError(f"the fuzz's own placement of {instance_id} failed: {reply.error}")
     return reply
 
 

@@ -49,6 +49,8 @@ from shardplane.bus.streams import (
     PLACEMENTS,
     SHARDS,
     TELEMETRY,
+    kv_stream,
+    kv_subject,
 )
 from shardplane.bus.wait import wait_set
 from shardplane.cluster import NatsCluster, stream_cluster, stream_leader
@@ -58,11 +60,11 @@ from shardplane.projector.lease import LEASE_BUCKET
 
 log = logging.getLogger(__name__)
 
-KV_STREAM = f"KV_{CLUSTER_STATE}"
-TARGETS = (TELEMETRY, KV_STREAM, f"KV_{LEDGER}")
-KV_PREFIX = f"$KV.{CLUSTER_STATE}."
+KV_STREAM = kv_stream(CLUSTER_STATE)
+TARGETS = (TELEMETRY, KV_STREAM, kv_stream(LEDGER))
+KV_PREFIX = kv_subject(CLUSTER_STATE)
 TARGET_UNAVAILABLE_S = 15.0
-EVERY_STREAM = (*TARGETS, PLACEMENTS, SHARDS, DEADLETTER, f"KV_{LEASE_BUCKET}")
+EVERY_STREAM = (*TARGETS, PLACEMENTS, SHARDS, DEADLETTER, kv_stream(LEASE_BUCKET))
 
 
 @dataclass
@@ -185,7 +187,7 @@ async def observer(url: str, seen: Observed) -> Client:
             seen.kv_seen[key] = (time.monotonic(), state.sample.seq)
 
     nc = await connect(url, "failover-observer", reconnect_time_wait=0.2)
-    await nc.subscribe(f"{KV_PREFIX}devices.>", cb=on_write)
+    await nc.subscribe(kv_subject(CLUSTER_STATE, f"{keys.DEVICES}.>"), cb=on_write)
     return nc
 
 
@@ -247,7 +249,7 @@ async def floor_probe(nc: Client, target: str, killed_at: float) -> float | None
     subject = (
         subjects.gpu_sample("floor", 0)
         if target == TELEMETRY
-        else f"$KV.{target.removeprefix('KV_')}.floor"
+        else kv_subject(target.removeprefix(kv_stream("")), "floor")
     )
 
     async def stored() -> bool:

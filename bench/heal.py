@@ -43,7 +43,7 @@ from nats.aio.msg import Msg
 import shardplane
 from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
-from shardplane.bus import codec, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import InstanceHealth, InstanceState, PlacementReply
 from shardplane.bus.streams import CLUSTER_STATE
 from shardplane.commands import run_services
@@ -169,7 +169,7 @@ def _print_moves(rows: list[MoveRow]) -> None:
 async def _instance(nc: Client, instance_id: str) -> InstanceState | None:
     kv = await nc.jetstream().key_value(CLUSTER_STATE)
     try:
-        entry = await kv.get(subjects.instance_key(instance_id))
+        entry = await kv.get(keys.instance_key(instance_id))
     except Exception:
         return None
     return codec.decode(InstanceState, entry.value) if entry.value else None
@@ -224,10 +224,10 @@ async def _wait_devices(nc: Client, count: int) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            keys = [k for k in await kv.keys() if k.startswith("devices.")]
+            found = [k for k in await kv.keys() if keys.kind_of(k) == "device"]
         except Exception:
-            keys = []
-        if len(keys) >= count:
+            found = []
+        if len(found) >= count:
             return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"fewer than {count} devices reported")

@@ -52,7 +52,7 @@ from nats.aio.msg import Msg
 
 from shardplane import supervise
 from shardplane.bench._floor import echo_round_trips_ms
-from shardplane.bus import codec, streams, subjects
+from shardplane.bus import codec, keys, streams, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState
 from shardplane.bus.streams import cluster_state, provision
 from shardplane.bus.wait import wait_set
@@ -141,7 +141,7 @@ async def watch_lag(nc: Client, figures: Figures, recording: asyncio.Event) -> A
             return
         figures.lags_ms.append((time.time() - state.sample.ts) * 1000)
 
-    return await nc.subscribe(f"$KV.{streams.CLUSTER_STATE}.devices.>", cb=on)
+    return await nc.subscribe(streams.kv_subject(streams.CLUSTER_STATE, f"{keys.DEVICES}.>"), cb=on)
 
 
 async def poll_api(
@@ -244,15 +244,15 @@ async def check_kv(nc: Client, nodes: list[str], gpus: int, timeout_s: float) ->
     ``timeout_s`` to drain."""
     js = nc.jetstream()
     kv = await cluster_state(js)
-    keys = [(n, i) for n in nodes for i in range(gpus)]
+    devices = [(n, i) for n in nodes for i in range(gpus)]
     deadline = time.monotonic() + timeout_s
     while True:
         wrong = 0
-        for node, index in keys:
+        for node, index in devices:
             try:
                 last = await js.get_last_msg(streams.TELEMETRY, subjects.gpu_sample(node, index))
                 sample = codec.decode(DeviceSample, last.data or b"")
-                entry = await kv.get(subjects.device_key(node, index))
+                entry = await kv.get(keys.device_key(node, index))
                 held = codec.decode(DeviceState, entry.value or b"").sample
                 same = (held.epoch, held.seq) == (sample.epoch, sample.seq)
             except Exception:

@@ -43,6 +43,8 @@ from shardplane.bus.streams import (
     PLACEMENTS,
     SHARDS,
     TELEMETRY,
+    kv_stream,
+    kv_subject,
     partition_stream,
 )
 
@@ -99,7 +101,7 @@ def _consume(stream: str, consumer: str = "*") -> list[str]:
 
 
 def _read_kv(bucket: str) -> list[str]:
-    stream = f"KV_{bucket}"
+    stream = kv_stream(bucket)
     return [
         *_consume(stream),
         f"{JS}.DIRECT.GET.{stream}",
@@ -109,7 +111,7 @@ def _read_kv(bucket: str) -> list[str]:
 
 
 def _write_kv(bucket: str) -> list[str]:
-    return [f"$KV.{bucket}.>"]
+    return [kv_subject(bucket, ">")]
 
 
 # Every role may look at stream and bucket configs (to wait for an admin to provision them),

@@ -57,6 +57,19 @@ def partition_stream(count: int) -> str:
     return f"{TELEMETRY}_P{count}"
 
 
+# JetStream keeps a KV bucket in a stream of its own and carries each write on a subject; both
+# names are derived from the bucket's, and spelled here only.
+def kv_stream(bucket: str) -> str:
+    """The stream that holds ``bucket``."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str = "") -> str:
+    """The subject a write of ``key`` to ``bucket`` travels on (``key`` may be a wildcard such
+    as ``devices.>``); with no key, the prefix every such subject starts with."""
+    return f"$KV.{bucket}.{key}"
+
+
 DAY = 24 * 3600.0
 PLACEMENT_CONSUMERS = 100_000
 DEDUPE_S = 120.0  # a publish retried within this window (same Nats-Msg-Id) is stored once
@@ -239,7 +252,7 @@ async def ensure_bucket(js: JetStreamContext, bucket: KeyValueConfig, explicit: 
         kv = await js.key_value(bucket.bucket)
     except (NotFoundError, BadRequestError):
         return await js.create_key_value(bucket)
-    stream = f"KV_{bucket.bucket}"
+    stream = kv_stream(bucket.bucket)
     info = await js.stream_info(stream)
     current = info.config.num_replicas or 1
     replicas = settle_replicas(stream, current, bucket.replicas or 1, explicit)
@@ -280,7 +293,7 @@ PROVISION_WAIT_LOG_S = 10.0
 async def wait_provisioned(js: JetStreamContext) -> None:
     """Return once every stream and bucket exists; says what is missing every few seconds."""
     names = [c.name for c in stream_configs() if c.name] + [
-        f"KV_{b.bucket}" for b in bucket_configs()
+        kv_stream(b.bucket) for b in bucket_configs()
     ]
     waited = 0.0
     while True:

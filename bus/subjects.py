@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from shardplane.bus import keys
-
 TELEMETRY_GPU = "telemetry.gpu"
 TELEMETRY_NODE = "telemetry.node"
 PLACEMENT_REQUEST = "placement.request"
@@ -51,10 +49,3 @@ def pipeline(instance: str, stage: int) -> str:
 
 
 SIM_FAULT_ANY = sim_fault("*")  # what an agent process simulating several nodes subscribes to
-
-
-# The KV key builders moved to bus.keys (one module for the key layout); these names stay so a
-# caller that spells ``subjects.device_key`` keeps working.
-device_key = keys.device_key
-node_key = keys.node_key
-instance_key = keys.instance_key

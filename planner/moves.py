@@ -122,34 +122,50 @@ def candidates(problem: Problem, previous: Sequence[Stage]) -> list[Evaluation]:
 
 
 MOVES_BUDGET_S = 1.0  # phase 2's CP-SAT budget over every M (a heal is rare, its load is long)
-# A heal plans within REPLAN_BUDGET_S (1.6 s) in all: its instance cannot serve meanwhile,
-# and the bench's target gives a heal 2 s beyond its detection (plus the load). Phase 1 gets at most
-# HEAL_PHASE1_S of it (the stored request's own time_limit_s was for a first placement); phase
-# 2 what phase 1 left, at least MOVES_MIN_S. Measured (bench heal, 64 GPUs, one stage's device
-# vanished, traced): phase 1 with the request's 10 s proved its plan in 0.2-0.6 s, but took
-# 3.0-3.2 s (1.6 s of CPU) in 2 of 5 runs on the loaded 2-core machine, and phase 2 then ran
-# its full MOVES_BUDGET_S without a proof in half the runs: heals of 4.1-4.6 s against
-# targets of 2.8-2.9 s. CP-SAT's time limit is wall time, so the cap holds on a busy machine;
-# a capped phase 1 answers its best plan found (never worse than greedy's), and a better one
-# is the controller's soft path's to find, with its hysteresis. Phase 2 keeps its full
-# MOVES_BUDGET_S after a phase 1 within its cap: cut to what was left of a 1 s budget, it
-# kept nothing on the 64-GPU fleet (228.3 GB reloaded where 132.1 GB could stay resident),
-# and seconds of reloading cost more than the planning they save.
-HEAL_PHASE1_S = 0.6
-REPLAN_BUDGET_S = HEAL_PHASE1_S + MOVES_BUDGET_S
-MOVES_MIN_S = 0.1
 
 
-def heal_phase1_limit(time_limit_s: float | None) -> float | None:
-    """A heal's phase 1 budget: the request's own, at most HEAL_PHASE1_S (None: the
-    planner's default, 10 ms + 1 ms a device, already below it up to 590 devices)."""
-    return None if time_limit_s is None else min(time_limit_s, HEAL_PHASE1_S)
+@dataclasses.dataclass(frozen=True, slots=True)
+class HealBudget:
+    """How long a heal may plan, one rule: phase 1 at most ``phase1_s``, phase 2 its usual
+    ``phase2_s`` less whatever phase 1 ran over its cap (never under ``min_phase2_s``), so a
+    heal plans within ``total_s`` (1.6 s) unless phase 1 overran by more than phase 2 can give.
+
+    Why a cap at all: the instance cannot serve while its heal plans, and the bench's target
+    gives a heal 2 s beyond its detection (plus the load). The stored request's own
+    time_limit_s was for a first placement: measured (bench heal, 64 GPUs, one stage's device
+    vanished, traced), phase 1 with the request's 10 s proved its plan in 0.2-0.6 s but took
+    3.0-3.2 s (1.6 s of CPU) in 2 of 5 runs on the loaded 2-core machine, and phase 2 then ran
+    its full budget without a proof in half the runs: heals of 4.1-4.6 s against targets of
+    2.8-2.9 s. CP-SAT's time limit is wall time, so the cap holds on a busy machine; a capped
+    phase 1 answers its best plan found (never worse than greedy's), and a better one is the
+    controller's soft path's to find, with its hysteresis.
+
+    Why phase 2 keeps its full budget after a phase 1 within its cap: cut to what was left of
+    a 1 s budget for both, it kept nothing on the 64-GPU fleet (228.3 GB reloaded where
+    132.1 GB could stay resident), and seconds of reloading cost more than the planning they
+    save."""
+
+    phase1_s: float = 0.6
+    phase2_s: float = MOVES_BUDGET_S
+    min_phase2_s: float = 0.1  # a phase 1 that took everything still leaves phase 2 a try
+
+    @property
+    def total_s(self) -> float:
+        return self.phase1_s + self.phase2_s
+
+    def phase1_limit(self, time_limit_s: float | None) -> float | None:
+        """Phase 1's limit: the request's own, at most ``phase1_s`` (None: the planner's
+        default, 10 ms + 1 ms a device, already below it up to 590 devices)."""
+        return None if time_limit_s is None else min(time_limit_s, self.phase1_s)
+
+    def phase2(self, phase1_took_s: float) -> float:
+        """Phase 2's budget after a phase 1 that took ``phase1_took_s`` (a clock that stepped
+        back counts as no time)."""
+        overrun = max(0.0, phase1_took_s - self.phase1_s)
+        return max(self.min_phase2_s, self.phase2_s - overrun)
 
 
-def phase2_budget(phase1_s: float) -> float:
-    """Phase 2's budget after a phase 1 that took ``phase1_s``: what is left of
-    REPLAN_BUDGET_S, never less than MOVES_MIN_S nor more than MOVES_BUDGET_S."""
-    return min(MOVES_BUDGET_S, max(MOVES_MIN_S, REPLAN_BUDGET_S - max(0.0, phase1_s)))
+HEAL = HealBudget()
 
 
 def _phase2(

@@ -53,13 +53,7 @@ from shardplane.planner.catalog import UnknownModel, resolve
 from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.hf import CheckpointError
-from shardplane.planner.moves import (
-    MOVES_BUDGET_S,
-    bytes_moved,
-    heal_phase1_limit,
-    keep_resident,
-    phase2_budget,
-)
+from shardplane.planner.moves import HEAL, MOVES_BUDGET_S, bytes_moved, keep_resident
 from shardplane.planner.plan import Outcome, PlanError, plan
 from shardplane.planner.profile import ModelProfile
 
@@ -332,7 +326,7 @@ class Planner:
                 microbatches=req.microbatches,
                 min_stages=req.min_stages,
             )
-            limit = heal_phase1_limit(req.time_limit_s) if req.heal else req.time_limit_s
+            limit = HEAL.phase1_limit(req.time_limit_s) if req.heal else req.time_limit_s
             try:
                 # The solver bounds itself; this only catches a planner stuck far beyond that.
                 outcome = await asyncio.wait_for(
@@ -352,9 +346,9 @@ class Planner:
                     )
                 raise
             if own:  # re-placing a live instance: phase 2 keeps what is loaded where it can
-                # A CP-SAT solve, off the event loop; a heal's within what phase 1 left of
-                # moves.REPLAN_BUDGET_S (its instance may be down while it plans).
-                budget = phase2_budget(outcome.solve_ms / 1e3) if req.heal else MOVES_BUDGET_S
+                # A CP-SAT solve, off the event loop; a heal's within moves.HEAL (its instance
+                # may be down while it plans).
+                budget = HEAL.phase2(outcome.solve_ms / 1e3) if req.heal else MOVES_BUDGET_S
                 outcome = await asyncio.to_thread(
                     keep_resident, problem, outcome, own, req.move_slack, budget
                 )

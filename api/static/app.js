@@ -103,9 +103,10 @@ async function loadAll() {
   ]);
   state.devices.clear(); state.nodes.clear(); state.instances.clear();
   for (const d of devs.devices) state.devices.set(d.id, d);
+  recount();
   for (const n of nodes.nodes) state.nodes.set(n.id, n);
   for (const p of placements.placements) state.instances.set(p.id, p);
-  state.topology = topo;
+  state.topology = topo; topoText = "";
   state.revision = Math.max(devs.revision, nodes.revision, placements.revision);
   if (state.devices.size <= HISTORY_LOAD_MAX) {
     try {
@@ -126,33 +127,71 @@ async function loadAll() {
   schedule();
 }
 
-let topoTimer = null;
+let topoTimer = null, topoText = "";
 function refreshTopologySoon() {
   // The topology changes rarely (a device or link appears, a node goes offline): refetch it
-  // at most once a second instead of rebuilding it in the browser on every sample.
+  // at most once a second instead of rebuilding it in the browser on every sample. Its answer
+  // holds no live figure, so the same text means the same drawing: at thousands of GPUs the
+  // rebuild (thousands of SVG elements, then their layout) was the dashboard's longest task.
   if (topoTimer) return;
   topoTimer = setTimeout(async () => {
     topoTimer = null;
-    try { state.topology = await getJSON("/api/gpu/topology"); dirty.topology = true; schedule(); } catch (e) { console.warn(e); }
+    try {
+      const r = await fetch("/api/gpu/topology", { headers: { Accept: "application/json" } });
+      if (!r.ok) throw new Error(`/api/gpu/topology: HTTP ${r.status}`);
+      const text = await r.text();
+      if (text === topoText) return;
+      topoText = text; state.topology = JSON.parse(text); dirty.topology = true; schedule();
+    } catch (e) { console.warn(e); }
   }, 1000);
 }
+// What of a node the topology draws besides its status: a heartbeat that changes none of it
+// needs no refetch, and a status change is restyled in place from the event itself (at 1,000
+// nodes, refetching the whole topology for one was the dashboard's longest task).
+const nodeDrawn = (n) => JSON.stringify([n.hostname, n.interconnect, n.links]);
 
-function applyEvent(ev) {
-  const msg = JSON.parse(ev.data);
+// Events are queued as they arrive and applied in slices of at most EVENT_SLICE_MS, each its
+// own task: the browser hands over a network read's events (hundreds at thousands of GPUs) in
+// one task, and applying them there (a JSON parse and a history point each) made that task
+// the dashboard's longest. Applied in arrival order, as before; only when is spread out.
+const EVENT_SLICE_MS = 8;
+const inbox = [];
+let inboxAt = 0; // the first event of inbox not applied yet
+const drainer = new MessageChannel(); // a task of its own, without setTimeout's 4 ms clamp
+drainer.port1.onmessage = drainEvents;
+function queueEvent(ev) {
+  if (inbox.push(ev.data) === 1) drainer.port2.postMessage(null);
+}
+function drainEvents() {
+  const end = performance.now() + EVENT_SLICE_MS;
+  while (inboxAt < inbox.length) {
+    try { applyEvent(inbox[inboxAt++]); } catch (e) { console.warn("event", e); } // one bad event stops no other
+    if (performance.now() >= end) break;
+  }
+  if (inboxAt < inbox.length) { drainer.port2.postMessage(null); return; }
+  inbox.length = 0; inboxAt = 0;
+}
+
+function applyEvent(data) {
+  const msg = JSON.parse(data);
   state.revision = Math.max(state.revision, msg.revision);
   if (msg.kind === "device") {
-    if (msg.op === "delete") { state.devices.delete(msg.id); dirty.table = true; refreshTopologySoon(); }
+    if (msg.op === "delete") { count(state.devices.get(msg.id), -1); state.devices.delete(msg.id); dirty.table = true; refreshTopologySoon(); }
     else {
       const before = state.devices.get(msg.id);
       if (!putIfNewer(state.devices, msg.id, msg.value)) return;
+      count(before, -1); count(msg.value, 1);
       pushHistory(msg.value);
       if (!before) dirty.table = true; else dirty.rows.add(msg.id);
-      if (!before || before.status !== msg.value.status) refreshTopologySoon();
+      if (!before) refreshTopologySoon();
+      else if (before.status !== msg.value.status) restyleGpu(msg.id, msg.value);
     }
   } else if (msg.kind === "node") {
+    const before = state.nodes.get(msg.id);
     if (msg.op === "delete") state.nodes.delete(msg.id);
     else if (!putIfNewer(state.nodes, msg.id, msg.value)) return;
-    refreshTopologySoon();
+    if (msg.op === "delete" || !before || nodeDrawn(before) !== nodeDrawn(msg.value)) refreshTopologySoon();
+    else if (before.online !== msg.value.online) restyleNode(msg.id, msg.value);
   } else if (msg.kind === "instance") {
     if (msg.op === "delete") state.instances.delete(msg.id);
     else if (!putIfNewer(state.instances, msg.id, msg.value)) return;
@@ -165,7 +204,7 @@ function applyEvent(ev) {
 function connect() {
   const conn = document.getElementById("conn");
   const es = new EventSource("/api/events");
-  for (const kind of ["device", "node", "instance"]) es.addEventListener(kind, applyEvent);
+  for (const kind of ["device", "node", "instance"]) es.addEventListener(kind, queueEvent);
   // hello comes first on every (re)connection: load the lists after it, so no change made
   // between the load and the subscription is lost.
   es.addEventListener("hello", () => {
@@ -185,17 +224,22 @@ function schedule() {
 }
 
 function render() {
-  if (dirty.summary) summarySoon();
-  if (dirty.table) { renderTable(); dirty.table = false; dirty.window = false; dirty.rows.clear(); }
+  // The table first: its window is placed from the scroller's layout, read before anything in
+  // this frame writes to the page (a read after a write forces a layout within the frame).
+  const changed = dirty.rows;
+  dirty.rows = new Set();
+  if (dirty.table) { renderTable(); dirty.table = false; dirty.window = false; }
   else {
     if (dirty.window) { renderWindow(); dirty.window = false; }
-    if (dirty.rows.size) { for (const id of dirty.rows) updateRow(id); dirty.rows.clear(); }
+    for (const id of changed) updateRow(id);
   }
+  if (topoFills.size) for (const id of changed) fillTopology(id);
+  if (dirty.summary) summarySoon();
   if (dirty.topology) { renderTopology(); dirty.topology = false; }
   if (dirty.placements) { renderPlacements(); dirty.placements = false; }
 }
 
-// The summary adds up every device: with thousands streaming in, at most twice a second.
+// The summary line is rebuilt at most twice a second with thousands of devices streaming in.
 let summaryAt = 0, summaryTimer = null;
 function summarySoon() {
   const wait = 500 - (performance.now() - summaryAt);
@@ -205,16 +249,29 @@ function summarySoon() {
   if (!summaryTimer) summaryTimer = setTimeout(() => { summaryTimer = null; schedule(); }, wait);
 }
 
+// The fleet's sums, kept as devices change (each change takes out what the device added and
+// adds what it adds now) rather than summed over every device for each summary.
+const sums = { online: 0, total: 0, free: 0 };
+function count(d, sign) {
+  if (!d) return;
+  const online = d.status === "online";
+  sums.online += sign * (online ? 1 : 0);
+  sums.total += sign * (d.memory_total_bytes || 0);
+  sums.free += sign * (online ? d.memory_free_bytes || 0 : 0);
+}
+function recount() {
+  sums.online = sums.total = sums.free = 0;
+  for (const d of state.devices.values()) count(d, 1);
+}
+
 function renderSummary() {
-  const devs = [...state.devices.values()];
-  const online = devs.filter((d) => d.status === "online").length;
-  const nodesOnline = [...state.nodes.values()].filter((n) => n.online).length;
-  const total = devs.reduce((a, d) => a + (d.memory_total_bytes || 0), 0);
-  const free = devs.reduce((a, d) => a + (d.status === "online" ? d.memory_free_bytes || 0 : 0), 0);
+  const { online, total, free } = sums;
+  let nodesOnline = 0;
+  for (const n of state.nodes.values()) if (n.online) nodesOnline++;
   const el = document.getElementById("summary");
   el.replaceChildren(
     h("b", {}, `${nodesOnline}/${state.nodes.size}`), " nodes online · ",
-    h("b", {}, `${online}/${devs.length}`), " GPUs online · ",
+    h("b", {}, `${online}/${state.devices.size}`), " GPUs online · ",
     h("b", {}, total >= 10 * 1024 * GIB ? `${(free / 1024 / GIB).toFixed(1)} / ${(total / 1024 / GIB).toFixed(1)} TiB` : `${gib(free)} / ${gib(total)} GiB`), " free · ",
     h("b", {}, state.instances.size), " placements · revision ", state.revision,
   );
@@ -232,13 +289,14 @@ function matches(d) {
 // Spacer rows above and below keep the scrollbar true to the whole list.
 const rows = new Map(); // device id -> {tr, cells...}, for drawn rows only
 let view = []; // device ids passing the filter, in fleet order
-let rowHeight = 39; // measured from the first drawn row; rows are one line high by CSS
+let rowHeight = 39; // measured once from the first drawn row; rows are one line high by CSS
+let rowMeasured = false; // (measuring forces a layout: after each window it cost a layout a frame)
 const OVERSCAN = 8;
 
 function renderTable() {
   colorIndex = null;
   view = [...state.devices.values()].filter(matches).sort(deviceOrder).map((d) => d.id);
-  for (const row of rows.values()) row.tr.remove();
+  for (const row of rows.values()) retire(row);
   rows.clear();
   const more = document.getElementById("fleet-more");
   more.hidden = !state.filter || !state.devices.size;
@@ -250,6 +308,9 @@ function renderTable() {
 function makeRow(d) {
   const row = {
     tr: h("tr", { "data-device-id": d.id }),
+    swatch: h("i", { style: "display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:6px" }),
+    idText: document.createTextNode(d.id),
+    gpu: h("td", { class: "gpu" }),
     status: h("td", { class: "status" }),
     mem: h("td", { class: "mem" }),
     util: h("td", { class: "util num" }),
@@ -257,12 +318,33 @@ function makeRow(d) {
     power: h("td", { class: "power num" }),
     canvas: h("canvas", { class: "spark", width: 180, height: 30 }),
   };
-  const swatch = h("i", { style: `display:inline-block;width:9px;height:9px;border-radius:2px;margin-right:6px;background:${colorOf(d.id)}` });
   row.tr.append(
-    h("td", { class: "id" }, swatch, d.id),
-    h("td", { class: "gpu", title: d.uuid }, d.name || "?"),
-    row.status, row.mem, row.util, row.temp, row.power, h("td", {}, row.canvas),
+    h("td", { class: "id" }, row.swatch, row.idText),
+    row.gpu, row.status, row.mem, row.util, row.temp, row.power, h("td", {}, row.canvas),
   );
+  return showRow(d, row);
+}
+
+// Rows scrolled out of the window wait here to show the next devices scrolled in: a jump
+// through 8,000 devices redraws the whole window, and a new row (its cells, its canvas and
+// the canvas's context) cost several times what refilling one does.
+const spare = [];
+function retire(row) {
+  row.tr.remove();
+  spare.push(row);
+}
+
+function rowFor(d) {
+  const row = spare.pop();
+  return row ? showRow(d, row) : makeRow(d);
+}
+
+function showRow(d, row) {
+  row.tr.setAttribute("data-device-id", d.id);
+  row.swatch.style.background = colorOf(d.id);
+  row.idText.data = d.id;
+  row.gpu.title = d.uuid || "";
+  row.gpu.textContent = d.name || "?";
   fillRow(d, row);
   return row;
 }
@@ -275,7 +357,7 @@ function renderWindow() {
   const scroller = document.getElementById("fleet-scroll");
   const body = document.getElementById("fleet-body");
   if (!view.length) {
-    for (const row of rows.values()) row.tr.remove();
+    for (const row of rows.values()) retire(row);
     rows.clear();
     body.replaceChildren(h("tr", {}, h("td", { colSpan: 8, class: "empty" }, state.devices.size ? "no device matches the filter" : "no devices reporting yet")));
     return;
@@ -286,14 +368,14 @@ function renderWindow() {
   const last = Math.min(view.length, first + visible + 2 * OVERSCAN);
   const wanted = view.slice(first, last);
   const keep = new Set(wanted);
-  for (const [id, row] of rows) if (!keep.has(id)) { row.tr.remove(); rows.delete(id); }
+  for (const [id, row] of rows) if (!keep.has(id)) { retire(row); rows.delete(id); }
   const top = body.querySelector("tr.spacer.top") || spacer("top");
   const bottom = body.querySelector("tr.spacer.bottom") || spacer("bottom");
   const frag = document.createDocumentFragment();
   frag.append(top);
   for (const id of wanted) {
     let row = rows.get(id);
-    if (!row) { const d = state.devices.get(id); if (!d) continue; row = makeRow(d); rows.set(id, row); }
+    if (!row) { const d = state.devices.get(id); if (!d) continue; row = rowFor(d); rows.set(id, row); }
     frag.append(row.tr);
   }
   frag.append(bottom);
@@ -302,7 +384,7 @@ function renderWindow() {
   bottom.firstChild.style.height = `${(view.length - last) * rowHeight}px`;
   top.hidden = first === 0; bottom.hidden = last === view.length;
   const drawn = rows.values().next().value;
-  if (drawn && drawn.tr.offsetHeight) rowHeight = drawn.tr.offsetHeight;
+  if (!rowMeasured && drawn && drawn.tr.offsetHeight) { rowHeight = drawn.tr.offsetHeight; rowMeasured = true; }
 }
 
 function updateRow(id) {
@@ -361,17 +443,34 @@ function drawSpark(canvas, hist) {
   line(hist.util, 100, "#58a6ff");
 }
 
+// Each drawn GPU's memory fill, updated in place by its samples (the drawing itself is rebuilt
+// only when the topology changes).
+const topoFills = new Map(); // device id -> {rect, bottom, height}
+// The drawing's key (drawnKey) and its status-bearing elements: node id -> {frame, label},
+// device id -> {title, frame}.
+const topoDrawn = { key: "", nodes: new Map(), gpus: new Map() };
+function fillTopology(id) {
+  const f = topoFills.get(id), d = state.devices.get(id);
+  if (!f || !d) return;
+  const used = d.memory_total_bytes ? (d.memory_used_bytes || 0) / d.memory_total_bytes : 0;
+  f.rect.setAttribute("y", f.bottom - f.height * used);
+  f.rect.setAttribute("height", f.height * used);
+}
+
 // The topology: nodes as boxes on a grid, GPUs inside each box (filled by memory in use),
 // NVLink pairs as green arcs above the GPUs, the host's PCIe as a bus under them, and network
 // links between boxes labelled with speed and latency.
 function renderTopology() {
   const el = document.getElementById("topology");
   let topo = state.topology;
-  if (!topo || !topo.nodes.length) { el.replaceChildren(h("p", { class: "empty" }, "no nodes yet")); return; }
+  if (!topo || !topo.nodes.length) { topoDrawn.key = ""; topoFills.clear(); el.replaceChildren(h("p", { class: "empty" }, "no nodes yet")); return; }
   const MAX_NODES = 48; // beyond this the drawing stops being readable; the API has them all
   if (topo.nodes.length > MAX_NODES) {
     topo = { ...topo, nodes: topo.nodes.slice(0, MAX_NODES) };
   }
+  const key = drawnKey(topo);
+  if (key === topoDrawn.key) { restyleTopology(topo); topologyHint(topo); return; }
+  topoDrawn.key = key; topoDrawn.nodes.clear(); topoDrawn.gpus.clear(); topoFills.clear();
   const GPU_W = 62, GPU_H = 46, GAP = 10, PAD = 14, HEAD = 44, BUS = 26;
   const maxGpus = Math.max(1, ...topo.nodes.map((n) => n.devices.length));
   const perRow = Math.min(maxGpus, 8);
@@ -394,6 +493,13 @@ function renderTopology() {
     });
   });
   const devById = new Map(topo.devices.map((d) => [d.id, d]));
+  // The slowest PCIe link of each drawn node, in one pass over the links (a pass per node was
+  // 48 x 8,000 links at 1,000 nodes).
+  const pcieSpeed = new Map();
+  for (const l of topo.links) {
+    if (l.kind !== "pcie" || !l.gbytes_s || !boxes.has(l.node)) continue;
+    pcieSpeed.set(l.node, Math.min(pcieSpeed.get(l.node) ?? Infinity, l.gbytes_s));
+  }
   const netLayer = s("g", {}), boxLayer = s("g", {}), linkLayer = s("g", {});
   for (const link of topo.links) {
     if (link.kind !== "network") continue;
@@ -410,14 +516,19 @@ function renderTopology() {
   for (const n of topo.nodes) {
     const b = boxes.get(n.id);
     const g = s("g", { class: "node", "data-node": n.id });
-    g.append(s("rect", { x: b.x, y: b.y, width: b.w, height: b.h, rx: 8, fill: "#161d25", stroke: n.online ? "#3fb970" : "#e5534b", "stroke-width": 1.5 }));
+    const node = {
+      frame: s("rect", { x: b.x, y: b.y, width: b.w, height: b.h, rx: 8, fill: "#161d25", "stroke-width": 1.5 }),
+      label: s("text", { x: b.x + b.w - 10, y: b.y + 20, "font-size": 11, "text-anchor": "end" }),
+    };
+    styleNode(node, n);
+    topoDrawn.nodes.set(n.id, node);
+    g.append(node.frame);
     g.append(s("text", { x: b.x + 10, y: b.y + 20, fill: "#d8e0e8", "font-size": 13, "font-weight": 600 }, n.id));
-    g.append(s("text", { x: b.x + b.w - 10, y: b.y + 20, fill: n.online ? "#3fb970" : "#e5534b", "font-size": 11, "text-anchor": "end" }, `${n.online ? "online" : "offline"}${n.interconnect ? ` · ${n.interconnect}` : ""}`));
+    g.append(node.label);
     if (n.devices.length > 1) {
       const first = gpus.get(n.devices[0]), last = gpus.get(n.devices[n.devices.length - 1]);
       const busY = b.y + b.h - PAD - 6;
-      const pcie = topo.links.filter((l) => l.kind === "pcie" && l.node === n.id && l.gbytes_s);
-      const speed = pcie.length ? Math.min(...pcie.map((l) => l.gbytes_s)) : null;
+      const speed = pcieSpeed.get(n.id) ?? null;
       g.append(s("line", { x1: first.x + 6, y1: busY, x2: last.x + GPU_W - 6, y2: busY, stroke: "#8394a6", "stroke-width": 2, class: "pcie-bus" }));
       for (const id of n.devices) {
         const p = gpus.get(id);
@@ -429,9 +540,13 @@ function renderTopology() {
       const p = gpus.get(id), d = devById.get(id) || {}, live = state.devices.get(id) || d;
       const used = live.memory_total_bytes ? (live.memory_used_bytes || 0) / live.memory_total_bytes : 0;
       const gg = s("g", { class: "gpu", "data-device-id": id });
-      gg.append(s("title", {}, `${id} · ${d.name || "?"} · ${gib(live.memory_total_bytes)} GiB · ${d.status}`));
-      gg.append(s("rect", { x: p.x, y: p.y, width: GPU_W, height: GPU_H, rx: 4, fill: "#0b1016", stroke: colorOf(id), "stroke-width": d.online ? 2 : 1, "stroke-dasharray": d.online ? null : "3 2" }));
-      gg.append(s("rect", { x: p.x + 2, y: p.y + GPU_H - 2 - (GPU_H - 4) * used, width: GPU_W - 4, height: (GPU_H - 4) * used, fill: colorOf(id), "fill-opacity": 0.25 }));
+      const gpu = { title: s("title", {}), frame: s("rect", { x: p.x, y: p.y, width: GPU_W, height: GPU_H, rx: 4, fill: "#0b1016", stroke: colorOf(id) }) };
+      styleGpu(gpu, id, d);
+      topoDrawn.gpus.set(id, gpu);
+      gg.append(gpu.title, gpu.frame);
+      const fill = s("rect", { x: p.x + 2, y: p.y + GPU_H - 2 - (GPU_H - 4) * used, width: GPU_W - 4, height: (GPU_H - 4) * used, fill: colorOf(id), "fill-opacity": 0.25 });
+      topoFills.set(id, { rect: fill, bottom: p.y + GPU_H - 2, height: GPU_H - 4 });
+      gg.append(fill);
       gg.append(s("text", { x: p.x + GPU_W / 2, y: p.y + 16, "text-anchor": "middle", fill: "#d8e0e8", "font-size": 11, "font-weight": 600 }, `#${d.index}`));
       const short = String(d.name || "?").replace(/^(NVIDIA|AMD)\s+/i, "").replace(/GeForce\s+/i, "").slice(0, 10);
       gg.append(s("text", { x: p.x + GPU_W / 2, y: p.y + 29, "text-anchor": "middle", fill: "#8394a6", "font-size": 9 }, short));
@@ -451,9 +566,62 @@ function renderTopology() {
   }
   svg.append(netLayer, boxLayer, linkLayer);
   el.replaceChildren(svg);
+  topologyHint(topo);
+}
+
+function topologyHint(topo) {
   const c = topo.counts || {};
   const shown = state.topology.nodes.length > topo.nodes.length ? ` (first ${topo.nodes.length} drawn)` : "";
   document.getElementById("topology-hint").textContent = `${state.topology.nodes.length} nodes${shown} · ${c.nvlink || 0} NVLink · ${c.pcie || 0} PCIe · ${c.network || 0} network links`;
+}
+
+// What of the drawing is not status: while it stays the same, a status change (a node or GPU
+// going offline or back, the common change at fleet scale) restyles the drawn elements in place
+// instead of rebuilding thousands of them and their layout.
+function drawnKey(topo) {
+  const nodes = new Set(topo.nodes.map((n) => n.id));
+  const gpus = new Set(topo.nodes.flatMap((n) => n.devices));
+  const drawn = (x) => nodes.has(x) || gpus.has(x);
+  const links = topo.links.filter((l) => drawn(l.node) || drawn(l.a) || drawn(l.b));
+  const devices = topo.devices.filter((d) => gpus.has(d.id));
+  const noStatus = (k, v) => (k === "status" || k === "online" ? undefined : v);
+  return JSON.stringify([state.devices.size, topo.nodes, devices, links], noStatus);
+}
+
+function restyleGpu(id, d) {
+  const gpu = topoDrawn.gpus.get(id);
+  if (gpu) styleGpu(gpu, id, d);
+}
+
+function restyleNode(id, n) {
+  const node = topoDrawn.nodes.get(id);
+  if (node) styleNode(node, n);
+}
+
+function restyleTopology(topo) {
+  for (const n of topo.nodes) { const node = topoDrawn.nodes.get(n.id); if (node) styleNode(node, n); }
+  for (const d of topo.devices) { const gpu = topoDrawn.gpus.get(d.id); if (gpu) styleGpu(gpu, d.id, d); }
+}
+
+// Each touches the DOM only where the status changed (a restyle visits every drawn element).
+function styleNode(node, n) {
+  const label = `${n.online ? "online" : "offline"}${n.interconnect ? ` · ${n.interconnect}` : ""}`;
+  if (node.shown === label) return;
+  node.shown = label;
+  const color = n.online ? "#3fb970" : "#e5534b";
+  node.frame.setAttribute("stroke", color);
+  node.label.setAttribute("fill", color);
+  node.label.textContent = label;
+}
+
+function styleGpu(gpu, id, d) {
+  const live = state.devices.get(id) || d;
+  const title = `${id} · ${d.name || "?"} · ${gib(live.memory_total_bytes)} GiB · ${d.status}`;
+  if (gpu.shown === title) return;
+  gpu.shown = title;
+  gpu.title.textContent = title;
+  gpu.frame.setAttribute("stroke-width", d.online ? 2 : 1);
+  if (d.online) gpu.frame.removeAttribute("stroke-dasharray"); else gpu.frame.setAttribute("stroke-dasharray", "3 2");
 }
 
 // A plan as the model's layers laid along its pipeline: one cell per layer, coloured by the

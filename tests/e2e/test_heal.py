@@ -257,8 +257,10 @@ def _unthrottled(state: DeviceState) -> bool:
 
 
 async def test_a_throttle_blip_moves_nothing(nats_url: str, nc: Client) -> None:
-    """Hysteresis: a throttle that is over before the gain has held for its checks (the
-    device returns) leaves the instance where it is."""
+    """A throttle that is over before the gain has held for its checks (the device returns)
+    leaves the instance where it is, on the whole system. Whether the controller's checks
+    catch the one-second throttle at all is timing here (this passes with ``hold_checks = 1``):
+    the hysteresis itself, check by check, is pinned by tests/planner/test_heal_hold.py."""
     async with running(nats_url):
         reply = await placed(nc, "blip", max_stages=1)
         node, index = reply.stages[0].device.split("/")

@@ -13,17 +13,7 @@ from shardplane.bus.messages import Stage
 from shardplane.planner import health
 from shardplane.planner.cost import GIB, Problem, StagePlan, Tables, evaluate
 from shardplane.planner.fleet import Device, Fleet
-from shardplane.planner.moves import (
-    HEAL_PHASE1_S,
-    MOVES_BUDGET_S,
-    MOVES_MIN_S,
-    REPLAN_BUDGET_S,
-    bytes_moved,
-    candidates,
-    heal_phase1_limit,
-    keep_resident,
-    phase2_budget,
-)
+from shardplane.planner.moves import HEAL, MOVES_BUDGET_S, bytes_moved, candidates, keep_resident
 from shardplane.planner.plan import Outcome, plan, to_stages
 from tests import kit
 from tests.planner.test_solvers import _dev, _tiny  # pyright: ignore[reportPrivateUsage]
@@ -41,13 +31,19 @@ def _outcome(problem: Problem, stages: tuple[StagePlan, ...]) -> Outcome:
     )
 
 
-def test_a_lost_stage_moves_alone_when_an_equal_plan_keeps_the_rest() -> None:
+def _b_lost() -> tuple[Problem, tuple[Stage, ...], Outcome]:
+    """Two stages on a and b of four equal devices; b is lost, and the solver's new plan
+    (equally fast) happens to move both stages, to c and d. Returns the problem after the loss,
+    the plan before it and phase 1's plan."""
     a, b, c, d = (_dev(f"{n}/0", 1000.0, 8) for n in "abcd")
     before = Problem(_tiny(), Fleet(devices=(a, b)), 1000, 1, headroom=0.0)
     previous = _outcome(before, (StagePlan(a, 0, 2), StagePlan(b, 2, 4))).stages
-    # b is lost; the solver's plan (equally fast) happens to move both stages.
     after = Problem(_tiny(), Fleet(devices=(a, c, d)), 1000, 1, headroom=0.0)
-    phase1 = _outcome(after, (StagePlan(c, 0, 2), StagePlan(d, 2, 4)))
+    return after, previous, _outcome(after, (StagePlan(c, 0, 2), StagePlan(d, 2, 4)))
+
+
+def test_a_lost_stage_moves_alone_when_an_equal_plan_keeps_the_rest() -> None:
+    after, previous, phase1 = _b_lost()
     assert bytes_moved(previous, phase1.stages)[1] == 0
     chosen = keep_resident(after, phase1, previous, 0.05)
     moved, kept = bytes_moved(previous, chosen.stages)
@@ -59,30 +55,26 @@ def test_a_lost_stage_moves_alone_when_an_equal_plan_keeps_the_rest() -> None:
 def test_phase2_gets_what_phase1_left_of_the_heal_budget() -> None:
     # A heal's instance is down while the planner works: phase 2 must not add its full budget
     # to a phase 1 that already took most of the heal's planning time.
-    assert phase2_budget(0.0) == min(MOVES_BUDGET_S, REPLAN_BUDGET_S)
-    assert phase2_budget(REPLAN_BUDGET_S * 0.4) == pytest.approx(REPLAN_BUDGET_S * 0.6)
-    assert phase2_budget(REPLAN_BUDGET_S * 3) == MOVES_MIN_S  # a slow phase 1: still a try
-    assert phase2_budget(-1.0) <= MOVES_BUDGET_S  # a clock step back gives no extra time
-    assert MOVES_MIN_S <= phase2_budget(0.5) <= REPLAN_BUDGET_S
+    assert HEAL.phase2(0.0) == min(MOVES_BUDGET_S, HEAL.total_s)
+    assert HEAL.phase2(HEAL.total_s * 0.4) == pytest.approx(HEAL.total_s * 0.6)
+    assert HEAL.phase2(HEAL.total_s * 3) == HEAL.min_phase2_s  # a slow phase 1: still a try
+    assert HEAL.phase2(-1.0) <= MOVES_BUDGET_S  # a clock step back gives no extra time
+    assert HEAL.min_phase2_s <= HEAL.phase2(0.5) <= HEAL.total_s
 
 
 def test_a_heal_plans_within_one_budget_whatever_its_request_allowed() -> None:
     # The stored request's time_limit_s (10 s in bench heal) was for its first placement; a
     # heal of it may not spend that while the instance is down.
-    assert heal_phase1_limit(10.0) == HEAL_PHASE1_S
-    assert heal_phase1_limit(0.05) == 0.05  # a tighter request stays as tight
-    assert heal_phase1_limit(None) is None  # the planner's default is below the cap already
-    worst = HEAL_PHASE1_S + phase2_budget(HEAL_PHASE1_S)
-    assert worst <= max(REPLAN_BUDGET_S, HEAL_PHASE1_S + MOVES_MIN_S)
+    assert HEAL.phase1_limit(10.0) == HEAL.phase1_s
+    assert HEAL.phase1_limit(0.05) == 0.05  # a tighter request stays as tight
+    assert HEAL.phase1_limit(None) is None  # the planner's default is below the cap already
+    worst = HEAL.phase1_s + HEAL.phase2(HEAL.phase1_s)
+    assert worst <= max(HEAL.total_s, HEAL.phase1_s + HEAL.min_phase2_s)
 
 
 def test_the_smallest_phase2_budget_still_keeps_the_survivors() -> None:
-    a, b, c, d = (_dev(f"{n}/0", 1000.0, 8) for n in "abcd")
-    before = Problem(_tiny(), Fleet(devices=(a, b)), 1000, 1, headroom=0.0)
-    previous = _outcome(before, (StagePlan(a, 0, 2), StagePlan(b, 2, 4))).stages
-    after = Problem(_tiny(), Fleet(devices=(a, c, d)), 1000, 1, headroom=0.0)
-    phase1 = _outcome(after, (StagePlan(c, 0, 2), StagePlan(d, 2, 4)))
-    chosen = keep_resident(after, phase1, previous, 0.05, budget_s=MOVES_MIN_S)
+    after, previous, phase1 = _b_lost()
+    chosen = keep_resident(after, phase1, previous, 0.05, budget_s=HEAL.min_phase2_s)
     moved, kept = bytes_moved(previous, chosen.stages)
     assert kept == previous[0].weight_bytes and moved == previous[1].weight_bytes
 

@@ -10,6 +10,7 @@ import msgspec
 from shardplane.bus.messages import DeviceSample, DeviceState, NodeHeartbeat, NodeState, ShardStatus
 from shardplane.planner.fleet import build_fleet
 from shardplane.projector.calibration import MIN_SAMPLES, WINDOW
+from tests import kit
 from tests.projector.test_reducer import NOW, assign, fold
 
 GB = 1e9
@@ -21,13 +22,13 @@ MEMORY: dict[str, Any] = {
 
 
 def timed(seq: int, step_ms: float | None, step_bytes: int = int(2 * GB)) -> ShardStatus:
-    return ShardStatus(
-        instance_id="i1",
-        generation=1,
-        node="a",
-        stage=0,
-        state="loaded",
-        seq=seq,
+    return kit.status(
+        "i1",
+        1,
+        "a",
+        0,
+        "loaded",
+        seq,
         ts=1.0 + seq / 100,
         device="a/0",
         step_ms=step_ms,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
+import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -14,8 +16,10 @@ from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import cluster_state
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
-from tests.kit import eventually
+from tests.kit import eventually, until_logged
 from tests.projector.helpers import device, projector, sample
+
+LEASE_LOG = "shardplane.bus.lease"
 
 
 async def test_a_newer_value_stored_by_another_writer_is_never_overwritten(
@@ -42,11 +46,14 @@ async def test_a_newer_value_stored_by_another_writer_is_never_overwritten(
 
 
 async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_again(
-    nats_url: str, nc: Client, js: JetStreamContext
+    nats_url: str, nc: Client, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=LEASE_LOG)
     async with projector(nats_url) as runner:
+        published = time.monotonic()
         await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 1)))
         await eventually(lambda: device(nc, "n1", 0), lambda s: s is not None)
+        leader_took = time.monotonic() - published  # from publish to the KV, while leading
         lease_kv = await js.key_value(LEASE_BUCKET)
         await lease_kv.put(LEASE_KEY, b"someone-else")  # the lease is taken from it
 
@@ -62,9 +69,16 @@ async def test_a_projector_that_loses_its_lease_stops_writing_until_it_holds_it_
             await eventually(
                 lambda: asyncio.sleep(0.02, runner.leading.is_set()), lambda lead: not lead
             )
+            # The marker: it asked for the lease again and was refused (so it is out of its
+            # rounds, waiting to lead).
+            await until_logged(caplog, LEASE_LOG, "is standing by")
             rounds = runner.stats.rounds
             await js.publish(subjects.gpu_sample("n1", 0), codec.encode(sample("n1", 0, 2)))
-            await asyncio.sleep(0.3)
+            # A projector that stands by does nothing at all, so no event can say "it did not
+            # write": the absence is asserted after a bounded wait, sized from this run's own
+            # publish-to-KV time while it led (seq 1 above: a loaded machine waits longer), so
+            # that one still writing would have been seen.
+            await asyncio.sleep(max(0.3, 3 * leader_took))
             state = await device(nc, "n1", 0)
             assert state is not None and state.sample.seq == 1, "wrote without the lease"
             assert runner.stats.rounds == rounds
