@@ -39,6 +39,7 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shardplane.agents import hopwire
 from shardplane.agents.executor import Entry, ExecutorError, StageBackend, sample
 from shardplane.agents.steptiming import StepTimer, StepTiming
 from shardplane.bus import subjects
@@ -54,13 +55,13 @@ DECODE_DEADLINE_S = 10.0
 # Steps of at most this many rows (decode) run on the event loop: a thread handoff costs two
 # context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
 # loop (telemetry, other stages of this process) keeps going. An inline step blocks the loop,
-# so before it starts the loop gets one turn (``_serve``): the previous step's answer, already
-# handed to nats-py, is only written to the socket by its flusher task, which is queued behind
-# a step that was waiting for the lock. Without that turn, two micro-batches that reach a stage
-# together leave it together (the first one's answer waits out the second one's compute), and
-# every later stage sees them together too: the M micro-batches move in lockstep through the
-# stages, one stage at a time, and the pipeline never overlaps (bench serve: 2 x 8 rows over 2
-# stages took 2 (t0 + t1) per step instead of about 2 max(t0, t1)).
+# so every request and answer of a step is written to the socket as it is published
+# (``hopwire.flush_now``), not left to nats-py's flusher task: that task would be queued behind
+# a step waiting for the lock, two micro-batches that reach a stage together would leave it
+# together (the first one's answer waiting out the second one's compute), and every later
+# stage would see them together too: the M micro-batches would move in lockstep through the
+# stages, one stage at a time, and the pipeline would never overlap (bench serve: 2 x 8 rows
+# over 2 stages took 2 (t0 + t1) per step instead of about 2 max(t0, t1)).
 INLINE_ROWS = 8
 
 # Called with the median of a run of decode steps of one size (agents.steptiming); the worker
@@ -123,7 +124,8 @@ class StageServer:
         return subjects.pipeline(self.instance_id, self.stage)
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.subject, cb=self._dispatch)
+        self._sub, _ = await hopwire.deliver_to(self.nc, self.subject, self._dispatch)
+        hopwire.inbox(self.nc)  # subscribed now, not on the first step
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
@@ -150,16 +152,11 @@ class StageServer:
         self._touched.pop(seq, None)
         self.backend.release(seq)
 
-    async def _dispatch(self, msg: Msg) -> None:
-        # nats-py runs a subscription's callbacks one at a time, so a stage awaiting the next
-        # stage's answer would take no other request: micro-batches could not pipeline (batch
-        # i at stage k+1 while batch i+1 is at stage k). Each request is its own task; the
-        # lock still runs one forward at a time, in arrival order. The last stage awaits no
-        # other stage, so it has nothing to overlap: it handles the request in the callback,
-        # sparing the loop turn a task's start costs on every crossing.
-        if self.last:
-            await self._handle(msg)
-            return
+    def _dispatch(self, msg: Msg) -> None:
+        # Called by nats-py's reader as the request is parsed (``hopwire.deliver_to``): each
+        # request is its own task from there, so that a stage awaiting the next stage's answer
+        # still takes the next request (micro-batches pipeline: batch i at stage k+1 while
+        # batch i+1 is at stage k); the lock runs one forward at a time, in arrival order.
         task = asyncio.create_task(self._handle(msg))
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
@@ -172,12 +169,8 @@ class StageServer:
             reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
         if msg.reply:
             with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, _encoder.encode(reply))
+                await hopwire.publish(self.nc, msg.reply, _encoder.encode(reply))
         # Step-time bookkeeping waits until the reply is out: it is no part of the step.
-        # nats-py's publish only queues the bytes for its flusher task, so yield once to let
-        # the flusher write them before the bookkeeping runs.
-        if self._timed:
-            await asyncio.sleep(0)
         while self._timed:
             await self._measured(*self._timed.pop())
 
@@ -199,8 +192,6 @@ class StageServer:
             rows = sum(e.count for e in entries)
             x = self._input(req, rows)
             async with self._lock:
-                if rows <= INLINE_ROWS:
-                    await asyncio.sleep(0)  # the flusher first (see INLINE_ROWS)
                 started = time.perf_counter()
                 if rows <= INLINE_ROWS:
                     out = self.backend.forward(entries, x)
@@ -281,7 +272,9 @@ class StageServer:
         subject = subjects.pipeline(self.instance_id, nxt)
         sent = time.perf_counter()
         try:
-            msg = await self.nc.request(subject, _encoder.encode(downstream), timeout=left_s)
+            msg = await hopwire.inbox(self.nc).request(
+                subject, _encoder.encode(downstream), timeout=left_s
+            )
         except nats.errors.NoRespondersError:
             return _fail(
                 "unavailable",
@@ -347,7 +340,9 @@ class PipelineClient:
         )
         subject = subjects.pipeline(self.instance_id, 0)
         try:
-            msg = await self.nc.request(subject, _encoder.encode(req), timeout=budget)
+            msg = await hopwire.inbox(self.nc).request(
+                subject, _encoder.encode(req), timeout=budget
+            )
         except nats.errors.NoRespondersError:
             raise PipelineError(
                 f"stage 0 of instance {self.instance_id} is not serving ({subject} has no responders)",

@@ -11,9 +11,9 @@ with ``time.monotonic()`` (one system-wide clock on Linux, so stamps compare acr
   waking the idle stage process);
 - ``callback_to_compute``: decoding the frame, checks, the lock;
 - ``compute``: the stage's layers (excluded from a hop, as the pipeline excludes it);
-- ``compute_to_published``: sampling, the reply's framing, nats-py's publish;
-- ``published_to_resumed``: reply out -> this process has it (NATS, waking this process that
-  sat idle through the stage's compute, the reader task, the request's future);
+- ``compute_to_published``: sampling, the reply's framing, up to its publish;
+- ``published_to_resumed``: publish -> this process has the reply (writing it, NATS, waking
+  this process that sat idle through the stage's compute, the reader, the request's future);
 - ``hop``: the whole request less ``compute``, as ``StageReply.hop_ms`` counts it.
 
 Run: ``shardplane bench hop_profile [--quick] [-- --gap-ms 10 --count 60]``.
@@ -35,6 +35,7 @@ import msgspec
 import nats
 import numpy as np
 
+from shardplane.agents import hopwire
 from shardplane.bus.messages import StageEntry, StageRequest
 from shardplane.natsserver import NatsServer
 from shardplane.render import table
@@ -77,11 +78,13 @@ async def serve(url: str) -> None:
     nc = await nats.connect(url)
     server = StageServer(nc, instance_id="hop", stage=1, backend=backend, last=True)
     handle = server._handle  # pyright: ignore[reportPrivateUsage]
-    publish = nc.publish
+    publish = hopwire.publish  # what a stage answers with
 
     async def stamped_publish(*args: Any, **kwargs: Any) -> None:
-        await publish(*args, **kwargs)
+        # Stamped as the reply starts out: once its bytes are written, this process may lose
+        # the core to the ones they wake (the requester resumes before a later stamp).
         marks.append((entered[0], computed[0], computed[1], time.monotonic()))
+        await publish(*args, **kwargs)
 
     entered = [0.0]
 
@@ -89,7 +92,7 @@ async def serve(url: str) -> None:
         entered[0] = time.monotonic()
         await handle(msg)
 
-    nc.publish = stamped_publish
+    hopwire.publish = stamped_publish
     server._handle = stamped_handle  # pyright: ignore[reportPrivateUsage]
     await server.start()
     await nc.flush()
@@ -101,8 +104,9 @@ async def serve(url: str) -> None:
 
 
 async def drive(url: str, gap_ms: float, count: int, hidden: int) -> list[tuple[float, float]]:
-    """Upstream: compute (busy) ``gap_ms``, then ask; (sent, resumed) per request."""
+    """Upstream: compute (busy) ``gap_ms``, then ask as a stage asks; (sent, resumed) per request."""
     nc = await nats.connect(url)
+    inbox = hopwire.inbox(nc)  # as a stage asks the next one (agents.pipeline)
     encoder = msgspec.msgpack.Encoder()
     frame = np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32).tobytes()
     out: list[tuple[float, float]] = []
@@ -113,7 +117,7 @@ async def drive(url: str, gap_ms: float, count: int, hidden: int) -> list[tuple[
         entry = StageEntry(seq_id=f"h{i}", start=0, count=1)
         req = StageRequest(instance_id="hop", stage=1, entries=(entry,), hidden=frame)
         sent = time.monotonic()
-        await nc.request("pipeline.hop.1", encoder.encode(req), timeout=30)
+        await inbox.request("pipeline.hop.1", encoder.encode(req), timeout=30)
         out.append((sent, time.monotonic()))
     await nc.close()
     return out
