@@ -32,8 +32,11 @@ at run time anyway, ``compatible`` says so and callers take nats-py's public pat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import re
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -73,12 +76,20 @@ def flush_now(nc: Client) -> None:
 
 
 async def publish(nc: Client, subject: str, payload: bytes, reply: str = "") -> None:
-    """``nc.publish`` written to the socket at once. On the hot path the PUB line is written
-    straight to the transport (after anything still queued, so order is kept): nats-py's
-    publish would also allocate a future and queue it for its flusher task, whose wake-up then
-    writes nothing. Subjects are checked as nats-py checks them (no whitespace: a CR LF would
-    inject a protocol line); anything unusual (reconnecting, draining, too large) takes nats-py's
-    own path, which raises its own errors."""
+    """``nc.publish`` written to the socket at once (``publish_now``, else nats-py's own path,
+    which raises its own errors)."""
+    if not publish_now(nc, subject, payload, reply):
+        await nc.publish(subject, payload, reply=reply)
+        flush_now(nc)
+
+
+def publish_now(nc: Client, subject: str, payload: bytes, reply: str = "") -> bool:
+    """Write a PUB straight to the transport (after anything still queued, so order is kept)
+    and say so; False, having done nothing, for anything unusual (reconnecting, draining, too
+    large, a subject nats-py would refuse): then ``nc.publish`` must take it. nats-py's publish
+    would also allocate a future and queue it for its flusher task, whose wake-up then writes
+    nothing. Subjects are checked as nats-py checks them (no whitespace: a CR LF would inject
+    a protocol line)."""
     size = len(payload)
     if (
         not nc.is_connected
@@ -89,17 +100,19 @@ async def publish(nc: Client, subject: str, payload: bytes, reply: str = "") -> 
         or _BAD_SUBJECT.search(subject)
         or _BAD_SUBJECT.search(reply)
     ):
-        await nc.publish(subject, payload, reply=reply)
-        flush_now(nc)
-        return
+        return False
     flush_now(nc)
     head = f"PUB {subject} {reply} {size}\r\n" if reply else f"PUB {subject} {size}\r\n"
     nc._transport.writelines([head.encode(), payload, b"\r\n"])  # pyright: ignore[reportPrivateUsage, reportOptionalMemberAccess]
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += size
+    return True
 
 
 _BAD_SUBJECT = re.compile(r"\s")
+# A timer of the event loop fires up to 1 ms late (epoll's timeout is in whole ms, rounded up).
+WARM_LEAD_S = 0.002
+WARM = os.environ.get("SHARDPLANE_WARM", "1") == "1"
 
 
 async def settle(nc: Client, timeout: int = 5) -> None:
@@ -166,6 +179,8 @@ class Inbox:
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._tokens = itertools.count()
         self._started: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._round_trip: dict[str, float] = {}  # the last request's, by subject
+        self.warmer = Warmer(nc, WARM_LEAD_S)
 
     async def _start(self) -> None:
         try:
@@ -185,6 +200,9 @@ class Inbox:
         token = str(next(self._tokens))
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[token] = fut
+        sent = time.monotonic()
+        if WARM and (last := self._round_trip.get(subject)) is not None:
+            self.warmer.expect(sent + last)  # the answer should take as long as the last one
         try:
             await publish(self.nc, subject, payload, reply=self.prefix + token)
             try:
@@ -194,9 +212,49 @@ class Inbox:
                 raise nats.errors.TimeoutError from None
         finally:
             del self._waiting[token]
+        self._round_trip[subject] = time.monotonic() - sent
         if msg.headers and msg.headers.get(_STATUS) == NO_RESPONDERS:
             raise nats.errors.NoRespondersError
         return msg
+
+
+class Warmer:
+    """One PING shortly before a message is expected (``expect``), so that the path it will
+    take (this process's wake-up, the socket, the loop, nats-py's reader; the server's side of
+    this connection) was just used when it comes, instead of cold after the other side's
+    compute streamed its weights through the caches. One PING per expected message, on a
+    timer: nothing polls. A wrong guess costs one PING round trip on an idle core."""
+
+    def __init__(self, nc: Client, lead_s: float) -> None:
+        self.nc = nc
+        self.lead_s = lead_s  # before the expected time; the loop's timers are ms-coarse
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pings = 0  # round trips done
+
+    def expect(self, at: float) -> None:
+        """The next message is expected at ``at`` (``time.monotonic()``, the loop's clock)."""
+        self.cancel()
+        loop = asyncio.get_running_loop()
+        if at - self.lead_s > loop.time():
+            self._timer = loop.call_at(at - self.lead_s, self._ping)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _ping(self) -> None:
+        self._timer = None
+        if self.nc.is_connected:
+            task = asyncio.get_running_loop().create_task(self._round_trip())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _round_trip(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=1)
+            self.pings += 1
 
 
 _inboxes: weakref.WeakKeyDictionary[Client, Inbox] = weakref.WeakKeyDictionary()

@@ -29,7 +29,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ DECODE_DEADLINE_S = 10.0
 # stages, one stage at a time, and the pipeline would never overlap (bench serve: 2 x 8 rows
 # over 2 stages took 2 (t0 + t1) per step instead of about 2 max(t0, t1)).
 INLINE_ROWS = 8
+WARM_PERIOD_MAX_S = 2.0  # steps further apart than this are not a generation's steps
 
 # Called with the median of a run of decode steps of one size (agents.steptiming); the worker
 # publishes it in ShardStatus.
@@ -118,6 +119,9 @@ class StageServer:
     _touched: dict[str, float] = field(default_factory=lambda: {})
     _sweeper: asyncio.Task[None] | None = None
     _steps: set[asyncio.Task[None]] = field(default_factory=lambda: set[asyncio.Task[None]]())
+    _chores: set[asyncio.Task[None]] = field(default_factory=lambda: set[asyncio.Task[None]]())
+    _warmer: hopwire.Warmer | None = None
+    _arrived: float = 0.0
 
     @property
     def subject(self) -> str:
@@ -126,12 +130,15 @@ class StageServer:
     async def start(self) -> None:
         self._sub, _ = await hopwire.deliver_to(self.nc, self.subject, self._dispatch)
         hopwire.inbox(self.nc)  # subscribed now, not on the first step
+        self._warmer = hopwire.Warmer(self.nc, hopwire.WARM_LEAD_S)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
+        if self._warmer is not None:
+            self._warmer.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in list(self._steps):
+        for task in [*self._steps, *self._chores]:
             task.cancel()
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
@@ -157,9 +164,60 @@ class StageServer:
         # request is its own task from there, so that a stage awaiting the next stage's answer
         # still takes the next request (micro-batches pipeline: batch i at stage k+1 while
         # batch i+1 is at stage k); the lock runs one forward at a time, in arrival order.
-        task = asyncio.create_task(self._handle(msg))
-        self._steps.add(task)
-        task.add_done_callback(self._steps.discard)
+        now = time.monotonic()
+        since, self._arrived = now - self._arrived, now
+        if self._warmer is not None and hopwire.WARM and since < WARM_PERIOD_MAX_S:
+            self._warmer.expect(now + since)  # steps come as often as the last two did
+        if self.last and not self._steps and not self._lock.locked() and self._answer_now(msg):
+            return
+        self._spawn(self._handle(msg), self._steps)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]]) -> None:
+        task = asyncio.create_task(work)
+        into.add(task)
+        task.add_done_callback(into.discard)
+
+    def _answer_now(self, msg: Msg) -> bool:
+        """The last stage's decode step, run and answered right here in nats-py's reader,
+        sparing the loop turn a task's start costs. Only when no other step is in flight (so
+        none waits for the lock: order is kept); False, having done nothing, for anything but
+        a decode-sized forward with a reply subject (the task path takes it)."""
+        try:
+            req = _request_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return False
+        rows = sum(e.count for e in req.entries)
+        if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
+            return False
+        entries = entries_of(req)
+        try:
+            out, ms = self._run(entries, self._input(req, rows))
+            self._timed.append((entries, ms))
+            reply = self._finish(req, out, ms)
+        except ExecutorError as exc:
+            reply = _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
+        except Exception as exc:  # every request is answered, whatever went wrong
+            log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
+            reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
+        data = _encoder.encode(reply)
+        if not hopwire.publish_now(self.nc, msg.reply, data):
+            self._spawn(self._answer(msg.reply, data), self._chores)
+        if self._timed:
+            self._spawn(self._bookkeeping(), self._chores)
+        return True
+
+    def _run(self, entries: Sequence[Entry], x: np.ndarray[Any, Any]) -> tuple[Any, float]:
+        """The stage's forward, timed; its sequences marked as used."""
+        started = time.perf_counter()
+        out = self.backend.forward(entries, x)
+        ms = (time.perf_counter() - started) * 1000
+        for e in entries:
+            self._touched[e.seq_id] = time.monotonic()
+        return out, ms
+
+    async def _answer(self, subject: str, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await hopwire.publish(self.nc, subject, data)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -168,8 +226,10 @@ class StageServer:
             log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
             reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
         if msg.reply:
-            with contextlib.suppress(Exception):
-                await hopwire.publish(self.nc, msg.reply, _encoder.encode(reply))
+            await self._answer(msg.reply, _encoder.encode(reply))
+        await self._bookkeeping()
+
+    async def _bookkeeping(self) -> None:
         # Step-time bookkeeping waits until the reply is out: it is no part of the step.
         while self._timed:
             await self._measured(*self._timed.pop())
@@ -192,14 +252,10 @@ class StageServer:
             rows = sum(e.count for e in entries)
             x = self._input(req, rows)
             async with self._lock:
-                started = time.perf_counter()
                 if rows <= INLINE_ROWS:
-                    out = self.backend.forward(entries, x)
+                    out, ms = self._run(entries, x)
                 else:
-                    out = await asyncio.to_thread(self.backend.forward, entries, x)
-                ms = (time.perf_counter() - started) * 1000
-                for e in entries:
-                    self._touched[e.seq_id] = time.monotonic()
+                    out, ms = await asyncio.to_thread(self._run, entries, x)
         except ExecutorError as exc:
             return _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
         self._timed.append((entries, ms))

@@ -7,9 +7,10 @@ the host's (waking a process that sat idle). This bench plays an upstream stage 
 20-30, numpy) in a process of its own, whose ``StageServer`` is wrapped to stamp each phase
 with ``time.monotonic()`` (one system-wide clock on Linux, so stamps compare across processes):
 
-- ``request_to_callback``: request sent -> the stage's message callback runs (NATS routing and
-  waking the idle stage process);
-- ``callback_to_compute``: decoding the frame, checks, the lock;
+- ``request_to_callback``: request sent -> nats-py's reader hands it to the stage
+  (``StageServer._dispatch``: NATS routing, waking the idle stage process, parsing);
+- ``callback_to_compute``: decoding the frame, checks (and, off the fast path, a task's start
+  and the lock);
 - ``compute``: the stage's layers (excluded from a hop, as the pipeline excludes it);
 - ``compute_to_published``: sampling, the reply's framing, up to its publish;
 - ``published_to_resumed``: publish -> this process has the reply (writing it, NATS, waking
@@ -77,23 +78,23 @@ async def serve(url: str) -> None:
     backend.forward = timed_forward
     nc = await nats.connect(url)
     server = StageServer(nc, instance_id="hop", stage=1, backend=backend, last=True)
-    handle = server._handle  # pyright: ignore[reportPrivateUsage]
-    publish = hopwire.publish  # what a stage answers with
+    dispatch = server._dispatch  # pyright: ignore[reportPrivateUsage]
+    publish_now = hopwire.publish_now  # what a stage answers with (hopwire.publish too)
 
-    async def stamped_publish(*args: Any, **kwargs: Any) -> None:
+    def stamped_publish(*args: Any, **kwargs: Any) -> bool:
         # Stamped as the reply starts out: once its bytes are written, this process may lose
         # the core to the ones they wake (the requester resumes before a later stamp).
         marks.append((entered[0], computed[0], computed[1], time.monotonic()))
-        await publish(*args, **kwargs)
+        return publish_now(*args, **kwargs)
 
     entered = [0.0]
 
-    async def stamped_handle(msg: Any) -> None:
+    def stamped_dispatch(msg: Any) -> None:
         entered[0] = time.monotonic()
-        await handle(msg)
+        dispatch(msg)
 
-    hopwire.publish = stamped_publish
-    server._handle = stamped_handle  # pyright: ignore[reportPrivateUsage]
+    hopwire.publish_now = stamped_publish
+    server._dispatch = stamped_dispatch  # pyright: ignore[reportPrivateUsage]
     await server.start()
     await nc.flush()
     print("ready", flush=True)

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shardplane.agents import hopwire
+from tests.kit import eventually
 
 
 async def test_nats_py_internals_are_as_hopwire_assumes(nc: Client) -> None:
@@ -130,3 +131,28 @@ async def test_inbox_no_responders_and_timeout_as_nats_py(nc: Client, nats_url: 
     finally:
         await silent.close()
     assert box._waiting == {}  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_warmer_pings_once_just_before_the_expected_time(nc: Client) -> None:
+    warmer = hopwire.Warmer(nc, lead_s=0.05)
+    loop = asyncio.get_running_loop()
+    expected = loop.time() + 0.3
+    warmer.expect(expected)
+    warmer.expect(expected)  # a new guess replaces the last: still one ping
+    await asyncio.sleep(0.1)
+    assert warmer.pings == 0  # not before its time
+    await eventually(lambda: warmer.pings, lambda n: n > 0, timeout=5, what="the warm-up ping")
+    assert warmer.pings == 1
+    assert loop.time() >= expected - 0.05
+    await asyncio.sleep(0.3)
+    assert warmer.pings == 1
+
+
+async def test_warmer_cancelled_or_late_guess_does_nothing(nc: Client) -> None:
+    warmer = hopwire.Warmer(nc, lead_s=0.05)
+    loop = asyncio.get_running_loop()
+    warmer.expect(loop.time() + 0.1)
+    warmer.cancel()
+    warmer.expect(loop.time() + 0.01)  # within the lead already: too late to warm
+    await asyncio.sleep(0.4)
+    assert warmer.pings == 0
