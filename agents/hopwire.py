@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import re
 import time
@@ -55,6 +56,8 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
 
 NO_RESPONDERS = "503"  # the status header of the server's answer when nobody subscribes
 _STATUS = "Status"  # nats-py's header key for a message's status line
@@ -134,13 +137,18 @@ async def settle(nc: Client, timeout: int = 5) -> None:
 
 class _Deliver:
     """Stands in for a subscription's ``asyncio.Queue``: what nats-py's reader puts is handed
-    to ``on_msg`` at once. Nothing is ever pending, so draining finds nothing to wait for."""
+    to ``on_msg`` at once. Nothing is ever pending, so draining finds nothing to wait for. An
+    exception is logged and goes no further: in nats-py's reader it would end the reading of
+    the whole connection."""
 
     def __init__(self, on_msg: Callable[[Msg], None]) -> None:
         self.on_msg = on_msg
 
     def put_nowait(self, msg: Msg) -> None:
-        self.on_msg(msg)
+        try:
+            self.on_msg(msg)
+        except Exception:
+            log.exception("message on %s: its handler failed", msg.subject)
 
     def qsize(self) -> int:
         return 0

@@ -92,6 +92,26 @@ async def test_deliver_to_hands_messages_over_in_the_reader(nc: Client, nats_url
     await sub.unsubscribe()
 
 
+async def test_a_failing_handler_does_not_stop_the_reader(nc: Client, nats_url: str) -> None:
+    got: list[bytes] = []
+
+    def on_msg(msg: Msg) -> None:
+        if msg.data == b"poison":
+            raise ValueError("poison")
+        got.append(msg.data)
+
+    await hopwire.deliver_to(nc, "hopwire.poison", on_msg)
+    other = await nats.connect(nats_url)
+    try:
+        for data in (b"poison", b"after"):
+            await other.publish("hopwire.poison", data)
+        await other.flush()
+        await eventually(lambda: got, lambda g: g == [b"after"], timeout=5, what="the next one")
+    finally:
+        await other.close()
+    await nc.flush(timeout=5)  # the connection's reader still reads (its PONG)
+
+
 async def _echo(nc: Client, subject: str) -> None:
     async def answer(msg: Msg) -> None:
         await asyncio.sleep(0.01 * int(msg.data))  # the later request is answered first
