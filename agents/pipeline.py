@@ -29,7 +29,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ import numpy as np
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shardplane.agents import hopwire
 from shardplane.agents.executor import Entry, ExecutorError, StageBackend, sample
 from shardplane.agents.steptiming import StepTimer, StepTiming
 from shardplane.bus import subjects
@@ -54,14 +55,15 @@ DECODE_DEADLINE_S = 10.0
 # Steps of at most this many rows (decode) run on the event loop: a thread handoff costs two
 # context switches per hop, as much as the hop itself; a prefill chunk runs in a thread so the
 # loop (telemetry, other stages of this process) keeps going. An inline step blocks the loop,
-# so before it starts the loop gets one turn (``_serve``): the previous step's answer, already
-# handed to nats-py, is only written to the socket by its flusher task, which is queued behind
-# a step that was waiting for the lock. Without that turn, two micro-batches that reach a stage
-# together leave it together (the first one's answer waits out the second one's compute), and
-# every later stage sees them together too: the M micro-batches move in lockstep through the
-# stages, one stage at a time, and the pipeline never overlaps (bench serve: 2 x 8 rows over 2
-# stages took 2 (t0 + t1) per step instead of about 2 max(t0, t1)).
+# so every request and answer of a step is written to the socket as it is published
+# (``hopwire.flush_now``), not left to nats-py's flusher task: that task would be queued behind
+# a step waiting for the lock, two micro-batches that reach a stage together would leave it
+# together (the first one's answer waiting out the second one's compute), and every later
+# stage would see them together too: the M micro-batches would move in lockstep through the
+# stages, one stage at a time, and the pipeline would never overlap (bench serve: 2 x 8 rows
+# over 2 stages took 2 (t0 + t1) per step instead of about 2 max(t0, t1)).
 INLINE_ROWS = 8
+WARM_PERIOD_MAX_S = 2.0  # steps further apart than this are not a generation's steps
 
 # Called with the median of a run of decode steps of one size (agents.steptiming); the worker
 # publishes it in ShardStatus.
@@ -117,19 +119,26 @@ class StageServer:
     _touched: dict[str, float] = field(default_factory=lambda: {})
     _sweeper: asyncio.Task[None] | None = None
     _steps: set[asyncio.Task[None]] = field(default_factory=lambda: set[asyncio.Task[None]]())
+    _chores: set[asyncio.Task[None]] = field(default_factory=lambda: set[asyncio.Task[None]]())
+    _warmer: hopwire.Warmer | None = None
+    _arrived: float = 0.0
 
     @property
     def subject(self) -> str:
         return subjects.pipeline(self.instance_id, self.stage)
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.subject, cb=self._dispatch)
+        self._sub, _ = await hopwire.deliver_to(self.nc, self.subject, self._dispatch)
+        hopwire.inbox(self.nc)  # subscribed now, not on the first step
+        self._warmer = hopwire.Warmer(self.nc, hopwire.WARM_LEAD_S)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
+        if self._warmer is not None:
+            self._warmer.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in list(self._steps):
+        for task in [*self._steps, *self._chores]:
             task.cancel()
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
@@ -150,19 +159,65 @@ class StageServer:
         self._touched.pop(seq, None)
         self.backend.release(seq)
 
-    async def _dispatch(self, msg: Msg) -> None:
-        # nats-py runs a subscription's callbacks one at a time, so a stage awaiting the next
-        # stage's answer would take no other request: micro-batches could not pipeline (batch
-        # i at stage k+1 while batch i+1 is at stage k). Each request is its own task; the
-        # lock still runs one forward at a time, in arrival order. The last stage awaits no
-        # other stage, so it has nothing to overlap: it handles the request in the callback,
-        # sparing the loop turn a task's start costs on every crossing.
-        if self.last:
-            await self._handle(msg)
+    def _dispatch(self, msg: Msg) -> None:
+        # Called by nats-py's reader as the request is parsed (``hopwire.deliver_to``): each
+        # request is its own task from there, so that a stage awaiting the next stage's answer
+        # still takes the next request (micro-batches pipeline: batch i at stage k+1 while
+        # batch i+1 is at stage k); the lock runs one forward at a time, in arrival order.
+        now = time.monotonic()
+        since, self._arrived = now - self._arrived, now
+        if self._warmer is not None and hopwire.WARM and since < WARM_PERIOD_MAX_S:
+            self._warmer.expect(now + since)  # steps come as often as the last two did
+        if self.last and not self._steps and not self._lock.locked() and self._answer_now(msg):
             return
-        task = asyncio.create_task(self._handle(msg))
-        self._steps.add(task)
-        task.add_done_callback(self._steps.discard)
+        self._spawn(self._handle(msg), self._steps)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]]) -> None:
+        task = asyncio.create_task(work)
+        into.add(task)
+        task.add_done_callback(into.discard)
+
+    def _answer_now(self, msg: Msg) -> bool:
+        """The last stage's decode step, run and answered right here in nats-py's reader,
+        sparing the loop turn a task's start costs. Only when no other step is in flight (so
+        none waits for the lock: order is kept); False, having done nothing, for anything but
+        a decode-sized forward with a reply subject (the task path takes it)."""
+        try:
+            req = _request_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return False
+        rows = sum(e.count for e in req.entries)
+        if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
+            return False
+        entries = entries_of(req)
+        try:
+            out, ms = self._run(entries, self._input(req, rows))
+            self._timed.append((entries, ms))
+            reply = self._finish(req, out, ms)
+        except ExecutorError as exc:
+            reply = _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
+        except Exception as exc:  # every request is answered, whatever went wrong
+            log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
+            reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
+        data = _encoder.encode(reply)
+        if not hopwire.publish_now(self.nc, msg.reply, data):
+            self._spawn(self._answer(msg.reply, data), self._chores)
+        if self._timed:
+            self._spawn(self._bookkeeping(), self._chores)
+        return True
+
+    def _run(self, entries: Sequence[Entry], x: np.ndarray[Any, Any]) -> tuple[Any, float]:
+        """The stage's forward, timed; its sequences marked as used."""
+        started = time.perf_counter()
+        out = self.backend.forward(entries, x)
+        ms = (time.perf_counter() - started) * 1000
+        for e in entries:
+            self._touched[e.seq_id] = time.monotonic()
+        return out, ms
+
+    async def _answer(self, subject: str, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await hopwire.publish(self.nc, subject, data)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -171,13 +226,11 @@ class StageServer:
             log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
             reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
         if msg.reply:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, _encoder.encode(reply))
+            await self._answer(msg.reply, _encoder.encode(reply))
+        await self._bookkeeping()
+
+    async def _bookkeeping(self) -> None:
         # Step-time bookkeeping waits until the reply is out: it is no part of the step.
-        # nats-py's publish only queues the bytes for its flusher task, so yield once to let
-        # the flusher write them before the bookkeeping runs.
-        if self._timed:
-            await asyncio.sleep(0)
         while self._timed:
             await self._measured(*self._timed.pop())
 
@@ -200,15 +253,9 @@ class StageServer:
             x = self._input(req, rows)
             async with self._lock:
                 if rows <= INLINE_ROWS:
-                    await asyncio.sleep(0)  # the flusher first (see INLINE_ROWS)
-                started = time.perf_counter()
-                if rows <= INLINE_ROWS:
-                    out = self.backend.forward(entries, x)
+                    out, ms = self._run(entries, x)
                 else:
-                    out = await asyncio.to_thread(self.backend.forward, entries, x)
-                ms = (time.perf_counter() - started) * 1000
-                for e in entries:
-                    self._touched[e.seq_id] = time.monotonic()
+                    out, ms = await asyncio.to_thread(self._run, entries, x)
         except ExecutorError as exc:
             return _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
         self._timed.append((entries, ms))
@@ -281,7 +328,9 @@ class StageServer:
         subject = subjects.pipeline(self.instance_id, nxt)
         sent = time.perf_counter()
         try:
-            msg = await self.nc.request(subject, _encoder.encode(downstream), timeout=left_s)
+            msg = await hopwire.inbox(self.nc).request(
+                subject, _encoder.encode(downstream), timeout=left_s
+            )
         except nats.errors.NoRespondersError:
             return _fail(
                 "unavailable",
@@ -347,7 +396,9 @@ class PipelineClient:
         )
         subject = subjects.pipeline(self.instance_id, 0)
         try:
-            msg = await self.nc.request(subject, _encoder.encode(req), timeout=budget)
+            msg = await hopwire.inbox(self.nc).request(
+                subject, _encoder.encode(req), timeout=budget
+            )
         except nats.errors.NoRespondersError:
             raise PipelineError(
                 f"stage 0 of instance {self.instance_id} is not serving ({subject} has no responders)",

@@ -7,13 +7,14 @@ the host's (waking a process that sat idle). This bench plays an upstream stage 
 20-30, numpy) in a process of its own, whose ``StageServer`` is wrapped to stamp each phase
 with ``time.monotonic()`` (one system-wide clock on Linux, so stamps compare across processes):
 
-- ``request_to_callback``: request sent -> the stage's message callback runs (NATS routing and
-  waking the idle stage process);
-- ``callback_to_compute``: decoding the frame, checks, the lock;
+- ``request_to_callback``: request sent -> nats-py's reader hands it to the stage
+  (``StageServer._dispatch``: NATS routing, waking the idle stage process, parsing);
+- ``callback_to_compute``: decoding the frame, checks (and, off the fast path, a task's start
+  and the lock);
 - ``compute``: the stage's layers (excluded from a hop, as the pipeline excludes it);
-- ``compute_to_published``: sampling, the reply's framing, nats-py's publish;
-- ``published_to_resumed``: reply out -> this process has it (NATS, waking this process that
-  sat idle through the stage's compute, the reader task, the request's future);
+- ``compute_to_published``: sampling, the reply's framing, up to its publish;
+- ``published_to_resumed``: publish -> this process has the reply (writing it, NATS, waking
+  this process that sat idle through the stage's compute, the reader, the request's future);
 - ``hop``: the whole request less ``compute``, as ``StageReply.hop_ms`` counts it.
 
 Run: ``shardplane bench hop_profile [--quick] [-- --gap-ms 10 --count 60]``.
@@ -35,6 +36,7 @@ import msgspec
 import nats
 import numpy as np
 
+from shardplane.agents import hopwire
 from shardplane.bus.messages import StageEntry, StageRequest
 from shardplane.natsserver import NatsServer
 from shardplane.render import table
@@ -76,21 +78,23 @@ async def serve(url: str) -> None:
     backend.forward = timed_forward
     nc = await nats.connect(url)
     server = StageServer(nc, instance_id="hop", stage=1, backend=backend, last=True)
-    handle = server._handle  # pyright: ignore[reportPrivateUsage]
-    publish = nc.publish
+    dispatch = server._dispatch  # pyright: ignore[reportPrivateUsage]
+    publish_now = hopwire.publish_now  # what a stage answers with (hopwire.publish too)
 
-    async def stamped_publish(*args: Any, **kwargs: Any) -> None:
-        await publish(*args, **kwargs)
+    def stamped_publish(*args: Any, **kwargs: Any) -> bool:
+        # Stamped as the reply starts out: once its bytes are written, this process may lose
+        # the core to the ones they wake (the requester resumes before a later stamp).
         marks.append((entered[0], computed[0], computed[1], time.monotonic()))
+        return publish_now(*args, **kwargs)
 
     entered = [0.0]
 
-    async def stamped_handle(msg: Any) -> None:
+    def stamped_dispatch(msg: Any) -> None:
         entered[0] = time.monotonic()
-        await handle(msg)
+        dispatch(msg)
 
-    nc.publish = stamped_publish
-    server._handle = stamped_handle  # pyright: ignore[reportPrivateUsage]
+    hopwire.publish_now = stamped_publish
+    server._dispatch = stamped_dispatch  # pyright: ignore[reportPrivateUsage]
     await server.start()
     await nc.flush()
     print("ready", flush=True)
@@ -101,8 +105,9 @@ async def serve(url: str) -> None:
 
 
 async def drive(url: str, gap_ms: float, count: int, hidden: int) -> list[tuple[float, float]]:
-    """Upstream: compute (busy) ``gap_ms``, then ask; (sent, resumed) per request."""
+    """Upstream: compute (busy) ``gap_ms``, then ask as a stage asks; (sent, resumed) per request."""
     nc = await nats.connect(url)
+    inbox = hopwire.inbox(nc)  # as a stage asks the next one (agents.pipeline)
     encoder = msgspec.msgpack.Encoder()
     frame = np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32).tobytes()
     out: list[tuple[float, float]] = []
@@ -113,7 +118,7 @@ async def drive(url: str, gap_ms: float, count: int, hidden: int) -> list[tuple[
         entry = StageEntry(seq_id=f"h{i}", start=0, count=1)
         req = StageRequest(instance_id="hop", stage=1, entries=(entry,), hidden=frame)
         sent = time.monotonic()
-        await nc.request("pipeline.hop.1", encoder.encode(req), timeout=30)
+        await inbox.request("pipeline.hop.1", encoder.encode(req), timeout=30)
         out.append((sent, time.monotonic()))
     await nc.close()
     return out

@@ -1,0 +1,292 @@
+"""The pipeline's hot path over nats-py with fewer event-loop turns: bytes written at once,
+requests and replies handed straight from nats-py's reader to whoever waits for them.
+
+Why: a stage crossing is paid with cold caches (the stage's forward has just streamed its
+weights through the L3), so every event-loop turn on it costs a trip through the loop, the
+selector and a task's wake-up fetched from memory again. nats-py, used plainly, spends turns a
+crossing does not need:
+
+- ``publish`` only queues the bytes and wakes its flusher task: they leave one turn later;
+- a subscription's messages go through an ``asyncio.Queue`` to a task of the subscription's
+  own, which then runs the callback: one turn;
+- ``request`` resolves its future in that task, then ``asyncio.wait_for`` releases its waiter
+  in another callback, and only then does the caller resume: two more turns.
+
+Here ``flush_now`` writes the queued bytes to the socket at once, and ``deliver_to`` replaces a
+subscription's queue with an object whose ``put_nowait`` (called by nats-py's reader as each
+message is parsed) hands the message on directly: ``Inbox`` resolves the waiting request's
+future (the caller resumes in the next turn), a stage server starts its handler task.
+
+Fewer turns still leave the crossing cold: the process, the socket, the loop, nats-py's reader
+and the server's side of the connection were all last used before the other side's compute
+evicted them. ``Warmer`` sends one PING shortly before the next message is expected (a stage's
+next request, a request's reply: steps of a generation come at a steady pace), so that path
+has just been used when the message comes. No polling: one round trip per expected message,
+on a timer, on a core that would sit idle. Measured by ``bench hop_profile`` (one crossing,
+8 ms of compute upstream, load 2.4-3.0): 0.84-0.98 ms before this module, 0.66-0.86 ms with
+fewer turns alone, 0.41-0.55 ms with the warm-up. ``SHARDPLANE_WARM=0`` turns the warm-up off
+(to measure it, or should a deployment mind the PINGs).
+
+Writing at once exposes a race nats-py's own slowness hid: ``nc.flush()`` writes its PING
+straight to the socket, ahead of commands still queued for the flusher, so after
+``subscribe`` + ``flush`` the server may not have the SUB yet, and a request written at once
+from another connection finds no responder. ``deliver_to`` writes its SUB at once; ``settle``
+is the barrier for subscriptions made with nats-py alone.
+
+This is the only module that touches nats-py's private attributes (pinned ``nats-py>=2.16,
+<2.17``); ``tests/agents/test_hopwire.py`` checks each of them against the installed nats-py
+and a real server, so an upgrade that changes them fails there loudly. Should they be missing
+at run time anyway, ``compatible`` says so and callers take nats-py's public path instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import re
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
+
+NO_RESPONDERS = "503"  # the status header of the server's answer when nobody subscribes
+_STATUS = "Status"  # nats-py's header key for a message's status line
+
+# The attributes relied upon: the client's pending buffer, its size and its transport; a
+# subscription's queue (nats-py's reader calls its ``put_nowait``).
+CLIENT_ATTRS = ("_pending", "_pending_data_size", "_transport")
+SUBSCRIPTION_ATTRS = ("_pending_queue",)
+
+
+def compatible(nc: Client, sub: Subscription | None = None) -> bool:
+    """Whether the installed nats-py has the private attributes this module uses."""
+    ok = all(hasattr(nc, a) for a in CLIENT_ATTRS)
+    return ok and (sub is None or all(hasattr(sub, a) for a in SUBSCRIPTION_ATTRS))
+
+
+def flush_now(nc: Client) -> None:
+    """Write what ``publish`` queued to the socket now, not one loop turn later (the flusher,
+    woken by ``publish``, then finds nothing left to write). Order is kept: the flusher takes
+    the same buffer, and neither side yields between taking and writing it."""
+    if not nc.is_connected or not compatible(nc):
+        return  # reconnecting: nats-py's flusher sends the buffer once it can
+    pending: list[bytes] = nc._pending  # pyright: ignore[reportPrivateUsage]
+    if not pending:
+        return
+    nc._pending = []  # pyright: ignore[reportPrivateUsage]
+    nc._pending_data_size = 0  # pyright: ignore[reportPrivateUsage]
+    nc._transport.writelines(pending)  # pyright: ignore[reportPrivateUsage, reportOptionalMemberAccess]
+
+
+async def publish(nc: Client, subject: str, payload: bytes, reply: str = "") -> None:
+    """``nc.publish`` written to the socket at once (``publish_now``, else nats-py's own path,
+    which raises its own errors)."""
+    if not publish_now(nc, subject, payload, reply):
+        await nc.publish(subject, payload, reply=reply)
+        flush_now(nc)
+
+
+def publish_now(nc: Client, subject: str, payload: bytes, reply: str = "") -> bool:
+    """Write a PUB straight to the transport (after anything still queued, so order is kept)
+    and say so; False, having done nothing, for anything unusual (reconnecting, draining, too
+    large, a subject nats-py would refuse): then ``nc.publish`` must take it. nats-py's publish
+    would also allocate a future and queue it for its flusher task, whose wake-up then writes
+    nothing. Subjects are checked as nats-py checks them (no whitespace: a CR LF would inject
+    a protocol line)."""
+    size = len(payload)
+    if (
+        not nc.is_connected
+        or nc.is_draining_pubs
+        or size > nc.max_payload
+        or not compatible(nc)
+        or not subject
+        or _BAD_SUBJECT.search(subject)
+        or _BAD_SUBJECT.search(reply)
+    ):
+        return False
+    flush_now(nc)
+    head = f"PUB {subject} {reply} {size}\r\n" if reply else f"PUB {subject} {size}\r\n"
+    nc._transport.writelines([head.encode(), payload, b"\r\n"])  # pyright: ignore[reportPrivateUsage, reportOptionalMemberAccess]
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += size
+    return True
+
+
+_BAD_SUBJECT = re.compile(r"\s")
+# A timer of the event loop fires up to 1 ms late (epoll's timeout is in whole ms, rounded up).
+WARM_LEAD_S = 0.002  # measured 1.2-5 ms: 1.2 is too close (a late timer misses the message)
+WARM = os.environ.get("SHARDPLANE_WARM", "1") != "0"
+
+
+async def settle(nc: Client, timeout: int = 5) -> None:
+    """Everything ``nc`` queued (a SUB just made) has reached the server and been processed:
+    written now, then a PING/PONG round trip behind it."""
+    flush_now(nc)
+    await nc.flush(timeout=timeout)
+
+
+class _Deliver:
+    """Stands in for a subscription's ``asyncio.Queue``: what nats-py's reader puts is handed
+    to ``on_msg`` at once. Nothing is ever pending, so draining finds nothing to wait for. An
+    exception is logged and goes no further: in nats-py's reader it would end the reading of
+    the whole connection."""
+
+    def __init__(self, on_msg: Callable[[Msg], None]) -> None:
+        self.on_msg = on_msg
+
+    def put_nowait(self, msg: Msg) -> None:
+        try:
+            self.on_msg(msg)
+        except Exception:
+            log.exception("message on %s: its handler failed", msg.subject)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        return None
+
+    async def join(self) -> None:
+        return None
+
+
+async def deliver_to(
+    nc: Client, subject: str, on_msg: Callable[[Msg], None]
+) -> tuple[Subscription, bool]:
+    """Subscribe ``subject`` with each message handed to ``on_msg`` (a plain function, called
+    in nats-py's reader: it must not block) as it is parsed. Returns the subscription and
+    whether the direct path is in place; if not (an incompatible nats-py) the messages come
+    through nats-py's own callback task instead, to the same ``on_msg``."""
+
+    async def via_task(msg: Msg) -> None:
+        on_msg(msg)
+
+    probe = await nc.subscribe(subject, pending_bytes_limit=0)
+    if not compatible(nc, probe):
+        await probe.unsubscribe()
+        return await nc.subscribe(subject, cb=via_task), False
+    queue: asyncio.Queue[Msg] = probe._pending_queue  # pyright: ignore[reportPrivateUsage]
+    probe._pending_queue = _Deliver(on_msg)  # pyright: ignore[reportPrivateUsage, reportAttributeAccessIssue]
+    while not queue.empty():  # anything nats-py queued before the swap
+        on_msg(queue.get_nowait())
+    flush_now(nc)  # the SUB, so that a later nc.flush() really follows it
+    return probe, True
+
+
+class Inbox:
+    """Request-reply over one long-lived reply subscription per connection, whose replies
+    resolve the waiting request's future straight from nats-py's reader. Errors are nats-py's
+    own (``NoRespondersError``, ``TimeoutError``), so callers handle them as for ``request``."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count()
+        self._started: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._round_trip: dict[str, float] = {}  # the last request's, by subject
+        self.warmer = Warmer(nc, WARM_LEAD_S)
+
+    async def _start(self) -> None:
+        try:
+            _, direct = await deliver_to(self.nc, self.prefix + "*", self._arrived)
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            raise
+        self._started.set_result(direct)
+
+    def _arrived(self, msg: Msg) -> None:
+        fut = self._waiting.get(msg.subject[len(self.prefix) :])
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
+        await asyncio.shield(self._started)
+        token = str(next(self._tokens))
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        sent = time.monotonic()
+        if WARM and (last := self._round_trip.get(subject)) is not None:
+            self.warmer.expect(sent + last)  # the answer should take as long as the last one
+        try:
+            await publish(self.nc, subject, payload, reply=self.prefix + token)
+            try:
+                async with asyncio.timeout(timeout):
+                    msg = await fut
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        finally:
+            del self._waiting[token]
+        self._round_trip[subject] = time.monotonic() - sent
+        if msg.headers and msg.headers.get(_STATUS) == NO_RESPONDERS:
+            raise nats.errors.NoRespondersError
+        return msg
+
+
+class Warmer:
+    """One PING shortly before a message is expected (``expect``), so that the path it will
+    take (this process's wake-up, the socket, the loop, nats-py's reader; the server's side of
+    this connection) was just used when it comes, instead of cold after the other side's
+    compute streamed its weights through the caches. One PING per expected message, on a
+    timer: nothing polls. A wrong guess costs one PING round trip on an idle core."""
+
+    def __init__(self, nc: Client, lead_s: float) -> None:
+        self.nc = nc
+        self.lead_s = lead_s  # before the expected time; the loop's timers are ms-coarse
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pings = 0  # round trips done
+
+    def expect(self, at: float) -> None:
+        """The next message is expected at ``at`` (``time.monotonic()``, the loop's clock)."""
+        self.cancel()
+        loop = asyncio.get_running_loop()
+        if at - self.lead_s > loop.time():
+            self._timer = loop.call_at(at - self.lead_s, self._ping)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _ping(self) -> None:
+        self._timer = None
+        if self.nc.is_connected:
+            task = asyncio.get_running_loop().create_task(self._round_trip())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _round_trip(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=1)
+            self.pings += 1
+
+
+_inboxes: weakref.WeakKeyDictionary[Client, Inbox] = weakref.WeakKeyDictionary()
+
+
+def inbox(nc: Client) -> Inbox:
+    """The connection's inbox, subscribed on first use (later callers wait for it)."""
+    box = _inboxes.get(nc)
+    if box is None:
+        box = _inboxes[nc] = Inbox(nc)
+        task = asyncio.get_running_loop().create_task(box._start())  # pyright: ignore[reportPrivateUsage]
+        _keep.add(task)
+        task.add_done_callback(_keep.discard)
+    return box
+
+
+_keep: set[asyncio.Task[Any]] = set()  # the start tasks, held until done
