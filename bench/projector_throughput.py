@@ -336,8 +336,9 @@ async def partitions_drain(
     when the last one took its lease, over the time until the last has acknowledged its share."""
     await reset(js, purge_telemetry=False)
     parts = [Partition(i, count) for i in range(count)]
-    with contextlib.suppress(NotFoundError):
-        await js.delete_stream(partitions.stream_name(count))
+    for name in partitions.stream_names(count):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(name)
     total = int((await js.stream_info(TELEMETRY)).state.messages)
     # Sourcing is outside the timed drain (as storing the backlog in TELEMETRY is for both
     # arms), but live it is paid for every sample on top of TELEMETRY's store: say how much.

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncGenerator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
-from shardplane.bus.streams import cluster_state, provision
+from shardplane.bus.streams import TELEMETRY, cluster_state, provision
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
 from tests import kit
@@ -77,10 +80,30 @@ def test_partition_spec() -> None:
     assert p.owns(keys.device_key("x", 3)) == (partition_of("x", 2) == 1)
     assert p.owns(keys.node_key("x")) == (partition_of("x", 2) == 1)
     assert not p.owns(keys.instance_key("i")) and Partition(0, 2).owns("instances.i")
-    assert set(Partition(0, 2).consumers()) == {"TELEMETRY_P2", "PLACEMENTS", "SHARDS"}
-    assert set(p.consumers()) == {"TELEMETRY_P2"}
+    assert set(Partition(0, 2).consumers()) == {
+        "TELEMETRY_P2",
+        "TELEMETRY_P2_NODES",
+        "PLACEMENTS",
+        "SHARDS",
+    }
+    assert p.consumers() == {
+        "TELEMETRY_P2": ("projector_p1_of_2", "tpart.1.>"),
+        "TELEMETRY_P2_NODES": ("projector_p1_of_2_nodes", "tpart.1.>"),
+    }
     with pytest.raises(ValueError, match="partition 2 of 2"):
         Partition(2, 2)
+
+
+async def mirrored(js: JetStreamContext, stream: str, want: int) -> list[Msg]:
+    """The first ``want`` messages of a partitions' stream (the mirror copies them over)."""
+    sub = await js.pull_subscribe("tpart.>", stream=stream)
+    got: list[Msg] = []
+    try:
+        while len(got) < want:
+            got += await sub.fetch(want - len(got), timeout=10.0)
+    finally:
+        await sub.unsubscribe()
+    return got
 
 
 async def test_our_hash_is_the_servers(nc: Client, js: JetStreamContext) -> None:
@@ -88,14 +111,53 @@ async def test_our_hash_is_the_servers(nc: Client, js: JetStreamContext) -> None
     await partitions.provision(nc, 3)
     await partitions.provision(nc, 3)  # idempotent
     await publish_fleet(js, 1)
-    sub = await js.pull_subscribe("tpart.>", stream=partitions.stream_name(3))
-    seen: dict[str, int] = {}
-    while len(seen) < len(NODES):
-        for msg in await sub.fetch(200, timeout=10.0):
+    devices, nodes = partitions.stream_names(3)
+    for stream, kind, want in ((devices, "gpu", 2 * len(NODES)), (nodes, "node", len(NODES))):
+        seen: dict[str, int] = {}
+        for msg in await mirrored(js, stream, want):
             tokens = msg.subject.split(".")
+            assert tokens[3] == kind, msg.subject
             seen[tokens[4]] = int(tokens[1])
-    assert seen == {n: partition_of(n, 3) for n in NODES}
-    assert len(set(seen.values())) == 3  # 24 nodes do fall into all three
+        assert seen == {n: partition_of(n, 3) for n in NODES}
+        assert len(set(seen.values())) == 3  # 24 nodes do fall into all three
+
+
+async def test_copies_keep_telemetrys_sequence_and_time(nc: Client, js: JetStreamContext) -> None:
+    """The reducer judges liveness by stream time: a partition must see TELEMETRY's, as one
+    projector does, however late the copy is made (here: the streams are created after the
+    fleet published), and deliveries carry no header."""
+    await provision(js)
+    await publish_fleet(js, 1)
+    published_by = datetime.now(UTC)  # every copy is made after this
+    await partitions.provision(nc, 2)
+    devices, nodes = partitions.stream_names(2)
+    copies = [
+        *await mirrored(js, devices, 2 * len(NODES)),
+        *await mirrored(js, nodes, len(NODES)),
+    ]
+    for copy in copies:
+        original = await js.get_msg(TELEMETRY, copy.metadata.sequence.stream)
+        assert Partition.original_subject(copy.subject) == original.subject
+        assert original.time is not None and copy.metadata.timestamp <= published_by
+        # nats-py reads the two times from different formats (nanoseconds, RFC 3339)
+        assert abs(copy.metadata.timestamp - original.time) < timedelta(milliseconds=1)
+        assert not copy.headers, copy.headers
+
+
+async def test_a_stream_of_the_sourced_layout_is_replaced(nc: Client, js: JetStreamContext) -> None:
+    await provision(js)
+    await publish_fleet(js, 1)
+    old = {
+        "name": partitions.stream_name(2),
+        "storage": "file",
+        "sources": [{"name": TELEMETRY, "subject_transforms": partitions.transforms(2)}],
+    }
+    reply = await nc.request(f"$JS.API.STREAM.CREATE.{old['name']}", json.dumps(old).encode())
+    assert "error" not in json.loads(reply.data)
+    await partitions.provision(nc, 2)
+    info = await js.stream_info(partitions.stream_name(2))
+    assert info.config.mirror is not None and not info.config.sources
+    assert len(await mirrored(js, partitions.stream_name(2), 2 * len(NODES))) == 2 * len(NODES)
 
 
 async def test_each_partition_writes_its_share_and_together_all(
