@@ -343,7 +343,7 @@ async def partitions_drain(
     # Sourcing is outside the timed drain (as storing the backlog in TELEMETRY is for both
     # arms), but live it is paid for every sample on top of TELEMETRY's store: say how much.
     sourcing = cpu_seconds(server_pid) if server_pid else 0.0
-    await partitions.provision(nc, count)  # sources the whole backlog again
+    await partitions.provision(nc, count)  # copies the whole backlog again
     await wait_sourced(js, partitions.stream_name(count), total)
     sourcing = (cpu_seconds(server_pid) - sourcing) / total if server_pid and total else 0.0
     procs = [spawn_projector(url, ["--partition", f"{p.index}/{count}"]) for p in parts]
@@ -390,7 +390,7 @@ async def share_done(js: JetStreamContext, part: Partition) -> int:
 
 
 async def wait_sourced(js: JetStreamContext, stream: str, total: int) -> None:
-    """Until the sourced stream holds the whole backlog (the server copies it over)."""
+    """Until the partitions' stream holds the whole backlog (the server copies it over)."""
     while True:
         if int((await js.stream_info(stream)).state.messages) >= total:
             return
@@ -810,7 +810,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
                     for name, us in result.get("cpu_us_per_msg_partitioned", {}).items()
                 ),
                 (
-                    "  not timed: server CPU us/msg to source the partitions' stream",
+                    "  not timed: server CPU us/msg to copy into the partitions' streams",
                     f"{result.get('sourcing_server_us_per_msg')}",
                     "live, paid per sample on top of storing it in TELEMETRY",
                 ),
