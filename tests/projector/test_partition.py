@@ -4,12 +4,15 @@ together write every key, and a partition never judges another's liveness."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -19,6 +22,7 @@ from nats.js.errors import KeyNotFoundError
 from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
 from shardplane.bus.streams import TELEMETRY, cluster_state, provision
+from shardplane.natsserver import NatsServer, free_port
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
 from tests import kit
@@ -230,3 +234,42 @@ def test_the_command_takes_a_partition() -> None:
     assert parse_args(["projector"]).partition is None
     with pytest.raises(SystemExit):
         parse_args(["projector", "--partition", "2/2"])
+
+
+async def test_partitions_ride_out_a_server_restart(tmp_path: Path) -> None:
+    """The mirrors live on file like TELEMETRY: after a restart they go on copying from where
+    they were (TELEMETRY's own sequences), each partition's consumer from its ack floor, and
+    the fleet's next samples reach the KV through both partitions."""
+    server = NatsServer(port=free_port(), store_dir=tmp_path / "store")
+    await asyncio.to_thread(server.start)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    js = nc.jetstream()
+    try:
+        await provision(js)
+        await partitions.provision(nc, 2)
+        await publish_fleet(js, 1)
+        async with (
+            partition_running(server.url, Partition(0, 2)),
+            partition_running(server.url, Partition(1, 2)),
+        ):
+            await wait_keys(js, keys_of(NODES))
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            await eventually(
+                lambda: publish_fleet(js, 2), timeout=30, what="publishing after the restart"
+            )
+
+            async def seqs() -> list[int | None]:
+                return [await device_seq(nc, node, i) for node in NODES for i in range(2)]
+
+            await eventually(
+                seqs, lambda got: got == [2] * 2 * len(NODES), timeout=60, what="seq 2 in KV"
+            )
+        devices, nodes = partitions.stream_names(2)
+        last = (await js.stream_info(TELEMETRY)).state.last_seq
+        # TELEMETRY's last message is the last node's last sample: the device mirror ends on it.
+        assert (await js.stream_info(devices)).state.last_seq == last
+        assert (await js.stream_info(nodes)).state.messages == 2 * len(NODES)
+    finally:
+        await nc.close()
+        await asyncio.to_thread(server.cleanup)
