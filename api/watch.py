@@ -18,7 +18,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.api.hub import LOOP_SLICE_S, ApiState
 from shardplane.api.state import Change, sse_event
-from shardplane.bus.streams import CLUSTER_STATE, provision
+from shardplane.bus.streams import CLUSTER_STATE, kv_stream, provision
 from shardplane.bus.watchguard import guard_watch
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ async def guard_watch_task(state: ApiState) -> None:
             await state.watcher.stop()
 
     await guard_watch(
-        state.nc.jetstream(), f"KV_{CLUSTER_STATE}", lambda: state.watched, restart, what="api"
+        state.nc.jetstream(), kv_stream(CLUSTER_STATE), lambda: state.watched, restart, what="api"
     )
 
 

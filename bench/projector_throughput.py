@@ -55,7 +55,7 @@ from nats.js.errors import NotFoundError
 import shardplane
 from shardplane.bus import keys, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState
-from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY, provision
+from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY, kv_stream, kv_subject, provision
 from shardplane.natsserver import NatsServer
 from shardplane.projector import cursor
 from shardplane.projector import partition as partitions
@@ -130,9 +130,9 @@ async def reset(js: JetStreamContext, *, purge_telemetry: bool) -> None:
     for stream, durable in CONSUMERS.items():
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(stream, durable)
-    await js.purge_stream(f"KV_{CLUSTER_STATE}")
+    await js.purge_stream(kv_stream(CLUSTER_STATE))
     with contextlib.suppress(NotFoundError):
-        await js.purge_stream(f"KV_{LEASE_BUCKET}")
+        await js.purge_stream(kv_stream(LEASE_BUCKET))
     if purge_telemetry:
         await js.purge_stream(TELEMETRY)
 
@@ -205,17 +205,17 @@ async def wait_drained(js: JetStreamContext, stream: str, durable: str, last_seq
 async def kv_devices(js: JetStreamContext) -> dict[str, DeviceState]:
     out: dict[str, DeviceState] = {}
     sub = await js.subscribe(
-        f"$KV.{CLUSTER_STATE}.devices.>",
-        stream=f"KV_{CLUSTER_STATE}",
+        kv_subject(CLUSTER_STATE, "devices.>"),
+        stream=kv_stream(CLUSTER_STATE),
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
     )
     try:
-        info = await js.stream_info(f"KV_{CLUSTER_STATE}")
+        info = await js.stream_info(kv_stream(CLUSTER_STATE))
         if info.state.messages:
             while True:
                 msg = await sub.next_msg(timeout=10)
-                out[msg.subject.removeprefix(f"$KV.{CLUSTER_STATE}.")] = _STATE.decode(msg.data)
+                out[msg.subject.removeprefix(kv_subject(CLUSTER_STATE))] = _STATE.decode(msg.data)
                 if msg.metadata.num_pending == 0:
                     break
     finally:
@@ -336,13 +336,14 @@ async def partitions_drain(
     when the last one took its lease, over the time until the last has acknowledged its share."""
     await reset(js, purge_telemetry=False)
     parts = [Partition(i, count) for i in range(count)]
-    with contextlib.suppress(NotFoundError):
-        await js.delete_stream(partitions.stream_name(count))
+    for name in partitions.stream_names(count):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(name)
     total = int((await js.stream_info(TELEMETRY)).state.messages)
     # Sourcing is outside the timed drain (as storing the backlog in TELEMETRY is for both
     # arms), but live it is paid for every sample on top of TELEMETRY's store: say how much.
     sourcing = cpu_seconds(server_pid) if server_pid else 0.0
-    await partitions.provision(nc, count)  # sources the whole backlog again
+    await partitions.provision(nc, count)  # copies the whole backlog again
     await wait_sourced(js, partitions.stream_name(count), total)
     sourcing = (cpu_seconds(server_pid) - sourcing) / total if server_pid and total else 0.0
     procs = [spawn_projector(url, ["--partition", f"{p.index}/{count}"]) for p in parts]
@@ -377,6 +378,13 @@ async def partitions_drain(
     return (total - done_before) / window, lost, cpu, total - done_before, sourcing
 
 
+async def kv_last_seq(js: JetStreamContext) -> int:
+    """The KV stream's last sequence: a purge keeps it, so the difference over a drain is the
+    KV writes it made (a backlog holds several samples per device, and a round that holds two
+    of one device writes once: the writes per message say how much of that a drain got)."""
+    return int((await js.stream_info(kv_stream(CLUSTER_STATE))).state.last_seq)
+
+
 async def share_done(js: JetStreamContext, part: Partition) -> int:
     """Messages of its share a partition has acknowledged so far."""
     durable = part.consumers()[part.stream][0]
@@ -389,7 +397,7 @@ async def share_done(js: JetStreamContext, part: Partition) -> int:
 
 
 async def wait_sourced(js: JetStreamContext, stream: str, total: int) -> None:
-    """Until the sourced stream holds the whole backlog (the server copies it over)."""
+    """Until the partitions' stream holds the whole backlog (the server copies it over)."""
     while True:
         if int((await js.stream_info(stream)).state.messages) >= total:
             return
@@ -473,8 +481,8 @@ async def lag_run(
                 stage.append((info.timestamp - state.last_seen) * 1000.0)
 
     watcher = await js.subscribe(
-        f"$KV.{CLUSTER_STATE}.devices.*.0",
-        stream=f"KV_{CLUSTER_STATE}",
+        kv_subject(CLUSTER_STATE, "devices.*.0"),
+        stream=kv_stream(CLUSTER_STATE),
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.NEW,
         cb=on_update,
@@ -594,19 +602,24 @@ async def run(
         parted_cpu: dict[str, float] = {}
         parted_msgs = 0
         sourcing: list[float] = []
+        writes: dict[str, list[float]] = {"single": [], "partitioned": []}
         for _ in range(repeats):
             raw_rates.append(await raw_drain(js, total))
             lean_rates.append(await lean_drain(nc, js, total))
+            kv_before = await kv_last_seq(js)
             rate, lost, single_cpu = await projector_drain(url, js, fleet, rounds, [], server_pid)
+            writes["single"].append((await kv_last_seq(js) - kv_before) / total)
             rates.append(rate)
             lost_total += lost
             if args.partitions >= 1:
                 # Right after the one-projector drain it is compared with: on a shared machine
                 # whose load drifts, both arms of each pair meet the same conditions (all of
                 # one arm's runs first, then all of the other's, did not).
+                kv_before = await kv_last_seq(js)
                 rate_n, lost, parted_cpu, parted_msgs, sourced = await partitions_drain(
                     url, nc, js, fleet, rounds, args.partitions, server_pid
                 )
+                writes["partitioned"].append((await kv_last_seq(js) - kv_before) / total)
                 parted.append(rate_n)
                 sourcing.append(sourced)
                 lost_total += lost
@@ -647,6 +660,13 @@ async def run(
             args.partitions, parted, rate, parted_cpu, parted_msgs, sourcing, rates
         ),
         **cpu_accounting(args.partitions, total, single_cpu, parted_msgs, parted_cpu, rate),
+        # KV writes per backlog message, each run: below 1 where a round merged samples of one
+        # device (a backlog only; live, a round holds each device once)
+        **{
+            f"kv_writes_per_msg_{arm}": [round(w, 3) for w in ws]
+            for arm, ws in writes.items()
+            if ws
+        },
     }
 
 
@@ -800,6 +820,11 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
                     f"{result['scaleout_ratio']:.2f}",
                     f"target >= {TARGET_SCALEOUT}; pairs {result['runs_scaleout_ratio']}",
                 ),
+                (
+                    "  KV writes per message drained",
+                    f"{result.get('kv_writes_per_msg_partitioned')}",
+                    f"1 projector {result.get('kv_writes_per_msg_single')} (backlog merging)",
+                ),
                 *(
                     (f"  CPU us/msg, 1 projector: {name}", f"{us}", "")
                     for name, us in result.get("cpu_us_per_msg_single", {}).items()
@@ -809,7 +834,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
                     for name, us in result.get("cpu_us_per_msg_partitioned", {}).items()
                 ),
                 (
-                    "  not timed: server CPU us/msg to source the partitions' stream",
+                    "  not timed: server CPU us/msg to copy into the partitions' streams",
                     f"{result.get('sourcing_server_us_per_msg')}",
                     "live, paid per sample on top of storing it in TELEMETRY",
                 ),

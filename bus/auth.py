@@ -45,6 +45,7 @@ from shardplane.bus.streams import (
     TELEMETRY,
     kv_stream,
     kv_subject,
+    partition_node_stream,
     partition_stream,
 )
 
@@ -179,10 +180,10 @@ def permissions(role: Role, user: str, nodes: tuple[str, ...] = ()) -> dict[str,
     elif role == "projector":
         for stream in (TELEMETRY, PLACEMENTS, SHARDS):
             pub += _consume(stream, PROJECTOR_DURABLE.format(stream=stream.lower()))
-        # Partitions (projector.partition): each consumes its share of a stream that holds
+        # Partitions (projector.partition): each consumes its share of streams that hold
         # only copies of TELEMETRY, which this role reads whole anyway, so any consumer name.
         for count in range(1, MAX_PARTITIONS + 1):
-            pub += _consume(partition_stream(count))
+            pub += _consume(partition_stream(count)) + _consume(partition_node_stream(count))
         pub += _read_kv(CLUSTER_STATE) + _write_kv(CLUSTER_STATE)
         pub += _read_kv(LEASE_BUCKET) + _write_kv(LEASE_BUCKET)
         # The ledger, to act only on the generation the planner committed (bus.authority).

@@ -48,8 +48,9 @@ LEDGER = "placement_ledger"  # the planners' memory ledger (planner-owned, CAS-g
 # The ledger's one document: every instance's promise and its current generation. Workers and
 # the projector read it too (bus.authority): an assignment counts only at the ledger's generation.
 LEDGER_RESERVATIONS_KEY = keys.LEDGER_RESERVATIONS
-# Projector partitions (projector.partition): TELEMETRY sourced into one stream per partition
-# count, TELEMETRY_P<count>; the projector role may consume those of up to MAX_PARTITIONS.
+# Projector partitions (projector.partition): TELEMETRY mirrored, partitioned, into two
+# streams per partition count, TELEMETRY_P<count> (device samples) and TELEMETRY_P<count>_NODES
+# (heartbeats); the projector role may consume those of up to MAX_PARTITIONS.
 MAX_PARTITIONS = 16
 
 
@@ -68,6 +69,10 @@ def kv_subject(bucket: str, key: str = "") -> str:
     """The subject a write of ``key`` to ``bucket`` travels on (``key`` may be a wildcard such
     as ``devices.>``); with no key, the prefix every such subject starts with."""
     return f"$KV.{bucket}.{key}"
+
+
+def partition_node_stream(count: int) -> str:
+    return f"{TELEMETRY}_P{count}_NODES"
 
 
 DAY = 24 * 3600.0

@@ -46,7 +46,7 @@ from shardplane.bus.messages import (
     Stage,
 )
 from shardplane.bus.retry import retrying
-from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
+from shardplane.bus.streams import CLUSTER_STATE, LEDGER, kv_stream, provision
 from shardplane.bus.watchguard import guard_watch
 from shardplane.planner import ledger, lifecycle
 from shardplane.planner.catalog import UnknownModel, resolve
@@ -131,7 +131,7 @@ class StateCache:
         guard = asyncio.create_task(
             guard_watch(
                 kv._js,  # pyright: ignore[reportPrivateUsage]
-                f"KV_{CLUSTER_STATE}",
+                kv_stream(CLUSTER_STATE),
                 lambda: self.revision,
                 restart,
                 what="planner",

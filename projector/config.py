@@ -27,7 +27,12 @@ class ProjectorConfig:
     fetch_batch: int = 1000
     max_round: int = 8000  # messages applied (and coalesced) per write round
     lean_pull: bool = True  # our pull loop (transport.Puller) instead of nats-py's fetch()
-    pull_depth: int = 2  # pull requests outstanding per consumer (lean pull loop)
+    # Pull requests outstanding per consumer (lean pull loop). Four, not two: while the
+    # projector applies and writes, the server goes on delivering, so a backlog (a takeover,
+    # a partition catching up) comes in full rounds; a partition's round then holds more
+    # samples per device of its share, which coalesce into one write. Measured (bench
+    # projector-throughput --partitions 2): partitioned drain +10-20 %, one projector unchanged.
+    pull_depth: int = 4
     fetch_timeout_s: float = 1.0
     ack_wait_s: float = 10.0  # redelivery after a crash waits this long
     max_ack_pending: int = 40_000  # >= the round being written + the next + the inbox

@@ -55,7 +55,7 @@ log = logging.getLogger("shardplane.projector.service")
 
 def cumulative(stream: str) -> bool:
     """Whether the projector acknowledges ``stream`` by position: TELEMETRY and the
-    partitions' streams sourced from it (``TELEMETRY_P<count>``)."""
+    partitions' mirrors of it (``TELEMETRY_P<count>``, ``TELEMETRY_P<count>_NODES``)."""
     return stream == TELEMETRY or stream.startswith(TELEMETRY + "_P")
 
 

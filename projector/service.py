@@ -398,14 +398,15 @@ class Projector:
         (a sweep must come after the messages that arrived before it, never before)."""
         if inbox.msgs:
             return
-        # A partition reads its telemetry from its own sourced stream, not from TELEMETRY.
-        stream = TELEMETRY if self.partition is None else self.partition.stream
-        caught_up = inbox.caught_up.get(stream, 0.0)
+        # A partition reads its telemetry from its own mirrors of TELEMETRY (samples and
+        # heartbeats apart): the clock follows the one further behind.
+        streams = (TELEMETRY,) if self.partition is None else self.partition.telemetry_streams
+        caught_up = min(inbox.caught_up.get(stream, 0.0) for stream in streams)
         if caught_up <= 0.0:
             return
         if not self._caught_up:
             self._caught_up = True
-            log.info("projector caught up with %s; liveness sweeps on", stream)
+            log.info("projector caught up with %s; liveness sweeps on", ", ".join(streams))
         self._clock = max(self._clock, min(time.time(), caught_up))
 
     def _decode(self, msgs: list[Msg]) -> list[Item]:

@@ -23,14 +23,14 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from shardplane.bus import keys
 from shardplane.bus.errors import ProjectorError
 from shardplane.bus.messages import DeviceState, InstanceState, NodeState
-from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches
+from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches, kv_stream, kv_subject
 from shardplane.projector.reducer import Value, View
 from shardplane.projector.transport import Write, WriteOutcome, Writer
 
 log = logging.getLogger(__name__)
 
-KV_STREAM = f"KV_{CLUSTER_STATE}"
-KV_PREFIX = f"$KV.{CLUSTER_STATE}."
+KV_STREAM = kv_stream(CLUSTER_STATE)
+KV_PREFIX = kv_subject(CLUSTER_STATE)
 WRONG_LAST_SEQUENCE = (10071, 10164)
 ROUND_TIMEOUT_BASE_S = 2.0
 ROUND_TIMEOUT_PER_WRITE_S = 0.001  # JSStreamWrongLastSequence(Constant)Err

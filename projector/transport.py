@@ -166,8 +166,8 @@ class Puller:
 
     async def run(self) -> None:
         reply = self.nc.new_inbox()
-        # Deliveries from a partitions' stream carry a Nats-Stream-Source header each; the
-        # pull loop reads only a status from headers, so they may skip nats-py's header path.
+        # Agents' samples carry a Nats-Msg-Id header each (mirrored copies keep it); the pull
+        # loop reads only a status from headers, so they may skip nats-py's header path.
         self._sub = await subscribe_direct(
             self.nc, reply, self._on_msg, fast=self.fast, status_only=True
         )

@@ -158,8 +158,8 @@ class FastParser(Parser):
     :attr:`direct` are cut out with ``split`` and handed to the handler at once; so are
     ``HMSG`` frames without a status line for subscriptions in :attr:`bare`, as plain
     messages, their headers dropped (the pull loop reads nothing from headers but a status,
-    and every delivery from a partitions' stream carries the server's ``Nats-Stream-Source``
-    header, which sent each one through nats-py's slow path). The first frame that is anything else
+    and every sample an agent stores carries its ``Nats-Msg-Id``, which sent each one through
+    nats-py's slow path). The first frame that is anything else
     (a status, another subscription's, incomplete) ends the fast path, and nats-py's own
     parser takes the rest of the buffer exactly as it would have."""
 

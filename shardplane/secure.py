@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from shardplane.api.auth import InsecureBinding, check_binding, env_token
 from shardplane.bus import auth
 from shardplane.bus.auth import AuthError
-from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches, provision
+from shardplane.bus.streams import CLUSTER_STATE, allow_atomic_batches, kv_stream, provision
 
 __all__ = [
     "AuthError",
@@ -93,7 +93,7 @@ async def admin_provision(nc: Client, partitions: int = 1) -> None:
     # A lease creates its bucket (replicated like the rest) on first use: as admin, here.
     await Lease(js, bucket=LEASE_BUCKET, role="projector").bucket()
     await Lease(js, bucket=CONTROLLER_LEASE_BUCKET, role="controller").bucket()
-    await allow_atomic_batches(nc, f"KV_{CLUSTER_STATE}")
+    await allow_atomic_batches(nc, kv_stream(CLUSTER_STATE))
     if partitions > 1:
         await partition.provision(nc, partitions)
 

@@ -4,18 +4,25 @@ together write every key, and a partition never judges another's liveness."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncGenerator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
 from shardplane.bus import codec, keys, subjects
 from shardplane.bus.messages import DeviceState
-from shardplane.bus.streams import cluster_state, provision
+from shardplane.bus.streams import TELEMETRY, cluster_state, provision
+from shardplane.natsserver import NatsServer, free_port
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
 from tests import kit
@@ -77,10 +84,30 @@ def test_partition_spec() -> None:
     assert p.owns(keys.device_key("x", 3)) == (partition_of("x", 2) == 1)
     assert p.owns(keys.node_key("x")) == (partition_of("x", 2) == 1)
     assert not p.owns(keys.instance_key("i")) and Partition(0, 2).owns("instances.i")
-    assert set(Partition(0, 2).consumers()) == {"TELEMETRY_P2", "PLACEMENTS", "SHARDS"}
-    assert set(p.consumers()) == {"TELEMETRY_P2"}
+    assert set(Partition(0, 2).consumers()) == {
+        "TELEMETRY_P2",
+        "TELEMETRY_P2_NODES",
+        "PLACEMENTS",
+        "SHARDS",
+    }
+    assert p.consumers() == {
+        "TELEMETRY_P2": ("projector_p1_of_2", "tpart.1.>"),
+        "TELEMETRY_P2_NODES": ("projector_p1_of_2_nodes", "tpart.1.>"),
+    }
     with pytest.raises(ValueError, match="partition 2 of 2"):
         Partition(2, 2)
+
+
+async def mirrored(js: JetStreamContext, stream: str, want: int) -> list[Msg]:
+    """The first ``want`` messages of a partitions' stream (the mirror copies them over)."""
+    sub = await js.pull_subscribe("tpart.>", stream=stream)
+    got: list[Msg] = []
+    try:
+        while len(got) < want:
+            got += await sub.fetch(want - len(got), timeout=10.0)
+    finally:
+        await sub.unsubscribe()
+    return got
 
 
 async def test_our_hash_is_the_servers(nc: Client, js: JetStreamContext) -> None:
@@ -88,14 +115,53 @@ async def test_our_hash_is_the_servers(nc: Client, js: JetStreamContext) -> None
     await partitions.provision(nc, 3)
     await partitions.provision(nc, 3)  # idempotent
     await publish_fleet(js, 1)
-    sub = await js.pull_subscribe("tpart.>", stream=partitions.stream_name(3))
-    seen: dict[str, int] = {}
-    while len(seen) < len(NODES):
-        for msg in await sub.fetch(200, timeout=10.0):
+    devices, nodes = partitions.stream_names(3)
+    for stream, kind, want in ((devices, "gpu", 2 * len(NODES)), (nodes, "node", len(NODES))):
+        seen: dict[str, int] = {}
+        for msg in await mirrored(js, stream, want):
             tokens = msg.subject.split(".")
+            assert tokens[3] == kind, msg.subject
             seen[tokens[4]] = int(tokens[1])
-    assert seen == {n: partition_of(n, 3) for n in NODES}
-    assert len(set(seen.values())) == 3  # 24 nodes do fall into all three
+        assert seen == {n: partition_of(n, 3) for n in NODES}
+        assert len(set(seen.values())) == 3  # 24 nodes do fall into all three
+
+
+async def test_copies_keep_telemetrys_sequence_and_time(nc: Client, js: JetStreamContext) -> None:
+    """The reducer judges liveness by stream time: a partition must see TELEMETRY's, as one
+    projector does, however late the copy is made (here: the streams are created after the
+    fleet published), and deliveries carry no header."""
+    await provision(js)
+    await publish_fleet(js, 1)
+    published_by = datetime.now(UTC)  # every copy is made after this
+    await partitions.provision(nc, 2)
+    devices, nodes = partitions.stream_names(2)
+    copies = [
+        *await mirrored(js, devices, 2 * len(NODES)),
+        *await mirrored(js, nodes, len(NODES)),
+    ]
+    for copy in copies:
+        original = await js.get_msg(TELEMETRY, copy.metadata.sequence.stream)
+        assert Partition.original_subject(copy.subject) == original.subject
+        assert original.time is not None and copy.metadata.timestamp <= published_by
+        # nats-py reads the two times from different formats (nanoseconds, RFC 3339)
+        assert abs(copy.metadata.timestamp - original.time) < timedelta(milliseconds=1)
+        assert not copy.headers, copy.headers
+
+
+async def test_a_stream_of_the_sourced_layout_is_replaced(nc: Client, js: JetStreamContext) -> None:
+    await provision(js)
+    await publish_fleet(js, 1)
+    old = {
+        "name": partitions.stream_name(2),
+        "storage": "file",
+        "sources": [{"name": TELEMETRY, "subject_transforms": partitions.transforms(2)}],
+    }
+    reply = await nc.request(f"$JS.API.STREAM.CREATE.{old['name']}", json.dumps(old).encode())
+    assert "error" not in json.loads(reply.data)
+    await partitions.provision(nc, 2)
+    info = await js.stream_info(partitions.stream_name(2))
+    assert info.config.mirror is not None and not info.config.sources
+    assert len(await mirrored(js, partitions.stream_name(2), 2 * len(NODES))) == 2 * len(NODES)
 
 
 async def test_each_partition_writes_its_share_and_together_all(
@@ -168,3 +234,42 @@ def test_the_command_takes_a_partition() -> None:
     assert parse_args(["projector"]).partition is None
     with pytest.raises(SystemExit):
         parse_args(["projector", "--partition", "2/2"])
+
+
+async def test_partitions_ride_out_a_server_restart(tmp_path: Path) -> None:
+    """The mirrors live on file like TELEMETRY: after a restart they go on copying from where
+    they were (TELEMETRY's own sequences), each partition's consumer from its ack floor, and
+    the fleet's next samples reach the KV through both partitions."""
+    server = NatsServer(port=free_port(), store_dir=tmp_path / "store")
+    await asyncio.to_thread(server.start)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    js = nc.jetstream()
+    try:
+        await provision(js)
+        await partitions.provision(nc, 2)
+        await publish_fleet(js, 1)
+        async with (
+            partition_running(server.url, Partition(0, 2)),
+            partition_running(server.url, Partition(1, 2)),
+        ):
+            await wait_keys(js, keys_of(NODES))
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            await eventually(
+                lambda: publish_fleet(js, 2), timeout=30, what="publishing after the restart"
+            )
+
+            async def seqs() -> list[int | None]:
+                return [await device_seq(nc, node, i) for node in NODES for i in range(2)]
+
+            await eventually(
+                seqs, lambda got: got == [2] * 2 * len(NODES), timeout=60, what="seq 2 in KV"
+            )
+        devices, nodes = partitions.stream_names(2)
+        last = (await js.stream_info(TELEMETRY)).state.last_seq
+        # TELEMETRY's last message is the last node's last sample: the device mirror ends on it.
+        assert (await js.stream_info(devices)).state.last_seq == last
+        assert (await js.stream_info(nodes)).state.messages == 2 * len(NODES)
+    finally:
+        await nc.close()
+        await asyncio.to_thread(server.cleanup)
