@@ -594,7 +594,12 @@ async def _serve(
     serving = request.app[SERVING_KEY]
     body = decode_request(await request.read(), kind)
     stops = _stops(body)
-    job = _prepare(await _instance(serving, body.model), body)
+    view = await _instance(serving, body.model)
+    # The first request for a model reads its tokenizer (a packaged GGUF: ~2.4 s here): off
+    # the loop, which the API shares with every service in one-process `up` and the demo.
+    with contextlib.suppress(GenerateError):
+        await asyncio.to_thread(_codec, str(view["model"]))
+    job = _prepare(view, body)
     cut = TextCut(job.codec.decode, stops)
     try:
         admitted = await _admit(serving, job)

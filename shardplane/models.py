@@ -7,6 +7,7 @@ to end), client-side commands that start no service."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from typing import Any
@@ -64,7 +65,9 @@ async def run_generation(
             f"--max-new-tokens must be >= 1 (got {args.max_new_tokens}), --temperature >= 0 "
             f"(got {args.temperature:g}), --top-p in (0, 1] (got {args.top_p:g})"
         )
-    text = TextCodec(args.model)
+    # Reading a packaged model's tokenizer takes seconds (~2.4 s here): off the loop, which
+    # the demo shares with every service (a blocked loop cost the projector its lease).
+    text = await asyncio.to_thread(TextCodec, args.model)
     if args.token_ids is not None:
         try:
             prompt = [int(t) for t in args.token_ids.split(",") if t.strip()]
