@@ -57,6 +57,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from shardplane.bus import direct
+
 log = logging.getLogger(__name__)
 
 NO_RESPONDERS = "503"  # the status header of the server's answer when nobody subscribes
@@ -135,34 +137,6 @@ async def settle(nc: Client, timeout: int = 5) -> None:
     await nc.flush(timeout=timeout)
 
 
-class _Deliver:
-    """Stands in for a subscription's ``asyncio.Queue``: what nats-py's reader puts is handed
-    to ``on_msg`` at once. Nothing is ever pending, so draining finds nothing to wait for. An
-    exception is logged and goes no further: in nats-py's reader it would end the reading of
-    the whole connection."""
-
-    def __init__(self, on_msg: Callable[[Msg], None]) -> None:
-        self.on_msg = on_msg
-
-    def put_nowait(self, msg: Msg) -> None:
-        try:
-            self.on_msg(msg)
-        except Exception:
-            log.exception("message on %s: its handler failed", msg.subject)
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        return None
-
-    async def join(self) -> None:
-        return None
-
-
 async def deliver_to(
     nc: Client, subject: str, on_msg: Callable[[Msg], None]
 ) -> tuple[Subscription, bool]:
@@ -175,13 +149,10 @@ async def deliver_to(
         on_msg(msg)
 
     probe = await nc.subscribe(subject, pending_bytes_limit=0)
-    if not compatible(nc, probe):
+    if not (compatible(nc) and direct.swappable(probe)):
         await probe.unsubscribe()
         return await nc.subscribe(subject, cb=via_task), False
-    queue: asyncio.Queue[Msg] = probe._pending_queue  # pyright: ignore[reportPrivateUsage]
-    probe._pending_queue = _Deliver(on_msg)  # pyright: ignore[reportPrivateUsage, reportAttributeAccessIssue]
-    while not queue.empty():  # anything nats-py queued before the swap
-        on_msg(queue.get_nowait())
+    direct.swap_in(probe, on_msg)
     flush_now(nc)  # the SUB, so that a later nc.flush() really follows it
     return probe, True
 

@@ -19,7 +19,6 @@ fails when a shortcut is off or nats-py is outside the pin.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import NamedTuple, cast
@@ -28,6 +27,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
+
+from shardplane.bus import direct
 
 log = logging.getLogger(__name__)
 
@@ -80,39 +81,6 @@ async def publish_each(nc: Client, messages: list[Publish]) -> None:
         await nc.publish(subject, payload, reply=reply, headers=headers)
 
 
-class _Direct:
-    """Stands in for a subscription's pending queue and hands each message to a plain
-    function the moment the client parses it.
-
-    nats-py queues every message and awaits it in a task per subscription: a queue put, a
-    get and a task switch per message, a fifth of the projector's client-side cost at full
-    speed. Our handlers never await, so they run inline. Falls back to a normal callback
-    subscription where this nats-py has no such queue."""
-
-    def __init__(self, sub: Subscription, handler: Handler) -> None:
-        self._sub = sub
-        self._handler = handler
-
-    def put_nowait(self, msg: Msg) -> None:
-        self._sub._pending_size -= len(msg.data)  # pyright: ignore[reportPrivateUsage]
-        self._handler(msg)
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        return None
-
-    async def join(self) -> None:
-        return None
-
-    async def get(self) -> Msg:
-        return await asyncio.get_running_loop().create_future()  # never: nothing is queued
-
-
 async def subscribe_direct(
     nc: Client,
     subject: str,
@@ -129,8 +97,8 @@ async def subscribe_direct(
     handler reads no header but a status: messages with headers and no status may come
     without their headers (those the fast path takes)."""
     sub = await nc.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
-    if fast and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
-        sub._pending_queue = _Direct(sub, handler)  # pyright: ignore[reportPrivateUsage, reportAttributeAccessIssue]
+    if fast and direct.swappable(sub):
+        direct.swap_in(sub, handler)
         parser = fast_parser(nc)
         if parser is not None:
             parser.direct[sub._id] = handler  # pyright: ignore[reportPrivateUsage]
@@ -301,4 +269,4 @@ def fast_path_state(nc: Client) -> FastPathState:
 
 def is_direct(sub: Subscription) -> bool:
     """Whether ``sub`` hands messages to its handler inline (not through nats-py's queue)."""
-    return isinstance(getattr(sub, "_pending_queue", None), _Direct)
+    return direct.is_direct(sub)
