@@ -9,15 +9,14 @@ the projector stopped refreshing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Any
 
 from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.api.hub import LOOP_SLICE_S, ApiState
 from shardplane.api.state import Change, sse_event
+from shardplane.bus.kvfeed import KvFeed
 from shardplane.bus.streams import CLUSTER_STATE, kv_stream, provision
 from shardplane.bus.watchguard import guard_watch
 
@@ -26,19 +25,67 @@ log = logging.getLogger(__name__)
 # --- the watch ------------------------------------------------------------------------------
 
 
-async def _bucket(state: ApiState) -> Any:
+async def _feed(state: ApiState) -> KvFeed:
     js = state.nc.jetstream()
     try:
-        return await js.key_value(CLUSTER_STATE)
+        return await KvFeed.start(js, CLUSTER_STATE)
     except (NotFoundError, BadRequestError):
         # The API may start before anything provisioned the bus; provisioning is idempotent.
         await provision(js)
-        return await js.key_value(CLUSTER_STATE)
+        return await KvFeed.start(js, CLUSTER_STATE)
 
 
 def _publish(state: ApiState, change: Change | None) -> None:
     if change is not None and state.hub.subscribers:
         state.hub.publish(change.kind, change.event())
+
+
+class _Replay:
+    """What one watch has seen until every key's newest value came (then the cache drops keys
+    that vanished meanwhile, and clients are told to resync after a re-watch)."""
+
+    def __init__(self) -> None:
+        self.initial = True
+        self.seen: set[str] = set()
+
+    def synced(self, state: ApiState, first: bool) -> None:
+        self.initial = False
+        for change in state.cache.forget_missing(self.seen):
+            _publish(state, change)
+        state.cache.ready = True
+        state.synced.set()
+        state.watch_error = None
+        if not first:
+            state.hub.publish("resync", sse_event("resync", b'{"reason":"rewatch"}'))
+
+
+async def _apply_all(state: ApiState, feed: KvFeed, first: bool) -> None:
+    """Apply the feed's changes until it ends, yielding every ``LOOP_SLICE_S`` and while a
+    large body goes out (api.priority)."""
+    replay = _Replay()
+    while True:
+        await feed.ready()
+        slice_start = time.perf_counter()
+        while feed.pending():
+            if state.priority.should_wait():
+                await state.priority.give_way()
+                slice_start = time.perf_counter()
+            update = feed.take()
+            if update is None:
+                replay.synced(state, first)
+                continue
+            if replay.initial:
+                replay.seen.add(update.key)
+            state.watched = max(state.watched, update.revision)
+            change = state.cache.apply(
+                update.key, update.value, update.revision, update.deleted, replay=replay.initial
+            )
+            _publish(state, change)
+            if time.perf_counter() - slice_start > LOOP_SLICE_S:
+                # Thousands of changes a second: yield now and then, or a burst would hold
+                # every request (and every body half sent) meanwhile.
+                await asyncio.sleep(0)
+                slice_start = time.perf_counter()
 
 
 async def watch_cluster_state(state: ApiState) -> None:
@@ -48,57 +95,23 @@ async def watch_cluster_state(state: ApiState) -> None:
     reconciled: keys that vanished meanwhile are dropped, and clients are told to resync."""
     first = True
     while True:
-        watcher: Any = None
+        feed: KvFeed | None = None
         try:
-            kv = await _bucket(state)
-            watcher = await kv.watchall()
-            state.watcher = watcher
-            seen: set[str] = set()
-            initial = True
-            slice_start = time.perf_counter()
-            async for entry in watcher:
-                if state.priority.should_wait():
-                    await state.priority.give_way()  # a large body is going out (api.priority)
-                    slice_start = time.perf_counter()
-                if entry is None:
-                    if initial:
-                        initial = False
-                        for change in state.cache.forget_missing(seen):
-                            _publish(state, change)
-                        state.cache.ready = True
-                        state.synced.set()
-                        state.watch_error = None
-                        if not first:
-                            state.hub.publish(
-                                "resync", sse_event("resync", b'{"reason":"rewatch"}')
-                            )
-                        first = False
-                    continue
-                key = str(entry.key)
-                if initial:
-                    seen.add(key)
-                deleted = entry.operation in ("DEL", "PURGE")
-                revision = int(entry.revision or 0)
-                state.watched = max(state.watched, revision)
-                change = state.cache.apply(key, entry.value, revision, deleted, replay=initial)
-                _publish(state, change)
-                if time.perf_counter() - slice_start > LOOP_SLICE_S:
-                    # A queued entry is taken without suspending: yield now and then, or a burst
-                    # of changes would hold every request (and every body half sent) meanwhile.
-                    await asyncio.sleep(0)
-                    slice_start = time.perf_counter()
-            raise ConnectionError("the watch ended")
+            feed = await _feed(state)
+            state.watcher = feed
+            await _apply_all(state, feed, first)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if state.cache.ready:
+                first = False
             state.watch_restarts += 1
             state.watch_error = f"{type(exc).__name__}: {exc}"
             log.warning("cluster_state watch failed (%s); watching again", state.watch_error)
             await asyncio.sleep(min(5.0, 0.2 * state.watch_restarts))
         finally:
-            if watcher is not None:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
+            if feed is not None:
+                await feed.stop()
 
 
 async def guard_watch_task(state: ApiState) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -29,6 +28,7 @@ from nats.micro.request import Request
 from shardplane.bus import codec, keys, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
+from shardplane.bus.kvfeed import FeedEnded, KvFeed
 from shardplane.bus.liveness import judge_device, ttl_from_env
 from shardplane.bus.messages import (
     EXCLUDED_LISTED,
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "shardplane-planner"
 SERVICE_VERSION = "0.1.0"
 MAX_COMMIT_ATTEMPTS = 50
+# The longest the watch applies changes before letting requests in (thousands a second).
+APPLY_SLICE_S = 0.005
 PLAN_GRACE_S = 20.0  # beyond the solver's own time limit before a request answers "timeout"
 
 ERROR_STATUS = {
@@ -122,7 +124,8 @@ class StateCache:
     async def follow(self, kv: KeyValue, stop: asyncio.Event) -> None:
         """Apply the bucket's changes until ``stop``; a watch that ends or stalls (its server
         lost: bus.watchguard) is started again, and its replay brings the cache up to date."""
-        watching: list[Any] = []
+        js: JetStreamContext = kv._js  # pyright: ignore[reportPrivateUsage]
+        watching: list[KvFeed] = []
 
         async def restart() -> None:
             if watching:
@@ -130,43 +133,41 @@ class StateCache:
 
         guard = asyncio.create_task(
             guard_watch(
-                kv._js,  # pyright: ignore[reportPrivateUsage]
-                kv_stream(CLUSTER_STATE),
-                lambda: self.revision,
-                restart,
-                what="planner",
+                js, kv_stream(CLUSTER_STATE), lambda: self.revision, restart, what="planner"
             )
         )
         try:
             while not stop.is_set():
                 try:
-                    watcher = await kv.watchall()
+                    feed = await KvFeed.start(js, CLUSTER_STATE)
                 except Exception as exc:  # an election: try again shortly
                     log.warning("cluster_state watch could not start (%r); retrying", exc)
                     await asyncio.sleep(0.5)
                     continue
-                watching[:] = [watcher]
+                watching[:] = [feed]
                 try:
-                    await self._drain(watcher, stop)
+                    await self._drain(feed, stop)
+                except FeedEnded:
+                    pass  # stopped by the guard: watch again
                 finally:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
+                    await feed.stop()
         finally:
             guard.cancel()
 
-    async def _drain(self, watcher: Any, stop: asyncio.Event) -> None:
+    async def _drain(self, feed: KvFeed, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
-                entry = await watcher.updates(timeout=1.0)
-            except NatsTimeoutError:
+            if not await feed.ready(timeout=1.0):
                 continue
-            if entry is None:  # initial values delivered
-                self.ready.set()
-                continue
-            if not isinstance(entry, KeyValue.Entry):
-                return  # the watcher was stopped
-            deleted = entry.operation in ("DEL", "PURGE")
-            self.apply(entry.key, entry.value, entry.revision or 0, deleted)
+            slice_start = time.perf_counter()
+            while feed.pending():
+                update = feed.take()
+                if update is None:  # initial values delivered
+                    self.ready.set()
+                    continue
+                self.apply(update.key, update.value, update.revision, update.deleted)
+                if time.perf_counter() - slice_start > APPLY_SLICE_S:
+                    await asyncio.sleep(0)  # requests are answered between slices
+                    slice_start = time.perf_counter()
 
 
 def _error(code: ErrorCode, message: str) -> PlacementReply:

@@ -102,9 +102,10 @@ def stream_names(count: int) -> tuple[str, str]:
     return stream_name(count), partition_node_stream(count)
 
 
-def stream_configs(count: int) -> list[dict[str, object]]:
+def stream_configs(count: int, replicas: int = 1) -> list[dict[str, object]]:
     """The mirrors' configs (JSON, as the JetStream API takes it): one transform each (one
-    filter: see the module's docstring), a short replay buffer like TELEMETRY's."""
+    filter: see the module's docstring), a short replay buffer like TELEMETRY's, ``replicas``
+    copies (TELEMETRY's own, by :func:`provision`)."""
     return [
         {
             "name": name,
@@ -114,7 +115,7 @@ def stream_configs(count: int) -> list[dict[str, object]]:
             "max_age": 3600 * 10**9,
             "max_bytes": 2 * 1024**3,
             "discard": "old",
-            "num_replicas": 1,
+            "num_replicas": replicas,
             "mirror": {"name": TELEMETRY, "subject_transforms": [transform]},
         }
         for name, transform in zip(stream_names(count), transforms(count), strict=True)
@@ -135,18 +136,25 @@ async def provision(nc: Client, count: int) -> None:
     """Create (or update) the partitions' streams for ``count``; idempotent. A stream of the
     earlier layout (one stream *sourcing* TELEMETRY) is replaced: a mirror cannot be made of
     it in place, and it holds only copies, which the mirror takes again from TELEMETRY with
-    their own sequences (a partition's consumer is recreated at its ack floor, ``cursor``)."""
-    for config in stream_configs(count):
+    their own sequences (a partition's consumer is recreated at its ack floor, ``cursor``).
+
+    A new mirror gets as many replicas as TELEMETRY has: on a 3-server cluster one copy would
+    stall its partitions when its server is lost, while TELEMETRY lives on. An existing mirror
+    keeps the replicas it has (an operator may have set them; bus.streams does the same)."""
+    telemetry = await _api(nc, "INFO", TELEMETRY)
+    replicas = int(telemetry.get("config", {}).get("num_replicas") or 1)
+    for config in stream_configs(count, replicas):
         name = str(config["name"])
         body = json.dumps(config).encode()
         answer = await _api(nc, "CREATE", name, body)
         if "error" in answer and answer["error"].get("err_code") == 10058:  # name in use
-            info = await _api(nc, "INFO", name)
-            if "mirror" not in info.get("config", {"mirror": None}):
+            held = (await _api(nc, "INFO", name)).get("config", {"mirror": None})
+            if "mirror" not in held:
                 await _api(nc, "DELETE", name)
                 answer = await _api(nc, "CREATE", name, body)
             else:
-                answer = await _api(nc, "UPDATE", name, body)
+                kept = {**config, "num_replicas": int(held.get("num_replicas") or replicas)}
+                answer = await _api(nc, "UPDATE", name, json.dumps(kept).encode())
         if "error" in answer:
             raise PartitionError(f"provision stream {name}: {answer['error']}")
 

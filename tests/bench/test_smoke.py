@@ -20,6 +20,7 @@ from shardplane.bench import (
     api_latency,
     failover,
     fuzz,
+    kv_feed,
     placement_quality,
     projector_throughput,
 )
@@ -73,6 +74,12 @@ def test_agent_overhead(capsys: pytest.CaptureFixture[str]) -> None:
     figures = _passed(agent_overhead.main, ["--cycles", "3"], capsys, names)
     assert figures["cycles"] == 3 and figures["messages_per_cycle"] == 9
     assert figures["cpu_ms_per_cycle_8dev"] > 0 and figures["floor_cpu_ms_per_cycle_publish"] > 0
+
+
+def test_kv_feed(capsys: pytest.CaptureFixture[str]) -> None:
+    names = "watchall_iter_cpu_us watchall_updates_cpu_us kv_feed_cpu_us feed_cpu_over_floor"
+    figures = _passed(kv_feed.main, ["--changes", "300"], capsys, names)
+    assert figures["changes"] == 300 and figures["kv_feed_cpu_us"] > 0
 
 
 def test_fuzz_verdict_follows_its_figures(capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,6 +36,7 @@ from shardplane.bus.streams import (
 from shardplane.cluster import NatsCluster
 from shardplane.natsserver import reachable
 from shardplane.planner.synthetic import device_state
+from shardplane.projector import partition
 from shardplane.projector.lease import LEASE_KEY, Lease
 from shardplane.projector.service import ProjectorConfig
 from shardplane.status import read_state
@@ -96,6 +97,26 @@ async def test_replicas_an_operator_set_survive_and_only_an_explicit_setting_rai
     monkeypatch.setenv("SHARDPLANE_REPLICAS", "3")
     await provision(js)
     assert set((await _replicas(cnc)).values()) == {3}
+
+
+async def test_the_partitions_mirrors_get_telemetrys_replicas_and_keep_an_operators(
+    cnc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One copy of a partition's stream would stall that partition when its server is lost,
+    while TELEMETRY (R3) lives on."""
+    js = cnc.jetstream()
+    monkeypatch.delenv("SHARDPLANE_REPLICAS", raising=False)
+    await provision(js)
+    names = partition.stream_names(2)
+    await partition.provision(cnc, 2)
+    held = {n: (await js.stream_info(n)).config.num_replicas for n in names}
+    assert held == dict.fromkeys(names, 3)
+    config = (await js.stream_info(names[0])).config
+    config.num_replicas = 1  # an operator's choice
+    await js.update_stream(config)
+    await partition.provision(cnc, 2)  # a projector starting again
+    held = {n: (await js.stream_info(n)).config.num_replicas for n in names}
+    assert held == {names[0]: 1, names[1]: 3}
 
 
 async def _until_led(cnc: Client, stream: str, timeout: float = 20.0) -> None:

@@ -1,0 +1,179 @@
+"""A watch of a whole KV bucket whose changes are taken off nats-py's reader as it parses them.
+
+Why not ``kv.watchall()``: nats-py hands each delivered message to a task of the subscription,
+which runs the watcher's coroutine for it (parsing the reply into metadata with a datetime,
+building an ``Entry``) and queues the entry for the caller, and that task drains whatever has
+piled up without yielding. At 8,000 devices the API and the planner each follow ~4,000
+changes a second, in the bursts the projector writes its rounds in. Profiled in the soak
+(py-spy on the API, load 3-4): 12 % of the API's busy time went to that task, and an
+event-loop probe counted 432 of its steps over 5 ms (up to 34 ms) in three minutes: each one
+held up every request the API was answering, the 12 MB device list included. The planner read
+its watch through ``updates(timeout=...)``, a ``wait_for`` (a task) per change.
+
+Here the subscription's queue is swapped for a plain function (bus.direct) that reads the
+sequence and pending count straight out of the reply subject and appends a small
+:class:`Update`; the caller drains them in slices of its own choosing (:meth:`KvFeed.take`).
+The ordered consumer itself (sequence checks, resets, heartbeats, flow control) is nats-py's,
+unchanged: those run in its reader before the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+
+from shardplane.bus import direct
+from shardplane.bus.errors import BusError
+from shardplane.bus.streams import kv_stream, kv_subject
+
+log = logging.getLogger(__name__)
+
+KV_OPERATION = "KV-Operation"  # the header nats-py's KV writes a delete or purge with
+MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+ expiry markers carry this instead
+_DELETES = frozenset({"DEL", "PURGE"})
+_MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
+_V1_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+INACTIVE_THRESHOLD_S = 300.0  # as nats-py's watch: the server drops a consumer left behind
+
+
+class FeedEnded(BusError):
+    """The feed was stopped (by :meth:`KvFeed.stop`, a stall guard, or shutdown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    key: str
+    value: bytes
+    revision: int  # the stream sequence of this write
+    deleted: bool  # a delete or purge (``value`` is then empty)
+
+
+Item = Update | None
+"""``None`` once: every key's newest value has been delivered (as nats-py's watcher)."""
+
+
+def _operation(msg: Msg) -> str | None:
+    """ "PUT", "DEL"/"PURGE", or None for a marker this code does not know (skipped, as nats-py
+    skips it)."""
+    header = msg.headers
+    if not header:
+        return "PUT"
+    if (op := header.get(KV_OPERATION)) is not None:
+        return op
+    if (reason := header.get(MARKER_REASON)) is not None:
+        return "DEL" if reason in _MARKER_DELETES else None
+    return "PUT"
+
+
+class KvFeed:
+    """Every change of one bucket, in order, from its newest value per key on."""
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+        self._prefix = kv_subject(bucket)
+        self._items: deque[Item] = deque()
+        self._synced = False
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._sub: Subscription | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    # -- taking ------------------------------------------------------------------------------
+
+    def pending(self) -> int:
+        return len(self._items)
+
+    def take(self) -> Item:
+        """The oldest change not yet taken; only while :meth:`pending`."""
+        return self._items.popleft()
+
+    async def ready(self, timeout: float | None = None) -> bool:
+        """Wait until a change can be taken: True then, False when ``timeout`` passed first;
+        :class:`FeedEnded` once the feed is stopped and all it had was taken."""
+        while not self._items:
+            if self._ended:
+                raise FeedEnded(f"the watch of {self.bucket} ended")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+            except TimeoutError:
+                return bool(self._items)
+        return True
+
+    # -- feeding (nats-py's reader) ----------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def on_msg(self, msg: Msg) -> None:
+        tokens = msg.reply.split(".")
+        if len(tokens) == _V1_TOKENS:
+            revision, pending = int(tokens[5]), int(tokens[8])
+        else:  # the domain-qualified form (nats-py knows its layout)
+            meta = msg.metadata
+            revision, pending = meta.sequence.stream, meta.num_pending
+        op = _operation(msg)
+        if op is not None:
+            deleted = op in _DELETES
+            key = msg.subject[len(self._prefix) :]
+            self._items.append(Update(key, b"" if deleted else msg.data, revision, deleted))
+        if pending == 0:
+            self._mark_synced()
+        self._wake()
+
+    def _mark_synced(self) -> None:
+        if not self._synced:
+            self._synced = True
+            self._items.append(None)
+
+    # -- life --------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, js: JetStreamContext, bucket: str) -> KvFeed:
+        feed = cls(bucket)
+        sub = await js.subscribe(
+            kv_subject(bucket, ">"),
+            stream=kv_stream(bucket),
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=INACTIVE_THRESHOLD_S,
+        )
+        feed._sub = sub
+        # The connection delivers to the plain subscription the JetStream one wraps (and whose
+        # queue and counters the wrapper only copied when it was made).
+        inner: Subscription = getattr(sub, "_sub", sub)
+        if direct.swappable(inner):
+            direct.swap_in(inner, feed.on_msg)  # nothing awaited since subscribe: order kept
+        else:  # another nats-py: its message iterator, one task step per message
+            feed._reader = asyncio.create_task(feed._read(inner))
+        try:
+            info = await sub.consumer_info()
+        except Exception:
+            await feed.stop()
+            raise
+        if info.num_pending == 0 and inner.delivered == 0:
+            feed._mark_synced()  # an empty bucket: nothing will say so
+            feed._wake()
+        return feed
+
+    async def _read(self, sub: Subscription) -> None:
+        async for msg in sub.messages:
+            self.on_msg(msg)
+
+    async def stop(self) -> None:
+        """Stop delivering; a caller waiting in :meth:`ready` gets :class:`FeedEnded`."""
+        self._ended = True
+        self._wake()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()

@@ -1,0 +1,87 @@
+"""bus.kvfeed against a real server: the replay, live changes in order, deletes, stopping."""
+
+from __future__ import annotations
+
+import pytest
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from shardplane.bus import direct
+from shardplane.bus.kvfeed import FeedEnded, Item, KvFeed, Update
+
+BUCKET = "feed_test"
+
+
+async def _bucket(js: JetStreamContext) -> KeyValue:
+    return await js.create_key_value(bucket=BUCKET, history=1)
+
+
+async def _take(feed: KvFeed, count: int, timeout: float = 10.0) -> list[Item]:
+    out: list[Item] = []
+    while len(out) < count:
+        assert await feed.ready(timeout), f"{len(out)} of {count} changes came within {timeout} s"
+        while feed.pending() and len(out) < count:
+            out.append(feed.take())
+    return out
+
+
+async def test_replay_is_the_newest_value_per_key_then_the_marker(js: JetStreamContext) -> None:
+    kv = await _bucket(js)
+    await kv.put("devices.a.0", b"old")
+    await kv.put("devices.a.0", b"new")
+    await kv.put("nodes.a", b"n")
+    await kv.delete("nodes.a")
+    await kv.put("devices.b.1", b"x")
+    feed = await KvFeed.start(js, BUCKET)
+    try:
+        got = await _take(feed, 4)
+        assert got[-1] is None, "every key's newest value, then the marker"
+        by_key = {u.key: u for u in got if u is not None}
+        assert by_key["devices.a.0"].value == b"new"
+        assert by_key["nodes.a"].deleted and by_key["nodes.a"].value == b""
+        assert by_key["devices.b.1"] == Update("devices.b.1", b"x", 5, False)
+    finally:
+        await feed.stop()
+
+
+async def test_an_empty_bucket_is_synced_at_once(js: JetStreamContext) -> None:
+    await _bucket(js)
+    feed = await KvFeed.start(js, BUCKET)
+    try:
+        assert await _take(feed, 1) == [None]
+        assert not await feed.ready(timeout=0.2), "nothing else came"
+    finally:
+        await feed.stop()
+
+
+async def test_live_changes_arrive_in_order_from_the_reader(js: JetStreamContext) -> None:
+    kv = await _bucket(js)
+    feed = await KvFeed.start(js, BUCKET)
+    try:
+        assert await _take(feed, 1) == [None]
+        sub = feed._sub  # pyright: ignore[reportPrivateUsage]
+        assert sub is not None and direct.is_direct(getattr(sub, "_sub", sub))
+        for i in range(2000):
+            await kv.put(f"devices.n{i % 50}.0", str(i).encode())
+        await kv.purge("devices.n0.0")
+        got = await _take(feed, 2001)
+        updates = [u for u in got if u is not None]
+        assert [u.value for u in updates[:2000]] == [str(i).encode() for i in range(2000)]
+        revisions = [u.revision for u in updates]
+        assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+        assert updates[-1].key == "devices.n0.0" and updates[-1].deleted
+    finally:
+        await feed.stop()
+
+
+async def test_a_stopped_feed_ends_its_reader_after_what_it_holds(js: JetStreamContext) -> None:
+    kv = await _bucket(js)
+    await kv.put("k", b"v")
+    feed = await KvFeed.start(js, BUCKET)
+    assert await feed.ready(10.0)
+    await feed.stop()
+    assert await feed.ready(0.1), "what came before the stop can still be taken"
+    while feed.pending():
+        feed.take()
+    with pytest.raises(FeedEnded, match="feed_test"):
+        await feed.ready(1.0)
