@@ -267,6 +267,7 @@ class StageServer:
                 for e in entries:
                     self._release(e.seq_id)
             return reply
+        self.timer.add_hop(entries, reply.hop_ms[0])
         return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
 
     async def _measured(self, entries: Sequence[Entry], ms: float) -> None:
