@@ -15,7 +15,9 @@ crossing does not need:
 Here ``flush_now`` writes the queued bytes to the socket at once, and ``deliver_to`` replaces a
 subscription's queue with an object whose ``put_nowait`` (called by nats-py's reader as each
 message is parsed) hands the message on directly: ``Inbox`` resolves the waiting request's
-future (the caller resumes in the next turn), a stage server starts its handler task.
+future (the caller resumes in the next turn) or, asked with ``Inbox.ask``, calls back in the
+reader itself (a stage relaying the next stage's answer upstream: no turn at all); a stage
+server runs a decode step right there too, or starts a task for anything else.
 
 Fewer turns still leave the crossing cold: the process, the socket, the loop, nats-py's reader
 and the server's side of the connection were all last used before the other side's compute
@@ -208,7 +210,8 @@ class Inbox:
     def __init__(self, nc: Client) -> None:
         self._nc = weakref.ref(nc)
         self.prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        # A request's waiter: the future ``request`` awaits, or the callback ``ask`` was given.
+        self._waiting: dict[str, asyncio.Future[Msg] | Callable[[Msg], None]] = {}
         self._tokens = itertools.count()
         self._started: asyncio.Future[bool] | None = None
         # The last request's round trip, by subject, for the warm-up; a process asks the
@@ -250,9 +253,57 @@ class Inbox:
             started.set_result(direct)
 
     def _arrived(self, msg: Msg) -> None:
-        fut = self._waiting.get(msg.subject[len(self.prefix) :])
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        waiter = self._waiting.get(msg.subject[len(self.prefix) :])
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(msg)
+        elif waiter is not None:
+            waiter(msg)
+
+    def ask(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float,
+        on_reply: Callable[[Msg | nats.errors.Error], None],
+    ) -> bool:
+        """``request`` with no task and no loop turn: the request is written now, and the reply
+        is handed to ``on_reply`` by nats-py's reader as it is parsed (or nats-py's error, a
+        ``NoRespondersError`` then, a ``TimeoutError`` from a timer). ``on_reply`` is called
+        exactly once and must not block. False, having sent nothing, where it cannot be done
+        now (the inbox not subscribed yet, a write ``publish_now`` declines): ``request``
+        then takes it."""
+        nc = self._nc()
+        started = self._started
+        if nc is None or started is None or not started.done() or started.cancelled():
+            return False
+        if started.exception() is not None:
+            return False
+        token = str(next(self._tokens))
+        sent = time.monotonic()
+        loop = asyncio.get_running_loop()
+
+        def arrived(msg: Msg) -> None:
+            del self._waiting[token]
+            timer.cancel()
+            if msg.headers and msg.headers.get(_STATUS) == NO_RESPONDERS:
+                on_reply(nats.errors.NoRespondersError())
+                return
+            self._remember(subject, time.monotonic() - sent)
+            on_reply(msg)
+
+        def expired() -> None:
+            if self._waiting.pop(token, None) is not None:
+                on_reply(nats.errors.TimeoutError())
+
+        self._waiting[token] = arrived
+        if not publish_now(nc, subject, payload, reply=self.prefix + token):
+            del self._waiting[token]
+            return False
+        timer = loop.call_later(timeout, expired)
+        if WARM and (last := self._round_trip.get(subject)) is not None:
+            self.warmer.expect(sent + last)
+        return True
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
         nc = self._nc()

@@ -295,3 +295,34 @@ async def test_a_stalled_server_holds_publishers_back() -> None:
         finally:
             os.kill(pid, signal.SIGCONT)
             await nc.close()
+
+
+async def test_ask_hands_the_reply_or_nats_pys_error_to_its_callback(
+    nc: Client, nats_url: str
+) -> None:
+    box = hopwire.inbox(nc)
+    got: dict[str, list[Msg | nats.errors.Error]] = {"echo": [], "nobody": [], "silent": []}
+    assert not box.ask("hopwire.ask", b"x", 5, got["echo"].append)  # not subscribed yet
+    await box.start()
+    responder = await nats.connect(nats_url)
+    try:
+        await _echo(responder, "hopwire.ask")
+        await responder.subscribe("hopwire.ask.silent")  # takes the request, never answers
+        await hopwire.settle(responder)
+        assert box.ask("hopwire.ask", b"0", 5, got["echo"].append)
+        assert box.ask("hopwire.ask.nobody", b"x", 5, got["nobody"].append)
+        started = time.monotonic()
+        assert box.ask("hopwire.ask.silent", b"x", 0.3, got["silent"].append)
+        await eventually(
+            lambda: [len(v) for v in got.values()], lambda n: n == [1, 1, 1], what="answers"
+        )
+        assert time.monotonic() - started >= 0.25
+    finally:
+        await responder.close()
+    (reply,), (nobody,), (silent,) = got.values()
+    assert isinstance(reply, Msg) and reply.data == b"re:0"
+    assert isinstance(nobody, nats.errors.NoRespondersError)
+    assert isinstance(silent, nats.errors.TimeoutError)
+    await asyncio.sleep(0.4)
+    assert [len(v) for v in got.values()] == [1, 1, 1]  # once each: answered ones' timers gone
+    assert box._waiting == {}  # pyright: ignore[reportPrivateUsage]
