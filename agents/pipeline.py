@@ -227,33 +227,45 @@ class StageServer:
             return False
         received = time.monotonic()
         entries = entries_of(req)
+        reply_to = msg.reply
         try:
             out, ms = self._run(entries, self._input(req, rows))
         except ExecutorError as exc:
             self._reply(
-                msg.reply, _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
+                reply_to, _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
             )
             return True
         except Exception as exc:  # every request is answered, whatever went wrong
-            log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
-            fail = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
-            self._reply(msg.reply, fail)
+            self._crashed(reply_to, exc)
             return True
         self._timed.append((entries, ms))
-        asked = self._downstream(req, out, received)
-        if isinstance(asked, StageReply):  # the deadline passed already
-            self._relayed(msg.reply, entries, ms, asked)
-            return True
-        downstream, subject, left_s = asked
-        sent = time.perf_counter()
+        try:
+            asked = self._downstream(req, out, received)
+            if isinstance(asked, StageReply):  # the deadline passed already
+                self._relayed(reply_to, entries, ms, asked)
+                return True
+            downstream, subject, left_s = asked
+            sent = time.perf_counter()
 
-        def on_reply(got: Msg | nats.errors.Error) -> None:
-            self._relayed(msg.reply, entries, ms, self._settled(got, left_s, sent))
+            def on_reply(got: Msg | nats.errors.Error) -> None:
+                try:
+                    self._relayed(reply_to, entries, ms, self._settled(got, left_s, sent))
+                except Exception as exc:
+                    self._crashed(reply_to, exc)
 
-        data = _encoder.encode(downstream)
-        if not hopwire.inbox(self.nc).ask(subject, data, left_s, on_reply):
-            self._spawn(self._relay_later(msg.reply, entries, ms, req, out, received), self._steps)
+            data = _encoder.encode(downstream)
+            if not hopwire.inbox(self.nc).ask(subject, data, left_s, on_reply):
+                relay = self._relay_later(reply_to, entries, ms, req, out, received)
+                self._spawn(relay, self._steps)
+        except Exception as exc:
+            self._crashed(reply_to, exc)
         return True
+
+    def _crashed(self, reply_to: str, exc: Exception) -> None:
+        log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
+        fail = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
+        with contextlib.suppress(Exception):
+            self._reply(reply_to, fail)
 
     async def _relay_later(
         self,
@@ -273,8 +285,11 @@ class StageServer:
         if reply.ok:
             self.timer.add_hop(entries, reply.hop_ms[0])
             reply = msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
-        else:
+        elif self._lock.locked():  # a forward runs in a thread: drop them after it, in order
             self._spawn(self._drop(entries), self._chores)
+        else:  # as the task path does, before the answer: a retry finds them gone
+            for e in entries:
+                self._release(e.seq_id)
         self._reply(reply_to, reply)
 
     def _reply(self, reply_to: str, reply: StageReply) -> None:
