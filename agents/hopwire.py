@@ -74,7 +74,9 @@ NO_RESPONDERS = "503"  # the status header of the server's answer when nobody su
 _STATUS = "Status"  # nats-py's header key for a message's status line
 
 # The attributes relied upon: the client's pending buffer, its size and its transport; a
-# subscription's queue (nats-py's reader calls its ``put_nowait``).
+# subscription's queue (nats-py's reader calls its ``put_nowait``). ``backlog`` also reads the
+# transport's stream writer and the client's ``pending_size``, and where they are missing
+# writes nothing directly.
 CLIENT_ATTRS = ("_pending", "_pending_data_size", "_transport")
 SUBSCRIPTION_ATTRS = ("_pending_queue",)
 
