@@ -160,15 +160,18 @@ class StageServer:
         self.backend.release(seq)
 
     def _dispatch(self, msg: Msg) -> None:
-        # Called by nats-py's reader as the request is parsed (``hopwire.deliver_to``): each
-        # request is its own task from there, so that a stage awaiting the next stage's answer
-        # still takes the next request (micro-batches pipeline: batch i at stage k+1 while
-        # batch i+1 is at stage k); the lock runs one forward at a time, in arrival order.
+        # Called by nats-py's reader as the request is parsed (``hopwire.deliver_to``): a
+        # decode step with nothing else in flight runs right here (``_answer_now``,
+        # ``_forward_now``), any other request is its own task, so that a stage awaiting the
+        # next stage's answer still takes the next request (micro-batches pipeline: batch i at
+        # stage k+1 while batch i+1 is at stage k); the lock runs one forward at a time, in
+        # arrival order (a step run here holds no lock: nothing else can run meanwhile).
         now = time.monotonic()
         since, self._arrived = now - self._arrived, now
         if self._warmer is not None and hopwire.WARM and since < WARM_PERIOD_MAX_S:
             self._warmer.expect(now + since)  # steps come as often as the last two did
-        if self.last and not self._steps and not self._lock.locked() and self._answer_now(msg):
+        inline = self._answer_now if self.last else self._forward_now
+        if not self._steps and not self._lock.locked() and inline(msg):
             return
         self._spawn(self._handle(msg), self._steps)
 
@@ -205,6 +208,102 @@ class StageServer:
         if self._timed:
             self._spawn(self._bookkeeping(), self._chores)
         return True
+
+    def _forward_now(self, msg: Msg) -> bool:
+        """A first or middle stage's decode step with no task: run here in nats-py's reader,
+        the next stage asked at once (``hopwire.Inbox.ask``), and its answer relayed upstream
+        by the reader that parses it. That spares the loop turn a task's start costs on the
+        way down and the one its wake-up costs on the way back, at every such stage of every
+        crossing. Only as ``_answer_now`` (no other step in flight, a decode-sized forward
+        with a reply subject); False, having done nothing, otherwise (the task path takes it).
+        Once computed the step is answered whatever happens: should the next stage not be
+        asked at once, a task asks it."""
+        try:
+            req = _request_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return False
+        rows = sum(e.count for e in req.entries)
+        if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
+            return False
+        received = time.monotonic()
+        entries = entries_of(req)
+        reply_to = msg.reply
+        try:
+            out, ms = self._run(entries, self._input(req, rows))
+        except ExecutorError as exc:
+            self._reply(
+                reply_to, _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
+            )
+            return True
+        except Exception as exc:  # every request is answered, whatever went wrong
+            self._crashed(reply_to, exc)
+            return True
+        self._timed.append((entries, ms))
+        try:
+            asked = self._downstream(req, out, received)
+            if isinstance(asked, StageReply):  # the deadline passed already
+                self._relayed(reply_to, entries, ms, asked)
+                return True
+            downstream, subject, left_s = asked
+            sent = time.perf_counter()
+
+            def on_reply(got: Msg | nats.errors.Error) -> None:
+                try:
+                    self._relayed(reply_to, entries, ms, self._settled(got, left_s, sent))
+                except Exception as exc:
+                    self._crashed(reply_to, exc)
+
+            data = _encoder.encode(downstream)
+            if not hopwire.inbox(self.nc).ask(subject, data, left_s, on_reply):
+                relay = self._relay_later(reply_to, entries, ms, req, out, received)
+                self._spawn(relay, self._steps)
+        except Exception as exc:
+            self._crashed(reply_to, exc)
+        return True
+
+    def _crashed(self, reply_to: str, exc: Exception) -> None:
+        log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
+        fail = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
+        with contextlib.suppress(Exception):
+            self._reply(reply_to, fail)
+
+    async def _relay_later(
+        self,
+        reply_to: str,
+        entries: Sequence[Entry],
+        ms: float,
+        req: StageRequest,
+        out: np.ndarray[Any, Any],
+        received: float,
+    ) -> None:
+        self._relayed(reply_to, entries, ms, await self._forward(req, out, received))
+
+    def _relayed(
+        self, reply_to: str, entries: Sequence[Entry], ms: float, reply: StageReply
+    ) -> None:
+        """Answer a step computed by ``_forward_now`` with what the next stage said."""
+        if reply.ok:
+            self.timer.add_hop(entries, reply.hop_ms[0])
+            reply = msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
+        elif self._lock.locked():  # a forward runs in a thread: drop them after it, in order
+            self._spawn(self._drop(entries), self._chores)
+        else:  # as the task path does, before the answer: a retry finds them gone
+            for e in entries:
+                self._release(e.seq_id)
+        self._reply(reply_to, reply)
+
+    def _reply(self, reply_to: str, reply: StageReply) -> None:
+        """Answer now where the socket takes it, else in a task; then the bookkeeping."""
+        data = _encoder.encode(reply)
+        if not hopwire.publish_now(self.nc, reply_to, data):
+            self._spawn(self._answer(reply_to, data), self._chores)
+        if self._timed:
+            self._spawn(self._bookkeeping(), self._chores)
+
+    async def _drop(self, entries: Sequence[Entry]) -> None:
+        async with self._lock:  # the step did not complete: these caches are now stale
+            for e in entries:
+                self._release(e.seq_id)
 
     def _run(self, entries: Sequence[Entry], x: np.ndarray[Any, Any]) -> tuple[Any, float]:
         """The stage's forward, timed; its sequences marked as used."""
@@ -263,10 +362,9 @@ class StageServer:
             return self._finish(req, out, ms)
         reply = await self._forward(req, out, received)
         if not reply.ok:
-            async with self._lock:  # the step did not complete: these caches are now stale
-                for e in entries:
-                    self._release(e.seq_id)
+            await self._drop(entries)
             return reply
+        self.timer.add_hop(entries, reply.hop_ms[0])
         return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
 
     async def _measured(self, entries: Sequence[Entry], ms: float) -> None:
@@ -310,41 +408,60 @@ class StageServer:
     async def _forward(
         self, req: StageRequest, out: np.ndarray[Any, Any], received: float
     ) -> StageReply:
+        asked = self._downstream(req, out, received)
+        if isinstance(asked, StageReply):
+            return asked
+        downstream, subject, left_s = asked
+        sent = time.perf_counter()
+        got: Msg | nats.errors.Error
+        try:
+            got = await hopwire.inbox(self.nc).request(
+                subject, _encoder.encode(downstream), timeout=left_s
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            got = exc
+        return self._settled(got, left_s, sent)
+
+    def _downstream(
+        self, req: StageRequest, out: np.ndarray[Any, Any], received: float
+    ) -> tuple[StageRequest, str, float] | StageReply:
+        """The request for the next stage, its subject and the budget left for it; or the
+        failure to answer with when the step's deadline has passed already."""
         left_s = req.deadline_ms / 1000 - (time.monotonic() - received) - HOP_MARGIN_S
-        nxt = self.stage + 1
         if left_s <= 0:
             return _fail(
                 "timeout",
-                f"stage {self.stage}: the step's deadline passed before stage {nxt} was asked",
+                f"stage {self.stage}: the step's deadline passed before stage {self.stage + 1} was asked",
                 self.stage,
             )
         downstream = msgspec.structs.replace(
             req,
-            stage=nxt,
+            stage=self.stage + 1,
             tokens=b"",
             hidden=np.ascontiguousarray(out, dtype="<f4").tobytes(),
             deadline_ms=left_s * 1000,
         )
-        subject = subjects.pipeline(self.instance_id, nxt)
-        sent = time.perf_counter()
-        try:
-            msg = await hopwire.inbox(self.nc).request(
-                subject, _encoder.encode(downstream), timeout=left_s
-            )
-        except nats.errors.NoRespondersError:
+        return downstream, subjects.pipeline(self.instance_id, self.stage + 1), left_s
+
+    def _settled(self, got: Msg | nats.errors.Error, left_s: float, sent: float) -> StageReply:
+        """The next stage's answer (sent at ``sent``, ``time.perf_counter()``) with this
+        crossing's time put first in ``hop_ms``, or the failure that names it."""
+        nxt = self.stage + 1
+        if isinstance(got, nats.errors.NoRespondersError):
             return _fail(
                 "unavailable",
-                f"stage {nxt} of instance {self.instance_id} is not serving ({subject} has no responders)",
+                f"stage {nxt} of instance {self.instance_id} is not serving "
+                f"({subjects.pipeline(self.instance_id, nxt)} has no responders)",
                 nxt,
             )
-        except nats.errors.TimeoutError:
+        if not isinstance(got, Msg):
             return _fail(
                 "timeout",
                 f"stage {nxt} of instance {self.instance_id} did not answer within {left_s:.1f} s",
                 nxt,
             )
         try:
-            reply = _reply_decoder.decode(msg.data)
+            reply = _reply_decoder.decode(got.data)
         except msgspec.DecodeError as exc:
             return _fail("internal", f"stage {nxt}: invalid StageReply: {exc}", nxt)
         spent = (time.perf_counter() - sent) * 1000

@@ -12,10 +12,16 @@ compute from larger ones (``projector.calibration``).
 FLOPs are counted as the planner's profile counts them (``planner.profile``): 2 per weight a
 row multiplies (head included on the last stage) plus attention over the context (Q.K and A.V,
 4 x heads x head_dim per cached position per layer).
+
+A stage that asks a next one also reports the crossing to it (``hop_ms``: request to reply,
+less what downstream reported as its compute and crossings), the median over the same steps:
+the projector turns it into that link's latency for the planner (``projector.calibration``),
+which otherwise plans a crossing at a network's figure and misses the software's share of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ class StepTiming:
     rows: int
     flops: float
     executor: str
+    hop_ms: float | None = None  # to the next stage; None on the last one
 
 
 def step_flops(
@@ -59,11 +66,20 @@ class StepTimer:
     every: int = EVERY
     _ms: dict[int, list[float]] = field(default_factory=lambda: {})
     _flops: dict[int, list[float]] = field(default_factory=lambda: {})
+    _hops: dict[int, list[float]] = field(default_factory=lambda: {})
     _read: int | None = None  # the backend's read_bytes(): fixed once it is built
 
+    def add_hop(self, entries: Sequence[Entry], ms: float) -> None:
+        """A step's crossing to the next stage, reported with the next report of its size."""
+        rows = _decode_rows(entries)
+        if rows is not None:
+            hops = self._hops.setdefault(rows, [])
+            hops.append(ms)
+            del hops[: -self.every]  # the latest: a last stage never reports, so never clears
+
     def add(self, backend: StageBackend, entries: Sequence[Entry], ms: float) -> StepTiming | None:
-        rows = sum(e.count for e in entries)
-        if any(e.count != 1 for e in entries) or rows > MAX_ROWS:
+        rows = _decode_rows(entries)
+        if rows is None:
             return None  # prefill: its time is not what a decode step costs
         times = self._ms.setdefault(rows, [])
         flops = self._flops.setdefault(rows, [])
@@ -80,6 +96,17 @@ class StepTimer:
             flops=statistics.median(flops),
             executor=backend.name,
         )
+        hops = self._hops.pop(rows, [])
+        if hops:
+            report = dataclasses.replace(report, hop_ms=statistics.median(hops))
         times.clear()
         flops.clear()
         return report
+
+
+def _decode_rows(entries: Sequence[Entry]) -> int | None:
+    """Rows of a decode step (one new token per sequence, not too many); None otherwise."""
+    rows = sum(e.count for e in entries)
+    if any(e.count != 1 for e in entries) or rows > MAX_ROWS:
+        return None
+    return rows

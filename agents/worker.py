@@ -467,6 +467,7 @@ class Worker:
             step_rows=timing.rows,
             step_flops=timing.flops,
             executor=timing.executor,
+            hop_ms=timing.hop_ms,
         )
 
     async def _release_all(self, reason: str) -> None:

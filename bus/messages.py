@@ -416,6 +416,10 @@ class ShardStatus(Frozen, frozen=True):
     step_rows: Annotated[int, Meta(ge=1)] = 1
     step_flops: NonNeg = 0.0
     executor: str | None = None
+    # Added for link calibration (additive): the p50 crossing from this stage to the next one in
+    # those steps (request to reply, less the compute and crossings downstream reported: NATS,
+    # framing, waking both processes), ms. None: the last stage, or nothing measured.
+    hop_ms: NonNeg | None = None
 
 
 # --- running a placed model (core request-reply on pipeline.<instance>.<stage>) ---------------
@@ -508,6 +512,12 @@ class NodeState(Frozen, frozen=True):
     # Stream time of the latest graceful-shutdown heartbeat (kept after the node is back, so a
     # device sample older than it still reads as "node shut down").
     shutdown_at: Timestamp | None = None
+    # Added for link calibration (additive): by peer node, the stage crossing from this node to
+    # it that batch-1 steps measured (ShardStatus.hop_ms), the median of the recent ones kept in
+    # ``measured_hop_samples``; the planner plans that link at this latency. A peer appears once
+    # there are enough samples to be robust.
+    measured_hop_ms: dict[Token, NonNeg] = {}
+    measured_hop_samples: dict[Token, tuple[NonNeg, ...]] = {}
 
 
 class StageState(Frozen, frozen=True):

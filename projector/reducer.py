@@ -36,7 +36,7 @@ from shardplane.bus.messages import (
     ShardStatus,
     StageState,
 )
-from shardplane.projector.calibration import calibrate, carried
+from shardplane.projector.calibration import calibrate, calibrate_link, carried, carried_links
 
 Value = DeviceState | NodeState | InstanceState
 Event = DeviceSample | NodeHeartbeat | ShardAssignment | ShardStatus | InstanceHealth
@@ -247,7 +247,8 @@ def apply_heartbeat(
         shutdown = _max_opt(current.shutdown_at, shutdown)
     else:
         newest, last_seen = heartbeat, seen
-    value = make_node(newest, last_seen, shutdown, now, liveness)
+    previous = current if isinstance(current, NodeState) else None
+    value = carried_links(make_node(newest, last_seen, shutdown, now, liveness), previous)
     changes: dict[str, Value] = {} if value == current else {key: value}
     # A graceful shutdown takes the node's devices with it at once, not a TTL later. Devices
     # that report after it are back (make_device compares the times).
@@ -502,6 +503,7 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
     )
     changes: dict[str, Value] = {} if value == current else {key: value}
     changes.update(_calibrate(view, status))
+    changes.update(_calibrate_link(view, current, status))
     return Changes(changes) if changes else NO_CHANGE
 
 
@@ -540,6 +542,22 @@ def _calibrate(view: StateView, status: ShardStatus) -> dict[str, Value]:
         return {}
     updated = calibrate(device, status)
     return {} if updated == device else {key: updated}
+
+
+def _calibrate_link(
+    view: StateView, instance: InstanceState, status: ShardStatus
+) -> dict[str, Value]:
+    """The reporting node's measured crossing to the node of the instance's next stage
+    (projector.calibration)."""
+    if status.hop_ms is None:
+        return {}
+    nxt = next((s for s in instance.stages if s.stage == status.stage + 1), None)
+    key = node_key(status.node)
+    node = view.get(key)
+    if nxt is None or not isinstance(node, NodeState):
+        return {}
+    updated = calibrate_link(node, nxt.node, status)
+    return {} if updated == node else {key: updated}
 
 
 # --- dispatch and sweep -------------------------------------------------------------------------
@@ -603,7 +621,8 @@ def sweep(
                 value.heartbeat, value.last_seen, now, liveness.ttl(value)
             )
             if online != value.online or reason != value.offline_reason:
-                changes[key] = make_node(
-                    value.heartbeat, value.last_seen, value.shutdown_at, now, liveness
+                changes[key] = carried_links(
+                    make_node(value.heartbeat, value.last_seen, value.shutdown_at, now, liveness),
+                    value,
                 )
     return changes

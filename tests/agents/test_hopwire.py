@@ -1,20 +1,28 @@
 """agents.hopwire against the installed nats-py and a real server: the private attributes it
 relies on are there and behave as it assumes (this is the test that fails loudly when a nats-py
 upgrade changes them), and its request-reply keeps nats-py's semantics (right reply to the right
-request, no responders, timeout)."""
+request, no responders, timeout), frees what it keeps per connection, and lets a stalled
+server hold its publishers back instead of growing memory."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
+import signal
 import time
+import weakref
+from collections.abc import Callable
 
 import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from shardplane.agents import hopwire
+from shardplane.natsserver import NatsServer
 from tests.kit import eventually
 
 
@@ -24,6 +32,8 @@ async def test_nats_py_internals_are_as_hopwire_assumes(nc: Client) -> None:
     assert isinstance(nc._pending, list)  # pyright: ignore[reportPrivateUsage]
     assert isinstance(sub._pending_queue, asyncio.Queue)  # pyright: ignore[reportPrivateUsage]
     assert callable(getattr(nc._transport, "writelines", None))  # pyright: ignore[reportPrivateUsage]
+    assert isinstance(hopwire.backlog(nc), int)  # the socket's buffer can be read: direct path
+    assert hopwire.backlog_limit(nc) == nc._max_pending_size > 0  # pyright: ignore[reportPrivateUsage]
     await sub.unsubscribe()
 
 
@@ -176,3 +186,143 @@ async def test_warmer_cancelled_or_late_guess_does_nothing(nc: Client) -> None:
     warmer.expect(loop.time() + 0.01)  # within the lead already: too late to warm
     await asyncio.sleep(0.4)
     assert warmer.pings == 0
+
+
+async def test_an_inbox_goes_with_its_connection(nats_url: str) -> None:
+    responder = await nats.connect(nats_url)
+    try:
+        await _echo(responder, "hopwire.gone")
+        asker = await nats.connect(nats_url)
+        box = hopwire.inbox(asker)
+        assert (await box.request("hopwire.gone", b"0", timeout=5)).data == b"re:0"
+        box_ref, nc_ref = weakref.ref(box), weakref.ref(asker)
+        await asker.close()
+        del box, asker
+
+        def collected() -> tuple[bool, bool]:
+            gc.collect()
+            return box_ref() is None, nc_ref() is None
+
+        await eventually(collected, lambda c: c == (True, True), timeout=10, what="both freed")
+    finally:
+        await responder.close()
+
+
+async def test_an_inbox_remembers_only_recent_subjects(nc: Client, nats_url: str) -> None:
+    responder = await nats.connect(nats_url)
+    try:
+
+        async def answer(msg: Msg) -> None:
+            await responder.publish(msg.reply, msg.data)
+
+        await responder.subscribe("hopwire.many.*", cb=answer)
+        await hopwire.settle(responder)
+        box = hopwire.inbox(nc)
+        count = hopwire.ROUND_TRIPS_KEPT + 40
+        for i in range(count):
+            await box.request(f"hopwire.many.{i}", b"x", timeout=5)
+        await box.request("hopwire.many.0", b"x", timeout=5)  # asked again: recent once more
+    finally:
+        await responder.close()
+    kept = box._round_trip  # pyright: ignore[reportPrivateUsage]
+    assert len(kept) == hopwire.ROUND_TRIPS_KEPT
+    assert "hopwire.many.1" not in kept  # the oldest went first
+    assert {"hopwire.many.0", f"hopwire.many.{count - 1}"} <= kept.keys()
+
+
+async def test_a_failed_inbox_start_is_tried_again(
+    nc: Client, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscribe that fails once (injected: no failure of a live connection's subscribe is
+    transient with a real server) fails the requests that waited on it, not later ones."""
+    real = hopwire.deliver_to
+    calls: list[str] = []
+
+    async def fails_once(
+        conn: Client, subject: str, on_msg: Callable[[Msg], None]
+    ) -> tuple[Subscription, bool]:
+        calls.append(subject)
+        if len(calls) == 1:
+            raise nats.errors.ConnectionReconnectingError
+        return await real(conn, subject, on_msg)
+
+    monkeypatch.setattr(hopwire, "deliver_to", fails_once)
+    responder = await nats.connect(nats_url)
+    try:
+        await _echo(responder, "hopwire.retry")
+        box = hopwire.inbox(nc)
+        with pytest.raises(nats.errors.ConnectionReconnectingError):
+            await box.request("hopwire.retry", b"0", timeout=5)
+        assert (await box.request("hopwire.retry", b"0", timeout=5)).data == b"re:0"
+        assert (await box.request("hopwire.retry", b"1", timeout=5)).data == b"re:1"
+    finally:
+        await responder.close()
+    assert len(calls) == 2  # subscribed again once, then kept
+
+
+async def test_a_stalled_server_holds_publishers_back() -> None:
+    """With the server stopped (SIGSTOP) the socket fills; a publisher must then wait, as with
+    nats-py's own publish, instead of queueing without bound in this process; a request then
+    times out within its budget."""
+    payload = b"\0" * (256 * 1024)
+    async with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        box = hopwire.inbox(nc)
+        await hopwire.settle(nc)
+        assert server.proc is not None
+        pid = server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        held: list[int] = []
+        try:
+            for _ in range(400):  # 100 MiB: far beyond any socket's buffers
+                task = asyncio.create_task(hopwire.publish(nc, "hopwire.stall", payload))
+                # A publisher not held back is done in its first turn.
+                done, _ = await asyncio.wait({task}, timeout=2)
+                if not done:
+                    task.cancel()
+                    break
+                held.append(hopwire.backlog(nc) or 0)
+            else:
+                pytest.fail(f"400 publishes never waited; {held[-1]} bytes held for the socket")
+            # What the direct path holds (its limit), what nats-py's flusher had written when
+            # it stalled, and nats-py's own queue (the same limit again), a frame over each.
+            limit = hopwire.backlog_limit(nc)
+            assert max(held) <= 3 * (limit + len(payload)), held
+            started = time.monotonic()
+            with pytest.raises(nats.errors.TimeoutError):
+                await box.request("hopwire.stall", b"x", timeout=0.5)
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await nc.close()
+
+
+async def test_ask_hands_the_reply_or_nats_pys_error_to_its_callback(
+    nc: Client, nats_url: str
+) -> None:
+    box = hopwire.inbox(nc)
+    got: dict[str, list[Msg | nats.errors.Error]] = {"echo": [], "nobody": [], "silent": []}
+    assert not box.ask("hopwire.ask", b"x", 5, got["echo"].append)  # not subscribed yet
+    await box.start()
+    responder = await nats.connect(nats_url)
+    try:
+        await _echo(responder, "hopwire.ask")
+        await responder.subscribe("hopwire.ask.silent")  # takes the request, never answers
+        await hopwire.settle(responder)
+        assert box.ask("hopwire.ask", b"0", 5, got["echo"].append)
+        assert box.ask("hopwire.ask.nobody", b"x", 5, got["nobody"].append)
+        started = time.monotonic()
+        assert box.ask("hopwire.ask.silent", b"x", 0.3, got["silent"].append)
+        await eventually(
+            lambda: [len(v) for v in got.values()], lambda n: n == [1, 1, 1], what="answers"
+        )
+        assert time.monotonic() - started >= 0.25
+    finally:
+        await responder.close()
+    (reply,), (nobody,), (silent,) = got.values()
+    assert isinstance(reply, Msg) and reply.data == b"re:0"
+    assert isinstance(nobody, nats.errors.NoRespondersError)
+    assert isinstance(silent, nats.errors.TimeoutError)
+    await asyncio.sleep(0.4)
+    assert [len(v) for v in got.values()] == [1, 1, 1]  # once each: answered ones' timers gone
+    assert box._waiting == {}  # pyright: ignore[reportPrivateUsage]

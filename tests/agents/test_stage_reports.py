@@ -78,3 +78,6 @@ async def test_stage_process_reports_its_decode_steps(nats_url: str) -> None:
     # Stage 0 holds 20 layers and the embeddings (not read by a step), stage 1 ten layers and
     # the head: the bytes are each stage's own.
     assert first.read_bytes != last.read_bytes and min(first.read_bytes, last.read_bytes) > 0
+    # Stage 0 timed its crossings to stage 1 (the link's calibration); the last asks nobody.
+    assert first.hop_ms is not None and 0 < first.hop_ms < 1000
+    assert last.hop_ms is None

@@ -6,6 +6,7 @@ operator's choice (``SHARDPLANE_BACKEND``), never a silent fallback."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -126,6 +127,34 @@ def test_step_timer_groups_decode_steps_by_size() -> None:
     attn = 4.0 * config.heads * config.head_dim * config.layers * 11
     assert got.flops == pytest.approx(2 * params + attn)
     assert step_flops(stage, four) == pytest.approx(4 * (2 * params + attn))
+
+
+def test_step_timer_reports_the_median_crossing_of_its_size() -> None:
+    root = FIXTURES / "tiny-llama3"
+    config = config_from_hf(read_config(root))
+    shard = load_stage(root, StageSpec(0, 1, True, False), use_cuda=False)
+    stage = NumpyStage.build(
+        config, shard.tensors, layer_start=0, layer_end=1, embeddings=True, head=False
+    )
+    timer = StepTimer(every=3)
+    one, two = [Entry("a", 10, 1)], [Entry(s, 10, 1) for s in "ab"]
+    timer.add_hop([Entry("a", 0, 5)], 99.0)  # prefill: not a decode step's crossing
+    for hop in (1.0, 5.0, 2.0):
+        timer.add_hop(one, hop)
+    timer.add_hop(two, 7.0)
+    got = [timer.add(stage, one, ms) for ms in (3.0, 3.0, 3.0)]
+    assert got[-1] is not None and got[-1].hop_ms == 2.0  # its own size's crossings only
+    timer.add_hop(one, 4.0)  # counted for the next report, not again for this one
+    again = [timer.add(stage, one, ms) for ms in (3.0, 3.0, 3.0)]
+    assert again[-1] is not None and again[-1].hop_ms == 4.0
+    silent = [timer.add(stage, two, ms) for ms in (3.0, 3.0, 3.0)]
+    assert silent[-1] is not None and silent[-1].hop_ms == 7.0
+    assert [timer.add(stage, two, ms) for ms in (3.0, 3.0, 3.0)][-1] == dataclasses.replace(
+        silent[-1], hop_ms=None
+    )  # no crossing since (a last stage's reports look like this)
+    for hop in range(100):  # a stage whose reports never come keeps only the latest
+        timer.add_hop(one, float(hop))
+    assert len(timer._hops[1]) == 3  # pyright: ignore[reportPrivateUsage]
 
 
 @needs_torch
