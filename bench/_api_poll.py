@@ -30,7 +30,7 @@ async def _one(http: aiohttp.ClientSession, url: str) -> tuple[bool, float, floa
             head = (time.perf_counter() - t0) * 1000
             await resp.read()
             ok = resp.status == 200
-    except aiohttp.ClientError:
+    except Exception:  # any failure is one failed request, not the end of the client
         ok = False
     return ok, (time.perf_counter() - t0) * 1000, head
 

@@ -162,6 +162,8 @@ async def poll_api(
     lines = asyncio.ensure_future(_record_polls(proc.stdout, figures, recording))
     try:
         await stop.wait()
+        if proc.returncode is not None or lines.done():
+            raise RuntimeError(f"the API client stopped during the soak (exit {proc.returncode})")
     finally:
         proc.stdin.close()  # the client's signal to stop
         try:
@@ -175,14 +177,14 @@ async def _record_polls(
     out: asyncio.StreamReader, figures: Figures, recording: asyncio.Event
 ) -> None:
     while line := await out.readline():
-        ok, ms, head = line.split()
         if not recording.is_set():
             continue
-        if ok == b"1":
-            figures.api_ms.append(float(ms))
-            figures.api_head_ms.append(float(head))
-        else:
-            figures.api_errors += 1
+        match line.split():
+            case [b"1", ms, head]:
+                figures.api_ms.append(float(ms))
+                figures.api_head_ms.append(float(head))
+            case _:
+                figures.api_errors += 1
 
 
 async def _request(nc: Client, subject: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -211,10 +213,9 @@ async def place_loop(
         n += 1
         body = {"model": rng.choice(MODELS), "context_tokens": 4096, "instance_id": f"soak-{n}"}
         ms, answer = await _request(nc, subjects.PLACEMENT_REQUEST, body)
-        if _not_up_yet(answer) and not recording.is_set():
-            n -= 1  # the planner starts beside the soak: ask again once it listens
-            await wait_set(stop, 0.5)
-            continue
+        while _not_up_yet(answer) and not recording.is_set() and not stop.is_set():
+            await wait_set(stop, 0.5)  # the planner starts beside the soak: ask once it listens
+            ms, answer = await _request(nc, subjects.PLACEMENT_REQUEST, body)
         if answer.get("ok"):
             figures.placed_ok.add(str(answer["instance_id"]))
             live.append(str(answer["instance_id"]))

@@ -96,7 +96,8 @@ class KvFeed:
 
     async def ready(self, timeout: float | None = None) -> bool:
         """Wait until a change can be taken: True then, False when ``timeout`` passed first;
-        :class:`FeedEnded` once the feed is stopped and all it had was taken."""
+        :class:`FeedEnded` once the feed is stopped and all it had was taken. One reader per
+        feed: a second waiting at the same time would take the first one's wake-up."""
         while not self._items:
             if self._ended:
                 raise FeedEnded(f"the watch of {self.bucket} ended")
@@ -117,7 +118,8 @@ class KvFeed:
         tokens = msg.reply.split(".")
         if len(tokens) == _V1_TOKENS:
             revision, pending = int(tokens[5]), int(tokens[8])
-        else:  # the domain-qualified form (nats-py knows its layout)
+        else:  # the domain-qualified form (nats-py 2.16's ordered consumer reads only the
+            # first form before this is called; kept so a nats-py that reads both works here)
             meta = msg.metadata
             revision, pending = meta.sequence.stream, meta.num_pending
         op = _operation(msg)
@@ -159,7 +161,9 @@ class KvFeed:
         except Exception:
             await feed.stop()
             raise
-        if info.num_pending == 0 and inner.delivered == 0:
+        # The server's own count, not the messages this client has seen: its answer and the
+        # first deliveries come by different paths, and heartbeats count as delivered here.
+        if info.num_pending == 0 and (info.delivered is None or not info.delivered.consumer_seq):
             feed._mark_synced()  # an empty bucket: nothing will say so
             feed._wake()
         return feed

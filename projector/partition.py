@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ from shardplane.bus.streams import (
     TELEMETRY,
     partition_node_stream,
     partition_stream,
+    replicas_from_env,
 )
 
 PREFIX = "tpart"
@@ -132,7 +134,23 @@ async def _api(nc: Client, verb: str, name: str, body: bytes = b"") -> dict[str,
     return answer
 
 
-async def provision(nc: Client, count: int) -> None:
+async def _telemetry_info(nc: Client, wait_s: float = 10.0) -> dict[str, Any]:
+    """TELEMETRY's info, asked again for up to ``wait_s`` while it is electing a leader (just
+    created on a cluster); no mirror is made of a stream of unknown size."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            answer = await _api(nc, "INFO", TELEMETRY)
+        except TimeoutError as exc:
+            answer = {"error": f"no answer ({type(exc).__name__})"}
+        if "error" not in answer:
+            return answer
+        if time.monotonic() >= deadline:
+            raise PartitionError(f"provision the partitions: {TELEMETRY}: {answer['error']}")
+        await asyncio.sleep(0.5)
+
+
+async def provision(nc: Client, count: int, telemetry_wait_s: float = 10.0) -> None:
     """Create (or update) the partitions' streams for ``count``; idempotent. A stream of the
     earlier layout (one stream *sourcing* TELEMETRY) is replaced: a mirror cannot be made of
     it in place, and it holds only copies, which the mirror takes again from TELEMETRY with
@@ -140,9 +158,11 @@ async def provision(nc: Client, count: int) -> None:
 
     A new mirror gets as many replicas as TELEMETRY has: on a 3-server cluster one copy would
     stall its partitions when its server is lost, while TELEMETRY lives on. An existing mirror
-    keeps the replicas it has (an operator may have set them; bus.streams does the same)."""
-    telemetry = await _api(nc, "INFO", TELEMETRY)
-    replicas = int(telemetry.get("config", {}).get("num_replicas") or 1)
+    keeps the replicas it has (an operator may have set them), unless ``SHARDPLANE_REPLICAS``
+    says otherwise, as for every other stream (bus.streams)."""
+    telemetry = await _telemetry_info(nc, telemetry_wait_s)
+    explicit = replicas_from_env()
+    replicas = explicit or int(telemetry["config"].get("num_replicas") or 1)
     for config in stream_configs(count, replicas):
         name = str(config["name"])
         body = json.dumps(config).encode()
@@ -153,7 +173,7 @@ async def provision(nc: Client, count: int) -> None:
                 await _api(nc, "DELETE", name)
                 answer = await _api(nc, "CREATE", name, body)
             else:
-                kept = {**config, "num_replicas": int(held.get("num_replicas") or replicas)}
+                kept = {**config, "num_replicas": explicit or held.get("num_replicas") or 1}
                 answer = await _api(nc, "UPDATE", name, json.dumps(kept).encode())
         if "error" in answer:
             raise PartitionError(f"provision stream {name}: {answer['error']}")

@@ -164,6 +164,14 @@ async def test_a_stream_of_the_sourced_layout_is_replaced(nc: Client, js: JetStr
     assert len(await mirrored(js, partitions.stream_name(2), 2 * len(NODES))) == 2 * len(NODES)
 
 
+async def test_no_mirror_is_made_before_telemetry_is_there(nc: Client) -> None:
+    """Its size (replicas) follows TELEMETRY's, and a mirror once made keeps its own."""
+    with pytest.raises(partitions.PartitionError, match=TELEMETRY):
+        await partitions.provision(nc, 2, telemetry_wait_s=0.6)
+    reply = await nc.request(f"$JS.API.STREAM.INFO.{partitions.stream_name(2)}", b"")
+    assert "error" in json.loads(reply.data)
+
+
 async def test_each_partition_writes_its_share_and_together_all(
     nats_url: str, nc: Client, js: JetStreamContext
 ) -> None:
