@@ -102,6 +102,19 @@ def rows_per_frame(max_payload: int, hidden: int) -> int:
     return rows
 
 
+def _inline(msg: Msg) -> tuple[StageRequest, int] | None:
+    """A request a stage may run in nats-py's reader: a decode-sized forward with a reply
+    subject, with its row count; None for anything else (the task path takes it)."""
+    try:
+        req = _request_decoder.decode(msg.data)
+    except msgspec.DecodeError:
+        return None
+    rows = sum(e.count for e in req.entries)
+    if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
+        return None
+    return req, rows
+
+
 @dataclass
 class StageServer:
     """Serves one loaded stage on ``pipeline.<instance>.<stage>``."""
@@ -185,13 +198,9 @@ class StageServer:
         sparing the loop turn a task's start costs. Only when no other step is in flight (so
         none waits for the lock: order is kept); False, having done nothing, for anything but
         a decode-sized forward with a reply subject (the task path takes it)."""
-        try:
-            req = _request_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        if (inline := _inline(msg)) is None:
             return False
-        rows = sum(e.count for e in req.entries)
-        if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
-            return False
+        req, rows = inline
         entries = entries_of(req)
         try:
             out, ms = self._run(entries, self._input(req, rows))
@@ -218,13 +227,9 @@ class StageServer:
         with a reply subject); False, having done nothing, otherwise (the task path takes it).
         Once computed the step is answered whatever happens: should the next stage not be
         asked at once, a task asks it."""
-        try:
-            req = _request_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        if (inline := _inline(msg)) is None:
             return False
-        rows = sum(e.count for e in req.entries)
-        if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
-            return False
+        req, rows = inline
         received = time.monotonic()
         entries = entries_of(req)
         reply_to = msg.reply
