@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +49,7 @@ from nats.aio.client import Client
 
 from shardplane.bus import keys, subjects
 from shardplane.bus.errors import ProjectorError
+from shardplane.bus.retry import describe, retrying
 from shardplane.bus.streams import (
     MAX_PARTITIONS,
     PLACEMENTS,
@@ -134,20 +134,17 @@ async def _api(nc: Client, verb: str, name: str, body: bytes = b"") -> dict[str,
     return answer
 
 
-async def _telemetry_info(nc: Client, wait_s: float = 10.0) -> dict[str, Any]:
-    """TELEMETRY's info, asked again for up to ``wait_s`` while it is electing a leader (just
-    created on a cluster); no mirror is made of a stream of unknown size."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            answer = await _api(nc, "INFO", TELEMETRY)
-        except TimeoutError as exc:
-            answer = {"error": f"no answer ({type(exc).__name__})"}
-        if "error" not in answer:
-            return answer
-        if time.monotonic() >= deadline:
-            raise PartitionError(f"provision the partitions: {TELEMETRY}: {answer['error']}")
-        await asyncio.sleep(0.5)
+async def _telemetry_replicas(nc: Client, wait_s: float) -> int:
+    """TELEMETRY's replicas, asked again while it elects a leader (bus.retry: just created on
+    a cluster); no mirror is made of a stream of unknown size."""
+    js = nc.jetstream()
+    try:
+        info = await retrying(
+            lambda: js.stream_info(TELEMETRY), f"{TELEMETRY} info", deadline_s=wait_s
+        )
+    except Exception as exc:
+        raise PartitionError(f"provision the partitions: {TELEMETRY}: {describe(exc)}") from exc
+    return info.config.num_replicas or 1
 
 
 async def provision(nc: Client, count: int, telemetry_wait_s: float = 10.0) -> None:
@@ -160,9 +157,9 @@ async def provision(nc: Client, count: int, telemetry_wait_s: float = 10.0) -> N
     stall its partitions when its server is lost, while TELEMETRY lives on. An existing mirror
     keeps the replicas it has (an operator may have set them), unless ``SHARDPLANE_REPLICAS``
     says otherwise, as for every other stream (bus.streams)."""
-    telemetry = await _telemetry_info(nc, telemetry_wait_s)
+    telemetry_replicas = await _telemetry_replicas(nc, telemetry_wait_s)
     explicit = replicas_from_env()
-    replicas = explicit or int(telemetry["config"].get("num_replicas") or 1)
+    replicas = explicit or telemetry_replicas
     for config in stream_configs(count, replicas):
         name = str(config["name"])
         body = json.dumps(config).encode()
