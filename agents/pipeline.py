@@ -102,17 +102,22 @@ def rows_per_frame(max_payload: int, hidden: int) -> int:
     return rows
 
 
-def _inline(msg: Msg) -> tuple[StageRequest, int] | None:
-    """A request a stage may run in nats-py's reader: a decode-sized forward with a reply
-    subject, with its row count; None for anything else (the task path takes it)."""
+def _decode(data: bytes) -> StageRequest | msgspec.DecodeError:
+    """Decoded once, where the request arrives (a prefill chunk's hidden state is copied by
+    each decode); what was wrong with it, for the answer."""
     try:
-        req = _request_decoder.decode(msg.data)
-    except msgspec.DecodeError:
-        return None
+        return _request_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        return exc
+
+
+def _inline_rows(req: StageRequest, reply_to: str) -> int | None:
+    """The rows of a request a stage may run in nats-py's reader: a decode-sized forward with a
+    reply subject; None for anything else (the task path takes it)."""
     rows = sum(e.count for e in req.entries)
-    if req.op != "forward" or rows > INLINE_ROWS or not msg.reply:
+    if req.op != "forward" or rows > INLINE_ROWS or not reply_to:
         return None
-    return req, rows
+    return rows
 
 
 @dataclass
@@ -183,24 +188,27 @@ class StageServer:
         since, self._arrived = now - self._arrived, now
         if self._warmer is not None and hopwire.WARM and since < WARM_PERIOD_MAX_S:
             self._warmer.expect(now + since)  # steps come as often as the last two did
-        inline = self._answer_now if self.last else self._forward_now
-        if not self._steps and not self._lock.locked() and inline(msg):
+        req = _decode(msg.data)
+        if (
+            isinstance(req, StageRequest)
+            and not self._steps
+            and not self._lock.locked()
+            and (rows := _inline_rows(req, msg.reply)) is not None
+        ):
+            (self._answer_now if self.last else self._forward_now)(msg.reply, req, rows)
             return
-        self._spawn(self._handle(msg), self._steps)
+        self._spawn(self._handle(msg.reply, req), self._steps)
 
     def _spawn(self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]]) -> None:
         task = asyncio.create_task(work)
         into.add(task)
         task.add_done_callback(into.discard)
 
-    def _answer_now(self, msg: Msg) -> bool:
+    def _answer_now(self, reply_to: str, req: StageRequest, rows: int) -> None:
         """The last stage's decode step, run and answered right here in nats-py's reader,
         sparing the loop turn a task's start costs. Only when no other step is in flight (so
-        none waits for the lock: order is kept); False, having done nothing, for anything but
-        a decode-sized forward with a reply subject (the task path takes it)."""
-        if (inline := _inline(msg)) is None:
-            return False
-        req, rows = inline
+        none waits for the lock: order is kept) and for a decode-sized forward with a reply
+        subject (``_inline_rows``)."""
         entries = entries_of(req)
         try:
             out, ms = self._run(entries, self._input(req, rows))
@@ -209,46 +217,36 @@ class StageServer:
         except ExecutorError as exc:
             reply = _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
         except Exception as exc:  # every request is answered, whatever went wrong
-            log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
-            reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
-        data = _encoder.encode(reply)
-        if not hopwire.publish_now(self.nc, msg.reply, data):
-            self._spawn(self._answer(msg.reply, data), self._chores)
-        if self._timed:
-            self._spawn(self._bookkeeping(), self._chores)
-        return True
+            self._crashed(reply_to, exc)
+            return
+        self._reply(reply_to, reply)
 
-    def _forward_now(self, msg: Msg) -> bool:
+    def _forward_now(self, reply_to: str, req: StageRequest, rows: int) -> None:
         """A first or middle stage's decode step with no task: run here in nats-py's reader,
         the next stage asked at once (``hopwire.Inbox.ask``), and its answer relayed upstream
         by the reader that parses it. That spares the loop turn a task's start costs on the
         way down and the one its wake-up costs on the way back, at every such stage of every
         crossing. Only as ``_answer_now`` (no other step in flight, a decode-sized forward
-        with a reply subject); False, having done nothing, otherwise (the task path takes it).
-        Once computed the step is answered whatever happens: should the next stage not be
-        asked at once, a task asks it."""
-        if (inline := _inline(msg)) is None:
-            return False
-        req, rows = inline
+        with a reply subject). Once computed the step is answered whatever happens: should the
+        next stage not be asked at once, a task asks it."""
         received = time.monotonic()
         entries = entries_of(req)
-        reply_to = msg.reply
         try:
             out, ms = self._run(entries, self._input(req, rows))
         except ExecutorError as exc:
             self._reply(
                 reply_to, _fail("invalid_request", f"stage {self.stage}: {exc}", self.stage)
             )
-            return True
+            return
         except Exception as exc:  # every request is answered, whatever went wrong
             self._crashed(reply_to, exc)
-            return True
+            return
         self._timed.append((entries, ms))
         try:
             asked = self._downstream(req, out, received)
             if isinstance(asked, StageReply):  # the deadline passed already
                 self._relayed(reply_to, entries, ms, asked)
-                return True
+                return
             downstream, subject, left_s = asked
             sent = time.perf_counter()
 
@@ -264,7 +262,6 @@ class StageServer:
                 self._spawn(relay, self._steps)
         except Exception as exc:
             self._crashed(reply_to, exc)
-        return True
 
     def _crashed(self, reply_to: str, exc: Exception) -> None:
         log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
@@ -288,14 +285,19 @@ class StageServer:
     ) -> None:
         """Answer a step computed by ``_forward_now`` with what the next stage said."""
         if reply.ok:
-            self.timer.add_hop(entries, reply.hop_ms[0])
-            reply = msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
+            reply = self._joined(entries, ms, reply)
         elif self._lock.locked():  # a forward runs in a thread: drop them after it, in order
             self._spawn(self._drop(entries), self._chores)
         else:  # as the task path does, before the answer: a retry finds them gone
             for e in entries:
                 self._release(e.seq_id)
         self._reply(reply_to, reply)
+
+    def _joined(self, entries: Sequence[Entry], ms: float, reply: StageReply) -> StageReply:
+        """The next stage's good answer with this stage's crossing timed and its compute
+        prepended."""
+        self.timer.add_hop(entries, reply.hop_ms[0])
+        return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
 
     def _reply(self, reply_to: str, reply: StageReply) -> None:
         """Answer now where the socket takes it, else in a task; then the bookkeeping."""
@@ -323,14 +325,14 @@ class StageServer:
         with contextlib.suppress(Exception):
             await hopwire.publish(self.nc, subject, data)
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, reply_to: str, req: StageRequest | msgspec.DecodeError) -> None:
         try:
-            reply = await self._serve(msg.data)
+            reply = await self._serve(req)
         except Exception as exc:  # every request is answered, whatever went wrong
             log.exception("stage %s/%d: step crashed", self.instance_id, self.stage)
             reply = _fail("internal", f"stage {self.stage}: internal error: {exc!r}", self.stage)
-        if msg.reply:
-            await self._answer(msg.reply, _encoder.encode(reply))
+        if reply_to:
+            await self._answer(reply_to, _encoder.encode(reply))
         await self._bookkeeping()
 
     async def _bookkeeping(self) -> None:
@@ -338,13 +340,11 @@ class StageServer:
         while self._timed:
             await self._measured(*self._timed.pop())
 
-    async def _serve(self, data: bytes) -> StageReply:
+    async def _serve(self, req: StageRequest | msgspec.DecodeError) -> StageReply:
         received = time.monotonic()
-        try:
-            req = _request_decoder.decode(data)
-        except msgspec.DecodeError as exc:
+        if isinstance(req, msgspec.DecodeError):
             return _fail(
-                "invalid_request", f"stage {self.stage}: invalid StageRequest: {exc}", self.stage
+                "invalid_request", f"stage {self.stage}: invalid StageRequest: {req}", self.stage
             )
         if req.op == "release":
             async with self._lock:
@@ -369,8 +369,7 @@ class StageServer:
         if not reply.ok:
             await self._drop(entries)
             return reply
-        self.timer.add_hop(entries, reply.hop_ms[0])
-        return msgspec.structs.replace(reply, stage_ms=(ms, *reply.stage_ms))
+        return self._joined(entries, ms, reply)
 
     async def _measured(self, entries: Sequence[Entry], ms: float) -> None:
         timing = self.timer.add(self.backend, entries, ms)

@@ -48,18 +48,19 @@ class _Replay:
         self.initial = True
         self.seen: set[str] = set()
 
-    def synced(self, state: ApiState, first: bool) -> None:
+    def synced(self, state: ApiState) -> None:
+        rewatch = state.cache.ready  # a watch synced before this one: clients must resync
         self.initial = False
         for change in state.cache.forget_missing(self.seen):
             _publish(state, change)
         state.cache.ready = True
         state.synced.set()
         state.watch_error = None
-        if not first:
+        if rewatch:
             state.hub.publish("resync", sse_event("resync", b'{"reason":"rewatch"}'))
 
 
-async def _apply_all(state: ApiState, feed: KvFeed, first: bool) -> None:
+async def _apply_all(state: ApiState, feed: KvFeed) -> None:
     """Apply the feed's changes until it ends, yielding every ``LOOP_SLICE_S`` and while a
     large body goes out (api.priority)."""
     replay = _Replay()
@@ -72,7 +73,7 @@ async def _apply_all(state: ApiState, feed: KvFeed, first: bool) -> None:
                 slice_start = time.perf_counter()
             update = feed.take()
             if update is None:
-                replay.synced(state, first)
+                replay.synced(state)
                 continue
             if replay.initial:
                 replay.seen.add(update.key)
@@ -93,18 +94,15 @@ async def watch_cluster_state(state: ApiState) -> None:
 
     A fresh watch replays the newest value of every key, so after a restart the cache is
     reconciled: keys that vanished meanwhile are dropped, and clients are told to resync."""
-    first = True
     while True:
         feed: KvFeed | None = None
         try:
             feed = await _feed(state)
             state.watcher = feed
-            await _apply_all(state, feed, first)
+            await _apply_all(state, feed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if state.cache.ready:
-                first = False
             state.watch_restarts += 1
             state.watch_error = f"{type(exc).__name__}: {exc}"
             log.warning("cluster_state watch failed (%s); watching again", state.watch_error)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -30,15 +29,11 @@ import nats
 from nats.js import JetStreamContext
 
 from shardplane.bus.kvfeed import KvFeed
+from shardplane.bus.streams import kv_subject
 from shardplane.natsserver import NatsServer
 
 BUCKET = "bench_feed"
 VALUE = b"x" * 1400  # about one device's DeviceState
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def watchall_iter(js: JetStreamContext, count: int) -> None:
@@ -81,16 +76,19 @@ async def measure(url: str, count: int, rounds: int) -> dict[str, tuple[float, f
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.create_key_value(bucket=BUCKET, history=1)
-    acks = [js.publish(f"$KV.{BUCKET}.devices.n{i}.0", VALUE) for i in range(count)]
+    acks = [js.publish(kv_subject(BUCKET, f"devices.n{i}.0"), VALUE) for i in range(count)]
     for at in range(0, count, 1000):
         await asyncio.gather(*acks[at : at + 1000])
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in WAYS}
     for _ in range(rounds):
         for name, way in WAYS.items():
-            cpu0, wall0 = _cpu(), time.perf_counter()
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             await asyncio.wait_for(way(js, count), 120.0)
             samples[name].append(
-                ((_cpu() - cpu0) / count * 1e6, (time.perf_counter() - wall0) / count * 1e6)
+                (
+                    (time.process_time() - cpu0) / count * 1e6,
+                    (time.perf_counter() - wall0) / count * 1e6,
+                )
             )
     await nc.close()
     return {

@@ -32,6 +32,7 @@ from nats.js import JetStreamContext, api
 from shardplane.bus import direct
 from shardplane.bus.errors import BusError
 from shardplane.bus.streams import kv_stream, kv_subject
+from shardplane.bus.wait import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class KvFeed:
         self._items: deque[Item] = deque()
         self._synced = False
         self._ended = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._arrived = asyncio.Event()  # set by what the reader or a stop adds
         self._sub: Subscription | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -96,23 +97,22 @@ class KvFeed:
 
     async def ready(self, timeout: float | None = None) -> bool:
         """Wait until a change can be taken: True then, False when ``timeout`` passed first;
-        :class:`FeedEnded` once the feed is stopped and all it had was taken. One reader per
-        feed: a second waiting at the same time would take the first one's wake-up."""
+        :class:`FeedEnded` once the feed is stopped and all it had was taken. A cancel always
+        propagates (bus.wait)."""
         while not self._items:
             if self._ended:
                 raise FeedEnded(f"the watch of {self.bucket} ended")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
-            except TimeoutError:
+            self._arrived.clear()
+            if timeout is None:
+                await self._arrived.wait()
+            elif not await wait_set(self._arrived, timeout):
                 return bool(self._items)
         return True
 
     # -- feeding (nats-py's reader) ----------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._arrived.set()
 
     def on_msg(self, msg: Msg) -> None:
         tokens = msg.reply.split(".")
@@ -165,7 +165,6 @@ class KvFeed:
         # first deliveries come by different paths, and heartbeats count as delivered here.
         if info.num_pending == 0 and (info.delivered is None or not info.delivered.consumer_seq):
             feed._mark_synced()  # an empty bucket: nothing will say so
-            feed._wake()
         return feed
 
     async def _read(self, sub: Subscription) -> None:

@@ -74,12 +74,15 @@ class Link:
         return nbytes / (self.gbytes_per_s * 1e9) * 1e3 + self.latency_ms
 
 
+DEFAULT_LINK = Link(DEFAULT_NET_GBPS / 8.0, DEFAULT_NET_LATENCY_MS)  # no link announced
+
+
 @dataclass(frozen=True, slots=True)
 class Fleet:
     devices: tuple[Device, ...]  # grouped by node, nodes and indexes in order
     excluded: tuple[tuple[str, str], ...] = ()  # (device, reason)
     node_links: Mapping[tuple[str, str], Link] = field(default_factory=dict[tuple[str, str], Link])
-    default_link: Link = Link(DEFAULT_NET_GBPS / 8.0, DEFAULT_NET_LATENCY_MS)
+    default_link: Link = DEFAULT_LINK
 
     def link(self, a: Device, b: Device) -> Link:
         """The path from device ``a`` to device ``b`` (the hop between consecutive stages)."""
@@ -252,9 +255,8 @@ def _measured(
     latency, at the bandwidth the link has otherwise. A measured crossing includes what the
     software pays (NATS, framing, waking the processes) and the transfer of one hidden state,
     which at batch 1 is microseconds on any network the planner knows."""
-    default = Link(DEFAULT_NET_GBPS / 8.0, DEFAULT_NET_LATENCY_MS)
     for name, node in nodes.items():
         for peer, ms in node.measured_hop_ms.items():
-            base = links.get((name, peer)) or links.get((peer, name)) or default
+            base = links.get((name, peer)) or links.get((peer, name)) or DEFAULT_LINK
             links[(name, peer)] = Link(base.gbytes_per_s, ms)
     return links

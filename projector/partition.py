@@ -58,6 +58,7 @@ from shardplane.bus.streams import (
     partition_node_stream,
     partition_stream,
     replicas_from_env,
+    settle_replicas,
 )
 
 PREFIX = "tpart"
@@ -155,8 +156,8 @@ async def provision(nc: Client, count: int, telemetry_wait_s: float = 10.0) -> N
 
     A new mirror gets as many replicas as TELEMETRY has: on a 3-server cluster one copy would
     stall its partitions when its server is lost, while TELEMETRY lives on. An existing mirror
-    keeps the replicas it has (an operator may have set them), unless ``SHARDPLANE_REPLICAS``
-    says otherwise, as for every other stream (bus.streams)."""
+    keeps the replicas it has (an operator may have set them), raised only where
+    ``SHARDPLANE_REPLICAS`` asks for more, as every other stream (bus.streams.settle_replicas)."""
     telemetry_replicas = await _telemetry_replicas(nc, telemetry_wait_s)
     explicit = replicas_from_env()
     replicas = explicit or telemetry_replicas
@@ -170,7 +171,11 @@ async def provision(nc: Client, count: int, telemetry_wait_s: float = 10.0) -> N
                 await _api(nc, "DELETE", name)
                 answer = await _api(nc, "CREATE", name, body)
             else:
-                kept = {**config, "num_replicas": explicit or held.get("num_replicas") or 1}
+                current = int(held.get("num_replicas") or 1)
+                kept = {
+                    **config,
+                    "num_replicas": settle_replicas(name, current, replicas, explicit is not None),
+                }
                 answer = await _api(nc, "UPDATE", name, json.dumps(kept).encode())
         if "error" in answer:
             raise PartitionError(f"provision stream {name}: {answer['error']}")

@@ -248,7 +248,7 @@ def apply_heartbeat(
     else:
         newest, last_seen = heartbeat, seen
     previous = current if isinstance(current, NodeState) else None
-    value = carried_links(make_node(newest, last_seen, shutdown, now, liveness), previous)
+    value = make_node(newest, last_seen, shutdown, now, liveness, previous)
     changes: dict[str, Value] = {} if value == current else {key: value}
     # A graceful shutdown takes the node's devices with it at once, not a TTL later. Devices
     # that report after it are back (make_device compares the times).
@@ -277,16 +277,20 @@ def make_node(
     shutdown_at: float | None,
     now: float,
     liveness: Liveness,
+    previous: NodeState | None = None,
 ) -> NodeState:
+    """The node's value, judged live on ``now``, keeping what ``previous`` measured of its
+    links (projector.calibration: heartbeats do not reset it)."""
     probe = NodeState(heartbeat=heartbeat, online=True, last_seen=last_seen)
     online, reason = node_liveness(heartbeat, last_seen, now, liveness.ttl(probe))
-    return NodeState(
+    node = NodeState(
         heartbeat=heartbeat,
         online=online,
         last_seen=last_seen,
         offline_reason=reason,
         shutdown_at=shutdown_at,
     )
+    return carried_links(node, previous)
 
 
 # --- instances ---------------------------------------------------------------------------------
@@ -621,8 +625,7 @@ def sweep(
                 value.heartbeat, value.last_seen, now, liveness.ttl(value)
             )
             if online != value.online or reason != value.offline_reason:
-                changes[key] = carried_links(
-                    make_node(value.heartbeat, value.last_seen, value.shutdown_at, now, liveness),
-                    value,
+                changes[key] = make_node(
+                    value.heartbeat, value.last_seen, value.shutdown_at, now, liveness, value
                 )
     return changes

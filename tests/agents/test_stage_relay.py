@@ -14,7 +14,6 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from shardplane.agents import hopwire
 from shardplane.agents.executor import StageBackend
@@ -45,10 +44,12 @@ async def test_decode_steps_cross_every_stage_without_a_task(
     handled: list[tuple[int, str, int]] = []  # (stage, op, rows) of requests given a task
     real = StageServer._handle  # pyright: ignore[reportPrivateUsage]
 
-    def counted(self: StageServer, msg: Msg) -> Coroutine[Any, Any, None]:
-        req = msgspec.msgpack.decode(msg.data, type=StageRequest)
+    def counted(
+        self: StageServer, reply_to: str, req: StageRequest | msgspec.DecodeError
+    ) -> Coroutine[Any, Any, None]:
+        assert isinstance(req, StageRequest), req
         handled.append((self.stage, req.op, sum(e.count for e in req.entries)))
-        return real(self, msg)
+        return real(self, reply_to, req)
 
     monkeypatch.setattr(StageServer, "_handle", counted)
     servers = await serve_split(nc, "relay", config, tensors, even_bounds(config.layers, 3))
