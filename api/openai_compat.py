@@ -595,11 +595,10 @@ async def _serve(
     body = decode_request(await request.read(), kind)
     stops = _stops(body)
     view = await _instance(serving, body.model)
-    # The first request for a model reads its tokenizer (a packaged GGUF: ~2.4 s here): off
-    # the loop, which the API shares with every service in one-process `up` and the demo.
-    with contextlib.suppress(GenerateError):
-        await asyncio.to_thread(_codec, str(view["model"]))
-    job = _prepare(view, body)
+    # The first request for a model reads its tokenizer, chat template and limits (a packaged
+    # GGUF: ~2.4 s here), and every request tokenizes its prompt: off the loop, which the API
+    # shares with every service in one-process `up` and the demo.
+    job = await asyncio.to_thread(_prepare, view, body)
     cut = TextCut(job.codec.decode, stops)
     try:
         admitted = await _admit(serving, job)

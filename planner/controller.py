@@ -39,7 +39,7 @@ from shardplane.bus.messages import (
     PlacementRequest,
     Stage,
 )
-from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
+from shardplane.bus.streams import LEDGER, provision
 from shardplane.bus.wait import wait_set
 from shardplane.planner import health, ledger
 from shardplane.planner.fleet import UTIL_FLOOR, build_fleet, peak_bandwidth
@@ -90,7 +90,7 @@ class Controller:
         js = self.nc.jetstream()
         await provision(js)
         ledger_kv = await js.key_value(LEDGER)
-        follower = asyncio.create_task(self.cache.follow(await js.key_value(CLUSTER_STATE), stop))
+        follower = asyncio.create_task(self.cache.follow(js, stop))
         lease = Lease(js, bucket=CONTROLLER_LEASE_BUCKET, role="controller")
         try:
             while not stop.is_set():

@@ -121,10 +121,9 @@ class StateCache:
             judge_device(d, self.nodes.get(d.sample.node), now, ttl) for d in self.devices.values()
         ]
 
-    async def follow(self, kv: KeyValue, stop: asyncio.Event) -> None:
+    async def follow(self, js: JetStreamContext, stop: asyncio.Event) -> None:
         """Apply the bucket's changes until ``stop``; a watch that ends or stalls (its server
         lost: bus.watchguard) is started again, and its replay brings the cache up to date."""
-        js: JetStreamContext = kv._js  # pyright: ignore[reportPrivateUsage]
         watching: list[KvFeed] = []
 
         async def restart() -> None:
@@ -595,21 +594,22 @@ def _stats_data(cache: StateCache, endpoint: object) -> dict[str, int]:
     return endpoint_data(cache)
 
 
-async def _background(planner: Planner, state_kv: KeyValue, halt: asyncio.Event) -> None:
+async def _background(planner: Planner, halt: asyncio.Event) -> None:
     """The state cache's watch and the ledger's repair pass, until ``halt``."""
-    await asyncio.gather(planner.cache.follow(state_kv, halt), lifecycle.repair_loop(planner, halt))
+    await asyncio.gather(
+        planner.cache.follow(planner.js, halt), lifecycle.repair_loop(planner, halt)
+    )
 
 
 async def start_planner(nc: Client) -> tuple[Planner, Any, asyncio.Task[None], asyncio.Event]:
     """Provision, start the cache and the service; returns what ``run_planner`` tears down."""
     js = nc.jetstream()
     await provision(js)
-    state_kv = await js.key_value(CLUSTER_STATE)
     ledger_kv = await js.key_value(LEDGER)
     cache = StateCache()
     halt = asyncio.Event()
     planner = Planner(nc, js, cache, ledger_kv)
-    follower = asyncio.create_task(_background(planner, state_kv, halt))
+    follower = asyncio.create_task(_background(planner, halt))
     service = await add_service(
         nc,
         name=SERVICE_NAME,

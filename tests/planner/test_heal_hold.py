@@ -96,9 +96,7 @@ async def test_a_blip_seen_on_fewer_checks_than_the_hold_moves_nothing(
         assert reply.ok and reply.stages[0].device == "ha/0", reply
         controller = Controller(nc)
         stop = asyncio.Event()
-        follower = asyncio.create_task(
-            controller.cache.follow(await js.key_value(CLUSTER_STATE), stop)
-        )
+        follower = asyncio.create_task(controller.cache.follow(js, stop))
         try:
             rig = _Rig(nc, js, controller)
             assert await rig.check() == 0  # the smoothing starts from the placed bandwidth
