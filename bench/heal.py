@@ -49,7 +49,7 @@ from nats.aio.msg import Msg
 import shardplane
 from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
-from shardplane.bus import codec, keys, subjects
+from shardplane.bus import codec, keys, kvfeed, subjects
 from shardplane.bus.messages import InstanceHealth, InstanceState, PlacementReply
 from shardplane.bus.streams import CLUSTER_STATE
 from shardplane.commands import run_services
@@ -280,11 +280,13 @@ async def live(fleet: Path, model: str, devices: int, watch_s: float) -> dict[st
 
 
 async def _wait_devices(nc: Client, count: int) -> None:
-    kv = await nc.jetstream().key_value(CLUSTER_STATE)
+    js = nc.jetstream()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            found = [k for k in await kv.keys() if keys.kind_of(k) == "device"]
+            found = [
+                k for k in await kvfeed.snapshot(js, CLUSTER_STATE) if keys.kind_of(k) == "device"
+            ]
         except Exception:
             found = []
         if len(found) >= count:

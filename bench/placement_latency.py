@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 import shardplane
-from shardplane.bus import codec, keys, subjects
+from shardplane.bus import codec, keys, kvfeed, subjects
 from shardplane.bus.messages import PlacementReply
 from shardplane.bus.streams import CLUSTER_STATE, LEDGER, provision
 from shardplane.natsserver import NatsServer
@@ -85,11 +85,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def _publish_fleet(js: JetStreamContext, size: int) -> tuple[list[str], list[str]]:
     kv = await js.key_value(CLUSTER_STATE)
-    try:
-        for key in await kv.keys():
-            await kv.purge(key)
-    except Exception:  # an empty bucket has no keys
-        pass
+    for key in await kvfeed.snapshot(js, CLUSTER_STATE):
+        await kv.purge(key)
     if size >= FLEET_SCALE:
         hosts = random_hosts(size, seed=size, gpus=GPUS, per_host=(4, 8), prefix=f"s{size}n")
     else:

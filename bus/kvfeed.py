@@ -48,6 +48,10 @@ class FeedEnded(BusError):
     """The feed was stopped (by :meth:`KvFeed.stop`, a stall guard, or shutdown)."""
 
 
+class ReplayTimeout(BusError, TimeoutError):
+    """A :func:`snapshot` did not finish in its time (a TimeoutError: worth asking again)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Update:
     key: str
@@ -180,3 +184,34 @@ class KvFeed:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+
+async def snapshot(js: JetStreamContext, bucket: str, timeout: float = 10.0) -> dict[str, Update]:
+    """Every key's newest value in ``bucket`` (deleted keys left out), read in one replay.
+
+    Why not ``kv.keys()`` and a ``get`` per key: nats-py's ``keys()`` ends at its watcher's
+    "done" marker, which it may queue from the consumer-info answer before any delivered key
+    has been handed over (the answer and the deliveries come by different paths). Under load it
+    then lists nothing and raises ``NoKeysError`` for a full bucket: ``shardplane status`` once
+    showed 0 devices right after ``demo`` had placed on 6. The feed's marker comes from the
+    server's own counts (:meth:`KvFeed.start`), and the values come with the replay."""
+    feed = await KvFeed.start(js, bucket)
+    values: dict[str, Update] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            if not await feed.ready(max(0.0, deadline - loop.time())):
+                raise ReplayTimeout(
+                    f"the {bucket} bucket did not finish replaying within {timeout:.1f} s "
+                    f"({len(values)} keys read)"
+                )
+            item = feed.take()
+            if item is None:
+                return values
+            if item.deleted:
+                values.pop(item.key, None)
+            else:
+                values[item.key] = item
+    finally:
+        await feed.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -16,10 +15,10 @@ from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError
 
 from shardplane import render
-from shardplane.bus import codec, keys
+from shardplane.bus import codec, keys, kvfeed
 from shardplane.bus.liveness import judge_device, judge_node, ttl_from_env
 from shardplane.bus.messages import (
     DeviceState,
@@ -27,7 +26,7 @@ from shardplane.bus.messages import (
     NodeState,
 )
 from shardplane.bus.retry import retrying
-from shardplane.bus.streams import cluster_state
+from shardplane.bus.streams import CLUSTER_STATE, cluster_state
 from shardplane.wiring import connect_briefly, log, run_command
 
 T = TypeVar("T")
@@ -51,26 +50,20 @@ async def read_state(nc: Client) -> tuple[list[DeviceState], list[NodeState], li
     devices: list[DeviceState] = []
     nodes: list[NodeState] = []
     instances: list[InstanceState] = []
+    js = nc.jetstream()
     try:
-        kv = await cluster_state(nc.jetstream())
+        await cluster_state(js)
     except BucketNotFoundError:  # nothing provisioned it yet: an empty cluster, not a crash
         return devices, nodes, instances
-    try:
-        names = await retrying(lambda: kv.keys(), "listing cluster_state")
-    except NoKeysError:  # an empty bucket
-        names = []
-    for key in names:
-        try:
-            entry = await retrying(lambda k=key: kv.get(k), "reading cluster_state")
-        except (KeyNotFoundError, KeyDeletedError):
-            continue  # deleted between the listing and the read
+    values = await retrying(lambda: kvfeed.snapshot(js, CLUSTER_STATE), "reading cluster_state")
+    for key, update in values.items():
         kind = keys.prefix(key)
         if kind == keys.DEVICES:
-            devices.extend(filter(None, [decoded(DeviceState, key, entry.value)]))
+            devices.extend(filter(None, [decoded(DeviceState, key, update.value)]))
         elif kind == keys.NODES:
-            nodes.extend(filter(None, [decoded(NodeState, key, entry.value)]))
+            nodes.extend(filter(None, [decoded(NodeState, key, update.value)]))
         elif kind == keys.INSTANCES:
-            instances.extend(filter(None, [decoded(InstanceState, key, entry.value)]))
+            instances.extend(filter(None, [decoded(InstanceState, key, update.value)]))
     now, ttl = time.time(), ttl_from_env()
     nodes = [judge_node(n, now, ttl) for n in nodes]
     by_node = {n.heartbeat.node: n for n in nodes}
@@ -176,19 +169,19 @@ async def _watch(nc: Client, args: argparse.Namespace) -> int:
 async def wait_for_devices(nc: Client, expected: int, timeout: float, since: float = 0.0) -> int:
     """Poll the KV until ``expected`` devices are online with a sample newer than ``since``
     (a store kept from an earlier run still holds the old samples)."""
-    kv = await cluster_state(nc.jetstream())
+    js = nc.jetstream()
+    await cluster_state(js)
     deadline = time.monotonic() + timeout
     fresh = 0
     while time.monotonic() < deadline:
         try:
-            names = [k for k in await kv.keys() if keys.prefix(k) == keys.DEVICES]
+            values = await kvfeed.snapshot(js, CLUSTER_STATE)
         except Exception:
-            names = []
+            values = {}
         fresh = 0
-        for key in names:
-            with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
-                entry = await kv.get(key)
-                state = decoded(DeviceState, key, entry.value)
+        for key, update in values.items():
+            if keys.prefix(key) == keys.DEVICES:
+                state = decoded(DeviceState, key, update.value)
                 if state is not None:
                     fresh += state.online and state.sample.ts >= since
         if fresh >= expected:

@@ -12,9 +12,9 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from shardplane.api.server import make_app, start_app
-from shardplane.bus import codec, keys
+from shardplane.bus import codec, keys, kvfeed
 from shardplane.bus.messages import DeviceState, InstanceState, PlacementReply, Stage
-from shardplane.bus.streams import cluster_state
+from shardplane.bus.streams import CLUSTER_STATE
 from shardplane.commands import run_services
 from shardplane.generate import wait_loaded
 from tests.kit import eventually, stop_tasks
@@ -75,18 +75,15 @@ async def serving_api(
 
 
 async def device_states(nc: Client) -> dict[str, DeviceState]:
-    kv = await cluster_state(nc.jetstream())
     out: dict[str, DeviceState] = {}
     try:
-        names = await kv.keys()
-    except Exception:
+        values = await kvfeed.snapshot(nc.jetstream(), CLUSTER_STATE)
+    except Exception:  # no bucket yet
         return out
-    for key in names:
+    for key, update in values.items():
         if keys.prefix(key) == keys.DEVICES:
-            entry = await kv.get(key)
-            if entry.value:
-                state = codec.decode(DeviceState, entry.value)
-                out[f"{state.sample.node}/{state.sample.index}"] = state
+            state = codec.decode(DeviceState, update.value)
+            out[f"{state.sample.node}/{state.sample.index}"] = state
     return out
 
 

@@ -25,9 +25,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shardplane.bus import codec, keys, subjects
+from shardplane.bus import codec, keys, kvfeed, subjects
 from shardplane.bus.messages import DeviceSample, DeviceState, InstanceState, NodeState
-from shardplane.bus.streams import TELEMETRY, cluster_state
+from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY
 from shardplane.projector.lease import LEASE_BUCKET, LEASE_KEY
 from shardplane.projector.reducer import Changes, Event, Liveness, View, apply
 from shardplane.projector.service import CONSUMERS, Projector
@@ -117,12 +117,8 @@ class Publisher:
 
 
 async def kv_snapshot(nc: Client) -> dict[str, bytes]:
-    kv = await cluster_state(nc.jetstream())
-    out: dict[str, bytes] = {}
-    with contextlib.suppress(Exception):
-        for key in await kv.keys():
-            out[key] = (await kv.get(key)).value or b""
-    return out
+    values = await kvfeed.snapshot(nc.jetstream(), CLUSTER_STATE)
+    return {key: update.value for key, update in values.items()}
 
 
 async def lease_holder(js: JetStreamContext) -> str:

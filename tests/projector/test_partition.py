@@ -19,9 +19,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from shardplane.bus import codec, keys, subjects
+from shardplane.bus import codec, keys, kvfeed, subjects
 from shardplane.bus.messages import DeviceState
-from shardplane.bus.streams import TELEMETRY, cluster_state, provision
+from shardplane.bus.streams import CLUSTER_STATE, TELEMETRY, cluster_state, provision
 from shardplane.natsserver import NatsServer, free_port
 from shardplane.projector import partition as partitions
 from shardplane.projector.partition import Partition, partition_of
@@ -49,11 +49,11 @@ async def publish_fleet(js: JetStreamContext, seq: int) -> None:
 
 
 async def present(js: JetStreamContext) -> set[str]:
-    kv = await cluster_state(js)
     try:
-        return {k for k in await kv.keys() if k.startswith(("devices.", "nodes."))}
-    except Exception:  # no keys yet
+        values = await kvfeed.snapshot(js, CLUSTER_STATE)
+    except Exception:  # no bucket yet
         return set()
+    return {k for k in values if k.startswith(("devices.", "nodes."))}
 
 
 def keys_of(nodes: list[str]) -> set[str]:
