@@ -39,6 +39,12 @@ INSTANCE = "batch-smol"
 BATCH = 4
 # The benchmark's first eight prompts, the first one longer: its completion is checked below.
 PROMPTS = ("Once upon a time, in a small village by the sea,", *serve.PROMPTS[1:8])
+# Prompts whose greedy completion runs past 400 tokens without an end of text (checked on this
+# model), then one that runs 264: the full-queue test needs its streams still running when it
+# looks. With sampling, "The capital of France is" once ended within a few tokens, its slot went
+# to the request meant to wait, and the test found an empty queue.
+LONG = (PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[5])
+WAITS = PROMPTS[4]
 
 
 @pytest.fixture
@@ -109,7 +115,14 @@ async def _eight_concurrent_clients_get_their_solo_tokens(
 async def _open_stream(
     http: aiohttp.ClientSession, api_url: str, prompt: str
 ) -> aiohttp.ClientResponse:
-    body = {"model": INSTANCE, "prompt": prompt, "max_tokens": 1000, "stream": True}
+    # Greedy, so how long each stream runs is known (LONG).
+    body = {
+        "model": INSTANCE,
+        "prompt": prompt,
+        "max_tokens": 1000,
+        "stream": True,
+        "temperature": 0,
+    }
     headers = {"Authorization": f"Bearer {TOKEN}"}
     response = await http.post(api_url + "/v1/completions", json=body, headers=headers)
     assert response.status == 200, await response.text()
@@ -128,11 +141,11 @@ async def _full_queue_answers_429_and_a_leaver_lets_the_queue_in(
     batcher = _batcher(app)
     batcher.batch.queue_limit = 1
     async with aiohttp.ClientSession() as http:
-        streams = [await _open_stream(http, api_url, p) for p in PROMPTS[:BATCH]]
+        streams = [await _open_stream(http, api_url, p) for p in LONG]
         for response in streams:
             await _first_event(response)
         assert len(batcher.batch.running) == BATCH
-        waiting = await _open_stream(http, api_url, PROMPTS[BATCH])
+        waiting = await _open_stream(http, api_url, WAITS)
         assert len(batcher.batch.queue) == 1
 
         with pytest.raises(openai.RateLimitError) as refused:
