@@ -155,9 +155,9 @@ def test_many_nodes_in_one_process_are_cheap() -> None:
     )
     nodes = sim_nodes(fleet)
     assert len({d.uuid for n in nodes for d in n.devices}) == 2000  # unique identities
-    t0 = time.process_time()
+    t0 = time.thread_time()  # this thread's: earlier tests' leftover threads are not charged
     samples = [s for n in nodes for s in n.read(1.0)]
-    cpu = time.process_time() - t0
+    cpu = time.thread_time() - t0
     assert len(samples) == 2000
     assert cpu < 0.5, f"one cycle of 2000 simulated devices took {cpu:.3f} s of CPU"
 

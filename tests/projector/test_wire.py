@@ -14,6 +14,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shardplane.agents import hopwire
 from shardplane.projector.wire import FastParser, fast_parser, subscribe_direct
 from tests.kit import eventually
 
@@ -46,7 +47,7 @@ async def test_direct_and_ordinary_subscriptions_share_a_connection_without_loss
         await subscribe_direct(receiver, "wire.direct", on_direct)
         await receiver.subscribe("wire.other", cb=on_ordinary)
         assert isinstance(fast_parser(receiver), FastParser)
-        await receiver.flush()
+        await hopwire.settle(receiver)  # flush() can PING ahead of the queued SUB
 
         rng = random.Random(7)
         expected: list[tuple[str, bytes, dict[str, str] | None]] = []
@@ -111,7 +112,7 @@ async def test_raw_handlers_get_plain_frames_and_headers_still_reach_the_msg_han
             got.append(("raw", subject, payload, None))
 
         await subscribe_direct(receiver, "wire.acks.*", on_msg, raw=on_raw)
-        await receiver.flush()
+        await hopwire.settle(receiver)  # flush() can PING ahead of the queued SUB
         want: list[tuple[bytes, bytes, dict[str, str] | None]] = []
         for i in range(2000):
             subject = f"wire.acks.{i}-{i % 13}"
@@ -137,7 +138,7 @@ async def test_a_status_only_subscription_takes_headed_frames_on_the_fast_path(
             got.append((msg.data, msg.headers))
 
         await subscribe_direct(receiver, "wire.pull", on_msg, status_only=True)
-        await receiver.flush()
+        await hopwire.settle(receiver)  # flush() can PING ahead of the queued SUB
         parser = fast_parser(receiver)
         assert parser is not None
         before = parser.fast_frames
