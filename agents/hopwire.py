@@ -187,17 +187,10 @@ async def deliver_to(
     in nats-py's reader: it must not block) as it is parsed. Returns the subscription and
     whether the direct path is in place; if not (an incompatible nats-py) the messages come
     through nats-py's own callback task instead, to the same ``on_msg``."""
-
-    async def via_task(msg: Msg) -> None:
-        on_msg(msg)
-
-    probe = await nc.subscribe(subject, pending_bytes_limit=0)
-    if not (compatible(nc) and direct.swappable(probe)):
-        await probe.unsubscribe()
-        return await nc.subscribe(subject, cb=via_task), False
-    direct.swap_in(probe, on_msg)
-    flush_now(nc)  # the SUB, so that a later nc.flush() really follows it
-    return probe, True
+    sub, inline = await direct.subscribe(nc, subject, on_msg, inline=compatible(nc))
+    if inline:
+        flush_now(nc)  # the SUB, so that a later nc.flush() really follows it
+    return sub, inline
 
 
 class Inbox:

@@ -16,7 +16,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from shardplane.api.hub import LOOP_SLICE_S, ApiState
 from shardplane.api.state import Change, sse_event
-from shardplane.bus.kvfeed import KvFeed
+from shardplane.bus.kvfeed import KvFeed, Update
 from shardplane.bus.streams import CLUSTER_STATE, kv_stream, provision
 from shardplane.bus.watchguard import guard_watch
 
@@ -41,14 +41,27 @@ def _publish(state: ApiState, change: Change | None) -> None:
 
 
 class _Replay:
-    """What one watch has seen until every key's newest value came (then the cache drops keys
-    that vanished meanwhile, and clients are told to resync after a re-watch)."""
+    """Applies one watch's changes, keeping what it has seen until every key's newest value
+    came (then the cache drops keys that vanished meanwhile, and clients are told to resync
+    after a re-watch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: ApiState) -> None:
+        self.state = state
         self.initial = True
         self.seen: set[str] = set()
 
-    def synced(self, state: ApiState) -> None:
+    def apply(self, update: Update) -> None:
+        state = self.state
+        if self.initial:
+            self.seen.add(update.key)
+        state.watched = max(state.watched, update.revision)
+        change = state.cache.apply(
+            update.key, update.value, update.revision, update.deleted, replay=self.initial
+        )
+        _publish(state, change)
+
+    def synced(self) -> None:
+        state = self.state
         rewatch = state.cache.ready  # a watch synced before this one: clients must resync
         self.initial = False
         for change in state.cache.forget_missing(self.seen):
@@ -61,32 +74,11 @@ class _Replay:
 
 
 async def _apply_all(state: ApiState, feed: KvFeed) -> None:
-    """Apply the feed's changes until it ends, yielding every ``LOOP_SLICE_S`` and while a
-    large body goes out (api.priority)."""
-    replay = _Replay()
-    while True:
-        await feed.ready()
-        slice_start = time.perf_counter()
-        while feed.pending():
-            if state.priority.should_wait():
-                await state.priority.give_way()
-                slice_start = time.perf_counter()
-            update = feed.take()
-            if update is None:
-                replay.synced(state)
-                continue
-            if replay.initial:
-                replay.seen.add(update.key)
-            state.watched = max(state.watched, update.revision)
-            change = state.cache.apply(
-                update.key, update.value, update.revision, update.deleted, replay=replay.initial
-            )
-            _publish(state, change)
-            if time.perf_counter() - slice_start > LOOP_SLICE_S:
-                # Thousands of changes a second: yield now and then, or a burst would hold
-                # every request (and every body half sent) meanwhile.
-                await asyncio.sleep(0)
-                slice_start = time.perf_counter()
+    """Apply the feed's changes until it ends, yielding every ``LOOP_SLICE_S`` (or a burst
+    would hold every request, and every body half sent, meanwhile) and while a large body goes
+    out (api.priority)."""
+    replay = _Replay(state)
+    await feed.drain(replay.apply, replay.synced, slice_s=LOOP_SLICE_S, priority=state.priority)
 
 
 async def watch_cluster_state(state: ApiState) -> None:

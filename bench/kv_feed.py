@@ -8,7 +8,8 @@ nats-server first; each way then replays it from a fresh watch and takes every c
 1. ``watchall_iter``: nats-py's ``kv.watchall()`` read with ``async for`` (the API before);
 2. ``watchall_updates``: the same watcher read with ``updates(timeout=1.0)`` (the planner
    before: a ``wait_for`` per change);
-3. ``kv_feed``: bus.kvfeed (changes taken off nats-py's reader, drained in slices).
+3. ``kv_feed``: bus.kvfeed (changes taken off nats-py's reader, drained in the API's slices
+   by ``KvFeed.drain``, the loop the API and the planner apply their changes with).
 
 Each way runs ``--rounds`` times, alternating; the figures are medians. The floor is the first
 way: the ratios say what the feed saves against it.
@@ -28,7 +29,8 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.js import JetStreamContext
 
-from shardplane.bus.kvfeed import KvFeed
+from shardplane.api.hub import LOOP_SLICE_S
+from shardplane.bus.kvfeed import KvFeed, Update
 from shardplane.bus.streams import kv_subject
 from shardplane.natsserver import NatsServer
 
@@ -57,11 +59,16 @@ async def watchall_updates(js: JetStreamContext, count: int) -> None:
 async def kv_feed(js: JetStreamContext, count: int) -> None:
     feed = await KvFeed.start(js, BUCKET)
     taken = 0
-    while taken < count:
-        await feed.ready()
-        while feed.pending():
-            taken += feed.take() is not None
+
+    def apply(update: Update) -> None:
+        nonlocal taken
+        taken += 1
+
+    synced = asyncio.Event()  # the bucket holds ``count`` keys: the marker follows the last
+    await feed.drain(apply, synced.set, slice_s=LOOP_SLICE_S, stop=synced)
     await feed.stop()
+    if taken != count:
+        raise RuntimeError(f"the feed replayed {taken} changes of {count}")
 
 
 WAYS: dict[str, Callable[[JetStreamContext, int], Awaitable[None]]] = {

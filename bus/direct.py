@@ -5,7 +5,8 @@ a task switch per message, paid by the projector at full speed and by every pipe
 crossing (with cold caches). Both swap the subscription's queue for :class:`DirectQueue`, so
 the stand-in is written once, here. It reaches into nats-py (a subscription's
 ``_pending_queue``, ``_pending_size``); pyproject pins nats-py to the minor release it was
-written against, and callers check :func:`swappable` and fall back to a callback.
+written against, and :func:`subscribe` checks :func:`swappable` and falls back to nats-py's
+callback task where it is not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -70,3 +72,27 @@ def swap_in(sub: Subscription, handler: Callable[[Msg], None]) -> None:
 
 def is_direct(sub: Subscription) -> bool:
     return isinstance(getattr(sub, "_pending_queue", None), DirectQueue)
+
+
+async def subscribe(
+    nc: Client, subject: str, handler: Callable[[Msg], None], *, inline: bool = True
+) -> tuple[Subscription, bool]:
+    """Subscribe ``subject`` with each message handed to ``handler`` (a plain function that
+    must not block) as nats-py's reader parses it. Returns the subscription and whether that
+    direct path is in place; without it (``inline`` False, or a nats-py whose queue cannot be
+    swapped) the messages reach the same ``handler`` through nats-py's callback task.
+
+    No pending limits: the direct path holds nothing, and the fallback must not drop as a slow
+    consumer what the direct path would have handled."""
+    if inline:
+        sub = await nc.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        if swappable(sub):
+            swap_in(sub, handler)
+            return sub, True
+        await sub.unsubscribe()
+
+    async def via_task(msg: Msg) -> None:
+        handler(msg)
+
+    sub = await nc.subscribe(subject, cb=via_task, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    return sub, False

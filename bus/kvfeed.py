@@ -12,7 +12,8 @@ its watch through ``updates(timeout=...)``, a ``wait_for`` (a task) per change.
 
 Here the subscription's queue is swapped for a plain function (bus.direct) that reads the
 sequence and pending count straight out of the reply subject and appends a small
-:class:`Update`; the caller drains them in slices of its own choosing (:meth:`KvFeed.take`).
+:class:`Update`; the caller drains them in slices of its own choosing (:meth:`KvFeed.drain`,
+the one loop the API and the planner both apply their changes with).
 The ordered consumer itself (sequence checks, resets, heartbeats, flow control) is nats-py's,
 unchanged: those run in its reader before the queue.
 """
@@ -22,12 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
 
 from shardplane.bus import direct
 from shardplane.bus.errors import BusError
@@ -42,6 +47,10 @@ _DELETES = frozenset({"DEL", "PURGE"})
 _MARKER_DELETES = frozenset({"MaxAge", "Purge", "Remove"})
 _V1_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
 INACTIVE_THRESHOLD_S = 300.0  # as nats-py's watch: the server drops a consumer left behind
+# How long a stop waits for its consumer's deletion: an answer takes milliseconds; with the
+# server away the request would wait out the JetStream timeout, holding up a re-watch.
+FORGET_WAIT_S = 1.0
+_forgetting: set[asyncio.Task[None]] = set()  # deletions still running after their stop
 
 
 class FeedEnded(BusError):
@@ -62,6 +71,14 @@ class Update:
 
 Item = Update | None
 """``None`` once: every key's newest value has been delivered (as nats-py's watcher)."""
+
+
+class GivesWay(Protocol):
+    """Something more urgent than applying changes (the API's large bodies: api.priority)."""
+
+    def should_wait(self) -> bool: ...
+
+    async def give_way(self) -> None: ...
 
 
 def _operation(msg: Msg) -> str | None:
@@ -87,6 +104,7 @@ class KvFeed:
         self._synced = False
         self._ended = False
         self._arrived = asyncio.Event()  # set by what the reader or a stop adds
+        self._js: JetStreamContext | None = None
         self._sub: Subscription | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -112,6 +130,41 @@ class KvFeed:
             elif not await wait_set(self._arrived, timeout):
                 return bool(self._items)
         return True
+
+    async def drain(
+        self,
+        apply: Callable[[Update], None],
+        synced: Callable[[], None],
+        *,
+        slice_s: float,
+        stop: asyncio.Event | None = None,
+        poll_s: float = 1.0,
+        priority: GivesWay | None = None,
+    ) -> None:
+        """Hand every change to ``apply`` as it comes, and call ``synced`` at the marker.
+
+        Thousands of changes a second would hold the loop: after ``slice_s`` of applying it
+        yields (requests are answered between slices), and before each change it waits while
+        ``priority`` says so. Returns once ``stop`` is set (looked at between bursts, at least
+        every ``poll_s``); without one it runs until the feed ends (:class:`FeedEnded`)."""
+        items, clock = self._items, time.perf_counter
+        timeout = None if stop is None else poll_s
+        while stop is None or not stop.is_set():
+            if not await self.ready(timeout):
+                continue
+            slice_start = clock()
+            while items:
+                if priority is not None and priority.should_wait():
+                    await priority.give_way()
+                    slice_start = clock()
+                update = items.popleft()
+                if update is None:
+                    synced()
+                    continue
+                apply(update)
+                if clock() - slice_start > slice_s:
+                    await asyncio.sleep(0)
+                    slice_start = clock()
 
     # -- feeding (nats-py's reader) ----------------------------------------------------------
 
@@ -152,7 +205,7 @@ class KvFeed:
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=INACTIVE_THRESHOLD_S,
         )
-        feed._sub = sub
+        feed._js, feed._sub = js, sub
         # The connection delivers to the plain subscription the JetStream one wraps (and whose
         # queue and counters the wrapper only copied when it was made).
         inner: Subscription = getattr(sub, "_sub", sub)
@@ -176,14 +229,40 @@ class KvFeed:
             self.on_msg(msg)
 
     async def stop(self) -> None:
-        """Stop delivering; a caller waiting in :meth:`ready` gets :class:`FeedEnded`."""
+        """Stop delivering (a caller waiting in :meth:`ready` gets :class:`FeedEnded`) and
+        delete the feed's consumer, which the server would otherwise keep for its inactive
+        threshold: :func:`snapshot`, polled five times a second by ``status``, left hundreds."""
         self._ended = True
         self._wake()
         if self._reader is not None:
             self._reader.cancel()
-        if self._sub is not None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
+            await self._forget(sub)
+
+    async def _forget(self, sub: Subscription) -> None:
+        """Delete the consumer, best effort, waiting for it at most ``FORGET_WAIT_S``. Its name
+        is read now: a reset of the ordered consumer recreates it under another name, which
+        nats-py keeps on the subscription (one still being recreated at the stop is missed,
+        as are those a reset left behind: their inactive threshold removes them)."""
+        name = getattr(sub, "_consumer", None)
+        if self._js is None or not isinstance(name, str):
+            return
+        task = asyncio.create_task(_delete_consumer(self._js, kv_stream(self.bucket), name))
+        _forgetting.add(task)
+        task.add_done_callback(_forgetting.discard)
+        await asyncio.wait({task}, timeout=FORGET_WAIT_S)
+
+
+async def _delete_consumer(js: JetStreamContext, stream: str, name: str) -> None:
+    try:
+        await js.delete_consumer(stream, name)
+    except NotFoundError:
+        pass  # gone already (its inactive threshold, or the stream with it)
+    except Exception as exc:  # the inactive threshold removes it in the end
+        log.debug("%s: consumer %s left to its inactive threshold: %r", stream, name, exc)
 
 
 async def snapshot(js: JetStreamContext, bucket: str, timeout: float = 10.0) -> dict[str, Update]:

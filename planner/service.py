@@ -28,7 +28,7 @@ from nats.micro.request import Request
 from shardplane.bus import codec, keys, subjects
 from shardplane.bus.codec import DecodeError
 from shardplane.bus.ids import slug
-from shardplane.bus.kvfeed import FeedEnded, KvFeed
+from shardplane.bus.kvfeed import FeedEnded, KvFeed, Update
 from shardplane.bus.liveness import judge_device, ttl_from_env
 from shardplane.bus.messages import (
     EXCLUDED_LISTED,
@@ -113,6 +113,9 @@ class StateCache:
         except DecodeError as exc:  # one bad value must not blind the planner to the rest
             log.warning("cluster_state %s: %s", key, exc)
 
+    def apply_update(self, update: Update) -> None:
+        self.apply(update.key, update.value, update.revision, update.deleted)
+
     def judged_devices(self) -> list[DeviceState]:
         """The devices with liveness judged on this planner's clock (bus.liveness): a device
         the projector has not rewritten for a TTL is not placed on as if it were online."""
@@ -144,29 +147,16 @@ class StateCache:
                     await asyncio.sleep(0.5)
                     continue
                 watching[:] = [feed]
-                try:
-                    await self._drain(feed, stop)
+                try:  # ``ready`` is set at the marker: every key's initial value is in
+                    await feed.drain(
+                        self.apply_update, self.ready.set, slice_s=APPLY_SLICE_S, stop=stop
+                    )
                 except FeedEnded:
                     pass  # stopped by the guard: watch again
                 finally:
                     await feed.stop()
         finally:
             guard.cancel()
-
-    async def _drain(self, feed: KvFeed, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            if not await feed.ready(timeout=1.0):
-                continue
-            slice_start = time.perf_counter()
-            while feed.pending():
-                update = feed.take()
-                if update is None:  # initial values delivered
-                    self.ready.set()
-                    continue
-                self.apply(update.key, update.value, update.revision, update.deleted)
-                if time.perf_counter() - slice_start > APPLY_SLICE_S:
-                    await asyncio.sleep(0)  # requests are answered between slices
-                    slice_start = time.perf_counter()
 
 
 def _error(code: ErrorCode, message: str) -> PlacementReply:

@@ -96,23 +96,15 @@ async def subscribe_direct(
     what nats-py parses (frames with headers) reaches ``handler``. With ``status_only``, the
     handler reads no header but a status: messages with headers and no status may come
     without their headers (those the fast path takes)."""
-    sub = await nc.subscribe(subject, pending_msgs_limit=-1, pending_bytes_limit=-1)
-    if fast and direct.swappable(sub):
-        direct.swap_in(sub, handler)
-        parser = fast_parser(nc)
-        if parser is not None:
-            parser.direct[sub._id] = handler  # pyright: ignore[reportPrivateUsage]
-            if raw is not None:
-                parser.raw[sub._id] = raw  # pyright: ignore[reportPrivateUsage]
-            if status_only:
-                parser.bare.add(sub._id)  # pyright: ignore[reportPrivateUsage]
-        return sub
-    await sub.unsubscribe()
-
-    async def callback(msg: Msg) -> None:
-        handler(msg)
-
-    return await nc.subscribe(subject, cb=callback, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    sub, inline = await direct.subscribe(nc, subject, handler, inline=fast)
+    parser = fast_parser(nc) if inline else None
+    if parser is not None:
+        parser.direct[sub._id] = handler  # pyright: ignore[reportPrivateUsage]
+        if raw is not None:
+            parser.raw[sub._id] = raw  # pyright: ignore[reportPrivateUsage]
+        if status_only:
+            parser.bare.add(sub._id)  # pyright: ignore[reportPrivateUsage]
+    return sub
 
 
 # The header block of a message with headers and no status line.
@@ -265,8 +257,3 @@ def fast_path_state(nc: Client) -> FastPathState:
     if isinstance(parser, FastParser):
         return FastPathState(framing_available(nc), True, parser.fast_frames)
     return FastPathState(framing_available(nc), False, 0)
-
-
-def is_direct(sub: Subscription) -> bool:
-    """Whether ``sub`` hands messages to its handler inline (not through nats-py's queue)."""
-    return direct.is_direct(sub)

@@ -1,4 +1,5 @@
-"""bus.kvfeed against a real server: the replay, live changes in order, deletes, stopping."""
+"""bus.kvfeed against a real server: the replay, live changes in order, deletes, stopping (and
+its consumer going with it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from nats.js.kv import KeyValue
 
 from shardplane.bus import direct
 from shardplane.bus.kvfeed import FeedEnded, Item, KvFeed, Update, snapshot
+from shardplane.bus.streams import kv_stream
+from tests.kit import eventually
 
 BUCKET = "feed_test"
 
@@ -98,3 +101,22 @@ async def test_a_snapshot_is_every_live_key_newest_value(js: JetStreamContext) -
         got = await snapshot(js, BUCKET)
         expected = {f"devices.n{i}.0": str(400 + i).encode() for i in range(200) if i % 4}
         assert {k: u.value for k, u in got.items()} == expected
+
+
+async def test_a_finished_feed_leaves_no_consumer_behind(js: JetStreamContext) -> None:
+    kv = await _bucket(js)
+    for i in range(50):
+        await kv.put(f"devices.n{i}.0", b"v")
+
+    async def consumers() -> int:
+        return (await js.stream_info(kv_stream(BUCKET))).state.consumer_count
+
+    before = await consumers()
+    for _ in range(5):  # as ``status`` polls
+        assert len(await snapshot(js, BUCKET)) == 50
+    feed = await KvFeed.start(js, BUCKET)
+    assert await consumers() == before + 1, "the feed's own consumer, while it runs"
+    await feed.stop()
+    await feed.stop()  # a second stop (the guard's, then the watch's own) is harmless
+    # The server would keep each one for INACTIVE_THRESHOLD_S (minutes), far past this wait.
+    await eventually(consumers, lambda n: n == before, timeout=10.0, what="consumers deleted")

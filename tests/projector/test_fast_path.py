@@ -20,7 +20,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shardplane.bus import codec, subjects
-from shardplane.projector.wire import fast_path_state, is_direct, subscribe_direct
+from shardplane.bus.direct import is_direct
+from shardplane.projector.wire import fast_path_state, subscribe_direct
 from tests.kit import eventually
 from tests.projector.helpers import FAST, device, projector, sample
 
