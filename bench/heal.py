@@ -47,6 +47,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 import shardplane
+from shardplane.agents import fleet as simfleet
 from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
 from shardplane.bus import codec, keys, kvfeed, subjects
@@ -86,15 +87,27 @@ name = "mi"
 gpus = [{ model = "MI250X", count = 4 }]
 count = 5
 """
+BIG_SIM = simfleet.parse(BIG_FLEET, "bench heal's 64-GPU fleet")
 
 MOVES_MODELS = ("llama-3.1-70b-q8", "llama-3.1-70b", "mixtral-8x7b")
 
-DEMO_HOSTS = (
-    HostSpec("rig-a", ("A100-80GB",), links=(("rig-d", 100.0, 0.01), ("rig-b", 25.0, 0.05))),
-    HostSpec("rig-b", ("RTX-4090", "RTX-4090")),
-    HostSpec("rig-c", ("RTX-3060-12GB", "P40")),
-    HostSpec("rig-d", ("MI250X", "MI250X"), nvlink=True),
-)
+
+def sim_hosts(fleet: simfleet.Fleet) -> tuple[HostSpec, ...]:
+    """The simulated fleet's nodes as the planner's noise-free synthetic hosts, so the offline
+    parts plan on the fleet the live part simulates, described once. A node with NVLink pairs
+    counts as NVLinked (a ``HostSpec`` joins all its GPUs); each ``[[links]]`` entry stays on
+    its ``a`` node; the file's ``[network]`` defaults do not carry (the planner's own apply)."""
+    return tuple(
+        HostSpec(
+            node.name,
+            tuple(gpu.spec.key for gpu in node.gpus),
+            nvlink=bool(node.nvlink),
+            links=tuple(
+                (link.b, link.gbps, link.latency_ms) for link in fleet.links if link.a == node.name
+            ),
+        )
+        for node in fleet.nodes
+    )
 
 
 # --- minimal moves against the exhaustive reference ------------------------------------------
@@ -121,7 +134,7 @@ class MoveRow:
 def minimal_moves_table(models: Sequence[str] = MOVES_MODELS, slack: float = 0.05) -> list[MoveRow]:
     """For each model on the demo fleet (noise-free), each device of its plan lost in turn:
     the planner's re-placement (phase 1 + phase 2) against the exhaustive reference."""
-    devices, nodes = states(DEMO_HOSTS)
+    devices, nodes = states(sim_hosts(simfleet.load(DEMO_FLEET)))
     full = build_fleet(devices, nodes)
     rows: list[MoveRow] = []
     for model in models:
@@ -171,15 +184,7 @@ def _print_moves(rows: list[MoveRow]) -> None:
 
 # --- the 64-GPU fleet's heal bytes: the live budget against an unhurried phase 2 ----------------
 
-BIG_HOSTS = tuple(
-    HostSpec(f"{name}-{i}", (gpu,) * 4, nvlink=nvlink)
-    for name, gpu, count, nvlink in (
-        ("a100", "A100-80GB", 6, True),
-        ("l40s", "L40S", 5, False),
-        ("mi", "MI250X", 5, False),
-    )
-    for i in range(count)
-)
+BIG_HOSTS = sim_hosts(BIG_SIM)
 BIG_MODEL = "llama-3.1-405b-q4"
 UNHURRIED_S = 10.0
 
@@ -374,7 +379,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         big.write_text(BIG_FLEET)
         live_runs = {
             "demo": (DEMO_FLEET, "llama-3.1-70b-q8", 7),
-            "fleet64": (big, "llama-3.1-405b-q4", 64),
+            "fleet64": (big, BIG_MODEL, BIG_SIM.device_count()),
         }
         runs = {name: asyncio.run(live(*live_runs[name], watch_s)) for name in chosen}
     print("live: vanish one stage's device (seconds; floor = raw NATS round trip)")
