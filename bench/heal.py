@@ -46,8 +46,8 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-import shardplane
 from shardplane.agents import fleet as simfleet
+from shardplane.bench._fleets import DEMO_FLEET, demo_hosts, sim_hosts
 from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
 from shardplane.bus import codec, keys, kvfeed, subjects
@@ -60,10 +60,8 @@ from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.moves import HEAL, bytes_moved, keep_resident
 from shardplane.planner.plan import plan
-from shardplane.planner.synthetic import HostSpec, states
+from shardplane.planner.synthetic import states
 
-ROOT = Path(shardplane.__file__).resolve().parent
-DEMO_FLEET = ROOT / "fleets" / "demo.toml"
 INTERVAL_S = 0.5  # sample interval of the live runs
 TTL_S = 3 * INTERVAL_S
 
@@ -92,24 +90,6 @@ BIG_SIM = simfleet.parse(BIG_FLEET, "bench heal's 64-GPU fleet")
 MOVES_MODELS = ("llama-3.1-70b-q8", "llama-3.1-70b", "mixtral-8x7b")
 
 
-def sim_hosts(fleet: simfleet.Fleet) -> tuple[HostSpec, ...]:
-    """The simulated fleet's nodes as the planner's noise-free synthetic hosts, so the offline
-    parts plan on the fleet the live part simulates, described once. A node with NVLink pairs
-    counts as NVLinked (a ``HostSpec`` joins all its GPUs); each ``[[links]]`` entry stays on
-    its ``a`` node; the file's ``[network]`` defaults do not carry (the planner's own apply)."""
-    return tuple(
-        HostSpec(
-            node.name,
-            tuple(gpu.spec.key for gpu in node.gpus),
-            nvlink=bool(node.nvlink),
-            links=tuple(
-                (link.b, link.gbps, link.latency_ms) for link in fleet.links if link.a == node.name
-            ),
-        )
-        for node in fleet.nodes
-    )
-
-
 # --- minimal moves against the exhaustive reference ------------------------------------------
 
 
@@ -134,7 +114,7 @@ class MoveRow:
 def minimal_moves_table(models: Sequence[str] = MOVES_MODELS, slack: float = 0.05) -> list[MoveRow]:
     """For each model on the demo fleet (noise-free), each device of its plan lost in turn:
     the planner's re-placement (phase 1 + phase 2) against the exhaustive reference."""
-    devices, nodes = states(sim_hosts(simfleet.load(DEMO_FLEET)))
+    devices, nodes = states(demo_hosts())
     full = build_fleet(devices, nodes)
     rows: list[MoveRow] = []
     for model in models:

@@ -1,16 +1,16 @@
-"""bench heal's offline parts plan on the very fleets its live part simulates: each fleet is
-described once, as a fleet file, and ``bench.heal.sim_hosts`` makes its synthetic hosts."""
+"""The benches plan offline on the very fleets they simulate live: each fleet is described once,
+as a fleet file, and ``bench._fleets.sim_hosts`` makes its synthetic hosts."""
 
 from __future__ import annotations
 
-from shardplane.agents import fleet
 from shardplane.bench import heal
+from shardplane.bench._fleets import demo_hosts
 from tests.planner.fleetkit import DEMO
 
 
 def test_the_demo_file_gives_the_demo_hosts() -> None:
     # GPU groups, NVLink pairs and [[links]] all carry over: the planner tests' demo twin.
-    assert heal.sim_hosts(fleet.load(heal.DEMO_FLEET)) == DEMO
+    assert demo_hosts() == DEMO
 
 
 def test_the_64_gpu_fleet_has_its_64_gpus_in_one_kind_a_host() -> None:
