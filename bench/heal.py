@@ -46,7 +46,8 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-import shardplane
+from shardplane.agents import fleet as simfleet
+from shardplane.bench._fleets import DEMO_FLEET, demo_hosts, sim_hosts
 from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
 from shardplane.bus import codec, keys, kvfeed, subjects
@@ -59,10 +60,8 @@ from shardplane.planner.cost import Problem
 from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.moves import HEAL, bytes_moved, keep_resident
 from shardplane.planner.plan import plan
-from shardplane.planner.synthetic import HostSpec, states
+from shardplane.planner.synthetic import states
 
-ROOT = Path(shardplane.__file__).resolve().parent
-DEMO_FLEET = ROOT / "fleets" / "demo.toml"
 INTERVAL_S = 0.5  # sample interval of the live runs
 TTL_S = 3 * INTERVAL_S
 
@@ -86,15 +85,9 @@ name = "mi"
 gpus = [{ model = "MI250X", count = 4 }]
 count = 5
 """
+BIG_SIM = simfleet.parse(BIG_FLEET, "bench heal's 64-GPU fleet")
 
 MOVES_MODELS = ("llama-3.1-70b-q8", "llama-3.1-70b", "mixtral-8x7b")
-
-DEMO_HOSTS = (
-    HostSpec("rig-a", ("A100-80GB",), links=(("rig-d", 100.0, 0.01), ("rig-b", 25.0, 0.05))),
-    HostSpec("rig-b", ("RTX-4090", "RTX-4090")),
-    HostSpec("rig-c", ("RTX-3060-12GB", "P40")),
-    HostSpec("rig-d", ("MI250X", "MI250X"), nvlink=True),
-)
 
 
 # --- minimal moves against the exhaustive reference ------------------------------------------
@@ -121,7 +114,7 @@ class MoveRow:
 def minimal_moves_table(models: Sequence[str] = MOVES_MODELS, slack: float = 0.05) -> list[MoveRow]:
     """For each model on the demo fleet (noise-free), each device of its plan lost in turn:
     the planner's re-placement (phase 1 + phase 2) against the exhaustive reference."""
-    devices, nodes = states(DEMO_HOSTS)
+    devices, nodes = states(demo_hosts())
     full = build_fleet(devices, nodes)
     rows: list[MoveRow] = []
     for model in models:
@@ -171,15 +164,7 @@ def _print_moves(rows: list[MoveRow]) -> None:
 
 # --- the 64-GPU fleet's heal bytes: the live budget against an unhurried phase 2 ----------------
 
-BIG_HOSTS = tuple(
-    HostSpec(f"{name}-{i}", (gpu,) * 4, nvlink=nvlink)
-    for name, gpu, count, nvlink in (
-        ("a100", "A100-80GB", 6, True),
-        ("l40s", "L40S", 5, False),
-        ("mi", "MI250X", 5, False),
-    )
-    for i in range(count)
-)
+BIG_HOSTS = sim_hosts(BIG_SIM)
 BIG_MODEL = "llama-3.1-405b-q4"
 UNHURRIED_S = 10.0
 
@@ -374,7 +359,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         big.write_text(BIG_FLEET)
         live_runs = {
             "demo": (DEMO_FLEET, "llama-3.1-70b-q8", 7),
-            "fleet64": (big, "llama-3.1-405b-q4", 64),
+            "fleet64": (big, BIG_MODEL, BIG_SIM.device_count()),
         }
         runs = {name: asyncio.run(live(*live_runs[name], watch_s)) for name in chosen}
     print("live: vanish one stage's device (seconds; floor = raw NATS round trip)")

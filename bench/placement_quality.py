@@ -34,6 +34,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from shardplane.bench._fleets import demo_hosts
 from shardplane.bench._schedule_sim import simulate, split
 from shardplane.planner import schedule
 from shardplane.planner.catalog import resolve
@@ -77,12 +78,7 @@ CONTEXTS = (4096, 8192, 32768, 131072)
 BATCHES = (1, 8, 64)
 EXACT_MAX_VECTORS = 400_000  # the brute force scores this many count vectors in about a second
 EXACT_MAX_DEVICES = 6  # beyond this even listing the device orders takes too long
-DEMO = (  # fleets/demo.toml
-    HostSpec("rig-a", ("A100-80GB",), links=(("rig-d", 100.0, 0.01), ("rig-b", 25.0, 0.05))),
-    HostSpec("rig-b", ("RTX-4090", "RTX-4090")),
-    HostSpec("rig-c", ("RTX-3060-12GB", "P40")),
-    HostSpec("rig-d", ("MI250X", "MI250X"), nvlink=True),
-)
+DEMO = demo_hosts()
 
 
 @dataclass

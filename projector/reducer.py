@@ -477,12 +477,9 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
         stage.status_ts,
     ):
         return NO_CHANGE  # older or the same status again
-    reported = StageState(
-        stage=stage.stage,
-        node=stage.node,
-        device=stage.device,
-        layer_start=stage.layer_start,
-        layer_end=stage.layer_end,
+    # Only the reported stage's status moves; where and what it runs stays as assigned.
+    reported = msgspec.structs.replace(
+        stage,
         state=status.state,
         reason=status.reason,
         bytes_loaded=status.bytes_loaded,
@@ -492,9 +489,7 @@ def apply_status(view: StateView, status: ShardStatus) -> Outcome:
         status_epoch=status.epoch,
         status_ts=status.ts,
     )
-    stages = tuple(
-        _with_status_fields(s, reported) if s.stage == status.stage else s for s in current.stages
-    )
+    stages = tuple(reported if s.stage == status.stage else s for s in current.stages)
     value = _instance(
         instance_id=current.instance_id,
         model=current.model,
