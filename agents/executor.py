@@ -4,7 +4,9 @@ Why its own module: a placement is only believable once the stages it cut really
 the model. This is the arithmetic a worker runs for its stage, in plain numpy fp32, so that it
 runs everywhere (CI, the simulated demo fleet, a laptop) and can be checked against engines
 nobody here wrote (llama.cpp, transformers). A faster backend (torch on a GPU) implements the
-same ``StageBackend`` protocol; callers never see which one runs.
+same ``StageBackend`` protocol; callers never see which one runs. What a stage does whatever
+its arrays are (cache bookkeeping, a request's checks, a step's order, a layer's wiring) is
+``StageCore``, written once; each backend gives it array operations in its own library.
 
 What is covered: RMSNorm, rotary embeddings in the Hugging Face "rotate half" layout (with
 ``rope_scaling``/``rope_parameters`` of type ``llama3`` or ``linear``), grouped-query attention
@@ -24,9 +26,10 @@ sequence against its own cache.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -197,13 +200,6 @@ def read_head(get: Callable[[str], T], names: Container[str], embed: T | None) -
     return get("model.norm.weight"), tied
 
 
-@dataclass
-class _Cache:
-    k: F32  # [layers, kv_heads, capacity, head_dim]
-    v: F32
-    length: int = 0
-
-
 class StageBackend(Protocol):
     """What a worker drives; numpy here, torch where installed (same arguments, same results
     within that backend's precision)."""
@@ -250,68 +246,132 @@ def _rms_norm(x: F32, weight: F32, eps: float) -> F32:
     return (x / np.sqrt(var + np.float32(eps))) * weight
 
 
+class Tensor(Protocol):
+    """What the shared stage code (``StageCore``) does with a backend's arrays: index, reshape,
+    transpose a matrix, multiply and add. numpy's ndarray and torch's Tensor both are one; all
+    else (norms, softmax, where arrays live) each backend does in its own library."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def T(self) -> Self: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def reshape(self, *shape: int) -> Self: ...
+
+    def __getitem__(self, key: Any, /) -> Self: ...
+
+    def __setitem__(self, key: Any, value: Self, /) -> None: ...
+
+    def __matmul__(self, other: Self, /) -> Self: ...
+
+    def __add__(self, other: Self, /) -> Self: ...
+
+
+A = TypeVar("A", bound=Tensor)
+
+
 @dataclass
-class NumpyStage:
-    """One stage of a Llama-family model in numpy fp32. ``tensors`` use Hugging Face names."""
+class _Cache(Generic[A]):
+    k: A  # [layers, kv_heads, capacity, head_dim]
+    v: A
+    length: int = 0
+
+
+def check_layers(config: ModelConfig, layer_start: int, layer_end: int) -> None:
+    """An ExecutorError unless ``[layer_start, layer_end)`` lies within the model's layers."""
+    if not 0 <= layer_start <= layer_end <= config.layers:
+        raise ExecutorError(
+            f"layer range [{layer_start}, {layer_end}) is outside the model's "
+            f"{config.layers} layers"
+        )
+
+
+@dataclass
+class StageCore(ABC, Generic[A]):
+    """What every stage executor does the same whatever holds its arrays: the KV cache's
+    bookkeeping, the request's checks, the order of a step (rotary angles, layers, head) and a
+    decoder layer's wiring. A backend (``NumpyStage``, ``agents.executor_torch.TorchStage``)
+    supplies the array operations in its own library, the abstract methods below, so each
+    keeps its own rounding and device while the logic lives once."""
 
     config: ModelConfig
     layer_start: int
     layer_end: int
     embeddings: bool
     head: bool
-    _layers: list[LayerWeights[F32]] = field(default_factory=lambda: [])
-    _embed: F32 | None = None
-    _final_norm: F32 | None = None
-    _head: F32 | None = None
-    _inv: npt.NDArray[np.float64] | None = None
-    _caches: dict[str, _Cache] = field(default_factory=lambda: {})
+    _layers: list[LayerWeights[A]] = field(default_factory=lambda: [], init=False)
+    _embed: A | None = field(default=None, init=False)
+    _final_norm: A | None = field(default=None, init=False)
+    _head: A | None = field(default=None, init=False)
+    _inv: npt.NDArray[np.float64] | None = field(default=None, init=False)
+    _caches: dict[str, _Cache[A]] = field(default_factory=lambda: {}, init=False)
 
-    @classmethod
-    def build(
-        cls,
-        config: ModelConfig,
-        tensors: Mapping[str, npt.NDArray[Any]],
-        *,
-        layer_start: int,
-        layer_end: int,
-        embeddings: bool,
-        head: bool,
-        dtypes: Mapping[str, str] | None = None,
-    ) -> NumpyStage:
-        if not 0 <= layer_start <= layer_end <= config.layers:
-            raise ExecutorError(
-                f"layer range [{layer_start}, {layer_end}) is outside the model's "
-                f"{config.layers} layers"
-            )
-        types = dtypes or {}
+    # --- the backend's array operations ------------------------------------------------------
 
-        def get(name: str) -> F32:
-            if name not in tensors:
+    @abstractmethod
+    def _zeros(self, shape: tuple[int, ...]) -> A: ...
+
+    @abstractmethod
+    def _empty(self, rows: int, cols: int) -> A: ...
+
+    @abstractmethod
+    def _put(self, array: F32) -> A:
+        """A fresh host array (rotary tables) where the stage computes."""
+
+    @abstractmethod
+    def _adopt(self, hidden: F32) -> A:
+        """Hidden states from a request (possibly a read-only frame buffer)."""
+
+    @abstractmethod
+    def _take(self, array: A, rows: npt.NDArray[Any]) -> A:
+        """``array``'s rows at the host indices ``rows``."""
+
+    @abstractmethod
+    def _swap01(self, x: A) -> A:
+        """[rows, heads, d] as [heads, rows, d]."""
+
+    @abstractmethod
+    def _rms_norm(self, x: A, weight: A) -> A: ...
+
+    @abstractmethod
+    def _rotate(self, x: A, cos: A, sin: A) -> A: ...
+
+    @abstractmethod
+    def _swiglu(self, gate: A, up: A) -> A: ...
+
+    @abstractmethod
+    def _attention(self, q: A, keys: A, values: A, start: int) -> A:
+        """One sequence's new rows ``q`` [n, heads, d] (positions ``start..``) against its
+        cached ``keys``/``values`` [kv_heads, start+n, d]: the context [n, heads*d]."""
+
+    # --- weights ------------------------------------------------------------------------------
+
+    def _load(
+        self, names: Container[str], read: Callable[[str], A], cat: Callable[[list[A]], A]
+    ) -> None:
+        """The stage's weights by Hugging Face name: ``read`` brings one of ``names`` into the
+        backend, ``cat`` stacks rows there."""
+
+        def get(name: str) -> A:
+            if name not in names:
                 raise ExecutorError(f"tensor {name} missing from the stage's weights")
-            return as_f32(tensors[name], types.get(name))
+            return read(name)
 
-        stage = cls(config, layer_start, layer_end, embeddings, head)
-        for i in range(layer_start, layer_end):
-            stage._layers.append(read_layer(get, np.concatenate, i, config.attention_bias))
-        if embeddings:
-            stage._embed = get("model.embed_tokens.weight")
-        if head:
-            stage._final_norm, stage._head = read_head(get, tensors, stage._embed)
-        stage._inv = inv_frequencies(config)
-        return stage
-
-    @property
-    def name(self) -> str:
-        return "numpy-cpu"
+        for i in range(self.layer_start, self.layer_end):
+            self._layers.append(read_layer(get, cat, i, self.config.attention_bias))
+        if self.embeddings:
+            self._embed = get("model.embed_tokens.weight")
+        if self.head:
+            self._final_norm, self._head = read_head(get, names, self._embed)
+        self._inv = inv_frequencies(self.config)
 
     def read_bytes(self) -> int:
         total = sum(
-            w.in_norm.nbytes
-            + w.qkv.nbytes
-            + w.o.nbytes
-            + w.post_norm.nbytes
-            + w.gate_up.nbytes
-            + w.down.nbytes
+            sum(t.nbytes for t in (w.in_norm, w.qkv, w.o, w.post_norm, w.gate_up, w.down))
             + (0 if w.qkv_bias is None else w.qkv_bias.nbytes)
             for w in self._layers
         )
@@ -331,7 +391,7 @@ class NumpyStage:
     def release(self, seq_id: str) -> bool:
         return self._caches.pop(seq_id, None) is not None
 
-    def _cache_for(self, entry: Entry) -> _Cache:
+    def _cache_for(self, entry: Entry) -> _Cache[A]:
         c = self.config
         cache = self._caches.get(entry.seq_id)
         have = 0 if cache is None else cache.length
@@ -339,7 +399,7 @@ class NumpyStage:
         if cache is None or need > cache.k.shape[2]:
             cap = max(MIN_CACHE, 1 << (need - 1).bit_length())
             shape = (len(self._layers), c.kv_heads, cap, c.head_dim)
-            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            k, v = self._zeros(shape), self._zeros(shape)
             if cache is not None:
                 k[:, :, : cache.length] = cache.k[:, :, : cache.length]
                 v[:, :, : cache.length] = cache.v[:, :, : cache.length]
@@ -347,55 +407,36 @@ class NumpyStage:
             self._caches[entry.seq_id] = cache
         return cache
 
-    # --- arithmetic -------------------------------------------------------------------------
+    # --- a step -------------------------------------------------------------------------------
 
-    def _rope(self, positions: npt.NDArray[np.int64]) -> tuple[F32, F32]:
+    def _rope(self, positions: npt.NDArray[np.int64]) -> tuple[A, A]:
+        # Angles in float64 on the host whatever the backend: cos/sin round the same in each.
         assert self._inv is not None
         freqs = np.outer(positions.astype(np.float64), self._inv)
         emb = np.concatenate([freqs, freqs], axis=-1)
-        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
-
-    @staticmethod
-    def _rotate(x: F32, cos: F32, sin: F32) -> F32:
-        half = x.shape[-1] // 2
-        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        return self._put(np.cos(emb).astype(np.float32)), self._put(np.sin(emb).astype(np.float32))
 
     def _attend(
-        self, li: int, q: F32, k: F32, v: F32, entries: Sequence[Entry], caches: list[_Cache]
-    ) -> F32:
+        self, li: int, q: A, k: A, v: A, entries: Sequence[Entry], caches: list[_Cache[A]]
+    ) -> A:
         c = self.config
-        rep = c.heads // c.kv_heads
-        scale = np.float32(1.0 / math.sqrt(c.head_dim))
-        out = np.empty((q.shape[0], c.heads * c.head_dim), np.float32)
+        out = self._empty(q.shape[0], c.heads * c.head_dim)
         row = 0
         for entry, cache in zip(entries, caches, strict=True):
             n, s = entry.count, entry.start
-            cache.k[li, :, s : s + n] = k[row : row + n].transpose(1, 0, 2)
-            cache.v[li, :, s : s + n] = v[row : row + n].transpose(1, 0, 2)
-            total = s + n
-            keys, values = cache.k[li, :, :total], cache.v[li, :, :total]
-            qg = q[row : row + n].reshape(n, c.kv_heads, rep, c.head_dim).transpose(1, 2, 0, 3)
-            scores = (qg.reshape(c.kv_heads, rep * n, c.head_dim) @ keys.transpose(0, 2, 1)) * scale
-            scores = scores.reshape(c.kv_heads, rep, n, total)
-            if n > 1:
-                causal = np.arange(total)[None, :] > (s + np.arange(n))[:, None]
-                scores = np.where(causal, np.float32(-np.inf), scores)
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            probs = scores / scores.sum(axis=-1, keepdims=True)
-            ctx = probs.reshape(c.kv_heads, rep * n, total) @ values
-            out[row : row + n] = (
-                ctx.reshape(c.kv_heads, rep, n, c.head_dim).transpose(2, 0, 1, 3).reshape(n, -1)
-            )
+            cache.k[li, :, s : s + n] = self._swap01(k[row : row + n])
+            cache.v[li, :, s : s + n] = self._swap01(v[row : row + n])
+            keys, values = cache.k[li, :, : s + n], cache.v[li, :, : s + n]
+            out[row : row + n] = self._attention(q[row : row + n], keys, values, s)
             row += n
         return out
 
     def _layer(
-        self, li: int, h: F32, cos: F32, sin: F32, entries: Sequence[Entry], caches: list[_Cache]
-    ) -> F32:
+        self, li: int, h: A, cos: A, sin: A, entries: Sequence[Entry], caches: list[_Cache[A]]
+    ) -> A:
         c, w = self.config, self._layers[li]
         rows = h.shape[0]
-        x = _rms_norm(h, w.in_norm, c.rms_eps)
+        x = self._rms_norm(h, w.in_norm)
         qkv = x @ w.qkv.T
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
@@ -406,15 +447,12 @@ class NumpyStage:
         q = self._rotate(q, cos[:, None, :], sin[:, None, :])
         k = self._rotate(k, cos[:, None, :], sin[:, None, :])
         h = h + self._attend(li, q, k, v, entries, caches) @ w.o.T
-        x = _rms_norm(h, w.post_norm, c.rms_eps)
+        x = self._rms_norm(h, w.post_norm)
         gu = x @ w.gate_up.T
-        gate, up = gu[:, : c.intermediate], gu[:, c.intermediate :]
-        act = gate / (np.float32(1.0) + np.exp(-gate)) * up
-        return h + act @ w.down.T
+        return h + self._swiglu(gu[:, : c.intermediate], gu[:, c.intermediate :]) @ w.down.T
 
-    def forward(
-        self, entries: Sequence[Entry], x: npt.NDArray[Any], *, all_rows: bool = False
-    ) -> F32:
+    def _step(self, entries: Sequence[Entry], x: npt.NDArray[Any], all_rows: bool) -> A:
+        """``StageBackend.forward`` in the backend's arrays."""
         rows = sum(e.count for e in entries)
         if not entries or any(e.count < 1 for e in entries):
             raise ExecutorError("a request needs at least one entry, each with at least one token")
@@ -436,12 +474,11 @@ class NumpyStage:
         if not self.head:
             return h
         if not all_rows:
-            ends = np.cumsum([e.count for e in entries]) - 1
-            h = h[ends]
+            h = self._take(h, np.cumsum([e.count for e in entries]) - 1)
         assert self._final_norm is not None and self._head is not None
-        return _rms_norm(h, self._final_norm, self.config.rms_eps) @ self._head.T
+        return self._rms_norm(h, self._final_norm) @ self._head.T
 
-    def _input(self, x: npt.NDArray[Any], rows: int) -> F32:
+    def _input(self, x: npt.NDArray[Any], rows: int) -> A:
         c = self.config
         if self.embeddings:
             ids = np.asarray(x)
@@ -454,14 +491,95 @@ class NumpyStage:
                     f"token id out of range [0, {c.vocab}): {int(ids.min())}..{int(ids.max())}"
                 )
             assert self._embed is not None
-            return self._embed[ids]
+            return self._take(self._embed, ids)
         h = np.asarray(x)
         if h.shape != (rows, c.hidden) or h.dtype != np.float32:
             raise ExecutorError(
                 f"stage at layer {self.layer_start} takes float32 hidden states of shape "
                 f"({rows}, {c.hidden}), got {h.dtype} {h.shape}"
             )
-        return h
+        return self._adopt(h)
+
+
+@dataclass
+class NumpyStage(StageCore[F32]):
+    """One stage of a Llama-family model in numpy fp32. ``tensors`` use Hugging Face names."""
+
+    @classmethod
+    def build(
+        cls,
+        config: ModelConfig,
+        tensors: Mapping[str, npt.NDArray[Any]],
+        *,
+        layer_start: int,
+        layer_end: int,
+        embeddings: bool,
+        head: bool,
+        dtypes: Mapping[str, str] | None = None,
+    ) -> NumpyStage:
+        check_layers(config, layer_start, layer_end)
+        types = dtypes or {}
+
+        def read(name: str) -> F32:
+            return as_f32(tensors[name], types.get(name))
+
+        stage = cls(config, layer_start, layer_end, embeddings, head)
+        stage._load(tensors, read, np.concatenate)
+        return stage
+
+    @property
+    def name(self) -> str:
+        return "numpy-cpu"
+
+    def forward(
+        self, entries: Sequence[Entry], x: npt.NDArray[Any], *, all_rows: bool = False
+    ) -> F32:
+        return self._step(entries, x, all_rows)
+
+    def _zeros(self, shape: tuple[int, ...]) -> F32:
+        return np.zeros(shape, np.float32)
+
+    def _empty(self, rows: int, cols: int) -> F32:
+        return np.empty((rows, cols), np.float32)
+
+    def _put(self, array: F32) -> F32:
+        return array
+
+    def _adopt(self, hidden: F32) -> F32:
+        return hidden
+
+    def _take(self, array: F32, rows: npt.NDArray[Any]) -> F32:
+        return array[rows]
+
+    def _swap01(self, x: F32) -> F32:
+        return x.transpose(1, 0, 2)
+
+    def _rms_norm(self, x: F32, weight: F32) -> F32:
+        return _rms_norm(x, weight, self.config.rms_eps)
+
+    def _rotate(self, x: F32, cos: F32, sin: F32) -> F32:
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def _swiglu(self, gate: F32, up: F32) -> F32:
+        return gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+    def _attention(self, q: F32, keys: F32, values: F32, start: int) -> F32:
+        c = self.config
+        n: int = q.shape[0]
+        total, rep = start + n, c.heads // c.kv_heads
+        scale = np.float32(1.0 / math.sqrt(c.head_dim))
+        qg = q.reshape(n, c.kv_heads, rep, c.head_dim).transpose(1, 2, 0, 3)
+        scores = (qg.reshape(c.kv_heads, rep * n, c.head_dim) @ keys.transpose(0, 2, 1)) * scale
+        scores = scores.reshape(c.kv_heads, rep, n, total)
+        if n > 1:
+            causal = np.arange(total)[None, :] > (start + np.arange(n))[:, None]
+            scores = np.where(causal, np.float32(-np.inf), scores)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        ctx = probs.reshape(c.kv_heads, rep * n, total) @ values
+        return ctx.reshape(c.kv_heads, rep, n, c.head_dim).transpose(2, 0, 1, 3).reshape(n, -1)
 
 
 # --- sampling ---------------------------------------------------------------------------------
