@@ -98,10 +98,10 @@ async def watch_cluster_state(state: ApiState) -> None:
             state.watch_restarts += 1
             state.watch_error = f"{type(exc).__name__}: {exc}"
             log.warning("cluster_state watch failed (%s); watching again", state.watch_error)
-            await asyncio.sleep(min(5.0, 0.2 * state.watch_restarts))
         finally:
-            if feed is not None:
+            if feed is not None:  # before the pause: a live feed would go on queueing changes
                 await feed.stop()
+        await asyncio.sleep(min(5.0, 0.2 * state.watch_restarts))
 
 
 async def guard_watch_task(state: ApiState) -> None:

@@ -175,7 +175,8 @@ async def wait_for_devices(nc: Client, expected: int, timeout: float, since: flo
     fresh = 0
     while time.monotonic() < deadline:
         try:
-            values = await kvfeed.snapshot(js, CLUSTER_STATE)
+            left = max(0.5, deadline - time.monotonic())  # a stuck replay ends with the wait
+            values = await kvfeed.snapshot(js, CLUSTER_STATE, timeout=left)
         except Exception:
             values = {}
         fresh = 0
