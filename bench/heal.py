@@ -47,7 +47,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from shardplane.agents import fleet as simfleet
-from shardplane.bench._fleets import DEMO_FLEET, demo_hosts, sim_hosts
+from shardplane.bench._fleets import demo_hosts, sim_hosts
 from shardplane.bench._floor import echo_round_trips_ms
 from shardplane.bench._heal_reference import minimal_moves
 from shardplane.bus import codec, keys, kvfeed, subjects
@@ -61,6 +61,7 @@ from shardplane.planner.fleet import Fleet, build_fleet
 from shardplane.planner.moves import HEAL, bytes_moved, keep_resident
 from shardplane.planner.plan import plan
 from shardplane.planner.synthetic import states
+from shardplane.wiring import DEMO_FLEET
 
 INTERVAL_S = 0.5  # sample interval of the live runs
 TTL_S = 3 * INTERVAL_S
@@ -358,7 +359,7 @@ def main(quick: bool = False, argv: list[str] | None = None) -> int:
         big = Path(tmp) / "big.toml"
         big.write_text(BIG_FLEET)
         live_runs = {
-            "demo": (DEMO_FLEET, "llama-3.1-70b-q8", 7),
+            "demo": (DEMO_FLEET, "llama-3.1-70b-q8", simfleet.load(DEMO_FLEET).device_count()),
             "fleet64": (big, BIG_MODEL, BIG_SIM.device_count()),
         }
         runs = {name: asyncio.run(live(*live_runs[name], watch_s)) for name in chosen}
