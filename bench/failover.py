@@ -14,7 +14,7 @@ Figures (the last line, JSON):
   placement request succeeds *and* a sample published after the kill shows in the KV;
 - ``lost``: acknowledged publishes (telemetry, placements) the cluster no longer has, plus
   devices whose KV value is not the last sample acknowledged for it at the end;
-- ``false_offline``: writes of a device as offline (every agent publishes throughout);
+- ``false_offline``: writes of a device as offline while every agent was publishing;
 - the floor: the same measure for a plain publish to TELEMETRY (raw NATS, no projector or
   planner), with the ratio.
 
@@ -83,6 +83,9 @@ class Observed:
     offline: list[tuple[float, str, str]] = field(default_factory=list[tuple[float, str, str]])
     kv_seen: dict[str, tuple[float, int]] = field(default_factory=dict[str, tuple[float, int]])
     writes_seen: int = 0
+    # When the agents were told to stop (time.time()): from then on a device going offline is
+    # the truth, not a false alarm, and the checks at the end can take longer than a TTL.
+    load_stopped_at: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,12 @@ async def floor_probe(nc: Client, target: str, killed_at: float) -> float | None
     """The floor: seconds from the kill until a plain write to the killed stream is stored
     again (a sample of a probe device, or a probe key in the bucket), nothing else involved."""
     js = nc.jetstream()
-    sample = msgspec.structs.replace(device_state("floor", 0, "A100-80GB").sample, ts=time.time())
+    # Reported lost (present=False): the projector stores it like any sample, but no planner
+    # places on it. A placeable probe device drew placements, went silent after the kill and
+    # was healed away, which is the probe's doing, not the system's.
+    sample = msgspec.structs.replace(
+        device_state("floor", 0, "A100-80GB").sample, ts=time.time(), present=False
+    )
     data = codec.encode(sample)
 
     # Short timeouts, so the floor is not rounded up to a client timeout.
@@ -324,10 +332,12 @@ async def lost_placements(nc: Client, seen: Observed) -> int:
     js = nc.jetstream()
     doc, _ = await ledger.read(await js.key_value(LEDGER))
     assigned: set[tuple[str, int]] = set()
-    sub = await js.subscribe("placement.assigned.>", stream=PLACEMENTS, ordered_consumer=True)
+    only = f"{subjects.PLACEMENT_ASSIGNED}.>"
+    sub = await js.subscribe(only, stream=PLACEMENTS, ordered_consumer=True)
     try:
-        pending = (await js.stream_info(PLACEMENTS)).state.messages
-        for _ in range(pending):
+        # The stream also holds the controller's health verdicts: count what the filter reads.
+        held = (await js.stream_info(PLACEMENTS, subjects_filter=only)).state.subjects or {}
+        for _ in range(sum(held.values())):
             msg = await sub.next_msg(timeout=10.0)
             body = (
                 json.loads(msg.data) if msg.data[:1] == b"{" else msgspec.msgpack.decode(msg.data)
@@ -341,6 +351,11 @@ async def lost_placements(nc: Client, seen: Observed) -> int:
         lost += entry is None or entry.generation < generation
         lost += (instance, generation) not in assigned
     return lost
+
+
+def false_offline(seen: Observed, known: set[str]) -> list[tuple[float, str, str]]:
+    """Offline writes of the load's devices seen while every agent was publishing."""
+    return [o for o in seen.offline if o[1] in known and o[0] < seen.load_stopped_at]
 
 
 async def kv_mismatches(nc: Client, seen: Observed, timeout_s: float = 30.0) -> list[str]:
@@ -470,6 +485,7 @@ async def run(
             for i in range(kills):
                 target = targets[i % len(targets)]
                 done.append(await kill_leader(cluster, nc, target, seen, recover_s))
+            seen.load_stopped_at = time.time()
             rig.halt.set()
             await asyncio.gather(*rig.work)
             return await _report(nc, seen, load, done)
@@ -488,7 +504,7 @@ async def _report(nc: Client, seen: Observed, load: Load, done: list[Kill]) -> R
         lost_telemetry=await lost_telemetry(nc, seen),
         lost_placements=await lost_placements(nc, seen),
         kv_wrong=wrong,
-        false_offline=[o for o in seen.offline if o[1] in known],
+        false_offline=false_offline(seen, known),
         placements_ok=len(seen.placements),
         placement_errors=dict(seen.placement_errors),
         samples_acked=sum(len(a) for a in seen.acked.values()),
