@@ -161,20 +161,35 @@ class Controller:
             return
         if time.monotonic() < self._retry_at.get(instance_id, 0.0):
             return
-        devices, nodes = self.cache.devices, self.cache.nodes
-        headroom = entry.request.memory_headroom if entry.request is not None else 0.1
-        reason = health.hard_fault(stored.stages, devices, nodes) or health.out_of_memory(
-            stored.stages, devices, self.config
-        )
-        if reason is not None:
+        if (reason := await self._hard_fault(stored.stages)) is not None:
             await self._heal(instance_id, entry, reason, soft=False)
             return
+        headroom = entry.request.memory_headroom if entry.request is not None else 0.1
         filling = self._filling.setdefault(instance_id, health.FullWatch())
-        full = health.getting_full(stored.stages, devices, self.config, headroom)
+        full = health.getting_full(stored.stages, self.cache.devices, self.config, headroom)
         if (why := filling.hold(full, time.monotonic(), self.config)) is not None:
             await self._heal(instance_id, entry, why, soft=True)
             return
         await self._check_soft(instance_id, entry, stored)
+
+    def _fault_now(self, stages: tuple[Stage, ...]) -> str | None:
+        devices = self.cache.devices
+        return health.hard_fault(stages, devices, self.cache.nodes) or health.out_of_memory(
+            stages, devices, self.config
+        )
+
+    async def _hard_fault(self, stages: tuple[Stage, ...]) -> str | None:
+        """Why the instance cannot serve, judged again once this controller's cache holds
+        every write the bucket had: the plan may be newer than this cache (the planner's own
+        watch saw a device join, or come back, a moment before this one did, or this one is
+        replaying after a lost server), and a heal on the older view would move an instance
+        off devices that are fine."""
+        if self._fault_now(stages) is None:
+            return None
+        if not await self.cache.caught_up(self.nc.jetstream(), self.config.confirm_s):
+            log.info("controller: a fault seen on a cache still catching up; judged next check")
+            return None
+        return self._fault_now(stages)
 
     async def _check_soft(
         self, instance_id: str, entry: ledger.LedgerEntry, stored: PlacementReply

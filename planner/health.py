@@ -56,6 +56,9 @@ class HealConfig:
     # Out of memory: free below this, the stage's runtime has no working memory left.
     full_min_bytes: int = 256 * 2**20
     retry_s: float = 5.0  # after a failed heal, wait this long before trying again
+    # A fault is confirmed on a cache that has every write the bucket held when the fault was
+    # seen; the watch gets this long to get there (else: judged again on the next check).
+    confirm_s: float = 2.0
 
 
 def hard_fault(
