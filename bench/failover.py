@@ -38,7 +38,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shardplane.bus import codec, keys, subjects
+from shardplane.bus import codec, keys, liveness, subjects
 from shardplane.bus.connect import connect
 from shardplane.bus.messages import DeviceSample, DeviceState, PlacementReply
 from shardplane.bus.retry import Outage, retrying
@@ -75,6 +75,7 @@ class Observed:
         default_factory=dict[str, list[tuple[int, int]]]
     )
     last_acked: dict[str, int] = field(default_factory=dict[str, int])  # device key -> seq
+    last_acked_at: dict[str, float] = field(default_factory=dict[str, float])  # -> time.time()
     published_at: dict[str, dict[int, float]] = field(default_factory=dict[str, dict[int, float]])
     placements: list[tuple[float, float, str, int]] = field(
         default_factory=list[tuple[float, float, str, int]]
@@ -135,6 +136,7 @@ async def agent(
         )
         seen.acked.setdefault(subject, []).append((ack.seq, seq))
         seen.last_acked[key] = seq
+        seen.last_acked_at[key] = time.time()
         await wait_set(stop, load.interval_s)
 
 
@@ -245,9 +247,10 @@ async def floor_probe(nc: Client, target: str, killed_at: float) -> float | None
     """The floor: seconds from the kill until a plain write to the killed stream is stored
     again (a sample of a probe device, or a probe key in the bucket), nothing else involved."""
     js = nc.jetstream()
-    # Reported lost (present=False): the projector stores it like any sample, but no planner
-    # places on it. A placeable probe device drew placements, went silent after the kill and
-    # was healed away, which is the probe's doing, not the system's.
+    # Reported lost (present=False): written to TELEMETRY, the projector stores it like any
+    # sample, but no planner places on it. A placeable probe device drew placements, went
+    # silent after the kill and was healed away: the probe's doing, not the system's. (Into a
+    # bucket, the probe is a key "floor", which nobody reads as a device.)
     sample = msgspec.structs.replace(
         device_state("floor", 0, "A100-80GB").sample, ts=time.time(), present=False
     )
@@ -332,7 +335,7 @@ async def lost_placements(nc: Client, seen: Observed) -> int:
     js = nc.jetstream()
     doc, _ = await ledger.read(await js.key_value(LEDGER))
     assigned: set[tuple[str, int]] = set()
-    only = f"{subjects.PLACEMENT_ASSIGNED}.>"
+    only = subjects.assigned(">")
     sub = await js.subscribe(only, stream=PLACEMENTS, ordered_consumer=True)
     try:
         # The stream also holds the controller's health verdicts: count what the filter reads.
@@ -353,9 +356,19 @@ async def lost_placements(nc: Client, seen: Observed) -> int:
     return lost
 
 
-def false_offline(seen: Observed, known: set[str]) -> list[tuple[float, str, str]]:
-    """Offline writes of the load's devices seen while every agent was publishing."""
-    return [o for o in seen.offline if o[1] in known and o[0] < seen.load_stopped_at]
+def false_offline(
+    seen: Observed, known: set[str], ttl_s: float | None = None
+) -> list[tuple[float, str, str]]:
+    """Offline writes of the load's devices seen while every agent was publishing, or within
+    the projector's TTL of the device's last stored sample (after the load stops, a device
+    goes offline for real, and the checks that follow can outlast a TTL)."""
+    ttl = liveness.reader_ttl(None, ttl_s or liveness.ttl_from_env()) - liveness.READER_SLACK_S
+    return [
+        (at, key, why)
+        for at, key, why in seen.offline
+        if key in known
+        and (at < seen.load_stopped_at or at < seen.last_acked_at.get(key, 0.0) + ttl)
+    ]
 
 
 async def kv_mismatches(nc: Client, seen: Observed, timeout_s: float = 30.0) -> list[str]:

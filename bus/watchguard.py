@@ -27,6 +27,14 @@ STALL_S = 1.5
 INTERVAL_S = 0.5
 
 
+async def stream_head(js: JetStreamContext, stream: str, timeout_s: float | None = None) -> int:
+    """The stream's last sequence. A KV bucket's revisions are its stream's sequences, so for
+    a bucket this is the newest revision a watch has to apply to hold every write made so far
+    (a LAST_PER_SUBJECT replay always delivers the stream's last message)."""
+    info = await asyncio.wait_for(js.stream_info(stream), timeout_s)
+    return info.state.last_seq or 0
+
+
 async def guard_watch(
     js: JetStreamContext,
     stream: str,
@@ -45,11 +53,11 @@ async def guard_watch(
     while True:
         await asyncio.sleep(interval_s)
         try:
-            info = await js.stream_info(stream)
+            head = await stream_head(js, stream)
         except Exception:  # the stream is electing a leader: nothing to judge by yet
             continue
         now, seen = time.monotonic(), applied()
-        if info.state.last_seq > seen and seen == last:
+        if head > seen and seen == last:
             stalled_since = stalled_since or now
             if now - stalled_since >= stall_s:
                 log.warning(
@@ -57,7 +65,7 @@ async def guard_watch(
                     what,
                     stream,
                     seen,
-                    info.state.last_seq,
+                    head,
                 )
                 stalled_since = None
                 try:

@@ -39,8 +39,9 @@ from shardplane.bus.messages import (
     PlacementRequest,
     Stage,
 )
-from shardplane.bus.streams import LEDGER, provision
+from shardplane.bus.streams import CLUSTER_STATE, LEDGER, kv_stream, provision
 from shardplane.bus.wait import wait_set
+from shardplane.bus.watchguard import stream_head
 from shardplane.planner import health, ledger
 from shardplane.planner.fleet import UTIL_FLOOR, build_fleet, peak_bandwidth
 from shardplane.planner.service import StateCache
@@ -48,6 +49,7 @@ from shardplane.planner.service import StateCache
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 30.0
+LAG_WARN_S = 10.0  # a cache behind the bucket this long (no heals meanwhile) is warned of
 _READY = frozenset({"loaded", "reserved"})
 
 
@@ -82,6 +84,12 @@ class Controller:
     _retry_at: dict[str, float] = field(default_factory=dict[str, float])
     _replies: dict[str, PlacementReply] = field(default_factory=dict[str, PlacementReply])
     _seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Confirming hard faults (see _confirmed): this pass's verdict (None: not asked yet), the
+    # bucket revision last asked for, and since when the cache has been behind it.
+    _pass_confirmed: bool | None = None
+    _target: int = 0
+    _lagging_since: float | None = None
+    _lag_warned_at: float = 0.0
 
     def __post_init__(self) -> None:
         self._smoother = health.Smoother(self.config.smoothing)
@@ -123,6 +131,7 @@ class Controller:
 
     async def check_all(self, ledger_kv: KeyValue) -> None:
         doc, _ = await ledger.read(ledger_kv)
+        self._pass_confirmed = None
         # What is kept per instance and plan is only kept while the ledger still has it.
         live_keys = {e.plan_key for e in doc.instances.values()}
         self._replies = {k: v for k, v in self._replies.items() if k in live_keys}
@@ -161,7 +170,10 @@ class Controller:
             return
         if time.monotonic() < self._retry_at.get(instance_id, 0.0):
             return
-        if (reason := await self._hard_fault(stored.stages)) is not None:
+        judged, reason = await self._hard_fault(instance_id, stored.stages)
+        if not judged:
+            return  # judged on a later check, on a cache that holds what the plan was made from
+        if reason is not None:
             await self._heal(instance_id, entry, reason, soft=False)
             return
         headroom = entry.request.memory_headroom if entry.request is not None else 0.1
@@ -178,18 +190,62 @@ class Controller:
             stages, devices, self.config
         )
 
-    async def _hard_fault(self, stages: tuple[Stage, ...]) -> str | None:
-        """Why the instance cannot serve, judged again once this controller's cache holds
-        every write the bucket had: the plan may be newer than this cache (the planner's own
-        watch saw a device join, or come back, a moment before this one did, or this one is
-        replaying after a lost server), and a heal on the older view would move an instance
-        off devices that are fine."""
-        if self._fault_now(stages) is None:
-            return None
-        if not await self.cache.caught_up(self.nc.jetstream(), self.config.confirm_s):
-            log.info("controller: a fault seen on a cache still catching up; judged next check")
-            return None
-        return self._fault_now(stages)
+    async def _hard_fault(
+        self, instance_id: str, stages: tuple[Stage, ...]
+    ) -> tuple[bool, str | None]:
+        """(judged, why the instance cannot serve). A fault is judged again once this
+        controller's cache holds every write the bucket had: the plan may be newer than this
+        cache (the planner's own watch saw a device join, or come back, a moment before this
+        one did, or this one is replaying after a lost server), and a heal on the older view
+        would move an instance off devices that are fine. Not judged when the cache could not
+        get there in time."""
+        if (seen := self._fault_now(stages)) is None:
+            return True, None
+        if not await self._confirmed(instance_id, seen):
+            return False, None
+        return True, self._fault_now(stages)
+
+    async def _confirmed(self, instance_id: str, seen: str) -> bool:
+        """Whether the cache has caught up with the bucket, asked once per pass: every plan a
+        pass checks was committed before it read the ledger, so one target taken after that
+        covers them all (and a cache that cannot get there costs the pass one wait, not one
+        per faulty instance)."""
+        if self._pass_confirmed is None:
+            self._pass_confirmed = await self._catch_up()
+            if self._pass_confirmed:
+                self._lagging_since = None
+            else:
+                self._report_lag(instance_id, seen)
+        return self._pass_confirmed
+
+    async def _catch_up(self) -> bool:
+        wait = self.config.confirm_s
+        try:
+            self._target = await stream_head(self.nc.jetstream(), kv_stream(CLUSTER_STATE), wait)
+        except Exception as exc:  # an election, a lost server: the next pass asks again
+            log.debug("controller: cluster_state's last revision unknown: %r", exc)
+            return False
+        return await self.cache.reached(self._target, wait)
+
+    def _report_lag(self, instance_id: str, seen: str) -> None:
+        now = time.monotonic()
+        first = self._lagging_since is None
+        since = self._lagging_since = self._lagging_since or now
+        level = logging.DEBUG
+        if first:
+            level = logging.INFO
+        elif now - since >= LAG_WARN_S and now - self._lag_warned_at >= LAG_WARN_S:
+            self._lag_warned_at, level = now, logging.WARNING
+        log.log(
+            level,
+            "controller: %s looks broken (%s) to a cache at revision %d of %d, behind the bucket "
+            "for %.0f s: judged again once it has caught up",
+            instance_id,
+            seen,
+            self.cache.revision,
+            self._target,
+            now - since,
+        )
 
     async def _check_soft(
         self, instance_id: str, entry: ledger.LedgerEntry, stored: PlacementReply

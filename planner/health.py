@@ -1,7 +1,8 @@
 """The controller's judgement, pure: is an instance broken, degraded enough to move, or fine?
 
 Hard faults (a stage's device lost or offline, its node offline, its device out of memory) are
-acted on at once: the instance cannot serve. Memory has two lines. *Out of memory*: the stage
+acted on at once, once the controller's cache is known to be as new as the bucket (see
+``confirm_s``): the instance cannot serve. Memory has two lines. *Out of memory*: the stage
 already holds its weights + KV (its own memory is inside the device's "used"), so what it
 still needs is working memory for its runtime's allocations (``full_min_bytes``); with less
 free than that the stage cannot run, and it moves now. *Getting full*: others ate most of the

@@ -64,7 +64,9 @@ SERVICE_VERSION = "0.1.0"
 MAX_COMMIT_ATTEMPTS = 50
 # The longest the watch applies changes before letting requests in (thousands a second).
 APPLY_SLICE_S = 0.005
-CATCH_UP_POLL_S = 0.01  # StateCache.caught_up: how often it looks at what the watch applied
+# StateCache.reached looks this often: a watch applies a change in microseconds, and a caller
+# waits on it only to confirm a fault before acting (a few times a minute at most).
+CATCH_UP_POLL_S = 0.01
 PLAN_GRACE_S = 20.0  # beyond the solver's own time limit before a request answers "timeout"
 
 ERROR_STATUS = {
@@ -117,16 +119,11 @@ class StateCache:
     def apply_update(self, update: Update) -> None:
         self.apply(update.key, update.value, update.revision, update.deleted)
 
-    async def caught_up(self, js: JetStreamContext, timeout_s: float) -> bool:
-        """Whether this cache has applied every write the bucket held when asked (waiting up
-        to ``timeout_s`` for the watch to get there). False when the bucket cannot say."""
-        try:
-            target = (await js.stream_info(kv_stream(CLUSTER_STATE))).state.last_seq or 0
-        except Exception as exc:  # an election: the caller judges again on its next round
-            log.debug("cluster_state's last revision unknown: %r", exc)
-            return False
+    async def reached(self, revision: int, timeout_s: float) -> bool:
+        """Whether this cache has applied ``revision`` (waiting up to ``timeout_s`` for the
+        watch to get there)."""
         deadline = time.monotonic() + timeout_s
-        while self.revision < target:
+        while self.revision < revision:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(CATCH_UP_POLL_S)

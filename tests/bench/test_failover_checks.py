@@ -30,11 +30,17 @@ async def test_lost_placements_reads_only_assignments_past_the_health_verdicts(
     assert await failover.lost_placements(nc, seen) == 1 + 2
 
 
-def test_an_offline_write_counts_as_false_only_while_the_agents_publish() -> None:
-    """Once the load stops, devices do go silent: the checks that follow may outlast a TTL."""
+def test_an_offline_write_counts_as_false_while_the_agents_publish_and_a_ttl_after() -> None:
+    """Once the load stops, devices do go silent: the checks that follow may outlast a TTL.
+    Within a TTL of a device's last stored sample, offline is still a false alarm."""
     seen = failover.Observed()
     mine, other = keys.device_key("ha-0", 0), keys.device_key("floor", 0)
     seen.offline += [(100.0, mine, "x"), (100.0, other, "x"), (106.0, mine, "no telemetry")]
-    assert failover.false_offline(seen, {mine}) == seen.offline[:1] + seen.offline[2:]
-    seen.load_stopped_at = 105.0
-    assert failover.false_offline(seen, {mine}) == [(100.0, mine, "x")]
+    assert failover.false_offline(seen, {mine}, 6.0) == seen.offline[:1] + seen.offline[2:]
+    seen.load_stopped_at, seen.last_acked_at[mine] = 105.0, 104.5
+    seen.offline += [(110.4, mine, "too soon"), (110.6, mine, "no telemetry for 6s")]
+    assert failover.false_offline(seen, {mine}, 6.0) == [
+        (100.0, mine, "x"),
+        (106.0, mine, "no telemetry"),
+        (110.4, mine, "too soon"),
+    ]
