@@ -215,7 +215,7 @@ class KvFeed:
             feed._reader = asyncio.create_task(feed._read(inner))
         try:
             info = await sub.consumer_info()
-        except Exception:
+        except BaseException:  # a failure, or a caller's timeout (snapshot): no feed left running
             await feed.stop()
             raise
         # The server's own count, not the messages this client has seen: its answer and the
@@ -274,10 +274,16 @@ async def snapshot(js: JetStreamContext, bucket: str, timeout: float = 10.0) -> 
     then lists nothing and raises ``NoKeysError`` for a full bucket: ``shardplane status`` once
     showed 0 devices right after ``demo`` had placed on 6. The feed's marker comes from the
     server's own counts (:meth:`KvFeed.start`), and the values come with the replay."""
-    feed = await KvFeed.start(js, bucket)
-    values: dict[str, Update] = {}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    try:  # the consumer's creation and first info count too: a stuck server ends the wait
+        async with asyncio.timeout_at(deadline):
+            feed = await KvFeed.start(js, bucket)
+    except TimeoutError as exc:
+        raise ReplayTimeout(
+            f"the {bucket} bucket's replay did not start within {timeout:.1f} s"
+        ) from exc
+    values: dict[str, Update] = {}
     try:
         while True:
             if not await feed.ready(max(0.0, deadline - loop.time())):

@@ -3,12 +3,15 @@ its consumer going with it)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from shardplane.bus import direct
-from shardplane.bus.kvfeed import FeedEnded, Item, KvFeed, Update, snapshot
+from shardplane.bus.kvfeed import FeedEnded, Item, KvFeed, ReplayTimeout, Update, snapshot
 from shardplane.bus.streams import kv_stream
 from tests.kit import eventually
 
@@ -101,6 +104,20 @@ async def test_a_snapshot_is_every_live_key_newest_value(js: JetStreamContext) -
         got = await snapshot(js, BUCKET)
         expected = {f"devices.n{i}.0": str(400 + i).encode() for i in range(200) if i % 4}
         assert {k: u.value for k, u in got.items()} == expected
+
+
+async def test_a_snapshot_gives_up_within_its_timeout_on_a_server_that_does_not_answer(
+    nc: Client,
+) -> None:
+    """``status`` retries a snapshot that timed out; one that waited on each of the consumer's
+    requests for the client's own JetStream timeout kept it ~30 s on a stuck server."""
+    silent = await nc.subscribe("silent.api.>")  # takes the API requests, answers none
+    js = nc.jetstream(prefix="silent.api", timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(ReplayTimeout, match=r"did not start within 0\.5 s"):
+        await snapshot(js, BUCKET, timeout=0.5)
+    assert time.monotonic() - started < 5.0
+    await silent.unsubscribe()
 
 
 async def test_a_finished_feed_leaves_no_consumer_behind(js: JetStreamContext) -> None:
