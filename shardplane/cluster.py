@@ -12,8 +12,10 @@ start them again on the same ports and store, as a crashed machine would come ba
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
+import shutil
 import signal
 import socket
 import tempfile
@@ -33,6 +35,7 @@ CLUSTER_NAME = "shardplane"
 # must bind the same ports, and a port the kernel hands out for outgoing connections can be
 # taken by one of them while the member is down (seen once: "bind: address already in use").
 STABLE_PORTS = range(20_000, 32_000)
+START_ATTEMPTS = 3  # a cluster on ports it picked itself: starts tried before giving up
 
 
 def restartable_port() -> int:
@@ -47,6 +50,16 @@ def restartable_port() -> int:
                 continue
             return port
     return free_port()
+
+
+def restartable_ports(count: int) -> list[int]:
+    """``count`` distinct ports as :func:`restartable_port` picks them (each probe releases its
+    port at once, so without this two members could be handed the same one)."""
+    chosen: list[int] = []
+    while len(chosen) < count:
+        if (port := restartable_port()) not in chosen:
+            chosen.append(port)
+    return chosen
 
 
 class ClusterMember(NatsServer):
@@ -99,23 +112,47 @@ class NatsCluster(Scratch):
             self._tmp = tempfile.TemporaryDirectory(prefix="shardplane-cluster-")
             store_root = self._tmp.name
         self.store_root = Path(store_root)
-        ports = [base_port + i if base_port else restartable_port() for i in range(size)]
-        route_ports = [
-            base_port + 100 + i if base_port else restartable_port() for i in range(size)
-        ]
-        self.members = [
+        self.size, self.base_port, self.config = size, base_port, config
+        self.monitor_base_port = monitor_base_port
+        self.members = self._members()
+
+    def _members(self) -> list[ClusterMember]:
+        size, base = self.size, self.base_port
+        if base:
+            ports, route_ports = (
+                [base + i for i in range(size)],
+                [base + 100 + i for i in range(size)],
+            )
+        else:
+            picked = restartable_ports(2 * size)
+            ports, route_ports = picked[:size], picked[size:]
+        return [
             ClusterMember(
                 name=f"nats-{i + 1}",
                 port=ports[i],
                 cluster_port=route_ports[i],
                 routes=[p for j, p in enumerate(route_ports) if j != i],
                 store_dir=self.store_root / f"nats-{i + 1}",
-                config=config,
+                config=self.config,
                 # -1: a random port (a config file may name a fixed one, taken by the first)
-                monitor_port=monitor_base_port + i if monitor_base_port else -1,
+                monitor_port=self.monitor_base_port + i if self.monitor_base_port else -1,
             )
             for i in range(size)
         ]
+
+    def _pick_again(self, exc: BaseException, attempt: int) -> bool:
+        """After a failed start (every member stopped): whether to try again on new ports. A
+        probed port is free when picked and may be taken before its server binds it (another
+        process, a test beside it); only ports and a store this cluster chose itself are
+        changed, the store wiped (it holds the failed start's peers)."""
+        if not isinstance(exc, NatsServerError) or "address already in use" not in str(exc):
+            return False
+        if self.base_port or self._tmp is None or attempt >= START_ATTEMPTS:
+            return False
+        for m in self.members:
+            shutil.rmtree(m.store_dir, ignore_errors=True)
+        self.members = self._members()
+        return True
 
     @property
     def url(self) -> str:
@@ -129,28 +166,34 @@ class NatsCluster(Scratch):
         raise KeyError(f"no server {name!r} in this cluster ({[m.name for m in self.members]})")
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
-        try:
-            for m in self.members:
-                m.start(timeout)
-            asyncio.run(wait_for_jetstream(self.url, timeout, len(self.members)))
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in itertools.count(1):
+            try:
+                for m in self.members:
+                    m.start(timeout)
+                asyncio.run(wait_for_jetstream(self.url, timeout, len(self.members)))
+                return self
+            except BaseException as exc:
+                self.stop()
+                if not self._pick_again(exc, attempt):
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for m in self.members:
             m.stop()
 
     async def __aenter__(self) -> NatsCluster:
-        try:
-            for m in self.members:
-                await asyncio.to_thread(m.start)
-            await wait_for_jetstream(self.url, 30.0, len(self.members))
-        except BaseException:
-            await asyncio.to_thread(self.stop)
-            raise
-        return self
+        for attempt in itertools.count(1):
+            try:
+                for m in self.members:
+                    await asyncio.to_thread(m.start)
+                await wait_for_jetstream(self.url, 30.0, len(self.members))
+                return self
+            except BaseException as exc:
+                await asyncio.to_thread(self.stop)
+                if not self._pick_again(exc, attempt):
+                    raise
+        raise AssertionError("unreachable")
 
 
 PROBE_STREAM = "shardplane_cluster_probe"

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
 import nats
 import pytest
 
+from shardplane.cluster import NatsCluster
 from shardplane.natsserver import NatsServer, embedded_for, free_port, reachable, server_binary
 from tests import kit
 
@@ -68,3 +70,18 @@ def test_shardplane_nats_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
     assert not reachable(f"nats://127.0.0.1:{port}")
+
+
+async def test_a_cluster_whose_picked_port_is_taken_before_it_binds_starts_on_new_ones() -> None:
+    """Ports are probed free, then bound by the servers a moment later; something else can
+    take one in between (CI saw "bind: address already in use" on a route port)."""
+    cluster = NatsCluster(3)
+    picked = [p for m in cluster.members for p in (m.port, m.cluster_port)]
+    assert len(set(picked)) == 6, picked
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("127.0.0.1", cluster.members[2].cluster_port))
+        other.listen()
+        async with cluster:  # (its start proves an R3 stream can be placed)
+            taken = other.getsockname()[1]
+            assert taken not in {p for m in cluster.members for p in (m.port, m.cluster_port)}
+            assert all(m.proc is not None and m.proc.poll() is None for m in cluster.members)
