@@ -330,10 +330,9 @@ async def lost_telemetry(nc: Client, seen: Observed, per_subject: int = 64) -> i
     return lost
 
 
-async def lost_placements(nc: Client, seen: Observed) -> int:
-    """Acknowledged placements whose generation the ledger or the assignments no longer have."""
+async def assignments(nc: Client) -> set[tuple[str, int]]:
+    """Every (instance, generation) PLACEMENTS holds an assignment of."""
     js = nc.jetstream()
-    doc, _ = await ledger.read(await js.key_value(LEDGER))
     assigned: set[tuple[str, int]] = set()
     only = subjects.assigned(">")
     sub = await js.subscribe(only, stream=PLACEMENTS, ordered_consumer=True)
@@ -348,6 +347,16 @@ async def lost_placements(nc: Client, seen: Observed) -> int:
             assigned.add((str(body["instance_id"]), int(body["generation"])))
     finally:
         await sub.unsubscribe()
+    return assigned
+
+
+async def lost_placements(nc: Client, seen: Observed) -> int:
+    """Acknowledged placements whose generation the ledger or the assignments no longer have."""
+    js = nc.jetstream()
+    doc, _ = await ledger.read(await retrying(lambda: js.key_value(LEDGER), "the ledger"))
+    # Read again from the start if a request falls in the settling after a kill (the server
+    # that was killed is back, but a consumer's creation can still time out then).
+    assigned = await retrying(lambda: assignments(nc), "reading the assignments")
     lost = 0
     for _, _, instance, generation in seen.placements:
         entry = doc.instances.get(instance)
@@ -374,7 +383,8 @@ def false_offline(
 async def kv_mismatches(nc: Client, seen: Observed, timeout_s: float = 30.0) -> list[str]:
     """Devices whose KV value is not the last sample acknowledged for them (waiting up to
     ``timeout_s`` for the projector to apply what is still on its way)."""
-    kv = await nc.jetstream().key_value(CLUSTER_STATE)
+    js = nc.jetstream()
+    kv = await retrying(lambda: js.key_value(CLUSTER_STATE), "the cluster_state bucket")
     wrong: list[str] = []
 
     async def check() -> bool:
