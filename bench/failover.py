@@ -38,8 +38,9 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from shardplane.bus import codec, keys, liveness, subjects
+from shardplane.bus import codec, keys, subjects
 from shardplane.bus.connect import connect
+from shardplane.bus.liveness import ttl_from_env
 from shardplane.bus.messages import DeviceSample, DeviceState, PlacementReply
 from shardplane.bus.retry import Outage, retrying
 from shardplane.bus.streams import (
@@ -57,6 +58,7 @@ from shardplane.cluster import NatsCluster, stream_cluster, stream_leader
 from shardplane.planner import ledger
 from shardplane.planner.synthetic import device_state
 from shardplane.projector.lease import LEASE_BUCKET
+from shardplane.projector.reducer import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +373,7 @@ def false_offline(
     """Offline writes of the load's devices seen while every agent was publishing, or within
     the projector's TTL of the device's last stored sample (after the load stops, a device
     goes offline for real, and the checks that follow can outlast a TTL)."""
-    ttl = liveness.reader_ttl(None, ttl_s or liveness.ttl_from_env()) - liveness.READER_SLACK_S
+    ttl = Liveness(ttl_s or ttl_from_env()).ttl(None)  # the projector's, for a node without beats
     return [
         (at, key, why)
         for at, key, why in seen.offline
